@@ -1,0 +1,162 @@
+//! Small vector primitives written so that LLVM vectorises them: eight independent accumulators
+//! break the floating-point dependency chain that otherwise keeps a sum scalar.
+
+/// Dot product of two equal-length slices.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// `y += alpha * x`.
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = xi.mul_add(alpha, *yi);
+    }
+}
+
+/// Sum of squares in f64 (used for the global gradient norm, where millions of terms are added).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    // Fixed blocks, summed in order: the norm is the same bits for any thread count.
+    const BLOCK: usize = 1 << 16;
+    let partial: Vec<f64> = x
+        .par_chunks(BLOCK)
+        .map(|c| {
+            let mut acc = [0.0f64; 4];
+            let chunks = c.chunks_exact(4);
+            let rem = chunks.remainder();
+            for q in chunks {
+                for l in 0..4 {
+                    acc[l] += (q[l] as f64) * (q[l] as f64);
+                }
+            }
+            let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            for v in rem {
+                s += (*v as f64) * (*v as f64);
+            }
+            s
+        })
+        .collect();
+    partial.iter().sum()
+}
+
+/// `x *= s`, in parallel.
+pub fn scale(x: &mut [f32], s: f32) {
+    use rayon::prelude::*;
+    x.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+/// `y += x`, in parallel.
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    use rayon::prelude::*;
+    debug_assert_eq!(x.len(), y.len());
+    y.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(a, b)| *a += *b));
+}
+
+/// `out = a + b`, in parallel.
+pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    use rayon::prelude::*;
+    debug_assert!(out.len() == a.len() && a.len() == b.len());
+    out.par_chunks_mut(1 << 16)
+        .zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16)))
+        .for_each(|(o, (x, y))| {
+            for i in 0..o.len() {
+                o[i] = x[i] + y[i];
+            }
+        });
+}
+
+/// Adds the column sums of `x` (`[rows, cols]`) into `out` (`[cols]`): the bias gradient.
+pub fn add_col_sums(out: &mut [f32], x: &[f32], cols: usize) {
+    use rayon::prelude::*;
+    debug_assert_eq!(x.len() % cols, 0);
+    let block = crate::cpu::REDUCE_ROWS * cols;
+    let partial: Vec<Vec<f32>> = x
+        .par_chunks(block)
+        .map(|rows| {
+            let mut acc = vec![0.0f32; cols];
+            for r in rows.chunks_exact(cols) {
+                for (a, v) in acc.iter_mut().zip(r) {
+                    *a += *v;
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in &partial {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += *v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_scalar() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn col_sums_match_scalar() {
+        let cols = 5;
+        let x: Vec<f32> = (0..cols * 70).map(|i| (i as f32).sqrt()).collect();
+        let mut out = vec![1.0f32; cols];
+        add_col_sums(&mut out, &x, cols);
+        for c in 0..cols {
+            let want: f64 = 1.0 + (0..70).map(|r| x[r * cols + c] as f64).sum::<f64>();
+            assert!((out[c] as f64 - want).abs() / want < 1e-5);
+        }
+    }
+}
+
+/// `e^x` to about 2 ulp, branch-free so that loops over it vectorise (libm's `expf` does not).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer in f32 arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Taylor polynomial of e^r on |r| <= ln2/2 (error below 2e-7 relative).
+    let mut p = 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `tanh(x)` built on [`exp`]; absolute error about 1e-7.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (1.0 + exp(2.0 * x))
+}
