@@ -1,1 +1,20 @@
+//! Gantry's training engine.
+//!
+//! Models (`models/`) are built from Hugging Face configs and run explicit forward and backward
+//! passes over layers in `nn/`; their parameters, gradients and optimizer state live in flat
+//! buffers described by a [`params::ParamTable`] whose chunks are the unit later sharded by ZeRO
+//! and moved by Gemini. `train/` holds the trainer, `data/` the token pipeline, `optim/` AdamW
+//! and the learning-rate schedule, `checkpoint/` Hugging Face loading and export.
 
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod optim;
+pub mod params;
+pub mod rng;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -36,9 +36,16 @@ impl AttnShape {
 
     fn check(&self, qkv: usize, out: usize, lse: usize) {
         let rows = self.batch * self.seq;
-        assert!(self.kv_heads > 0 && self.heads % self.kv_heads == 0, "heads must be a multiple of kv_heads");
+        assert!(
+            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            "heads must be a multiple of kv_heads"
+        );
         assert_eq!(qkv, rows * self.qkv_width(), "attention: qkv buffer size");
-        assert_eq!(out, rows * self.out_width(), "attention: output buffer size");
+        assert_eq!(
+            out,
+            rows * self.out_width(),
+            "attention: output buffer size"
+        );
         assert_eq!(lse, rows * self.heads, "attention: lse buffer size");
     }
 }
@@ -84,7 +91,14 @@ pub fn attention_forward(s: AttnShape, qkv: &[f32], out: &mut [f32], lse: &mut [
 }
 
 /// Writes `dqkv` (same layout as `qkv`) from the output gradient `dout`.
-pub fn attention_backward(s: AttnShape, qkv: &[f32], out: &[f32], lse: &[f32], dout: &[f32], dqkv: &mut [f32]) {
+pub fn attention_backward(
+    s: AttnShape,
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
     s.check(qkv.len(), out.len(), lse.len());
     assert_eq!(dout.len(), out.len(), "attention: dout size");
     assert_eq!(dqkv.len(), qkv.len(), "attention: dqkv size");
@@ -147,7 +161,13 @@ mod tests {
 
     #[test]
     fn forward_matches_oracle_with_gqa() {
-        let s = AttnShape { batch: 3, seq: 9, heads: 4, kv_heads: 2, dim: 12 };
+        let s = AttnShape {
+            batch: 3,
+            seq: 9,
+            heads: 4,
+            kv_heads: 2,
+            dim: 12,
+        };
         let qkv = seeded(s.batch * s.seq * s.qkv_width(), 1, 2.0);
         let mut out = vec![0.0; s.batch * s.seq * s.out_width()];
         let mut lse = vec![0.0; s.batch * s.seq * s.heads];
@@ -158,7 +178,13 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         for kv_heads in [1, 2] {
-            let s = AttnShape { batch: 2, seq: 5, heads: 2, kv_heads, dim: 4 };
+            let s = AttnShape {
+                batch: 2,
+                seq: 5,
+                heads: 2,
+                kv_heads,
+                dim: 4,
+            };
             let qkv = seeded(s.batch * s.seq * s.qkv_width(), 2, 1.0);
             let probe = seeded(s.batch * s.seq * s.out_width(), 3, 1.0);
             let mut out = vec![0.0; probe.len()];
@@ -166,7 +192,13 @@ mod tests {
             attention_forward(s, &qkv, &mut out, &mut lse);
             let mut dqkv = vec![0.0; qkv.len()];
             attention_backward(s, &qkv, &out, &lse, &probe, &mut dqkv);
-            let fd = finite_diff(&qkv, |x| oracle(s, x).iter().zip(&probe).map(|(o, p)| *o as f64 * *p as f64).sum());
+            let fd = finite_diff(&qkv, |x| {
+                oracle(s, x)
+                    .iter()
+                    .zip(&probe)
+                    .map(|(o, p)| *o as f64 * *p as f64)
+                    .sum()
+            });
             assert_close(&dqkv, &fd, 2e-3);
         }
     }

@@ -59,7 +59,8 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 /// `x *= s`, in parallel.
 pub fn scale(x: &mut [f32], s: f32) {
     use rayon::prelude::*;
-    x.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(1 << 16)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
 /// `y += x`, in parallel.
@@ -86,15 +87,31 @@ pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
 
 /// Adds the column sums of `x` (`[rows, cols]`) into `out` (`[cols]`): the bias gradient.
 pub fn add_col_sums(out: &mut [f32], x: &[f32], cols: usize) {
+    add_col_sums_strided(out, x, x.len() / cols, cols, cols);
+}
+
+/// Like [`add_col_sums`] for the first `cols` columns of rows `row_stride` apart (a column block
+/// of a wider buffer).
+pub fn add_col_sums_strided(
+    out: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+) {
     use rayon::prelude::*;
-    debug_assert_eq!(x.len() % cols, 0);
-    let block = crate::cpu::REDUCE_ROWS * cols;
-    let partial: Vec<Vec<f32>> = x
-        .par_chunks(block)
-        .map(|rows| {
+    debug_assert!(rows == 0 || (rows - 1) * row_stride + cols <= x.len());
+    let blocks = rows.div_ceil(crate::cpu::REDUCE_ROWS);
+    let partial: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|b| {
             let mut acc = vec![0.0f32; cols];
-            for r in rows.chunks_exact(cols) {
-                for (a, v) in acc.iter_mut().zip(r) {
+            let lo = b * crate::cpu::REDUCE_ROWS;
+            for r in lo..(lo + crate::cpu::REDUCE_ROWS).min(rows) {
+                for (a, v) in acc
+                    .iter_mut()
+                    .zip(&x[r * row_stride..r * row_stride + cols])
+                {
                     *a += *v;
                 }
             }

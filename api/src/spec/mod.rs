@@ -1,0 +1,97 @@
+//! The job spec.
+//!
+//! Parsing goes through `serde_path_to_error`, so a bad value is reported with its dotted path
+//! (`train.lr: invalid type: string "x", expected f64`); `validate` then checks the relations
+//! between fields and also names the field it rejects.
+
+mod overrides;
+mod types;
+
+pub use overrides::apply_override;
+pub use types::*;
+
+/// An invalid job spec. `field` is the dotted path of the offending key (empty when the document
+/// itself does not parse).
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[error("{}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses a TOML spec, applies `key=value` overrides (TOML literals, or bare strings), and
+    /// validates the result.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            SpecError::new("", format!("not valid TOML: {}", e.message()))
+        })?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        Self::from_toml_table(doc)
+    }
+
+    /// Deserialises an already parsed TOML table.
+    pub fn from_toml_table(doc: toml::Table) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses a JSON spec (the REST API's body) and validates it.
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(de)
+            .map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The spec as TOML, as stored in a run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a job spec always serialises")
+    }
+}
+
+/// serde reports an unknown field at its parent's path; append the field's own name so the path
+/// names the key the user wrote.
+fn path_error(path: String, message: String) -> SpecError {
+    let path = if path == "." { String::new() } else { path };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some(name) = rest.split('`').next() {
+            let full = if path.is_empty() {
+                name.to_string()
+            } else if path == name || path.ends_with(&format!(".{name}")) {
+                path
+            } else {
+                format!("{path}.{name}")
+            };
+            return SpecError::new(full, message);
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        if let Some(name) = rest.split('`').next() {
+            let full = if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            };
+            return SpecError::new(full, message);
+        }
+    }
+    SpecError::new(path, message)
+}
+
+#[cfg(test)]
+mod tests;

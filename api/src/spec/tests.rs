@@ -1,0 +1,83 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[model]
+path = "m"
+[data]
+train = "t.bin"
+"#;
+
+#[test]
+fn defaults_fill_everything_but_model_and_data() {
+    let s = JobSpec::from_toml(MINIMAL, &[]).unwrap();
+    assert_eq!(s.train.steps, 100);
+    assert_eq!(s.micro_batch_size(), 8);
+    assert_eq!(s.accumulation_steps(), 1);
+    assert_eq!(s.resources.devices, Devices::Cpu(1));
+    assert!((s.train.min_lr() - 6e-5).abs() < 1e-12);
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_path() {
+    let err =
+        JobSpec::from_toml(&format!("{MINIMAL}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err();
+    assert_eq!(err.field, "train.learning_rate");
+    let err = JobSpec::from_json(r#"{"model":{"path":"m","colour":1},"data":{"train":"t"}}"#)
+        .unwrap_err();
+    assert_eq!(err.field, "model.colour");
+}
+
+#[test]
+fn bad_values_are_named_with_their_path() {
+    let err = JobSpec::from_toml(MINIMAL, &["train.lr=\"fast\"".into()]).unwrap_err();
+    assert_eq!(err.field, "train.lr");
+    let err = JobSpec::from_toml(MINIMAL, &["train.schedule=exponential".into()]).unwrap_err();
+    assert_eq!(err.field, "train.schedule");
+    let err = JobSpec::from_toml(MINIMAL, &["resources.devices=gpu:1".into()]).unwrap_err();
+    assert_eq!(err.field, "resources.devices");
+    let err = JobSpec::from_json(r#"{"model":{"path":"m"}}"#).unwrap_err();
+    assert_eq!(err.field, "data");
+}
+
+#[test]
+fn relations_between_fields_are_checked() {
+    let cases = [
+        ("train.micro_batch_size=3", "train.global_batch_size"),
+        ("train.min_lr=1.0", "train.min_lr"),
+        ("train.warmup_steps=1000", "train.warmup_steps"),
+        ("parallel.dp=2", "parallel"),
+        ("parallel.zero=4", "parallel.zero"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+    ];
+    for (o, field) in cases {
+        let err = JobSpec::from_toml(MINIMAL, &[o.to_string()]).unwrap_err();
+        assert_eq!(err.field, field, "{o}: {err}");
+    }
+}
+
+#[test]
+fn overrides_parse_literals_and_bare_strings() {
+    let s = JobSpec::from_toml(
+        MINIMAL,
+        &[
+            "train.lr=3e-4".into(),
+            "resources.devices=cpu:2".into(),
+            "parallel.dp=2".into(),
+            "name=run one".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.train.lr, 3e-4);
+    assert_eq!(s.resources.devices, Devices::Cpu(2));
+    assert_eq!(s.micro_batch_size(), 4);
+    assert_eq!(s.name.as_deref(), Some("run one"));
+}
+
+#[test]
+fn toml_and_json_round_trip_to_the_same_spec() {
+    let s = JobSpec::from_toml(MINIMAL, &["train.min_lr=0.0".into()]).unwrap();
+    let again = JobSpec::from_toml(&s.to_toml(), &[]).unwrap();
+    assert_eq!(s, again);
+    let json = serde_json::to_string(&s).unwrap();
+    assert_eq!(JobSpec::from_json(&json).unwrap(), s);
+}

@@ -1,0 +1,450 @@
+//! The job spec's sections. Every struct refuses unknown keys; every key but `model.path` and
+//! `data.train` has a default.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::SpecError;
+
+/// A training job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A human-readable name (defaults to the model directory's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub parallel: ParallelSpec,
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A Hugging Face model directory (`config.json`, optionally safetensors weights).
+    pub path: String,
+    #[serde(default)]
+    pub init: ModelInit,
+}
+
+/// Where the initial weights come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelInit {
+    /// The directory's weights if it has any, else a seeded random init.
+    #[default]
+    Auto,
+    /// Seeded random init (from `train.seed`), ignoring any weights.
+    Random,
+    /// The directory's weights; an error if there are none.
+    Pretrained,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training tokens: `.bin` (uint16), `.u32` (uint32), or `.txt`/`.jsonl` text.
+    pub train: String,
+    /// Tokens per training sequence (each window reads `seq_len + 1` tokens).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// `tokenizer.json` for text data; defaults to the one in the model directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Sequences per optimizer step, across all data-parallel ranks.
+    #[serde(default = "default_global_batch")]
+    pub global_batch_size: usize,
+    /// Sequences per forward/backward pass on one rank; defaults to the global batch divided by
+    /// `parallel.dp` (no gradient accumulation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// The learning rate at the end of the decay; defaults to `lr / 10`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub precision: Precision,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+}
+
+/// Learning-rate decay after the warmup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Arithmetic precision of the forward and backward passes (master weights are always fp32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    #[serde(default = "one")]
+    pub dp: usize,
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// ZeRO stage, 0-3.
+    #[serde(default)]
+    pub zero: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesSpec {
+    #[serde(default)]
+    pub devices: Devices,
+    /// CPU threads per worker; defaults to the machine's cores divided among the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Save every N optimizer steps; 0 saves only the final model.
+    #[serde(default)]
+    pub every: u64,
+    /// How many checkpoints to retain.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+/// The devices a job runs on: `cpu:N` (N worker processes on CPU) or `cuda:0,1,...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Devices {
+    Cpu(usize),
+    Cuda(Vec<u32>),
+}
+
+impl Devices {
+    pub fn count(&self) -> usize {
+        match self {
+            Devices::Cpu(n) => *n,
+            Devices::Cuda(ids) => ids.len(),
+        }
+    }
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices::Cpu(1)
+    }
+}
+
+impl fmt::Display for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Devices::Cpu(n) => write!(f, "cpu:{n}"),
+            Devices::Cuda(ids) => {
+                let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                write!(f, "cuda:{}", ids.join(","))
+            }
+        }
+    }
+}
+
+impl FromStr for Devices {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a device list: expected `cpu:N` or `cuda:0,1,...`");
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "cpu" => match rest.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Devices::Cpu(n)),
+                _ => Err(bad()),
+            },
+            "cuda" => {
+                let ids: Result<Vec<u32>, _> =
+                    rest.split(',').map(|x| x.trim().parse::<u32>()).collect();
+                let ids = ids.map_err(|_| bad())?;
+                let mut sorted = ids.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if ids.is_empty() || sorted.len() != ids.len() {
+                    return Err(bad());
+                }
+                Ok(Devices::Cuda(ids))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Serialize for Devices {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Devices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            steps: default_steps(),
+            global_batch_size: default_global_batch(),
+            micro_batch_size: None,
+            lr: default_lr(),
+            min_lr: None,
+            warmup_steps: 0,
+            schedule: Schedule::default(),
+            weight_decay: default_weight_decay(),
+            grad_clip: default_grad_clip(),
+            seed: default_seed(),
+            precision: Precision::default(),
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+        }
+    }
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        ParallelSpec {
+            dp: 1,
+            tp: 1,
+            pp: 1,
+            zero: 0,
+        }
+    }
+}
+
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        ResourcesSpec {
+            devices: Devices::default(),
+            threads: None,
+        }
+    }
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            every: 0,
+            keep: default_keep(),
+        }
+    }
+}
+
+fn default_seq_len() -> usize {
+    256
+}
+fn default_steps() -> u64 {
+    100
+}
+fn default_global_batch() -> usize {
+    8
+}
+fn default_lr() -> f64 {
+    6e-4
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    1337
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_keep() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+
+impl TrainSpec {
+    pub fn min_lr(&self) -> f64 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
+    }
+}
+
+impl JobSpec {
+    /// Sequences per forward/backward pass on one rank.
+    pub fn micro_batch_size(&self) -> usize {
+        self.train
+            .micro_batch_size
+            .unwrap_or(self.train.global_batch_size / self.parallel.dp.max(1))
+    }
+
+    /// Micro-batches per optimizer step on one rank.
+    pub fn accumulation_steps(&self) -> usize {
+        self.train.global_batch_size / (self.micro_batch_size() * self.parallel.dp)
+    }
+
+    /// Checks the relations between fields; the error names the field to change.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let e = |f: &str, m: String| Err(SpecError::new(f, m));
+        if self.model.path.trim().is_empty() {
+            return e(
+                "model.path",
+                "must name a Hugging Face model directory".into(),
+            );
+        }
+        if self.data.train.trim().is_empty() {
+            return e("data.train", "must name a token or text file".into());
+        }
+        if self.data.seq_len == 0 {
+            return e("data.seq_len", "must be at least 1".into());
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return e("train.steps", "must be at least 1".into());
+        }
+        if t.global_batch_size == 0 {
+            return e("train.global_batch_size", "must be at least 1".into());
+        }
+        if t.micro_batch_size == Some(0) {
+            return e("train.micro_batch_size", "must be at least 1".into());
+        }
+        let p = &self.parallel;
+        for (name, v) in [
+            ("parallel.dp", p.dp),
+            ("parallel.tp", p.tp),
+            ("parallel.pp", p.pp),
+        ] {
+            if v == 0 {
+                return e(name, "must be at least 1".into());
+            }
+        }
+        if p.zero > 3 {
+            return e(
+                "parallel.zero",
+                format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero),
+            );
+        }
+        let per_step = self.micro_batch_size() * p.dp;
+        if per_step == 0 || t.global_batch_size % per_step != 0 {
+            return e(
+                "train.global_batch_size",
+                format!(
+                    "{} is not a multiple of train.micro_batch_size ({}) × parallel.dp ({})",
+                    t.global_batch_size,
+                    self.micro_batch_size(),
+                    p.dp
+                ),
+            );
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return e(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            );
+        }
+        let min_lr = t.min_lr();
+        if !(min_lr.is_finite() && (0.0..=t.lr).contains(&min_lr)) {
+            return e(
+                "train.min_lr",
+                format!("must lie between 0 and train.lr ({}), got {min_lr}", t.lr),
+            );
+        }
+        if t.warmup_steps > t.steps {
+            return e(
+                "train.warmup_steps",
+                format!("{} exceeds train.steps ({})", t.warmup_steps, t.steps),
+            );
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return e(
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", t.weight_decay),
+            );
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return e(
+                "train.grad_clip",
+                format!("must be ≥ 0 (0 disables clipping), got {}", t.grad_clip),
+            );
+        }
+        for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return e(name, format!("must lie in [0, 1), got {b}"));
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return e("train.eps", format!("must be positive, got {}", t.eps));
+        }
+        let world = p.dp * p.tp * p.pp;
+        if world != self.resources.devices.count() {
+            return e(
+                "parallel",
+                format!(
+                    "dp × tp × pp = {world} but resources.devices = \"{}\" has {} devices",
+                    self.resources.devices,
+                    self.resources.devices.count()
+                ),
+            );
+        }
+        if self.resources.threads == Some(0) {
+            return e("resources.threads", "must be at least 1".into());
+        }
+        if self.checkpoint.keep == 0 {
+            return e("checkpoint.keep", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}

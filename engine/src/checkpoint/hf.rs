@@ -1,0 +1,227 @@
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use crate::models::{Arch, ModelConfig};
+use crate::params::ParamTable;
+use crate::{Error, Result};
+
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Whether `dir` holds safetensors weights.
+pub fn has_weights(dir: &Path) -> bool {
+    dir.join(SINGLE).is_file() || dir.join(INDEX).is_file()
+}
+
+/// Buffers that transformers keeps in some checkpoints but that are not parameters.
+fn is_known_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// The files holding the weights and, for each tensor name, which file.
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, usize>)> {
+    let index = dir.join(INDEX);
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+            path: index.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                message: "has no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut by_name = HashMap::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                message: format!("weight_map[{name}] is not a file name"),
+            })?;
+            let path = dir.join(file);
+            let i = match files.iter().position(|f| *f == path) {
+                Some(i) => i,
+                None => {
+                    files.push(path);
+                    files.len() - 1
+                }
+            };
+            by_name.insert(name.clone(), i);
+        }
+        return Ok((files, by_name));
+    }
+    let single = dir.join(SINGLE);
+    if single.is_file() {
+        return Ok((vec![single], HashMap::new()));
+    }
+    Err(Error::Weights {
+        path: dir.to_path_buf(),
+        message: format!("no {SINGLE} or {INDEX} here"),
+    })
+}
+
+/// Loads every parameter of `table` from the checkpoint in `dir` into `params`, converting
+/// f16/bf16 to f32. Missing or misshapen tensors are errors that name them; a GPT-2 checkpoint
+/// written without the `transformer.` prefix (as the original OpenAI conversion was) also loads.
+pub fn load_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    params: &mut [f32],
+) -> Result<()> {
+    let (files, _) = weight_files(dir)?;
+    let mut found = vec![false; table.entries().len()];
+    for path in &files {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and lives only inside this loop iteration; a concurrent
+        // writer truncating the file could fault the process, which is the documented risk of
+        // every safetensors reader and the same one transformers takes.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
+            path: path.clone(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        for (name, view) in st.tensors() {
+            let canonical = canonical_name(&name, config);
+            let Some(i) = table.entries().iter().position(|e| e.name == canonical) else {
+                let tied_head = canonical == "lm_head.weight" && config.tie_embeddings;
+                if !tied_head && !is_known_buffer(&name) {
+                    tracing::warn!(file = %path.display(), tensor = %name, "tensor is not a parameter of this model; ignored");
+                }
+                continue;
+            };
+            let e = &table.entries()[i];
+            if view.shape() != e.shape.as_slice() {
+                return Err(Error::Weights {
+                    path: path.clone(),
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, the model expects {:?}",
+                        view.shape(),
+                        e.shape
+                    ),
+                });
+            }
+            convert_into(&view, e.at.get_mut(params)).map_err(|m| Error::Weights {
+                path: path.clone(),
+                message: format!("tensor `{name}`: {m}"),
+            })?;
+            found[i] = true;
+        }
+    }
+    let missing: Vec<&str> = table
+        .entries()
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| !**f)
+        .map(|(e, _)| e.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        let shown = missing
+            .iter()
+            .take(5)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = if missing.len() > 5 {
+            format!(" and {} more", missing.len() - 5)
+        } else {
+            String::new()
+        };
+        return Err(Error::Weights {
+            path: dir.to_path_buf(),
+            message: format!("missing {} tensors: {shown}{more}", missing.len()),
+        });
+    }
+    Ok(())
+}
+
+fn canonical_name(name: &str, config: &ModelConfig) -> String {
+    if config.arch == Arch::Gpt2 && !name.starts_with("transformer.") && name != "lm_head.weight" {
+        return format!("transformer.{name}");
+    }
+    name.to_string()
+}
+
+fn convert_into(view: &TensorView<'_>, out: &mut [f32]) -> std::result::Result<(), String> {
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+    }
+    Ok(())
+}
+
+/// Writes a Hugging Face directory: `config.json` (the original config, marked float32),
+/// `model.safetensors` with every parameter under its Hugging Face name, and `tokenizer.json` when
+/// given. Files are written under temporary names and renamed, so a reader never sees half a model.
+pub fn save_hf_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    params: &[f32],
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut cfg = config.raw.clone();
+    cfg.insert("dtype".into(), Value::String("float32".into()));
+    cfg.remove("torch_dtype");
+    let cfg_text =
+        serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
+    write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+
+    let views: BTreeMap<String, TensorView<'_>> = table
+        .entries()
+        .iter()
+        .map(|e| {
+            let bytes: &[u8] = bytemuck::cast_slice(e.at.get(params));
+            let view = TensorView::new(Dtype::F32, e.shape.clone(), bytes)
+                .expect("shape and byte length agree by construction");
+            (e.name.clone(), view)
+        })
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let path = dir.join(SINGLE);
+    let tmp = dir.join(format!(".{SINGLE}.tmp"));
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::Weights {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    if let Some(tok) = tokenizer {
+        let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
+        write_atomic(&dir.join("tokenizer.json"), &bytes)?;
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,7 @@
+//! Training data: token files and the sampler that turns them into batches.
+
+mod sampler;
+mod tokens;
+
+pub use sampler::Sampler;
+pub use tokens::{encode_text_file, load_tokenizer, load_tokens, TokenFormat};

@@ -1,0 +1,198 @@
+//! Token files: `.bin` (raw little-endian uint16, nanoGPT's format), `.u32` (raw little-endian
+//! uint32), and text (`.txt`, or `.jsonl` with a `text` field per line) tokenized with a
+//! `tokenizer.json`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::{Error, Result};
+
+/// The on-disk formats, chosen by file extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenFormat {
+    U16,
+    U32,
+    Text,
+    Jsonl,
+}
+
+impl TokenFormat {
+    pub fn of(path: &Path) -> Result<TokenFormat> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("bin") => Ok(TokenFormat::U16),
+            Some("u32") => Ok(TokenFormat::U32),
+            Some("txt") => Ok(TokenFormat::Text),
+            Some("jsonl") => Ok(TokenFormat::Jsonl),
+            _ => Err(Error::Data { path: path.into(), message: "unknown data format: use .bin (uint16 tokens), .u32 (uint32 tokens), .txt or .jsonl".into() }),
+        }
+    }
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !path.is_file() {
+        return Err(Error::Tokenizer {
+            path: path.into(),
+            message: "not found (text data needs a tokenizer.json: set data.tokenizer)".into(),
+        });
+    }
+    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads the tokens of `path`; text is tokenized with `tokenizer` (required for text formats).
+pub fn load_tokens(path: &Path, tokenizer: Option<&Path>) -> Result<Vec<u32>> {
+    let format = TokenFormat::of(path)?;
+    match format {
+        TokenFormat::U16 | TokenFormat::U32 => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let width = if format == TokenFormat::U16 { 2 } else { 4 };
+            if bytes.len() % width != 0 {
+                return Err(Error::Data {
+                    path: path.into(),
+                    message: format!(
+                        "{} bytes is not a whole number of {width}-byte tokens",
+                        bytes.len()
+                    ),
+                });
+            }
+            Ok(if width == 2 {
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                    .collect()
+            } else {
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+        }
+        TokenFormat::Text | TokenFormat::Jsonl => {
+            let tok_path = tokenizer.ok_or_else(|| Error::Data {
+                path: path.into(),
+                message: "text data needs a tokenizer: set data.tokenizer".into(),
+            })?;
+            let tok = load_tokenizer(tok_path)?;
+            encode_text_file(path, &tok, |_| {})
+        }
+    }
+}
+
+/// Tokenizes a `.txt` file (as one document) or a `.jsonl` file (one document per line's `text`,
+/// separated by the tokenizer's `<|endoftext|>` when it has one), reporting bytes read.
+pub fn encode_text_file(
+    path: &Path,
+    tok: &Tokenizer,
+    mut progress: impl FnMut(u64),
+) -> Result<Vec<u32>> {
+    let format = TokenFormat::of(path)?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let eot = tok.token_to_id("<|endoftext|>");
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        tok.encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer {
+                path: path.into(),
+                message: e.to_string(),
+            })
+    };
+    let mut out = Vec::new();
+    match format {
+        TokenFormat::Text => {
+            // Paragraph-sized pieces keep memory flat and the progress bar moving; splitting at
+            // blank lines does not change how a byte-level BPE tokenizes the text within them.
+            let mut piece = String::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .map_err(|e| Error::io(path, e))?;
+                piece.push_str(&line);
+                if n == 0 || (line.trim().is_empty() && piece.len() > 1 << 16) {
+                    out.extend(encode(&piece)?);
+                    piece.clear();
+                    progress(n as u64);
+                    if n == 0 {
+                        break;
+                    }
+                } else {
+                    progress(n as u64);
+                }
+            }
+        }
+        TokenFormat::Jsonl => {
+            let mut line = String::new();
+            let mut lineno = 0;
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                lineno += 1;
+                progress(n as u64);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| Error::Data {
+                        path: path.into(),
+                        message: format!("line {lineno}: not valid JSON: {e}"),
+                    })?;
+                let text = v
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| Error::Data {
+                        path: path.into(),
+                        message: format!("line {lineno}: no string field `text`"),
+                    })?;
+                out.extend(encode(text)?);
+                if let Some(e) = eot {
+                    out.push(e);
+                }
+            }
+        }
+        TokenFormat::U16 | TokenFormat::U32 => {
+            return Err(Error::Data {
+                path: path.into(),
+                message: "already a token file".into(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_formats_round_trip_and_odd_lengths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p16 = dir.path().join("a.bin");
+        std::fs::write(&p16, [1u8, 0, 255, 255, 7, 1]).unwrap();
+        assert_eq!(load_tokens(&p16, None).unwrap(), vec![1, 65535, 263]);
+        let p32 = dir.path().join("a.u32");
+        std::fs::write(&p32, [1u8, 0, 1, 0, 2, 0, 0, 0]).unwrap();
+        assert_eq!(load_tokens(&p32, None).unwrap(), vec![65537, 2]);
+        std::fs::write(&p32, [1u8, 0, 1]).unwrap();
+        assert!(load_tokens(&p32, None)
+            .unwrap_err()
+            .to_string()
+            .contains("a.u32"));
+        let txt = dir.path().join("a.txt");
+        std::fs::write(&txt, "hello").unwrap();
+        assert!(load_tokens(&txt, None)
+            .unwrap_err()
+            .to_string()
+            .contains("tokenizer"));
+    }
+}

@@ -1,0 +1,41 @@
+//! The engine's one error type.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model config that Gantry cannot run exactly: the field is named.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// Weights that do not fit the model (missing, wrong shape, unreadable dtype).
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    /// Token or text data that cannot be used.
+    #[error("{path}: {message}")]
+    Data { path: PathBuf, message: String },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// A job spec the engine cannot run as asked (the field is named).
+    #[error("{field}: {message}")]
+    Unsupported { field: String, message: String },
+    /// A device the build or the machine does not have.
+    #[error("{0}")]
+    Device(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, GELU (tanh) MLP, biases
+//! everywhere, head tied to the token embedding unless the config unties it.
+
+use gantry_kernels::cpu::activation::{gelu_backward_inplace, gelu_forward};
+use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
+use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
+use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
+
+use super::{layer, layer_mut, ModelConfig};
+use crate::nn::{two_mut, LayerNorm, Linear, LmHead, WeightLayout};
+use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
+
+#[derive(Debug)]
+struct Block {
+    ln1: LayerNorm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln2: LayerNorm,
+    fc: Linear,
+    fc_proj: Linear,
+}
+
+#[derive(Debug)]
+pub struct Gpt2 {
+    c: usize,
+    heads: usize,
+    inner: usize,
+    vocab: usize,
+    wte: ParamRef,
+    wpe: ParamRef,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    head: LmHead,
+}
+
+/// Saved activations (layer-major stacks) and backward scratch for one batch shape.
+#[derive(Debug)]
+pub struct Acts {
+    n: usize,
+    res: Vec<f32>,
+    mid: Vec<f32>,
+    ln1: Vec<f32>,
+    ln1_stats: (Vec<f32>, Vec<f32>),
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_stats: (Vec<f32>, Vec<f32>),
+    fc: Vec<f32>,
+    gelu: Vec<f32>,
+    lnf: Vec<f32>,
+    lnf_stats: (Vec<f32>, Vec<f32>),
+    dres: Vec<f32>,
+    dc: Vec<f32>,
+    dbig: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Gpt2 {
+    pub fn new(cfg: &ModelConfig) -> (ParamTable, Gpt2) {
+        let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
+        let std = cfg.initializer_range;
+        // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
+        let proj_std = std / (2.0 * l as f32).sqrt();
+        let mut b = ParamTableBuilder::new();
+        let wte = b.add("transformer.wte.weight", &[v, c], Init::Normal { std });
+        let wpe = b.add(
+            "transformer.wpe.weight",
+            &[cfg.max_positions, c],
+            Init::Normal { std },
+        );
+        let mut idx = Vec::new();
+        for i in 0..l {
+            let p = format!("transformer.h.{i}.");
+            idx.push([
+                b.add(format!("{p}ln_1.weight"), &[c], Init::Ones),
+                b.add(format!("{p}ln_1.bias"), &[c], Init::Zeros),
+                b.add(
+                    format!("{p}attn.c_attn.weight"),
+                    &[c, 3 * c],
+                    Init::Normal { std },
+                ),
+                b.add(format!("{p}attn.c_attn.bias"), &[3 * c], Init::Zeros),
+                b.add(
+                    format!("{p}attn.c_proj.weight"),
+                    &[c, c],
+                    Init::Normal { std: proj_std },
+                ),
+                b.add(format!("{p}attn.c_proj.bias"), &[c], Init::Zeros),
+                b.add(format!("{p}ln_2.weight"), &[c], Init::Ones),
+                b.add(format!("{p}ln_2.bias"), &[c], Init::Zeros),
+                b.add(
+                    format!("{p}mlp.c_fc.weight"),
+                    &[c, inner],
+                    Init::Normal { std },
+                ),
+                b.add(format!("{p}mlp.c_fc.bias"), &[inner], Init::Zeros),
+                b.add(
+                    format!("{p}mlp.c_proj.weight"),
+                    &[inner, c],
+                    Init::Normal { std: proj_std },
+                ),
+                b.add(format!("{p}mlp.c_proj.bias"), &[c], Init::Zeros),
+            ]);
+        }
+        let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
+        let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
+        let head =
+            (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
+        let t = b.build(DEFAULT_CHUNK_ELEMS);
+        let lin = |w: usize, bias: usize, d_in: usize, d_out: usize| Linear {
+            weight: t.at(w),
+            bias: Some(t.at(bias)),
+            d_in,
+            d_out,
+            layout: WeightLayout::InOut,
+        };
+        let ln = |w: usize, bias: usize| LayerNorm {
+            weight: t.at(w),
+            bias: t.at(bias),
+            eps: cfg.norm_eps,
+        };
+        let blocks = idx
+            .iter()
+            .map(|i| Block {
+                ln1: ln(i[0], i[1]),
+                c_attn: lin(i[2], i[3], c, 3 * c),
+                c_proj: lin(i[4], i[5], c, c),
+                ln2: ln(i[6], i[7]),
+                fc: lin(i[8], i[9], c, inner),
+                fc_proj: lin(i[10], i[11], inner, c),
+            })
+            .collect();
+        let model = Gpt2 {
+            c,
+            heads: cfg.heads,
+            inner,
+            vocab: v,
+            wte: t.at(wte),
+            wpe: t.at(wpe),
+            blocks,
+            ln_f: ln(lnf_w, lnf_b),
+            head: LmHead {
+                weight: t.at(head.unwrap_or(wte)),
+                vocab: v,
+                hidden: c,
+            },
+        };
+        (t, model)
+    }
+
+    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
+        let (n, c, l) = (batch * seq, self.c, self.blocks.len());
+        let z = |len: usize| vec![0.0f32; len];
+        Acts {
+            n,
+            res: z((l + 1) * n * c),
+            mid: z(l * n * c),
+            ln1: z(l * n * c),
+            ln1_stats: (z(l * n), z(l * n)),
+            qkv: z(l * n * 3 * c),
+            att: z(l * n * c),
+            lse: z(l * n * self.heads),
+            ln2: z(l * n * c),
+            ln2_stats: (z(l * n), z(l * n)),
+            fc: z(l * n * self.inner),
+            gelu: z(n * self.inner),
+            lnf: z(n * c),
+            lnf_stats: (z(n), z(n)),
+            dres: z(n * c),
+            dc: z(n * c),
+            dbig: z(n * self.inner.max(3 * c)),
+            logits: z(self.head.scratch_len(n)),
+        }
+    }
+
+    fn shape(&self, b: usize, seq: usize) -> AttnShape {
+        AttnShape {
+            batch: b,
+            seq,
+            heads: self.heads,
+            kv_heads: self.heads,
+            dim: self.c / self.heads,
+        }
+    }
+
+    /// Runs the blocks and the final norm for `b` sequences; leaves `a.lnf` ready for the head.
+    fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, inner) = (n * c, self.inner);
+        embedding_forward(
+            &mut a.res[..nc],
+            &inputs[..n],
+            self.wte.get(p),
+            Some(self.wpe.get(p)),
+            seq,
+            c,
+        );
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let x = layer(&a.res, l, cap * c, nc);
+            let ln1 = layer_mut(&mut a.ln1, l, cap * c, nc);
+            let (mean, rstd) = (
+                layer_mut(&mut a.ln1_stats.0, l, cap, n),
+                layer_mut(&mut a.ln1_stats.1, l, cap, n),
+            );
+            blk.ln1.forward(p, x, ln1, mean, rstd);
+            let qkv = layer_mut(&mut a.qkv, l, cap * 3 * c, n * 3 * c);
+            blk.c_attn.forward(p, ln1, c, qkv, 3 * c, n, Overwrite);
+            let att = layer_mut(&mut a.att, l, cap * c, nc);
+            attention_forward(
+                self.shape(b, seq),
+                qkv,
+                att,
+                layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads),
+            );
+            let mid = layer_mut(&mut a.mid, l, cap * c, nc);
+            mid.copy_from_slice(x);
+            blk.c_proj.forward(p, att, c, mid, c, n, Add);
+            let ln2 = layer_mut(&mut a.ln2, l, cap * c, nc);
+            let (mean, rstd) = (
+                layer_mut(&mut a.ln2_stats.0, l, cap, n),
+                layer_mut(&mut a.ln2_stats.1, l, cap, n),
+            );
+            blk.ln2.forward(p, mid, ln2, mean, rstd);
+            let fc = layer_mut(&mut a.fc, l, cap * inner, n * inner);
+            blk.fc.forward(p, ln2, c, fc, inner, n, Overwrite);
+            gelu_forward(&mut a.gelu[..n * inner], fc);
+            let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
+            out.copy_from_slice(mid);
+            blk.fc_proj
+                .forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
+        }
+        let l = self.blocks.len();
+        self.ln_f.forward(
+            p,
+            layer(&a.res, l, cap * c, nc),
+            &mut a.lnf[..nc],
+            &mut a.lnf_stats.0[..n],
+            &mut a.lnf_stats.1[..n],
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(
+        &self,
+        p: &[f32],
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+        targets: &[u32],
+        scale: f32,
+    ) -> f64 {
+        self.forward(p, a, b, seq, inputs);
+        let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
+        let nc = n * c;
+        let loss = self.head.loss(
+            p,
+            &a.lnf[..nc],
+            &targets[..n],
+            &mut a.logits,
+            Some((g, &mut a.dc[..nc], scale)),
+        );
+        let dres = &mut a.dres[..nc];
+        dres.fill(0.0);
+        let l_all = self.blocks.len();
+        self.ln_f.backward(
+            p,
+            g,
+            dres,
+            &a.dc[..nc],
+            layer(&a.res, l_all, cap * c, nc),
+            &a.lnf_stats.0[..n],
+            &a.lnf_stats.1[..n],
+        );
+        for (l, blk) in self.blocks.iter().enumerate().rev() {
+            // MLP: the GELU output is recomputed rather than stored per layer.
+            let fc = layer(&a.fc, l, cap * inner, n * inner);
+            let gelu = &mut a.gelu[..n * inner];
+            gelu_forward(gelu, fc);
+            let dbig = &mut a.dbig[..n * inner];
+            blk.fc_proj.backward(
+                p,
+                g,
+                (gelu, inner),
+                (dres, c),
+                Some((dbig, inner, Overwrite)),
+                n,
+            );
+            gelu_backward_inplace(dbig, fc);
+            let ln2 = layer(&a.ln2, l, cap * c, nc);
+            let dc = &mut a.dc[..nc];
+            blk.fc
+                .backward(p, g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
+            let mid = layer(&a.mid, l, cap * c, nc);
+            let (mean, rstd) = (
+                layer(&a.ln2_stats.0, l, cap, n),
+                layer(&a.ln2_stats.1, l, cap, n),
+            );
+            blk.ln2.backward(p, g, dres, dc, mid, mean, rstd);
+            // Attention.
+            let att = layer(&a.att, l, cap * c, nc);
+            blk.c_proj
+                .backward(p, g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
+            let qkv = layer(&a.qkv, l, cap * 3 * c, n * 3 * c);
+            let lse = layer(&a.lse, l, cap * self.heads, n * self.heads);
+            let dqkv = &mut a.dbig[..n * 3 * c];
+            attention_backward(self.shape(b, seq), qkv, att, lse, dc, dqkv);
+            let ln1 = layer(&a.ln1, l, cap * c, nc);
+            blk.c_attn
+                .backward(p, g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
+            let x = layer(&a.res, l, cap * c, nc);
+            let (mean, rstd) = (
+                layer(&a.ln1_stats.0, l, cap, n),
+                layer(&a.ln1_stats.1, l, cap, n),
+            );
+            blk.ln1.backward(p, g, dres, dc, x, mean, rstd);
+        }
+        let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
+        embedding_backward(dwte, Some(dwpe), dres, &inputs[..n], seq, c);
+        loss
+    }
+
+    pub fn loss(
+        &self,
+        p: &[f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> f64 {
+        self.forward(p, a, b, seq, inputs);
+        let n = b * seq;
+        self.head
+            .loss(p, &a.lnf[..n * self.c], &targets[..n], &mut a.logits, None)
+    }
+
+    pub fn logits(
+        &self,
+        p: &[f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+    ) -> Vec<f32> {
+        self.forward(p, a, b, seq, inputs);
+        let n = b * seq;
+        let mut out = vec![0.0; n * self.vocab];
+        self.head.logits(p, &a.lnf[..n * self.c], n, &mut out);
+        out
+    }
+}

@@ -1,0 +1,385 @@
+//! LLaMA family (`LlamaForCausalLM`): RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query
+//! attention, optional explicit `head_dim`, tied or untied head.
+
+use gantry_kernels::cpu::activation::{swiglu_backward, swiglu_forward};
+use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
+use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
+use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
+use gantry_kernels::cpu::rope::{rope_apply, RopeTable};
+
+use super::{layer, layer_mut, ModelConfig};
+use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
+use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
+
+#[derive(Debug)]
+struct Block {
+    norm1: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    norm2: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    c: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inner: usize,
+    vocab: usize,
+    wte: ParamRef,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    head: LmHead,
+    rope: RopeTable,
+}
+
+/// Saved activations (layer-major stacks) and backward scratch for one batch shape.
+#[derive(Debug)]
+pub struct Acts {
+    n: usize,
+    res: Vec<f32>,
+    mid: Vec<f32>,
+    n1: Vec<f32>,
+    n1_rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    n2: Vec<f32>,
+    n2_rstd: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+    nf: Vec<f32>,
+    nf_rstd: Vec<f32>,
+    dres: Vec<f32>,
+    dc: Vec<f32>,
+    datt: Vec<f32>,
+    dqkv: Vec<f32>,
+    da: Vec<f32>,
+    db: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Llama {
+    pub fn new(cfg: &ModelConfig) -> (ParamTable, Llama) {
+        let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
+        let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let std = cfg.initializer_range;
+        let w = Init::Normal { std };
+        let mut b = ParamTableBuilder::new();
+        let wte = b.add("model.embed_tokens.weight", &[v, c], w);
+        let mut idx = Vec::new();
+        for i in 0..cfg.layers {
+            let p = format!("model.layers.{i}.");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
+                let wi = b.add(format!("{p}{name}.weight"), &[out, inp], w);
+                let bi = bias.then(|| b.add(format!("{p}{name}.bias"), &[out], Init::Zeros));
+                (wi, bi, inp, out)
+            };
+            let q = lin("self_attn.q_proj", h * d, c, cfg.attention_bias);
+            let k = lin("self_attn.k_proj", kvh * d, c, cfg.attention_bias);
+            let vv = lin("self_attn.v_proj", kvh * d, c, cfg.attention_bias);
+            let o = lin("self_attn.o_proj", c, h * d, cfg.attention_bias);
+            let gate = lin("mlp.gate_proj", inner, c, cfg.mlp_bias);
+            let up = lin("mlp.up_proj", inner, c, cfg.mlp_bias);
+            let down = lin("mlp.down_proj", c, inner, cfg.mlp_bias);
+            let n1 = b.add(format!("{p}input_layernorm.weight"), &[c], Init::Ones);
+            let n2 = b.add(
+                format!("{p}post_attention_layernorm.weight"),
+                &[c],
+                Init::Ones,
+            );
+            idx.push((n1, q, k, vv, o, n2, gate, up, down));
+        }
+        let norm = b.add("model.norm.weight", &[c], Init::Ones);
+        let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], w));
+        let t = b.build(DEFAULT_CHUNK_ELEMS);
+        let lin = |(wi, bi, d_in, d_out): (usize, Option<usize>, usize, usize)| Linear {
+            weight: t.at(wi),
+            bias: bi.map(|i| t.at(i)),
+            d_in,
+            d_out,
+            layout: WeightLayout::OutIn,
+        };
+        let rms = |i: usize| RmsNorm {
+            weight: t.at(i),
+            eps: cfg.norm_eps,
+        };
+        let blocks = idx
+            .into_iter()
+            .map(|(n1, q, k, vv, o, n2, gate, up, down)| Block {
+                norm1: rms(n1),
+                q: lin(q),
+                k: lin(k),
+                v: lin(vv),
+                o: lin(o),
+                norm2: rms(n2),
+                gate: lin(gate),
+                up: lin(up),
+                down: lin(down),
+            })
+            .collect();
+        let model = Llama {
+            c,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            inner,
+            vocab: v,
+            wte: t.at(wte),
+            blocks,
+            norm: rms(norm),
+            head: LmHead {
+                weight: t.at(head.unwrap_or(wte)),
+                vocab: v,
+                hidden: c,
+            },
+            rope: RopeTable::new(cfg.max_positions, d, cfg.rope_theta),
+        };
+        (t, model)
+    }
+
+    fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
+        let (n, c, l) = (batch * seq, self.c, self.blocks.len());
+        let (w, hd, inner) = (self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let z = |len: usize| vec![0.0f32; len];
+        Acts {
+            n,
+            res: z((l + 1) * n * c),
+            mid: z(l * n * c),
+            n1: z(l * n * c),
+            n1_rstd: z(l * n),
+            qkv: z(l * n * w),
+            att: z(l * n * hd),
+            lse: z(l * n * self.heads),
+            n2: z(l * n * c),
+            n2_rstd: z(l * n),
+            gate: z(l * n * inner),
+            up: z(l * n * inner),
+            act: z(n * inner),
+            nf: z(n * c),
+            nf_rstd: z(n),
+            dres: z(n * c),
+            dc: z(n * c),
+            datt: z(n * hd),
+            dqkv: z(n * w),
+            da: z(n * inner),
+            db: z(n * inner),
+            logits: z(self.head.scratch_len(n)),
+        }
+    }
+
+    fn shape(&self, b: usize, seq: usize) -> AttnShape {
+        AttnShape {
+            batch: b,
+            seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            dim: self.head_dim,
+        }
+    }
+
+    fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, w, hd, inner) = (
+            n * c,
+            self.qkv_width(),
+            self.heads * self.head_dim,
+            self.inner,
+        );
+        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        embedding_forward(
+            &mut a.res[..nc],
+            &inputs[..n],
+            self.wte.get(p),
+            None,
+            seq,
+            c,
+        );
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let x = layer(&a.res, l, cap * c, nc);
+            let n1 = layer_mut(&mut a.n1, l, cap * c, nc);
+            blk.norm1
+                .forward(p, x, n1, layer_mut(&mut a.n1_rstd, l, cap, n));
+            let qkv = layer_mut(&mut a.qkv, l, cap * w, n * w);
+            blk.q.forward(p, n1, c, qkv, w, n, Overwrite);
+            blk.k.forward(p, n1, c, &mut qkv[q_off..], w, n, Overwrite);
+            blk.v.forward(p, n1, c, &mut qkv[v_off..], w, n, Overwrite);
+            rope_apply(qkv, w, self.heads + self.kv_heads, seq, &self.rope, false);
+            let att = layer_mut(&mut a.att, l, cap * hd, n * hd);
+            attention_forward(
+                self.shape(b, seq),
+                qkv,
+                att,
+                layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads),
+            );
+            let mid = layer_mut(&mut a.mid, l, cap * c, nc);
+            mid.copy_from_slice(x);
+            blk.o.forward(p, att, hd, mid, c, n, Add);
+            let n2 = layer_mut(&mut a.n2, l, cap * c, nc);
+            blk.norm2
+                .forward(p, mid, n2, layer_mut(&mut a.n2_rstd, l, cap, n));
+            let gate = layer_mut(&mut a.gate, l, cap * inner, n * inner);
+            blk.gate.forward(p, n2, c, gate, inner, n, Overwrite);
+            let up = layer_mut(&mut a.up, l, cap * inner, n * inner);
+            blk.up.forward(p, n2, c, up, inner, n, Overwrite);
+            swiglu_forward(&mut a.act[..n * inner], gate, up);
+            let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
+            out.copy_from_slice(mid);
+            blk.down
+                .forward(p, &a.act[..n * inner], inner, out, c, n, Add);
+        }
+        let l = self.blocks.len();
+        self.norm.forward(
+            p,
+            layer(&a.res, l, cap * c, nc),
+            &mut a.nf[..nc],
+            &mut a.nf_rstd[..n],
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(
+        &self,
+        p: &[f32],
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+        targets: &[u32],
+        scale: f32,
+    ) -> f64 {
+        self.forward(p, a, b, seq, inputs);
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, w, hd, inner) = (
+            n * c,
+            self.qkv_width(),
+            self.heads * self.head_dim,
+            self.inner,
+        );
+        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        let loss = self.head.loss(
+            p,
+            &a.nf[..nc],
+            &targets[..n],
+            &mut a.logits,
+            Some((g, &mut a.dc[..nc], scale)),
+        );
+        let dres = &mut a.dres[..nc];
+        dres.fill(0.0);
+        let l_all = self.blocks.len();
+        self.norm.backward(
+            p,
+            g,
+            dres,
+            &a.dc[..nc],
+            layer(&a.res, l_all, cap * c, nc),
+            &a.nf_rstd[..n],
+        );
+        for (l, blk) in self.blocks.iter().enumerate().rev() {
+            // MLP: silu(gate)·up is recomputed rather than stored per layer.
+            let gate = layer(&a.gate, l, cap * inner, n * inner);
+            let up = layer(&a.up, l, cap * inner, n * inner);
+            let act = &mut a.act[..n * inner];
+            swiglu_forward(act, gate, up);
+            let (da, db) = (&mut a.da[..n * inner], &mut a.db[..n * inner]);
+            blk.down.backward(
+                p,
+                g,
+                (act, inner),
+                (dres, c),
+                Some((da, inner, Overwrite)),
+                n,
+            );
+            swiglu_backward(da, db, gate, up);
+            let n2 = layer(&a.n2, l, cap * c, nc);
+            let dc = &mut a.dc[..nc];
+            blk.gate
+                .backward(p, g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
+            blk.up
+                .backward(p, g, (n2, c), (db, inner), Some((dc, c, Add)), n);
+            blk.norm2.backward(
+                p,
+                g,
+                dres,
+                dc,
+                layer(&a.mid, l, cap * c, nc),
+                layer(&a.n2_rstd, l, cap, n),
+            );
+            // Attention.
+            let att = layer(&a.att, l, cap * hd, n * hd);
+            let datt = &mut a.datt[..n * hd];
+            blk.o
+                .backward(p, g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
+            let qkv = layer(&a.qkv, l, cap * w, n * w);
+            let dqkv = &mut a.dqkv[..n * w];
+            attention_backward(
+                self.shape(b, seq),
+                qkv,
+                att,
+                layer(&a.lse, l, cap * self.heads, n * self.heads),
+                datt,
+                dqkv,
+            );
+            rope_apply(dqkv, w, self.heads + self.kv_heads, seq, &self.rope, true);
+            let n1 = layer(&a.n1, l, cap * c, nc);
+            blk.q
+                .backward(p, g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
+            blk.k
+                .backward(p, g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
+            blk.v
+                .backward(p, g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
+            blk.norm1.backward(
+                p,
+                g,
+                dres,
+                dc,
+                layer(&a.res, l, cap * c, nc),
+                layer(&a.n1_rstd, l, cap, n),
+            );
+        }
+        embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
+        loss
+    }
+
+    pub fn loss(
+        &self,
+        p: &[f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> f64 {
+        self.forward(p, a, b, seq, inputs);
+        let n = b * seq;
+        self.head
+            .loss(p, &a.nf[..n * self.c], &targets[..n], &mut a.logits, None)
+    }
+
+    pub fn logits(
+        &self,
+        p: &[f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+    ) -> Vec<f32> {
+        self.forward(p, a, b, seq, inputs);
+        let n = b * seq;
+        let mut out = vec![0.0; n * self.vocab];
+        self.head.logits(p, &a.nf[..n * self.c], n, &mut out);
+        out
+    }
+}

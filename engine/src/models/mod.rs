@@ -1,0 +1,203 @@
+//! Transformer language models with explicit forward and backward passes.
+//!
+//! A model is its config, its [`ParamTable`] (the Hugging Face parameter names and shapes, so
+//! loading and export are a copy) and its layers. Activations live in buffers sized once for a
+//! batch shape and reused every step. Models know nothing of parallelism: the parallel wrappers
+//! drive them from outside.
+
+pub mod config;
+mod gpt2;
+mod llama;
+
+pub use config::{Arch, ModelConfig};
+
+use crate::params::ParamTable;
+use crate::{Error, Result};
+
+/// A causal language model.
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub table: ParamTable,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+/// Activation buffers for one batch shape, reused every step.
+#[derive(Debug)]
+pub struct Activations {
+    batch: usize,
+    seq: usize,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    kind: ActsKind,
+}
+
+#[derive(Debug)]
+enum ActsKind {
+    Gpt2(gpt2::Acts),
+    Llama(llama::Acts),
+}
+
+impl Activations {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets; returns `b`.
+    fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
+        let w = self.seq + 1;
+        let b = windows.len() / w;
+        if windows.len() % w != 0 || b == 0 || b > self.batch {
+            return Err(Error::Unsupported {
+                field: "batch".into(),
+                message: format!(
+                    "got {} tokens: expected 1 to {} windows of {w}",
+                    windows.len(),
+                    self.batch
+                ),
+            });
+        }
+        if let Some(t) = windows.iter().find(|t| **t as usize >= vocab) {
+            return Err(Error::Unsupported {
+                field: "data".into(),
+                message: format!("token id {t} is outside the model's vocabulary of {vocab}"),
+            });
+        }
+        for (i, win) in windows.chunks(w).enumerate() {
+            self.inputs[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[..self.seq]);
+            self.targets[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[1..]);
+        }
+        Ok(b)
+    }
+}
+
+impl Model {
+    pub fn new(config: ModelConfig) -> Result<Model> {
+        let (table, kind) = match config.arch {
+            Arch::Gpt2 => {
+                let (t, m) = gpt2::Gpt2::new(&config);
+                (t, Kind::Gpt2(m))
+            }
+            Arch::Llama => {
+                let (t, m) = llama::Llama::new(&config);
+                (t, Kind::Llama(m))
+            }
+        };
+        Ok(Model {
+            config,
+            table,
+            kind,
+        })
+    }
+
+    /// Buffers for batches of up to `batch` sequences of `seq` tokens.
+    pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations> {
+        if seq == 0 || batch == 0 {
+            return Err(Error::Unsupported {
+                field: "data.seq_len".into(),
+                message: "batch and sequence length must be positive".into(),
+            });
+        }
+        if seq > self.config.max_positions {
+            return Err(Error::Unsupported {
+                field: "data.seq_len".into(),
+                message: format!(
+                    "{seq} exceeds the model's {} positions",
+                    self.config.max_positions
+                ),
+            });
+        }
+        let kind = match &self.kind {
+            Kind::Gpt2(m) => ActsKind::Gpt2(m.acts(batch, seq)),
+            Kind::Llama(m) => ActsKind::Llama(m.acts(batch, seq)),
+        };
+        let n = batch * seq;
+        Ok(Activations {
+            batch,
+            seq,
+            inputs: vec![0; n],
+            targets: vec![0; n],
+            kind,
+        })
+    }
+
+    /// Forward and backward over `windows` (`[b, seq+1]` tokens): accumulates `grad_scale ×
+    /// ∂(summed loss)/∂params` into `grads` and returns the summed loss in nats.
+    pub fn forward_backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        windows: &[u32],
+        grad_scale: f32,
+    ) -> Result<f64> {
+        let b = acts.load(windows, self.config.vocab)?;
+        let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
+        Ok(match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => {
+                m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale)
+            }
+            (Kind::Llama(m), ActsKind::Llama(a)) => {
+                m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale)
+            }
+            _ => unreachable!("activations belong to the model that made them"),
+        })
+    }
+
+    /// Summed loss (nats) over `windows`, forward only.
+    pub fn loss(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<f64> {
+        let b = acts.load(windows, self.config.vocab)?;
+        let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
+        Ok(match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.loss(params, a, b, seq, inputs, targets),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.loss(params, a, b, seq, inputs, targets),
+            _ => unreachable!("activations belong to the model that made them"),
+        })
+    }
+
+    /// Logits `[b, seq, vocab]` for `windows` (`[b, seq+1]` tokens; the last token of each window
+    /// is not read).
+    pub fn logits(
+        &self,
+        params: &[f32],
+        acts: &mut Activations,
+        windows: &[u32],
+    ) -> Result<Vec<f32>> {
+        let b = acts.load(windows, self.config.vocab)?;
+        let (seq, inputs) = (acts.seq, &acts.inputs);
+        Ok(match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.logits(params, a, b, seq, inputs),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.logits(params, a, b, seq, inputs),
+            _ => unreachable!("activations belong to the model that made them"),
+        })
+    }
+
+    /// Model FLOPs per trained token at sequence length `seq`.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        self.config.flops_per_token(self.table.len(), seq)
+    }
+}
+
+/// The `l`-th of a layer-major stack of buffers, each `stride` long, first `len` elements.
+#[inline]
+fn layer(buf: &[f32], l: usize, stride: usize, len: usize) -> &[f32] {
+    &buf[l * stride..l * stride + len]
+}
+
+#[inline]
+fn layer_mut(buf: &mut [f32], l: usize, stride: usize, len: usize) -> &mut [f32] {
+    &mut buf[l * stride..l * stride + len]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,83 @@
+//! Whole-model gradient checks by finite differences, on tiny random GPT-2 and LLaMA models.
+
+use super::*;
+use crate::params::ParamTable;
+
+fn config(json: &str) -> ModelConfig {
+    ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
+}
+
+/// Every parameter's gradient against central differences of the loss, computed in f32 by the
+/// model's own forward pass (so the step is kept large and the tolerance loose enough for f32
+/// rounding, but far below the size of a wrong gradient).
+fn check_gradients(model: &Model, seed: u64) {
+    let table: &ParamTable = &model.table;
+    let mut params = vec![0.0f32; table.len()];
+    table.init(&mut params, seed);
+    // Make norms and biases non-trivial so their gradients are exercised.
+    let mut rng = crate::rng::Rng::new(seed, 99);
+    for p in params.iter_mut() {
+        *p += (rng.normal() * 0.2) as f32;
+    }
+    let (batch, seq) = (2, 5);
+    let vocab = model.config.vocab as u64;
+    let windows: Vec<u32> = (0..batch * (seq + 1))
+        .map(|_| rng.below(vocab) as u32)
+        .collect();
+    let mut acts = model.activations(batch, seq).unwrap();
+    let mut grads = vec![0.0f32; table.len()];
+    let scale = 1.0 / (batch * seq) as f32;
+    model
+        .forward_backward(&params, &mut grads, &mut acts, &windows, scale)
+        .unwrap();
+    let h = 1e-2f32;
+    let mut worst = 0.0f32;
+    for e in table.entries() {
+        for i in e.at.range() {
+            let orig = params[i];
+            params[i] = orig + h;
+            let up = model.loss(&params, &mut acts, &windows).unwrap() * scale as f64;
+            params[i] = orig - h;
+            let down = model.loss(&params, &mut acts, &windows).unwrap() * scale as f64;
+            params[i] = orig;
+            let fd = ((up - down) / (2.0 * h as f64)) as f32;
+            let err = (grads[i] - fd).abs();
+            worst = worst.max(err);
+            assert!(
+                err <= 2e-3 + 2e-2 * fd.abs(),
+                "{}[{}]: backward {} vs finite difference {fd}",
+                e.name,
+                i - e.at.offset,
+                grads[i]
+            );
+        }
+    }
+    assert!(worst > 0.0, "no gradient was compared");
+}
+
+#[test]
+fn gpt2_backward_matches_finite_differences() {
+    let cfg = config(
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8}"#,
+    );
+    check_gradients(&Model::new(cfg).unwrap(), 1);
+}
+
+#[test]
+fn llama_gqa_backward_matches_finite_differences() {
+    let cfg = config(
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":11,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,"max_position_embeddings":8,"rope_theta":100.0}"#,
+    );
+    check_gradients(&Model::new(cfg).unwrap(), 2);
+}
+
+#[test]
+fn llama_tied_with_biases_backward_matches_finite_differences() {
+    let cfg = config(
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":11,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":8,"tie_word_embeddings":true,
+            "attention_bias":true,"mlp_bias":true}"#,
+    );
+    check_gradients(&Model::new(cfg).unwrap(), 3);
+}

@@ -1,0 +1,64 @@
+//! AdamW over the parameter table, the learning-rate schedule and gradient clipping.
+
+mod schedule;
+
+pub use schedule::LrSchedule;
+
+use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
+use gantry_kernels::cpu::vec::{scale, sum_squares};
+
+use crate::params::{ParamBuffers, ParamTable};
+
+/// AdamW's constant hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    /// One update of every parameter at learning rate `lr`, `step` counting from 1. Weight decay
+    /// applies to matrices (embeddings included), never to norms and biases. Runs over each
+    /// parameter's range so the decay flag is per tensor; the kernel itself is parallel.
+    pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
+        let hp = AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step,
+        };
+        for e in table.entries() {
+            let r = e.at.range();
+            adamw_update(
+                &mut buf.params[r.clone()],
+                &buf.grads[r.clone()],
+                &mut buf.m[r.clone()],
+                &mut buf.v[r],
+                &hp,
+                e.decay,
+            );
+        }
+    }
+}
+
+/// The global L2 norm of `grads`.
+pub fn grad_norm(grads: &[f32]) -> f64 {
+    sum_squares(grads).sqrt()
+}
+
+/// Scales `grads` so their global norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`
+/// does, with its 1e-6 guard); returns the norm before clipping. `max_norm = 0` disables it.
+pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let norm = grad_norm(grads);
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            scale(grads, coef as f32);
+        }
+    }
+    norm
+}

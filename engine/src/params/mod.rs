@@ -1,0 +1,39 @@
+//! The flat parameter table.
+//!
+//! Every parameter of a model lives at a fixed offset of one flat `f32` buffer; gradients and the
+//! optimizer's two moments are buffers of the same layout. The table also groups parameters into
+//! *chunks* (contiguous ranges holding whole tensors), the unit that DDP buckets, ZeRO shards,
+//! Gemini placement and checkpoint shards are made of.
+
+mod table;
+
+pub use table::{
+    Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS,
+};
+
+/// The training state of one rank: parameters, gradients and AdamW moments, all in the table's
+/// layout.
+#[derive(Debug)]
+pub struct ParamBuffers {
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl ParamBuffers {
+    pub fn zeros(table: &ParamTable) -> Self {
+        let n = table.len();
+        ParamBuffers {
+            params: vec![0.0; n],
+            grads: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    /// Bytes of parameters, gradients and optimizer state held.
+    pub fn bytes(&self) -> u64 {
+        4 * (self.params.len() + self.grads.len() + self.m.len() + self.v.len()) as u64
+    }
+}

@@ -1,0 +1,7 @@
+//! The trainer: one rank's training loop over a job spec.
+
+mod eval;
+mod trainer;
+
+pub use eval::{evaluate, EvalResult};
+pub use trainer::{load_model, StepReport, Trainer};
