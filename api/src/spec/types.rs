@@ -134,7 +134,7 @@ pub struct ParallelSpec {
     pub zero: u8,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesSpec {
     #[serde(default)]
@@ -262,15 +262,6 @@ impl Default for ParallelSpec {
     }
 }
 
-impl Default for ResourcesSpec {
-    fn default() -> Self {
-        ResourcesSpec {
-            devices: Devices::default(),
-            threads: None,
-        }
-    }
-}
-
 impl Default for CheckpointSpec {
     fn default() -> Self {
         CheckpointSpec {
@@ -378,7 +369,7 @@ impl JobSpec {
             );
         }
         let per_step = self.micro_batch_size() * p.dp;
-        if per_step == 0 || t.global_batch_size % per_step != 0 {
+        if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
             return e(
                 "train.global_batch_size",
                 format!(

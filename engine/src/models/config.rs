@@ -194,13 +194,13 @@ impl ModelConfig {
                 message: m,
             })
         };
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 && self.arch == Arch::Llama {
+        if !self.head_dim.is_multiple_of(2) && self.arch == Arch::Llama {
             return err(format!(
                 "head_dim ({}) must be even for rotary embeddings",
                 self.head_dim

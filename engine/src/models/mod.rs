@@ -8,6 +8,7 @@
 pub mod config;
 mod gpt2;
 mod llama;
+pub mod presets;
 
 pub use config::{Arch, ModelConfig};
 
@@ -57,7 +58,7 @@ impl Activations {
     fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
         let w = self.seq + 1;
         let b = windows.len() / w;
-        if windows.len() % w != 0 || b == 0 || b > self.batch {
+        if !windows.len().is_multiple_of(w) || b == 0 || b > self.batch {
             return Err(Error::Unsupported {
                 field: "batch".into(),
                 message: format!(

@@ -18,11 +18,11 @@ pub use norm::{LayerNorm, RmsNorm};
 
 /// Two disjoint parameter slices of one buffer, mutably (for layers that update two parameters
 /// at once, such as token and position embeddings).
-pub fn two_mut<'a>(
-    buf: &'a mut [f32],
+pub fn two_mut(
+    buf: &mut [f32],
     a: crate::params::ParamRef,
     b: crate::params::ParamRef,
-) -> (&'a mut [f32], &'a mut [f32]) {
+) -> (&mut [f32], &mut [f32]) {
     assert!(
         a.offset + a.len <= b.offset || b.offset + b.len <= a.offset,
         "parameters overlap"

@@ -1,7 +1,9 @@
 //! The trainer: one rank's training loop over a job spec.
 
+mod bench;
 mod eval;
 mod trainer;
 
+pub use bench::{bench, BenchResult};
 pub use eval::{evaluate, EvalResult};
 pub use trainer::{load_model, StepReport, Trainer};

@@ -37,7 +37,7 @@ impl AttnShape {
     fn check(&self, qkv: usize, out: usize, lse: usize) {
         let rows = self.batch * self.seq;
         assert!(
-            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             "heads must be a multiple of kv_heads"
         );
         assert_eq!(qkv, rows * self.qkv_width(), "attention: qkv buffer size");

@@ -125,31 +125,6 @@ pub fn add_col_sums_strided(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dot_matches_scalar() {
-        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
-        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
-    }
-
-    #[test]
-    fn col_sums_match_scalar() {
-        let cols = 5;
-        let x: Vec<f32> = (0..cols * 70).map(|i| (i as f32).sqrt()).collect();
-        let mut out = vec![1.0f32; cols];
-        add_col_sums(&mut out, &x, cols);
-        for c in 0..cols {
-            let want: f64 = 1.0 + (0..70).map(|r| x[r * cols + c] as f64).sum::<f64>();
-            assert!((out[c] as f64 - want).abs() / want < 1e-5);
-        }
-    }
-}
-
 /// `e^x` to about 2 ulp, branch-free so that loops over it vectorise (libm's `expf` does not).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -176,4 +151,29 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (1.0 + exp(2.0 * x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_scalar() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn col_sums_match_scalar() {
+        let cols = 5;
+        let x: Vec<f32> = (0..cols * 70).map(|i| (i as f32).sqrt()).collect();
+        let mut out = vec![1.0f32; cols];
+        add_col_sums(&mut out, &x, cols);
+        for c in 0..cols {
+            let want: f64 = 1.0 + (0..70).map(|r| x[r * cols + c] as f64).sum::<f64>();
+            assert!((out[c] as f64 - want).abs() / want < 1e-5);
+        }
+    }
 }
