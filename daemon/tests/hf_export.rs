@@ -10,7 +10,11 @@ fn root() -> PathBuf {
 }
 
 fn last_json(out: std::process::Output, what: &str) -> serde_json::Value {
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
@@ -34,26 +38,61 @@ fn check(model_config: &str, name: &str) {
     .unwrap();
     let run = dir.path().join("run");
     let gantry = env!("CARGO_BIN_EXE_gantry");
-    last_json(Command::new(gantry).arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap(), "gantry train");
+    last_json(
+        Command::new(gantry)
+            .arg("train")
+            .arg(&spec)
+            .arg("--run-dir")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "gantry train",
+    );
     let final_dir = run.join("final");
     let ours = last_json(
-        Command::new(gantry).arg("eval").arg("--model").arg(&final_dir).arg("--data").arg(&tokens).args(["--seq-len", "16"]).output().unwrap(),
+        Command::new(gantry)
+            .arg("eval")
+            .arg("--model")
+            .arg(&final_dir)
+            .arg("--data")
+            .arg(&tokens)
+            .args(["--seq-len", "16"])
+            .output()
+            .unwrap(),
         "gantry eval",
     );
     let python = std::env::var("GANTRY_PYTHON").unwrap_or_else(|_| "python3".into());
     let theirs = last_json(
-        Command::new(&python).arg(root().join("tests/python/hf_eval.py")).arg(&final_dir).arg(&tokens).arg("16").output().unwrap(),
+        Command::new(&python)
+            .arg(root().join("tests/python/hf_eval.py"))
+            .arg(&final_dir)
+            .arg(&tokens)
+            .arg("16")
+            .output()
+            .unwrap(),
         "transformers (pip install torch transformers)",
     );
-    let (a, b) = (ours["loss"].as_f64().unwrap(), theirs["loss"].as_f64().unwrap());
+    let (a, b) = (
+        ours["loss"].as_f64().unwrap(),
+        theirs["loss"].as_f64().unwrap(),
+    );
     assert_eq!(ours["tokens"], theirs["tokens"]);
-    assert!(((a - b) / b).abs() < 1e-4, "{name}: gantry eval {a} vs transformers {b}");
-    assert!(a < 4.5, "{name}: five steps at lr 1e-2 should have moved the loss below ln(96) = 4.56: {a}");
+    assert!(
+        ((a - b) / b).abs() < 1e-4,
+        "{name}: gantry eval {a} vs transformers {b}"
+    );
+    assert!(
+        a < 4.5,
+        "{name}: five steps at lr 1e-2 should have moved the loss below ln(96) = 4.56: {a}"
+    );
 }
 
 #[test]
 fn gpt2_final_model_loads_in_transformers() {
-    check(r#"{"architectures":["GPT2LMHeadModel"],"model_type":"gpt2","vocab_size":96,"n_embd":32,"n_layer":2,"n_head":4,"n_positions":64}"#, "gpt2");
+    check(
+        r#"{"architectures":["GPT2LMHeadModel"],"model_type":"gpt2","vocab_size":96,"n_embd":32,"n_layer":2,"n_head":4,"n_positions":64}"#,
+        "gpt2",
+    );
 }
 
 #[test]
