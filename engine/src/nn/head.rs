@@ -24,7 +24,11 @@ pub struct LmHead {
 impl LmHead {
     /// Rows per logits block for `rows` rows.
     pub fn block_rows(&self, rows: usize) -> usize {
-        (BLOCK_FLOATS / self.vocab).clamp(1, rows.max(1))
+        let cap = (BLOCK_FLOATS / self.vocab).clamp(1, rows.max(1));
+        // Equal blocks: a short last block would run its weight-gradient product (whose inner
+        // dimension is the block's row count) at a fraction of the GEMM's speed.
+        let blocks = rows.max(1).div_ceil(cap);
+        rows.max(1).div_ceil(blocks)
     }
 
     /// Scratch floats the head needs for `rows` rows.

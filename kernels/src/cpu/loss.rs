@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::vec::exp;
+use super::vec::{exp_shifted_sum, max};
 
 /// Returns the summed loss (nats) of the rows of `logits` (`[rows, vocab]`) against `targets`.
 /// With `grad_scale = Some(s)`, overwrites `logits` with `s * (softmax - onehot)`; otherwise the
@@ -22,20 +22,8 @@ pub fn softmax_xent(
         .map(|(row, &t)| {
             let t = t as usize;
             let target_logit = row[t];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut acc = [0.0f32; 8];
-            let mut chunks = row.chunks_exact_mut(8);
-            for q in &mut chunks {
-                for l in 0..8 {
-                    q[l] = exp(q[l] - m);
-                    acc[l] += q[l];
-                }
-            }
-            let mut z = acc.iter().map(|v| *v as f64).sum::<f64>();
-            for v in chunks.into_remainder() {
-                *v = exp(*v - m);
-                z += *v as f64;
-            }
+            let m = max(row);
+            let z = exp_shifted_sum(row, 1.0, m) as f64;
             if let Some(s) = grad_scale {
                 let k = (s as f64 / z) as f32;
                 for v in row.iter_mut() {

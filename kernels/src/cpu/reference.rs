@@ -171,3 +171,47 @@ pub fn adamw(
         p[i] = x as f32;
     }
 }
+
+/// Gradients of [`attention`] with respect to `q`, `k`, `v` for the output gradient `dout`.
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (dim as f64).sqrt();
+    let (mut dq, mut dk, mut dv) = (vec![0.0f64; q.len()], vec![0.0f64; k.len()], vec![0.0f64; v.len()]);
+    let qi = |b: usize, i: usize, h: usize| (b * seq + i) * heads * dim + h * dim;
+    let ki = |b: usize, j: usize, h: usize| (b * seq + j) * kv_heads * dim + h * dim;
+    for b in 0..batch {
+        for h in 0..heads {
+            let kh = h / group;
+            for i in 0..seq {
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| (0..dim).map(|x| q[qi(b, i, h) + x] as f64 * k[ki(b, j, kh) + x] as f64).sum::<f64>() * scale)
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+                let dp: Vec<f64> = (0..=i).map(|j| (0..dim).map(|x| dout[qi(b, i, h) + x] as f64 * v[ki(b, j, kh) + x] as f64).sum()).collect();
+                let delta: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
+                for j in 0..=i {
+                    let ds = p[j] * (dp[j] - delta) * scale;
+                    for x in 0..dim {
+                        dq[qi(b, i, h) + x] += ds * k[ki(b, j, kh) + x] as f64;
+                        dk[ki(b, j, kh) + x] += ds * q[qi(b, i, h) + x] as f64;
+                        dv[ki(b, j, kh) + x] += p[j] * dout[qi(b, i, h) + x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (f(dq), f(dk), f(dv))
+}

@@ -134,7 +134,8 @@ pub fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer in f32 arithmetic.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor polynomial of e^r on |r| <= ln2/2 (error below 2e-7 relative).
     let mut p = 1.0 / 720.0;
@@ -144,7 +145,47 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // The low mantissa bits of `t` hold n (as an offset from ROUND's bits): integer arithmetic
+    // that vectorises, unlike a float-to-int cast.
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// The largest element (`-inf` for an empty slice), with eight lanes so that it vectorises.
+#[inline]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for v in rem {
+        m = if *v > m { *v } else { m };
+    }
+    m
+}
+
+/// `x ← exp(scale·x − shift)`, returning the sum of the results (eight lanes).
+#[inline]
+pub fn exp_shifted_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            c[l] = exp(c[l] * scale - shift);
+            acc[l] += c[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in chunks.into_remainder() {
+        *v = exp(*v * scale - shift);
+        s += *v;
+    }
+    s
 }
 
 /// `tanh(x)` built on [`exp`]; absolute error about 1e-7.
