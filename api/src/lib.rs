@@ -4,6 +4,6 @@
 pub mod spec;
 
 pub use spec::{
-    CheckpointSpec, DataSpec, Devices, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision,
-    ResourcesSpec, Schedule, SpecError, TrainSpec,
+    CheckpointSpec, DataSpec, Devices, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, Schedule, SpecError,
+    TrainSpec,
 };

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "gantry",
-    version,
-    about = "Train transformer models: one binary, explained layouts, the same loss under every layout"
-)]
+#[command(name = "gantry", version, about = "Train transformer models: one binary, explained layouts, the same loss under every layout")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -5,17 +5,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub fn bar(len: u64, template: &str, enabled: bool) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    let target = if enabled {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
+    let target = if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
     pb.set_draw_target(target);
-    pb.set_style(
-        ProgressStyle::with_template(template)
-            .expect("progress templates are static")
-            .progress_chars("=> "),
-    );
+    pb.set_style(ProgressStyle::with_template(template).expect("progress templates are static").progress_chars("=> "));
     pb
 }
 

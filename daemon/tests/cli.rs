@@ -54,63 +54,31 @@ fn train_writes_metrics_and_a_final_model_that_eval_reads() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), "[checkpoint]\nevery = 5\nkeep = 1\n");
     let run = dir.path().join("run");
-    let out = ok(gantry()
-        .args(["train"])
-        .arg(&spec)
-        .args(["--set", "train.seed=7", "--run-dir"])
-        .arg(&run)
-        .output()
-        .unwrap());
+    let out = ok(gantry().args(["train"]).arg(&spec).args(["--set", "train.seed=7", "--run-dir"]).arg(&run).output().unwrap());
     let summary = last_json(&out);
     assert_eq!(summary["steps"], 12);
 
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 12);
     for (i, m) in lines.iter().enumerate() {
         assert_eq!(m["step"], i as u64 + 1);
         for key in ["loss", "lr", "grad_norm", "tokens_per_s"] {
-            assert!(
-                m[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
-                "step {}: {key} = {}",
-                i + 1,
-                m[key]
-            );
+            assert!(m[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "step {}: {key} = {}", i + 1, m[key]);
         }
         // Parameters, gradients and two AdamW moments, all fp32.
         assert_eq!(m["mem_bytes"], 891_648u64 * 16);
     }
-    assert!(
-        (lines[0]["lr"].as_f64().unwrap() - 1.5e-3).abs() < 1e-12,
-        "warmup: half the peak lr at step 1 of 2"
-    );
-    let (first, last) = (
-        lines[0]["loss"].as_f64().unwrap(),
-        lines[11]["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        (first - 512f64.ln()).abs() < 0.1,
-        "a fresh model predicts uniformly: {first}"
-    );
-    assert!(
-        last < first - 0.5,
-        "12 steps at lr 3e-3 must lower the loss: {first} → {last}"
-    );
+    assert!((lines[0]["lr"].as_f64().unwrap() - 1.5e-3).abs() < 1e-12, "warmup: half the peak lr at step 1 of 2");
+    let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines[11]["loss"].as_f64().unwrap());
+    assert!((first - 512f64.ln()).abs() < 0.1, "a fresh model predicts uniformly: {first}");
+    assert!(last < first - 0.5, "12 steps at lr 3e-3 must lower the loss: {first} → {last}");
 
     // keep = 1: only the newest intermediate checkpoint survives.
-    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(ckpts, vec![std::ffi::OsString::from("step_00000010")]);
     let stored = std::fs::read_to_string(run.join("spec.toml")).unwrap();
-    assert!(
-        stored.contains("seed = 7"),
-        "the run keeps its resolved spec"
-    );
+    assert!(stored.contains("seed = 7"), "the run keeps its resolved spec");
 
     let final_dir = run.join("final");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
@@ -126,10 +94,7 @@ fn train_writes_metrics_and_a_final_model_that_eval_reads() {
         .output()
         .unwrap()));
     let loss = ev["loss"].as_f64().unwrap();
-    assert!(
-        loss < first - 0.3 && loss > 1.0,
-        "eval loss of the trained model: {loss}"
-    );
+    assert!(loss < first - 0.3 && loss > 1.0, "eval loss of the trained model: {loss}");
     assert_eq!(ev["tokens"].as_u64().unwrap() % 64, 0);
 }
 
@@ -137,19 +102,11 @@ fn train_writes_metrics_and_a_final_model_that_eval_reads() {
 fn training_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), "steps = 3");
-    let spec_text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("steps = 12\n", "");
+    let spec_text = std::fs::read_to_string(&spec).unwrap().replace("steps = 12\n", "");
     std::fs::write(&spec, spec_text).unwrap();
     let losses = |run: &str| -> Vec<String> {
         let run = dir.path().join(run);
-        ok(gantry()
-            .arg("train")
-            .arg(&spec)
-            .arg("--run-dir")
-            .arg(&run)
-            .output()
-            .unwrap());
+        ok(gantry().arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap());
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
             .lines()
@@ -183,10 +140,7 @@ fn eval_matches_transformers_on_the_fixtures() {
         };
         let want = expected.as_f64().unwrap();
         let loss = got["loss"].as_f64().unwrap();
-        assert!(
-            ((loss - want) / want).abs() < 1e-4,
-            "{name}: gantry eval {loss} vs transformers {want}"
-        );
+        assert!(((loss - want) / want).abs() < 1e-4, "{name}: gantry eval {loss} vs transformers {want}");
         assert_eq!(got["tokens"], 256);
     }
 }
@@ -196,10 +150,7 @@ fn bad_specs_name_the_field_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), "");
     let cases = [
-        (
-            vec!["--set", "train.learning_rate=1"],
-            "train.learning_rate",
-        ),
+        (vec!["--set", "train.learning_rate=1"], "train.learning_rate"),
         (vec!["--set", "train.lr=-1"], "train.lr"),
         (vec!["--set", "train.precision=fp8"], "train.precision"),
         (vec!["--set", "resources.devices=cuda:0"], "CUDA"),
@@ -207,24 +158,11 @@ fn bad_specs_name_the_field_and_write_nothing() {
     ];
     for (i, (args, needle)) in cases.iter().enumerate() {
         let run = dir.path().join(format!("run{i}"));
-        let out = gantry()
-            .arg("train")
-            .arg(&spec)
-            .args(args)
-            .arg("--run-dir")
-            .arg(&run)
-            .output()
-            .unwrap();
+        let out = gantry().arg("train").arg(&spec).args(args).arg("--run-dir").arg(&run).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: error does not name {needle}: {stderr}"
-        );
-        assert!(
-            !run.exists(),
-            "{args:?}: a failed start created the run directory"
-        );
+        assert!(stderr.contains(needle), "{args:?}: error does not name {needle}: {stderr}");
+        assert!(!run.exists(), "{args:?}: a failed start created the run directory");
     }
     let bad_model = dir.path().join("m");
     std::fs::create_dir(&bad_model).unwrap();
@@ -239,79 +177,37 @@ fn bad_specs_name_the_field_and_write_nothing() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("rope_scaling") && stderr.contains("yarn"),
-        "{stderr}"
-    );
+    assert!(!out.status.success() && stderr.contains("rope_scaling") && stderr.contains("yarn"), "{stderr}");
 }
 
 #[test]
 fn prepare_tokenizes_text_into_a_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("docs.jsonl");
-    std::fs::write(
-        &text,
-        "{\"text\": \"Permission is hereby granted\"}\n{\"text\": \"free of charge\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&text, "{\"text\": \"Permission is hereby granted\"}\n{\"text\": \"free of charge\"}\n").unwrap();
     let out = dir.path().join("docs.bin");
     let tok = root().join("examples/data/tokenizer.json");
-    let r = last_json(&ok(gantry()
-        .arg("prepare")
-        .arg(&text)
-        .arg("--tokenizer")
-        .arg(&tok)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap()));
+    let r = last_json(&ok(gantry().arg("prepare").arg(&text).arg("--tokenizer").arg(&tok).arg("--out").arg(&out).output().unwrap()));
     let n = r["tokens"].as_u64().unwrap() as usize;
     let bytes = std::fs::read(&out).unwrap();
     assert_eq!(bytes.len(), 2 * n);
-    let ids: Vec<u16> = bytes
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
-    assert_eq!(
-        ids.iter().filter(|t| **t == 0).count(),
-        2,
-        "each document ends with <|endoftext|> (id 0)"
-    );
+    let ids: Vec<u16> = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+    assert_eq!(ids.iter().filter(|t| **t == 0).count(), 2, "each document ends with <|endoftext|> (id 0)");
     assert!(n > 4 && n < 40, "{n} tokens for 44 characters");
 }
 
 #[test]
 fn bench_reports_throughput_and_flops() {
     let out = ok(gantry()
-        .args([
-            "bench",
-            "--model",
-            "gpt2-tiny",
-            "--seq-len",
-            "32",
-            "--batch",
-            "2",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-        ])
+        .args(["bench", "--model", "gpt2-tiny", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"])
         .output()
         .unwrap());
     let r = last_json(&out);
     let tps = r["tokens_per_s"].as_f64().unwrap();
     let step_ms = r["step_ms"].as_f64().unwrap();
-    assert!(
-        (tps - 64.0 / (step_ms / 1e3)).abs() / tps < 1e-9,
-        "tokens_per_s is batch·seq over the median step"
-    );
+    assert!((tps - 64.0 / (step_ms / 1e3)).abs() / tps < 1e-9, "tokens_per_s is batch·seq over the median step");
     let n = r["params"].as_f64().unwrap();
-    assert_eq!(
-        n,
-        (8192 * 256 + 1024 * 256 + 4 * (12 * 256 * 256 + 13 * 256) + 2 * 256) as f64
-    );
+    assert_eq!(n, (8192 * 256 + 1024 * 256 + 4 * (12 * 256 * 256 + 13 * 256) + 2 * 256) as f64);
     // 6N (without position embeddings) + 6·L·C·T per token.
     let per_token = 6.0 * (n - 1024.0 * 256.0) + 6.0 * 4.0 * 256.0 * 32.0;
     assert!((r["model_flops_per_s"].as_f64().unwrap() / tps - per_token).abs() / per_token < 1e-9);

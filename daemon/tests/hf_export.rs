@@ -10,11 +10,7 @@ fn root() -> PathBuf {
 }
 
 fn last_json(out: std::process::Output, what: &str) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
@@ -38,16 +34,7 @@ fn check(model_config: &str, name: &str) {
     .unwrap();
     let run = dir.path().join("run");
     let gantry = env!("CARGO_BIN_EXE_gantry");
-    last_json(
-        Command::new(gantry)
-            .arg("train")
-            .arg(&spec)
-            .arg("--run-dir")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "gantry train",
-    );
+    last_json(Command::new(gantry).arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap(), "gantry train");
     let final_dir = run.join("final");
     let ours = last_json(
         Command::new(gantry)
@@ -63,28 +50,13 @@ fn check(model_config: &str, name: &str) {
     );
     let python = std::env::var("GANTRY_PYTHON").unwrap_or_else(|_| "python3".into());
     let theirs = last_json(
-        Command::new(&python)
-            .arg(root().join("tests/python/hf_eval.py"))
-            .arg(&final_dir)
-            .arg(&tokens)
-            .arg("16")
-            .output()
-            .unwrap(),
+        Command::new(&python).arg(root().join("tests/python/hf_eval.py")).arg(&final_dir).arg(&tokens).arg("16").output().unwrap(),
         "transformers (pip install torch transformers)",
     );
-    let (a, b) = (
-        ours["loss"].as_f64().unwrap(),
-        theirs["loss"].as_f64().unwrap(),
-    );
+    let (a, b) = (ours["loss"].as_f64().unwrap(), theirs["loss"].as_f64().unwrap());
     assert_eq!(ours["tokens"], theirs["tokens"]);
-    assert!(
-        ((a - b) / b).abs() < 1e-4,
-        "{name}: gantry eval {a} vs transformers {b}"
-    );
-    assert!(
-        a < 4.5,
-        "{name}: five steps at lr 1e-2 should have moved the loss below ln(96) = 4.56: {a}"
-    );
+    assert!(((a - b) / b).abs() < 1e-4, "{name}: gantry eval {a} vs transformers {b}");
+    assert!(a < 4.5, "{name}: five steps at lr 1e-2 should have moved the loss below ln(96) = 4.56: {a}");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use crate::{Error, Result};
 pub fn check_supported(devices: &Devices) -> Result<()> {
     match devices {
         Devices::Cpu(_) => Ok(()),
-        Devices::Cuda(_) => Err(Error::Device(format!(
-            "resources.devices = \"{devices}\": this gantry was built without CUDA support; use cpu:N"
-        ))),
+        Devices::Cuda(_) => {
+            Err(Error::Device(format!("resources.devices = \"{devices}\": this gantry was built without CUDA support; use cpu:N")))
+        }
     }
 }

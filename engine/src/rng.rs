@@ -17,9 +17,7 @@ fn mix(mut z: u64) -> u64 {
 impl Rng {
     /// An independent stream for `(seed, stream)`.
     pub fn new(seed: u64, stream: u64) -> Self {
-        Rng {
-            state: mix(seed ^ mix(stream.wrapping_add(0x9E37_79B9_7F4A_7C15))),
-        }
+        Rng { state: mix(seed ^ mix(stream.wrapping_add(0x9E37_79B9_7F4A_7C15))) }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -55,10 +53,7 @@ mod tests {
         let xs: Vec<f64> = (0..200_000).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(
-            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
         assert_ne!(Rng::new(7, 0).next_u64(), Rng::new(7, 1).next_u64());
         assert_eq!(Rng::new(7, 3).next_u64(), Rng::new(7, 3).next_u64());
     }

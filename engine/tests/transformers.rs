@@ -10,9 +10,7 @@ use gantry_engine::train::{evaluate, load_model};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
 struct Expected {
@@ -23,33 +21,19 @@ struct Expected {
 impl Expected {
     fn load(name: &str) -> Expected {
         let dir = fixture(name);
-        let hp = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
-        Expected {
-            bytes: std::fs::read(dir.join("expected.safetensors")).unwrap(),
-            hp,
-        }
+        let hp = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        Expected { bytes: std::fs::read(dir.join("expected.safetensors")).unwrap(), hp }
     }
 
     fn f32(&self, name: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("fixture has no tensor {name}"));
-        t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture has no tensor {name}"));
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     }
 
     fn batch(&self) -> Vec<u32> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        st.tensor("batch")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-            .collect()
+        st.tensor("batch").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
     }
 
     fn hp(&self, key: &str) -> f64 {
@@ -60,15 +44,8 @@ impl Expected {
 /// Largest absolute difference relative to the largest magnitude of the reference.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let scale = want
-        .iter()
-        .fold(0.0f64, |m, v| m.max(v.abs() as f64))
-        .max(1e-12);
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+    got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 fn check(name: &str) {
@@ -87,33 +64,17 @@ fn check(name: &str) {
     let mut buf = ParamBuffers::zeros(&model.table);
     buf.params = params.clone();
     let tokens = (b * seq) as f32;
-    let loss = model
-        .forward_backward(&buf.params, &mut buf.grads, &mut acts, &batch, 1.0 / tokens)
-        .unwrap()
-        / tokens as f64;
+    let loss = model.forward_backward(&buf.params, &mut buf.grads, &mut acts, &batch, 1.0 / tokens).unwrap() / tokens as f64;
     let want_loss = exp.f32("loss")[0] as f64;
-    assert!(
-        ((loss - want_loss) / want_loss).abs() < 1e-5,
-        "{name}: loss {loss} vs {want_loss}"
-    );
+    assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "{name}: loss {loss} vs {want_loss}");
     for entry in model.table.entries() {
-        let e = rel_err(
-            entry.at.get(&buf.grads),
-            &exp.f32(&format!("grad.{}", entry.name)),
-        );
-        assert!(
-            e < 1e-4,
-            "{name}: gradient of {} differs by {e:.2e} relative",
-            entry.name
-        );
+        let e = rel_err(entry.at.get(&buf.grads), &exp.f32(&format!("grad.{}", entry.name)));
+        assert!(e < 1e-4, "{name}: gradient of {} differs by {e:.2e} relative", entry.name);
     }
 
     let norm = clip_grad_norm(&mut buf.grads, exp.hp("grad_clip"));
     let want_norm = exp.f32("grad_norm")[0] as f64;
-    assert!(
-        ((norm - want_norm) / want_norm).abs() < 1e-5,
-        "{name}: grad norm {norm} vs {want_norm}"
-    );
+    assert!(((norm - want_norm) / want_norm).abs() < 1e-5, "{name}: grad norm {norm} vs {want_norm}");
     let opt = AdamW {
         beta1: exp.hp("beta1") as f32,
         beta2: exp.hp("beta2") as f32,
@@ -136,41 +97,22 @@ fn check(name: &str) {
             if *g != 0.0 && (g.abs() as f64) < 1e-7 {
                 noisy += 1;
                 let gm = 1e-7;
-                assert!(
-                    d <= 2.0 * lr * gm / (gm + eps) + 1e-6,
-                    "{name}: {} moved {d:.2e} from PyTorch's on a zero gradient",
-                    entry.name
-                );
+                assert!(d <= 2.0 * lr * gm / (gm + eps) + 1e-6, "{name}: {} moved {d:.2e} from PyTorch's on a zero gradient", entry.name);
             } else if d > worst.0 {
                 worst = (d, entry.name.clone());
             }
         }
     }
-    assert!(
-        noisy * 100 < total,
-        "{name}: {noisy} of {total} gradients are at noise level; the fixture is too degenerate"
-    );
-    assert!(
-        worst.0 < 1e-5,
-        "{name}: after one AdamW step {} differs by {:.2e}",
-        worst.1,
-        worst.0
-    );
+    assert!(noisy * 100 < total, "{name}: {noisy} of {total} gradients are at noise level; the fixture is too degenerate");
+    assert!(worst.0 < 1e-5, "{name}: after one AdamW step {} differs by {:.2e}", worst.1, worst.0);
 
-    let tokens: Vec<u32> = std::fs::read(dir.join("tokens.u32"))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let tokens: Vec<u32> =
+        std::fs::read(dir.join("tokens.u32")).unwrap().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
     let eval_seq = exp.hp("eval_seq_len") as usize;
     let r = evaluate(&model, &params, &tokens, eval_seq, 3, |_, _| {}).unwrap();
     let want = exp.f32("eval_loss")[0] as f64;
     assert_eq!(r.tokens as f32, exp.f32("eval_tokens")[0]);
-    assert!(
-        ((r.loss - want) / want).abs() < 1e-4,
-        "{name}: eval loss {} vs {want}",
-        r.loss
-    );
+    assert!(((r.loss - want) / want).abs() < 1e-4, "{name}: eval loss {} vs {want}", r.loss);
 }
 
 #[test]

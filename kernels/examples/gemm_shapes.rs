@@ -9,8 +9,18 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
     let n = 1024;
+    let t = 2048;
     // (name, m, k, n, a transposed, b transposed)
     let shapes = [
+        ("square", 2048, 2048, 2048, false, false),
+        ("tiny qkv fwd", t, 256, 768, false, false),
+        ("tiny proj dx = dy·Wᵀ", t, 1024, 256, false, true),
+        ("tiny dW = xᵀ·dy", 256, t, 1024, true, false),
+        ("tiny head fwd h·Eᵀ", t, 256, 8192, false, true),
+        ("tiny head dh = dl·E", t, 8192, 256, false, false),
+        ("tiny head dE += dlᵀ·h", 8192, t, 256, true, false),
+        ("tiny head dE += (pre-transposed dl)·h", 8192, t, 256, false, false),
+        ("tiny head dEᵀ-style hᵀ·dl", 256, t, 8192, true, false),
         ("qkv fwd  x·W[in,out]", n, 768, 2304, false, false),
         ("fc fwd   x·W", n, 768, 3072, false, false),
         ("proj fwd x·W", n, 3072, 768, false, false),

@@ -21,10 +21,7 @@ pub struct SpecError {
 
 impl SpecError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError {
-            field: field.into(),
-            message: message.into(),
-        }
+        SpecError { field: field.into(), message: message.into() }
     }
 }
 
@@ -32,9 +29,8 @@ impl JobSpec {
     /// Parses a TOML spec, applies `key=value` overrides (TOML literals, or bare strings), and
     /// validates the result.
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
-        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            SpecError::new("", format!("not valid TOML: {}", e.message()))
-        })?;
+        let mut doc: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| SpecError::new("", format!("not valid TOML: {}", e.message())))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
@@ -52,8 +48,7 @@ impl JobSpec {
     /// Parses a JSON spec (the REST API's body) and validates it.
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(de)
-            .map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -82,11 +77,7 @@ fn path_error(path: String, message: String) -> SpecError {
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         if let Some(name) = rest.split('`').next() {
-            let full = if path.is_empty() {
-                name.to_string()
-            } else {
-                format!("{path}.{name}")
-            };
+            let full = if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
             return SpecError::new(full, message);
         }
     }

@@ -5,12 +5,8 @@ use super::SpecError;
 /// Sets the dotted `key` to `value`, parsed as a TOML literal when it is one (`3e-4`, `true`,
 /// `"text"`, `[1, 2]`) and taken as a bare string otherwise (`cpu:2`, `data/train.bin`).
 pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), SpecError> {
-    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
-        SpecError::new(
-            "",
-            format!("override `{assignment}` is not of the form key=value"),
-        )
-    })?;
+    let (key, raw) =
+        assignment.split_once('=').ok_or_else(|| SpecError::new("", format!("override `{assignment}` is not of the form key=value")))?;
     let key = key.trim();
     let raw = raw.trim();
     let parts: Vec<&str> = key.split('.').collect();
@@ -23,12 +19,8 @@ pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), Spe
     };
     let mut table = doc;
     for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| SpecError::new(parts[..=i].join("."), "is a value, not a section"))?;
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| SpecError::new(parts[..=i].join("."), "is a value, not a section"))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())

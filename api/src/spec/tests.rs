@@ -19,11 +19,9 @@ fn defaults_fill_everything_but_model_and_data() {
 
 #[test]
 fn unknown_keys_are_named_with_their_path() {
-    let err =
-        JobSpec::from_toml(&format!("{MINIMAL}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err();
+    let err = JobSpec::from_toml(&format!("{MINIMAL}\n[train]\nlearning_rate = 1.0\n"), &[]).unwrap_err();
     assert_eq!(err.field, "train.learning_rate");
-    let err = JobSpec::from_json(r#"{"model":{"path":"m","colour":1},"data":{"train":"t"}}"#)
-        .unwrap_err();
+    let err = JobSpec::from_json(r#"{"model":{"path":"m","colour":1},"data":{"train":"t"}}"#).unwrap_err();
     assert_eq!(err.field, "model.colour");
 }
 
@@ -59,12 +57,7 @@ fn relations_between_fields_are_checked() {
 fn overrides_parse_literals_and_bare_strings() {
     let s = JobSpec::from_toml(
         MINIMAL,
-        &[
-            "train.lr=3e-4".into(),
-            "resources.devices=cpu:2".into(),
-            "parallel.dp=2".into(),
-            "name=run one".into(),
-        ],
+        &["train.lr=3e-4".into(), "resources.devices=cpu:2".into(), "parallel.dp=2".into(), "name=run one".into()],
     )
     .unwrap();
     assert_eq!(s.train.lr, 3e-4);

@@ -201,8 +201,7 @@ impl FromStr for Devices {
                 _ => Err(bad()),
             },
             "cuda" => {
-                let ids: Result<Vec<u32>, _> =
-                    rest.split(',').map(|x| x.trim().parse::<u32>()).collect();
+                let ids: Result<Vec<u32>, _> = rest.split(',').map(|x| x.trim().parse::<u32>()).collect();
                 let ids = ids.map_err(|_| bad())?;
                 let mut sorted = ids.clone();
                 sorted.sort_unstable();
@@ -253,21 +252,13 @@ impl Default for TrainSpec {
 
 impl Default for ParallelSpec {
     fn default() -> Self {
-        ParallelSpec {
-            dp: 1,
-            tp: 1,
-            pp: 1,
-            zero: 0,
-        }
+        ParallelSpec { dp: 1, tp: 1, pp: 1, zero: 0 }
     }
 }
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        CheckpointSpec {
-            every: 0,
-            keep: default_keep(),
-        }
+        CheckpointSpec { every: 0, keep: default_keep() }
     }
 }
 
@@ -317,9 +308,7 @@ impl TrainSpec {
 impl JobSpec {
     /// Sequences per forward/backward pass on one rank.
     pub fn micro_batch_size(&self) -> usize {
-        self.train
-            .micro_batch_size
-            .unwrap_or(self.train.global_batch_size / self.parallel.dp.max(1))
+        self.train.micro_batch_size.unwrap_or(self.train.global_batch_size / self.parallel.dp.max(1))
     }
 
     /// Micro-batches per optimizer step on one rank.
@@ -331,10 +320,7 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let e = |f: &str, m: String| Err(SpecError::new(f, m));
         if self.model.path.trim().is_empty() {
-            return e(
-                "model.path",
-                "must name a Hugging Face model directory".into(),
-            );
+            return e("model.path", "must name a Hugging Face model directory".into());
         }
         if self.data.train.trim().is_empty() {
             return e("data.train", "must name a token or text file".into());
@@ -353,20 +339,13 @@ impl JobSpec {
             return e("train.micro_batch_size", "must be at least 1".into());
         }
         let p = &self.parallel;
-        for (name, v) in [
-            ("parallel.dp", p.dp),
-            ("parallel.tp", p.tp),
-            ("parallel.pp", p.pp),
-        ] {
+        for (name, v) in [("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp)] {
             if v == 0 {
                 return e(name, "must be at least 1".into());
             }
         }
         if p.zero > 3 {
-            return e(
-                "parallel.zero",
-                format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero),
-            );
+            return e("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
         }
         let per_step = self.micro_batch_size() * p.dp;
         if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
@@ -381,35 +360,20 @@ impl JobSpec {
             );
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return e(
-                "train.lr",
-                format!("must be a positive number, got {}", t.lr),
-            );
+            return e("train.lr", format!("must be a positive number, got {}", t.lr));
         }
         let min_lr = t.min_lr();
         if !(min_lr.is_finite() && (0.0..=t.lr).contains(&min_lr)) {
-            return e(
-                "train.min_lr",
-                format!("must lie between 0 and train.lr ({}), got {min_lr}", t.lr),
-            );
+            return e("train.min_lr", format!("must lie between 0 and train.lr ({}), got {min_lr}", t.lr));
         }
         if t.warmup_steps > t.steps {
-            return e(
-                "train.warmup_steps",
-                format!("{} exceeds train.steps ({})", t.warmup_steps, t.steps),
-            );
+            return e("train.warmup_steps", format!("{} exceeds train.steps ({})", t.warmup_steps, t.steps));
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return e(
-                "train.weight_decay",
-                format!("must be ≥ 0, got {}", t.weight_decay),
-            );
+            return e("train.weight_decay", format!("must be ≥ 0, got {}", t.weight_decay));
         }
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
-            return e(
-                "train.grad_clip",
-                format!("must be ≥ 0 (0 disables clipping), got {}", t.grad_clip),
-            );
+            return e("train.grad_clip", format!("must be ≥ 0 (0 disables clipping), got {}", t.grad_clip));
         }
         for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&b) {

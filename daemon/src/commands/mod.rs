@@ -18,14 +18,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Sizes the global thread pool once (the GEMMs and every kernel share it).
 pub fn set_threads(threads: Option<usize>) -> anyhow::Result<usize> {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()?;
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     Ok(n)
 }
 
@@ -33,10 +27,6 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<usize> {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }

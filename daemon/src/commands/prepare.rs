@@ -8,19 +8,10 @@ use crate::progress;
 
 pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     let out_format = TokenFormat::of(&a.out)?;
-    anyhow::ensure!(
-        matches!(out_format, TokenFormat::U16 | TokenFormat::U32),
-        "--out must end in .bin (uint16) or .u32 (uint32)"
-    );
+    anyhow::ensure!(matches!(out_format, TokenFormat::U16 | TokenFormat::U32), "--out must end in .bin (uint16) or .u32 (uint32)");
     let tok = load_tokenizer(&a.tokenizer)?;
-    let size = std::fs::metadata(&a.input)
-        .with_context(|| format!("reading {}", a.input.display()))?
-        .len();
-    let pb = progress::bar(
-        size,
-        "tokenizing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        true,
-    );
+    let size = std::fs::metadata(&a.input).with_context(|| format!("reading {}", a.input.display()))?.len();
+    let pb = progress::bar(size, "tokenizing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}", true);
     let tokens = encode_text_file(&a.input, &tok, |n| pb.inc(n))?;
     pb.finish_and_clear();
     let vocab = tok.get_vocab_size(true);
@@ -31,9 +22,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     }
     let tmp = a.out.with_extension("partial");
     {
-        let mut w = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
         for t in &tokens {
             if out_format == TokenFormat::U16 {
                 w.write_all(&(*t as u16).to_le_bytes())?;
@@ -44,15 +33,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
         w.flush()?;
     }
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "{}: {} tokens from {} bytes (vocabulary {vocab})",
-        a.out.display(),
-        tokens.len(),
-        size
-    );
-    println!(
-        "{}",
-        serde_json::json!({"tokens": tokens.len(), "bytes": size, "out": a.out})
-    );
+    eprintln!("{}: {} tokens from {} bytes (vocabulary {vocab})", a.out.display(), tokens.len(), size);
+    println!("{}", serde_json::json!({"tokens": tokens.len(), "bytes": size, "out": a.out}));
     Ok(())
 }

@@ -10,22 +10,13 @@ use crate::cli::TrainArgs;
 use crate::progress;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.spec)
-        .with_context(|| format!("reading {}", a.spec.display()))?;
-    let spec = JobSpec::from_toml(&text, &a.set)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.spec.display()))?;
+    let text = std::fs::read_to_string(&a.spec).with_context(|| format!("reading {}", a.spec.display()))?;
+    let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", a.spec.display()))?;
     let workers = spec.resources.devices.count();
-    let per_worker = spec.resources.threads.or_else(|| {
-        std::thread::available_parallelism()
-            .ok()
-            .map(|n| (n.get() / workers).max(1))
-    });
+    let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = super::set_threads(per_worker)?;
     let base = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
-    let run_dir = a
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&a.spec));
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| default_run_dir(&a.spec));
     let started = Instant::now();
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
@@ -42,24 +33,16 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         run_dir.display()
     );
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
     let interactive = progress::interactive() && !a.no_progress;
-    let pb = progress::bar(
-        steps,
-        "step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
-        interactive,
-    );
+    let pb = progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
     let mut first: Option<StepReport> = None;
     let mut last = None;
     let mut saved: Vec<PathBuf> = Vec::new();
     while trainer.step < steps {
         let r = trainer.train_step()?;
         writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
-        let msg = format!(
-            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
-            r.loss, r.lr, r.grad_norm, r.tokens_per_s
-        );
+        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
         if interactive {
             pb.set_message(msg);
             pb.set_position(r.step);
@@ -69,15 +52,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         }
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
-            let dir = run_dir
-                .join("checkpoints")
-                .join(format!("step_{:08}", r.step));
+            let dir = run_dir.join("checkpoints").join(format!("step_{:08}", r.step));
             trainer.save_hf(&dir)?;
             saved.push(dir);
             while saved.len() > spec.checkpoint.keep {
                 let old = saved.remove(0);
-                std::fs::remove_dir_all(&old)
-                    .with_context(|| format!("removing old checkpoint {}", old.display()))?;
+                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
             }
         }
         first.get_or_insert_with(|| r.clone());
@@ -105,9 +85,6 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
 
 fn default_run_dir(spec: &Path) -> PathBuf {
     let stem = spec.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     PathBuf::from("runs").join(format!("{stem}-{secs}"))
 }

@@ -20,9 +20,7 @@ pub fn has_weights(dir: &Path) -> bool {
 
 /// Buffers that transformers keeps in some checkpoints but that are not parameters.
 fn is_known_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias")
-        || name.ends_with(".attn.masked_bias")
-        || name.ends_with("rotary_emb.inv_freq")
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
 }
 
 /// The files holding the weights and, for each tensor name, which file.
@@ -30,24 +28,18 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, usize>)> {
     let index = dir.join(INDEX);
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
-            path: index.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| Error::Weights { path: index.clone(), message: format!("not valid JSON: {e}") })?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| Error::Weights {
-                path: index.clone(),
-                message: "has no `weight_map` object".into(),
-            })?;
+            .ok_or_else(|| Error::Weights { path: index.clone(), message: "has no `weight_map` object".into() })?;
         let mut files: Vec<PathBuf> = Vec::new();
         let mut by_name = HashMap::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| Error::Weights {
-                path: index.clone(),
-                message: format!("weight_map[{name}] is not a file name"),
-            })?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| Error::Weights { path: index.clone(), message: format!("weight_map[{name}] is not a file name") })?;
             let path = dir.join(file);
             let i = match files.iter().position(|f| *f == path) {
                 Some(i) => i,
@@ -64,21 +56,13 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, usize>)> {
     if single.is_file() {
         return Ok((vec![single], HashMap::new()));
     }
-    Err(Error::Weights {
-        path: dir.to_path_buf(),
-        message: format!("no {SINGLE} or {INDEX} here"),
-    })
+    Err(Error::Weights { path: dir.to_path_buf(), message: format!("no {SINGLE} or {INDEX} here") })
 }
 
 /// Loads every parameter of `table` from the checkpoint in `dir` into `params`, converting
 /// f16/bf16 to f32. Missing or misshapen tensors are errors that name them; a GPT-2 checkpoint
 /// written without the `transformer.` prefix (as the original OpenAI conversion was) also loads.
-pub fn load_weights(
-    dir: &Path,
-    config: &ModelConfig,
-    table: &ParamTable,
-    params: &mut [f32],
-) -> Result<()> {
+pub fn load_weights(dir: &Path, config: &ModelConfig, table: &ParamTable, params: &mut [f32]) -> Result<()> {
     let (files, _) = weight_files(dir)?;
     let mut found = vec![false; table.entries().len()];
     for path in &files {
@@ -87,10 +71,8 @@ pub fn load_weights(
         // writer truncating the file could fault the process, which is the documented risk of
         // every safetensors reader and the same one transformers takes.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
-            path: path.clone(),
-            message: format!("not a valid safetensors file: {e}"),
-        })?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::Weights { path: path.clone(), message: format!("not a valid safetensors file: {e}") })?;
         for (name, view) in st.tensors() {
             let canonical = canonical_name(&name, config);
             let Some(i) = table.entries().iter().position(|e| e.name == canonical) else {
@@ -104,43 +86,19 @@ pub fn load_weights(
             if view.shape() != e.shape.as_slice() {
                 return Err(Error::Weights {
                     path: path.clone(),
-                    message: format!(
-                        "tensor `{name}` has shape {:?}, the model expects {:?}",
-                        view.shape(),
-                        e.shape
-                    ),
+                    message: format!("tensor `{name}` has shape {:?}, the model expects {:?}", view.shape(), e.shape),
                 });
             }
-            convert_into(&view, e.at.get_mut(params)).map_err(|m| Error::Weights {
-                path: path.clone(),
-                message: format!("tensor `{name}`: {m}"),
-            })?;
+            convert_into(&view, e.at.get_mut(params))
+                .map_err(|m| Error::Weights { path: path.clone(), message: format!("tensor `{name}`: {m}") })?;
             found[i] = true;
         }
     }
-    let missing: Vec<&str> = table
-        .entries()
-        .iter()
-        .zip(&found)
-        .filter(|(_, f)| !**f)
-        .map(|(e, _)| e.name.as_str())
-        .collect();
+    let missing: Vec<&str> = table.entries().iter().zip(&found).filter(|(_, f)| !**f).map(|(e, _)| e.name.as_str()).collect();
     if !missing.is_empty() {
-        let shown = missing
-            .iter()
-            .take(5)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        let more = if missing.len() > 5 {
-            format!(" and {} more", missing.len() - 5)
-        } else {
-            String::new()
-        };
-        return Err(Error::Weights {
-            path: dir.to_path_buf(),
-            message: format!("missing {} tensors: {shown}{more}", missing.len()),
-        });
+        let shown = missing.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+        return Err(Error::Weights { path: dir.to_path_buf(), message: format!("missing {} tensors: {shown}{more}", missing.len()) });
     }
     Ok(())
 }
@@ -178,19 +136,12 @@ fn convert_into(view: &TensorView<'_>, out: &mut [f32]) -> std::result::Result<(
 /// Writes a Hugging Face directory: `config.json` (the original config, marked float32),
 /// `model.safetensors` with every parameter under its Hugging Face name, and `tokenizer.json` when
 /// given. Files are written under temporary names and renamed, so a reader never sees half a model.
-pub fn save_hf_dir(
-    dir: &Path,
-    config: &ModelConfig,
-    table: &ParamTable,
-    params: &[f32],
-    tokenizer: Option<&Path>,
-) -> Result<()> {
+pub fn save_hf_dir(dir: &Path, config: &ModelConfig, table: &ParamTable, params: &[f32], tokenizer: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut cfg = config.raw.clone();
     cfg.insert("dtype".into(), Value::String("float32".into()));
     cfg.remove("torch_dtype");
-    let cfg_text =
-        serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
+    let cfg_text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
     write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
 
     let views: BTreeMap<String, TensorView<'_>> = table
@@ -198,8 +149,7 @@ pub fn save_hf_dir(
         .iter()
         .map(|e| {
             let bytes: &[u8] = bytemuck::cast_slice(e.at.get(params));
-            let view = TensorView::new(Dtype::F32, e.shape.clone(), bytes)
-                .expect("shape and byte length agree by construction");
+            let view = TensorView::new(Dtype::F32, e.shape.clone(), bytes).expect("shape and byte length agree by construction");
             (e.name.clone(), view)
         })
         .collect();
@@ -207,10 +157,7 @@ pub fn save_hf_dir(
     meta.insert("format".to_string(), "pt".to_string());
     let path = dir.join(SINGLE);
     let tmp = dir.join(format!(".{SINGLE}.tmp"));
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::Weights {
-        path: tmp.clone(),
-        message: e.to_string(),
-    })?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::Weights { path: tmp.clone(), message: e.to_string() })?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     if let Some(tok) = tokenizer {
         let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;

@@ -22,13 +22,7 @@ impl Sampler {
     /// `None` if the stream holds no full window.
     pub fn new(tokens: usize, seq_len: usize, seed: u64) -> Option<Sampler> {
         let windows = (tokens.saturating_sub(1) / seq_len) as u64;
-        (windows > 0).then_some(Sampler {
-            seq_len,
-            windows,
-            seed,
-            epoch: None,
-            order: Vec::new(),
-        })
+        (windows > 0).then_some(Sampler { seq_len, windows, seed, epoch: None, order: Vec::new() })
     }
 
     pub fn windows(&self) -> u64 {
@@ -54,14 +48,7 @@ impl Sampler {
 
     /// Copies the windows `range` of step `step`'s global batch into `out` (`seq_len + 1` tokens
     /// each).
-    pub fn fill(
-        &mut self,
-        tokens: &[u32],
-        step: u64,
-        global_batch: usize,
-        range: std::ops::Range<usize>,
-        out: &mut Vec<u32>,
-    ) {
+    pub fn fill(&mut self, tokens: &[u32], step: u64, global_batch: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
         out.clear();
         for j in range {
             let o = self.offset(step, global_batch, j);
@@ -78,10 +65,7 @@ mod tests {
     fn an_epoch_visits_every_window_once_and_splits_agree() {
         let mut s = Sampler::new(1001, 10, 3).unwrap();
         assert_eq!(s.windows(), 100);
-        let mut seen: Vec<usize> = (0..25)
-            .flat_map(|step| (0..4).map(move |j| (step, j)))
-            .map(|(st, j)| s.offset(st, 4, j))
-            .collect();
+        let mut seen: Vec<usize> = (0..25).flat_map(|step| (0..4).map(move |j| (step, j))).map(|(st, j)| s.offset(st, 4, j)).collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..100).map(|w| w * 10).collect::<Vec<_>>());
         // One global batch of 8 filled whole, or as two micro-batches of 4: the same windows.

@@ -25,7 +25,10 @@ impl TokenFormat {
             Some("u32") => Ok(TokenFormat::U32),
             Some("txt") => Ok(TokenFormat::Text),
             Some("jsonl") => Ok(TokenFormat::Jsonl),
-            _ => Err(Error::Data { path: path.into(), message: "unknown data format: use .bin (uint16 tokens), .u32 (uint32 tokens), .txt or .jsonl".into() }),
+            _ => Err(Error::Data {
+                path: path.into(),
+                message: "unknown data format: use .bin (uint16 tokens), .u32 (uint32 tokens), .txt or .jsonl".into(),
+            }),
         }
     }
 }
@@ -37,10 +40,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             message: "not found (text data needs a tokenizer.json: set data.tokenizer)".into(),
         });
     }
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-        path: path.into(),
-        message: e.to_string(),
-    })
+    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })
 }
 
 /// Loads the tokens of `path`; text is tokenized with `tokenizer` (required for text formats).
@@ -53,29 +53,18 @@ pub fn load_tokens(path: &Path, tokenizer: Option<&Path>) -> Result<Vec<u32>> {
             if bytes.len() % width != 0 {
                 return Err(Error::Data {
                     path: path.into(),
-                    message: format!(
-                        "{} bytes is not a whole number of {width}-byte tokens",
-                        bytes.len()
-                    ),
+                    message: format!("{} bytes is not a whole number of {width}-byte tokens", bytes.len()),
                 });
             }
             Ok(if width == 2 {
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-                    .collect()
+                bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
             } else {
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
+                bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
             })
         }
         TokenFormat::Text | TokenFormat::Jsonl => {
-            let tok_path = tokenizer.ok_or_else(|| Error::Data {
-                path: path.into(),
-                message: "text data needs a tokenizer: set data.tokenizer".into(),
-            })?;
+            let tok_path = tokenizer
+                .ok_or_else(|| Error::Data { path: path.into(), message: "text data needs a tokenizer: set data.tokenizer".into() })?;
             let tok = load_tokenizer(tok_path)?;
             encode_text_file(path, &tok, |_| {})
         }
@@ -84,11 +73,7 @@ pub fn load_tokens(path: &Path, tokenizer: Option<&Path>) -> Result<Vec<u32>> {
 
 /// Tokenizes a `.txt` file (as one document) or a `.jsonl` file (one document per line's `text`,
 /// separated by the tokenizer's `<|endoftext|>` when it has one), reporting bytes read.
-pub fn encode_text_file(
-    path: &Path,
-    tok: &Tokenizer,
-    mut progress: impl FnMut(u64),
-) -> Result<Vec<u32>> {
+pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u64)) -> Result<Vec<u32>> {
     let format = TokenFormat::of(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
@@ -96,10 +81,7 @@ pub fn encode_text_file(
     let encode = |text: &str| -> Result<Vec<u32>> {
         tok.encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer {
-                path: path.into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })
     };
     let mut out = Vec::new();
     match format {
@@ -110,9 +92,7 @@ pub fn encode_text_file(
             let mut line = String::new();
             loop {
                 line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .map_err(|e| Error::io(path, e))?;
+                let n = reader.read_line(&mut line).map_err(|e| Error::io(path, e))?;
                 piece.push_str(&line);
                 if n == 0 || (line.trim().is_empty() && piece.len() > 1 << 16) {
                     out.extend(encode(&piece)?);
@@ -131,9 +111,7 @@ pub fn encode_text_file(
             let mut lineno = 0;
             loop {
                 line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .map_err(|e| Error::io(path, e))?;
+                let n = reader.read_line(&mut line).map_err(|e| Error::io(path, e))?;
                 if n == 0 {
                     break;
                 }
@@ -142,18 +120,12 @@ pub fn encode_text_file(
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v: serde_json::Value =
-                    serde_json::from_str(&line).map_err(|e| Error::Data {
-                        path: path.into(),
-                        message: format!("line {lineno}: not valid JSON: {e}"),
-                    })?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| Error::Data { path: path.into(), message: format!("line {lineno}: not valid JSON: {e}") })?;
                 let text = v
                     .get("text")
                     .and_then(|t| t.as_str())
-                    .ok_or_else(|| Error::Data {
-                        path: path.into(),
-                        message: format!("line {lineno}: no string field `text`"),
-                    })?;
+                    .ok_or_else(|| Error::Data { path: path.into(), message: format!("line {lineno}: no string field `text`") })?;
                 out.extend(encode(text)?);
                 if let Some(e) = eot {
                     out.push(e);
@@ -161,10 +133,7 @@ pub fn encode_text_file(
             }
         }
         TokenFormat::U16 | TokenFormat::U32 => {
-            return Err(Error::Data {
-                path: path.into(),
-                message: "already a token file".into(),
-            });
+            return Err(Error::Data { path: path.into(), message: "already a token file".into() });
         }
     }
     Ok(out)
@@ -184,15 +153,9 @@ mod tests {
         std::fs::write(&p32, [1u8, 0, 1, 0, 2, 0, 0, 0]).unwrap();
         assert_eq!(load_tokens(&p32, None).unwrap(), vec![65537, 2]);
         std::fs::write(&p32, [1u8, 0, 1]).unwrap();
-        assert!(load_tokens(&p32, None)
-            .unwrap_err()
-            .to_string()
-            .contains("a.u32"));
+        assert!(load_tokens(&p32, None).unwrap_err().to_string().contains("a.u32"));
         let txt = dir.path().join("a.txt");
         std::fs::write(&txt, "hello").unwrap();
-        assert!(load_tokens(&txt, None)
-            .unwrap_err()
-            .to_string()
-            .contains("tokenizer"));
+        assert!(load_tokens(&txt, None).unwrap_err().to_string().contains("tokenizer"));
     }
 }

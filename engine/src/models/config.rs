@@ -95,17 +95,12 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, message: String) -> Error {
-        Error::Config {
-            path: self.path.to_path_buf(),
-            message,
-        }
+        Error::Config { path: self.path.to_path_buf(), message }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
         match self.map.get(key) {
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => {
-                Ok(n.as_u64().unwrap_or(0) as usize)
-            }
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(n.as_u64().unwrap_or(0) as usize),
             Some(v) => Err(self.err(format!("`{key}` must be a positive integer, found {v}"))),
             None => Err(self.err(format!("`{key}` is missing"))),
         }
@@ -121,9 +116,7 @@ impl Reader<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
         }
     }
 
@@ -162,15 +155,10 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.into(),
-            message: format!("not valid JSON: {e}"),
-        })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), message: format!("not valid JSON: {e}") })?;
         let Value::Object(map) = value else {
-            return Err(Error::Config {
-                path: path.into(),
-                message: "expected a JSON object".into(),
-            });
+            return Err(Error::Config { path: path.into(), message: "expected a JSON object".into() });
         };
         let r = Reader { map: &map, path };
         let arch = detect_arch(&r)?;
@@ -188,29 +176,15 @@ impl ModelConfig {
     }
 
     fn check(&self, path: &Path) -> Result<()> {
-        let err = |m: String| {
-            Err(Error::Config {
-                path: path.to_path_buf(),
-                message: m,
-            })
-        };
+        let err = |m: String| Err(Error::Config { path: path.to_path_buf(), message: m });
         if !self.heads.is_multiple_of(self.kv_heads) {
-            return err(format!(
-                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
-                self.heads, self.kv_heads
-            ));
+            return err(format!("num_attention_heads ({}) is not a multiple of num_key_value_heads ({})", self.heads, self.kv_heads));
         }
         if !self.head_dim.is_multiple_of(2) && self.arch == Arch::Llama {
-            return err(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            ));
+            return err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
         if self.arch == Arch::Gpt2 && self.heads * self.head_dim != self.hidden {
-            return err(format!(
-                "n_embd ({}) is not divisible by n_head ({})",
-                self.hidden, self.heads
-            ));
+            return err(format!("n_embd ({}) is not divisible by n_head ({})", self.hidden, self.heads));
         }
         Ok(())
     }
@@ -227,8 +201,7 @@ impl ModelConfig {
     /// Model FLOPs per trained token (forward and backward): `6N + 6·L·C·T`, the attention term
     /// counting the causal half of the score matrix as llm.c and nanoGPT do.
     pub fn flops_per_token(&self, table_len: usize, seq: usize) -> f64 {
-        6.0 * self.flop_params(table_len) as f64
-            + 6.0 * (self.layers * self.heads * self.head_dim * seq) as f64
+        6.0 * self.flop_params(table_len) as f64 + 6.0 * (self.layers * self.heads * self.head_dim * seq) as f64
     }
 }
 
@@ -245,12 +218,8 @@ fn detect_arch(r: &Reader<'_>) -> Result<Arch> {
     match r.map.get("model_type").and_then(Value::as_str) {
         Some("gpt2") => Ok(Arch::Gpt2),
         Some("llama") => Ok(Arch::Llama),
-        Some(other) => Err(r.err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, llama)"
-        ))),
-        None => {
-            Err(r.err("neither `architectures` nor `model_type` says what model this is".into()))
-        }
+        Some(other) => Err(r.err(format!("model_type `{other}` is not supported (supported: gpt2, llama)"))),
+        None => Err(r.err("neither `architectures` nor `model_type` says what model this is".into())),
     }
 }
 
@@ -273,23 +242,13 @@ fn gpt2(r: &Reader<'_>) -> Result<Parsed> {
     ];
     let act = r.str_or("activation_function", "gelu_new")?;
     if !["gelu_new", "gelu_pytorch_tanh"].contains(&act) {
-        return Err(r.err(format!("`activation_function` = \"{act}\" is not supported (gantry implements the tanh GELU: gelu_new, gelu_pytorch_tanh)")));
+        return Err(r.err(format!(
+            "`activation_function` = \"{act}\" is not supported (gantry implements the tanh GELU: gelu_new, gelu_pytorch_tanh)"
+        )));
     }
-    r.require(
-        "scale_attn_weights",
-        &[Value::Bool(true)],
-        "attention scores are always scaled by 1/sqrt(head_dim)",
-    )?;
-    r.require(
-        "scale_attn_by_inverse_layer_idx",
-        &[Value::Bool(false)],
-        "per-layer attention scaling is not implemented",
-    )?;
-    r.require(
-        "add_cross_attention",
-        &[Value::Bool(false)],
-        "cross-attention is not implemented",
-    )?;
+    r.require("scale_attn_weights", &[Value::Bool(true)], "attention scores are always scaled by 1/sqrt(head_dim)")?;
+    r.require("scale_attn_by_inverse_layer_idx", &[Value::Bool(false)], "per-layer attention scaling is not implemented")?;
+    r.require("add_cross_attention", &[Value::Bool(false)], "cross-attention is not implemented")?;
     let hidden = r.usize("n_embd")?;
     let heads = r.usize("n_head")?;
     let cfg = ModelConfig {
@@ -337,20 +296,10 @@ fn llama(r: &Reader<'_>) -> Result<Parsed> {
     ];
     let act = r.str_or("hidden_act", "silu")?;
     if act != "silu" {
-        return Err(r.err(format!(
-            "`hidden_act` = \"{act}\" is not supported (gantry implements SwiGLU with silu)"
-        )));
+        return Err(r.err(format!("`hidden_act` = \"{act}\" is not supported (gantry implements SwiGLU with silu)")));
     }
-    r.require(
-        "partial_rotary_factor",
-        &[serde_json::json!(1.0), serde_json::json!(1)],
-        "rotary embeddings cover the whole head",
-    )?;
-    r.require(
-        "sliding_window",
-        &[],
-        "sliding-window attention is not implemented",
-    )?;
+    r.require("partial_rotary_factor", &[serde_json::json!(1.0), serde_json::json!(1)], "rotary embeddings cover the whole head")?;
+    r.require("sliding_window", &[], "sliding-window attention is not implemented")?;
     let theta = rope_theta(r)?;
     let hidden = r.usize("hidden_size")?;
     let heads = r.usize("num_attention_heads")?;
@@ -382,18 +331,14 @@ fn rope_theta(r: &Reader<'_>) -> Result<f64> {
         match r.map.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::Object(p)) => {
-                let kind = p
-                    .get("rope_type")
-                    .or_else(|| p.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" {
-                    return Err(r.err(format!("`{key}.rope_type` = \"{kind}\" is not supported (only the default, unscaled rotary embedding)")));
+                    return Err(
+                        r.err(format!("`{key}.rope_type` = \"{kind}\" is not supported (only the default, unscaled rotary embedding)"))
+                    );
                 }
                 if let Some(t) = p.get("rope_theta") {
-                    return t.as_f64().ok_or_else(|| {
-                        r.err(format!("`{key}.rope_theta` must be a number, found {t}"))
-                    });
+                    return t.as_f64().ok_or_else(|| r.err(format!("`{key}.rope_theta` must be a number, found {t}")));
                 }
             }
             Some(v) => return Err(r.err(format!("`{key}` must be an object, found {v}"))),
@@ -420,16 +365,8 @@ mod tests {
 
     #[test]
     fn rope_theta_is_read_in_both_styles() {
-        assert_eq!(
-            parse(&format!("{LLAMA},\"rope_theta\":500000.0}}"))
-                .unwrap()
-                .rope_theta,
-            500000.0
-        );
-        let c = parse(&format!(
-            "{LLAMA},\"rope_parameters\":{{\"rope_type\":\"default\",\"rope_theta\":20000.0}}}}"
-        ))
-        .unwrap();
+        assert_eq!(parse(&format!("{LLAMA},\"rope_theta\":500000.0}}")).unwrap().rope_theta, 500000.0);
+        let c = parse(&format!("{LLAMA},\"rope_parameters\":{{\"rope_type\":\"default\",\"rope_theta\":20000.0}}}}")).unwrap();
         assert_eq!(c.rope_theta, 20000.0);
         assert_eq!(c.kv_heads, 2);
         assert_eq!(c.head_dim, 4);
@@ -437,30 +374,17 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_named() {
-        let e = parse(&format!(
-            "{LLAMA},\"rope_scaling\":{{\"rope_type\":\"llama3\",\"factor\":8.0}}}}"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("rope_scaling.rope_type") && e.contains("llama3"),
-            "{e}"
-        );
-        let e = parse(&format!("{LLAMA},\"hidden_act\":\"gelu\"}}"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&format!("{LLAMA},\"rope_scaling\":{{\"rope_type\":\"llama3\",\"factor\":8.0}}}}")).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("llama3"), "{e}");
+        let e = parse(&format!("{LLAMA},\"hidden_act\":\"gelu\"}}")).unwrap_err().to_string();
         assert!(e.contains("hidden_act"), "{e}");
-        let e = parse(r#"{"architectures":["MistralForCausalLM"]}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse(r#"{"architectures":["MistralForCausalLM"]}"#).unwrap_err().to_string();
         assert!(e.contains("MistralForCausalLM"), "{e}");
         let e = parse(r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":10,"n_embd":8,"n_layer":1,"n_head":2,"n_positions":8,"activation_function":"relu"}"#)
             .unwrap_err()
             .to_string();
         assert!(e.contains("activation_function"), "{e}");
-        let e = parse(&format!("{LLAMA},\"num_key_value_heads\":3}}"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&format!("{LLAMA},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
     }
 }

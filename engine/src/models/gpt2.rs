@@ -64,49 +64,28 @@ impl Gpt2 {
         let proj_std = std / (2.0 * l as f32).sqrt();
         let mut b = ParamTableBuilder::new();
         let wte = b.add("transformer.wte.weight", &[v, c], Init::Normal { std });
-        let wpe = b.add(
-            "transformer.wpe.weight",
-            &[cfg.max_positions, c],
-            Init::Normal { std },
-        );
+        let wpe = b.add("transformer.wpe.weight", &[cfg.max_positions, c], Init::Normal { std });
         let mut idx = Vec::new();
         for i in 0..l {
             let p = format!("transformer.h.{i}.");
             idx.push([
                 b.add(format!("{p}ln_1.weight"), &[c], Init::Ones),
                 b.add(format!("{p}ln_1.bias"), &[c], Init::Zeros),
-                b.add(
-                    format!("{p}attn.c_attn.weight"),
-                    &[c, 3 * c],
-                    Init::Normal { std },
-                ),
+                b.add(format!("{p}attn.c_attn.weight"), &[c, 3 * c], Init::Normal { std }),
                 b.add(format!("{p}attn.c_attn.bias"), &[3 * c], Init::Zeros),
-                b.add(
-                    format!("{p}attn.c_proj.weight"),
-                    &[c, c],
-                    Init::Normal { std: proj_std },
-                ),
+                b.add(format!("{p}attn.c_proj.weight"), &[c, c], Init::Normal { std: proj_std }),
                 b.add(format!("{p}attn.c_proj.bias"), &[c], Init::Zeros),
                 b.add(format!("{p}ln_2.weight"), &[c], Init::Ones),
                 b.add(format!("{p}ln_2.bias"), &[c], Init::Zeros),
-                b.add(
-                    format!("{p}mlp.c_fc.weight"),
-                    &[c, inner],
-                    Init::Normal { std },
-                ),
+                b.add(format!("{p}mlp.c_fc.weight"), &[c, inner], Init::Normal { std }),
                 b.add(format!("{p}mlp.c_fc.bias"), &[inner], Init::Zeros),
-                b.add(
-                    format!("{p}mlp.c_proj.weight"),
-                    &[inner, c],
-                    Init::Normal { std: proj_std },
-                ),
+                b.add(format!("{p}mlp.c_proj.weight"), &[inner, c], Init::Normal { std: proj_std }),
                 b.add(format!("{p}mlp.c_proj.bias"), &[c], Init::Zeros),
             ]);
         }
         let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
         let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
-        let head =
-            (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
+        let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
         let t = b.build(DEFAULT_CHUNK_ELEMS);
         let lin = |w: usize, bias: usize, d_in: usize, d_out: usize| Linear {
             weight: t.at(w),
@@ -115,11 +94,7 @@ impl Gpt2 {
             d_out,
             layout: WeightLayout::InOut,
         };
-        let ln = |w: usize, bias: usize| LayerNorm {
-            weight: t.at(w),
-            bias: t.at(bias),
-            eps: cfg.norm_eps,
-        };
+        let ln = |w: usize, bias: usize| LayerNorm { weight: t.at(w), bias: t.at(bias), eps: cfg.norm_eps };
         let blocks = idx
             .iter()
             .map(|i| Block {
@@ -140,11 +115,7 @@ impl Gpt2 {
             wpe: t.at(wpe),
             blocks,
             ln_f: ln(lnf_w, lnf_b),
-            head: LmHead {
-                weight: t.at(head.unwrap_or(wte)),
-                vocab: v,
-                hidden: c,
-            },
+            head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
         };
         (t, model)
     }
@@ -175,69 +146,38 @@ impl Gpt2 {
     }
 
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        AttnShape {
-            batch: b,
-            seq,
-            heads: self.heads,
-            kv_heads: self.heads,
-            dim: self.c / self.heads,
-        }
+        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.c / self.heads }
     }
 
     /// Runs the blocks and the final norm for `b` sequences; leaves `a.lnf` ready for the head.
     fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, inner) = (n * c, self.inner);
-        embedding_forward(
-            &mut a.res[..nc],
-            &inputs[..n],
-            self.wte.get(p),
-            Some(self.wpe.get(p)),
-            seq,
-            c,
-        );
+        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(p), Some(self.wpe.get(p)), seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
             let x = layer(&a.res, l, cap * c, nc);
             let ln1 = layer_mut(&mut a.ln1, l, cap * c, nc);
-            let (mean, rstd) = (
-                layer_mut(&mut a.ln1_stats.0, l, cap, n),
-                layer_mut(&mut a.ln1_stats.1, l, cap, n),
-            );
+            let (mean, rstd) = (layer_mut(&mut a.ln1_stats.0, l, cap, n), layer_mut(&mut a.ln1_stats.1, l, cap, n));
             blk.ln1.forward(p, x, ln1, mean, rstd);
             let qkv = layer_mut(&mut a.qkv, l, cap * 3 * c, n * 3 * c);
             blk.c_attn.forward(p, ln1, c, qkv, 3 * c, n, Overwrite);
             let att = layer_mut(&mut a.att, l, cap * c, nc);
-            attention_forward(
-                self.shape(b, seq),
-                qkv,
-                att,
-                layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads),
-            );
+            attention_forward(self.shape(b, seq), qkv, att, layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads));
             let mid = layer_mut(&mut a.mid, l, cap * c, nc);
             mid.copy_from_slice(x);
             blk.c_proj.forward(p, att, c, mid, c, n, Add);
             let ln2 = layer_mut(&mut a.ln2, l, cap * c, nc);
-            let (mean, rstd) = (
-                layer_mut(&mut a.ln2_stats.0, l, cap, n),
-                layer_mut(&mut a.ln2_stats.1, l, cap, n),
-            );
+            let (mean, rstd) = (layer_mut(&mut a.ln2_stats.0, l, cap, n), layer_mut(&mut a.ln2_stats.1, l, cap, n));
             blk.ln2.forward(p, mid, ln2, mean, rstd);
             let fc = layer_mut(&mut a.fc, l, cap * inner, n * inner);
             blk.fc.forward(p, ln2, c, fc, inner, n, Overwrite);
             gelu_forward(&mut a.gelu[..n * inner], fc);
             let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
             out.copy_from_slice(mid);
-            blk.fc_proj
-                .forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
+            blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        self.ln_f.forward(
-            p,
-            layer(&a.res, l, cap * c, nc),
-            &mut a.lnf[..nc],
-            &mut a.lnf_stats.0[..n],
-            &mut a.lnf_stats.1[..n],
-        );
+        self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -255,66 +195,36 @@ impl Gpt2 {
         self.forward(p, a, b, seq, inputs);
         let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
         let nc = n * c;
-        let loss = self.head.loss(
-            p,
-            &a.lnf[..nc],
-            &targets[..n],
-            &mut a.logits,
-            Some((g, &mut a.dc[..nc], scale)),
-        );
+        let loss = self.head.loss(p, &a.lnf[..nc], &targets[..n], &mut a.logits, Some((g, &mut a.dc[..nc], scale)));
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
         let l_all = self.blocks.len();
-        self.ln_f.backward(
-            p,
-            g,
-            dres,
-            &a.dc[..nc],
-            layer(&a.res, l_all, cap * c, nc),
-            &a.lnf_stats.0[..n],
-            &a.lnf_stats.1[..n],
-        );
+        self.ln_f.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.lnf_stats.0[..n], &a.lnf_stats.1[..n]);
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             // MLP: the GELU output is recomputed rather than stored per layer.
             let fc = layer(&a.fc, l, cap * inner, n * inner);
             let gelu = &mut a.gelu[..n * inner];
             gelu_forward(gelu, fc);
             let dbig = &mut a.dbig[..n * inner];
-            blk.fc_proj.backward(
-                p,
-                g,
-                (gelu, inner),
-                (dres, c),
-                Some((dbig, inner, Overwrite)),
-                n,
-            );
+            blk.fc_proj.backward(p, g, (gelu, inner), (dres, c), Some((dbig, inner, Overwrite)), n);
             gelu_backward_inplace(dbig, fc);
             let ln2 = layer(&a.ln2, l, cap * c, nc);
             let dc = &mut a.dc[..nc];
-            blk.fc
-                .backward(p, g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
+            blk.fc.backward(p, g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
             let mid = layer(&a.mid, l, cap * c, nc);
-            let (mean, rstd) = (
-                layer(&a.ln2_stats.0, l, cap, n),
-                layer(&a.ln2_stats.1, l, cap, n),
-            );
+            let (mean, rstd) = (layer(&a.ln2_stats.0, l, cap, n), layer(&a.ln2_stats.1, l, cap, n));
             blk.ln2.backward(p, g, dres, dc, mid, mean, rstd);
             // Attention.
             let att = layer(&a.att, l, cap * c, nc);
-            blk.c_proj
-                .backward(p, g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
+            blk.c_proj.backward(p, g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
             let qkv = layer(&a.qkv, l, cap * 3 * c, n * 3 * c);
             let lse = layer(&a.lse, l, cap * self.heads, n * self.heads);
             let dqkv = &mut a.dbig[..n * 3 * c];
             attention_backward(self.shape(b, seq), qkv, att, lse, dc, dqkv);
             let ln1 = layer(&a.ln1, l, cap * c, nc);
-            blk.c_attn
-                .backward(p, g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
+            blk.c_attn.backward(p, g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
             let x = layer(&a.res, l, cap * c, nc);
-            let (mean, rstd) = (
-                layer(&a.ln1_stats.0, l, cap, n),
-                layer(&a.ln1_stats.1, l, cap, n),
-            );
+            let (mean, rstd) = (layer(&a.ln1_stats.0, l, cap, n), layer(&a.ln1_stats.1, l, cap, n));
             blk.ln1.backward(p, g, dres, dc, x, mean, rstd);
         }
         let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
@@ -322,29 +232,13 @@ impl Gpt2 {
         loss
     }
 
-    pub fn loss(
-        &self,
-        p: &[f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-        targets: &[u32],
-    ) -> f64 {
+    pub fn loss(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32], targets: &[u32]) -> f64 {
         self.forward(p, a, b, seq, inputs);
         let n = b * seq;
-        self.head
-            .loss(p, &a.lnf[..n * self.c], &targets[..n], &mut a.logits, None)
+        self.head.loss(p, &a.lnf[..n * self.c], &targets[..n], &mut a.logits, None)
     }
 
-    pub fn logits(
-        &self,
-        p: &[f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-    ) -> Vec<f32> {
+    pub fn logits(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Vec<f32> {
         self.forward(p, a, b, seq, inputs);
         let n = b * seq;
         let mut out = vec![0.0; n * self.vocab];

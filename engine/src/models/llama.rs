@@ -90,11 +90,7 @@ impl Llama {
             let up = lin("mlp.up_proj", inner, c, cfg.mlp_bias);
             let down = lin("mlp.down_proj", c, inner, cfg.mlp_bias);
             let n1 = b.add(format!("{p}input_layernorm.weight"), &[c], Init::Ones);
-            let n2 = b.add(
-                format!("{p}post_attention_layernorm.weight"),
-                &[c],
-                Init::Ones,
-            );
+            let n2 = b.add(format!("{p}post_attention_layernorm.weight"), &[c], Init::Ones);
             idx.push((n1, q, k, vv, o, n2, gate, up, down));
         }
         let norm = b.add("model.norm.weight", &[c], Init::Ones);
@@ -107,10 +103,7 @@ impl Llama {
             d_out,
             layout: WeightLayout::OutIn,
         };
-        let rms = |i: usize| RmsNorm {
-            weight: t.at(i),
-            eps: cfg.norm_eps,
-        };
+        let rms = |i: usize| RmsNorm { weight: t.at(i), eps: cfg.norm_eps };
         let blocks = idx
             .into_iter()
             .map(|(n1, q, k, vv, o, n2, gate, up, down)| Block {
@@ -135,11 +128,7 @@ impl Llama {
             wte: t.at(wte),
             blocks,
             norm: rms(norm),
-            head: LmHead {
-                weight: t.at(head.unwrap_or(wte)),
-                vocab: v,
-                hidden: c,
-            },
+            head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
             rope: RopeTable::new(cfg.max_positions, d, cfg.rope_theta),
         };
         (t, model)
@@ -180,55 +169,30 @@ impl Llama {
     }
 
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        AttnShape {
-            batch: b,
-            seq,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            dim: self.head_dim,
-        }
+        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim }
     }
 
     fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
         let (c, n, cap) = (self.c, b * seq, a.n);
-        let (nc, w, hd, inner) = (
-            n * c,
-            self.qkv_width(),
-            self.heads * self.head_dim,
-            self.inner,
-        );
+        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        embedding_forward(
-            &mut a.res[..nc],
-            &inputs[..n],
-            self.wte.get(p),
-            None,
-            seq,
-            c,
-        );
+        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(p), None, seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
             let x = layer(&a.res, l, cap * c, nc);
             let n1 = layer_mut(&mut a.n1, l, cap * c, nc);
-            blk.norm1
-                .forward(p, x, n1, layer_mut(&mut a.n1_rstd, l, cap, n));
+            blk.norm1.forward(p, x, n1, layer_mut(&mut a.n1_rstd, l, cap, n));
             let qkv = layer_mut(&mut a.qkv, l, cap * w, n * w);
             blk.q.forward(p, n1, c, qkv, w, n, Overwrite);
             blk.k.forward(p, n1, c, &mut qkv[q_off..], w, n, Overwrite);
             blk.v.forward(p, n1, c, &mut qkv[v_off..], w, n, Overwrite);
             rope_apply(qkv, w, self.heads + self.kv_heads, seq, &self.rope, false);
             let att = layer_mut(&mut a.att, l, cap * hd, n * hd);
-            attention_forward(
-                self.shape(b, seq),
-                qkv,
-                att,
-                layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads),
-            );
+            attention_forward(self.shape(b, seq), qkv, att, layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads));
             let mid = layer_mut(&mut a.mid, l, cap * c, nc);
             mid.copy_from_slice(x);
             blk.o.forward(p, att, hd, mid, c, n, Add);
             let n2 = layer_mut(&mut a.n2, l, cap * c, nc);
-            blk.norm2
-                .forward(p, mid, n2, layer_mut(&mut a.n2_rstd, l, cap, n));
+            blk.norm2.forward(p, mid, n2, layer_mut(&mut a.n2_rstd, l, cap, n));
             let gate = layer_mut(&mut a.gate, l, cap * inner, n * inner);
             blk.gate.forward(p, n2, c, gate, inner, n, Overwrite);
             let up = layer_mut(&mut a.up, l, cap * inner, n * inner);
@@ -236,16 +200,10 @@ impl Llama {
             swiglu_forward(&mut a.act[..n * inner], gate, up);
             let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
             out.copy_from_slice(mid);
-            blk.down
-                .forward(p, &a.act[..n * inner], inner, out, c, n, Add);
+            blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        self.norm.forward(
-            p,
-            layer(&a.res, l, cap * c, nc),
-            &mut a.nf[..nc],
-            &mut a.nf_rstd[..n],
-        );
+        self.norm.forward(p, layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -262,31 +220,13 @@ impl Llama {
     ) -> f64 {
         self.forward(p, a, b, seq, inputs);
         let (c, n, cap) = (self.c, b * seq, a.n);
-        let (nc, w, hd, inner) = (
-            n * c,
-            self.qkv_width(),
-            self.heads * self.head_dim,
-            self.inner,
-        );
+        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        let loss = self.head.loss(
-            p,
-            &a.nf[..nc],
-            &targets[..n],
-            &mut a.logits,
-            Some((g, &mut a.dc[..nc], scale)),
-        );
+        let loss = self.head.loss(p, &a.nf[..nc], &targets[..n], &mut a.logits, Some((g, &mut a.dc[..nc], scale)));
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
         let l_all = self.blocks.len();
-        self.norm.backward(
-            p,
-            g,
-            dres,
-            &a.dc[..nc],
-            layer(&a.res, l_all, cap * c, nc),
-            &a.nf_rstd[..n],
-        );
+        self.norm.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.nf_rstd[..n]);
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let gate = layer(&a.gate, l, cap * inner, n * inner);
@@ -294,88 +234,38 @@ impl Llama {
             let act = &mut a.act[..n * inner];
             swiglu_forward(act, gate, up);
             let (da, db) = (&mut a.da[..n * inner], &mut a.db[..n * inner]);
-            blk.down.backward(
-                p,
-                g,
-                (act, inner),
-                (dres, c),
-                Some((da, inner, Overwrite)),
-                n,
-            );
+            blk.down.backward(p, g, (act, inner), (dres, c), Some((da, inner, Overwrite)), n);
             swiglu_backward(da, db, gate, up);
             let n2 = layer(&a.n2, l, cap * c, nc);
             let dc = &mut a.dc[..nc];
-            blk.gate
-                .backward(p, g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
-            blk.up
-                .backward(p, g, (n2, c), (db, inner), Some((dc, c, Add)), n);
-            blk.norm2.backward(
-                p,
-                g,
-                dres,
-                dc,
-                layer(&a.mid, l, cap * c, nc),
-                layer(&a.n2_rstd, l, cap, n),
-            );
+            blk.gate.backward(p, g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
+            blk.up.backward(p, g, (n2, c), (db, inner), Some((dc, c, Add)), n);
+            blk.norm2.backward(p, g, dres, dc, layer(&a.mid, l, cap * c, nc), layer(&a.n2_rstd, l, cap, n));
             // Attention.
             let att = layer(&a.att, l, cap * hd, n * hd);
             let datt = &mut a.datt[..n * hd];
-            blk.o
-                .backward(p, g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
+            blk.o.backward(p, g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
             let qkv = layer(&a.qkv, l, cap * w, n * w);
             let dqkv = &mut a.dqkv[..n * w];
-            attention_backward(
-                self.shape(b, seq),
-                qkv,
-                att,
-                layer(&a.lse, l, cap * self.heads, n * self.heads),
-                datt,
-                dqkv,
-            );
+            attention_backward(self.shape(b, seq), qkv, att, layer(&a.lse, l, cap * self.heads, n * self.heads), datt, dqkv);
             rope_apply(dqkv, w, self.heads + self.kv_heads, seq, &self.rope, true);
             let n1 = layer(&a.n1, l, cap * c, nc);
-            blk.q
-                .backward(p, g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
-            blk.k
-                .backward(p, g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
-            blk.v
-                .backward(p, g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
-            blk.norm1.backward(
-                p,
-                g,
-                dres,
-                dc,
-                layer(&a.res, l, cap * c, nc),
-                layer(&a.n1_rstd, l, cap, n),
-            );
+            blk.q.backward(p, g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
+            blk.k.backward(p, g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
+            blk.v.backward(p, g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
+            blk.norm1.backward(p, g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
         }
         embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
         loss
     }
 
-    pub fn loss(
-        &self,
-        p: &[f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-        targets: &[u32],
-    ) -> f64 {
+    pub fn loss(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32], targets: &[u32]) -> f64 {
         self.forward(p, a, b, seq, inputs);
         let n = b * seq;
-        self.head
-            .loss(p, &a.nf[..n * self.c], &targets[..n], &mut a.logits, None)
+        self.head.loss(p, &a.nf[..n * self.c], &targets[..n], &mut a.logits, None)
     }
 
-    pub fn logits(
-        &self,
-        p: &[f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-    ) -> Vec<f32> {
+    pub fn logits(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Vec<f32> {
         self.forward(p, a, b, seq, inputs);
         let n = b * seq;
         let mut out = vec![0.0; n * self.vocab];

@@ -61,11 +61,7 @@ impl Activations {
         if !windows.len().is_multiple_of(w) || b == 0 || b > self.batch {
             return Err(Error::Unsupported {
                 field: "batch".into(),
-                message: format!(
-                    "got {} tokens: expected 1 to {} windows of {w}",
-                    windows.len(),
-                    self.batch
-                ),
+                message: format!("got {} tokens: expected 1 to {} windows of {w}", windows.len(), self.batch),
             });
         }
         if let Some(t) = windows.iter().find(|t| **t as usize >= vocab) {
@@ -94,28 +90,18 @@ impl Model {
                 (t, Kind::Llama(m))
             }
         };
-        Ok(Model {
-            config,
-            table,
-            kind,
-        })
+        Ok(Model { config, table, kind })
     }
 
     /// Buffers for batches of up to `batch` sequences of `seq` tokens.
     pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations> {
         if seq == 0 || batch == 0 {
-            return Err(Error::Unsupported {
-                field: "data.seq_len".into(),
-                message: "batch and sequence length must be positive".into(),
-            });
+            return Err(Error::Unsupported { field: "data.seq_len".into(), message: "batch and sequence length must be positive".into() });
         }
         if seq > self.config.max_positions {
             return Err(Error::Unsupported {
                 field: "data.seq_len".into(),
-                message: format!(
-                    "{seq} exceeds the model's {} positions",
-                    self.config.max_positions
-                ),
+                message: format!("{seq} exceeds the model's {} positions", self.config.max_positions),
             });
         }
         let kind = match &self.kind {
@@ -123,13 +109,7 @@ impl Model {
             Kind::Llama(m) => ActsKind::Llama(m.acts(batch, seq)),
         };
         let n = batch * seq;
-        Ok(Activations {
-            batch,
-            seq,
-            inputs: vec![0; n],
-            targets: vec![0; n],
-            kind,
-        })
+        Ok(Activations { batch, seq, inputs: vec![0; n], targets: vec![0; n], kind })
     }
 
     /// Forward and backward over `windows` (`[b, seq+1]` tokens): accumulates `grad_scale ×
@@ -145,12 +125,8 @@ impl Model {
         let b = acts.load(windows, self.config.vocab)?;
         let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
         Ok(match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => {
-                m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale)
-            }
-            (Kind::Llama(m), ActsKind::Llama(a)) => {
-                m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale)
-            }
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale),
             _ => unreachable!("activations belong to the model that made them"),
         })
     }
@@ -168,12 +144,7 @@ impl Model {
 
     /// Logits `[b, seq, vocab]` for `windows` (`[b, seq+1]` tokens; the last token of each window
     /// is not read).
-    pub fn logits(
-        &self,
-        params: &[f32],
-        acts: &mut Activations,
-        windows: &[u32],
-    ) -> Result<Vec<f32>> {
+    pub fn logits(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<Vec<f32>> {
         let b = acts.load(windows, self.config.vocab)?;
         let (seq, inputs) = (acts.seq, &acts.inputs);
         Ok(match (&self.kind, &mut acts.kind) {

@@ -8,15 +8,9 @@ use crate::{Error, Result};
 /// `(name, config.json)` of every preset.
 pub const PRESETS: &[(&str, &str)] = &[
     // The PyTorch peer's `tiny` shape (shared/bench/torch_gpt.py).
-    (
-        "gpt2-tiny",
-        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":8192,"n_embd":256,"n_layer":4,"n_head":4,"n_positions":1024}"#,
-    ),
+    ("gpt2-tiny", r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":8192,"n_embd":256,"n_layer":4,"n_head":4,"n_positions":1024}"#),
     // GPT-2 124M.
-    (
-        "gpt2",
-        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":50257,"n_embd":768,"n_layer":12,"n_head":12,"n_positions":1024}"#,
-    ),
+    ("gpt2", r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":50257,"n_embd":768,"n_layer":12,"n_head":12,"n_positions":1024}"#),
     // LLaMA shapes of about the same sizes (GQA 4:1 on the small one, untied heads).
     (
         "llama-tiny",
@@ -32,10 +26,7 @@ pub const PRESETS: &[(&str, &str)] = &[
 
 /// The config of preset `name`, if it is one.
 pub fn preset(name: &str) -> Option<Result<ModelConfig>> {
-    PRESETS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(n, json)| ModelConfig::from_json(json, Path::new(n)))
+    PRESETS.iter().find(|(n, _)| *n == name).map(|(n, json)| ModelConfig::from_json(json, Path::new(n)))
 }
 
 /// A model directory's config, or a preset's.
@@ -48,10 +39,7 @@ pub fn config_for(model: &str) -> Result<ModelConfig> {
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
         Err(Error::Config {
             path: dir.into(),
-            message: format!(
-                "neither a model directory with config.json nor a preset ({})",
-                names.join(", ")
-            ),
+            message: format!("neither a model directory with config.json nor a preset ({})", names.join(", ")),
         })
     })
 }

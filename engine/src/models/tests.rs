@@ -21,15 +21,11 @@ fn check_gradients(model: &Model, seed: u64) {
     }
     let (batch, seq) = (2, 5);
     let vocab = model.config.vocab as u64;
-    let windows: Vec<u32> = (0..batch * (seq + 1))
-        .map(|_| rng.below(vocab) as u32)
-        .collect();
+    let windows: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(vocab) as u32).collect();
     let mut acts = model.activations(batch, seq).unwrap();
     let mut grads = vec![0.0f32; table.len()];
     let scale = 1.0 / (batch * seq) as f32;
-    model
-        .forward_backward(&params, &mut grads, &mut acts, &windows, scale)
-        .unwrap();
+    model.forward_backward(&params, &mut grads, &mut acts, &windows, scale).unwrap();
     let h = 1e-2f32;
     let mut worst = 0.0f32;
     for e in table.entries() {
@@ -43,13 +39,7 @@ fn check_gradients(model: &Model, seed: u64) {
             let fd = ((up - down) / (2.0 * h as f64)) as f32;
             let err = (grads[i] - fd).abs();
             worst = worst.max(err);
-            assert!(
-                err <= 2e-3 + 2e-2 * fd.abs(),
-                "{}[{}]: backward {} vs finite difference {fd}",
-                e.name,
-                i - e.at.offset,
-                grads[i]
-            );
+            assert!(err <= 2e-3 + 2e-2 * fd.abs(), "{}[{}]: backward {} vs finite difference {fd}", e.name, i - e.at.offset, grads[i]);
         }
     }
     assert!(worst > 0.0, "no gradient was compared");
@@ -57,9 +47,7 @@ fn check_gradients(model: &Model, seed: u64) {
 
 #[test]
 fn gpt2_backward_matches_finite_differences() {
-    let cfg = config(
-        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8}"#,
-    );
+    let cfg = config(r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8}"#);
     check_gradients(&Model::new(cfg).unwrap(), 1);
 }
 

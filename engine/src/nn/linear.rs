@@ -37,16 +37,7 @@ impl Linear {
 
     /// `y (+)= x · W + b` for `rows` rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        params: &[f32],
-        x: &[f32],
-        x_stride: usize,
-        y: &mut [f32],
-        y_stride: usize,
-        rows: usize,
-        acc: Accumulate,
-    ) {
+    pub fn forward(&self, params: &[f32], x: &[f32], x_stride: usize, y: &mut [f32], y_stride: usize, rows: usize, acc: Accumulate) {
         let mut acc = acc;
         if let Some(b) = self.bias {
             let b = b.get(params);
@@ -82,20 +73,8 @@ impl Linear {
         {
             let dw = self.weight.get_mut(grads);
             match self.layout {
-                WeightLayout::OutIn => matmul(
-                    MatMut::new(dw, self.d_out, self.d_in),
-                    dyv.t(),
-                    xv,
-                    Accumulate::Add,
-                    Threads::Pool,
-                ),
-                WeightLayout::InOut => matmul(
-                    MatMut::new(dw, self.d_in, self.d_out),
-                    xv.t(),
-                    dyv,
-                    Accumulate::Add,
-                    Threads::Pool,
-                ),
+                WeightLayout::OutIn => matmul(MatMut::new(dw, self.d_out, self.d_in), dyv.t(), xv, Accumulate::Add, Threads::Pool),
+                WeightLayout::InOut => matmul(MatMut::new(dw, self.d_in, self.d_out), xv.t(), dyv, Accumulate::Add, Threads::Pool),
             }
         }
         if let Some(b) = self.bias {

@@ -18,15 +18,8 @@ pub use norm::{LayerNorm, RmsNorm};
 
 /// Two disjoint parameter slices of one buffer, mutably (for layers that update two parameters
 /// at once, such as token and position embeddings).
-pub fn two_mut(
-    buf: &mut [f32],
-    a: crate::params::ParamRef,
-    b: crate::params::ParamRef,
-) -> (&mut [f32], &mut [f32]) {
-    assert!(
-        a.offset + a.len <= b.offset || b.offset + b.len <= a.offset,
-        "parameters overlap"
-    );
+pub fn two_mut(buf: &mut [f32], a: crate::params::ParamRef, b: crate::params::ParamRef) -> (&mut [f32], &mut [f32]) {
+    assert!(a.offset + a.len <= b.offset || b.offset + b.len <= a.offset, "parameters overlap");
     if a.offset < b.offset {
         let (lo, hi) = buf.split_at_mut(b.offset);
         (&mut lo[a.offset..a.offset + a.len], &mut hi[..b.len])

@@ -13,37 +13,13 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn forward(
-        &self,
-        params: &[f32],
-        x: &[f32],
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-    ) {
-        norm::layernorm_forward(
-            out,
-            mean,
-            rstd,
-            x,
-            self.weight.get(params),
-            self.bias.get(params),
-            self.eps,
-        );
+    pub fn forward(&self, params: &[f32], x: &[f32], out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+        norm::layernorm_forward(out, mean, rstd, x, self.weight.get(params), self.bias.get(params), self.eps);
     }
 
     /// `dx += …`; weight and bias gradients accumulate.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        params: &[f32],
-        grads: &mut [f32],
-        dx: &mut [f32],
-        dout: &[f32],
-        x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-    ) {
+    pub fn backward(&self, params: &[f32], grads: &mut [f32], dx: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32]) {
         let (dw, db) = two_mut(grads, self.weight, self.bias);
         norm::layernorm_backward(dx, dw, db, dout, x, mean, rstd, self.weight.get(params));
     }
@@ -61,22 +37,7 @@ impl RmsNorm {
     }
 
     /// `dx += …`; the weight gradient accumulates.
-    pub fn backward(
-        &self,
-        params: &[f32],
-        grads: &mut [f32],
-        dx: &mut [f32],
-        dout: &[f32],
-        x: &[f32],
-        rstd: &[f32],
-    ) {
-        norm::rmsnorm_backward(
-            dx,
-            self.weight.get_mut(grads),
-            dout,
-            x,
-            rstd,
-            self.weight.get(params),
-        );
+    pub fn backward(&self, params: &[f32], grads: &mut [f32], dx: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32]) {
+        norm::rmsnorm_backward(dx, self.weight.get_mut(grads), dout, x, rstd, self.weight.get(params));
     }
 }

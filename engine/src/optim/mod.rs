@@ -23,24 +23,10 @@ impl AdamW {
     /// applies to matrices (embeddings included), never to norms and biases. Runs over each
     /// parameter's range so the decay flag is per tensor; the kernel itself is parallel.
     pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
-        let hp = AdamWStep {
-            lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            step,
-        };
+        let hp = AdamWStep { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step };
         for e in table.entries() {
             let r = e.at.range();
-            adamw_update(
-                &mut buf.params[r.clone()],
-                &buf.grads[r.clone()],
-                &mut buf.m[r.clone()],
-                &mut buf.v[r],
-                &hp,
-                e.decay,
-            );
+            adamw_update(&mut buf.params[r.clone()], &buf.grads[r.clone()], &mut buf.m[r.clone()], &mut buf.v[r], &hp, e.decay);
         }
     }
 }

@@ -26,12 +26,7 @@ impl LrSchedule {
         match self.kind {
             Schedule::Constant => self.lr,
             Schedule::Linear => self.lr - (self.lr - self.min_lr) * progress,
-            Schedule::Cosine => {
-                self.min_lr
-                    + 0.5
-                        * (1.0 + (std::f64::consts::PI * progress).cos())
-                        * (self.lr - self.min_lr)
-            }
+            Schedule::Cosine => self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr),
         }
     }
 }
@@ -42,26 +37,14 @@ mod tests {
 
     #[test]
     fn warmup_then_decay_reaches_min_lr() {
-        let s = LrSchedule {
-            lr: 1.0,
-            min_lr: 0.1,
-            warmup_steps: 10,
-            total_steps: 110,
-            kind: Schedule::Cosine,
-        };
+        let s = LrSchedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, total_steps: 110, kind: Schedule::Cosine };
         assert!((s.at(1) - 0.1).abs() < 1e-12);
         assert!((s.at(10) - 1.0).abs() < 1e-12);
         assert!((s.at(60) - 0.55).abs() < 1e-12);
         assert!((s.at(110) - 0.1).abs() < 1e-12);
-        let l = LrSchedule {
-            kind: Schedule::Linear,
-            ..s
-        };
+        let l = LrSchedule { kind: Schedule::Linear, ..s };
         assert!((l.at(60) - 0.55).abs() < 1e-12 && (l.at(35) - 0.775).abs() < 1e-12);
-        let c = LrSchedule {
-            kind: Schedule::Constant,
-            ..s
-        };
+        let c = LrSchedule { kind: Schedule::Constant, ..s };
         assert_eq!(c.at(100), 1.0);
     }
 }

@@ -7,9 +7,7 @@
 
 mod table;
 
-pub use table::{
-    Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS,
-};
+pub use table::{Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
 
 /// The training state of one rank: parameters, gradients and AdamW moments, all in the table's
 /// layout.
@@ -24,12 +22,7 @@ pub struct ParamBuffers {
 impl ParamBuffers {
     pub fn zeros(table: &ParamTable) -> Self {
         let n = table.len();
-        ParamBuffers {
-            params: vec![0.0; n],
-            grads: vec![0.0; n],
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-        }
+        ParamBuffers { params: vec![0.0; n], grads: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n] }
     }
 
     /// Bytes of parameters, gradients and optimizer state held.

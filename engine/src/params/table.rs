@@ -84,46 +84,25 @@ impl ParamTableBuilder {
     }
 
     pub fn build(self, chunk_elems: usize) -> ParamTable {
-        let largest = self
-            .pending
-            .iter()
-            .map(|(_, s, _)| s.iter().product::<usize>())
-            .max()
-            .unwrap_or(0);
+        let largest = self.pending.iter().map(|(_, s, _)| s.iter().product::<usize>()).max().unwrap_or(0);
         let cap = chunk_elems.max(largest);
         let mut entries = Vec::with_capacity(self.pending.len());
         let mut chunks: Vec<Chunk> = Vec::new();
         let mut offset = 0;
         for (i, (name, shape, init)) in self.pending.into_iter().enumerate() {
             let len: usize = shape.iter().product();
-            let open = chunks
-                .last()
-                .is_some_and(|c| c.range.end - c.range.start + len <= cap);
+            let open = chunks.last().is_some_and(|c| c.range.end - c.range.start + len <= cap);
             if !open {
-                chunks.push(Chunk {
-                    range: offset..offset,
-                    params: i..i,
-                });
+                chunks.push(Chunk { range: offset..offset, params: i..i });
             }
             let c = chunks.last_mut().expect("a chunk was just opened");
             c.range.end += len;
             c.params.end = i + 1;
             let decay = shape.len() >= 2;
-            entries.push(ParamEntry {
-                name,
-                shape,
-                at: ParamRef { offset, len },
-                init,
-                decay,
-                chunk: chunks.len() - 1,
-            });
+            entries.push(ParamEntry { name, shape, at: ParamRef { offset, len }, init, decay, chunk: chunks.len() - 1 });
             offset += len;
         }
-        ParamTable {
-            entries,
-            chunks,
-            len: offset,
-        }
+        ParamTable { entries, chunks, len: offset }
     }
 }
 
@@ -165,19 +144,16 @@ impl ParamTable {
             slices.push((e, head));
             rest = tail;
         }
-        slices
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, (e, out))| match e.init {
-                Init::Ones => out.fill(1.0),
-                Init::Zeros => out.fill(0.0),
-                Init::Normal { std } => {
-                    let mut rng = Rng::new(seed, i as u64);
-                    for v in out.iter_mut() {
-                        *v = (rng.normal() * std as f64) as f32;
-                    }
+        slices.into_par_iter().enumerate().for_each(|(i, (e, out))| match e.init {
+            Init::Ones => out.fill(1.0),
+            Init::Zeros => out.fill(0.0),
+            Init::Normal { std } => {
+                let mut rng = Rng::new(seed, i as u64);
+                for v in out.iter_mut() {
+                    *v = (rng.normal() * std as f64) as f32;
                 }
-            });
+            }
+        });
     }
 }
 

@@ -47,12 +47,7 @@ pub fn bench(
     let mut buf = ParamBuffers::zeros(&model.table);
     model.table.init(&mut buf.params, seed);
     let mut acts = model.activations(batch, seq)?;
-    let optim = AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let optim = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut rng = Rng::new(seed, 0xBE7C);
     let vocab = model.config.vocab as u64;
     let tokens = batch * seq;
@@ -60,18 +55,10 @@ pub fn bench(
     let (mut first, mut last) = (0.0, 0.0);
     let mut windows = vec![0u32; batch * (seq + 1)];
     for i in 0..warmup + steps.max(1) {
-        windows
-            .iter_mut()
-            .for_each(|t| *t = rng.below(vocab) as u32);
+        windows.iter_mut().for_each(|t| *t = rng.below(vocab) as u32);
         let t0 = Instant::now();
         buf.grads.fill(0.0);
-        let loss = model.forward_backward(
-            &buf.params,
-            &mut buf.grads,
-            &mut acts,
-            &windows,
-            1.0 / tokens as f32,
-        )? / tokens as f64;
+        let loss = model.forward_backward(&buf.params, &mut buf.grads, &mut acts, &windows, 1.0 / tokens as f32)? / tokens as f64;
         let t1 = Instant::now();
         clip_grad_norm(&mut buf.grads, 1.0);
         optim.step(&model.table, &mut buf, 3e-4, i as u32 + 1);

@@ -38,13 +38,5 @@ pub fn evaluate(
         progress(i as u64, windows as u64);
     }
     let predicted = (windows * seq) as u64;
-    Ok(EvalResult {
-        loss: if predicted > 0 {
-            total / predicted as f64
-        } else {
-            f64::NAN
-        },
-        tokens: predicted,
-        windows: windows as u64,
-    })
+    Ok(EvalResult { loss: if predicted > 0 { total / predicted as f64 } else { f64::NAN }, tokens: predicted, windows: windows as u64 })
 }

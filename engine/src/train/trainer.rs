@@ -39,9 +39,7 @@ pub fn load_model(dir: &Path, init: ModelInit, seed: u64) -> Result<(Model, Vec<
             if !has_weights(dir) {
                 return Err(Error::Weights {
                     path: dir.into(),
-                    message:
-                        "model.init = \"pretrained\" but the directory has no safetensors weights"
-                            .into(),
+                    message: "model.init = \"pretrained\" but the directory has no safetensors weights".into(),
                 });
             }
             true
@@ -77,25 +75,20 @@ impl Trainer {
     /// Loads the model, its weights and the data of `spec`, with paths relative to `base`.
     pub fn new(spec: JobSpec, base: &Path) -> Result<Trainer> {
         crate::device::check_supported(&spec.resources.devices)?;
-        let unsupported = |field: &str, message: String| {
-            Err(Error::Unsupported {
-                field: field.into(),
-                message,
-            })
-        };
+        let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
         if spec.train.precision != Precision::Fp32 {
             return unsupported(
                 "train.precision",
-                format!(
-                    "{:?} needs the CUDA backend; CPU training runs in fp32",
-                    spec.train.precision
-                )
-                .to_lowercase(),
+                format!("{:?} needs the CUDA backend; CPU training runs in fp32", spec.train.precision).to_lowercase(),
             );
         }
         let p = &spec.parallel;
         if p.dp != 1 || p.tp != 1 || p.pp != 1 || p.zero != 0 {
-            return unsupported("parallel", "this build trains on one device: dp, tp and pp must be 1 and zero 0 (data parallelism and ZeRO come with the collectives)".into());
+            return unsupported(
+                "parallel",
+                "this build trains on one device: dp, tp and pp must be 1 and zero 0 (data parallelism and ZeRO come with the collectives)"
+                    .into(),
+            );
         }
         let model_dir = base.join(&spec.model.path);
         let (model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
@@ -105,59 +98,24 @@ impl Trainer {
             None => Some(model_dir.join("tokenizer.json")).filter(|p| p.is_file()),
         };
         let tokens = load_tokens(&data_path, tokenizer.as_deref())?;
-        if let Some((i, t)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, t)| **t as usize >= model.config.vocab)
-        {
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= model.config.vocab) {
             return Err(Error::Data {
                 path: data_path,
-                message: format!(
-                    "token {t} at position {i} is outside the model's vocabulary of {}",
-                    model.config.vocab
-                ),
+                message: format!("token {t} at position {i} is outside the model's vocabulary of {}", model.config.vocab),
             });
         }
         let seq = spec.data.seq_len;
-        let sampler =
-            Sampler::new(tokens.len(), seq, spec.train.seed).ok_or_else(|| Error::Data {
-                path: data_path.clone(),
-                message: format!(
-                    "{} tokens hold no window of data.seq_len + 1 = {}",
-                    tokens.len(),
-                    seq + 1
-                ),
-            })?;
+        let sampler = Sampler::new(tokens.len(), seq, spec.train.seed).ok_or_else(|| Error::Data {
+            path: data_path.clone(),
+            message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
+        })?;
         let acts = model.activations(spec.micro_batch_size(), seq)?;
         let mut buffers = ParamBuffers::zeros(&model.table);
         buffers.params = params;
         let t = &spec.train;
-        let schedule = LrSchedule {
-            lr: t.lr,
-            min_lr: t.min_lr(),
-            warmup_steps: t.warmup_steps,
-            total_steps: t.steps,
-            kind: t.schedule,
-        };
-        let optim = AdamW {
-            beta1: t.beta1 as f32,
-            beta2: t.beta2 as f32,
-            eps: t.eps as f32,
-            weight_decay: t.weight_decay as f32,
-        };
-        Ok(Trainer {
-            spec,
-            model,
-            buffers,
-            acts,
-            tokens,
-            sampler,
-            schedule,
-            optim,
-            tokenizer,
-            batch: Vec::new(),
-            step: 0,
-        })
+        let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
+        let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
+        Ok(Trainer { spec, model, buffers, acts, tokens, sampler, schedule, optim, tokenizer, batch: Vec::new(), step: 0 })
     }
 
     pub fn tokens_in_data(&self) -> usize {
@@ -167,39 +125,18 @@ impl Trainer {
     /// Runs one optimizer step (all its micro-batches).
     pub fn train_step(&mut self) -> Result<StepReport> {
         let start = Instant::now();
-        let (global, micro, seq) = (
-            self.spec.train.global_batch_size,
-            self.spec.micro_batch_size(),
-            self.spec.data.seq_len,
-        );
+        let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
         self.buffers.grads.fill(0.0);
         let mut loss_sum = 0.0;
         for k in 0..self.spec.accumulation_steps() {
-            self.sampler.fill(
-                &self.tokens,
-                self.step,
-                global,
-                k * micro..(k + 1) * micro,
-                &mut self.batch,
-            );
-            loss_sum += self.model.forward_backward(
-                &self.buffers.params,
-                &mut self.buffers.grads,
-                &mut self.acts,
-                &self.batch,
-                scale,
-            )?;
+            self.sampler.fill(&self.tokens, self.step, global, k * micro..(k + 1) * micro, &mut self.batch);
+            loss_sum += self.model.forward_backward(&self.buffers.params, &mut self.buffers.grads, &mut self.acts, &self.batch, scale)?;
         }
         let grad_norm = clip_grad_norm(&mut self.buffers.grads, self.spec.train.grad_clip);
         self.step += 1;
         let lr = self.schedule.at(self.step);
-        self.optim.step(
-            &self.model.table,
-            &mut self.buffers,
-            lr as f32,
-            self.step as u32,
-        );
+        self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
         Ok(StepReport {
@@ -216,12 +153,6 @@ impl Trainer {
 
     /// Writes the current model as a Hugging Face directory.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
-        save_hf_dir(
-            dir,
-            &self.model.config,
-            &self.model.table,
-            &self.buffers.params,
-            self.tokenizer.as_deref(),
-        )
+        save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
 }

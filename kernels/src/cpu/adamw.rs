@@ -19,14 +19,7 @@ pub struct AdamWStep {
 const PAR: usize = 1 << 15;
 
 /// Updates `p`, `m`, `v` in place from `g`. `decay` selects whether weight decay applies.
-pub fn adamw_update(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    hp: &AdamWStep,
-    decay: bool,
-) {
+pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep, decay: bool) {
     debug_assert!(p.len() == g.len() && g.len() == m.len() && m.len() == v.len());
     let wd = if decay { hp.weight_decay } else { 0.0 };
     let shrink = 1.0 - hp.lr * wd;
@@ -35,20 +28,17 @@ pub fn adamw_update(
     let step_size = (hp.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
-    p.par_chunks_mut(PAR)
-        .zip(g.par_chunks(PAR))
-        .zip(m.par_chunks_mut(PAR).zip(v.par_chunks_mut(PAR)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                let mi = m[i] + (1.0 - b1) * (gi - m[i]);
-                let vi = v[i] * b2 + (1.0 - b2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                let denom = vi.sqrt() / bc2_sqrt + eps;
-                p[i] = p[i] * shrink - step_size * mi / denom;
-            }
-        });
+    p.par_chunks_mut(PAR).zip(g.par_chunks(PAR)).zip(m.par_chunks_mut(PAR).zip(v.par_chunks_mut(PAR))).for_each(|((p, g), (m, v))| {
+        for i in 0..p.len() {
+            let gi = g[i];
+            let mi = m[i] + (1.0 - b1) * (gi - m[i]);
+            let vi = v[i] * b2 + (1.0 - b2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            let denom = vi.sqrt() / bc2_sqrt + eps;
+            p[i] = p[i] * shrink - step_size * mi / denom;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -64,18 +54,9 @@ mod tests {
         let (mut rp, mut rm, mut rv) = (p.clone(), m.clone(), v.clone());
         for step in 1..=3 {
             let g = seeded(n, 10 + step as u64, 0.1);
-            let hp = AdamWStep {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step,
-            };
+            let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step };
             adamw_update(&mut p, &g, &mut m, &mut v, &hp, true);
-            reference::adamw(
-                &mut rp, &g, &mut rm, &mut rv, 1e-2, 0.9, 0.95, 1e-8, 0.1, step,
-            );
+            reference::adamw(&mut rp, &g, &mut rm, &mut rv, 1e-2, 0.9, 0.95, 1e-8, 0.1, step);
         }
         assert_close(&p, &rp, 1e-5);
         assert_close(&m, &rm, 1e-5);

@@ -37,16 +37,9 @@ impl AttnShape {
 
     fn check(&self, qkv: usize, out: usize, lse: usize) {
         let rows = self.batch * self.seq;
-        assert!(
-            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
-            "heads must be a multiple of kv_heads"
-        );
+        assert!(self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads), "heads must be a multiple of kv_heads");
         assert_eq!(qkv, rows * self.qkv_width(), "attention: qkv buffer size");
-        assert_eq!(
-            out,
-            rows * self.out_width(),
-            "attention: output buffer size"
-        );
+        assert_eq!(out, rows * self.out_width(), "attention: output buffer size");
         assert_eq!(lse, rows * self.heads, "attention: lse buffer size");
     }
 }
@@ -62,39 +55,36 @@ pub fn attention_forward(s: AttnShape, qkv: &[f32], out: &mut [f32], lse: &mut [
     let (t, d, w, ow) = (s.seq, s.dim, s.qkv_width(), s.out_width());
     let group = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(t * ow)
-        .zip(lse.par_chunks_mut(t * s.heads))
-        .zip(qkv.par_chunks(t * w))
-        .for_each(|((out_b, lse_b), qkv_b)| {
-            let mut scores = vec![0.0f32; QBLOCK.min(t) * t];
-            for h in 0..s.heads {
-                let k_off = (s.heads + h / group) * d;
-                let v_off = (s.heads + s.kv_heads + h / group) * d;
-                for i0 in (0..t).step_by(QBLOCK) {
-                    let (rows, keys) = (QBLOCK.min(t - i0), (i0 + QBLOCK).min(t));
-                    let q = MatRef::strided(&qkv_b[i0 * w + h * d..], rows, d, w, 1);
-                    let k = MatRef::strided(&qkv_b[k_off..], keys, d, w, 1);
-                    let sc = &mut scores[..rows * keys];
-                    matmul(MatMut::new(sc, rows, keys), q, k.t(), Accumulate::Overwrite, Threads::Single);
-                    for (r, row) in sc.chunks_exact_mut(keys).enumerate() {
-                        let visible = i0 + r + 1;
-                        let row = &mut row[..visible];
-                        let m = max(row) * scale;
-                        let z = exp_shifted_sum(row, scale, m);
-                        let inv = 1.0 / z;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                        lse_b[(i0 + r) * s.heads + h] = m + z.ln();
-                    }
-                    // Masked keys get probability zero.
-                    for (r, row) in sc.chunks_exact_mut(keys).enumerate() {
-                        row[i0 + r + 1..].fill(0.0);
-                    }
-                    let v = MatRef::strided(&qkv_b[v_off..], keys, d, w, 1);
-                    let o = MatMut::strided(&mut out_b[i0 * ow + h * d..], rows, d, ow, 1);
-                    matmul(o, MatRef::new(sc, rows, keys), v, Accumulate::Overwrite, Threads::Single);
+    out.par_chunks_mut(t * ow).zip(lse.par_chunks_mut(t * s.heads)).zip(qkv.par_chunks(t * w)).for_each(|((out_b, lse_b), qkv_b)| {
+        let mut scores = vec![0.0f32; QBLOCK.min(t) * t];
+        for h in 0..s.heads {
+            let k_off = (s.heads + h / group) * d;
+            let v_off = (s.heads + s.kv_heads + h / group) * d;
+            for i0 in (0..t).step_by(QBLOCK) {
+                let (rows, keys) = (QBLOCK.min(t - i0), (i0 + QBLOCK).min(t));
+                let q = MatRef::strided(&qkv_b[i0 * w + h * d..], rows, d, w, 1);
+                let k = MatRef::strided(&qkv_b[k_off..], keys, d, w, 1);
+                let sc = &mut scores[..rows * keys];
+                matmul(MatMut::new(sc, rows, keys), q, k.t(), Accumulate::Overwrite, Threads::Single);
+                for (r, row) in sc.chunks_exact_mut(keys).enumerate() {
+                    let visible = i0 + r + 1;
+                    let row = &mut row[..visible];
+                    let m = max(row) * scale;
+                    let z = exp_shifted_sum(row, scale, m);
+                    let inv = 1.0 / z;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    lse_b[(i0 + r) * s.heads + h] = m + z.ln();
                 }
+                // Masked keys get probability zero.
+                for (r, row) in sc.chunks_exact_mut(keys).enumerate() {
+                    row[i0 + r + 1..].fill(0.0);
+                }
+                let v = MatRef::strided(&qkv_b[v_off..], keys, d, w, 1);
+                let o = MatMut::strided(&mut out_b[i0 * ow + h * d..], rows, d, ow, 1);
+                matmul(o, MatRef::new(sc, rows, keys), v, Accumulate::Overwrite, Threads::Single);
             }
-        });
+        }
+    });
 }
 
 /// Writes `dqkv` (same layout as `qkv`) from the output gradient `dout`. Probabilities are
@@ -127,9 +117,9 @@ pub fn attention_backward(s: AttnShape, qkv: &[f32], out: &[f32], lse: &[f32], d
                     let (p, dp) = (&mut p[..rows * keys], &mut dp[..rows * keys]);
                     matmul(MatMut::new(p, rows, keys), q, k.t(), Accumulate::Overwrite, Threads::Single);
                     matmul(MatMut::new(dp, rows, keys), o_grad, v.t(), Accumulate::Overwrite, Threads::Single);
-                    for r in 0..rows {
+                    for (r, dl) in delta[..rows].iter_mut().enumerate() {
                         let i = i0 + r;
-                        delta[r] = dot(&dout_b[i * ow + h * d..][..d], &out_b[i * ow + h * d..][..d]);
+                        *dl = dot(&dout_b[i * ow + h * d..][..d], &out_b[i * ow + h * d..][..d]);
                     }
                     // p ← probabilities, dp ← dS = p ∘ (dp − δ) · scale; masked entries zero.
                     for (r, (pr, dpr)) in p.chunks_exact_mut(keys).zip(dp.chunks_exact_mut(keys)).enumerate() {
@@ -178,13 +168,7 @@ mod tests {
 
     #[test]
     fn forward_matches_oracle_with_gqa() {
-        let s = AttnShape {
-            batch: 3,
-            seq: 9,
-            heads: 4,
-            kv_heads: 2,
-            dim: 12,
-        };
+        let s = AttnShape { batch: 3, seq: 9, heads: 4, kv_heads: 2, dim: 12 };
         let qkv = seeded(s.batch * s.seq * s.qkv_width(), 1, 2.0);
         let mut out = vec![0.0; s.batch * s.seq * s.out_width()];
         let mut lse = vec![0.0; s.batch * s.seq * s.heads];
@@ -195,13 +179,7 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         for kv_heads in [1, 2] {
-            let s = AttnShape {
-                batch: 2,
-                seq: 5,
-                heads: 2,
-                kv_heads,
-                dim: 4,
-            };
+            let s = AttnShape { batch: 2, seq: 5, heads: 2, kv_heads, dim: 4 };
             let qkv = seeded(s.batch * s.seq * s.qkv_width(), 2, 1.0);
             let probe = seeded(s.batch * s.seq * s.out_width(), 3, 1.0);
             let mut out = vec![0.0; probe.len()];
@@ -209,13 +187,7 @@ mod tests {
             attention_forward(s, &qkv, &mut out, &mut lse);
             let mut dqkv = vec![0.0; qkv.len()];
             attention_backward(s, &qkv, &out, &lse, &probe, &mut dqkv);
-            let fd = finite_diff(&qkv, |x| {
-                oracle(s, x)
-                    .iter()
-                    .zip(&probe)
-                    .map(|(o, p)| *o as f64 * *p as f64)
-                    .sum()
-            });
+            let fd = finite_diff(&qkv, |x| oracle(s, x).iter().zip(&probe).map(|(o, p)| *o as f64 * *p as f64).sum());
             assert_close(&dqkv, &fd, 2e-3);
         }
     }

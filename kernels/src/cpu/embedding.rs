@@ -3,40 +3,23 @@
 use rayon::prelude::*;
 
 /// `out[r] = wte[tokens[r]] (+ wpe[r % seq])`, rows of width `c`.
-pub fn embedding_forward(
-    out: &mut [f32],
-    tokens: &[u32],
-    wte: &[f32],
-    wpe: Option<&[f32]>,
-    seq: usize,
-    c: usize,
-) {
+pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: Option<&[f32]>, seq: usize, c: usize) {
     debug_assert_eq!(out.len(), tokens.len() * c);
-    out.par_chunks_mut(c)
-        .zip(tokens.par_iter())
-        .enumerate()
-        .for_each(|(r, (o, &t))| {
-            o.copy_from_slice(&wte[t as usize * c..][..c]);
-            if let Some(wpe) = wpe {
-                let p = &wpe[(r % seq) * c..][..c];
-                for i in 0..c {
-                    o[i] += p[i];
-                }
+    out.par_chunks_mut(c).zip(tokens.par_iter()).enumerate().for_each(|(r, (o, &t))| {
+        o.copy_from_slice(&wte[t as usize * c..][..c]);
+        if let Some(wpe) = wpe {
+            let p = &wpe[(r % seq) * c..][..c];
+            for i in 0..c {
+                o[i] += p[i];
             }
-        });
+        }
+    });
 }
 
 /// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. The rows are bucketed by token
 /// first (a counting sort), then each vocabulary row is summed by one thread in row order: the
 /// same bits for any thread count, and no scratch copy of the table.
-pub fn embedding_backward(
-    dwte: &mut [f32],
-    dwpe: Option<&mut [f32]>,
-    dout: &[f32],
-    tokens: &[u32],
-    seq: usize,
-    c: usize,
-) {
+pub fn embedding_backward(dwte: &mut [f32], dwpe: Option<&mut [f32]>, dout: &[f32], tokens: &[u32], seq: usize, c: usize) {
     let vocab = dwte.len() / c;
     let mut starts = vec![0usize; vocab + 1];
     for &t in tokens {
@@ -60,18 +43,15 @@ pub fn embedding_backward(
         }
     });
     if let Some(dwpe) = dwpe {
-        dwpe[..seq * c]
-            .par_chunks_mut(c)
-            .enumerate()
-            .for_each(|(p, d)| {
-                let mut r = p;
-                while r < tokens.len() {
-                    for i in 0..c {
-                        d[i] += dout[r * c + i];
-                    }
-                    r += seq;
+        dwpe[..seq * c].par_chunks_mut(c).enumerate().for_each(|(p, d)| {
+            let mut r = p;
+            while r < tokens.len() {
+                for i in 0..c {
+                    d[i] += dout[r * c + i];
                 }
-            });
+                r += seq;
+            }
+        });
     }
 }
 
@@ -103,10 +83,7 @@ mod tests {
         embedding_forward(&mut out, &tokens, &wte, Some(&wpe), seq, c);
         for r in 0..rows {
             for i in 0..c {
-                assert_eq!(
-                    out[r * c + i],
-                    wte[tokens[r] as usize * c + i] + wpe[(r % seq) * c + i]
-                );
+                assert_eq!(out[r * c + i], wte[tokens[r] as usize * c + i] + wpe[(r % seq) * c + i]);
             }
         }
     }

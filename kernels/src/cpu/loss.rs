@@ -9,12 +9,7 @@ use super::vec::{exp_shifted_sum, max};
 /// Returns the summed loss (nats) of the rows of `logits` (`[rows, vocab]`) against `targets`.
 /// With `grad_scale = Some(s)`, overwrites `logits` with `s * (softmax - onehot)`; otherwise the
 /// block is left as scratch.
-pub fn softmax_xent(
-    logits: &mut [f32],
-    targets: &[u32],
-    vocab: usize,
-    grad_scale: Option<f32>,
-) -> f64 {
+pub fn softmax_xent(logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
     debug_assert_eq!(logits.len(), targets.len() * vocab);
     let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)

@@ -20,30 +20,14 @@ impl<'a> MatRef<'a> {
 
     /// A view with explicit row and column strides (in elements).
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        let m = MatRef {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        };
-        assert!(
-            m.fits(data.len()),
-            "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements",
-            data.len()
-        );
+        let m = MatRef { data, rows, cols, rs, cs };
+        assert!(m.fits(data.len()), "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements", data.len());
         m
     }
 
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
     pub fn rows(&self) -> usize {
@@ -55,9 +39,7 @@ impl<'a> MatRef<'a> {
     }
 
     fn fits(&self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
     }
 }
 
@@ -80,25 +62,12 @@ impl<'a> MatMut<'a> {
     /// wider buffer (how LLaMA's q, k and v projections write into one fused qkv buffer).
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         let fits = rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len();
-        assert!(
-            fits,
-            "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements",
-            data.len()
-        );
+        assert!(fits, "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements", data.len());
         // Overlapping destination elements would make the product ill-defined.
         let row_major = cs == 1 && (rs >= cols || rows <= 1);
         let col_major = rs == 1 && (cs >= rows || cols <= 1);
-        assert!(
-            row_major || col_major,
-            "destination view must not overlap itself"
-        );
-        MatMut {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        assert!(row_major || col_major, "destination view must not overlap itself");
+        MatMut { data, rows, cols, rs, cs }
     }
 }
 
@@ -125,11 +94,7 @@ pub enum Threads {
 /// Panics if the shapes disagree: shapes are fixed when a model is built, so a mismatch is a bug.
 pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, acc: Accumulate, threads: Threads) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, k,
-        "matmul inner dimensions: a is {}x{}, b is {}x{}",
-        a.rows, a.cols, b.rows, b.cols
-    );
+    assert_eq!(b.rows, k, "matmul inner dimensions: a is {}x{}, b is {}x{}", a.rows, a.cols, b.rows, b.cols);
     assert_eq!((dst.rows, dst.cols), (m, n), "matmul destination shape");
     if m == 0 || n == 0 {
         return;
@@ -180,15 +145,32 @@ pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, acc: Accumulate, th
     }
 }
 
+/// `dst = srcᵀ` for a row-major `[rows, cols]` `src` (`dst` is `[cols, rows]`), in cache-sized
+/// tiles, parallel over stripes of destination rows.
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: buffers too small");
+    dst[..rows * cols].par_chunks_mut(TILE * rows).enumerate().for_each(|(stripe, out)| {
+        let c0 = stripe * TILE;
+        let width = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for c in 0..width {
+                for r in r0..(r0 + TILE).min(rows) {
+                    out[c * rows + r] = src[r * cols + c0 + c];
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::reference;
 
     fn fill(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 
     #[test]
@@ -199,27 +181,29 @@ mod tests {
                 for acc in [Accumulate::Overwrite, Accumulate::Add] {
                     let a = fill(m * k, 1);
                     let b = fill(k * n, 2);
-                    let av = if ta {
-                        MatRef::new(&a, k, m).t()
-                    } else {
-                        MatRef::new(&a, m, k)
-                    };
-                    let bv = if tb {
-                        MatRef::new(&b, n, k).t()
-                    } else {
-                        MatRef::new(&b, k, n)
-                    };
+                    let av = if ta { MatRef::new(&a, k, m).t() } else { MatRef::new(&a, m, k) };
+                    let bv = if tb { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
                     let mut got = fill(m * n, 3);
                     let mut want = got.clone();
                     reference::matmul(&mut want, &a, &b, m, k, n, ta, tb, acc == Accumulate::Add);
                     matmul(MatMut::new(&mut got, m, n), av, bv, acc, Threads::Pool);
                     for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "ta={ta} tb={tb} {acc:?}: {g} vs {w}"
-                        );
+                        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "ta={ta} tb={tb} {acc:?}: {g} vs {w}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_matches_indexing() {
+        let (r, c) = (37, 70);
+        let src = fill(r * c, 9);
+        let mut dst = vec![0.0; r * c];
+        transpose(&src, r, c, &mut dst);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(dst[j * r + i], src[i * c + j]);
             }
         }
     }

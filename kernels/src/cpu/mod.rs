@@ -56,10 +56,7 @@ pub(crate) mod test_util {
     pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len(), "length");
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "element {i}: {x} vs {y} (tol {tol})"
-            );
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y} (tol {tol})");
         }
     }
 }

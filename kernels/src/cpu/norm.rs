@@ -8,67 +8,34 @@ use rayon::prelude::*;
 use super::REDUCE_ROWS;
 
 /// `out = (x - mean) * rstd * w + b`, saving `mean` and `rstd` per row.
-pub fn layernorm_forward(
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    eps: f32,
-) {
+pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
     let c = w.len();
-    debug_assert!(
-        x.len() == out.len()
-            && x.len() == mean.len() * c
-            && mean.len() == rstd.len()
-            && b.len() == c
-    );
-    out.par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .for_each(|((o, row), (mu, rs))| {
-            let m = row.iter().sum::<f32>() / c as f32;
-            let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for i in 0..c {
-                o[i] = (row[i] - m) * r * w[i] + b[i];
-            }
-            *mu = m;
-            *rs = r;
-        });
+    debug_assert!(x.len() == out.len() && x.len() == mean.len() * c && mean.len() == rstd.len() && b.len() == c);
+    out.par_chunks_mut(c).zip(x.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|((o, row), (mu, rs))| {
+        let m = row.iter().sum::<f32>() / c as f32;
+        let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for i in 0..c {
+            o[i] = (row[i] - m) * r * w[i] + b[i];
+        }
+        *mu = m;
+        *rs = r;
+    });
 }
 
 /// Accumulates `dx += ∂L/∂x`, `dw += ∂L/∂w`, `db += ∂L/∂b`.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    dx: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    w: &[f32],
-) {
+pub fn layernorm_backward(dx: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], w: &[f32]) {
     let c = w.len();
     let block = REDUCE_ROWS * c;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(block)
         .zip(dout.par_chunks(block).zip(x.par_chunks(block)))
-        .zip(
-            mean.par_chunks(REDUCE_ROWS)
-                .zip(rstd.par_chunks(REDUCE_ROWS)),
-        )
+        .zip(mean.par_chunks(REDUCE_ROWS).zip(rstd.par_chunks(REDUCE_ROWS)))
         .map(|((dxb, (dob, xb)), (mb, rb))| {
             let mut pw = vec![0.0f32; c];
             let mut pb = vec![0.0f32; c];
-            for (r, ((dxr, dor), xr)) in dxb
-                .chunks_mut(c)
-                .zip(dob.chunks(c))
-                .zip(xb.chunks(c))
-                .enumerate()
-            {
+            for (r, ((dxr, dor), xr)) in dxb.chunks_mut(c).zip(dob.chunks(c)).zip(xb.chunks(c)).enumerate() {
                 let (m, rs) = (mb[r], rb[r]);
                 let mut mean_dn = 0.0f32;
                 let mut mean_dn_xhat = 0.0f32;
@@ -103,28 +70,18 @@ pub fn layernorm_backward(
 pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let c = w.len();
     debug_assert!(x.len() == out.len() && x.len() == rstd.len() * c);
-    out.par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .zip(rstd.par_iter_mut())
-        .for_each(|((o, row), rs)| {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for i in 0..c {
-                o[i] = row[i] * r * w[i];
-            }
-            *rs = r;
-        });
+    out.par_chunks_mut(c).zip(x.par_chunks(c)).zip(rstd.par_iter_mut()).for_each(|((o, row), rs)| {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for i in 0..c {
+            o[i] = row[i] * r * w[i];
+        }
+        *rs = r;
+    });
 }
 
 /// Accumulates `dx += ∂L/∂x` and `dw += ∂L/∂w`.
-pub fn rmsnorm_backward(
-    dx: &mut [f32],
-    dw: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    rstd: &[f32],
-    w: &[f32],
-) {
+pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32], w: &[f32]) {
     let c = w.len();
     let block = REDUCE_ROWS * c;
     let partials: Vec<Vec<f32>> = dx
@@ -133,12 +90,7 @@ pub fn rmsnorm_backward(
         .zip(rstd.par_chunks(REDUCE_ROWS))
         .map(|((dxb, (dob, xb)), rb)| {
             let mut pw = vec![0.0f32; c];
-            for (r, ((dxr, dor), xr)) in dxb
-                .chunks_mut(c)
-                .zip(dob.chunks(c))
-                .zip(xb.chunks(c))
-                .enumerate()
-            {
+            for (r, ((dxr, dor), xr)) in dxb.chunks_mut(c).zip(dob.chunks(c)).zip(xb.chunks(c)).enumerate() {
                 let rs = rb[r];
                 let mut mean_dn_xhat = 0.0f32;
                 for i in 0..c {
@@ -172,11 +124,7 @@ mod tests {
 
     #[test]
     fn layernorm_forward_matches_oracle() {
-        let (x, w, b) = (
-            seeded(ROWS * C, 1, 2.0),
-            seeded(C, 2, 1.0),
-            seeded(C, 3, 1.0),
-        );
+        let (x, w, b) = (seeded(ROWS * C, 1, 2.0), seeded(C, 2, 1.0), seeded(C, 3, 1.0));
         let mut out = vec![0.0; ROWS * C];
         let (mut m, mut r) = (vec![0.0; ROWS], vec![0.0; ROWS]);
         layernorm_forward(&mut out, &mut m, &mut r, &x, &w, &b, 1e-5);
@@ -186,18 +134,10 @@ mod tests {
     #[test]
     fn layernorm_backward_matches_finite_differences() {
         let rows = 3;
-        let (x, w, b) = (
-            seeded(rows * C, 4, 2.0),
-            seeded(C, 5, 1.0),
-            seeded(C, 6, 1.0),
-        );
+        let (x, w, b) = (seeded(rows * C, 4, 2.0), seeded(C, 5, 1.0), seeded(C, 6, 1.0));
         let probe = seeded(rows * C, 7, 1.0); // L = sum(probe * out)
         let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
-            reference::layernorm(x, w, b, 1e-5)
-                .iter()
-                .zip(&probe)
-                .map(|(o, p)| *o as f64 * *p as f64)
-                .sum()
+            reference::layernorm(x, w, b, 1e-5).iter().zip(&probe).map(|(o, p)| *o as f64 * *p as f64).sum()
         };
         let mut out = vec![0.0; rows * C];
         let (mut m, mut r) = (vec![0.0; rows], vec![0.0; rows]);
@@ -223,13 +163,8 @@ mod tests {
         let rows = 3;
         let (x, w) = (seeded(rows * C, 10, 2.0), seeded(C, 11, 1.0));
         let probe = seeded(rows * C, 12, 1.0);
-        let loss = |x: &[f32], w: &[f32]| -> f64 {
-            reference::rmsnorm(x, w, 1e-6)
-                .iter()
-                .zip(&probe)
-                .map(|(o, p)| *o as f64 * *p as f64)
-                .sum()
-        };
+        let loss =
+            |x: &[f32], w: &[f32]| -> f64 { reference::rmsnorm(x, w, 1e-6).iter().zip(&probe).map(|(o, p)| *o as f64 * *p as f64).sum() };
         let mut out = vec![0.0; rows * C];
         let mut r = vec![0.0; rows];
         rmsnorm_forward(&mut out, &mut r, &x, &w, 1e-6);

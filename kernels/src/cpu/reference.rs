@@ -5,17 +5,7 @@
 
 /// `c (+)= op(a) · op(b)` with `a` stored `[m, k]` (or `[k, m]` when `ta`) and `b` stored
 /// `[k, n]` (or `[n, k]` when `tb`).
-pub fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    ta: bool,
-    tb: bool,
-    acc: bool,
-) {
+pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, acc: bool) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0.0f64;
@@ -24,11 +14,7 @@ pub fn matmul(
                 let bv = if tb { b[j * k + p] } else { b[p * n + j] };
                 s += av as f64 * bv as f64;
             }
-            c[i * n + j] = if acc {
-                c[i * n + j] + s as f32
-            } else {
-                s as f32
-            };
+            c[i * n + j] = if acc { c[i * n + j] + s as f32 } else { s as f32 };
         }
     }
 }
@@ -92,16 +78,7 @@ pub fn rope(x: &mut [f32], seq: usize, heads: usize, dim: usize, theta: f32) {
 
 /// Causal attention with grouped KV heads, materialising the whole score matrix. `q` is
 /// `[batch*seq, heads*dim]`, `k` and `v` are `[batch*seq, kv_heads*dim]`.
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-) -> Vec<f32> {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, seq: usize, heads: usize, kv_heads: usize, dim: usize) -> Vec<f32> {
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f64).sqrt();
     let mut out = vec![0.0f32; batch * seq * heads * dim];
@@ -113,11 +90,7 @@ pub fn attention(
                 let s: Vec<f64> = (0..=i)
                     .map(|j| {
                         let kj = &k[(b * seq + j) * kv_heads * dim + kh * dim..][..dim];
-                        qi.iter()
-                            .zip(kj)
-                            .map(|(x, y)| *x as f64 * *y as f64)
-                            .sum::<f64>()
-                            * scale
+                        qi.iter().zip(kj).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() * scale
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -125,8 +98,7 @@ pub fn attention(
                 for d in 0..dim {
                     let mut acc = 0.0;
                     for j in 0..=i {
-                        acc += (s[j] - m).exp() / z
-                            * v[(b * seq + j) * kv_heads * dim + kh * dim + d] as f64;
+                        acc += (s[j] - m).exp() / z * v[(b * seq + j) * kv_heads * dim + kh * dim + d] as f64;
                     }
                     out[(b * seq + i) * heads * dim + h * dim + d] = acc as f32;
                 }
@@ -148,18 +120,7 @@ pub fn cross_entropy(logits: &[f32], targets: &[u32], vocab: usize) -> f64 {
 }
 
 /// One AdamW step (PyTorch's formulation: decoupled decay applied first, bias-corrected moments).
-pub fn adamw(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    lr: f32,
-    b1: f32,
-    b2: f32,
-    eps: f32,
-    wd: f32,
-    step: u32,
-) {
+pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, step: u32) {
     let bc1 = 1.0 - (b1 as f64).powi(step as i32);
     let bc2 = 1.0 - (b2 as f64).powi(step as i32);
     for i in 0..p.len() {
@@ -199,7 +160,8 @@ pub fn attention_backward(
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
-                let dp: Vec<f64> = (0..=i).map(|j| (0..dim).map(|x| dout[qi(b, i, h) + x] as f64 * v[ki(b, j, kh) + x] as f64).sum()).collect();
+                let dp: Vec<f64> =
+                    (0..=i).map(|j| (0..dim).map(|x| dout[qi(b, i, h) + x] as f64 * v[ki(b, j, kh) + x] as f64).sum()).collect();
                 let delta: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
                 for j in 0..=i {
                     let ds = p[j] * (dp[j] - delta) * scale;

@@ -16,9 +16,7 @@ impl RopeTable {
     /// rotation matches it to the last bits that matter.
     pub fn new(positions: usize, dim: usize, theta: f32) -> Self {
         let half = dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32)).collect();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
@@ -39,37 +37,25 @@ impl RopeTable {
 /// Rotates heads `0..heads` (each `2*half` wide) at the start of every row of `x`, a
 /// `[rows, row_stride]` buffer whose row `r` holds position `r % seq`. `inverse` rotates by
 /// the negative angle, which is the backward pass (the rotation is orthogonal).
-pub fn rope_apply(
-    x: &mut [f32],
-    row_stride: usize,
-    heads: usize,
-    seq: usize,
-    table: &RopeTable,
-    inverse: bool,
-) {
+pub fn rope_apply(x: &mut [f32], row_stride: usize, heads: usize, seq: usize, table: &RopeTable, inverse: bool) {
     let half = table.half;
     let dim = 2 * half;
-    assert!(
-        heads * dim <= row_stride && seq <= table.positions(),
-        "rope: shape exceeds its table"
-    );
+    assert!(heads * dim <= row_stride && seq <= table.positions(), "rope: shape exceeds its table");
     let sign = if inverse { -1.0f32 } else { 1.0 };
-    x.par_chunks_mut(row_stride)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let pos = r % seq;
-            let cos = &table.cos[pos * half..][..half];
-            let sin = &table.sin[pos * half..][..half];
-            for h in row[..heads * dim].chunks_exact_mut(dim) {
-                let (a, b) = h.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2) = (a[i], b[i]);
-                    let s = sign * sin[i];
-                    a[i] = x1 * cos[i] - x2 * s;
-                    b[i] = x2 * cos[i] + x1 * s;
-                }
+    x.par_chunks_mut(row_stride).enumerate().for_each(|(r, row)| {
+        let pos = r % seq;
+        let cos = &table.cos[pos * half..][..half];
+        let sin = &table.sin[pos * half..][..half];
+        for h in row[..heads * dim].chunks_exact_mut(dim) {
+            let (a, b) = h.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                let s = sign * sin[i];
+                a[i] = x1 * cos[i] - x2 * s;
+                b[i] = x2 * cos[i] + x1 * s;
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -86,22 +72,12 @@ mod tests {
         let mut got = x.clone();
         rope_apply(&mut got, stride, heads, seq, &table, false);
         // the oracle works on a packed [rows, heads*dim] copy
-        let mut packed: Vec<f32> = x
-            .chunks(stride)
-            .flat_map(|r| r[..heads * dim].to_vec())
-            .collect();
+        let mut packed: Vec<f32> = x.chunks(stride).flat_map(|r| r[..heads * dim].to_vec()).collect();
         reference::rope(&mut packed, seq, heads, dim, 10000.0);
-        let got_packed: Vec<f32> = got
-            .chunks(stride)
-            .flat_map(|r| r[..heads * dim].to_vec())
-            .collect();
+        let got_packed: Vec<f32> = got.chunks(stride).flat_map(|r| r[..heads * dim].to_vec()).collect();
         assert_close(&got_packed, &packed, 1e-5);
         for (g, o) in got.chunks(stride).zip(x.chunks(stride)) {
-            assert_eq!(
-                &g[heads * dim..],
-                &o[heads * dim..],
-                "columns past the heads are untouched"
-            );
+            assert_eq!(&g[heads * dim..], &o[heads * dim..], "columns past the heads are untouched");
         }
         rope_apply(&mut got, stride, heads, seq, &table, true);
         assert_close(&got, &x, 1e-5);

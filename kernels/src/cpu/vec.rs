@@ -59,30 +59,25 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 /// `x *= s`, in parallel.
 pub fn scale(x: &mut [f32], s: f32) {
     use rayon::prelude::*;
-    x.par_chunks_mut(1 << 16)
-        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
 /// `y += x`, in parallel.
 pub fn add_assign(y: &mut [f32], x: &[f32]) {
     use rayon::prelude::*;
     debug_assert_eq!(x.len(), y.len());
-    y.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16))
-        .for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(a, b)| *a += *b));
+    y.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(a, b)| *a += *b));
 }
 
 /// `out = a + b`, in parallel.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     use rayon::prelude::*;
     debug_assert!(out.len() == a.len() && a.len() == b.len());
-    out.par_chunks_mut(1 << 16)
-        .zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16)))
-        .for_each(|(o, (x, y))| {
-            for i in 0..o.len() {
-                o[i] = x[i] + y[i];
-            }
-        });
+    out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (x, y))| {
+        for i in 0..o.len() {
+            o[i] = x[i] + y[i];
+        }
+    });
 }
 
 /// Adds the column sums of `x` (`[rows, cols]`) into `out` (`[cols]`): the bias gradient.
@@ -92,13 +87,7 @@ pub fn add_col_sums(out: &mut [f32], x: &[f32], cols: usize) {
 
 /// Like [`add_col_sums`] for the first `cols` columns of rows `row_stride` apart (a column block
 /// of a wider buffer).
-pub fn add_col_sums_strided(
-    out: &mut [f32],
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-) {
+pub fn add_col_sums_strided(out: &mut [f32], x: &[f32], rows: usize, cols: usize, row_stride: usize) {
     use rayon::prelude::*;
     debug_assert!(rows == 0 || (rows - 1) * row_stride + cols <= x.len());
     let blocks = rows.div_ceil(crate::cpu::REDUCE_ROWS);
@@ -108,10 +97,7 @@ pub fn add_col_sums_strided(
             let mut acc = vec![0.0f32; cols];
             let lo = b * crate::cpu::REDUCE_ROWS;
             for r in lo..(lo + crate::cpu::REDUCE_ROWS).min(rows) {
-                for (a, v) in acc
-                    .iter_mut()
-                    .zip(&x[r * row_stride..r * row_stride + cols])
-                {
+                for (a, v) in acc.iter_mut().zip(&x[r * row_stride..r * row_stride + cols]) {
                     *a += *v;
                 }
             }
