@@ -213,3 +213,44 @@ fn bench_reports_throughput_and_flops() {
     assert!((r["model_flops_per_s"].as_f64().unwrap() / tps - per_token).abs() / per_token < 1e-9);
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 10 << 20);
 }
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn gradient_accumulation_matches_one_big_micro_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let (a, b) = (dir.path().join("accumulated"), dir.path().join("whole"));
+    ok(gantry().arg("train").arg(&spec).args(["--set", "train.steps=4", "--run-dir"]).arg(&a).output().unwrap());
+    ok(gantry()
+        .arg("train")
+        .arg(&spec)
+        .args(["--set", "train.steps=4", "--set", "train.micro_batch_size=4", "--run-dir"])
+        .arg(&b)
+        .output()
+        .unwrap());
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 4);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(((x - y) / y).abs() < 1e-5, "2 micro-batches of 2 vs 1 of 4: {la:?} vs {lb:?}");
+    }
+}
+
+/// The README's main command: the example trains in well under a minute and its loss falls by
+/// at least 40%.
+#[test]
+fn the_example_spec_trains_and_its_loss_falls_by_40_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    ok(gantry().arg("train").arg(root().join("examples/tiny-gpt2/spec.toml")).arg("--run-dir").arg(&run).output().unwrap());
+    let l = losses(&run);
+    assert_eq!(l.len(), 300);
+    let (first, last) = (l[0], l[l.len() - 1]);
+    assert!(last <= 0.6 * first, "loss {first:.4} → {last:.4}");
+}
