@@ -13,9 +13,11 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let tokenizer = a.tokenizer.clone().or_else(|| Some(a.model.join("tokenizer.json")).filter(|p| p.is_file()));
     let tokens = load_tokens(&a.data, tokenizer.as_deref()).with_context(|| format!("reading {}", a.data.display()))?;
     let pb = progress::bar(0, "eval [{bar:30}] {pos}/{len} windows {eta}", progress::interactive());
-    let r = evaluate(&model, &params, &tokens, a.seq_len, a.batch, |done, total| {
-        pb.set_length(total);
-        pb.set_position(done);
+    let r = super::on_pool(|| {
+        evaluate(&model, &params, &tokens, a.seq_len, a.batch, |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        })
     })?;
     pb.finish_and_clear();
     anyhow::ensure!(r.windows > 0, "{}: {} tokens hold no window of {} + 1 tokens", a.data.display(), tokens.len(), a.seq_len);

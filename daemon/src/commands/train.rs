@@ -40,7 +40,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut last = None;
     let mut saved: Vec<PathBuf> = Vec::new();
     while trainer.step < steps {
-        let r = trainer.train_step()?;
+        let r = super::on_pool(|| trainer.train_step())?;
         writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
         let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
         if interactive {

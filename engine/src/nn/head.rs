@@ -9,9 +9,9 @@ use gantry_kernels::cpu::matmul::{matmul, transpose, Accumulate, MatMut, MatRef,
 
 use crate::params::ParamRef;
 
-/// Floats in one block of logits (32 MiB, held twice: the block and its transpose): large enough that the weight gradient, which every
+/// Floats in one block of logits (64 MiB, held twice: the block and its transpose): large enough that the weight gradient, which every
 /// block reads and writes whole, is swept only a few times per step.
-const BLOCK_FLOATS: usize = 1 << 23;
+const BLOCK_FLOATS: usize = 1 << 24;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LmHead {
