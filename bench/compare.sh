@@ -23,7 +23,7 @@ for shape in ${shapes[@]}; do
 import json, sys
 shape, g, p = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 print(f"{shape:12} gantry {g['tokens_per_s']:9.1f} tok/s {g['model_flops_per_s']/1e9:6.1f} GFLOP/s rss {g['peak_rss_bytes']/2**20:7.0f} MiB | "
-      f"torch {p['tokens_per_s']:9.1f} tok/s rss {p['peak_rss_mib']:7.0f} MiB | speed x{g['tokens_per_s']/p['tokens_per_s']:.2f} rss x{g['peak_rss_bytes']/2**20/p['peak_rss_mib']:.2f}")
+      f"torch {p['tokens_per_s']:9.1f} tok/s rss {p['peak_rss_mib']:7.0f} MiB | speed x{g['tokens_per_s']/p['tokens_per_s']:.2f} (best step x{p['ms_per_step_min']/g['step_ms_min']:.2f}) rss x{g['peak_rss_bytes']/2**20/p['peak_rss_mib']:.2f}")
 PY
   done
 done

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use gantry_api::ModelInit;
-use gantry_engine::data::load_tokens;
+use gantry_engine::data::{check_vocab, load_tokens};
 use gantry_engine::train::{evaluate, load_model};
 
 use crate::cli::EvalArgs;
@@ -12,6 +12,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let (model, params) = load_model(&a.model, ModelInit::Pretrained, 0)?;
     let tokenizer = a.tokenizer.clone().or_else(|| Some(a.model.join("tokenizer.json")).filter(|p| p.is_file()));
     let tokens = load_tokens(&a.data, tokenizer.as_deref()).with_context(|| format!("reading {}", a.data.display()))?;
+    check_vocab(&tokens, model.config.vocab, &a.data)?;
     let pb = progress::bar(0, "eval [{bar:30}] {pos}/{len} windows {eta}", progress::interactive());
     let r = super::on_pool(|| {
         evaluate(&model, &params, &tokens, a.seq_len, a.batch, |done, total| {

@@ -33,6 +33,17 @@ impl TokenFormat {
     }
 }
 
+/// Refuses tokens the model cannot embed, naming the file and the first offending position.
+pub fn check_vocab(tokens: &[u32], vocab: usize, path: &Path) -> Result<()> {
+    match tokens.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        Some((i, t)) => Err(Error::Data {
+            path: path.into(),
+            message: format!("token {t} at position {i} is outside the model's vocabulary of {vocab}"),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(Error::Tokenizer {

@@ -5,7 +5,7 @@ use gantry_api::{JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{has_weights, load_weights, save_hf_dir};
-use crate::data::{load_tokens, Sampler};
+use crate::data::{check_vocab, load_tokens, Sampler};
 use crate::models::{Activations, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
 use crate::params::ParamBuffers;
@@ -98,12 +98,7 @@ impl Trainer {
             None => Some(model_dir.join("tokenizer.json")).filter(|p| p.is_file()),
         };
         let tokens = load_tokens(&data_path, tokenizer.as_deref())?;
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= model.config.vocab) {
-            return Err(Error::Data {
-                path: data_path,
-                message: format!("token {t} at position {i} is outside the model's vocabulary of {}", model.config.vocab),
-            });
-        }
+        check_vocab(&tokens, model.config.vocab, &data_path)?;
         let seq = spec.data.seq_len;
         let sampler = Sampler::new(tokens.len(), seq, spec.train.seed).ok_or_else(|| Error::Data {
             path: data_path.clone(),
