@@ -60,6 +60,7 @@ fn check(name: &str) {
     let logits = model.logits(&params, &mut acts, &batch).unwrap();
     let e = rel_err(&logits, &exp.f32("logits"));
     assert!(e < 1e-4, "{name}: logits differ by {e:.2e} relative");
+    println!("{name}: logits max relative difference {e:.2e}");
 
     let mut buf = ParamBuffers::zeros(&model.table);
     buf.params = params.clone();
@@ -105,6 +106,7 @@ fn check(name: &str) {
     }
     assert!(noisy * 100 < total, "{name}: {noisy} of {total} gradients are at noise level; the fixture is too degenerate");
     assert!(worst.0 < 1e-5, "{name}: after one AdamW step {} differs by {:.2e}", worst.1, worst.0);
+    println!("{name}: after one AdamW step parameters differ by at most {:.2e} ({noisy} noise-level gradients of {total})", worst.0);
 
     let tokens: Vec<u32> =
         std::fs::read(dir.join("tokens.u32")).unwrap().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
@@ -113,6 +115,7 @@ fn check(name: &str) {
     let want = exp.f32("eval_loss")[0] as f64;
     assert_eq!(r.tokens as f32, exp.f32("eval_tokens")[0]);
     assert!(((r.loss - want) / want).abs() < 1e-4, "{name}: eval loss {} vs {want}", r.loss);
+    println!("{name}: loss {loss:.7} vs {want_loss:.7}, eval loss {:.7} vs {want:.7}", r.loss);
 }
 
 #[test]

@@ -9,11 +9,10 @@ use gantry_kernels::cpu::matmul::{matmul, transpose, Accumulate, MatMut, MatRef,
 
 use crate::params::ParamRef;
 
-/// Floats in one block of logits (8 MiB, held twice: the block and its transpose), unless that is
-/// fewer than [`MIN_BLOCK_ROWS`] rows. Small blocks stay in cache between the logits GEMM, the
-/// softmax and the two gradient GEMMs; measured no slower than 64 MiB blocks at a third of the
-/// memory on the bench shapes.
-const BLOCK_FLOATS: usize = 1 << 21;
+/// Floats in one block of logits (32 MiB, held twice: the block and its transpose), unless that
+/// is fewer than [`MIN_BLOCK_ROWS`] rows. Larger blocks sweep the head's weight gradient fewer
+/// times; 8 MiB blocks measured slower on the `gpt2-tiny` bench, 64 MiB ones no faster.
+const BLOCK_FLOATS: usize = 1 << 23;
 
 /// Rows per block at least: the weight gradient's GEMM has the block's rows as its inner
 /// dimension and slows down below a few hundred.
