@@ -29,12 +29,26 @@ impl JobSpec {
     /// Parses a TOML spec, applies `key=value` overrides (TOML literals, or bare strings), and
     /// validates the result.
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
-        let mut doc: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| SpecError::new("", format!("not valid TOML: {}", e.message())))?;
-        for o in overrides {
-            apply_override(&mut doc, o)?;
+        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| SpecError::new("", format!("not valid TOML: {}", e.message())))?;
+        let mut as_text: Vec<&str> = Vec::new();
+        loop {
+            let mut d = doc.clone();
+            for o in overrides {
+                apply_override(&mut d, o, as_text.contains(&o.as_str()))?;
+            }
+            match Self::from_toml_table(d) {
+                Ok(spec) => return Ok(spec),
+                // `--set data.train=2024` or `--set name=2024-06-01` parse as TOML literals; if the
+                // key wants a string, take the value as written.
+                Err(err) => match overrides
+                    .iter()
+                    .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == err.field) && !as_text.contains(&o.as_str()))
+                {
+                    Some(o) => as_text.push(o),
+                    None => return Err(err),
+                },
+            }
         }
-        Self::from_toml_table(doc)
     }
 
     /// Deserialises an already parsed TOML table.
@@ -54,8 +68,8 @@ impl JobSpec {
     }
 
     /// The spec as TOML, as stored in a run directory.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a job spec always serialises")
+    pub fn to_toml(&self) -> Result<String, SpecError> {
+        toml::to_string_pretty(self).map_err(|e| SpecError::new("", format!("cannot be written as TOML: {e}")))
     }
 }
 

@@ -3,8 +3,9 @@
 use super::SpecError;
 
 /// Sets the dotted `key` to `value`, parsed as a TOML literal when it is one (`3e-4`, `true`,
-/// `"text"`, `[1, 2]`) and taken as a bare string otherwise (`cpu:2`, `data/train.bin`).
-pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), SpecError> {
+/// `"text"`, `[1, 2]`) and taken as a bare string otherwise (`cpu:2`, `data/train.bin`), or always
+/// when `as_text`.
+pub fn apply_override(doc: &mut toml::Table, assignment: &str, as_text: bool) -> Result<(), SpecError> {
     let (key, raw) =
         assignment.split_once('=').ok_or_else(|| SpecError::new("", format!("override `{assignment}` is not of the form key=value")))?;
     let key = key.trim();
@@ -14,8 +15,8 @@ pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), Spe
         return Err(SpecError::new(key, "not a valid dotted key"));
     }
     let value = match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").expect("the key was just written"),
-        Err(_) => toml::Value::String(raw.to_string()),
+        Ok(mut t) if !as_text => t.remove("v").expect("the key was just written"),
+        _ => toml::Value::String(raw.to_string()),
     };
     let mut table = doc;
     for (i, part) in parts[..parts.len() - 1].iter().enumerate() {

@@ -69,8 +69,32 @@ fn overrides_parse_literals_and_bare_strings() {
 #[test]
 fn toml_and_json_round_trip_to_the_same_spec() {
     let s = JobSpec::from_toml(MINIMAL, &["train.min_lr=0.0".into()]).unwrap();
-    let again = JobSpec::from_toml(&s.to_toml(), &[]).unwrap();
+    let again = JobSpec::from_toml(&s.to_toml().unwrap(), &[]).unwrap();
     assert_eq!(s, again);
     let json = serde_json::to_string(&s).unwrap();
     assert_eq!(JobSpec::from_json(&json).unwrap(), s);
+}
+
+#[test]
+fn values_the_f32_optimizer_cannot_use_are_refused() {
+    for (o, field) in [
+        ("train.beta2=0.99999999", "train.beta2"),
+        ("train.beta1=0.99999999", "train.beta1"),
+        ("train.eps=1e-50", "train.eps"),
+        ("train.lr=1e39", "train.lr"),
+        ("parallel.dp=4611686018427387904", "train.global_batch_size"),
+    ] {
+        let err = JobSpec::from_toml(MINIMAL, &[o.to_string()]).unwrap_err();
+        assert_eq!(err.field, field, "{o}: {err}");
+    }
+    let err = JobSpec::from_json(r#"{"model":{"path":"m"},"data":{"train":"t"},"train":{"seed":18446744073709551615}}"#).unwrap_err();
+    assert_eq!(err.field, "train.seed");
+}
+
+#[test]
+fn overrides_that_look_like_numbers_or_dates_fill_string_keys() {
+    let s = JobSpec::from_toml(MINIMAL, &["data.train=2024".into(), "name=2024-06-01".into()]).unwrap();
+    assert_eq!(s.data.train, "2024");
+    assert_eq!(s.name.as_deref(), Some("2024-06-01"));
+    assert!(JobSpec::from_toml(MINIMAL, &["train.steps=many".into()]).is_err());
 }

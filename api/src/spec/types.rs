@@ -347,7 +347,7 @@ impl JobSpec {
         if p.zero > 3 {
             return e("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
         }
-        let per_step = self.micro_batch_size() * p.dp;
+        let per_step = self.micro_batch_size().checked_mul(p.dp).unwrap_or(0);
         if per_step == 0 || !t.global_batch_size.is_multiple_of(per_step) {
             return e(
                 "train.global_batch_size",
@@ -359,7 +359,19 @@ impl JobSpec {
                 ),
             );
         }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
+        // Integers must fit TOML's i64 (the run directory stores the spec as TOML).
+        for (name, v) in [
+            ("train.steps", t.steps),
+            ("train.warmup_steps", t.warmup_steps),
+            ("train.seed", t.seed),
+            ("checkpoint.every", self.checkpoint.every),
+        ] {
+            if v > i64::MAX as u64 {
+                return e(name, format!("{v} is larger than {}", i64::MAX));
+            }
+        }
+        // The optimizer runs in f32: check the values it will actually see.
+        if !((t.lr as f32).is_finite() && (t.lr as f32) > 0.0) {
             return e("train.lr", format!("must be a positive number, got {}", t.lr));
         }
         let min_lr = t.min_lr();
@@ -376,14 +388,14 @@ impl JobSpec {
             return e("train.grad_clip", format!("must be ≥ 0 (0 disables clipping), got {}", t.grad_clip));
         }
         for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
-            if !(0.0..1.0).contains(&b) {
+            if !(0.0..1.0).contains(&b) || b as f32 >= 1.0 {
                 return e(name, format!("must lie in [0, 1), got {b}"));
             }
         }
-        if !(t.eps.is_finite() && t.eps > 0.0) {
-            return e("train.eps", format!("must be positive, got {}", t.eps));
+        if !(t.eps.is_finite() && (t.eps as f32) >= f32::MIN_POSITIVE) {
+            return e("train.eps", format!("must be a positive number representable in f32, got {}", t.eps));
         }
-        let world = p.dp * p.tp * p.pp;
+        let world = p.dp.checked_mul(p.tp).and_then(|w| w.checked_mul(p.pp)).unwrap_or(usize::MAX);
         if world != self.resources.devices.count() {
             return e(
                 "parallel",

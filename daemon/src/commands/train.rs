@@ -22,7 +22,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     // directory is created, so a bad spec leaves nothing behind.
     let mut trainer = Trainer::new(spec.clone(), &base)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("spec.toml"), spec.to_toml()).context("writing the run's spec")?;
+    std::fs::write(run_dir.join("spec.toml"), spec.to_toml()?).context("writing the run's spec")?;
     let steps = spec.train.steps;
     eprintln!(
         "gantry train: {} parameters, {} tokens of data, {steps} steps × {} sequences × {} tokens, {threads} threads → {}",

@@ -177,6 +177,15 @@ impl ModelConfig {
 
     fn check(&self, path: &Path) -> Result<()> {
         let err = |m: String| Err(Error::Config { path: path.to_path_buf(), message: m });
+        if self.head_dim == 0 {
+            return err(format!("head_dim is 0 (hidden size {} over {} heads); set head_dim", self.hidden, self.heads));
+        }
+        if self.arch == Arch::Llama && !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return err(format!("rope_theta must be a positive number, found {}", self.rope_theta));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return err(format!("the norm epsilon must be ≥ 0, found {}", self.norm_eps));
+        }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return err(format!("num_attention_heads ({}) is not a multiple of num_key_value_heads ({})", self.heads, self.kv_heads));
         }
@@ -384,6 +393,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("activation_function"), "{e}");
+        let e = parse(&format!("{LLAMA},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let e = parse(&format!("{LLAMA},\"head_dim\":null,\"num_attention_heads\":16}}")).unwrap_err().to_string();
+        assert!(e.contains("head_dim"), "{e}");
+        let e = parse(&format!("{LLAMA},\"rope_theta\":-1.0}}")).unwrap_err().to_string();
+        assert!(e.contains("rope_theta"), "{e}");
         let e = parse(&format!("{LLAMA},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
     }

@@ -27,18 +27,24 @@ pub struct LmHead {
 }
 
 impl LmHead {
-    /// Rows per logits block for `rows` rows.
-    pub fn block_rows(&self, rows: usize) -> usize {
-        let cap = (BLOCK_FLOATS / self.vocab).max(MIN_BLOCK_ROWS).min(rows.max(1));
-        // Equal blocks: a short last block would run its weight-gradient product (whose inner
-        // dimension is the block's row count) at a fraction of the GEMM's speed.
-        let blocks = rows.max(1).div_ceil(cap);
-        rows.max(1).div_ceil(blocks)
+    /// The most rows one block may hold (whatever the batch).
+    fn max_block_rows(&self) -> usize {
+        (BLOCK_FLOATS / self.vocab).max(MIN_BLOCK_ROWS)
     }
 
-    /// Scratch floats the head needs for `rows` rows: a logits block and its transpose.
+    /// Rows per logits block for `rows` rows: never more than `min(rows, max_block_rows)`, so
+    /// scratch sized for a larger batch always fits a smaller one.
+    pub fn block_rows(&self, rows: usize) -> usize {
+        let rows = rows.max(1);
+        // Equal blocks: a short last block would run its weight-gradient product (whose inner
+        // dimension is the block's row count) at a fraction of the GEMM's speed.
+        let blocks = rows.div_ceil(self.max_block_rows());
+        rows.div_ceil(blocks)
+    }
+
+    /// Scratch floats the head needs for up to `rows` rows: a logits block and its transpose.
     pub fn scratch_len(&self, rows: usize) -> usize {
-        2 * self.block_rows(rows) * self.vocab
+        2 * rows.max(1).min(self.max_block_rows()) * self.vocab
     }
 
     fn w<'a>(&self, params: &'a [f32]) -> MatRef<'a> {
@@ -59,7 +65,8 @@ impl LmHead {
         let rows = targets.len();
         let (c, v) = (self.hidden, self.vocab);
         let block = self.block_rows(rows);
-        let (scratch, transposed) = scratch.split_at_mut(block * v);
+        debug_assert!(2 * block * v <= scratch.len(), "head scratch sized for fewer rows");
+        let (scratch, transposed) = scratch.split_at_mut(scratch.len() / 2);
         let mut total = 0.0;
         let mut r0 = 0;
         while r0 < rows {
@@ -101,11 +108,20 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// Several blocks (600 rows of a 9000-word vocabulary: three blocks of 200) give the loss and
+    #[test]
+    fn scratch_for_a_large_batch_fits_every_smaller_one() {
+        let head = LmHead { weight: ParamRef { offset: 0, len: 8192 * 4 }, vocab: 8192, hidden: 4 };
+        let cap = head.scratch_len(1280);
+        for rows in 1..=1280 {
+            assert!(2 * head.block_rows(rows) * 8192 <= cap, "{rows} rows");
+        }
+    }
+
+    /// Several blocks (600 rows of a 40000-word vocabulary: three blocks of 200) give the loss and
     /// gradients of the whole-logits computation.
     #[test]
     fn blocked_loss_and_gradients_match_whole_logits() {
-        let (rows, vocab, hidden) = (600, 9000, 8);
+        let (rows, vocab, hidden) = (600, 40000, 4);
         let head = LmHead { weight: ParamRef { offset: 0, len: vocab * hidden }, vocab, hidden };
         assert!(head.block_rows(rows) < rows, "the test must cover several blocks");
         let mut rng = Rng::new(1, 2);

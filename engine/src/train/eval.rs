@@ -25,6 +25,7 @@ pub fn evaluate(
     let windows = tokens.len().saturating_sub(1) / seq;
     let mut acts = model.activations(batch.min(windows.max(1)), seq)?;
     let mut total = 0.0;
+    let batch = acts.batch();
     let mut buf = Vec::with_capacity(batch * (seq + 1));
     let mut i = 0;
     while i < windows {
