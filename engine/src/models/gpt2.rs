@@ -25,7 +25,6 @@ pub struct Gpt2 {
     c: usize,
     heads: usize,
     inner: usize,
-    vocab: usize,
     wte: ParamRef,
     wpe: ParamRef,
     blocks: Vec<Block>,
@@ -110,7 +109,6 @@ impl Gpt2 {
             c,
             heads: cfg.heads,
             inner,
-            vocab: v,
             wte: t.at(wte),
             wpe: t.at(wpe),
             blocks,
@@ -232,17 +230,10 @@ impl Gpt2 {
         loss
     }
 
-    pub fn loss(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32], targets: &[u32]) -> f64 {
+    /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
+    /// head, and the head's scratch.
+    pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
         self.forward(p, a, b, seq, inputs);
-        let n = b * seq;
-        self.head.loss(p, &a.lnf[..n * self.c], &targets[..n], &mut a.logits, None)
-    }
-
-    pub fn logits(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Vec<f32> {
-        self.forward(p, a, b, seq, inputs);
-        let n = b * seq;
-        let mut out = vec![0.0; n * self.vocab];
-        self.head.logits(p, &a.lnf[..n * self.c], n, &mut out);
-        out
+        (&a.lnf[..b * seq * self.c], self.head, &mut a.logits)
     }
 }

@@ -31,7 +31,6 @@ pub struct Llama {
     kv_heads: usize,
     head_dim: usize,
     inner: usize,
-    vocab: usize,
     wte: ParamRef,
     blocks: Vec<Block>,
     norm: RmsNorm,
@@ -124,7 +123,6 @@ impl Llama {
             kv_heads: kvh,
             head_dim: d,
             inner,
-            vocab: v,
             wte: t.at(wte),
             blocks,
             norm: rms(norm),
@@ -259,17 +257,10 @@ impl Llama {
         loss
     }
 
-    pub fn loss(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32], targets: &[u32]) -> f64 {
+    /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
+    /// head, and the head's scratch.
+    pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
         self.forward(p, a, b, seq, inputs);
-        let n = b * seq;
-        self.head.loss(p, &a.nf[..n * self.c], &targets[..n], &mut a.logits, None)
-    }
-
-    pub fn logits(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Vec<f32> {
-        self.forward(p, a, b, seq, inputs);
-        let n = b * seq;
-        let mut out = vec![0.0; n * self.vocab];
-        self.head.logits(p, &a.nf[..n * self.c], n, &mut out);
-        out
+        (&a.nf[..b * seq * self.c], self.head, &mut a.logits)
     }
 }

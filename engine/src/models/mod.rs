@@ -12,6 +12,7 @@ pub mod presets;
 
 pub use config::{Arch, ModelConfig};
 
+use crate::nn::LmHead;
 use crate::params::ParamTable;
 use crate::{Error, Result};
 
@@ -134,24 +135,36 @@ impl Model {
     /// Summed loss (nats) over `windows`, forward only.
     pub fn loss(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<f64> {
         let b = acts.load(windows, self.config.vocab)?;
-        let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
-        Ok(match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.loss(params, a, b, seq, inputs, targets),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.loss(params, a, b, seq, inputs, targets),
-            _ => unreachable!("activations belong to the model that made them"),
-        })
+        let Activations { seq, inputs, targets, kind, .. } = acts;
+        let (h, head, scratch) = self.hidden(params, kind, b, *seq, inputs);
+        Ok(head.loss(params, h, &targets[..b * *seq], scratch, None))
     }
 
     /// Logits `[b, seq, vocab]` for `windows` (`[b, seq+1]` tokens; the last token of each window
     /// is not read).
     pub fn logits(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<Vec<f32>> {
         let b = acts.load(windows, self.config.vocab)?;
-        let (seq, inputs) = (acts.seq, &acts.inputs);
-        Ok(match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.logits(params, a, b, seq, inputs),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.logits(params, a, b, seq, inputs),
+        let Activations { seq, inputs, kind, .. } = acts;
+        let (h, head, _) = self.hidden(params, kind, b, *seq, inputs);
+        let mut out = vec![0.0; b * *seq * self.config.vocab];
+        head.logits(params, h, b * *seq, &mut out);
+        Ok(out)
+    }
+
+    /// Runs the blocks: the final hidden states, the head, and the head's scratch.
+    fn hidden<'a>(
+        &self,
+        params: &[f32],
+        kind: &'a mut ActsKind,
+        b: usize,
+        seq: usize,
+        inputs: &[u32],
+    ) -> (&'a [f32], LmHead, &'a mut [f32]) {
+        match (&self.kind, kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.hidden(params, a, b, seq, inputs),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.hidden(params, a, b, seq, inputs),
             _ => unreachable!("activations belong to the model that made them"),
-        })
+        }
     }
 
     /// Model FLOPs per trained token at sequence length `seq`.
