@@ -123,14 +123,14 @@ pub fn exp(x: f32) -> f32 {
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor polynomial of e^r on |r| <= ln2/2 (error below 2e-7 relative).
-    let mut p = 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    // Taylor polynomial of e^r on |r| <= ln2/2 (error below 2e-7 relative), Horner with FMAs.
+    let mut p: f32 = 1.0 / 720.0;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
     // The low mantissa bits of `t` hold n (as an offset from ROUND's bits): integer arithmetic
     // that vectorises, unlike a float-to-int cast.
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
@@ -155,23 +155,33 @@ pub fn max(x: &[f32]) -> f32 {
     m
 }
 
-/// `x ← exp(scale·x − shift)`, returning the sum of the results (eight lanes).
+/// `x ← exp(scale·x − shift)`, returning the sum of the results. Two loops rather than one: a
+/// loop without a reduction vectorises fully, while a fused exp-and-sum loop came out as 2-lane
+/// SSE code (measured 2.3 ns per element against 0.3 with `kernels/examples/exp_speed.rs`).
 #[inline]
 pub fn exp_shifted_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut chunks = x.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            c[l] = exp(c[l] * scale - shift);
+    for v in x.iter_mut() {
+        *v = exp(v.mul_add(scale, -shift));
+    }
+    sum(x)
+}
+
+/// Sum with sixteen independent lanes (two AVX registers), so that it vectorises.
+#[inline]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
             acc[l] += c[l];
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for v in chunks.into_remainder() {
-        *v = exp(*v * scale - shift);
-        s += *v;
+    let mut s = 0.0;
+    for half in 0..8 {
+        s += acc[half] + acc[half + 8];
     }
-    s
+    s + rem.iter().sum::<f32>()
 }
 
 /// `tanh(x)` built on [`exp`]; absolute error about 1e-7.

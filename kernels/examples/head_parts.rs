@@ -1,0 +1,46 @@
+use gantry_kernels::cpu::loss::softmax_xent;
+use gantry_kernels::cpu::matmul::{matmul, transpose, Accumulate, MatMut, MatRef, Threads};
+use std::time::Instant;
+
+fn main() {
+    rayon::ThreadPoolBuilder::new().num_threads(2).build_global().unwrap();
+    let rows: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let (v, c) = (8192usize, 256usize);
+    let w: Vec<f32> = (0..v * c).map(|i| ((i * 7919) % 1000) as f32 * 1e-4 - 0.05).collect();
+    let h: Vec<f32> = (0..rows * c).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let targets: Vec<u32> = (0..rows).map(|r| ((r * 31) % v) as u32).collect();
+    let mut logits = vec![0.0f32; rows * v];
+    let mut lt = vec![0.0f32; rows * v];
+    let mut dh = vec![0.0f32; rows * c];
+    let mut dw = vec![0.0f32; v * c];
+    for rep in 0..4 {
+        let t0 = Instant::now();
+        matmul(
+            MatMut::new(&mut logits, rows, v),
+            MatRef::new(&h, rows, c),
+            MatRef::new(&w, v, c).t(),
+            Accumulate::Overwrite,
+            Threads::Pool,
+        );
+        let t1 = Instant::now();
+        softmax_xent(&mut logits, &targets, v, Some(1e-3));
+        let t2 = Instant::now();
+        matmul(MatMut::new(&mut dh, rows, c), MatRef::new(&logits, rows, v), MatRef::new(&w, v, c), Accumulate::Overwrite, Threads::Pool);
+        let t3 = Instant::now();
+        transpose(&logits, rows, v, &mut lt);
+        let t4 = Instant::now();
+        matmul(MatMut::new(&mut dw, v, c), MatRef::new(&lt, v, rows), MatRef::new(&h, rows, c), Accumulate::Add, Threads::Pool);
+        let t5 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        if rep > 0 {
+            println!(
+                "logits {:.1} softmax {:.1} dh {:.1} transpose {:.1} dW {:.1} (one block of {rows} rows)",
+                ms(t0, t1),
+                ms(t1, t2),
+                ms(t2, t3),
+                ms(t3, t4),
+                ms(t4, t5)
+            );
+        }
+    }
+}
