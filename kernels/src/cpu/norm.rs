@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::vec::{dot, norm_backward_sums, sum, sum_sq_dev};
 use super::REDUCE_ROWS;
 
 /// `out = (x - mean) * rstd * w + b`, saving `mean` and `rstd` per row.
@@ -12,8 +13,8 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x:
     let c = w.len();
     debug_assert!(x.len() == out.len() && x.len() == mean.len() * c && mean.len() == rstd.len() && b.len() == c);
     out.par_chunks_mut(c).zip(x.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|((o, row), (mu, rs))| {
-        let m = row.iter().sum::<f32>() / c as f32;
-        let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+        let m = sum(row) / c as f32;
+        let var = sum_sq_dev(row, m) / c as f32;
         let r = 1.0 / (var + eps).sqrt();
         for i in 0..c {
             o[i] = (row[i] - m) * r * w[i] + b[i];
@@ -37,18 +38,13 @@ pub fn layernorm_backward(dx: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: 
             let mut pb = vec![0.0f32; c];
             for (r, ((dxr, dor), xr)) in dxb.chunks_mut(c).zip(dob.chunks(c)).zip(xb.chunks(c)).enumerate() {
                 let (m, rs) = (mb[r], rb[r]);
-                let mut mean_dn = 0.0f32;
-                let mut mean_dn_xhat = 0.0f32;
+                let (sum_dn, sum_dn_xhat) = norm_backward_sums(dor, w, xr, m, rs);
+                let (mean_dn, mean_dn_xhat) = (sum_dn / c as f32, sum_dn_xhat / c as f32);
                 for i in 0..c {
                     let xhat = (xr[i] - m) * rs;
-                    let dn = dor[i] * w[i];
-                    mean_dn += dn;
-                    mean_dn_xhat += dn * xhat;
-                    pw[i] += dor[i] * xhat;
+                    pw[i] = dor[i].mul_add(xhat, pw[i]);
                     pb[i] += dor[i];
                 }
-                mean_dn /= c as f32;
-                mean_dn_xhat /= c as f32;
                 for i in 0..c {
                     let xhat = (xr[i] - m) * rs;
                     let dn = dor[i] * w[i];
@@ -71,7 +67,7 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], 
     let c = w.len();
     debug_assert!(x.len() == out.len() && x.len() == rstd.len() * c);
     out.par_chunks_mut(c).zip(x.par_chunks(c)).zip(rstd.par_iter_mut()).for_each(|((o, row), rs)| {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let ms = dot(row, row) / c as f32;
         let r = 1.0 / (ms + eps).sqrt();
         for i in 0..c {
             o[i] = row[i] * r * w[i];
@@ -92,13 +88,10 @@ pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32],
             let mut pw = vec![0.0f32; c];
             for (r, ((dxr, dor), xr)) in dxb.chunks_mut(c).zip(dob.chunks(c)).zip(xb.chunks(c)).enumerate() {
                 let rs = rb[r];
-                let mut mean_dn_xhat = 0.0f32;
+                let mean_dn_xhat = norm_backward_sums(dor, w, xr, 0.0, rs).1 / c as f32;
                 for i in 0..c {
-                    let xhat = xr[i] * rs;
-                    mean_dn_xhat += dor[i] * w[i] * xhat;
-                    pw[i] += dor[i] * xhat;
+                    pw[i] = dor[i].mul_add(xr[i] * rs, pw[i]);
                 }
-                mean_dn_xhat /= c as f32;
                 for i in 0..c {
                     dxr[i] += rs * (dor[i] * w[i] - xr[i] * rs * mean_dn_xhat);
                 }

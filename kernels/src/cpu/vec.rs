@@ -184,6 +184,52 @@ pub fn sum(x: &[f32]) -> f32 {
     s + rem.iter().sum::<f32>()
 }
 
+/// `Σ (x − m)²` with sixteen lanes (the variance numerator, without the cancellation of
+/// `Σx² − n·m²`).
+#[inline]
+pub fn sum_sq_dev(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            let d = c[l] - m;
+            acc[l] = d.mul_add(d, acc[l]);
+        }
+    }
+    let mut s = 0.0;
+    for half in 0..8 {
+        s += acc[half] + acc[half + 8];
+    }
+    s + rem.iter().map(|v| (v - m) * (v - m)).sum::<f32>()
+}
+
+/// `(Σ a·b, Σ a·b·(c − m)·k)`: the two row sums a norm's backward needs, in one vectorised pass.
+#[inline]
+pub fn norm_backward_sums(a: &[f32], b: &[f32], c: &[f32], m: f32, k: f32) -> (f32, f32) {
+    debug_assert!(a.len() == b.len() && b.len() == c.len());
+    let (mut s1, mut s2) = ([0.0f32; 16], [0.0f32; 16]);
+    let n = a.len() / 16 * 16;
+    for ((ca, cb), cc) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)).zip(c[..n].chunks_exact(16)) {
+        for l in 0..16 {
+            let ab = ca[l] * cb[l];
+            s1[l] += ab;
+            s2[l] = ab.mul_add((cc[l] - m) * k, s2[l]);
+        }
+    }
+    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+    for half in 0..8 {
+        t1 += s1[half] + s1[half + 8];
+        t2 += s2[half] + s2[half + 8];
+    }
+    for i in n..a.len() {
+        let ab = a[i] * b[i];
+        t1 += ab;
+        t2 += ab * (c[i] - m) * k;
+    }
+    (t1, t2)
+}
+
 /// `tanh(x)` built on [`exp`]; absolute error about 1e-7.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
