@@ -5,7 +5,8 @@ use std::time::Instant;
 fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().unwrap();
     let rows: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
-    let (v, c) = (8192usize, 256usize);
+    let v: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(8192);
+    let c: usize = std::env::args().nth(3).and_then(|a| a.parse().ok()).unwrap_or(256);
     let w: Vec<f32> = (0..v * c).map(|i| ((i * 7919) % 1000) as f32 * 1e-4 - 0.05).collect();
     let h: Vec<f32> = (0..rows * c).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
     let targets: Vec<u32> = (0..rows).map(|r| ((r * 31) % v) as u32).collect();
@@ -27,9 +28,16 @@ fn main() {
         let t2 = Instant::now();
         matmul(MatMut::new(&mut dh, rows, c), MatRef::new(&logits, rows, v), MatRef::new(&w, v, c), Accumulate::Overwrite, Threads::Pool);
         let t3 = Instant::now();
-        transpose(&logits, rows, v, &mut lt);
+        let strided = std::env::var("STRIDED").is_ok();
+        if !strided {
+            transpose(&logits, rows, v, &mut lt);
+        }
         let t4 = Instant::now();
-        matmul(MatMut::new(&mut dw, v, c), MatRef::new(&lt, v, rows), MatRef::new(&h, rows, c), Accumulate::Add, Threads::Pool);
+        if strided {
+            matmul(MatMut::new(&mut dw, v, c), MatRef::new(&logits, rows, v).t(), MatRef::new(&h, rows, c), Accumulate::Add, Threads::Pool);
+        } else {
+            matmul(MatMut::new(&mut dw, v, c), MatRef::new(&lt, v, rows), MatRef::new(&h, rows, c), Accumulate::Add, Threads::Pool);
+        }
         let t5 = Instant::now();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         if rep > 0 {
