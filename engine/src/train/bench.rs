@@ -57,7 +57,7 @@ pub fn bench(
     for i in 0..warmup + steps.max(1) {
         windows.iter_mut().for_each(|t| *t = rng.below(vocab) as u32);
         let t0 = Instant::now();
-        buf.grads.fill(0.0);
+        gantry_kernels::cpu::vec::zero(&mut buf.grads);
         let loss = model.forward_backward(&buf.params, &mut buf.grads, &mut acts, &windows, 1.0 / tokens as f32)? / tokens as f64;
         let t1 = Instant::now();
         clip_grad_norm(&mut buf.grads, 1.0);

@@ -122,7 +122,7 @@ impl Trainer {
         let start = Instant::now();
         let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
-        self.buffers.grads.fill(0.0);
+        gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
         let mut loss_sum = 0.0;
         for k in 0..self.spec.accumulation_steps() {
             self.sampler.fill(&self.tokens, self.step, global, k * micro..(k + 1) * micro, &mut self.batch);
