@@ -131,14 +131,11 @@ fn eval_matches_transformers_on_the_fixtures() {
             .output()
             .unwrap());
         let got = last_json(&out);
-        let expected: serde_json::Value = {
-            // eval_loss is stored in expected.safetensors; the JSON sidecar has the settings.
-            let bytes = std::fs::read(fx.join("expected.safetensors")).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let d = st.tensor("eval_loss").unwrap().data().to_vec();
-            serde_json::json!(f32::from_le_bytes([d[0], d[1], d[2], d[3]]) as f64)
-        };
-        let want = expected.as_f64().unwrap();
+        // eval_loss is stored in expected.safetensors (the JSON sidecar has the settings).
+        let bytes = std::fs::read(fx.join("expected.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let d = st.tensor("eval_loss").unwrap().data().to_vec();
+        let want = f32::from_le_bytes([d[0], d[1], d[2], d[3]]) as f64;
         let loss = got["loss"].as_f64().unwrap();
         assert!(((loss - want) / want).abs() < 1e-4, "{name}: gantry eval {loss} vs transformers {want}");
         assert_eq!(got["tokens"], 256);

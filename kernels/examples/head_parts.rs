@@ -1,6 +1,28 @@
-use gantry_kernels::cpu::loss::softmax_xent;
-use gantry_kernels::cpu::matmul::{matmul, transpose, Accumulate, MatMut, MatRef, Threads};
+//! Times each part of the fused LM head in place (logits GEMM, softmax, dh GEMM, dW GEMM, and
+//! optionally a transposed copy of the block): `cargo run --release -p gantry-kernels --example
+//! head_parts [rows] [vocab] [hidden]`; `STRIDED=1` reads the block through a transposed view.
+
 use std::time::Instant;
+
+use gantry_kernels::cpu::loss::softmax_xent;
+use gantry_kernels::cpu::matmul::{matmul, Accumulate, MatMut, MatRef, Threads};
+use rayon::prelude::*;
+
+/// `dst = srcᵀ` (`src` row-major `[rows, cols]`), in 32-wide stripes: the copy whose cost this
+/// example weighs against reading the block through a transposed view.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    dst[..rows * cols].par_chunks_mut(TILE * rows).enumerate().for_each(|(stripe, out)| {
+        let (c0, width) = (stripe * TILE, out.len() / rows);
+        for r0 in (0..rows).step_by(TILE) {
+            for c in 0..width {
+                for r in r0..(r0 + TILE).min(rows) {
+                    out[c * rows + r] = src[r * cols + c0 + c];
+                }
+            }
+        }
+    });
+}
 
 fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().unwrap();

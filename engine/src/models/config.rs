@@ -4,7 +4,7 @@
 //! keys that only matter to other tools (token ids, dtype, generation settings) are accepted;
 //! keys Gantry has never seen are reported in the log so that nothing is ignored silently.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -354,11 +354,6 @@ fn rope_theta(r: &Reader<'_>) -> Result<f64> {
         }
     }
     r.f64_or("rope_theta", 10000.0)
-}
-
-/// The path of a model directory's config, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
 
 #[cfg(test)]

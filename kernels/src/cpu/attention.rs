@@ -30,6 +30,16 @@ impl AttnShape {
         (self.heads + 2 * self.kv_heads) * self.dim
     }
 
+    /// Column of the key head that query head `h` reads.
+    fn k_offset(&self, h: usize) -> usize {
+        (self.heads + h / (self.heads / self.kv_heads)) * self.dim
+    }
+
+    /// Column of the value head that query head `h` reads.
+    fn v_offset(&self, h: usize) -> usize {
+        self.k_offset(h) + self.kv_heads * self.dim
+    }
+
     /// Width of a row of the output.
     pub fn out_width(&self) -> usize {
         self.heads * self.dim
@@ -53,13 +63,11 @@ const QBLOCK: usize = 64;
 pub fn attention_forward(s: AttnShape, qkv: &[f32], out: &mut [f32], lse: &mut [f32]) {
     s.check(qkv.len(), out.len(), lse.len());
     let (t, d, w, ow) = (s.seq, s.dim, s.qkv_width(), s.out_width());
-    let group = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     out.par_chunks_mut(t * ow).zip(lse.par_chunks_mut(t * s.heads)).zip(qkv.par_chunks(t * w)).for_each(|((out_b, lse_b), qkv_b)| {
         let mut scores = vec![0.0f32; QBLOCK.min(t) * t];
         for h in 0..s.heads {
-            let k_off = (s.heads + h / group) * d;
-            let v_off = (s.heads + s.kv_heads + h / group) * d;
+            let (k_off, v_off) = (s.k_offset(h), s.v_offset(h));
             for i0 in (0..t).step_by(QBLOCK) {
                 let (rows, keys) = (QBLOCK.min(t - i0), (i0 + QBLOCK).min(t));
                 let q = MatRef::strided(&qkv_b[i0 * w + h * d..], rows, d, w, 1);
@@ -94,7 +102,6 @@ pub fn attention_backward(s: AttnShape, qkv: &[f32], out: &[f32], lse: &[f32], d
     assert_eq!(dout.len(), out.len(), "attention: dout size");
     assert_eq!(dqkv.len(), qkv.len(), "attention: dqkv size");
     let (t, d, w, ow) = (s.seq, s.dim, s.qkv_width(), s.out_width());
-    let group = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     dqkv.par_chunks_mut(t * w)
         .zip(qkv.par_chunks(t * w))
@@ -106,8 +113,7 @@ pub fn attention_backward(s: AttnShape, qkv: &[f32], out: &[f32], lse: &[f32], d
             let (mut p, mut dp) = (vec![0.0f32; tile], vec![0.0f32; tile]);
             let mut delta = vec![0.0f32; QBLOCK];
             for h in 0..s.heads {
-                let k_off = (s.heads + h / group) * d;
-                let v_off = (s.heads + s.kv_heads + h / group) * d;
+                let (k_off, v_off) = (s.k_offset(h), s.v_offset(h));
                 for i0 in (0..t).step_by(QBLOCK) {
                     let (rows, keys) = (QBLOCK.min(t - i0), (i0 + QBLOCK).min(t));
                     let q = MatRef::strided(&qkv_b[i0 * w + h * d..], rows, d, w, 1);

@@ -30,14 +30,6 @@ impl<'a> MatRef<'a> {
         MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     fn fits(&self, len: usize) -> bool {
         self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
     }
@@ -145,25 +137,6 @@ pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, acc: Accumulate, th
     }
 }
 
-/// `dst = srcᵀ` for a row-major `[rows, cols]` `src` (`dst` is `[cols, rows]`), in cache-sized
-/// tiles, parallel over stripes of destination rows.
-pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    use rayon::prelude::*;
-    const TILE: usize = 32;
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: buffers too small");
-    dst[..rows * cols].par_chunks_mut(TILE * rows).enumerate().for_each(|(stripe, out)| {
-        let c0 = stripe * TILE;
-        let width = out.len() / rows;
-        for r0 in (0..rows).step_by(TILE) {
-            for c in 0..width {
-                for r in r0..(r0 + TILE).min(rows) {
-                    out[c * rows + r] = src[r * cols + c0 + c];
-                }
-            }
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,19 +164,6 @@ mod tests {
                         assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "ta={ta} tb={tb} {acc:?}: {g} vs {w}");
                     }
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn transpose_matches_indexing() {
-        let (r, c) = (37, 70);
-        let src = fill(r * c, 9);
-        let mut dst = vec![0.0; r * c];
-        transpose(&src, r, c, &mut dst);
-        for i in 0..r {
-            for j in 0..c {
-                assert_eq!(dst[j * r + i], src[i * c + j]);
             }
         }
     }

@@ -21,15 +21,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `y += alpha * x`.
-#[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = xi.mul_add(alpha, *yi);
-    }
-}
-
 /// Sum of squares in f64 (used for the global gradient norm, where millions of terms are added).
 pub fn sum_squares(x: &[f32]) -> f64 {
     use rayon::prelude::*;
@@ -69,31 +60,8 @@ pub fn scale(x: &mut [f32], s: f32) {
     x.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
-/// `y += x`, in parallel.
-pub fn add_assign(y: &mut [f32], x: &[f32]) {
-    use rayon::prelude::*;
-    debug_assert_eq!(x.len(), y.len());
-    y.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(a, b)| *a += *b));
-}
-
-/// `out = a + b`, in parallel.
-pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
-    use rayon::prelude::*;
-    debug_assert!(out.len() == a.len() && a.len() == b.len());
-    out.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(o, (x, y))| {
-        for i in 0..o.len() {
-            o[i] = x[i] + y[i];
-        }
-    });
-}
-
-/// Adds the column sums of `x` (`[rows, cols]`) into `out` (`[cols]`): the bias gradient.
-pub fn add_col_sums(out: &mut [f32], x: &[f32], cols: usize) {
-    add_col_sums_strided(out, x, x.len() / cols, cols, cols);
-}
-
-/// Like [`add_col_sums`] for the first `cols` columns of rows `row_stride` apart (a column block
-/// of a wider buffer).
+/// Adds the column sums of the first `cols` columns of `rows` rows, `row_stride` apart, into
+/// `out` (`[cols]`): the bias gradient of a (possibly column-block) output.
 pub fn add_col_sums_strided(out: &mut [f32], x: &[f32], rows: usize, cols: usize, row_stride: usize) {
     use rayon::prelude::*;
     debug_assert!(rows == 0 || (rows - 1) * row_stride + cols <= x.len());
@@ -256,13 +224,13 @@ mod tests {
     }
 
     #[test]
-    fn col_sums_match_scalar() {
-        let cols = 5;
-        let x: Vec<f32> = (0..cols * 70).map(|i| (i as f32).sqrt()).collect();
+    fn col_sums_of_a_column_block_match_scalar() {
+        let (rows, cols, stride) = (70, 5, 7); // more than two reduction blocks; 2 columns ignored
+        let x: Vec<f32> = (0..rows * stride).map(|i| (i as f32).sqrt()).collect();
         let mut out = vec![1.0f32; cols];
-        add_col_sums(&mut out, &x, cols);
+        add_col_sums_strided(&mut out, &x, rows, cols, stride);
         for c in 0..cols {
-            let want: f64 = 1.0 + (0..70).map(|r| x[r * cols + c] as f64).sum::<f64>();
+            let want: f64 = 1.0 + (0..rows).map(|r| x[r * stride + c] as f64).sum::<f64>();
             assert!((out[c] as f64 - want).abs() / want < 1e-5);
         }
     }
