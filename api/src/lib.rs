@@ -1,9 +1,18 @@
 //! Gantry's wire contract: the job spec (one schema for the TOML files of `gantry train` and the
-//! JSON of the REST API), and the errors that name the offending field.
+//! JSON of the REST API), job records and their state machine, the API's error codes, and the
+//! gRPC services (generated from `proto/gantry.proto`).
 
+pub mod job;
 pub mod spec;
 
+pub use job::{ApiError, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, StepMetrics};
 pub use spec::{
-    CheckpointSpec, DataSpec, Devices, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, Schedule, SpecError,
-    TrainSpec,
+    CheckpointSpec, DataSpec, Devices, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec, Schedule,
+    SpecError, TrainSpec,
 };
+
+/// The gRPC messages and services (`gantry.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("gantry.v1");
+}

@@ -2,7 +2,11 @@
 
 mod cli;
 mod commands;
+mod error;
 mod progress;
+mod store;
+#[cfg(test)]
+mod testing;
 
 use clap::Parser;
 

@@ -25,6 +25,28 @@ pub struct JobSpec {
     pub resources: ResourcesSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
+}
+
+/// What the daemon does when a worker of the job fails.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSpec {
+    /// How many times a failed job is restarted from its last checkpoint before it is marked
+    /// failed (0: never).
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec { max_restarts: default_max_restarts() }
+    }
+}
+
+fn default_max_restarts() -> u32 {
+    3
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,244 @@
+//! Jobs as the service sees them: their states and the legal moves between them, and the records
+//! the REST and gRPC APIs return (jobs, events, step metrics, log lines, devices).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job is in its life.
+///
+/// ```text
+/// queued ──► scheduled ──► running ──► succeeded | failed | cancelled
+///               │  ▲          │
+///               ▼  │          ▼
+///             restarting ◄────┘       (any non-final state ──► cancelled)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for devices.
+    Queued,
+    /// Devices assigned, workers starting.
+    Scheduled,
+    /// Every rank has registered and training runs.
+    Running,
+    /// A worker failed; the job waits to be started again from its last checkpoint.
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Restarting,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Restarting => "restarting",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// A final state never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// Whether the job holds devices in this state.
+    pub fn holds_devices(self) -> bool {
+        matches!(self, JobState::Scheduled | JobState::Running)
+    }
+
+    /// The state machine: which moves are legal.
+    pub fn can_become(self, to: JobState) -> bool {
+        use JobState::*;
+        match (self, to) {
+            (from, Cancelled) => !from.is_final(),
+            (Queued, Scheduled) => true,
+            (Scheduled, Running | Failed | Restarting) => true,
+            (Running, Succeeded | Failed | Restarting) => true,
+            (Restarting, Scheduled | Failed) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            format!("`{s}` is not a job state: expected one of {}", names.join(", "))
+        })
+    }
+}
+
+/// A job as `GET /v1/jobs/{id}` answers it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: i64,
+    pub name: String,
+    pub state: JobState,
+    /// Why the job is in its state: what a queued job waits for, why one failed.
+    pub reason: String,
+    pub spec: crate::JobSpec,
+    /// How many devices the job needs.
+    pub devices: u32,
+    /// The device slots the job holds while scheduled or running (`cpu:0`, `cuda:1`).
+    pub placement: Vec<String>,
+    pub restarts: u32,
+    /// Run directory on the daemon's machine (metrics, logs, checkpoints, final model).
+    pub run_dir: String,
+    /// Last recorded optimizer step, if any.
+    pub step: Option<i64>,
+    /// Newest committed checkpoint step, if any.
+    pub checkpoint_step: Option<i64>,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One recorded state transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: i64,
+    pub at_ms: i64,
+    /// `None` for the event that creates the job.
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub reason: String,
+}
+
+/// One optimizer step of one rank.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub rank: u32,
+    pub step: i64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub mem_bytes: i64,
+    pub step_ms: f64,
+}
+
+/// One line a worker wrote to its stdout or stderr.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub rank: u32,
+    /// Byte offset of the line in the rank's log file: stable, so a reader can resume after it.
+    pub offset: i64,
+    pub at_ms: i64,
+    pub line: String,
+}
+
+/// A device slot of the daemon's node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `cpu:0`, `cuda:1`, ...
+    pub id: String,
+    pub kind: String,
+    /// The job that holds the slot, if any.
+    pub job_id: Option<i64>,
+}
+
+/// A page of jobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `after` to get the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<i64>,
+}
+
+/// The one error shape of the REST API (and the message of gRPC errors).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The dotted spec key at fault, for invalid specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// The small set of error codes shared by HTTP and gRPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed (HTTP 400).
+    BadRequest,
+    /// The spec parses but a field is invalid (HTTP 422).
+    InvalidSpec,
+    NotFound,
+    /// The request conflicts with the job's state (HTTP 409).
+    Conflict,
+    /// The store is unreachable for now; retry (HTTP 503).
+    Unavailable,
+    Internal,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobState::{self, *};
+
+    #[test]
+    fn the_state_machine_allows_only_the_documented_moves() {
+        let legal = [
+            (Queued, Scheduled),
+            (Queued, Cancelled),
+            (Scheduled, Running),
+            (Scheduled, Failed),
+            (Scheduled, Restarting),
+            (Scheduled, Cancelled),
+            (Running, Succeeded),
+            (Running, Failed),
+            (Running, Restarting),
+            (Running, Cancelled),
+            (Restarting, Scheduled),
+            (Restarting, Failed),
+            (Restarting, Cancelled),
+        ];
+        let mut allowed = 0;
+        for from in JobState::ALL {
+            for to in JobState::ALL {
+                assert_eq!(from.can_become(to), legal.contains(&(from, to)), "{from} -> {to}");
+                allowed += from.can_become(to) as usize;
+            }
+        }
+        assert_eq!(allowed, legal.len());
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(s));
+        }
+        assert!("done".parse::<JobState>().unwrap_err().contains("queued, scheduled"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Jobs and their state transitions.
+
+use std::path::Path;
+
+use gantry_api::{Job, JobEvent, JobPage, JobSpec, JobState};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{now_ms, Store};
+use crate::error::{Error, Result};
+
+const JOB_COLUMNS: &str =
+    "id, name, spec, state, reason, devices, placement, restarts, attempt, run_dir, step, checkpoint_step, created_ms, updated_ms";
+
+/// A job row with the supervisor's bookkeeping that the API does not show.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    pub job: Job,
+    /// Incremented each time the job is scheduled; workers of an older attempt are stale.
+    pub attempt: u32,
+}
+
+fn job_from_row(r: &AnyRow) -> Result<JobRow> {
+    let spec_json: String = r.try_get("spec")?;
+    let spec: JobSpec = serde_json::from_str(&spec_json).map_err(|e| Error::Store(format!("stored spec does not parse: {e}")))?;
+    let state: String = r.try_get("state")?;
+    let placement: String = r.try_get("placement")?;
+    Ok(JobRow {
+        job: Job {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            state: state.parse().map_err(Error::Store)?,
+            reason: r.try_get("reason")?,
+            spec,
+            devices: r.try_get::<i64, _>("devices")? as u32,
+            placement: placement.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+            restarts: r.try_get::<i64, _>("restarts")? as u32,
+            run_dir: r.try_get("run_dir")?,
+            step: r.try_get("step")?,
+            checkpoint_step: r.try_get("checkpoint_step")?,
+            created_ms: r.try_get("created_ms")?,
+            updated_ms: r.try_get("updated_ms")?,
+        },
+        attempt: r.try_get::<i64, _>("attempt")? as u32,
+    })
+}
+
+/// What a transition changes besides the state.
+#[derive(Clone, Debug, Default)]
+pub struct Change<'a> {
+    /// Device slots, when the job becomes `scheduled`.
+    pub placement: Option<&'a [String]>,
+}
+
+impl Store {
+    /// Stores a new job, `queued`, with its run directory `runs_root/job-<id>`, and records the
+    /// event that created it.
+    pub async fn create_job(&self, spec: &JobSpec, runs_root: &Path) -> Result<JobRow> {
+        let name = spec.name.clone().unwrap_or_else(|| {
+            Path::new(&spec.model.path).file_name().and_then(|n| n.to_str()).unwrap_or("job").to_string()
+        });
+        let spec_json = serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (name, spec, state, reason, devices, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING id",
+        )
+        .bind(&name)
+        .bind(&spec_json)
+        .bind(JobState::Queued.as_str())
+        .bind("waiting for the scheduler")
+        .bind(spec.resources.devices.count() as i64)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let run_dir = runs_root.join(format!("job-{id}"));
+        sqlx::query("UPDATE jobs SET run_dir = $1 WHERE id = $2").bind(run_dir.to_string_lossy().as_ref()).bind(id).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, NULL, $3, $4)")
+            .bind(id)
+            .bind(now)
+            .bind(JobState::Queued.as_str())
+            .bind("submitted")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.job_row(id).await
+    }
+
+    pub async fn job_row(&self, id: i64) -> Result<JobRow> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        job_from_row(&row.ok_or(Error::JobNotFound(id))?)
+    }
+
+    pub async fn job(&self, id: i64) -> Result<Job> {
+        Ok(self.job_row(id).await?.job)
+    }
+
+    /// Jobs from newest to oldest, optionally in one state; `after` is the last id of the previous
+    /// page. Both forms walk an index (`jobs_state_id` or the primary key).
+    pub async fn list_jobs(&self, state: Option<JobState>, after: Option<i64>, limit: u32) -> Result<JobPage> {
+        let limit = limit.clamp(1, 1000) as i64;
+        let after = after.unwrap_or(i64::MAX);
+        let rows = match state {
+            Some(s) => {
+                sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 AND id < $2 ORDER BY id DESC LIMIT $3"))
+                    .bind(s.as_str())
+                    .bind(after)
+                    .bind(limit + 1)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id < $1 ORDER BY id DESC LIMIT $2"))
+                    .bind(after)
+                    .bind(limit + 1)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        let mut jobs = rows.iter().map(|r| job_from_row(r).map(|j| j.job)).collect::<Result<Vec<_>>>()?;
+        let next_after = if jobs.len() as i64 > limit {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_after })
+    }
+
+    /// Every job in one of `states`, oldest first (the scheduler's queue order).
+    pub async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRow>> {
+        let mut out = Vec::new();
+        for s in states {
+            let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY id")).bind(s.as_str()).fetch_all(&self.pool).await?;
+            for r in &rows {
+                out.push(job_from_row(r)?);
+            }
+        }
+        out.sort_by_key(|j| j.job.id);
+        Ok(out)
+    }
+
+    /// Moves a job to `to`, recording the event, if the state machine allows it from the state
+    /// the job is in. Entering `scheduled` sets the placement and starts a new attempt; entering
+    /// `restarting` counts a restart; leaving the device-holding states frees the devices.
+    pub async fn transition(&self, id: i64, to: JobState, reason: &str, change: Change<'_>) -> Result<JobRow> {
+        let current = self.job_row(id).await?;
+        let from = current.job.state;
+        if !from.can_become(to) {
+            return Err(Error::IllegalTransition { id, from, to });
+        }
+        let now = now_ms();
+        let placement = match (to, change.placement) {
+            (JobState::Scheduled, Some(p)) => p.join(","),
+            (JobState::Scheduled, None) => return Err(Error::Internal(format!("job {id} scheduled without a placement"))),
+            (s, _) if s.holds_devices() => current.job.placement.join(","),
+            _ => String::new(),
+        };
+        let attempt_inc = i64::from(to == JobState::Scheduled);
+        let restart_inc = i64::from(to == JobState::Restarting);
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE jobs SET state = $1, reason = $2, placement = $3, attempt = attempt + $4, restarts = restarts + $5, updated_ms = $6 \
+             WHERE id = $7 AND state = $8",
+        )
+        .bind(to.as_str())
+        .bind(reason)
+        .bind(&placement)
+        .bind(attempt_inc)
+        .bind(restart_inc)
+        .bind(now)
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            // Someone moved the job since we read it: report the state it is in now.
+            drop(tx);
+            let now_state = self.job_row(id).await?.job.state;
+            return Err(Error::IllegalTransition { id, from: now_state, to });
+        }
+        sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(now)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.job_row(id).await
+    }
+
+    /// Says why a job waits, without an event (the reason changes as other jobs come and go).
+    pub async fn set_reason(&self, id: i64, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET reason = $1 WHERE id = $2 AND reason <> $1").bind(reason).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn events(&self, id: i64) -> Result<Vec<JobEvent>> {
+        self.job_row(id).await?;
+        let rows = sqlx::query("SELECT at_ms, from_state, to_state, reason FROM job_events WHERE job_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let from: Option<String> = r.try_get("from_state")?;
+                let to: String = r.try_get("to_state")?;
+                Ok(JobEvent {
+                    job_id: id,
+                    at_ms: r.try_get("at_ms")?,
+                    from: from.map(|f| f.parse()).transpose().map_err(Error::Store)?,
+                    to: to.parse().map_err(Error::Store)?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
+    /// How many jobs are in each state (for the `gantry_jobs` gauge).
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get("state")?;
+                Ok((s.parse().map_err(Error::Store)?, r.try_get::<i64, _>("n")?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,215 @@
+//! What jobs report while they run: step metrics, log lines, worker processes, checkpoints.
+//! Every insert is idempotent (keyed by step, by byte offset, by rank), so a worker or a log
+//! reader that sends something twice after a reconnect stores it once.
+
+use gantry_api::{LogLine, StepMetrics};
+use sqlx::Row;
+
+use super::{now_ms, Store};
+use crate::error::Result;
+
+/// A worker process the supervisor started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerRecord {
+    pub job_id: i64,
+    pub rank: u32,
+    pub attempt: u32,
+    pub pid: u32,
+    /// Start time in clock ticks since boot, to tell the process from a later one with its PID.
+    pub proc_start: u64,
+    pub started_ms: i64,
+}
+
+impl Store {
+    /// Stores step reports (those already stored are skipped) and advances the job's step.
+    /// Returns how many were new.
+    pub async fn insert_steps(&self, job_id: i64, steps: &[StepMetrics]) -> Result<u64> {
+        if steps.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut new = 0;
+        for s in steps {
+            new += sqlx::query(
+                "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (job_id, rank, step) DO NOTHING",
+            )
+            .bind(job_id)
+            .bind(i64::from(s.rank))
+            .bind(s.step)
+            .bind(s.loss)
+            .bind(s.lr)
+            .bind(s.grad_norm)
+            .bind(s.tokens_per_s)
+            .bind(s.mem_bytes)
+            .bind(s.step_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        let max = steps.iter().map(|s| s.step).max().unwrap_or(0);
+        sqlx::query("UPDATE jobs SET step = $1 WHERE id = $2 AND (step IS NULL OR step < $1)").bind(max).bind(job_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// A job's step series in step order, from `after_step` (exclusive), at most `limit` rows.
+    pub async fn metrics(&self, job_id: i64, rank: Option<u32>, after_step: i64, limit: u32) -> Result<Vec<StepMetrics>> {
+        let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms";
+        let one_rank = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 ORDER BY step LIMIT $4");
+        let all_ranks = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND step > $2 ORDER BY step, rank LIMIT $3");
+        let q = match rank {
+            Some(r) => sqlx::query(&one_rank).bind(job_id).bind(i64::from(r)),
+            None => sqlx::query(&all_ranks).bind(job_id),
+        };
+        let rows = q.bind(after_step).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StepMetrics {
+                    rank: r.try_get::<i64, _>("rank")? as u32,
+                    step: r.try_get("step")?,
+                    loss: r.try_get("loss")?,
+                    lr: r.try_get("lr")?,
+                    grad_norm: r.try_get("grad_norm")?,
+                    tokens_per_s: r.try_get("tokens_per_s")?,
+                    mem_bytes: r.try_get("mem_bytes")?,
+                    step_ms: r.try_get("step_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_logs(&self, job_id: i64, lines: &[LogLine]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for l in lines {
+            sqlx::query(
+                "INSERT INTO log_lines (job_id, rank, \"offset\", at_ms, line) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (job_id, rank, \"offset\") DO NOTHING",
+            )
+            .bind(job_id)
+            .bind(i64::from(l.rank))
+            .bind(l.offset)
+            .bind(l.at_ms)
+            .bind(&l.line)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Log lines of a job (one rank or all), ordered by rank then offset, after `after_offset`.
+    pub async fn logs(&self, job_id: i64, rank: Option<u32>, after_offset: i64, limit: u32) -> Result<Vec<LogLine>> {
+        let q = match rank {
+            Some(r) => sqlx::query(
+                "SELECT rank, \"offset\", at_ms, line FROM log_lines WHERE job_id = $1 AND rank = $2 AND \"offset\" > $3 \
+                 ORDER BY \"offset\" LIMIT $4",
+            )
+            .bind(job_id)
+            .bind(i64::from(r)),
+            None => sqlx::query(
+                "SELECT rank, \"offset\", at_ms, line FROM log_lines WHERE job_id = $1 AND \"offset\" > $2 ORDER BY rank, \"offset\" LIMIT $3",
+            )
+            .bind(job_id),
+        };
+        let rows = q.bind(after_offset).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogLine {
+                    rank: r.try_get::<i64, _>("rank")? as u32,
+                    offset: r.try_get("offset")?,
+                    at_ms: r.try_get("at_ms")?,
+                    line: r.try_get("line")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The byte offset just past the last stored line of a rank's log (where a reader resumes).
+    pub async fn log_end(&self, job_id: i64, rank: u32) -> Result<i64> {
+        let row = sqlx::query("SELECT \"offset\", line FROM log_lines WHERE job_id = $1 AND rank = $2 ORDER BY \"offset\" DESC LIMIT 1")
+            .bind(job_id)
+            .bind(i64::from(rank))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<i64, _>("offset")? + r.try_get::<String, _>("line")?.len() as i64 + 1,
+            None => 0,
+        })
+    }
+
+    pub async fn record_worker(&self, w: &WorkerRecord) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE job_id = $1 AND rank = $2").bind(w.job_id).bind(i64::from(w.rank)).execute(&self.pool).await?;
+        sqlx::query("INSERT INTO workers (job_id, rank, attempt, pid, proc_start, started_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(w.job_id)
+            .bind(i64::from(w.rank))
+            .bind(i64::from(w.attempt))
+            .bind(i64::from(w.pid))
+            .bind(w.proc_start as i64)
+            .bind(w.started_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn workers(&self, job_id: i64) -> Result<Vec<WorkerRecord>> {
+        let rows = sqlx::query("SELECT rank, attempt, pid, proc_start, started_ms FROM workers WHERE job_id = $1 ORDER BY rank")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WorkerRecord {
+                    job_id,
+                    rank: r.try_get::<i64, _>("rank")? as u32,
+                    attempt: r.try_get::<i64, _>("attempt")? as u32,
+                    pid: r.try_get::<i64, _>("pid")? as u32,
+                    proc_start: r.try_get::<i64, _>("proc_start")? as u64,
+                    started_ms: r.try_get("started_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn clear_workers(&self, job_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE job_id = $1").bind(job_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records a committed checkpoint; the job's newest checkpoint only ever moves forward.
+    pub async fn record_checkpoint(&self, job_id: i64, step: i64, path: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO checkpoints (job_id, step, path, at_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (job_id, step) DO NOTHING")
+            .bind(job_id)
+            .bind(step)
+            .bind(path)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE jobs SET checkpoint_step = $1, checkpoint_path = $2 WHERE id = $3 AND (checkpoint_step IS NULL OR checkpoint_step < $1)",
+        )
+        .bind(step)
+        .bind(path)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest committed checkpoint of a job: (step, path).
+    pub async fn last_checkpoint(&self, job_id: i64) -> Result<Option<(i64, String)>> {
+        let row = sqlx::query("SELECT checkpoint_step, checkpoint_path FROM jobs WHERE id = $1").bind(job_id).fetch_optional(&self.pool).await?;
+        Ok(match row {
+            Some(r) => match (r.try_get::<Option<i64>, _>("checkpoint_step")?, r.try_get::<Option<String>, _>("checkpoint_path")?) {
+                (Some(s), Some(p)) => Some((s, p)),
+                _ => None,
+            },
+            None => None,
+        })
+    }
+}

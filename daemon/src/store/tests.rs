@@ -1,0 +1,179 @@
+//! One suite, run against SQLite (a fresh file) and PostgreSQL (a fresh database on the server at
+//! `GANTRY_TEST_DATABASE_URL`, which `scripts/test` points at the local server).
+
+use std::path::Path;
+
+use gantry_api::{JobSpec, JobState, LogLine, StepMetrics};
+
+use super::jobs::Change;
+use super::{Backend, Store, WorkerRecord};
+use crate::error::Error;
+use crate::testing::{postgres_store, sqlite_store};
+
+fn spec(devices: usize) -> JobSpec {
+    JobSpec::from_toml(
+        &format!("[model]\npath = \"m/tiny\"\n[data]\ntrain = \"d.bin\"\n[resources]\ndevices = \"cpu:{devices}\"\n[parallel]\ndp = {devices}"),
+        &[],
+    )
+    .unwrap()
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { let (store, _guard) = super::sqlite_store().await; super::$name(store).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { let (store, _guard) = super::postgres_store().await; super::$name(store).await; })*
+        }
+    };
+}
+
+both_backends!(
+    jobs_are_created_queued_with_an_event,
+    only_legal_transitions_happen_and_each_is_an_event,
+    listing_filters_by_state_and_pages_without_gaps,
+    step_reports_and_log_lines_are_stored_once,
+    workers_and_checkpoints_round_trip,
+);
+
+async fn jobs_are_created_queued_with_an_event(store: Store) {
+    let row = store.create_job(&spec(2), Path::new("/data/runs")).await.unwrap();
+    let job = row.job;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.name, "tiny");
+    assert_eq!(job.devices, 2);
+    assert_eq!(job.run_dir, format!("/data/runs/job-{}", job.id));
+    assert_eq!(job.spec, spec(2));
+    assert_eq!(row.attempt, 0);
+    let again = store.job(job.id).await.unwrap();
+    assert_eq!(again, job);
+    let events = store.events(job.id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].from, events[0].to), (None, JobState::Queued));
+    assert!(matches!(store.job(job.id + 1000).await, Err(Error::JobNotFound(_))));
+}
+
+async fn only_legal_transitions_happen_and_each_is_an_event(store: Store) {
+    let id = store.create_job(&spec(1), Path::new("/r")).await.unwrap().job.id;
+    let err = store.transition(id, JobState::Running, "too soon", Change::default()).await.unwrap_err();
+    assert!(matches!(err, Error::IllegalTransition { from: JobState::Queued, to: JobState::Running, .. }), "{err}");
+    let slots = vec!["cpu:1".to_string()];
+    let j = store.transition(id, JobState::Scheduled, "placed", Change { placement: Some(&slots) }).await.unwrap();
+    assert_eq!((j.job.placement.clone(), j.attempt), (slots.clone(), 1));
+    let j = store.transition(id, JobState::Running, "all ranks registered", Change::default()).await.unwrap();
+    assert_eq!(j.job.placement, slots, "a running job keeps its devices");
+    let j = store.transition(id, JobState::Restarting, "rank 0 exited with status 1", Change::default()).await.unwrap();
+    assert_eq!((j.job.restarts, j.job.placement.len()), (1, 0));
+    store.transition(id, JobState::Scheduled, "placed", Change { placement: Some(&slots) }).await.unwrap();
+    let j = store.transition(id, JobState::Running, "registered", Change::default()).await.unwrap();
+    assert_eq!(j.attempt, 2);
+    store.transition(id, JobState::Succeeded, "done", Change::default()).await.unwrap();
+    for to in JobState::ALL {
+        assert!(store.transition(id, to, "after the end", Change::default()).await.is_err(), "succeeded -> {to}");
+    }
+    let events = store.events(id).await.unwrap();
+    let path: Vec<_> = events.iter().map(|e| e.to).collect();
+    use JobState::*;
+    assert_eq!(path, [Queued, Scheduled, Running, Restarting, Scheduled, Running, Succeeded]);
+    assert_eq!(events[3].reason, "rank 0 exited with status 1");
+    assert!(events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms && w[1].from == Some(w[0].to)));
+    let job = store.job(id).await.unwrap();
+    assert_eq!((job.state, job.reason.as_str(), job.placement.len()), (Succeeded, "done", 0));
+}
+
+async fn listing_filters_by_state_and_pages_without_gaps(store: Store) {
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(store.create_job(&spec(1), Path::new("/r")).await.unwrap().job.id);
+    }
+    for id in ids.iter().step_by(2) {
+        store.transition(*id, JobState::Cancelled, "test", Change::default()).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_jobs(None, after, 3).await.unwrap();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        match page.next_after {
+            Some(a) => after = Some(a),
+            None => break,
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+    let cancelled = store.list_jobs(Some(JobState::Cancelled), None, 100).await.unwrap();
+    assert_eq!(cancelled.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids.iter().step_by(2).rev().copied().collect::<Vec<_>>());
+    assert!(cancelled.next_after.is_none());
+    let counts = store.count_by_state().await.unwrap();
+    assert!(counts.contains(&(JobState::Cancelled, 4)) && counts.contains(&(JobState::Queued, 3)), "{counts:?}");
+    let queue = store.jobs_in(&[JobState::Queued]).await.unwrap();
+    assert_eq!(queue.iter().map(|j| j.job.id).collect::<Vec<_>>(), vec![ids[1], ids[3], ids[5]]);
+}
+
+fn step(rank: u32, step: i64) -> StepMetrics {
+    StepMetrics {
+        rank,
+        step,
+        loss: 5.0 - step as f64 * 0.1,
+        lr: 1e-3,
+        grad_norm: 0.5,
+        tokens_per_s: 1000.0 + step as f64,
+        mem_bytes: 1 << 20,
+        step_ms: 12.5,
+    }
+}
+
+async fn step_reports_and_log_lines_are_stored_once(store: Store) {
+    let id = store.create_job(&spec(1), Path::new("/r")).await.unwrap().job.id;
+    let first: Vec<_> = (1..=5).map(|s| step(0, s)).collect();
+    assert_eq!(store.insert_steps(id, &first).await.unwrap(), 5);
+    // A worker that lost its connection re-sends from step 4.
+    let resent: Vec<_> = (4..=8).map(|s| step(0, s)).collect();
+    assert_eq!(store.insert_steps(id, &resent).await.unwrap(), 3);
+    let series = store.metrics(id, None, 0, 1000).await.unwrap();
+    assert_eq!(series.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(series[2], step(0, 3));
+    assert_eq!(store.metrics(id, Some(0), 6, 1000).await.unwrap().len(), 2);
+    assert_eq!(store.metrics(id, Some(1), 0, 1000).await.unwrap().len(), 0);
+    assert_eq!(store.job(id).await.unwrap().step, Some(8));
+    // A late duplicate of an old step does not move the job's step back.
+    store.insert_steps(id, &[step(0, 2)]).await.unwrap();
+    assert_eq!(store.job(id).await.unwrap().step, Some(8));
+
+    let line = |rank, offset: i64, text: &str| LogLine { rank, offset, at_ms: 1, line: text.into() };
+    store.insert_logs(id, &[line(0, 0, "hello"), line(0, 6, "world"), line(1, 0, "rank one")]).await.unwrap();
+    store.insert_logs(id, &[line(0, 6, "world"), line(0, 12, "again")]).await.unwrap();
+    let all = store.logs(id, None, -1, 100).await.unwrap();
+    assert_eq!(all.iter().map(|l| (l.rank, l.line.as_str())).collect::<Vec<_>>(), [(0, "hello"), (0, "world"), (0, "again"), (1, "rank one")]);
+    assert_eq!(store.logs(id, Some(0), 0, 100).await.unwrap().len(), 2);
+    assert_eq!(store.log_end(id, 0).await.unwrap(), 18);
+    assert_eq!(store.log_end(id, 5).await.unwrap(), 0);
+}
+
+async fn workers_and_checkpoints_round_trip(store: Store) {
+    let id = store.create_job(&spec(2), Path::new("/r")).await.unwrap().job.id;
+    for rank in 0..2 {
+        let w = WorkerRecord { job_id: id, rank, attempt: 1, pid: 4000 + rank, proc_start: 123_456_789_012, started_ms: 7 };
+        store.record_worker(&w).await.unwrap();
+    }
+    let again = WorkerRecord { job_id: id, rank: 1, attempt: 2, pid: 5001, proc_start: 9, started_ms: 8 };
+    store.record_worker(&again).await.unwrap();
+    let ws = store.workers(id).await.unwrap();
+    assert_eq!(ws.len(), 2);
+    assert_eq!(ws[1], again);
+    assert_eq!(ws[0].proc_start, 123_456_789_012);
+    store.clear_workers(id).await.unwrap();
+    assert!(store.workers(id).await.unwrap().is_empty());
+
+    assert_eq!(store.last_checkpoint(id).await.unwrap(), None);
+    store.record_checkpoint(id, 20, "/r/ckpt/20").await.unwrap();
+    store.record_checkpoint(id, 40, "/r/ckpt/40").await.unwrap();
+    store.record_checkpoint(id, 20, "/r/ckpt/20").await.unwrap();
+    assert_eq!(store.last_checkpoint(id).await.unwrap(), Some((40, "/r/ckpt/40".into())));
+    assert_eq!(store.job(id).await.unwrap().checkpoint_step, Some(40));
+    let backend = store.backend();
+    assert!(matches!(backend, Backend::Postgres | Backend::Sqlite));
+}
