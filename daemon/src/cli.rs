@@ -21,6 +21,131 @@ pub enum Command {
     Bench(BenchArgs),
     /// Tokenize a text file (.txt, or .jsonl with a `text` field) into a token file.
     Prepare(PrepareArgs),
+    /// Run the job service: REST and gRPC APIs, scheduler, supervisor, metrics.
+    Daemon(DaemonArgs),
+    /// One rank of a job (started by the daemon, not by hand).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+    /// Submit a job spec to a daemon.
+    Submit(SubmitArgs),
+    /// List a daemon's jobs.
+    Jobs(JobsArgs),
+    /// Show one job: state, why it waits or failed, progress, events.
+    Status(JobArgs),
+    /// Print (or follow) a job's logs.
+    Logs(LogsArgs),
+    /// Cancel a job: every rank is stopped and the job recorded `cancelled`.
+    Cancel(JobArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// A TOML file with any of the settings below (flags and GANTRY_* variables override it).
+    #[arg(long, env = "GANTRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// REST listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "GANTRY_HTTP")]
+    pub http: Option<String>,
+    /// gRPC listen address [default: 127.0.0.1:8081].
+    #[arg(long, env = "GANTRY_GRPC")]
+    pub grpc: Option<String>,
+    /// Serve /metrics on this address instead of the REST listener.
+    #[arg(long, env = "GANTRY_METRICS")]
+    pub metrics: Option<String>,
+    /// postgres://… or sqlite://… [default: sqlite://DATA_DIR/gantry.db].
+    #[arg(long, env = "GANTRY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Run directories, logs and checkpoints [default: ./gantry-data].
+    #[arg(long, env = "GANTRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Device slots to schedule: `cpu:N` or `cuda:0,1,...` [default: cpu:1].
+    #[arg(long, env = "GANTRY_DEVICES")]
+    pub devices: Option<String>,
+    /// Seconds without a heartbeat before a rank counts as lost [default: 30].
+    #[arg(long, env = "GANTRY_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub job_id: i64,
+    #[arg(long)]
+    pub rank: u32,
+    #[arg(long)]
+    pub world_size: u32,
+    #[arg(long)]
+    pub attempt: u32,
+    /// Where the ranks of this job meet (host:port).
+    #[arg(long)]
+    pub rendezvous: String,
+    /// The daemon's gRPC endpoint (http://host:port).
+    #[arg(long)]
+    pub daemon: String,
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// A training checkpoint to continue from.
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// The daemon's REST address.
+    #[arg(long, env = "GANTRY_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    pub server: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job spec (TOML). Relative paths in it are resolved from the spec's directory.
+    pub spec: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Watch the job until it ends: progress, then the final state.
+    #[arg(long, short)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    pub id: i64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub id: i64,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this rank.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    #[command(flatten)]
+    pub server: ServerArg,
 }
 
 #[derive(Debug, Args)]

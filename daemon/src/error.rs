@@ -48,11 +48,9 @@ impl Error {
 
     pub fn to_api(&self) -> ApiError {
         match self {
-            Error::InvalidSpec(e) => ApiError {
-                code: self.code(),
-                message: e.message.clone(),
-                field: (!e.field.is_empty()).then(|| e.field.clone()),
-            },
+            Error::InvalidSpec(e) => {
+                ApiError { code: self.code(), message: e.message.clone(), field: (!e.field.is_empty()).then(|| e.field.clone()) }
+            }
             other => ApiError { code: other.code(), message: other.to_string(), field: None },
         }
     }

@@ -1,12 +1,20 @@
-//! `gantry`: train, evaluate and benchmark models (the daemon and its client come next).
+//! `gantry`: train, evaluate and benchmark models; run the job service (`gantry daemon`), its
+//! workers, and its command-line client.
 
 mod cli;
 mod commands;
+mod config;
 mod error;
+mod grpc;
+mod http;
+mod metrics;
 mod progress;
+mod service;
 mod store;
+mod supervisor;
 #[cfg(test)]
 mod testing;
+mod worker;
 
 use clap::Parser;
 

@@ -62,7 +62,14 @@ impl JobSpec {
     /// Parses a JSON spec (the REST API's body) and validates it.
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            if e.inner().is_data() {
+                path_error(e.path().to_string(), e.inner().to_string())
+            } else {
+                // A syntax error has no field to name.
+                SpecError::new("", format!("not valid JSON: {}", e.inner()))
+            }
+        })?;
         spec.validate()?;
         Ok(spec)
     }

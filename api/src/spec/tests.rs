@@ -35,6 +35,11 @@ fn bad_values_are_named_with_their_path() {
     assert_eq!(err.field, "resources.devices");
     let err = JobSpec::from_json(r#"{"model":{"path":"m"}}"#).unwrap_err();
     assert_eq!(err.field, "data");
+    let err = JobSpec::from_json(r#"{"model": {"path": "m"},"#).unwrap_err();
+    assert_eq!(err.field, "", "a syntax error names no field: {err}");
+    assert!(err.message.starts_with("not valid JSON"), "{err}");
+    let err = JobSpec::from_json(r#"{"model":{"path":"m"},"data":{"train":"t"},"restart":{"max_restarts":-1}}"#).unwrap_err();
+    assert_eq!(err.field, "restart.max_restarts");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 mod bench;
+mod client;
+mod daemon;
 mod eval;
 mod prepare;
 mod train;
@@ -13,6 +15,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Prepare(a) => prepare::run(a),
+        Command::Daemon(a) => daemon::run(a),
+        Command::Worker(a) => crate::worker::run(a),
+        Command::Submit(a) => client::submit(a),
+        Command::Jobs(a) => client::jobs(a),
+        Command::Status(a) => client::status(a),
+        Command::Logs(a) => client::logs(a),
+        Command::Cancel(a) => client::cancel(a),
     }
 }
 

@@ -53,7 +53,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
             let dir = run_dir.join("checkpoints").join(format!("step_{:08}", r.step));
-            trainer.save_hf(&dir)?;
+            trainer.save_checkpoint(&dir)?;
             saved.push(dir);
             while saved.len() > spec.checkpoint.keep {
                 let old = saved.remove(0);

@@ -56,9 +56,10 @@ impl Store {
     /// Stores a new job, `queued`, with its run directory `runs_root/job-<id>`, and records the
     /// event that created it.
     pub async fn create_job(&self, spec: &JobSpec, runs_root: &Path) -> Result<JobRow> {
-        let name = spec.name.clone().unwrap_or_else(|| {
-            Path::new(&spec.model.path).file_name().and_then(|n| n.to_str()).unwrap_or("job").to_string()
-        });
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| Path::new(&spec.model.path).file_name().and_then(|n| n.to_str()).unwrap_or("job").to_string());
         let spec_json = serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -74,7 +75,11 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let run_dir = runs_root.join(format!("job-{id}"));
-        sqlx::query("UPDATE jobs SET run_dir = $1 WHERE id = $2").bind(run_dir.to_string_lossy().as_ref()).bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE jobs SET run_dir = $1 WHERE id = $2")
+            .bind(run_dir.to_string_lossy().as_ref())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, NULL, $3, $4)")
             .bind(id)
             .bind(now)
@@ -131,7 +136,10 @@ impl Store {
     pub async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRow>> {
         let mut out = Vec::new();
         for s in states {
-            let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY id")).bind(s.as_str()).fetch_all(&self.pool).await?;
+            let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY id"))
+                .bind(s.as_str())
+                .fetch_all(&self.pool)
+                .await?;
             for r in &rows {
                 out.push(job_from_row(r)?);
             }

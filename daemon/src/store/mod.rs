@@ -9,7 +9,7 @@
 //! with their event, so two writers racing on a job cannot both win and no transition goes
 //! unrecorded.
 
-mod jobs;
+pub mod jobs;
 mod records;
 #[cfg(test)]
 mod tests;

@@ -48,7 +48,11 @@ impl Store {
             .rows_affected();
         }
         let max = steps.iter().map(|s| s.step).max().unwrap_or(0);
-        sqlx::query("UPDATE jobs SET step = $1 WHERE id = $2 AND (step IS NULL OR step < $1)").bind(max).bind(job_id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE jobs SET step = $1 WHERE id = $2 AND (step IS NULL OR step < $1)")
+            .bind(max)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(new)
     }
@@ -142,7 +146,11 @@ impl Store {
     }
 
     pub async fn record_worker(&self, w: &WorkerRecord) -> Result<()> {
-        sqlx::query("DELETE FROM workers WHERE job_id = $1 AND rank = $2").bind(w.job_id).bind(i64::from(w.rank)).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM workers WHERE job_id = $1 AND rank = $2")
+            .bind(w.job_id)
+            .bind(i64::from(w.rank))
+            .execute(&self.pool)
+            .await?;
         sqlx::query("INSERT INTO workers (job_id, rank, attempt, pid, proc_start, started_ms) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(w.job_id)
             .bind(i64::from(w.rank))
@@ -203,7 +211,8 @@ impl Store {
 
     /// The newest committed checkpoint of a job: (step, path).
     pub async fn last_checkpoint(&self, job_id: i64) -> Result<Option<(i64, String)>> {
-        let row = sqlx::query("SELECT checkpoint_step, checkpoint_path FROM jobs WHERE id = $1").bind(job_id).fetch_optional(&self.pool).await?;
+        let row =
+            sqlx::query("SELECT checkpoint_step, checkpoint_path FROM jobs WHERE id = $1").bind(job_id).fetch_optional(&self.pool).await?;
         Ok(match row {
             Some(r) => match (r.try_get::<Option<i64>, _>("checkpoint_step")?, r.try_get::<Option<String>, _>("checkpoint_path")?) {
                 (Some(s), Some(p)) => Some((s, p)),

@@ -12,7 +12,9 @@ use crate::testing::{postgres_store, sqlite_store};
 
 fn spec(devices: usize) -> JobSpec {
     JobSpec::from_toml(
-        &format!("[model]\npath = \"m/tiny\"\n[data]\ntrain = \"d.bin\"\n[resources]\ndevices = \"cpu:{devices}\"\n[parallel]\ndp = {devices}"),
+        &format!(
+            "[model]\npath = \"m/tiny\"\n[data]\ntrain = \"d.bin\"\n[resources]\ndevices = \"cpu:{devices}\"\n[parallel]\ndp = {devices}"
+        ),
         &[],
     )
     .unwrap()
@@ -147,7 +149,10 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
     store.insert_logs(id, &[line(0, 0, "hello"), line(0, 6, "world"), line(1, 0, "rank one")]).await.unwrap();
     store.insert_logs(id, &[line(0, 6, "world"), line(0, 12, "again")]).await.unwrap();
     let all = store.logs(id, None, -1, 100).await.unwrap();
-    assert_eq!(all.iter().map(|l| (l.rank, l.line.as_str())).collect::<Vec<_>>(), [(0, "hello"), (0, "world"), (0, "again"), (1, "rank one")]);
+    assert_eq!(
+        all.iter().map(|l| (l.rank, l.line.as_str())).collect::<Vec<_>>(),
+        [(0, "hello"), (0, "world"), (0, "again"), (1, "rank one")]
+    );
     assert_eq!(store.logs(id, Some(0), 0, 100).await.unwrap().len(), 2);
     assert_eq!(store.log_end(id, 0).await.unwrap(), 18);
     assert_eq!(store.log_end(id, 5).await.unwrap(), 0);

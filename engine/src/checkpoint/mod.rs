@@ -1,7 +1,10 @@
 //! Hugging Face model directories: loading weights (`model.safetensors`, or the shards listed by
 //! `model.safetensors.index.json`) into the flat parameter buffer, and writing a directory that
 //! `transformers` loads (`config.json` + `model.safetensors`, plus the tokenizer if there is one).
+//! Training checkpoints are such a directory plus the optimizer state and the step.
 
 mod hf;
+mod state;
 
 pub use hf::{has_weights, load_weights, save_hf_dir};
+pub use state::{is_training_checkpoint, load_training_checkpoint, save_training_checkpoint};

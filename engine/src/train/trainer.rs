@@ -4,7 +4,7 @@ use std::time::Instant;
 use gantry_api::{JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
-use crate::checkpoint::{has_weights, load_weights, save_hf_dir};
+use crate::checkpoint::{has_weights, load_training_checkpoint, load_weights, save_hf_dir, save_training_checkpoint};
 use crate::data::{check_vocab, load_tokens, Sampler};
 use crate::models::{Activations, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
@@ -149,5 +149,23 @@ impl Trainer {
     /// Writes the current model as a Hugging Face directory.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
+    }
+
+    /// Writes a training checkpoint (weights, AdamW moments, step) to `dir`, atomically.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        save_training_checkpoint(dir, &self.model.config, &self.model.table, &self.buffers, self.step, self.tokenizer.as_deref())
+    }
+
+    /// Continues from a training checkpoint: the following steps are those the run that wrote it
+    /// would have taken (the data order depends only on the seed and the step).
+    pub fn resume(&mut self, dir: &Path) -> Result<()> {
+        self.step = load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?;
+        if self.step > self.spec.train.steps {
+            return Err(Error::Config {
+                path: dir.into(),
+                message: format!("the checkpoint is at step {}, past train.steps = {}", self.step, self.spec.train.steps),
+            });
+        }
+        Ok(())
     }
 }

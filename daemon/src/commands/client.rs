@@ -1,0 +1,270 @@
+//! The CLI client of a daemon's REST API: `submit`, `jobs`, `status`, `logs`, `cancel`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use gantry_api::{ApiError, Job, JobEvent, JobPage, JobSpec, LogLine, StepMetrics};
+use serde::de::DeserializeOwned;
+
+use crate::cli::{JobArgs, JobsArgs, LogsArgs, SubmitArgs};
+use crate::progress;
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(server: &str) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+        Ok(Client { http, base: server.trim_end_matches('/').to_string() })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {e}", self.base))?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            return match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => Err(anyhow!("{e} ({status})")),
+                Err(_) => Err(anyhow!("{status}: {}", String::from_utf8_lossy(&body).trim())),
+            };
+        }
+        serde_json::from_slice(&body).with_context(|| format!("unexpected answer from {}", self.base))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: Option<String>) -> anyhow::Result<T> {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        self.send(req).await
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
+}
+
+pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.spec).with_context(|| format!("reading {}", a.spec.display()))?;
+    let mut spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow!("{}: {e}", a.spec.display()))?;
+    // Paths in a spec are relative to the spec's file; the daemon sees them absolute.
+    let base = a.spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).canonicalize()?;
+    let abs = |p: &str| base.join(p).to_string_lossy().into_owned();
+    spec.model.path = abs(&spec.model.path);
+    spec.data.train = abs(&spec.data.train);
+    spec.data.tokenizer = spec.data.tokenizer.as_deref().map(abs);
+    let client = Client::new(&a.server.server)?;
+    block_on(async {
+        let job: Job = client.post("/v1/jobs", Some(serde_json::to_string(&spec)?)).await?;
+        eprintln!("submitted job {} ({}), {}", job.id, job.name, job.state);
+        if !a.follow {
+            println!("{}", job.id);
+            return Ok(());
+        }
+        follow(&client, job.id).await
+    })?
+}
+
+/// Live progress until the job ends; the exit status says whether it succeeded.
+async fn follow(client: &Client, id: i64) -> anyhow::Result<()> {
+    let first: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+    let steps = first.spec.train.steps;
+    let interactive = progress::interactive();
+    let pb = progress::bar(steps, "{prefix} step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
+    let mut last_state = None;
+    let mut last_printed = 0;
+    loop {
+        let job: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+        let series: serde_json::Value =
+            client.get(&format!("/v1/jobs/{id}/metrics?after_step={}", (job.step.unwrap_or(0) - 1).max(0))).await?;
+        let latest: Option<StepMetrics> =
+            series["steps"].as_array().and_then(|a| a.last()).and_then(|v| serde_json::from_value(v.clone()).ok());
+        if last_state != Some(job.state) {
+            let line = format!("job {id}: {} — {}", job.state, job.reason);
+            if interactive {
+                pb.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+            last_state = Some(job.state);
+        }
+        if let Some(m) = &latest {
+            let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s);
+            if interactive {
+                pb.set_prefix(format!("job {id}"));
+                pb.set_position(m.step as u64);
+                pb.set_message(msg);
+            } else if m.step > last_printed && (m.step >= last_printed + 10 || m.step as u64 == steps) {
+                eprintln!("job {id} step {}/{steps} {msg}", m.step);
+                last_printed = m.step;
+            }
+        }
+        if job.state.is_final() {
+            pb.finish_and_clear();
+            println!("{}", serde_json::json!({"id": id, "state": job.state, "reason": job.reason, "step": job.step}));
+            if job.state != gantry_api::JobState::Succeeded {
+                bail!("job {id} {}: {}", job.state, job.reason);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
+pub fn jobs(a: JobsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server.server)?;
+    let mut path = format!("/v1/jobs?limit={}", a.limit);
+    if let Some(s) = &a.state {
+        path.push_str(&format!("&state={s}"));
+    }
+    let page: JobPage = block_on(client.get(&path))??;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
+        return Ok(());
+    }
+    let now = crate::store::now_ms();
+    let rows: Vec<Vec<String>> = page
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.name.clone(),
+                j.state.to_string(),
+                format!("{}/{}", j.step.unwrap_or(0), j.spec.train.steps),
+                j.spec.resources.devices.to_string(),
+                age(now - j.created_ms),
+                j.reason.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "STATE", "STEP", "DEVICES", "AGE", "REASON"], &rows);
+    if let Some(after) = page.next_after {
+        eprintln!("(more: --limit or GET /v1/jobs?after={after})");
+    }
+    Ok(())
+}
+
+pub fn status(a: JobArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server.server)?;
+    let (job, events): (Job, serde_json::Value) = block_on(async {
+        let job: Job = client.get(&format!("/v1/jobs/{}", a.id)).await?;
+        let ev: serde_json::Value = client.get(&format!("/v1/jobs/{}/events", a.id)).await?;
+        anyhow::Ok((job, ev))
+    })??;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"job": job, "events": events["events"]}))?);
+        return Ok(());
+    }
+    let events: Vec<JobEvent> = serde_json::from_value(events["events"].clone())?;
+    println!("job {}  {}", job.id, job.name);
+    println!("  state       {}", job.state);
+    println!("  reason      {}", job.reason);
+    println!("  progress    step {} of {}", job.step.unwrap_or(0), job.spec.train.steps);
+    println!(
+        "  devices     {} ({})",
+        job.spec.resources.devices,
+        if job.placement.is_empty() { "none held".into() } else { job.placement.join(", ") }
+    );
+    println!("  restarts    {} of {}", job.restarts, job.spec.restart.max_restarts);
+    println!("  checkpoint  {}", job.checkpoint_step.map_or("none".into(), |s| format!("step {s}")));
+    println!("  run dir     {}", job.run_dir);
+    println!("events:");
+    let t0 = events.first().map_or(0, |e| e.at_ms);
+    for e in events {
+        let from = e.from.map_or("-".to_string(), |f| f.to_string());
+        println!("  +{:>8.1}s  {from:>10} → {:<10} {}", (e.at_ms - t0) as f64 / 1e3, e.to.to_string(), e.reason);
+    }
+    Ok(())
+}
+
+pub fn cancel(a: JobArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server.server)?;
+    let job: Job = block_on(client.post(&format!("/v1/jobs/{}/cancel", a.id), None))??;
+    eprintln!("job {} {}", job.id, job.state);
+    Ok(())
+}
+
+pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server.server)?;
+    let rank = a.rank.map_or(String::new(), |r| format!("&rank={r}"));
+    block_on(async {
+        if !a.follow {
+            let v: serde_json::Value = client.get(&format!("/v1/jobs/{}/logs?limit=100000{rank}", a.id)).await?;
+            let lines: Vec<LogLine> = serde_json::from_value(v["lines"].clone())?;
+            for l in lines {
+                print_line(&l, a.rank.is_none());
+            }
+            return Ok(());
+        }
+        let url = format!("{}/v1/jobs/{}/logs?follow=true{rank}", client.base, a.id);
+        let resp = client.http.get(&url).send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {e}", client.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            bail!("{}", serde_json::from_str::<ApiError>(&body).map(|e| e.to_string()).unwrap_or(format!("{status}: {body}")));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk?));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                let kind = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+                let data = event.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim).unwrap_or("");
+                match kind {
+                    Some("log") => print_line(&serde_json::from_str::<LogLine>(data)?, a.rank.is_none()),
+                    Some("end") => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?
+}
+
+fn print_line(l: &LogLine, with_rank: bool) {
+    if with_rank {
+        println!("[rank {}] {}", l.rank, l.line);
+    } else {
+        println!("{}", l.line);
+    }
+}
+
+fn age(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let parts: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| if i + 1 == n { c.to_string() } else { format!("{c:<w$}", w = widths[i]) }).collect();
+        println!("{}", parts.join("  "));
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,110 @@
+//! `gantry daemon`: wires the store, supervisor, REST, gRPC and metrics together and runs them
+//! until SIGTERM or Ctrl-C. Shutting down stops the APIs and the supervisor but leaves running
+//! workers alone: the next daemon re-adopts them.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::cli::DaemonArgs;
+use crate::config::DaemonConfig;
+use crate::grpc::{Grpc, JobServiceServer, WorkerServiceServer};
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::service::JobService;
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+
+pub fn run(a: DaemonArgs) -> anyhow::Result<()> {
+    let config = Arc::new(DaemonConfig::resolve(&a)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
+    let store =
+        Store::connect(&config.database_url).await.with_context(|| format!("opening the store at {}", redact(&config.database_url)))?;
+    let metrics = Metrics::new();
+    let exe = std::env::current_exe().context("locating the gantry binary for the workers")?;
+    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe);
+    let service = JobService { store: store.clone(), supervisor: supervisor.clone(), config: config.clone() };
+    let state = AppState { service: service.clone(), metrics: metrics.clone() };
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let http_listener =
+        tokio::net::TcpListener::bind(config.http).await.with_context(|| format!("binding the REST address {}", config.http))?;
+    let grpc_listener =
+        tokio::net::TcpListener::bind(config.grpc).await.with_context(|| format!("binding the gRPC address {}", config.grpc))?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?),
+        None => None,
+    };
+    eprintln!(
+        "gantry daemon: REST on http://{}, gRPC on {}, store {} ({:?}), data in {}, devices {}",
+        http_listener.local_addr()?,
+        grpc_listener.local_addr()?,
+        redact(&config.database_url),
+        store.backend(),
+        config.data_dir.display(),
+        config.slots.join(",")
+    );
+
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http_task = tokio::spawn(
+        axum::serve(http_listener, http::router(state.clone(), metrics_listener.is_none()))
+            .with_graceful_shutdown(until_stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(
+            axum::serve(l, http::metrics_router(state.clone())).with_graceful_shutdown(until_stopped(stop_rx.clone())).into_future(),
+        )
+    });
+    let grpc = Grpc { service, metrics };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(JobServiceServer::new(grpc.clone()))
+            .add_service(WorkerServiceServer::new(grpc))
+            .serve_with_incoming_shutdown(incoming, until_stopped(stop_rx.clone())),
+    );
+    let supervisor_task = tokio::spawn(supervisor.run(stop_rx));
+
+    shutdown_signal().await;
+    eprintln!("gantry daemon: shutting down (running jobs keep training and are re-adopted on the next start)");
+    let _ = stop_tx.send(true);
+    let _ = supervisor_task.await;
+    let _ = http_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    let _ = grpc_task.await;
+    store.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,161 @@
+//! The REST API (axum): parses requests, calls the job service, maps errors to status codes and
+//! the one JSON error shape. Documented by `openapi.json`, served at `/v1/openapi.json`.
+
+mod logs;
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::service::JobService;
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: JobService,
+    pub metrics: Metrics,
+}
+
+/// The REST routes; `/metrics` too unless it has a listener of its own.
+pub fn router(state: AppState, with_metrics: bool) -> Router {
+    let mut r = Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/metrics", get(metrics))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/jobs/{id}/logs", get(logs::logs))
+        .route("/v1/devices", get(devices))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready));
+    if with_metrics {
+        r = r.route("/metrics", get(prometheus));
+    }
+    r.layer(axum::middleware::from_fn_with_state(state.clone(), track)).with_state(state)
+}
+
+/// Just `/metrics`, for a separate listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(prometheus)).with_state(state)
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        use gantry_api::ErrorCode::*;
+        let status = match self.code() {
+            BadRequest => StatusCode::BAD_REQUEST,
+            InvalidSpec => StatusCode::UNPROCESSABLE_ENTITY,
+            NotFound => StatusCode::NOT_FOUND,
+            Conflict => StatusCode::CONFLICT,
+            Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::warn!("{self}");
+        }
+        (status, Json(self.to_api())).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, Error>;
+
+/// Counts requests and their latency by route template (never by raw path, so ids do not
+/// multiply the series).
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    s.metrics.http_requests.with_label_values(&[&method, &route, resp.status().as_str()]).inc();
+    s.metrics.http_latency.with_label_values(&[&method, &route]).observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn submit(State(s): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest("the body is not UTF-8 JSON".into()))?;
+    let job = s.service.submit(text).await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|e| Error::BadRequest(e.body_text()))?;
+    Ok(Json(s.service.list(q.state.as_deref(), q.after, q.limit).await?))
+}
+
+fn job_id(p: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<i64> {
+    p.map(|Path(id)| id).map_err(|_| Error::BadRequest("the job id must be an integer".into()))
+}
+
+async fn job(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.service.get(job_id(id)?).await?))
+}
+
+async fn cancel(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.service.cancel(job_id(id)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsQuery {
+    rank: Option<u32>,
+    after_step: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn metrics(
+    State(s): State<AppState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let id = job_id(id)?;
+    let Query(q) = q.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let steps = s.service.metrics(id, q.rank, q.after_step, q.limit).await?;
+    Ok(Json(json!({ "job_id": id, "steps": steps })))
+}
+
+async fn events(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
+    let id = job_id(id)?;
+    Ok(Json(json!({ "job_id": id, "events": s.service.events(id).await? })))
+}
+
+async fn devices(State(s): State<AppState>) -> impl IntoResponse {
+    Json(json!({ "devices": s.service.devices() }))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    match s.service.store.ping().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}

@@ -1,0 +1,77 @@
+//! The daemon's Prometheus series (all `gantry_`-prefixed; documented in docs/operations.md).
+
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Jobs by state.
+    pub jobs: IntGaugeVec,
+    /// Jobs waiting for devices (queued or restarting).
+    pub queue_length: IntGauge,
+    /// Device slots in use.
+    pub devices_busy: IntGauge,
+    pub step: IntGaugeVec,
+    pub step_seconds: GaugeVec,
+    pub tokens_per_second: GaugeVec,
+    pub loss: GaugeVec,
+    pub mem_bytes: GaugeVec,
+    pub worker_restarts: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_latency: HistogramVec,
+    pub grpc_requests: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let per_rank = ["job", "rank"];
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry.register(Box::new(m.clone())).expect("metric names are unique");
+                m
+            }};
+        }
+        Metrics {
+            jobs: reg!(IntGaugeVec::new(Opts::new("gantry_jobs", "Jobs by state"), &["state"])),
+            queue_length: reg!(IntGauge::new("gantry_queue_length", "Jobs waiting for devices (queued or restarting)")),
+            devices_busy: reg!(IntGauge::new("gantry_devices_busy", "Device slots held by jobs")),
+            step: reg!(IntGaugeVec::new(Opts::new("gantry_job_step", "Last reported optimizer step"), &per_rank)),
+            step_seconds: reg!(GaugeVec::new(Opts::new("gantry_job_step_seconds", "Duration of the last optimizer step"), &per_rank)),
+            tokens_per_second: reg!(GaugeVec::new(
+                Opts::new("gantry_job_tokens_per_second", "Training throughput of the last step"),
+                &per_rank
+            )),
+            loss: reg!(GaugeVec::new(Opts::new("gantry_job_loss", "Training loss of the last step"), &per_rank)),
+            mem_bytes: reg!(GaugeVec::new(
+                Opts::new("gantry_job_memory_bytes", "Parameters, gradients and optimizer state held by the rank"),
+                &per_rank
+            )),
+            worker_restarts: reg!(IntCounterVec::new(
+                Opts::new("gantry_worker_restarts_total", "Jobs restarted after a worker failure"),
+                &["job"]
+            )),
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new("gantry_http_requests_total", "REST requests by route and status"),
+                &["method", "route", "status"]
+            )),
+            http_latency: reg!(HistogramVec::new(
+                HistogramOpts::new("gantry_http_request_duration_seconds", "REST request latency")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                &["method", "route"]
+            )),
+            grpc_requests: reg!(IntCounterVec::new(
+                Opts::new("gantry_grpc_requests_total", "gRPC requests by method and outcome"),
+                &["method", "code"]
+            )),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding never fails");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}

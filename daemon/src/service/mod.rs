@@ -1,0 +1,124 @@
+//! The job service: what REST and gRPC both call. No HTTP, gRPC or SQL types here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gantry_api::{DeviceInfo, Job, JobEvent, JobPage, JobSpec, JobState, LogLine, SpecError, StepMetrics};
+
+use crate::config::{fits_node, slot_kind, DaemonConfig};
+use crate::error::{Error, Result};
+use crate::store::jobs::Change;
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+
+#[derive(Clone)]
+pub struct JobService {
+    pub store: Store,
+    pub supervisor: Arc<Supervisor>,
+    pub config: Arc<DaemonConfig>,
+}
+
+impl JobService {
+    /// Validates a spec (JSON, the REST body's schema) and queues the job. An invalid spec is
+    /// refused with the field at fault, before anything is stored.
+    pub async fn submit(&self, spec_json: &str) -> Result<Job> {
+        let mut spec = JobSpec::from_json(spec_json)?;
+        self.check_runnable(&mut spec)?;
+        let row = self.store.create_job(&spec, &self.config.runs_root()).await?;
+        self.supervisor.wake();
+        Ok(row.job)
+    }
+
+    /// What the schema cannot say: the files exist, the node has the devices, this build can run
+    /// the layout. Relative paths are taken from the daemon's working directory and stored
+    /// absolute, since workers run elsewhere.
+    fn check_runnable(&self, spec: &mut JobSpec) -> Result<()> {
+        let cwd = std::env::current_dir().map_err(Error::io("."))?;
+        let abs = |p: &str| -> String { absolute(&cwd, p).to_string_lossy().into_owned() };
+        spec.model.path = abs(&spec.model.path);
+        spec.data.train = abs(&spec.data.train);
+        if let Some(t) = &spec.data.tokenizer {
+            spec.data.tokenizer = Some(abs(t));
+        }
+        if !Path::new(&spec.model.path).join("config.json").is_file() {
+            return Err(SpecError::new("model.path", format!("{} holds no config.json", spec.model.path)).into());
+        }
+        if !Path::new(&spec.data.train).is_file() {
+            return Err(SpecError::new("data.train", format!("{} is not a file on the daemon's machine", spec.data.train)).into());
+        }
+        if let Some(t) = &spec.data.tokenizer {
+            if !Path::new(t).is_file() {
+                return Err(SpecError::new("data.tokenizer", format!("{t} is not a file")).into());
+            }
+        }
+        fits_node(&spec.resources.devices, &self.config.slots).map_err(|m| SpecError::new("resources.devices", m))?;
+        let p = &spec.parallel;
+        if p.dp * p.tp * p.pp != 1 || p.zero != 0 {
+            return Err(SpecError::new(
+                "parallel",
+                "this build trains a job on one device (dp = tp = pp = 1, zero = 0); data parallelism and ZeRO come with the collectives",
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Job> {
+        self.store.job(id).await
+    }
+
+    pub async fn list(&self, state: Option<&str>, after: Option<i64>, limit: Option<u32>) -> Result<JobPage> {
+        let state: Option<JobState> = state.filter(|s| !s.is_empty()).map(str::parse).transpose().map_err(Error::BadRequest)?;
+        self.store.list_jobs(state, after, limit.unwrap_or(50)).await
+    }
+
+    /// Cancels a job in any non-final state: the state is recorded first, then every rank is
+    /// stopped.
+    pub async fn cancel(&self, id: i64) -> Result<Job> {
+        let job = self.store.job(id).await?;
+        if job.state.is_final() {
+            return Err(Error::IllegalTransition { id, from: job.state, to: JobState::Cancelled });
+        }
+        let row = self.store.transition(id, JobState::Cancelled, "cancelled by request", Change::default()).await?;
+        self.supervisor.stop_job(id);
+        Ok(row.job)
+    }
+
+    pub async fn metrics(&self, id: i64, rank: Option<u32>, after_step: Option<i64>, limit: Option<u32>) -> Result<Vec<StepMetrics>> {
+        self.store.job_row(id).await?;
+        self.store.metrics(id, rank, after_step.unwrap_or(0), limit.unwrap_or(10_000).min(100_000)).await
+    }
+
+    pub async fn events(&self, id: i64) -> Result<Vec<JobEvent>> {
+        self.store.events(id).await
+    }
+
+    pub async fn logs(&self, id: i64, rank: Option<u32>, after_offset: Option<i64>, limit: Option<u32>) -> Result<Vec<LogLine>> {
+        self.store.job_row(id).await?;
+        self.store.logs(id, rank, after_offset.unwrap_or(-1), limit.unwrap_or(10_000).min(100_000)).await
+    }
+
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let held = self.supervisor.held();
+        self.config
+            .slots
+            .iter()
+            .map(|s| DeviceInfo { id: s.clone(), kind: slot_kind(s).to_string(), job_id: held.get(s).copied() })
+            .collect()
+    }
+
+    pub async fn record_steps(&self, job_id: i64, steps: &[StepMetrics]) -> Result<()> {
+        self.store.insert_steps(job_id, steps).await?;
+        self.supervisor.update_step_gauges(job_id, steps);
+        Ok(())
+    }
+}
+
+fn absolute(cwd: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        cwd.join(p)
+    }
+}

@@ -1,0 +1,496 @@
+//! The supervisor: places waiting jobs on free devices, starts one `gantry worker` per device,
+//! watches the workers (exit, registration, heartbeats), and moves each job through its states:
+//! succeeded when every rank finished, restarted from its last checkpoint or failed when one did
+//! not. All of this runs in one task driven by a timer and a wake-up; the gRPC handlers only
+//! record what workers say.
+//!
+//! The daemon never kills its workers by dying: they run in process groups of their own, and a
+//! daemon that starts again re-adopts them from the `workers` table (PID and process start time),
+//! reading how the ones that ended meanwhile ended from their outcome files.
+
+mod logs;
+pub mod placement;
+pub mod process;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gantry_api::{JobState, StepMetrics};
+use nix::sys::signal::Signal;
+use tokio::sync::{watch, Notify};
+
+use crate::config::DaemonConfig;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::store::jobs::Change;
+use crate::store::{now_ms, Store, WorkerRecord};
+use crate::worker::{checkpoint_dir, log_path, read_outcome};
+use placement::{Decision, Waiting};
+
+/// How a rank ended.
+#[derive(Clone, Debug)]
+enum Exit {
+    Finished,
+    Failed(String),
+}
+
+struct Rank {
+    pid: u32,
+    proc_start: u64,
+    /// Our own child (started by this daemon); adopted ranks have none.
+    child: Option<Child>,
+    registered: bool,
+    last_beat: Instant,
+    exit: Option<Exit>,
+}
+
+impl Rank {
+    /// Whether the process has ended (and, for our own child, been reaped).
+    fn gone(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => !process::is_alive(self.pid, self.proc_start),
+        }
+    }
+}
+
+struct LiveJob {
+    attempt: u32,
+    placement: Vec<String>,
+    run_dir: PathBuf,
+    ranks: Vec<Rank>,
+    started: Instant,
+    /// Cancelled: the ranks are being stopped.
+    stopping: bool,
+    log_stop: watch::Sender<bool>,
+    log_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct Supervisor {
+    store: Store,
+    config: Arc<DaemonConfig>,
+    metrics: Metrics,
+    exe: PathBuf,
+    grpc_url: String,
+    live: Mutex<HashMap<i64, LiveJob>>,
+    wake: Notify,
+}
+
+impl Supervisor {
+    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf) -> Arc<Supervisor> {
+        let grpc_url = format!("http://{}", config.grpc);
+        Arc::new(Supervisor { store, config, metrics, exe, grpc_url, live: Mutex::new(HashMap::new()), wake: Notify::new() })
+    }
+
+    /// Asks the loop to look at the queue now (a job was submitted or cancelled).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The slots held by running jobs: slot → job.
+    pub fn held(&self) -> BTreeMap<String, i64> {
+        let live = self.live.lock().expect("live jobs");
+        live.iter().flat_map(|(id, j)| j.placement.iter().map(move |s| (s.clone(), *id))).collect()
+    }
+
+    /// Re-adopts what a previous daemon left running, then supervises until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            match self.adopt().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!("re-adopting running jobs: {e}; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::warn!("supervisor: {e}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Workers keep training; stop copying their logs cleanly (the next daemon resumes it).
+        for j in self.live.lock().expect("live jobs").values() {
+            let _ = j.log_stop.send(true);
+        }
+    }
+
+    async fn adopt(&self) -> Result<()> {
+        for row in self.store.jobs_in(&[JobState::Scheduled, JobState::Running]).await? {
+            let id = row.job.id;
+            if self.live.lock().expect("live jobs").contains_key(&id) {
+                continue;
+            }
+            let workers = self.store.workers(id).await?;
+            let current: Vec<&WorkerRecord> = workers.iter().filter(|w| w.attempt == row.attempt).collect();
+            let run_dir = PathBuf::from(&row.job.run_dir);
+            if current.len() != row.job.devices as usize {
+                // The daemon died while starting the job: stop what did start and begin again.
+                for w in &workers {
+                    process::signal(w.pid, w.proc_start, Signal::SIGKILL);
+                }
+                self.fail_or_restart(id, "the daemon restarted while the job's workers were starting".into()).await?;
+                continue;
+            }
+            let ranks = current
+                .iter()
+                .map(|w| Rank {
+                    pid: w.pid,
+                    proc_start: w.proc_start,
+                    child: None,
+                    registered: true,
+                    last_beat: Instant::now(),
+                    exit: None,
+                })
+                .collect();
+            tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
+            self.start_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_live(&self, id: i64, attempt: u32, placement: Vec<String>, run_dir: PathBuf, ranks: Vec<Rank>) -> Result<()> {
+        let (log_stop, rx) = watch::channel(false);
+        let mut log_tasks = Vec::new();
+        for rank in 0..ranks.len() as u32 {
+            let offset = self.store.log_end(id, rank).await?.max(0) as u64;
+            log_tasks.push(tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone())));
+        }
+        let job = LiveJob { attempt, placement, run_dir, ranks, started: Instant::now(), stopping: false, log_stop, log_tasks };
+        self.live.lock().expect("live jobs").insert(id, job);
+        Ok(())
+    }
+
+    async fn tick(&self) -> Result<()> {
+        for (id, exit) in self.check_ranks() {
+            self.finish_job(id, exit).await?;
+        }
+        self.schedule().await?;
+        self.update_gauges().await
+    }
+
+    /// Polls every rank; returns the jobs that are over: `Ok` when all ranks finished, the first
+    /// failure otherwise (the other ranks are then stopped).
+    fn check_ranks(&self) -> Vec<(i64, Exit)> {
+        let mut live = self.live.lock().expect("live jobs");
+        let mut over = Vec::new();
+        for (id, job) in live.iter_mut() {
+            for (r, rank) in job.ranks.iter_mut().enumerate() {
+                if rank.exit.is_some() {
+                    continue;
+                }
+                let exited = match &mut rank.child {
+                    Some(c) => match c.try_wait() {
+                        Ok(Some(status)) => Some(Some(status)),
+                        Ok(None) => None,
+                        Err(_) => Some(None),
+                    },
+                    None => (!process::is_alive(rank.pid, rank.proc_start)).then_some(None),
+                };
+                if let Some(status) = exited {
+                    rank.exit = Some(match read_outcome(&job.run_dir, r as u32, job.attempt) {
+                        Some(o) if o.succeeded => Exit::Finished,
+                        Some(o) => Exit::Failed(format!("rank {r} failed: {}", o.message)),
+                        None => Exit::Failed(match status {
+                            Some(s) => format!("rank {r} exited with {s} before reporting an outcome"),
+                            None => format!("rank {r} (pid {}) ended while the daemon was away, without an outcome", rank.pid),
+                        }),
+                    });
+                } else if !rank.registered && job.started.elapsed() > self.config.register_timeout {
+                    rank.exit = Some(Exit::Failed(format!("rank {r} did not register within {:?}", self.config.register_timeout)));
+                } else if rank.registered && rank.last_beat.elapsed() > self.config.heartbeat_timeout {
+                    rank.exit = Some(Exit::Failed(format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout)));
+                }
+            }
+            let failed = job.ranks.iter().find_map(|r| match &r.exit {
+                Some(Exit::Failed(m)) => Some(m.clone()),
+                _ => None,
+            });
+            if let Some(msg) = failed {
+                // One rank failed: the others cannot go on without it.
+                for rank in job.ranks.iter_mut() {
+                    if !rank.gone() {
+                        process::signal(rank.pid, rank.proc_start, Signal::SIGKILL);
+                    }
+                }
+                if job.ranks.iter_mut().all(Rank::gone) {
+                    over.push((*id, Exit::Failed(msg)));
+                }
+            } else if job.ranks.iter().all(|r| r.exit.is_some()) {
+                over.push((*id, Exit::Finished));
+            }
+        }
+        over
+    }
+
+    /// Records how a job ended and frees its devices. If the store cannot take it now, the job
+    /// stays live and the next tick tries again.
+    async fn finish_job(&self, id: i64, exit: Exit) -> Result<()> {
+        // Copy the last log lines before the job is seen to end, so a follower gets all of them.
+        let tasks = match self.live.lock().expect("live jobs").get_mut(&id) {
+            Some(job) => {
+                let _ = job.log_stop.send(true);
+                std::mem::take(&mut job.log_tasks)
+            }
+            None => Vec::new(),
+        };
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let state = self.store.job(id).await?.state;
+        if !state.is_final() {
+            match &exit {
+                Exit::Finished => {
+                    let run_dir = self.live.lock().expect("live jobs").get(&id).map(|j| j.run_dir.clone());
+                    if let Some(dir) = run_dir {
+                        self.backfill_metrics(id, &dir).await?;
+                    }
+                    let n = self.live.lock().expect("live jobs").get(&id).map_or(0, |j| j.ranks.len());
+                    self.store.transition(id, JobState::Succeeded, &format!("every rank finished ({n} of {n})"), Change::default()).await?;
+                }
+                Exit::Failed(msg) => self.fail_or_restart(id, msg.clone()).await?,
+            }
+        }
+        self.store.clear_workers(id).await?;
+        if let Some(job) = self.live.lock().expect("live jobs").remove(&id) {
+            let _ = job.log_stop.send(true);
+        }
+        self.wake();
+        Ok(())
+    }
+
+    async fn fail_or_restart(&self, id: i64, reason: String) -> Result<()> {
+        let row = self.store.job_row(id).await?;
+        if row.job.restarts < row.job.spec.restart.max_restarts {
+            let ck = match row.job.checkpoint_step {
+                Some(s) => format!("from the checkpoint of step {s}"),
+                None => "from the start (no checkpoint yet)".into(),
+            };
+            let why = format!("{reason}; restart {} of {} {ck}", row.job.restarts + 1, row.job.spec.restart.max_restarts);
+            self.store.transition(id, JobState::Restarting, &why, Change::default()).await?;
+            self.metrics.worker_restarts.with_label_values(&[&id.to_string()]).inc();
+        } else {
+            let why = if row.job.spec.restart.max_restarts == 0 {
+                reason
+            } else {
+                format!("{reason} (after {} restarts, the job's restart.max_restarts)", row.job.restarts)
+            };
+            self.store.transition(id, JobState::Failed, &why, Change::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores every step a finished job wrote to its metrics file (a step whose report was lost
+    /// in flight is recorded now; those already stored are skipped).
+    async fn backfill_metrics(&self, id: i64, run_dir: &Path) -> Result<()> {
+        let path = run_dir.join("metrics.jsonl");
+        let Ok(text) = tokio::fs::read_to_string(&path).await else { return Ok(()) };
+        let steps: Vec<StepMetrics> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| StepMetrics {
+                rank: 0,
+                step: v["step"].as_i64().unwrap_or(0),
+                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
+                lr: v["lr"].as_f64().unwrap_or(0.0),
+                grad_norm: v["grad_norm"].as_f64().unwrap_or(0.0),
+                tokens_per_s: v["tokens_per_s"].as_f64().unwrap_or(0.0),
+                mem_bytes: v["mem_bytes"].as_i64().unwrap_or(0),
+                step_ms: v["step_ms"].as_f64().unwrap_or(0.0),
+            })
+            .filter(|s| s.step > 0)
+            .collect();
+        for chunk in steps.chunks(500) {
+            self.store.insert_steps(id, chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn schedule(&self) -> Result<()> {
+        let queue = self.store.jobs_in(&[JobState::Queued, JobState::Restarting]).await?;
+        if queue.is_empty() {
+            return Ok(());
+        }
+        let waiting: Vec<Waiting> = queue.iter().map(|j| Waiting { id: j.job.id, devices: j.job.spec.resources.devices.clone() }).collect();
+        for d in placement::plan(&waiting, &self.config.slots, &self.held()) {
+            match d {
+                Decision::Wait { id, reason } => self.store.set_reason(id, &reason).await?,
+                Decision::Reject { id, reason } => {
+                    if let Err(e) =
+                        self.store.transition(id, JobState::Cancelled, &format!("cannot run here: {reason}"), Change::default()).await
+                    {
+                        tracing::warn!(job_id = id, "rejecting: {e}");
+                    }
+                }
+                Decision::Place { id, slots } => {
+                    let row = self
+                        .store
+                        .transition(id, JobState::Scheduled, &format!("placed on {}", slots.join(", ")), Change { placement: Some(&slots) })
+                        .await?;
+                    if let Err(e) = self.launch(id, row.attempt, slots).await {
+                        tracing::warn!(job_id = id, "starting workers: {e}");
+                        self.fail_or_restart(id, format!("could not start the workers: {e}")).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, id: i64, attempt: u32, placement: Vec<String>) -> Result<()> {
+        let row = self.store.job_row(id).await?;
+        let run_dir = PathBuf::from(&row.job.run_dir);
+        for sub in ["logs", "ranks"] {
+            std::fs::create_dir_all(run_dir.join(sub)).map_err(Error::io(run_dir.join(sub)))?;
+        }
+        let spec_json = serde_json::to_string_pretty(&row.job.spec).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(run_dir.join("spec.json"), spec_json).map_err(Error::io(run_dir.join("spec.json")))?;
+        let resume = match self.store.last_checkpoint(id).await? {
+            Some((step, path)) if Path::new(&path).is_dir() => Some(PathBuf::from(path)).filter(|_| step > 0),
+            Some((step, _)) => Some(checkpoint_dir(&run_dir, step as u64)).filter(|p| p.is_dir()),
+            None => None,
+        };
+        let rendezvous = format!("127.0.0.1:{}", process::free_port()?);
+        let world = placement.len() as u32;
+        let mut ranks = Vec::new();
+        for rank in 0..world {
+            let log = log_path(&run_dir, rank);
+            let launch = process::Launch {
+                exe: &self.exe,
+                job_id: id,
+                rank,
+                world_size: world,
+                attempt,
+                rendezvous: &rendezvous,
+                daemon: &self.grpc_url,
+                run_dir: &run_dir,
+                resume_from: resume.as_deref(),
+                log: &log,
+            };
+            let child = match process::spawn(&launch) {
+                Ok(c) => c,
+                Err(e) => {
+                    for r in &ranks {
+                        let r: &Rank = r;
+                        process::signal(r.pid, r.proc_start, Signal::SIGKILL);
+                    }
+                    return Err(e);
+                }
+            };
+            let pid = child.id();
+            let proc_start = process::proc_start(pid).unwrap_or(0);
+            let record = WorkerRecord { job_id: id, rank, attempt, pid, proc_start, started_ms: now_ms() };
+            ranks.push(Rank { pid, proc_start, child: Some(child), registered: false, last_beat: Instant::now(), exit: None });
+            self.store.record_worker(&record).await?;
+        }
+        tracing::info!(job_id = id, attempt, "started {world} ranks");
+        self.start_live(id, attempt, placement, run_dir, ranks).await
+    }
+
+    async fn update_gauges(&self) -> Result<()> {
+        let counts = self.store.count_by_state().await?;
+        let mut queue = 0;
+        for s in JobState::ALL {
+            let n = counts.iter().find(|(st, _)| *st == s).map_or(0, |c| c.1);
+            self.metrics.jobs.with_label_values(&[s.as_str()]).set(n);
+            if matches!(s, JobState::Queued | JobState::Restarting) {
+                queue += n;
+            }
+        }
+        self.metrics.queue_length.set(queue);
+        self.metrics.devices_busy.set(self.held().len() as i64);
+        Ok(())
+    }
+
+    /// A worker's first call: it must belong to the job's current attempt.
+    pub async fn register(&self, job_id: i64, rank: u32, attempt: u32) -> Result<()> {
+        let stale =
+            || Error::Conflict(format!("job {job_id} attempt {attempt} is not running on this daemon (a stale or cancelled worker)"));
+        let all_registered = {
+            let mut live = self.live.lock().expect("live jobs");
+            match live.get_mut(&job_id) {
+                Some(job) if job.attempt == attempt && !job.stopping => {
+                    let r =
+                        job.ranks.get_mut(rank as usize).ok_or_else(|| Error::BadRequest(format!("job {job_id} has no rank {rank}")))?;
+                    r.registered = true;
+                    r.last_beat = Instant::now();
+                    Some(job.ranks.iter().all(|r| r.registered))
+                }
+                Some(_) => return Err(stale()),
+                None => None,
+            }
+        };
+        let row = self.store.job_row(job_id).await?;
+        match all_registered {
+            Some(true) if row.job.state == JobState::Scheduled => {
+                self.store.transition(job_id, JobState::Running, "all ranks registered", Change::default()).await?;
+            }
+            Some(_) => {}
+            // The supervisor is still starting the job's other ranks (or re-adopting them after a
+            // restart): the worker retries.
+            None if row.attempt == attempt && row.job.state.holds_devices() => {
+                return Err(Error::Unavailable(format!("job {job_id} is still being started; retry")));
+            }
+            None => return Err(stale()),
+        }
+        Ok(())
+    }
+
+    /// Records a heartbeat; answers whether the worker should stop.
+    pub fn heartbeat(&self, job_id: i64, rank: u32, attempt: u32) -> bool {
+        let mut live = self.live.lock().expect("live jobs");
+        match live.get_mut(&job_id) {
+            Some(job) if job.attempt == attempt => {
+                if let Some(r) = job.ranks.get_mut(rank as usize) {
+                    r.last_beat = Instant::now();
+                    r.registered = true;
+                }
+                job.stopping
+            }
+            // A worker of an older attempt, or of a job this daemon no longer runs.
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Stops every rank of a cancelled job: SIGTERM now, SIGKILL after a grace period.
+    pub fn stop_job(&self, job_id: i64) {
+        let pids: Vec<(u32, u64)> = {
+            let mut live = self.live.lock().expect("live jobs");
+            let Some(job) = live.get_mut(&job_id) else { return };
+            job.stopping = true;
+            job.ranks.iter().map(|r| (r.pid, r.proc_start)).collect()
+        };
+        for (pid, start) in &pids {
+            process::signal(*pid, *start, Signal::SIGTERM);
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            for (pid, start) in pids {
+                process::signal(pid, start, Signal::SIGKILL);
+            }
+        });
+        self.wake();
+    }
+
+    pub fn update_step_gauges(&self, job_id: i64, steps: &[StepMetrics]) {
+        let job = job_id.to_string();
+        for s in steps {
+            let labels = [job.as_str(), &s.rank.to_string()];
+            self.metrics.step.with_label_values(&labels).set(s.step);
+            self.metrics.step_seconds.with_label_values(&labels).set(s.step_ms / 1e3);
+            self.metrics.tokens_per_second.with_label_values(&labels).set(s.tokens_per_s);
+            self.metrics.loss.with_label_values(&labels).set(s.loss);
+            self.metrics.mem_bytes.with_label_values(&labels).set(s.mem_bytes as f64);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Which waiting job gets which device slots: a pure function of the queue and the free slots.
+//!
+//! Jobs are placed first in, first out, all of a job's devices at once (a gang) or none. The
+//! first job that does not fit blocks those behind it, so a large job is never starved by a
+//! stream of small ones; every waiting job is told why it waits.
+
+use std::collections::BTreeMap;
+
+use gantry_api::Devices;
+
+use crate::config::slot_kind;
+
+/// A job waiting for devices, in queue order.
+#[derive(Clone, Debug)]
+pub struct Waiting {
+    pub id: i64,
+    pub devices: Devices,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Start the job on these slots.
+    Place { id: i64, slots: Vec<String> },
+    /// The job stays queued, for this reason.
+    Wait { id: i64, reason: String },
+    /// The job can never run on this node.
+    Reject { id: i64, reason: String },
+}
+
+/// `held` maps each busy slot to the job holding it.
+pub fn plan(queue: &[Waiting], slots: &[String], held: &BTreeMap<String, i64>) -> Vec<Decision> {
+    let mut free: Vec<&String> = slots.iter().filter(|s| !held.contains_key(*s)).collect();
+    let mut blocker: Option<i64> = None;
+    let mut out = Vec::new();
+    for w in queue {
+        let kind = match w.devices {
+            Devices::Cpu(_) => "cpu",
+            Devices::Cuda(_) => "cuda",
+        };
+        let need = w.devices.count();
+        let total = slots.iter().filter(|s| slot_kind(s) == kind).count();
+        if total < need {
+            out.push(Decision::Reject { id: w.id, reason: format!("needs {}; this node has {total}", devices(need, kind)) });
+            continue;
+        }
+        if let Some(b) = blocker {
+            out.push(Decision::Wait { id: w.id, reason: format!("waiting behind job {b} (jobs start first in, first out)") });
+            continue;
+        }
+        let fitting: Vec<&String> = free.iter().copied().filter(|s| slot_kind(s) == kind).take(need).collect();
+        if fitting.len() == need {
+            free.retain(|s| !fitting.contains(s));
+            out.push(Decision::Place { id: w.id, slots: fitting.into_iter().cloned().collect() });
+        } else {
+            let mut holders: Vec<i64> = held.iter().filter(|(s, _)| slot_kind(s) == kind).map(|(_, j)| *j).collect();
+            holders.dedup();
+            let holders = holders.iter().map(|j| format!("job {j}")).collect::<Vec<_>>().join(", ");
+            out.push(Decision::Wait {
+                id: w.id,
+                reason: format!("waiting for {}: {} of {total} free (held by {holders})", devices(need, kind), fitting.len()),
+            });
+            blocker = Some(w.id);
+        }
+    }
+    out
+}
+
+fn devices(n: usize, kind: &str) -> String {
+    format!("{n} {kind} device{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("cpu:{i}")).collect()
+    }
+
+    fn waiting(id: i64, n: usize) -> Waiting {
+        Waiting { id, devices: Devices::Cpu(n) }
+    }
+
+    #[test]
+    fn jobs_that_fit_are_placed_in_order_on_whole_gangs() {
+        let d = plan(&[waiting(1, 2), waiting(2, 1), waiting(3, 1)], &slots(4), &BTreeMap::new());
+        assert_eq!(
+            d,
+            [
+                Decision::Place { id: 1, slots: vec!["cpu:0".into(), "cpu:1".into()] },
+                Decision::Place { id: 2, slots: vec!["cpu:2".into()] },
+                Decision::Place { id: 3, slots: vec!["cpu:3".into()] },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_job_that_does_not_fit_blocks_the_ones_behind_it() {
+        let held: BTreeMap<String, i64> = [("cpu:0".to_string(), 7), ("cpu:1".to_string(), 7)].into();
+        let d = plan(&[waiting(8, 2), waiting(9, 1)], &slots(3), &held);
+        assert_eq!(
+            d,
+            [
+                Decision::Wait { id: 8, reason: "waiting for 2 cpu devices: 1 of 3 free (held by job 7)".into() },
+                Decision::Wait { id: 9, reason: "waiting behind job 8 (jobs start first in, first out)".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_job_larger_than_the_node_is_rejected_without_blocking_others() {
+        let d = plan(&[waiting(1, 5), waiting(2, 1), Waiting { id: 3, devices: Devices::Cuda(vec![0]) }], &slots(2), &BTreeMap::new());
+        assert_eq!(d[0], Decision::Reject { id: 1, reason: "needs 5 cpu devices; this node has 2".into() });
+        assert_eq!(d[1], Decision::Place { id: 2, slots: vec!["cpu:0".into()] });
+        assert_eq!(d[2], Decision::Reject { id: 3, reason: "needs 1 cuda device; this node has 0".into() });
+    }
+}

@@ -1,0 +1,96 @@
+//! Worker processes: starting them so they outlive the daemon, telling whether a PID is still the
+//! process we started, and stopping them.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+
+/// Everything a rank needs on its command line.
+pub struct Launch<'a> {
+    pub exe: &'a Path,
+    pub job_id: i64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub attempt: u32,
+    pub rendezvous: &'a str,
+    pub daemon: &'a str,
+    pub run_dir: &'a Path,
+    pub resume_from: Option<&'a Path>,
+    pub log: &'a Path,
+}
+
+/// Starts one rank with its output appended to its log file. The worker gets a process group of
+/// its own, so signals meant for the daemon (a Ctrl-C, a SIGTERM to the group) do not reach it and
+/// a daemon restart leaves training running.
+pub fn spawn(l: &Launch<'_>) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(l.log).map_err(Error::io(l.log))?;
+    let err = log.try_clone().map_err(Error::io(l.log))?;
+    let mut cmd = Command::new(l.exe);
+    cmd.arg("worker")
+        .args(["--job-id", &l.job_id.to_string(), "--rank", &l.rank.to_string(), "--world-size", &l.world_size.to_string()])
+        .args(["--attempt", &l.attempt.to_string(), "--rendezvous", l.rendezvous, "--daemon", l.daemon])
+        .arg("--run-dir")
+        .arg(l.run_dir)
+        .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err);
+    if let Some(r) = l.resume_from {
+        cmd.arg("--resume-from").arg(r);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn().map_err(Error::io(l.exe))
+}
+
+/// The start time of a process, in clock ticks since boot (field 22 of `/proc/PID/stat`), or
+/// `None` if there is no such process or it is a zombie.
+pub fn proc_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start`.
+pub fn is_alive(pid: u32, start: u64) -> bool {
+    proc_start(pid) == Some(start)
+}
+
+/// Sends `signal` to the worker's process group (the worker and anything it started).
+pub fn signal(pid: u32, start: u64, signal: Signal) {
+    if is_alive(pid, start) {
+        let _ = killpg(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+/// A port that was free a moment ago, for the ranks' rendezvous.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(Error::io("127.0.0.1:0"))?;
+    Ok(l.local_addr().map_err(Error::io("127.0.0.1:0"))?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_process_is_recognised_by_pid_and_start_time() {
+        let me = std::process::id();
+        let start = proc_start(me).expect("this process exists");
+        assert!(is_alive(me, start));
+        assert!(!is_alive(me, start + 1), "same PID, other start time: a different process");
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert_eq!(proc_start(pid), None, "a reaped child is gone");
+    }
+}

@@ -1,0 +1,156 @@
+//! `gantry worker`: one rank of a job, started by the daemon's supervisor.
+//!
+//! The worker reads the job's spec from its run directory, registers with the daemon, trains,
+//! reports each step and each committed checkpoint, and writes its outcome to
+//! `RUN_DIR/ranks/rank-R.json`, so that a daemon that was down when the worker ended still learns
+//! how it ended. Its stdout and stderr go to `RUN_DIR/logs/rank-R.log`, which the daemon tails.
+
+pub mod reporter;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use gantry_api::proto::WorkerId;
+use gantry_api::{JobSpec, StepMetrics};
+use gantry_engine::train::Trainer;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::WorkerArgs;
+
+/// How a rank ended, as written to `RUN_DIR/ranks/rank-R.json`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RankOutcome {
+    pub attempt: u32,
+    pub succeeded: bool,
+    pub message: String,
+}
+
+pub fn outcome_path(run_dir: &Path, rank: u32) -> PathBuf {
+    run_dir.join("ranks").join(format!("rank-{rank}.json"))
+}
+
+pub fn log_path(run_dir: &Path, rank: u32) -> PathBuf {
+    run_dir.join("logs").join(format!("rank-{rank}.log"))
+}
+
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step_{step:08}"))
+}
+
+/// Reads the outcome a rank wrote for `attempt`, if it wrote one.
+pub fn read_outcome(run_dir: &Path, rank: u32, attempt: u32) -> Option<RankOutcome> {
+    let text = std::fs::read_to_string(outcome_path(run_dir, rank)).ok()?;
+    serde_json::from_str::<RankOutcome>(&text).ok().filter(|o| o.attempt == attempt)
+}
+
+pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
+    let result = train(&a);
+    let outcome = RankOutcome {
+        attempt: a.attempt,
+        succeeded: result.is_ok(),
+        message: match &result {
+            Ok(()) => "finished".into(),
+            Err(e) => format!("{e:#}"),
+        },
+    };
+    let path = outcome_path(&a.run_dir, a.rank);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&outcome)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    result
+}
+
+fn train(a: &WorkerArgs) -> anyhow::Result<()> {
+    let spec_path = a.run_dir.join("spec.json");
+    let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    let spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    if a.world_size != 1 {
+        bail!("this build trains on one device per job; the job asks for {} ranks", a.world_size);
+    }
+    let threads = crate::commands::set_threads(a.threads.or(spec.resources.threads))?;
+    let id = WorkerId { job_id: a.job_id, rank: a.rank, attempt: a.attempt };
+    let reporter = reporter::Reporter::start(&a.daemon, id, a.world_size, Duration::from_secs(120))?;
+    let mut trainer = Trainer::new(spec.clone(), Path::new(""))?;
+    if let Some(dir) = &a.resume_from {
+        trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+    }
+    let steps = spec.train.steps;
+    eprintln!(
+        "job {} rank {}/{} attempt {}: {} parameters, {steps} steps, {threads} threads, rendezvous {}",
+        a.job_id,
+        a.rank,
+        a.world_size,
+        a.attempt,
+        trainer.model.table.len(),
+        a.rendezvous
+    );
+    let metrics_path = a.run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut kept: Vec<PathBuf> = existing_checkpoints(&a.run_dir);
+    while trainer.step < steps {
+        if reporter.stop.load(Ordering::Relaxed) {
+            bail!("stopped at step {} at the daemon's request", trainer.step);
+        }
+        let r = crate::commands::on_pool(|| trainer.train_step())?;
+        writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
+        if r.step == 1 || r.step % 10 == 0 || r.step == steps {
+            eprintln!("step {}/{steps} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s", r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s);
+        }
+        reporter.step(StepMetrics {
+            rank: a.rank,
+            step: r.step as i64,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens_per_s: r.tokens_per_s,
+            mem_bytes: r.mem_bytes as i64,
+            step_ms: r.step_ms,
+        });
+        let every = spec.checkpoint.every;
+        if every > 0 && r.step % every == 0 && r.step < steps {
+            let dir = checkpoint_dir(&a.run_dir, r.step);
+            trainer.save_checkpoint(&dir)?;
+            reporter.checkpoint(r.step as i64, dir.to_string_lossy().into_owned());
+            kept.push(dir);
+            // Older checkpoints go only once a newer one is complete.
+            while kept.len() > spec.checkpoint.keep {
+                let old = kept.remove(0);
+                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+            }
+        }
+    }
+    if a.rank == 0 {
+        trainer.save_hf(&a.run_dir.join("final"))?;
+    }
+    eprintln!("finished {steps} steps; model in {}", a.run_dir.join("final").display());
+    // The daemon may be restarting: give it time to come back for the last reports.
+    if !reporter.finish(Duration::from_secs(600)) {
+        bail!("the daemon did not acknowledge the last step reports within 10 minutes");
+    }
+    Ok(())
+}
+
+fn existing_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

@@ -1,0 +1,196 @@
+//! The worker's line to its daemon: registration, heartbeats, step reports and checkpoint records
+//! over gRPC, from a thread of its own so that training never waits on the network.
+//!
+//! Reports queue in memory and are sent in order; a report is dropped from the queue only once the
+//! daemon acknowledged it (which it does only after storing it). So a daemon restart or a database
+//! outage delays reports but loses none, and since the store keys them by step, a report sent twice
+//! is stored once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use gantry_api::proto::worker_service_client::WorkerServiceClient;
+use gantry_api::proto::{self, WorkerId};
+use gantry_api::StepMetrics;
+use tonic::transport::Channel;
+
+enum Report {
+    Step(StepMetrics),
+    Checkpoint { step: i64, path: String },
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Report>,
+    /// Set when the training loop has nothing more to send.
+    closed: bool,
+}
+
+/// Handle held by the training loop.
+pub struct Reporter {
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    /// The daemon asked this worker to stop (job cancelled or superseded).
+    pub stop: Arc<AtomicBool>,
+    step: Arc<AtomicI64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// Connects and registers, retrying for up to `register_timeout` (the daemon may be
+    /// restarting), then starts the sending thread with its heartbeat.
+    pub fn start(daemon: &str, id: WorkerId, world_size: u32, register_timeout: Duration) -> anyhow::Result<Reporter> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let endpoint = Channel::from_shared(daemon.to_string())
+            .with_context(|| format!("daemon address `{daemon}`"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10));
+        // The lazy channel spawns its connection task on the runtime it is created in.
+        let mut client = {
+            let _in_runtime = rt.enter();
+            WorkerServiceClient::new(endpoint.connect_lazy())
+        };
+        let deadline = Instant::now() + register_timeout;
+        let req = proto::RegisterRequest { worker: Some(id), pid: std::process::id(), world_size };
+        loop {
+            match rt.block_on(client.register(req.clone())) {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::NotFound => {
+                    bail!("the daemon refused this worker: {}", s.message())
+                }
+                Err(s) if Instant::now() < deadline => {
+                    tracing::warn!("registering with {daemon}: {}; retrying", s.message());
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(s) => bail!("could not register with the daemon at {daemon} within {register_timeout:?}: {}", s.message()),
+            }
+        }
+        let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let step = Arc::new(AtomicI64::new(0));
+        let thread = {
+            let (queue, stop, step) = (queue.clone(), stop.clone(), step.clone());
+            std::thread::Builder::new().name("reporter".into()).spawn(move || rt.block_on(send_loop(client, id, queue, stop, step)))?
+        };
+        Ok(Reporter { queue, stop, step, thread: Some(thread) })
+    }
+
+    pub fn step(&self, m: StepMetrics) {
+        self.step.store(m.step, Ordering::Relaxed);
+        self.push(Report::Step(m));
+    }
+
+    pub fn checkpoint(&self, step: i64, path: String) {
+        self.push(Report::Checkpoint { step, path });
+    }
+
+    fn push(&self, r: Report) {
+        let (lock, cv) = &*self.queue;
+        lock.lock().expect("reporter queue").items.push_back(r);
+        cv.notify_all();
+    }
+
+    /// Waits until every report is acknowledged, or `timeout` passes; says whether all were.
+    pub fn finish(mut self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().expect("reporter queue");
+        q.closed = true;
+        cv.notify_all();
+        let deadline = Instant::now() + timeout;
+        while !q.items.is_empty() && Instant::now() < deadline {
+            q = cv.wait_timeout(q, Duration::from_millis(200)).expect("reporter queue").0;
+        }
+        let done = q.items.is_empty();
+        drop(q);
+        if done {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+        done
+    }
+}
+
+async fn send_loop(
+    mut client: WorkerServiceClient<Channel>,
+    id: WorkerId,
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    step: Arc<AtomicI64>,
+) {
+    let mut last_beat = Instant::now() - Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if last_beat.elapsed() >= Duration::from_secs(1) {
+            last_beat = Instant::now();
+            match client.heartbeat(proto::HeartbeatRequest { worker: Some(id), step: step.load(Ordering::Relaxed) }).await {
+                Ok(r) if r.get_ref().stop => stop.store(true, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(s) => tracing::warn!("heartbeat: {}", s.message()),
+            }
+        }
+        // Take up to 64 queued reports of one kind, in order, without removing them yet.
+        let (batch, checkpoint, closed) = {
+            let (lock, cv) = &*queue;
+            let mut q = lock.lock().expect("reporter queue");
+            if q.items.is_empty() && !q.closed {
+                q = cv.wait_timeout(q, Duration::from_millis(500)).expect("reporter queue").0;
+            }
+            let steps: Vec<StepMetrics> = q
+                .items
+                .iter()
+                .take(64)
+                .map_while(|r| match r {
+                    Report::Step(m) => Some(m.clone()),
+                    Report::Checkpoint { .. } => None,
+                })
+                .collect();
+            let ck = match q.items.front() {
+                Some(Report::Checkpoint { step, path }) if steps.is_empty() => Some((*step, path.clone())),
+                _ => None,
+            };
+            (steps, ck, q.closed && q.items.is_empty())
+        };
+        if closed {
+            return;
+        }
+        let sent = if !batch.is_empty() {
+            let steps = batch.iter().map(to_proto).collect();
+            client.report_steps(proto::ReportStepsRequest { worker: Some(id), steps }).await.map(|_| batch.len())
+        } else if let Some((step, path)) = checkpoint {
+            client.checkpoint_committed(proto::CheckpointRequest { worker: Some(id), step, path }).await.map(|_| 1)
+        } else {
+            Ok(0)
+        };
+        match sent {
+            Ok(n) => {
+                backoff = Duration::from_millis(100);
+                if n > 0 {
+                    let (lock, cv) = &*queue;
+                    lock.lock().expect("reporter queue").items.drain(..n);
+                    cv.notify_all();
+                }
+            }
+            Err(s) => {
+                tracing::warn!("reporting to the daemon: {} ({}); will retry", s.message(), s.code());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+pub fn to_proto(m: &StepMetrics) -> proto::StepMetrics {
+    proto::StepMetrics {
+        rank: m.rank,
+        step: m.step,
+        loss: m.loss,
+        lr: m.lr,
+        grad_norm: m.grad_norm,
+        tokens_per_s: m.tokens_per_s,
+        mem_bytes: m.mem_bytes,
+        step_ms: m.step_ms,
+    }
+}

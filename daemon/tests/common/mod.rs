@@ -1,0 +1,240 @@
+//! Harness for the daemon's end-to-end tests: the real `gantry` binary, a real PostgreSQL (a fresh
+//! database per test on the server at `GANTRY_TEST_DATABASE_URL`, or a private server of the
+//! test's own), real worker processes and sockets.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+pub fn gantry() -> &'static str {
+    env!("CARGO_BIN_EXE_gantry")
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A spec for the tiny example model (absolute paths, one thread so runs are comparable).
+pub fn tiny_spec(steps: u64, checkpoint_every: u64) -> Value {
+    let ex = repo().join("examples");
+    json!({
+        "name": "e2e",
+        "model": {"path": ex.join("tiny-gpt2/model"), "init": "random"},
+        "data": {"train": ex.join("data/corpus.txt"), "tokenizer": ex.join("data/tokenizer.json"), "seq_len": 64},
+        "train": {"steps": steps, "global_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 7},
+        "resources": {"devices": "cpu:1", "threads": 1},
+        "checkpoint": {"every": checkpoint_every, "keep": 2},
+        "restart": {"max_restarts": 2},
+    })
+}
+
+/// A database of its own for one test on the shared server; dropped at the end.
+pub struct TestDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin_url = std::env::var("GANTRY_TEST_DATABASE_URL")
+            .expect("GANTRY_TEST_DATABASE_URL must name a PostgreSQL server for the daemon tests (scripts/test sets it)");
+        let name = format!("gantry_e2e_{}_{}", std::process::id(), free_port());
+        let mut c = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| panic!("connecting to {admin_url}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+        let base = admin_url.split('?').next().unwrap();
+        let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+        TestDb { url, admin_url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut c = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A running `gantry daemon`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: tempfile::TempDir,
+    pub http: String,
+    http_port: u16,
+    grpc_port: u16,
+    database_url: String,
+    devices: String,
+    pub client: reqwest::Client,
+}
+
+impl Daemon {
+    pub async fn start(database_url: &str, devices: &str) -> Daemon {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let mut d = Daemon {
+            child: None,
+            data_dir,
+            http: format!("http://127.0.0.1:{http_port}"),
+            http_port,
+            grpc_port,
+            database_url: database_url.to_string(),
+            devices: devices.to_string(),
+            client: reqwest::Client::new(),
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub fn grpc(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(gantry())
+            .args(["daemon", "--http", &format!("127.0.0.1:{}", self.http_port), "--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args(["--database-url", &self.database_url, "--devices", &self.devices, "--heartbeat-timeout", "20"])
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .env("GANTRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the daemon did not become ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(format!("{}{path}", self.http)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn submit(&self, spec: &Value) -> i64 {
+        let (status, job) = self.post("/v1/jobs", &spec.to_string()).await;
+        assert_eq!(status, 201, "{job}");
+        job["id"].as_i64().unwrap()
+    }
+
+    pub async fn job(&self, id: i64) -> Value {
+        let (status, job) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, 200, "{job}");
+        job
+    }
+
+    /// Polls until `pred` holds for the job, or panics after `secs` with the job and the log.
+    pub async fn wait_job(&self, id: i64, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let job = self.job(id).await;
+            if pred(&job) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never {what}: {job}\n--- daemon log ---\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_state(&self, id: i64, state: &str, secs: u64) -> Value {
+        self.wait_job(id, secs, &format!("became {state}"), |j| j["state"] == state).await
+    }
+
+    pub async fn steps(&self, id: i64) -> Vec<Value> {
+        let (status, m) = self.get(&format!("/v1/jobs/{id}/metrics")).await;
+        assert_eq!(status, 200, "{m}");
+        m["steps"].as_array().unwrap().clone()
+    }
+
+    pub async fn event_path(&self, id: i64) -> Vec<String> {
+        let (_, ev) = self.get(&format!("/v1/jobs/{id}/events")).await;
+        ev["events"].as_array().unwrap().iter().map(|e| e["to"].as_str().unwrap().to_string()).collect()
+    }
+
+    pub fn run_dir(&self, id: i64) -> PathBuf {
+        self.data_dir.path().join("runs").join(format!("job-{id}"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // Workers outlive the daemon by design: stop this test's ones.
+        let _ = Command::new("pkill").args(["-9", "-f", &self.data_dir.path().to_string_lossy()]).status();
+    }
+}
+
+/// PIDs of live worker processes of a job started by `daemon`.
+pub fn worker_pids(daemon: &Daemon, job: i64) -> Vec<u32> {
+    let out =
+        Command::new("pgrep").args(["-f", &format!("worker --job-id {job} .*{}", daemon.data_dir.path().display())]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// The losses of a job's `metrics.jsonl` (the worker's own record), last write of each step.
+pub fn losses_on_disk(run_dir: &Path) -> std::collections::BTreeMap<i64, f64> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["step"].as_i64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}

@@ -1,0 +1,201 @@
+//! End to end: the real `gantry daemon` against a real PostgreSQL, with real worker processes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{gantry, losses_on_disk, tiny_spec, worker_pids, Daemon, TestDb};
+use gantry_api::proto::job_service_client::JobServiceClient;
+use gantry_api::proto::{GetJobRequest, SubmitJobRequest};
+use serde_json::json;
+
+#[tokio::test]
+async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+
+    let mut unknown = tiny_spec(5, 0);
+    unknown["train"]["learning_rate"] = json!(0.1);
+    let (status, err) = d.post("/v1/jobs", &unknown.to_string()).await;
+    assert_eq!((status, err["field"].as_str(), err["code"].as_str()), (422, Some("train.learning_rate"), Some("invalid_spec")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("unknown field"), "{err}");
+
+    let mut invalid = tiny_spec(5, 0);
+    invalid["train"]["lr"] = json!(-1.0);
+    let (status, err) = d.post("/v1/jobs", &invalid.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("train.lr")), "{err}");
+
+    let mut wrong_type = tiny_spec(5, 0);
+    wrong_type["data"]["seq_len"] = json!("long");
+    let (status, err) = d.post("/v1/jobs", &wrong_type.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("data.seq_len")), "{err}");
+
+    let mut missing_model = tiny_spec(5, 0);
+    missing_model["model"]["path"] = json!("/nonexistent/model");
+    let (status, err) = d.post("/v1/jobs", &missing_model.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("model.path")), "{err}");
+
+    let mut too_big = tiny_spec(5, 0);
+    too_big["resources"]["devices"] = json!("cpu:4");
+    too_big["parallel"] = json!({"dp": 4});
+    let (status, err) = d.post("/v1/jobs", &too_big.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("resources.devices")), "{err}");
+
+    let (status, err) = d.post("/v1/jobs", "{not json").await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("bad_request")), "{err}");
+
+    // The same refusal over gRPC.
+    let mut grpc = JobServiceClient::connect(d.grpc()).await.unwrap();
+    let refused = grpc.submit_job(SubmitJobRequest { spec_json: unknown.to_string() }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("train.learning_rate"), "{}", refused.message());
+
+    let (status, page) = d.get("/v1/jobs").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 0, "nothing was stored: {page}");
+    assert!(std::fs::read_dir(d.data_dir.path().join("runs")).map(|r| r.count()).unwrap_or(0) == 0, "no run directory was made");
+    let (status, err) = d.get("/v1/jobs/12345").await;
+    assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
+    let (status, _) = d.get("/v1/jobs?state=done").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metrics_endpoint() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+    let first = d.submit(&tiny_spec(12, 5)).await;
+    // The node has one device: the second job waits, and says for what.
+    let second = d.submit(&tiny_spec(4, 0)).await;
+    let waiting =
+        d.wait_job(second, 30, "said why it waits", |j| j["reason"].as_str().unwrap().contains(&format!("held by job {first}"))).await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+
+    let job = d.wait_state(first, "succeeded", 120).await;
+    assert_eq!(job["step"], 12);
+    assert_eq!(job["checkpoint_step"], 10, "checkpoints at steps 5 and 10 were recorded");
+    assert_eq!(d.event_path(first).await, ["queued", "scheduled", "running", "succeeded"]);
+    let steps = d.steps(first).await;
+    assert_eq!(steps.iter().map(|s| s["step"].as_i64().unwrap()).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    let on_disk = losses_on_disk(&d.run_dir(first));
+    for s in &steps {
+        assert_eq!(s["loss"].as_f64().unwrap(), on_disk[&s["step"].as_i64().unwrap()], "stored loss equals the worker's own record");
+        assert!(s["tokens_per_s"].as_f64().unwrap() > 0.0 && s["mem_bytes"].as_i64().unwrap() > 0 && s["lr"].as_f64().unwrap() > 0.0);
+    }
+    assert!(steps[11]["loss"].as_f64().unwrap() < steps[0]["loss"].as_f64().unwrap());
+    assert!(d.run_dir(first).join("final/model.safetensors").is_file());
+
+    let (_, logs) = d.get(&format!("/v1/jobs/{first}/logs")).await;
+    let lines: Vec<&str> = logs["lines"].as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap()).collect();
+    assert!(lines.iter().any(|l| l.starts_with("step 10/12 loss")), "{lines:?}");
+    assert!(lines.last().unwrap().starts_with("finished 12 steps"), "{lines:?}");
+
+    let metrics = d.client.get(format!("{}/metrics", d.http)).send().await.unwrap().text().await.unwrap();
+    let series = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{job=\"{first}\",rank=\"0\"}}")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    assert_eq!(series("gantry_job_step"), Some(12.0), "{metrics}");
+    assert_eq!(series("gantry_job_loss"), Some(steps[11]["loss"].as_f64().unwrap()));
+    assert!(series("gantry_job_tokens_per_second").unwrap() > 0.0);
+    assert!(metrics.contains("gantry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 2"), "{metrics}");
+    assert!(metrics.contains("gantry_grpc_requests_total{code=\"ok\",method=\"ReportSteps\"}"), "{metrics}");
+
+    d.wait_state(second, "succeeded", 120).await;
+    let (_, page) = d.get("/v1/jobs?state=succeeded&limit=1").await;
+    assert_eq!(page["jobs"][0]["id"], second);
+    assert_eq!(page["next_after"], second);
+
+    // The CLI reads the same.
+    let out = Command::new(gantry()).args(["jobs", "--server", &d.http]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.lines().next().unwrap().starts_with("ID  NAME"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with(&first.to_string()) && l.contains("succeeded") && l.contains("12/12")), "{table}");
+    let mut grpc = JobServiceClient::connect(d.grpc()).await.unwrap();
+    let j = grpc.get_job(GetJobRequest { id: first }).await.unwrap().into_inner();
+    assert_eq!((j.state.as_str(), j.step), ("succeeded", Some(12)));
+}
+
+#[tokio::test]
+async fn cancel_stops_every_rank_and_records_cancelled() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+    let id = d.submit(&tiny_spec(100_000, 0)).await;
+    d.wait_job(id, 60, "trained a step", |j| j["state"] == "running" && j["step"].as_i64().unwrap_or(0) >= 2).await;
+    assert_eq!(worker_pids(&d, id).len(), 1);
+    let out = Command::new(gantry()).args(["cancel", &id.to_string(), "--server", &d.http]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = d.job(id).await;
+    assert_eq!(job["state"], "cancelled");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !worker_pids(&d, id).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the worker survived the cancel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its device is free again: a new job runs.
+    let next = d.submit(&tiny_spec(2, 0)).await;
+    d.wait_state(next, "succeeded", 60).await;
+    assert_eq!(d.event_path(id).await, ["queued", "scheduled", "running", "cancelled"]);
+    let (status, err) = d.post(&format!("/v1/jobs/{id}/cancel"), "").await;
+    assert_eq!((status, err["code"].as_str()), (409, Some("conflict")), "a final job cannot be cancelled again: {err}");
+}
+
+#[tokio::test]
+async fn a_daemon_killed_while_a_job_runs_re_adopts_it_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let mut d = Daemon::start(&db.url, "cpu:1").await;
+    // About 20 ms a step: the daemon is away for a good part of the run.
+    let steps = 400;
+    let id = d.submit(&tiny_spec(steps, 100)).await;
+    d.wait_job(id, 60, "reached step 5", |j| j["step"].as_i64().unwrap_or(0) >= 5).await;
+    let pids = worker_pids(&d, id);
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(worker_pids(&d, id), pids, "the worker kept training without its daemon");
+    d.restart().await;
+    let job = d.wait_state(id, "succeeded", 180).await;
+    assert_eq!(job["restarts"], 0, "re-adopted, not restarted: {job}");
+    let recorded: Vec<i64> = d.steps(id).await.iter().map(|s| s["step"].as_i64().unwrap()).collect();
+    assert_eq!(recorded, (1..=steps as i64).collect::<Vec<_>>(), "every step recorded once");
+    assert_eq!(d.event_path(id).await, ["queued", "scheduled", "running", "succeeded"]);
+    let (_, logs) = d.get(&format!("/v1/jobs/{id}/logs")).await;
+    let offsets: Vec<i64> = logs["lines"].as_array().unwrap().iter().map(|l| l["offset"].as_i64().unwrap()).collect();
+    assert_eq!(offsets.iter().collect::<BTreeSet<_>>().len(), offsets.len(), "no log line stored twice");
+    assert!(logs["lines"].as_array().unwrap().iter().any(|l| l["line"].as_str().unwrap().starts_with("finished 400 steps")), "{logs}");
+}
+
+#[tokio::test]
+async fn a_failed_worker_is_restarted_from_its_last_checkpoint_with_the_same_losses() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+    let steps = 200;
+    let reference = d.submit(&tiny_spec(steps, 0)).await;
+    d.wait_state(reference, "succeeded", 120).await;
+    let id = d.submit(&tiny_spec(steps, 25)).await;
+    d.wait_job(id, 60, "committed a checkpoint", |j| j["checkpoint_step"].as_i64().unwrap_or(0) >= 50).await;
+    for pid in worker_pids(&d, id) {
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    }
+    let job = d.wait_state(id, "succeeded", 120).await;
+    assert_eq!(job["restarts"], 1, "{job}");
+    let path = d.event_path(id).await;
+    assert_eq!(path, ["queued", "scheduled", "running", "restarting", "scheduled", "running", "succeeded"]);
+    let (_, ev) = d.get(&format!("/v1/jobs/{id}/events")).await;
+    let why = ev["events"][3]["reason"].as_str().unwrap();
+    assert!(why.contains("rank 0") && why.contains("from the checkpoint of step"), "{why}");
+    let want = d.steps(reference).await;
+    let got = d.steps(id).await;
+    assert_eq!(got.len(), steps as usize);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["step"], w["step"]);
+        assert_eq!(g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap(), "step {}: a restarted run follows the same losses", g["step"]);
+    }
+    let log = std::fs::read_to_string(d.run_dir(id).join("logs/rank-0.log")).unwrap();
+    let resumed = log.lines().find(|l| l.starts_with("resumed from")).unwrap_or_else(|| panic!("{log}"));
+    let at: u64 = resumed.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(at >= 50 && at % 25 == 0 && at < steps, "{resumed}");
+}

@@ -1,0 +1,102 @@
+//! Training checkpoints: what `gantry train` and the daemon's workers restart from.
+//!
+//! A checkpoint directory is a Hugging Face model directory (so any checkpoint can be loaded by
+//! `transformers` or exported as it is) plus `optimizer.safetensors` (the AdamW moments, flat, in
+//! the parameter table's layout) and `trainer_state.json` (the step; the data position follows from
+//! the step and the seed). It is written under a temporary name and renamed into place only when
+//! complete, so a directory named `step_N` is always whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use super::hf::{load_weights, save_hf_dir};
+use crate::models::ModelConfig;
+use crate::params::{ParamBuffers, ParamTable};
+use crate::{Error, Result};
+
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "trainer_state.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    /// Optimizer steps taken when the checkpoint was written.
+    step: u64,
+    /// Parameters in the table (a check that the checkpoint belongs to this model).
+    params: usize,
+}
+
+/// Whether `dir` is a complete training checkpoint.
+pub fn is_training_checkpoint(dir: &Path) -> bool {
+    dir.join(STATE).is_file() && dir.join(OPTIMIZER).is_file()
+}
+
+/// Writes parameters, moments and step to `dir` (replacing any earlier one) atomically.
+pub fn save_training_checkpoint(
+    dir: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    buffers: &ParamBuffers,
+    step: u64,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let tmp = dir.with_file_name(format!(".{name}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    save_hf_dir(&tmp, config, table, &buffers.params, tokenizer)?;
+    let shape = vec![table.len()];
+    let mut views = BTreeMap::new();
+    for (key, data) in [("exp_avg", &buffers.m), ("exp_avg_sq", &buffers.v)] {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        views.insert(key.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("length matches the table"));
+    }
+    let opt = tmp.join(OPTIMIZER);
+    safetensors::serialize_to_file(views, Some(HashMap::new()), &opt)
+        .map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
+    let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len() }).expect("serialises");
+    std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
+    for f in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+        let f = f.map_err(|e| Error::io(&tmp, e))?;
+        std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Loads a training checkpoint into `buffers`; returns the step it was written at.
+pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamTable, buffers: &mut ParamBuffers) -> Result<u64> {
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::Weights { path: state_path.clone(), message: format!("not a trainer state: {e}") })?;
+    if state.params != table.len() {
+        return Err(Error::Weights {
+            path: state_path,
+            message: format!("written for a model of {} parameters; this one has {}", state.params, table.len()),
+        });
+    }
+    load_weights(dir, config, table, &mut buffers.params)?;
+    let opt = dir.join(OPTIMIZER);
+    let bytes = std::fs::read(&opt).map_err(|e| Error::io(&opt, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
+    for (key, out) in [("exp_avg", &mut buffers.m), ("exp_avg_sq", &mut buffers.v)] {
+        let t = st.tensor(key).map_err(|e| Error::Weights { path: opt.clone(), message: format!("{key}: {e}") })?;
+        if t.dtype() != Dtype::F32 || t.shape() != [table.len()] {
+            return Err(Error::Weights {
+                path: opt.clone(),
+                message: format!("{key} is {:?} {:?}, expected F32 [{}]", t.dtype(), t.shape(), table.len()),
+            });
+        }
+        for (o, c) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(state.step)
+}
