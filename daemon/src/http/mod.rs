@@ -159,3 +159,46 @@ async fn ready(State(s): State<AppState>) -> Response {
 async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The routes `router` serves, as (method, path); the document must describe exactly these.
+    const ROUTES: [(&str, &str); 12] = [
+        ("post", "/v1/jobs"),
+        ("get", "/v1/jobs"),
+        ("get", "/v1/jobs/{id}"),
+        ("post", "/v1/jobs/{id}/cancel"),
+        ("get", "/v1/jobs/{id}/metrics"),
+        ("get", "/v1/jobs/{id}/events"),
+        ("get", "/v1/jobs/{id}/logs"),
+        ("get", "/v1/devices"),
+        ("get", "/v1/openapi.json"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    ];
+
+    #[test]
+    fn the_openapi_document_describes_every_route_and_no_other() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let mut documented = BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys().filter(|k| ["get", "post", "put", "delete", "patch"].contains(&k.as_str())) {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        assert_eq!(documented, served);
+        let job = &doc["components"]["schemas"]["Job"]["properties"];
+        for field in ["id", "state", "reason", "spec", "placement", "restarts", "step", "checkpoint_step"] {
+            assert!(job.get(field).is_some(), "Job.{field} is documented");
+        }
+        let spec = serde_json::to_string(&doc["components"]["schemas"]).unwrap();
+        for key in ["max_restarts", "global_batch_size", "micro_batch_size", "devices", "every"] {
+            assert!(spec.contains(&format!("\"{key}\"")), "spec key {key} is documented");
+        }
+    }
+}

@@ -55,7 +55,7 @@ impl Reporter {
         let deadline = Instant::now() + register_timeout;
         let req = proto::RegisterRequest { worker: Some(id), pid: std::process::id(), world_size };
         loop {
-            match rt.block_on(client.register(req.clone())) {
+            match rt.block_on(client.register(req)) {
                 Ok(_) => break,
                 Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::NotFound => {
                     bail!("the daemon refused this worker: {}", s.message())

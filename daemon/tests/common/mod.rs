@@ -81,11 +81,16 @@ pub struct Daemon {
     grpc_port: u16,
     database_url: String,
     devices: String,
+    heartbeat_timeout: u64,
     pub client: reqwest::Client,
 }
 
 impl Daemon {
     pub async fn start(database_url: &str, devices: &str) -> Daemon {
+        Daemon::start_with(database_url, devices, 20).await
+    }
+
+    pub async fn start_with(database_url: &str, devices: &str, heartbeat_timeout: u64) -> Daemon {
         let data_dir = tempfile::tempdir().unwrap();
         let (http_port, grpc_port) = (free_port(), free_port());
         let mut d = Daemon {
@@ -96,6 +101,7 @@ impl Daemon {
             grpc_port,
             database_url: database_url.to_string(),
             devices: devices.to_string(),
+            heartbeat_timeout,
             client: reqwest::Client::new(),
         };
         d.spawn().await;
@@ -110,7 +116,14 @@ impl Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.path().join("daemon.log")).unwrap();
         let child = Command::new(gantry())
             .args(["daemon", "--http", &format!("127.0.0.1:{}", self.http_port), "--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
-            .args(["--database-url", &self.database_url, "--devices", &self.devices, "--heartbeat-timeout", "20"])
+            .args([
+                "--database-url",
+                &self.database_url,
+                "--devices",
+                &self.devices,
+                "--heartbeat-timeout",
+                &self.heartbeat_timeout.to_string(),
+            ])
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .env("GANTRY_LOG", "info")
@@ -141,6 +154,24 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then the exit code (None if it did not exit within `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
