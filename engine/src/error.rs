@@ -27,6 +27,9 @@ pub enum Error {
     /// A device the build or the machine does not have.
     #[error("{0}")]
     Device(String),
+    /// Communication between ranks failed; the peer at fault is named when known.
+    #[error("{}{message}", rank.map(|r| format!("rank {r}: ")).unwrap_or_default())]
+    Comm { rank: Option<usize>, message: String },
 }
 
 impl Error {

@@ -4,9 +4,11 @@
 //! passes over layers in `nn/`; their parameters, gradients and optimizer state live in flat
 //! buffers described by a [`params::ParamTable`] whose chunks are the unit later sharded by ZeRO
 //! and moved by Gemini. `train/` holds the trainer, `data/` the token pipeline, `optim/` AdamW
-//! and the learning-rate schedule, `checkpoint/` Hugging Face loading and export.
+//! and the learning-rate schedule, `checkpoint/` Hugging Face loading and export, `comm/` the
+//! collectives between ranks (TCP), `parallel/` data parallelism and ZeRO over the chunks.
 
 pub mod checkpoint;
+pub mod comm;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -1,0 +1,164 @@
+//! How ranks find each other. Rank 0 listens at the rendezvous address the launcher handed out;
+//! every rank opens a listener of its own, tells rank 0 where it is, and gets back the table of
+//! all ranks' addresses. Then each rank dials every lower rank and accepts every higher one, which
+//! gives one TCP connection per pair. Each wait is bounded by the timeout, and a rank that never
+//! shows up is named.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::transport::peer_error;
+use crate::{Error, Result};
+
+const MAGIC: u32 = 0x4741_4e54; // "GANT"
+
+fn rv_error(message: impl Into<String>) -> Error {
+    Error::Comm { rank: None, message: format!("rendezvous: {}", message.into()) }
+}
+
+fn write_u64s(s: &mut TcpStream, vals: &[u64]) -> std::io::Result<()> {
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    s.write_all(&bytes)
+}
+
+fn read_u64s(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<u64>> {
+    let mut buf = vec![0u8; 8 * n];
+    s.read_exact(&mut buf)?;
+    Ok(buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn write_str(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+    write_u64s(s, &[text.len() as u64])?;
+    s.write_all(text.as_bytes())
+}
+
+fn read_str(s: &mut TcpStream) -> std::io::Result<String> {
+    let n = read_u64s(s, 1)?[0] as usize;
+    if n > 4096 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "address too long"));
+    }
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn accept_until(l: &TcpListener, deadline: Instant) -> std::io::Result<Option<TcpStream>> {
+    l.set_nonblocking(true)?;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn connect_until(addr: &str, deadline: Instant) -> Result<TcpStream> {
+    loop {
+        let last = match addr.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => match TcpStream::connect_timeout(&a, Duration::from_secs(1)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => e.to_string(),
+                },
+                None => format!("{addr} resolves to no address"),
+            },
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(rv_error(format!("could not reach {addr}: {last}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects `rank` of `world` to all others; returns one stream per peer (`None` at `rank`).
+pub(crate) fn connect_mesh(rank: usize, world: usize, rendezvous: &str, timeout: Duration) -> Result<Vec<Option<TcpStream>>> {
+    if rank >= world {
+        return Err(rv_error(format!("rank {rank} is outside a world of {world}")));
+    }
+    let deadline = Instant::now() + timeout;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| rv_error(format!("{what}: {e}"))
+    };
+    // Everyone's own listener, on the interface that reaches rank 0.
+    let (table, own) = if rank == 0 {
+        let server = TcpListener::bind(rendezvous).map_err(io(&format!("listening on {rendezvous}")))?;
+        let own = TcpListener::bind((server.local_addr().map_err(io("local address"))?.ip(), 0)).map_err(io("listening"))?;
+        let mut table = vec![String::new(); world];
+        table[0] = own.local_addr().map_err(io("local address"))?.to_string();
+        let mut joined: Vec<TcpStream> = Vec::new();
+        while joined.len() + 1 < world {
+            let Some(mut s) = accept_until(&server, deadline).map_err(io("accepting"))? else {
+                let missing: Vec<String> = (1..world).filter(|r| table[*r].is_empty()).map(|r| r.to_string()).collect();
+                return Err(rv_error(format!("ranks {} did not join within {timeout:?}", missing.join(", "))));
+            };
+            s.set_read_timeout(Some(timeout)).map_err(io("socket"))?;
+            let hello = read_u64s(&mut s, 3).map_err(io("reading a hello"))?;
+            let addr = read_str(&mut s).map_err(io("reading a hello"))?;
+            let (magic, r, w) = (hello[0] as u32, hello[1] as usize, hello[2] as usize);
+            if magic != MAGIC || w != world || r == 0 || r >= world || !table[r].is_empty() {
+                return Err(rv_error(format!("a peer said rank {r} of {w}; expected a new rank of 1..{world}")));
+            }
+            table[r] = addr;
+            joined.push(s);
+        }
+        for s in &mut joined {
+            for a in &table {
+                write_str(s, a).map_err(io("sending the table"))?;
+            }
+        }
+        (table, own)
+    } else {
+        let mut s = connect_until(rendezvous, deadline)?;
+        s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).map_err(io("socket"))?;
+        let ip = s.local_addr().map_err(io("local address"))?.ip();
+        let own = TcpListener::bind((ip, 0)).map_err(io("listening"))?;
+        let addr: SocketAddr = own.local_addr().map_err(io("local address"))?;
+        write_u64s(&mut s, &[MAGIC as u64, rank as u64, world as u64]).map_err(io("sending the hello"))?;
+        write_str(&mut s, &addr.to_string()).map_err(io("sending the hello"))?;
+        let table = (0..world).map(|_| read_str(&mut s)).collect::<std::io::Result<Vec<_>>>().map_err(|e| {
+            rv_error(format!("rank 0 did not send the address table within {timeout:?}: {e} (did every rank start?)"))
+        })?;
+        (table, own)
+    };
+    mesh(rank, world, table, own, deadline, timeout)
+}
+
+fn mesh(rank: usize, world: usize, table: Vec<String>, own: TcpListener, deadline: Instant, timeout: Duration) -> Result<Vec<Option<TcpStream>>> {
+    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    for (peer, addr) in table.iter().enumerate().take(rank) {
+        let mut s = connect_until(addr, deadline)?;
+        write_u64s(&mut s, &[MAGIC as u64, rank as u64]).map_err(|e| peer_error(peer, format!("greeting: {e}")))?;
+        streams[peer] = Some(s);
+    }
+    for _ in rank + 1..world {
+        let Some(mut s) = accept_until(&own, deadline).map_err(|e| rv_error(format!("accepting: {e}")))? else {
+            let missing: Vec<String> = (rank + 1..world).filter(|r| streams[*r].is_none()).map(|r| r.to_string()).collect();
+            return Err(rv_error(format!("ranks {} did not connect within {timeout:?}", missing.join(", "))));
+        };
+        s.set_read_timeout(Some(timeout)).map_err(|e| rv_error(e.to_string()))?;
+        let hello = read_u64s(&mut s, 2).map_err(|e| rv_error(format!("reading a greeting: {e}")))?;
+        let peer = hello[1] as usize;
+        if hello[0] as u32 != MAGIC || peer <= rank || peer >= world || streams[peer].is_some() {
+            return Err(rv_error(format!("unexpected greeting from rank {peer}")));
+        }
+        streams[peer] = Some(s);
+    }
+    for s in streams.iter().flatten() {
+        s.set_nodelay(true).map_err(|e| rv_error(e.to_string()))?;
+        s.set_read_timeout(None).map_err(|e| rv_error(e.to_string()))?;
+        s.set_nonblocking(true).map_err(|e| rv_error(e.to_string()))?;
+    }
+    Ok(streams)
+}
