@@ -184,14 +184,17 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// A model directory (config.json) or a preset: gpt2-tiny, gpt2, llama-tiny, llama-small.
-    #[arg(long)]
-    pub model: String,
-    #[arg(long)]
-    pub seq_len: usize,
-    #[arg(long)]
-    pub batch: usize,
+    #[arg(long, required = true)]
+    pub model: Option<String>,
+    #[arg(long, required = true)]
+    pub seq_len: Option<usize>,
+    #[arg(long, required = true)]
+    pub batch: Option<usize>,
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -202,6 +205,31 @@ pub struct BenchArgs {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Bus bandwidth of each collective across message sizes, between local processes over TCP,
+    /// beside a plain TCP stream between the same processes.
+    Comm(CommBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CommBenchArgs {
+    /// Processes (ranks).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// Message sizes in bytes [default: 4 KiB to 256 MiB, by 4×].
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+    /// Timed repetitions per size (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Set on the ranks the benchmark starts itself.
+    #[arg(long, hide = true)]
+    pub rank: Option<usize>,
+    #[arg(long, hide = true)]
+    pub rendezvous: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod bench_comm;
 mod client;
 mod daemon;
 mod eval;

@@ -14,9 +14,9 @@
 mod async_comm;
 mod mesh;
 mod rendezvous;
-mod transport;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -113,10 +113,10 @@ impl Comm {
 
     /// The group of `ranks` (which must include this rank).
     pub fn group(&self, ranks: &[usize]) -> Result<Group> {
-        let me = ranks.iter().position(|r| *r == self.rank()).ok_or_else(|| Error::Comm {
-            rank: None,
-            message: format!("rank {} is not in the group {ranks:?}", self.rank()),
-        })?;
+        let me = ranks
+            .iter()
+            .position(|r| *r == self.rank())
+            .ok_or_else(|| Error::Comm { rank: None, message: format!("rank {} is not in the group {ranks:?}", self.rank()) })?;
         Ok(Group { ranks: ranks.to_vec(), me })
     }
 
@@ -169,14 +169,19 @@ impl Comm {
 
     /// Sums in f64 (loss sums, norms): small vectors, exact rank-order sums.
     pub fn all_reduce_f64(&mut self, g: &Group, data: &mut [f64]) -> Result<()> {
-        let mut bits: Vec<f32> = data.iter().flat_map(|v| {
-            let b = v.to_bits();
-            [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
-        })
-        .collect();
+        let mut bits: Vec<f32> = data
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_bits();
+                [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
+            })
+            .collect();
         let all = self.all_gather_direct(g, &mut bits)?;
         for (i, v) in data.iter_mut().enumerate() {
-            *v = all.iter().map(|rank| f64::from_bits(u64::from(rank[2 * i].to_bits()) | (u64::from(rank[2 * i + 1].to_bits()) << 32))).sum();
+            *v = all
+                .iter()
+                .map(|rank| f64::from_bits(u64::from(rank[2 * i].to_bits()) | (u64::from(rank[2 * i + 1].to_bits()) << 32)))
+                .sum();
         }
         Ok(())
     }
@@ -300,7 +305,10 @@ impl Comm {
     /// Point to point: sends `data` to the group member at position `to`.
     pub fn send(&mut self, g: &Group, to: usize, data: &[u8]) -> Result<()> {
         let peer = g.ranks[to];
-        let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(self.seq[peer]) << 32), data.len() as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(self.seq[peer]) << 32), data.len() as u64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         self.seq[peer] = self.seq[peer].wrapping_add(1);
         self.links.exchange(Some(Outgoing { peer, bufs: vec![&head, data] }), None)
     }
@@ -324,7 +332,10 @@ impl Comm {
     pub fn all_to_all(&mut self, g: &Group, send: &[f32], recv: &mut [f32]) -> Result<()> {
         let n = g.size();
         if send.len() != recv.len() || !send.len().is_multiple_of(n) {
-            return Err(Error::Comm { rank: None, message: format!("all_to_all: {} and {} elements do not split into {n} blocks", send.len(), recv.len()) });
+            return Err(Error::Comm {
+                rank: None,
+                message: format!("all_to_all: {} and {} elements do not split into {n} blocks", send.len(), recv.len()),
+            });
         }
         let b = send.len() / n;
         recv[g.me * b..(g.me + 1) * b].copy_from_slice(&send[g.me * b..(g.me + 1) * b]);

@@ -127,15 +127,23 @@ pub(crate) fn connect_mesh(rank: usize, world: usize, rendezvous: &str, timeout:
         let addr: SocketAddr = own.local_addr().map_err(io("local address"))?;
         write_u64s(&mut s, &[MAGIC as u64, rank as u64, world as u64]).map_err(io("sending the hello"))?;
         write_str(&mut s, &addr.to_string()).map_err(io("sending the hello"))?;
-        let table = (0..world).map(|_| read_str(&mut s)).collect::<std::io::Result<Vec<_>>>().map_err(|e| {
-            rv_error(format!("rank 0 did not send the address table within {timeout:?}: {e} (did every rank start?)"))
-        })?;
+        let table = (0..world)
+            .map(|_| read_str(&mut s))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| rv_error(format!("rank 0 did not send the address table within {timeout:?}: {e} (did every rank start?)")))?;
         (table, own)
     };
     mesh(rank, world, table, own, deadline, timeout)
 }
 
-fn mesh(rank: usize, world: usize, table: Vec<String>, own: TcpListener, deadline: Instant, timeout: Duration) -> Result<Vec<Option<TcpStream>>> {
+fn mesh(
+    rank: usize,
+    world: usize,
+    table: Vec<String>,
+    own: TcpListener,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<Option<TcpStream>>> {
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
     for (peer, addr) in table.iter().enumerate().take(rank) {
         let mut s = connect_until(addr, deadline)?;

@@ -15,9 +15,7 @@ fn on_ranks<T: Send + 'static>(world: usize, timeout: Duration, f: impl Fn(Comm)
     let handles: Vec<_> = (0..world)
         .map(|r| {
             let (addr, f) = (addr.clone(), f.clone());
-            std::thread::spawn(move || {
-                f(Comm::connect(r, world, &addr, timeout).unwrap())
-            })
+            std::thread::spawn(move || f(Comm::connect(r, world, &addr, timeout).unwrap()))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()

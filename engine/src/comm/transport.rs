@@ -45,7 +45,10 @@ pub(crate) struct Incoming<'a, 'p> {
 
 impl Links {
     fn stream(&self, peer: usize) -> Result<&TcpStream> {
-        self.streams.get(peer).and_then(Option::as_ref).ok_or_else(|| peer_error(peer, format!("rank {} has no connection to it", self.rank)))
+        self.streams
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| peer_error(peer, format!("rank {} has no connection to it", self.rank)))
     }
 
     /// Sends and receives at the same time until both are complete.
