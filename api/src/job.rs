@@ -141,6 +141,9 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub mem_bytes: i64,
     pub step_ms: f64,
+    /// Time the rank spent communicating during the step (0 on one rank).
+    #[serde(default)]
+    pub comm_ms: f64,
 }
 
 /// One line a worker wrote to its stdout or stderr.

@@ -161,6 +161,11 @@ pub struct TrainArgs {
     /// Do not draw the progress bar (a line per step is logged instead).
     #[arg(long)]
     pub no_progress: bool,
+    /// Set on the ranks that `gantry train` starts itself for a job on several devices.
+    #[arg(long, hide = true, requires = "rendezvous")]
+    pub rank: Option<usize>,
+    #[arg(long, hide = true)]
+    pub rendezvous: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub devices_busy: IntGauge,
     pub step: IntGaugeVec,
     pub step_seconds: GaugeVec,
+    pub comm_seconds: GaugeVec,
     pub tokens_per_second: GaugeVec,
     pub loss: GaugeVec,
     pub mem_bytes: GaugeVec,
@@ -39,6 +40,10 @@ impl Metrics {
             devices_busy: reg!(IntGauge::new("gantry_devices_busy", "Device slots held by jobs")),
             step: reg!(IntGaugeVec::new(Opts::new("gantry_job_step", "Last reported optimizer step"), &per_rank)),
             step_seconds: reg!(GaugeVec::new(Opts::new("gantry_job_step_seconds", "Duration of the last optimizer step"), &per_rank)),
+            comm_seconds: reg!(GaugeVec::new(
+                Opts::new("gantry_job_comm_seconds", "Time the rank spent communicating in the last step"),
+                &per_rank
+            )),
             tokens_per_second: reg!(GaugeVec::new(
                 Opts::new("gantry_job_tokens_per_second", "Training throughput of the last step"),
                 &per_rank

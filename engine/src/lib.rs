@@ -15,6 +15,7 @@ pub mod error;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod rng;
 pub mod train;

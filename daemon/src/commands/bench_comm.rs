@@ -98,7 +98,9 @@ fn rank_main(a: &CommBenchArgs, rank: usize, rv: &str) -> anyhow::Result<serde_j
                 let start = Instant::now();
                 match name {
                     "all_reduce" => comm.all_reduce(&g, &mut buf, ReduceOp::Sum)?,
-                    "reduce_scatter" => drop(comm.reduce_scatter(&g, &mut buf)?),
+                    "reduce_scatter" => {
+                        comm.reduce_scatter(&g, &mut buf)?;
+                    }
                     "all_gather" => comm.all_gather(&g, &mut buf)?,
                     "broadcast" => comm.broadcast(&g, &mut bytes, 0)?,
                     _ => comm.all_to_all(&g, &send, &mut recv)?,

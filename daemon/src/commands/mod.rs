@@ -47,3 +47,10 @@ pub fn peak_rss_bytes() -> u64 {
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(f, || ()).0
 }
+
+/// How long a rank waits on a silent peer in a collective: `GANTRY_COMM_TIMEOUT` seconds, 120 by
+/// default (a dead peer is noticed at once: its connections close).
+pub fn comm_timeout() -> std::time::Duration {
+    let secs = std::env::var("GANTRY_COMM_TIMEOUT").ok().and_then(|v| v.parse::<u64>().ok()).filter(|s| *s > 0).unwrap_or(120);
+    std::time::Duration::from_secs(secs)
+}

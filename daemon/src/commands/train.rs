@@ -2,25 +2,83 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use gantry_api::JobSpec;
+use gantry_engine::comm::Comm;
 use gantry_engine::train::{StepReport, Trainer};
 
 use crate::cli::TrainArgs;
 use crate::progress;
 
+/// Trains on one rank, or on `resources.devices` ranks: this process is rank 0 and starts the
+/// others as child processes of the same binary, which meet it at a rendezvous port.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.spec).with_context(|| format!("reading {}", a.spec.display()))?;
     let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", a.spec.display()))?;
+    let world = spec.resources.devices.count();
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| default_run_dir(&a.spec));
+    if world == 1 {
+        return train_rank(&a, spec, run_dir, None);
+    }
+    if let (Some(rank), Some(rv)) = (a.rank, &a.rendezvous) {
+        let comm = Comm::connect(rank, world, rv, super::comm_timeout())?;
+        return train_rank(&a, spec, run_dir, Some(comm));
+    }
+    let rv = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for rank in 1..world {
+        let log_path = logs.join(format!("rank-{rank}.log"));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("train").arg(&a.spec).arg("--run-dir").arg(&run_dir).args([
+            "--no-progress",
+            "--rank",
+            &rank.to_string(),
+            "--rendezvous",
+            &rv,
+        ]);
+        for s in &a.set {
+            cmd.args(["--set", s]);
+        }
+        children.push((rank, cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn()?));
+    }
+    eprintln!("gantry train: {world} ranks (rank 0 here, the others' logs in {})", logs.display());
+    let result = Comm::connect(0, world, &rv, super::comm_timeout())
+        .map_err(anyhow::Error::from)
+        .and_then(|c| train_rank(&a, spec, run_dir, Some(c)));
+    let mut failed = Vec::new();
+    for (rank, mut child) in children {
+        if result.is_err() {
+            let _ = child.kill();
+        }
+        match child.wait() {
+            Ok(s) if s.success() => {}
+            Ok(s) => failed.push(format!("rank {rank} {s} (see {})", logs.join(format!("rank-{rank}.log")).display())),
+            Err(e) => failed.push(format!("rank {rank}: {e}")),
+        }
+    }
+    result?;
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
+}
+
+fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>) -> anyhow::Result<()> {
     let workers = spec.resources.devices.count();
     let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = super::set_threads(per_worker)?;
     let base = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
-    let run_dir = a.run_dir.clone().unwrap_or_else(|| default_run_dir(&a.spec));
     let started = Instant::now();
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
-    let mut trainer = Trainer::new(spec.clone(), &base)?;
+    let mut trainer = Trainer::with_comm(spec.clone(), &base, comm)?;
+    if trainer.dp_rank() != 0 {
+        return follow_rank(&mut trainer, &run_dir, &spec);
+    }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     std::fs::write(run_dir.join("spec.toml"), spec.to_toml()?).context("writing the run's spec")?;
     let steps = spec.train.steps;
@@ -79,6 +137,19 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"run_dir": run_dir, "steps": l.step, "loss_first": f.loss, "loss_last": l.loss, "final": final_dir})
         );
+    }
+    Ok(())
+}
+
+/// A rank other than 0: trains in step with rank 0 and takes part in its checkpoints, writing
+/// nothing itself.
+fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow::Result<()> {
+    let every = spec.checkpoint.every;
+    while trainer.step < spec.train.steps {
+        let r = super::on_pool(|| trainer.train_step())?;
+        if every > 0 && r.step % every == 0 && r.step < spec.train.steps {
+            trainer.save_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
+        }
     }
     Ok(())
 }

@@ -154,6 +154,7 @@ impl WorkerRpc for Grpc {
                     tokens_per_s: s.tokens_per_s,
                     mem_bytes: s.mem_bytes,
                     step_ms: s.step_ms,
+                    comm_ms: s.comm_ms,
                 })
                 .collect();
             self.service.record_steps(w.job_id, &steps).await?;

@@ -53,12 +53,18 @@ impl JobService {
         }
         fits_node(&spec.resources.devices, &self.config.slots).map_err(|m| SpecError::new("resources.devices", m))?;
         let p = &spec.parallel;
-        if p.dp * p.tp * p.pp != 1 || p.zero != 0 {
+        if p.tp != 1 || p.pp != 1 {
+            return Err(SpecError::new("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1").into());
+        }
+        if p.zero > 1 {
             return Err(SpecError::new(
-                "parallel",
-                "this build trains a job on one device (dp = tp = pp = 1, zero = 0); data parallelism and ZeRO come with the collectives",
+                "parallel.zero",
+                format!("ZeRO stage {} is not built yet: this version runs stages 0 and 1", p.zero),
             )
             .into());
+        }
+        if p.zero > 0 && p.dp == 1 {
+            return Err(SpecError::new("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1").into());
         }
         Ok(())
     }

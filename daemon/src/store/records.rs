@@ -31,8 +31,8 @@ impl Store {
         let mut new = 0;
         for s in steps {
             new += sqlx::query(
-                "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (job_id, rank, step) DO NOTHING",
+                "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id, rank, step) DO NOTHING",
             )
             .bind(job_id)
             .bind(i64::from(s.rank))
@@ -43,6 +43,7 @@ impl Store {
             .bind(s.tokens_per_s)
             .bind(s.mem_bytes)
             .bind(s.step_ms)
+            .bind(s.comm_ms)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -59,7 +60,7 @@ impl Store {
 
     /// A job's step series in step order, from `after_step` (exclusive), at most `limit` rows.
     pub async fn metrics(&self, job_id: i64, rank: Option<u32>, after_step: i64, limit: u32) -> Result<Vec<StepMetrics>> {
-        let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms";
+        let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms";
         let one_rank = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 ORDER BY step LIMIT $4");
         let all_ranks = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND step > $2 ORDER BY step, rank LIMIT $3");
         let q = match rank {
@@ -78,6 +79,7 @@ impl Store {
                     tokens_per_s: r.try_get("tokens_per_s")?,
                     mem_bytes: r.try_get("mem_bytes")?,
                     step_ms: r.try_get("step_ms")?,
+                    comm_ms: r.try_get("comm_ms")?,
                 })
             })
             .collect()

@@ -125,6 +125,7 @@ fn step(rank: u32, step: i64) -> StepMetrics {
         tokens_per_s: 1000.0 + step as f64,
         mem_bytes: 1 << 20,
         step_ms: 12.5,
+        comm_ms: 1.5,
     }
 }
 

@@ -306,6 +306,7 @@ impl Supervisor {
                 tokens_per_s: v["tokens_per_s"].as_f64().unwrap_or(0.0),
                 mem_bytes: v["mem_bytes"].as_i64().unwrap_or(0),
                 step_ms: v["step_ms"].as_f64().unwrap_or(0.0),
+                comm_ms: v["comm_ms"].as_f64().unwrap_or(0.0),
             })
             .filter(|s| s.step > 0)
             .collect();
@@ -488,6 +489,7 @@ impl Supervisor {
             let labels = [job.as_str(), &s.rank.to_string()];
             self.metrics.step.with_label_values(&labels).set(s.step);
             self.metrics.step_seconds.with_label_values(&labels).set(s.step_ms / 1e3);
+            self.metrics.comm_seconds.with_label_values(&labels).set(s.comm_ms / 1e3);
             self.metrics.tokens_per_second.with_label_values(&labels).set(s.tokens_per_s);
             self.metrics.loss.with_label_values(&labels).set(s.loss);
             self.metrics.mem_bytes.with_label_values(&labels).set(s.mem_bytes as f64);

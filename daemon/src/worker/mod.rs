@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use gantry_api::proto::WorkerId;
 use gantry_api::{JobSpec, StepMetrics};
+use gantry_engine::comm::Comm;
 use gantry_engine::train::Trainer;
 use serde::{Deserialize, Serialize};
 
@@ -70,13 +71,18 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     let spec_path = a.run_dir.join("spec.json");
     let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
-    if a.world_size != 1 {
-        bail!("this build trains on one device per job; the job asks for {} ranks", a.world_size);
-    }
-    let threads = crate::commands::set_threads(a.threads.or(spec.resources.threads))?;
+    let workers = a.world_size.max(1) as usize;
+    let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
+    let threads = crate::commands::set_threads(a.threads.or(per_worker))?;
     let id = WorkerId { job_id: a.job_id, rank: a.rank, attempt: a.attempt };
     let reporter = reporter::Reporter::start(&a.daemon, id, a.world_size, Duration::from_secs(120))?;
-    let mut trainer = Trainer::new(spec.clone(), Path::new(""))?;
+    let comm = if a.world_size > 1 {
+        Some(Comm::connect(a.rank as usize, a.world_size as usize, &a.rendezvous, crate::commands::comm_timeout())?)
+    } else {
+        None
+    };
+    let mut trainer = Trainer::with_comm(spec.clone(), Path::new(""), comm)?;
+    let lead = trainer.dp_rank() == 0;
     if let Some(dir) = &a.resume_from {
         trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
         eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
@@ -91,19 +97,28 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
         trainer.model.table.len(),
         a.rendezvous
     );
+    // Rank 0 keeps the run's own record; every rank reports its steps to the daemon.
     let metrics_path = a.run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut metrics = if lead {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?,
+        )
+    } else {
+        None
+    };
     let mut kept: Vec<PathBuf> = existing_checkpoints(&a.run_dir);
     while trainer.step < steps {
         if reporter.stop.load(Ordering::Relaxed) {
             bail!("stopped at step {} at the daemon's request", trainer.step);
         }
         let r = crate::commands::on_pool(|| trainer.train_step())?;
-        writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
+        if let Some(f) = &mut metrics {
+            writeln!(f, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
+        }
         if r.step == 1 || r.step % 10 == 0 || r.step == steps {
             eprintln!("step {}/{steps} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s", r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s);
         }
@@ -116,11 +131,14 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             tokens_per_s: r.tokens_per_s,
             mem_bytes: r.mem_bytes as i64,
             step_ms: r.step_ms,
+            comm_ms: r.comm_ms,
         });
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
             let dir = checkpoint_dir(&a.run_dir, r.step);
-            trainer.save_checkpoint(&dir)?;
+            if !trainer.save_checkpoint(&dir)? {
+                continue;
+            }
             reporter.checkpoint(r.step as i64, dir.to_string_lossy().into_owned());
             kept.push(dir);
             // Older checkpoints go only once a newer one is complete.
@@ -130,7 +148,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if a.rank == 0 {
+    if lead {
         trainer.save_hf(&a.run_dir.join("final"))?;
     }
     eprintln!("finished {steps} steps; model in {}", a.run_dir.join("final").display());

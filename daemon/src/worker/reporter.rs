@@ -192,5 +192,6 @@ pub fn to_proto(m: &StepMetrics) -> proto::StepMetrics {
         tokens_per_s: m.tokens_per_s,
         mem_bytes: m.mem_bytes,
         step_ms: m.step_ms,
+        comm_ms: m.comm_ms,
     }
 }

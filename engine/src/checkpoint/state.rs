@@ -34,24 +34,32 @@ pub fn is_training_checkpoint(dir: &Path) -> bool {
     dir.join(STATE).is_file() && dir.join(OPTIMIZER).is_file()
 }
 
+/// The state a checkpoint holds, each in the table's full layout.
+pub struct TrainingState<'a> {
+    pub params: &'a [f32],
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+    pub step: u64,
+}
+
 /// Writes parameters, moments and step to `dir` (replacing any earlier one) atomically.
 pub fn save_training_checkpoint(
     dir: &Path,
     config: &ModelConfig,
     table: &ParamTable,
-    buffers: &ParamBuffers,
-    step: u64,
+    state: TrainingState<'_>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
+    let step = state.step;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
     let tmp = dir.with_file_name(format!(".{name}.partial"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    save_hf_dir(&tmp, config, table, &buffers.params, tokenizer)?;
+    save_hf_dir(&tmp, config, table, state.params, tokenizer)?;
     let shape = vec![table.len()];
     let mut views = BTreeMap::new();
-    for (key, data) in [("exp_avg", &buffers.m), ("exp_avg_sq", &buffers.v)] {
+    for (key, data) in [("exp_avg", state.m), ("exp_avg_sq", state.v)] {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         views.insert(key.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("length matches the table"));
     }
@@ -70,7 +78,8 @@ pub fn save_training_checkpoint(
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
-/// Loads a training checkpoint into `buffers`; returns the step it was written at.
+/// Loads a training checkpoint into `buffers` (the moments of `buffers.shard` only, so a checkpoint
+/// loads under any ZeRO sharding); returns the step it was written at.
 pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamTable, buffers: &mut ParamBuffers) -> Result<u64> {
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
@@ -83,6 +92,7 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
         });
     }
     load_weights(dir, config, table, &mut buffers.params)?;
+    let buffers_shard = buffers.shard.clone();
     let opt = dir.join(OPTIMIZER);
     let bytes = std::fs::read(&opt).map_err(|e| Error::io(&opt, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
@@ -94,7 +104,8 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
                 message: format!("{key} is {:?} {:?}, expected F32 [{}]", t.dtype(), t.shape(), table.len()),
             });
         }
-        for (o, c) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+        let bytes = &t.data()[buffers_shard.start * 4..buffers_shard.end * 4];
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
             *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
     }

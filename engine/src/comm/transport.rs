@@ -36,11 +36,14 @@ pub(crate) struct Outgoing<'a> {
     pub bufs: Vec<&'a [u8]>,
 }
 
+/// Called with the bytes received so far, as they arrive.
+pub(crate) type Progress<'p> = &'p mut dyn FnMut(&[u8]);
+
 pub(crate) struct Incoming<'a, 'p> {
     pub peer: usize,
     pub buf: &'a mut [u8],
     /// Called with the bytes received so far, as they arrive (for reducing while receiving).
-    pub progress: Option<&'p mut dyn FnMut(&[u8])>,
+    pub progress: Option<Progress<'p>>,
 }
 
 impl Links {

@@ -22,11 +22,20 @@ impl AdamW {
     /// One update of every parameter at learning rate `lr`, `step` counting from 1. Weight decay
     /// applies to matrices (embeddings included), never to norms and biases. Runs over each
     /// parameter's range so the decay flag is per tensor; the kernel itself is parallel.
+    ///
+    /// Only the parameters of `buf.shard` are updated (all of them unless ZeRO shards the
+    /// optimizer state); a tensor cut by the shard's edges is updated in the part inside it.
     pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
         let hp = AdamWStep { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step };
+        let shard = buf.shard.clone();
         for e in table.entries() {
             let r = e.at.range();
-            adamw_update(&mut buf.params[r.clone()], &buf.grads[r.clone()], &mut buf.m[r.clone()], &mut buf.v[r], &hp, e.decay);
+            let (lo, hi) = (r.start.max(shard.start), r.end.min(shard.end));
+            if lo >= hi {
+                continue;
+            }
+            let (ms, me) = (lo - shard.start, hi - shard.start);
+            adamw_update(&mut buf.params[lo..hi], &buf.grads[lo..hi], &mut buf.m[ms..me], &mut buf.v[ms..me], &hp, e.decay);
         }
     }
 }

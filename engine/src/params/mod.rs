@@ -9,20 +9,30 @@ mod table;
 
 pub use table::{Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
 
-/// The training state of one rank: parameters, gradients and AdamW moments, all in the table's
-/// layout.
+/// The training state of one rank: parameters and gradients in the table's layout, and the AdamW
+/// moments of the part of the table this rank updates (`shard`: all of it, or under ZeRO its
+/// share of the flat buffer).
 #[derive(Debug)]
 pub struct ParamBuffers {
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
+    /// The range of the flat buffer whose moments `m` and `v` hold (`m[i]` is element
+    /// `shard.start + i`).
+    pub shard: std::ops::Range<usize>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
 
 impl ParamBuffers {
     pub fn zeros(table: &ParamTable) -> Self {
+        Self::sharded(table, 0..table.len())
+    }
+
+    /// Full parameters and gradients, moments for `shard` only.
+    pub fn sharded(table: &ParamTable, shard: std::ops::Range<usize>) -> Self {
         let n = table.len();
-        ParamBuffers { params: vec![0.0; n], grads: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n] }
+        let s = shard.len();
+        ParamBuffers { params: vec![0.0; n], grads: vec![0.0; n], shard, m: vec![0.0; s], v: vec![0.0; s] }
     }
 
     /// Bytes of parameters, gradients and optimizer state held.

@@ -4,10 +4,12 @@ use std::time::Instant;
 use gantry_api::{JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
-use crate::checkpoint::{has_weights, load_training_checkpoint, load_weights, save_hf_dir, save_training_checkpoint};
+use crate::checkpoint::{has_weights, load_training_checkpoint, load_weights, save_hf_dir, save_training_checkpoint, TrainingState};
+use crate::comm::{Comm, DeviceMesh};
 use crate::data::{check_vocab, load_tokens, Sampler};
 use crate::models::{Activations, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::parallel::DataParallel;
 use crate::params::ParamBuffers;
 use crate::{Error, Result};
 
@@ -25,6 +27,8 @@ pub struct StepReport {
     /// Bytes of parameters, gradients and optimizer state on this rank.
     pub mem_bytes: u64,
     pub step_ms: f64,
+    /// Time this rank spent communicating during the step.
+    pub comm_ms: f64,
     pub tokens: u64,
 }
 
@@ -67,13 +71,21 @@ pub struct Trainer {
     optim: AdamW,
     tokenizer: Option<PathBuf>,
     batch: Vec<u32>,
+    /// The dp group and ZeRO, when the job runs on more than one rank.
+    dp: Option<DataParallel>,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
 
 impl Trainer {
-    /// Loads the model, its weights and the data of `spec`, with paths relative to `base`.
+    /// Loads the model, its weights and the data of `spec`, with paths relative to `base`, for a
+    /// job on one rank.
     pub fn new(spec: JobSpec, base: &Path) -> Result<Trainer> {
+        Self::with_comm(spec, base, None)
+    }
+
+    /// As `new`, for one rank of a job on `comm.world()` ranks (`parallel.dp` of them).
+    pub fn with_comm(spec: JobSpec, base: &Path, comm: Option<Comm>) -> Result<Trainer> {
         crate::device::check_supported(&spec.resources.devices)?;
         let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
         if spec.train.precision != Precision::Fp32 {
@@ -83,13 +95,20 @@ impl Trainer {
             );
         }
         let p = &spec.parallel;
-        if p.dp != 1 || p.tp != 1 || p.pp != 1 || p.zero != 0 {
-            return unsupported(
-                "parallel",
-                "this build trains on one device: dp, tp and pp must be 1 and zero 0 (data parallelism and ZeRO come with the collectives)"
-                    .into(),
-            );
+        if p.tp != 1 || p.pp != 1 {
+            return unsupported("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1".into());
         }
+        let world = comm.as_ref().map_or(1, Comm::world);
+        if p.dp != world {
+            return unsupported("parallel.dp", format!("parallel.dp = {} but the job runs on {world} ranks", p.dp));
+        }
+        if comm.is_none() && p.zero != 0 {
+            return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
+        }
+        let dp = match comm {
+            Some(c) => Some(DataParallel::new(c, &DeviceMesh::new(world, p.dp, 1, 1, 1)?, p.zero)?),
+            None => None,
+        };
         let model_dir = base.join(&spec.model.path);
         let (model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
         let data_path = base.join(&spec.data.train);
@@ -105,33 +124,52 @@ impl Trainer {
             message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
         })?;
         let acts = model.activations(spec.micro_batch_size(), seq)?;
-        let mut buffers = ParamBuffers::zeros(&model.table);
+        let shard = dp.as_ref().map_or(0..model.table.len(), |d| d.shard(model.table.len()));
+        let mut buffers = ParamBuffers::sharded(&model.table, shard);
         buffers.params = params;
         let t = &spec.train;
         let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
-        Ok(Trainer { spec, model, buffers, acts, tokens, sampler, schedule, optim, tokenizer, batch: Vec::new(), step: 0 })
+        Ok(Trainer { spec, model, buffers, acts, tokens, sampler, schedule, optim, tokenizer, batch: Vec::new(), dp, step: 0 })
     }
 
     pub fn tokens_in_data(&self) -> usize {
         self.tokens.len()
     }
 
-    /// Runs one optimizer step (all its micro-batches).
+    /// This rank's position in the dp group (0 on one rank): rank 0 writes the run's files.
+    pub fn dp_rank(&self) -> usize {
+        self.dp.as_ref().map_or(0, DataParallel::rank)
+    }
+
+    /// Runs one optimizer step (all its micro-batches; on several ranks, this rank's share).
     pub fn train_step(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+        let per_rank = global / ranks;
         let scale = 1.0 / (global * seq) as f32;
         gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
         let mut loss_sum = 0.0;
         for k in 0..self.spec.accumulation_steps() {
-            self.sampler.fill(&self.tokens, self.step, global, k * micro..(k + 1) * micro, &mut self.batch);
+            let first = rank * per_rank + k * micro;
+            self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
             loss_sum += self.model.forward_backward(&self.buffers.params, &mut self.buffers.grads, &mut self.acts, &self.batch, scale)?;
         }
+        if let Some(dp) = &mut self.dp {
+            loss_sum = dp.sum(loss_sum)?;
+            dp.sync_grads(&mut self.buffers.grads)?;
+        }
+        // Every rank now holds the global gradient: the norm and the clipping agree everywhere.
         let grad_norm = clip_grad_norm(&mut self.buffers.grads, self.spec.train.grad_clip);
         self.step += 1;
         let lr = self.schedule.at(self.step);
         self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
+        let mut comm_ms = 0.0;
+        if let Some(dp) = &mut self.dp {
+            dp.gather_params(&mut self.buffers.params)?;
+            comm_ms = dp.take_comm_time().as_secs_f64() * 1e3;
+        }
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
         Ok(StepReport {
@@ -142,6 +180,7 @@ impl Trainer {
             tokens_per_s: tokens as f64 / secs,
             mem_bytes: self.buffers.bytes(),
             step_ms: secs * 1e3,
+            comm_ms,
             tokens,
         })
     }
@@ -151,9 +190,25 @@ impl Trainer {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
 
-    /// Writes a training checkpoint (weights, AdamW moments, step) to `dir`, atomically.
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        save_training_checkpoint(dir, &self.model.config, &self.model.table, &self.buffers, self.step, self.tokenizer.as_deref())
+    /// Writes a training checkpoint (weights, AdamW moments, step) to `dir`, atomically. Every
+    /// rank calls it (ZeRO's moment shards are gathered); rank 0 writes and gets `true`.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<bool> {
+        let len = self.model.table.len();
+        let (m, v) = match &mut self.dp {
+            Some(dp) if dp.zero() >= 1 => (Some(dp.gather_shards(&self.buffers.m, len)?), Some(dp.gather_shards(&self.buffers.v, len)?)),
+            _ => (None, None),
+        };
+        if self.dp_rank() != 0 {
+            return Ok(false);
+        }
+        let state = TrainingState {
+            params: &self.buffers.params,
+            m: m.as_deref().unwrap_or(&self.buffers.m),
+            v: v.as_deref().unwrap_or(&self.buffers.v),
+            step: self.step,
+        };
+        save_training_checkpoint(dir, &self.model.config, &self.model.table, state, self.tokenizer.as_deref())?;
+        Ok(true)
     }
 
     /// Continues from a training checkpoint: the following steps are those the run that wrote it

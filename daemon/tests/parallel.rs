@@ -1,0 +1,138 @@
+//! Data parallelism and ZeRO through `gantry train` (real processes over TCP): the same per-step
+//! losses as one rank, less optimizer memory under ZeRO-1, and a lost rank named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn gantry() -> &'static str {
+    env!("CARGO_BIN_EXE_gantry")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A spec for a fixture model (random init) on 20,000 tokens below its vocabulary: a random
+/// motif of 37 tokens repeated, with every fifth token random, so there is something to learn.
+fn spec(dir: &Path, fixture: &str, steps: u64) -> PathBuf {
+    let tokens = dir.join("tokens.u32");
+    if !tokens.exists() {
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 96) as u32
+        };
+        let motif: Vec<u32> = (0..37).map(|_| next()).collect();
+        let data: Vec<u8> = (0..20_000usize).flat_map(|i| if i % 5 == 4 { next() } else { motif[i % 37] }.to_le_bytes()).collect();
+        std::fs::write(&tokens, data).unwrap();
+    }
+    let path = dir.join(format!("{fixture}.toml"));
+    let model = root().join("tests/fixtures").join(fixture).join("model");
+    std::fs::write(
+        &path,
+        format!(
+            "[model]\npath = {model:?}\ninit = \"random\"\n[data]\ntrain = {tokens:?}\nseq_len = 16\n\
+             [train]\nsteps = {steps}\nglobal_batch_size = 8\nmicro_batch_size = 2\nlr = 1e-2\nwarmup_steps = 2\nseed = 3\n\
+             [resources]\nthreads = 1\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Step {
+    loss: f64,
+    mem_bytes: u64,
+}
+
+fn train(spec: &Path, run_dir: &Path, ranks: usize, zero: u8) -> Vec<Step> {
+    let out = Command::new(gantry())
+        .arg("train")
+        .arg(spec)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["--no-progress", "--set", &format!("resources.devices=\"cpu:{ranks}\""), "--set", &format!("parallel.dp={ranks}")])
+        .args(["--set", &format!("parallel.zero={zero}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dp={ranks} zero={zero}: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Step { loss: v["loss"].as_f64().unwrap(), mem_bytes: v["mem_bytes"].as_u64().unwrap() }
+        })
+        .collect()
+}
+
+#[test]
+fn dp_2_and_4_with_zero_0_and_1_give_the_losses_of_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in ["gpt2", "llama_gqa"] {
+        let spec = spec(dir.path(), fixture, 20);
+        let one = train(&spec, &dir.path().join(format!("{fixture}-1")), 1, 0);
+        assert_eq!(one.len(), 20);
+        assert!(one[19].loss < one[0].loss, "{fixture} learns");
+        let mut mem = std::collections::BTreeMap::new();
+        for ranks in [2, 4] {
+            for zero in [0u8, 1] {
+                let got = train(&spec, &dir.path().join(format!("{fixture}-{ranks}-{zero}")), ranks, zero);
+                assert_eq!(got.len(), 20);
+                for (i, (a, b)) in one.iter().zip(&got).enumerate() {
+                    let rel = (a.loss - b.loss).abs() / a.loss;
+                    assert!(rel <= 1e-4, "{fixture} dp={ranks} zero={zero} step {}: {} vs {} ({rel:e})", i + 1, b.loss, a.loss);
+                }
+                mem.insert((ranks, zero), got[0].mem_bytes);
+            }
+        }
+        // Parameters + gradients (4 bytes each, full) and the moments (sharded under ZeRO-1).
+        let full = one[0].mem_bytes;
+        assert_eq!(mem[&(4, 0)], full, "without ZeRO every rank holds everything");
+        assert!(mem[&(4, 1)] < mem[&(4, 0)], "{fixture}: ZeRO-1 holds less than ZeRO-0: {mem:?}");
+        let params = full / 4 / 4;
+        assert!(mem[&(4, 1)].abs_diff(4 * (2 * params + 2 * params.div_ceil(4))) <= 16, "{fixture}: {mem:?}");
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "gpt2", 1_000_000);
+    let run_dir = dir.path().join("run");
+    let mut parent = Command::new(gantry())
+        .arg("train")
+        .arg(&spec)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["--no-progress", "--set", "resources.devices=\"cpu:2\"", "--set", "parallel.dp=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs, then kill rank 1.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pattern = format!("--run-dir {} .*--rank 1 ", run_dir.display());
+    let status = Command::new("pkill").args(["-9", "-f", "--", &pattern]).status().unwrap();
+    assert!(status.success(), "rank 1 was running");
+    let killed = Instant::now();
+    let out = loop {
+        if let Some(s) = parent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "rank 0 still runs 30 s after rank 1 died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(parent.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!out.success());
+    assert!(stderr.contains("rank 1: "), "the error names the lost rank: {stderr}");
+    eprintln!("rank 0 stopped {:?} after rank 1 was killed", killed.elapsed());
+}
