@@ -6,9 +6,11 @@ use gantry_kernels::cpu::attention::{attention_backward, attention_forward, Attn
 use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 
+use super::hooks::{span, Params};
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{two_mut, LayerNorm, Linear, LmHead, WeightLayout};
-use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
+use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder};
+use crate::Result;
 
 #[derive(Debug)]
 struct Block {
@@ -22,6 +24,8 @@ struct Block {
 
 #[derive(Debug)]
 pub struct Gpt2 {
+    /// Each block's parameters in the flat buffer (one contiguous span per block).
+    block_ranges: Vec<std::ops::Range<usize>>,
     c: usize,
     heads: usize,
     inner: usize,
@@ -56,7 +60,7 @@ pub struct Acts {
 }
 
 impl Gpt2 {
-    pub fn new(cfg: &ModelConfig) -> (ParamTable, Gpt2) {
+    pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Gpt2) {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
         let std = cfg.initializer_range;
         // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
@@ -85,7 +89,7 @@ impl Gpt2 {
         let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
         let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
         let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
-        let t = b.build(DEFAULT_CHUNK_ELEMS);
+        let t = b.build(chunk_elems);
         let lin = |w: usize, bias: usize, d_in: usize, d_out: usize| Linear {
             weight: t.at(w),
             bias: Some(t.at(bias)),
@@ -105,7 +109,9 @@ impl Gpt2 {
                 fc_proj: lin(i[10], i[11], inner, c),
             })
             .collect();
+        let block_ranges = idx.iter().map(|i| span(i.iter().map(|k| t.at(*k).range()))).collect();
         let model = Gpt2 {
+            block_ranges,
             c,
             heads: cfg.heads,
             inner,
@@ -148,11 +154,15 @@ impl Gpt2 {
     }
 
     /// Runs the blocks and the final norm for `b` sequences; leaves `a.lnf` ready for the head.
-    fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
+    fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, inner) = (n * c, self.inner);
-        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(p), Some(self.wpe.get(p)), seq, c);
+        pa.need(self.wte.range())?;
+        pa.need(self.wpe.range())?;
+        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
+            pa.need(self.block_ranges[l].clone())?;
+            let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
             let ln1 = layer_mut(&mut a.ln1, l, cap * c, nc);
             let (mean, rstd) = (layer_mut(&mut a.ln1_stats.0, l, cap, n), layer_mut(&mut a.ln1_stats.1, l, cap, n));
@@ -175,13 +185,17 @@ impl Gpt2 {
             blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
+        pa.need(span([self.ln_f.weight.range(), self.ln_f.bias.range()]))?;
+        pa.need(self.head.weight.range())?;
+        let p = pa.get();
         self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
-        p: &[f32],
+        pa: &mut dyn Params,
         g: &mut [f32],
         a: &mut Acts,
         b: usize,
@@ -189,16 +203,23 @@ impl Gpt2 {
         inputs: &[u32],
         targets: &[u32],
         scale: f32,
-    ) -> f64 {
-        self.forward(p, a, b, seq, inputs);
+    ) -> Result<f64> {
+        self.forward(pa, a, b, seq, inputs)?;
         let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
         let nc = n * c;
+        let p = pa.get();
         let loss = self.head.loss(p, &a.lnf[..nc], &targets[..n], &mut a.logits, Some((g, &mut a.dc[..nc], scale)));
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
         let l_all = self.blocks.len();
         self.ln_f.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.lnf_stats.0[..n], &a.lnf_stats.1[..n]);
+        pa.grads_ready(g, span([self.ln_f.weight.range(), self.ln_f.bias.range()]))?;
+        if self.head.weight != self.wte {
+            pa.grads_ready(g, self.head.weight.range())?;
+        }
         for (l, blk) in self.blocks.iter().enumerate().rev() {
+            pa.need(self.block_ranges[l].clone())?;
+            let p = pa.get();
             // MLP: the GELU output is recomputed rather than stored per layer.
             let fc = layer(&a.fc, l, cap * inner, n * inner);
             let gelu = &mut a.gelu[..n * inner];
@@ -224,16 +245,20 @@ impl Gpt2 {
             let x = layer(&a.res, l, cap * c, nc);
             let (mean, rstd) = (layer(&a.ln1_stats.0, l, cap, n), layer(&a.ln1_stats.1, l, cap, n));
             blk.ln1.backward(p, g, dres, dc, x, mean, rstd);
+            pa.grads_ready(g, self.block_ranges[l].clone())?;
         }
         let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
         embedding_backward(dwte, Some(dwpe), dres, &inputs[..n], seq, c);
-        loss
+        pa.grads_ready(g, self.wpe.range())?;
+        pa.grads_ready(g, self.wte.range())?;
+        Ok(loss)
     }
 
     /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
     /// head, and the head's scratch.
     pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
-        self.forward(p, a, b, seq, inputs);
+        let mut all = p;
+        self.forward(&mut all, a, b, seq, inputs).expect("reading a whole buffer cannot fail");
         (&a.lnf[..b * seq * self.c], self.head, &mut a.logits)
     }
 }

@@ -7,9 +7,11 @@ use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 use gantry_kernels::cpu::rope::{rope_apply, RopeTable};
 
+use super::hooks::{span, Params};
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
-use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
+use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder};
+use crate::Result;
 
 #[derive(Debug)]
 struct Block {
@@ -22,6 +24,15 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+impl Block {
+    /// The block's parameters: one contiguous span of the flat buffer.
+    fn range(&self) -> std::ops::Range<usize> {
+        let lins = [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down];
+        let refs = lins.iter().flat_map(|l| std::iter::once(l.weight).chain(l.bias)).chain([self.norm1.weight, self.norm2.weight]);
+        span(refs.map(|r| r.range()))
+    }
 }
 
 #[derive(Debug)]
@@ -66,7 +77,7 @@ pub struct Acts {
 }
 
 impl Llama {
-    pub fn new(cfg: &ModelConfig) -> (ParamTable, Llama) {
+    pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Llama) {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let std = cfg.initializer_range;
@@ -94,7 +105,7 @@ impl Llama {
         }
         let norm = b.add("model.norm.weight", &[c], Init::Ones);
         let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], w));
-        let t = b.build(DEFAULT_CHUNK_ELEMS);
+        let t = b.build(chunk_elems);
         let lin = |(wi, bi, d_in, d_out): (usize, Option<usize>, usize, usize)| Linear {
             weight: t.at(wi),
             bias: bi.map(|i| t.at(i)),
@@ -170,12 +181,15 @@ impl Llama {
         AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim }
     }
 
-    fn forward(&self, p: &[f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) {
+    fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(p), None, seq, c);
+        pa.need(self.wte.range())?;
+        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
+            pa.need(blk.range())?;
+            let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
             let n1 = layer_mut(&mut a.n1, l, cap * c, nc);
             blk.norm1.forward(p, x, n1, layer_mut(&mut a.n1_rstd, l, cap, n));
@@ -201,13 +215,16 @@ impl Llama {
             blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        self.norm.forward(p, layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
+        pa.need(self.norm.weight.range())?;
+        pa.need(self.head.weight.range())?;
+        self.norm.forward(pa.get(), layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
-        p: &[f32],
+        pa: &mut dyn Params,
         g: &mut [f32],
         a: &mut Acts,
         b: usize,
@@ -215,8 +232,9 @@ impl Llama {
         inputs: &[u32],
         targets: &[u32],
         scale: f32,
-    ) -> f64 {
-        self.forward(p, a, b, seq, inputs);
+    ) -> Result<f64> {
+        self.forward(pa, a, b, seq, inputs)?;
+        let p = pa.get();
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
@@ -225,7 +243,13 @@ impl Llama {
         dres.fill(0.0);
         let l_all = self.blocks.len();
         self.norm.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.nf_rstd[..n]);
+        pa.grads_ready(g, self.norm.weight.range())?;
+        if self.head.weight != self.wte {
+            pa.grads_ready(g, self.head.weight.range())?;
+        }
         for (l, blk) in self.blocks.iter().enumerate().rev() {
+            pa.need(blk.range())?;
+            let p = pa.get();
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let gate = layer(&a.gate, l, cap * inner, n * inner);
             let up = layer(&a.up, l, cap * inner, n * inner);
@@ -252,15 +276,18 @@ impl Llama {
             blk.k.backward(p, g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
             blk.v.backward(p, g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
             blk.norm1.backward(p, g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
+            pa.grads_ready(g, blk.range())?;
         }
         embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
-        loss
+        pa.grads_ready(g, self.wte.range())?;
+        Ok(loss)
     }
 
     /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
     /// head, and the head's scratch.
     pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
-        self.forward(p, a, b, seq, inputs);
+        let mut all = p;
+        self.forward(&mut all, a, b, seq, inputs).expect("reading a whole buffer cannot fail");
         (&a.nf[..b * seq * self.c], self.head, &mut a.logits)
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod config;
 mod gpt2;
+pub mod hooks;
 mod llama;
 pub mod presets;
 
@@ -81,13 +82,19 @@ impl Activations {
 
 impl Model {
     pub fn new(config: ModelConfig) -> Result<Model> {
+        Self::with_chunks(config, crate::params::DEFAULT_CHUNK_ELEMS)
+    }
+
+    /// As `new`, with the parameter table's chunks holding about `chunk_elems` elements (at least
+    /// the largest tensor): the unit of DDP buckets and ZeRO shards.
+    pub fn with_chunks(config: ModelConfig, chunk_elems: usize) -> Result<Model> {
         let (table, kind) = match config.arch {
             Arch::Gpt2 => {
-                let (t, m) = gpt2::Gpt2::new(&config);
+                let (t, m) = gpt2::Gpt2::new(&config, chunk_elems);
                 (t, Kind::Gpt2(m))
             }
             Arch::Llama => {
-                let (t, m) = llama::Llama::new(&config);
+                let (t, m) = llama::Llama::new(&config, chunk_elems);
                 (t, Kind::Llama(m))
             }
         };
@@ -123,13 +130,39 @@ impl Model {
         windows: &[u32],
         grad_scale: f32,
     ) -> Result<f64> {
+        let mut view = params;
+        self.run_forward_backward(&mut view, grads, acts, windows, grad_scale)
+    }
+
+    /// As `forward_backward`, telling `hooks` which parameters are about to be read and which
+    /// gradients are final (parallel wrappers gather and communicate there).
+    pub fn forward_backward_hooked(
+        &self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        windows: &[u32],
+        grad_scale: f32,
+        hooks: &mut dyn hooks::ParamHooks,
+    ) -> Result<f64> {
+        self.run_forward_backward(&mut hooks::Hooked { params, hooks }, grads, acts, windows, grad_scale)
+    }
+
+    fn run_forward_backward(
+        &self,
+        pa: &mut dyn hooks::Params,
+        grads: &mut [f32],
+        acts: &mut Activations,
+        windows: &[u32],
+        grad_scale: f32,
+    ) -> Result<f64> {
         let b = acts.load(windows, self.config.vocab)?;
         let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
-        Ok(match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.forward_backward(params, grads, a, b, seq, inputs, targets, grad_scale),
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.forward_backward(pa, grads, a, b, seq, inputs, targets, grad_scale),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.forward_backward(pa, grads, a, b, seq, inputs, targets, grad_scale),
             _ => unreachable!("activations belong to the model that made them"),
-        })
+        }
     }
 
     /// Summed loss (nats) over `windows`, forward only.

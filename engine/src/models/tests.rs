@@ -69,3 +69,70 @@ fn llama_tied_with_biases_backward_matches_finite_differences() {
     );
     check_gradients(&Model::new(cfg).unwrap(), 3);
 }
+
+/// Records what a model announces.
+#[derive(Default)]
+struct Recorder {
+    needed: Vec<std::ops::Range<usize>>,
+    ready: Vec<std::ops::Range<usize>>,
+    /// For each gradient range, its values when it was announced final.
+    snapshots: Vec<Vec<f32>>,
+}
+
+impl hooks::ParamHooks for Recorder {
+    fn need_params(&mut self, _: &mut [f32], range: std::ops::Range<usize>) -> Result<()> {
+        self.needed.push(range);
+        Ok(())
+    }
+
+    fn grads_ready(&mut self, grads: &mut [f32], range: std::ops::Range<usize>) -> Result<()> {
+        self.snapshots.push(grads[range.clone()].to_vec());
+        self.ready.push(range);
+        Ok(())
+    }
+}
+
+/// Hooks must see every tensor needed and every gradient made final exactly once, and a gradient
+/// announced final must not change afterwards (DDP communicates it at that moment).
+#[test]
+fn hooks_cover_every_parameter_and_final_gradients_do_not_change() {
+    let configs = [
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":3,"n_head":2,"n_positions":8}"#,
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8,"tie_word_embeddings":false}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":11,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":3,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":8,"tie_word_embeddings":true}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":11,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,
+            "num_attention_heads":2,"num_key_value_heads":2,"max_position_embeddings":8}"#,
+    ];
+    for json in configs {
+        let model = Model::with_chunks(config(json), 64).unwrap();
+        let table = &model.table;
+        assert!(table.chunks().len() > 3, "small chunks for the test");
+        let mut params = vec![0.0f32; table.len()];
+        table.init(&mut params, 5);
+        let windows: Vec<u32> = (0..2 * 6).map(|i| (i * 7 % 11) as u32).collect();
+        let mut acts = model.activations(2, 5).unwrap();
+        let mut grads = vec![0.0f32; table.len()];
+        let mut rec = Recorder::default();
+        let loss = model.forward_backward_hooked(&mut params, &mut grads, &mut acts, &windows, 0.1, &mut rec).unwrap();
+        let mut plain = vec![0.0f32; table.len()];
+        let want = model.forward_backward(&params, &mut plain, &mut acts, &windows, 0.1).unwrap();
+        assert_eq!(loss, want);
+        assert_eq!(grads, plain, "hooks change nothing by themselves");
+        let mut covered = vec![0u32; table.len()];
+        for r in &rec.ready {
+            for i in r.clone() {
+                covered[i] += 1;
+            }
+        }
+        assert!(covered.iter().all(|c| *c == 1), "{json}: every gradient is announced final exactly once");
+        for (r, snap) in rec.ready.iter().zip(&rec.snapshots) {
+            assert_eq!(&grads[r.clone()], &snap[..], "{json}: {r:?} changed after it was announced final");
+        }
+        let mut needed = vec![false; table.len()];
+        for r in &rec.needed {
+            needed[r.clone()].iter_mut().for_each(|n| *n = true);
+        }
+        assert!(needed.iter().all(|n| *n), "{json}: every parameter is announced before use");
+    }
+}

@@ -1,0 +1,76 @@
+//! How parallel wrappers observe a model's use of its parameters without the model knowing about
+//! parallelism: the model says which parameters it is about to read and which gradients are final;
+//! ZeRO-3 gathers parameters on the first, DDP and ZeRO-2 communicate gradients on the second.
+
+use std::ops::Range;
+
+use crate::Result;
+
+/// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
+/// tensors.
+pub trait ParamHooks {
+    /// The parameters in `range` are about to be read.
+    fn need_params(&mut self, params: &mut [f32], range: Range<usize>) -> Result<()> {
+        let _ = (params, range);
+        Ok(())
+    }
+
+    /// The gradients in `range` are final for this backward pass (the model will not add to them
+    /// again before it returns).
+    fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
+        let _ = (grads, range);
+        Ok(())
+    }
+}
+
+/// No wrapper: every parameter is always present.
+pub struct NoHooks;
+
+impl ParamHooks for NoHooks {}
+
+/// What a model sees of its parameters: read access announced before each use, and a place to
+/// say which gradients are final.
+pub trait Params {
+    fn need(&mut self, range: Range<usize>) -> Result<()>;
+    fn get(&self) -> &[f32];
+    fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()>;
+}
+
+impl Params for &[f32] {
+    fn need(&mut self, _: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+
+    fn get(&self) -> &[f32] {
+        self
+    }
+
+    fn grads_ready(&mut self, _: &mut [f32], _: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Parameters whose uses are reported to hooks.
+pub struct Hooked<'a> {
+    pub params: &'a mut [f32],
+    pub hooks: &'a mut dyn ParamHooks,
+}
+
+impl Params for Hooked<'_> {
+    fn need(&mut self, range: Range<usize>) -> Result<()> {
+        self.hooks.need_params(self.params, range)
+    }
+
+    fn get(&self) -> &[f32] {
+        self.params
+    }
+
+    fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
+        self.hooks.grads_ready(grads, range)
+    }
+}
+
+/// The smallest range covering `refs`.
+pub fn span(refs: impl IntoIterator<Item = Range<usize>>) -> Range<usize> {
+    refs.into_iter().fold(usize::MAX..0, |acc, r| acc.start.min(r.start)..acc.end.max(r.end))
+}
