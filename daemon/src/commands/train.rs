@@ -123,7 +123,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     }
     pb.finish_and_clear();
     let final_dir = run_dir.join("final");
-    trainer.save_hf(&final_dir)?;
+    trainer.save_final(&final_dir)?;
     if let (Some(f), Some(l)) = (first, last) {
         eprintln!(
             "done in {:.1}s: loss {:.4} → {:.4} ({:+.1}%), model in {}",
@@ -151,6 +151,7 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
             trainer.save_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
         }
     }
+    trainer.save_final(&run_dir.join("final"))?;
     Ok(())
 }
 

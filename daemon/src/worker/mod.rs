@@ -148,9 +148,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if lead {
-        trainer.save_hf(&a.run_dir.join("final"))?;
-    }
+    trainer.save_final(&a.run_dir.join("final"))?;
     eprintln!("finished {steps} steps; model in {}", a.run_dir.join("final").display());
     // The daemon may be restarting: give it time to come back for the last reports.
     if !reporter.finish(Duration::from_secs(600)) {

@@ -92,7 +92,7 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
         });
     }
     load_weights(dir, config, table, &mut buffers.params)?;
-    let buffers_shard = buffers.shard.clone();
+    let pieces = buffers.pieces.clone();
     let opt = dir.join(OPTIMIZER);
     let bytes = std::fs::read(&opt).map_err(|e| Error::io(&opt, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
@@ -104,9 +104,14 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
                 message: format!("{key} is {:?} {:?}, expected F32 [{}]", t.dtype(), t.shape(), table.len()),
             });
         }
-        let bytes = &t.data()[buffers_shard.start * 4..buffers_shard.end * 4];
-        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let data = t.data();
+        let mut at = 0;
+        for piece in &pieces {
+            let bytes = &data[piece.start * 4..piece.end * 4];
+            for (o, c) in out[at..at + piece.len()].iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            at += piece.len();
         }
     }
     Ok(state.step)

@@ -157,11 +157,10 @@ impl Gpt2 {
     fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, inner) = (n * c, self.inner);
-        pa.need(self.wte.range())?;
-        pa.need(self.wpe.range())?;
+        pa.need(&[self.wte.range(), self.wpe.range()])?;
         embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
-            pa.need(self.block_ranges[l].clone())?;
+            pa.need(&[self.block_ranges[l].clone()])?;
             let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
             let ln1 = layer_mut(&mut a.ln1, l, cap * c, nc);
@@ -185,8 +184,7 @@ impl Gpt2 {
             blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        pa.need(span([self.ln_f.weight.range(), self.ln_f.bias.range()]))?;
-        pa.need(self.head.weight.range())?;
+        pa.need(&[span([self.ln_f.weight.range(), self.ln_f.bias.range()]), self.head.weight.range()])?;
         let p = pa.get();
         self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
         Ok(())
@@ -218,7 +216,7 @@ impl Gpt2 {
             pa.grads_ready(g, self.head.weight.range())?;
         }
         for (l, blk) in self.blocks.iter().enumerate().rev() {
-            pa.need(self.block_ranges[l].clone())?;
+            pa.need(&[self.block_ranges[l].clone()])?;
             let p = pa.get();
             // MLP: the GELU output is recomputed rather than stored per layer.
             let fc = layer(&a.fc, l, cap * inner, n * inner);

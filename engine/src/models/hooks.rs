@@ -9,9 +9,10 @@ use crate::Result;
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
 /// tensors.
 pub trait ParamHooks {
-    /// The parameters in `range` are about to be read.
-    fn need_params(&mut self, params: &mut [f32], range: Range<usize>) -> Result<()> {
-        let _ = (params, range);
+    /// The parameters in `ranges` are about to be read (together: all of them stay needed until
+    /// the next call).
+    fn need_params(&mut self, params: &mut [f32], ranges: &[Range<usize>]) -> Result<()> {
+        let _ = (params, ranges);
         Ok(())
     }
 
@@ -31,13 +32,13 @@ impl ParamHooks for NoHooks {}
 /// What a model sees of its parameters: read access announced before each use, and a place to
 /// say which gradients are final.
 pub trait Params {
-    fn need(&mut self, range: Range<usize>) -> Result<()>;
+    fn need(&mut self, ranges: &[Range<usize>]) -> Result<()>;
     fn get(&self) -> &[f32];
     fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()>;
 }
 
 impl Params for &[f32] {
-    fn need(&mut self, _: Range<usize>) -> Result<()> {
+    fn need(&mut self, _: &[Range<usize>]) -> Result<()> {
         Ok(())
     }
 
@@ -57,8 +58,8 @@ pub struct Hooked<'a> {
 }
 
 impl Params for Hooked<'_> {
-    fn need(&mut self, range: Range<usize>) -> Result<()> {
-        self.hooks.need_params(self.params, range)
+    fn need(&mut self, ranges: &[Range<usize>]) -> Result<()> {
+        self.hooks.need_params(self.params, ranges)
     }
 
     fn get(&self) -> &[f32] {
@@ -72,5 +73,6 @@ impl Params for Hooked<'_> {
 
 /// The smallest range covering `refs`.
 pub fn span(refs: impl IntoIterator<Item = Range<usize>>) -> Range<usize> {
-    refs.into_iter().fold(usize::MAX..0, |acc, r| acc.start.min(r.start)..acc.end.max(r.end))
+    let (lo, hi) = refs.into_iter().fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
+    lo.min(hi)..hi
 }

@@ -185,10 +185,10 @@ impl Llama {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        pa.need(self.wte.range())?;
+        pa.need(&[self.wte.range()])?;
         embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
         for (l, blk) in self.blocks.iter().enumerate() {
-            pa.need(blk.range())?;
+            pa.need(&[blk.range()])?;
             let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
             let n1 = layer_mut(&mut a.n1, l, cap * c, nc);
@@ -215,8 +215,7 @@ impl Llama {
             blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        pa.need(self.norm.weight.range())?;
-        pa.need(self.head.weight.range())?;
+        pa.need(&[self.norm.weight.range(), self.head.weight.range()])?;
         self.norm.forward(pa.get(), layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
         Ok(())
     }
@@ -248,7 +247,7 @@ impl Llama {
             pa.grads_ready(g, self.head.weight.range())?;
         }
         for (l, blk) in self.blocks.iter().enumerate().rev() {
-            pa.need(blk.range())?;
+            pa.need(&[blk.range()])?;
             let p = pa.get();
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let gate = layer(&a.gate, l, cap * inner, n * inner);

@@ -80,8 +80,8 @@ struct Recorder {
 }
 
 impl hooks::ParamHooks for Recorder {
-    fn need_params(&mut self, _: &mut [f32], range: std::ops::Range<usize>) -> Result<()> {
-        self.needed.push(range);
+    fn need_params(&mut self, _: &mut [f32], ranges: &[std::ops::Range<usize>]) -> Result<()> {
+        self.needed.extend(ranges.iter().cloned());
         Ok(())
     }
 

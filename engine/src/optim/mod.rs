@@ -23,19 +23,22 @@ impl AdamW {
     /// applies to matrices (embeddings included), never to norms and biases. Runs over each
     /// parameter's range so the decay flag is per tensor; the kernel itself is parallel.
     ///
-    /// Only the parameters of `buf.shard` are updated (all of them unless ZeRO shards the
-    /// optimizer state); a tensor cut by the shard's edges is updated in the part inside it.
+    /// Only the parameters of `buf.pieces` are updated (all of them unless ZeRO shards the
+    /// optimizer state); a tensor cut by a piece's edges is updated in the part inside it.
     pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
         let hp = AdamWStep { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step };
-        let shard = buf.shard.clone();
-        for e in table.entries() {
-            let r = e.at.range();
-            let (lo, hi) = (r.start.max(shard.start), r.end.min(shard.end));
-            if lo >= hi {
-                continue;
+        let mut at = 0;
+        for piece in &buf.pieces {
+            for e in table.entries() {
+                let r = e.at.range();
+                let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
+                if lo >= hi {
+                    continue;
+                }
+                let s = at + lo - piece.start..at + hi - piece.start;
+                adamw_update(&mut buf.params[lo..hi], &buf.grads[lo..hi], &mut buf.m[s.clone()], &mut buf.v[s], &hp, e.decay);
             }
-            let (ms, me) = (lo - shard.start, hi - shard.start);
-            adamw_update(&mut buf.params[lo..hi], &buf.grads[lo..hi], &mut buf.m[ms..me], &mut buf.v[ms..me], &hp, e.decay);
+            at += piece.len();
         }
     }
 }

@@ -1,43 +1,119 @@
-//! Data parallelism over the flat parameter buffers, with ZeRO stage 1.
+//! Data parallelism over the parameter table's chunks, with ZeRO stages 1-3.
 //!
 //! Every rank of the dp group trains on its slice of each global batch (the data order does not
-//! depend on how the batch is split). The gradients are summed across the group, so every rank
-//! holds the global batch's gradient; the norm and clipping then agree on every rank without
-//! further communication. Without ZeRO each rank updates all parameters identically. With ZeRO-1
-//! rank r keeps AdamW's moments for its shard of the flat buffer only
-//! (`shard_range(len, n, r)`), updates that shard, and an all-gather brings every rank the whole
-//! updated parameters.
+//! depend on how the batch is split). The chunks of the parameter table are the unit of
+//! everything here: each chunk is split evenly across the ranks (`shard_range`), and rank r owns
+//! piece r of every chunk, so shards stay balanced and a chunk's communication is one collective.
+//!
+//! - **DDP (ZeRO-0):** as soon as backward announces that a chunk's gradients are final, a copy of
+//!   the chunk is all-reduced on the communication thread while backward goes on; with gradient
+//!   accumulation only the last micro-batch communicates.
+//! - **ZeRO-1:** the same gradients; AdamW's moments and the update exist only for the rank's
+//!   pieces, and an all-gather per chunk brings back the updated parameters.
+//! - **ZeRO-2:** each finished chunk is reduce-scattered instead, the rank keeps its summed piece,
+//!   and the chunk's gradient pages are returned to the OS: the full gradient buffer is never
+//!   resident at once.
+//! - **ZeRO-3:** parameters too live as pieces: a chunk is gathered just before the model reads it
+//!   (the next one prefetched in the direction of travel) and released when the model moves on.
+//!
+//! Clipping is exact at every stage: the norm comes from the summed gradient (full, or the pieces'
+//! squares summed across the group).
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crate::comm::{shard_range, Axis, Comm, DeviceMesh, Group, ReduceOp};
+use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
+use gantry_kernels::cpu::vec::{scale, sum_squares};
+
+use super::pages;
+use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
+use crate::models::hooks::ParamHooks;
+use crate::optim::AdamW;
+use crate::params::ParamTable;
 use crate::{Error, Result};
 
 pub struct DataParallel {
-    comm: Comm,
+    comm: AsyncComm,
     group: Group,
     zero: u8,
-    /// Time spent communicating since the last `take_comm_time`.
-    comm_time: Duration,
+    chunks: Vec<Range<usize>>,
+    /// This rank's piece of each chunk (absolute ranges of the flat buffer).
+    pieces: Vec<Range<usize>>,
+    /// Where each piece starts in the rank's shard arrays (moments, ZeRO-2/3 gradients).
+    piece_at: Vec<usize>,
+    /// Elements of each chunk whose gradients are not final yet in this backward.
+    missing: Vec<usize>,
+    /// Whether this backward's gradients are communicated (the last micro-batch, or every one
+    /// under ZeRO-2/3).
+    communicate: bool,
+    inflight: Vec<(usize, Pending<Vec<f32>>)>,
+    /// ZeRO-2/3: the summed gradients of this rank's pieces.
+    pub grad_shard: Vec<f32>,
+    /// ZeRO-3: which chunks are gathered now, and the one being prefetched.
+    gathered: Vec<bool>,
+    prefetch: Option<(usize, Pending<Vec<f32>>)>,
+    /// Whether the current micro-batch's backward has begun.
+    in_backward: bool,
+    /// Communication-thread busy time and the part the trainer waited for, since last taken.
+    comm_busy: Duration,
+    exposed: Duration,
+    /// The gradient collectives alone: busy time, and the part training waited for after backward.
+    grad_busy: Duration,
+    grad_exposed: Duration,
+    /// Peak resident bytes of the parameter and gradient buffers seen at the hooks.
+    pub peak_params: u64,
+    pub peak_grads: u64,
 }
 
 impl std::fmt::Debug for DataParallel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataParallel").field("group", &self.group).field("zero", &self.zero).finish()
+        f.debug_struct("DataParallel").field("group", &self.group).field("zero", &self.zero).field("chunks", &self.chunks.len()).finish()
     }
 }
 
 impl DataParallel {
-    pub fn new(comm: Comm, mesh: &DeviceMesh, zero: u8) -> Result<DataParallel> {
-        if zero > 1 {
-            return Err(Error::Unsupported {
-                field: "parallel.zero".into(),
-                message: format!("ZeRO stage {zero} is not built yet: this version runs stages 0 and 1"),
-            });
+    pub fn new(comm: Comm, mesh: &DeviceMesh, zero: u8, table: &ParamTable) -> Result<DataParallel> {
+        if zero > 3 {
+            return Err(Error::Unsupported { field: "parallel.zero".into(), message: format!("ZeRO stage {zero} does not exist") });
         }
         let group = mesh.group(Axis::Dp, comm.rank());
-        Ok(DataParallel { comm, group, zero, comm_time: Duration::ZERO })
+        let (n, me) = (group.size(), group.me);
+        let chunks: Vec<Range<usize>> = table.chunks().iter().map(|c| c.range.clone()).collect();
+        let pieces: Vec<Range<usize>> = chunks
+            .iter()
+            .map(|c| {
+                let r = shard_range(c.len(), n, me);
+                c.start + r.start..c.start + r.end
+            })
+            .collect();
+        let mut piece_at = Vec::with_capacity(pieces.len());
+        let mut at = 0;
+        for p in &pieces {
+            piece_at.push(at);
+            at += p.len();
+        }
+        let grad_shard = if zero >= 2 { vec![0.0; at] } else { Vec::new() };
+        Ok(DataParallel {
+            comm: AsyncComm::new(comm)?,
+            group,
+            zero,
+            missing: chunks.iter().map(|c| c.len()).collect(),
+            gathered: vec![true; chunks.len()],
+            chunks,
+            pieces,
+            piece_at,
+            communicate: false,
+            inflight: Vec::new(),
+            grad_shard,
+            prefetch: None,
+            in_backward: false,
+            comm_busy: Duration::ZERO,
+            exposed: Duration::ZERO,
+            grad_busy: Duration::ZERO,
+            grad_exposed: Duration::ZERO,
+            peak_params: 0,
+            peak_grads: 0,
+        })
     }
 
     /// This rank's position in the dp group.
@@ -53,59 +129,334 @@ impl DataParallel {
         self.zero
     }
 
-    /// The part of a flat buffer of `len` elements whose optimizer state this rank holds.
-    pub fn shard(&self, len: usize) -> Range<usize> {
+    /// The parts of the flat buffer whose optimizer state this rank holds.
+    pub fn pieces(&self) -> Vec<Range<usize>> {
         if self.zero >= 1 {
-            shard_range(len, self.size(), self.rank())
+            self.pieces.clone()
         } else {
-            0..len
+            std::iter::once(0..self.chunks.last().map_or(0, |c| c.end)).collect()
         }
     }
 
-    fn timed<T>(&mut self, f: impl FnOnce(&mut Comm, &Group) -> Result<T>) -> Result<T> {
+    /// Once, before training: under ZeRO-3 the rank keeps only its pieces of the parameters.
+    pub fn setup(&mut self, params: &mut [f32]) {
+        if self.zero >= 3 {
+            for c in 0..self.chunks.len() {
+                self.release_chunk(params, c);
+            }
+        }
+    }
+
+    /// Before each micro-batch's forward and backward.
+    pub fn begin_micro_batch(&mut self, last: bool) {
+        self.communicate = last || self.zero >= 2;
+        self.in_backward = false;
+        for (m, c) in self.missing.iter_mut().zip(&self.chunks) {
+            *m = c.len();
+        }
+    }
+
+    /// After each micro-batch's backward: waits for its communication and puts the results in
+    /// place (summed chunks into `grads`, or summed pieces into `grad_shard`).
+    pub fn end_micro_batch(&mut self, grads: &mut [f32]) -> Result<()> {
         let start = Instant::now();
-        let r = f(&mut self.comm, &self.group);
-        self.comm_time += start.elapsed();
-        r
-    }
-
-    /// The group's sum of a per-rank loss sum.
-    pub fn sum(&mut self, x: f64) -> Result<f64> {
-        let mut v = [x];
-        self.timed(|c, g| c.all_reduce_f64(g, &mut v))?;
-        Ok(v[0])
-    }
-
-    /// Sums gradients across the group, in place.
-    pub fn sync_grads(&mut self, grads: &mut [f32]) -> Result<()> {
-        self.timed(|c, g| c.all_reduce(g, grads, ReduceOp::Sum))
-    }
-
-    /// After a ZeRO-1 update of this rank's shard: every rank gets every shard.
-    pub fn gather_params(&mut self, params: &mut [f32]) -> Result<()> {
-        if self.zero >= 1 {
-            self.timed(|c, g| c.all_gather(g, params))?;
+        for (c, pending) in std::mem::take(&mut self.inflight) {
+            let (buf, busy) = pending.wait()?;
+            self.comm_busy += busy;
+            self.grad_busy += busy;
+            let chunk = self.chunks[c].clone();
+            if self.zero >= 2 {
+                let piece = &self.pieces[c];
+                let local = piece.start - chunk.start..piece.end - chunk.start;
+                let at = self.piece_at[c];
+                for (d, s) in self.grad_shard[at..at + piece.len()].iter_mut().zip(&buf[local]) {
+                    *d += *s;
+                }
+            } else {
+                grads[chunk].copy_from_slice(&buf);
+            }
+        }
+        self.exposed += start.elapsed();
+        self.grad_exposed += start.elapsed();
+        if self.missing.iter().any(|m| *m != 0) {
+            return Err(Error::Comm { rank: None, message: "the model did not announce every final gradient".into() });
         }
         Ok(())
     }
 
-    /// The whole of a sharded buffer (each rank passes its shard), for checkpoints.
-    pub fn gather_shards(&mut self, shard: &[f32], len: usize) -> Result<Vec<f32>> {
+    /// The chunks `range` overlaps.
+    fn chunks_of(&self, range: &Range<usize>) -> Range<usize> {
+        let first = self.chunks.partition_point(|c| c.end <= range.start);
+        let last = self.chunks.partition_point(|c| c.start < range.end);
+        first..last.max(first)
+    }
+
+    /// The group's sum of a per-rank value.
+    pub fn sum(&mut self, x: f64) -> Result<f64> {
+        let g = self.group.clone();
+        let start = Instant::now();
+        let v = self.comm.run(move |c| {
+            let mut v = [x];
+            c.all_reduce_f64(&g, &mut v)?;
+            Ok(v[0])
+        })?;
+        self.exposed += start.elapsed();
+        self.comm_busy += start.elapsed();
+        Ok(v)
+    }
+
+    /// The global gradient norm, and the gradients this rank updates with scaled to clip it at
+    /// `max_norm` (0 disables clipping), as `torch.nn.utils.clip_grad_norm_` does.
+    pub fn clip(&mut self, grads: &mut [f32], max_norm: f64) -> Result<f64> {
+        let norm = if self.zero >= 2 { self.sum(sum_squares(&self.grad_shard))?.sqrt() } else { sum_squares(grads).sqrt() };
+        if max_norm > 0.0 {
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                if self.zero >= 2 {
+                    scale(&mut self.grad_shard, coef as f32);
+                } else {
+                    scale(grads, coef as f32);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// AdamW on this rank's pieces (moments `m`, `v` concatenated in piece order), then whatever
+    /// brings every rank the parameters it needs next.
+    #[allow(clippy::too_many_arguments)]
+    pub fn optimizer_step(
+        &mut self,
+        optim: &AdamW,
+        table: &ParamTable,
+        params: &mut [f32],
+        grads: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        lr: f32,
+        step: u32,
+    ) -> Result<()> {
+        let hp = AdamWStep { lr, beta1: optim.beta1, beta2: optim.beta2, eps: optim.eps, weight_decay: optim.weight_decay, step };
+        let pieces = self.pieces();
+        let mut at = 0;
+        for piece in &pieces {
+            for e in table.entries() {
+                let r = e.at.range();
+                let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
+                if lo >= hi {
+                    continue;
+                }
+                let s = at + lo - piece.start..at + hi - piece.start;
+                let g = if self.zero >= 2 { &self.grad_shard[s.clone()] } else { &grads[lo..hi] };
+                adamw_update(&mut params[lo..hi], g, &mut m[s.clone()], &mut v[s], &hp, e.decay);
+            }
+            at += piece.len();
+        }
+        if self.zero >= 2 {
+            self.grad_shard.iter_mut().for_each(|x| *x = 0.0);
+        }
+        match self.zero {
+            1 | 2 => {
+                for c in 0..self.chunks.len() {
+                    let chunk = self.chunks[c].clone();
+                    let full = self.gather_chunk(&params[chunk.clone()], c)?;
+                    params[chunk].copy_from_slice(&full);
+                }
+            }
+            3 => {
+                // Gathered copies are stale now: keep only the updated pieces.
+                self.drain_prefetch()?;
+                for c in 0..self.chunks.len() {
+                    if self.gathered[c] {
+                        self.release_chunk(params, c);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// All-gathers chunk `c` given this rank's copy of it (its own piece filled in).
+    fn gather_chunk(&mut self, local: &[f32], c: usize) -> Result<Vec<f32>> {
+        let start = Instant::now();
+        let (buf, busy) = self.submit_gather(local.to_vec()).wait()?;
+        let _ = c;
+        self.comm_busy += busy;
+        self.exposed += start.elapsed();
+        Ok(buf)
+    }
+
+    fn submit_gather(&self, mut buf: Vec<f32>) -> Pending<Vec<f32>> {
+        let g = self.group.clone();
+        self.comm.submit(move |comm| {
+            comm.all_gather(&g, &mut buf)?;
+            Ok(buf)
+        })
+    }
+
+    /// The whole of a buffer this rank holds in pieces (ZeRO moments, ZeRO-3 parameters), for
+    /// checkpoints and the final model. Every rank must call it.
+    pub fn gather_pieces(&mut self, shard: &[f32], len: usize) -> Result<Vec<f32>> {
         let mut full = vec![0.0; len];
-        let mine = self.shard(len);
-        full[mine].copy_from_slice(shard);
-        if self.zero >= 1 {
-            self.timed(|c, g| c.all_gather(g, &mut full))?;
+        for (c, piece) in self.pieces.clone().into_iter().enumerate() {
+            let at = self.piece_at[c];
+            full[piece.clone()].copy_from_slice(&shard[at..at + piece.len()]);
+            let chunk = self.chunks[c].clone();
+            let whole = self.gather_chunk(&full[chunk.clone()], c)?;
+            full[chunk].copy_from_slice(&whole);
         }
         Ok(full)
     }
 
-    /// Waits for every rank of the group.
-    pub fn barrier(&mut self) -> Result<()> {
-        self.timed(|c, g| c.barrier(g))
+    /// This rank's pieces of a full buffer, concatenated.
+    pub fn own_pieces(&self, full: &[f32]) -> Vec<f32> {
+        self.pieces.iter().flat_map(|p| full[p.clone()].iter().copied()).collect()
     }
 
-    pub fn take_comm_time(&mut self) -> Duration {
-        std::mem::take(&mut self.comm_time)
+    /// ZeRO-3: the full parameters (every rank calls it).
+    pub fn full_params(&mut self, params: &[f32]) -> Result<Vec<f32>> {
+        let own = self.own_pieces(params);
+        self.gather_pieces(&own, params.len())
+    }
+
+    /// Chunk `c` with only this rank's piece filled in (the released rest is not read: reading it
+    /// would map zero pages that count as resident).
+    fn own_part(&self, params: &[f32], c: usize) -> Vec<f32> {
+        let (chunk, piece) = (&self.chunks[c], &self.pieces[c]);
+        let mut v = vec![0.0; chunk.len()];
+        v[piece.start - chunk.start..piece.end - chunk.start].copy_from_slice(&params[piece.clone()]);
+        v
+    }
+
+    fn release_chunk(&mut self, params: &mut [f32], c: usize) {
+        let (chunk, piece) = (self.chunks[c].clone(), self.pieces[c].clone());
+        pages::release(params, chunk.start..piece.start);
+        pages::release(params, piece.end..chunk.end);
+        self.gathered[c] = false;
+    }
+
+    fn drain_prefetch(&mut self) -> Result<()> {
+        if let Some((_, p)) = self.prefetch.take() {
+            let (_, busy) = p.wait()?;
+            self.comm_busy += busy;
+        }
+        Ok(())
+    }
+
+    fn record_residency(&mut self, params: Option<&[f32]>, grads: Option<&[f32]>) {
+        if let Some(p) = params {
+            self.peak_params = self.peak_params.max(pages::resident_bytes(p));
+        }
+        if let Some(g) = grads {
+            self.peak_grads = self.peak_grads.max(pages::resident_bytes(g));
+        }
+    }
+
+    /// Communication time since the last call: all collectives (busy on the communication
+    /// thread, and waited for by training), then the gradient collectives alone (the same two).
+    pub fn take_comm_time(&mut self) -> [Duration; 4] {
+        [
+            std::mem::take(&mut self.comm_busy),
+            std::mem::take(&mut self.exposed),
+            std::mem::take(&mut self.grad_busy),
+            std::mem::take(&mut self.grad_exposed),
+        ]
+    }
+
+    /// Peak resident bytes of parameters and gradients since the last call.
+    pub fn take_peaks(&mut self, params: &[f32], grads: &[f32]) -> (u64, u64) {
+        self.record_residency(Some(params), Some(grads));
+        let r = (self.peak_params, self.peak_grads);
+        self.peak_params = 0;
+        self.peak_grads = 0;
+        r
+    }
+}
+
+impl ParamHooks for DataParallel {
+    fn need_params(&mut self, params: &mut [f32], ranges: &[Range<usize>]) -> Result<()> {
+        if self.zero < 3 {
+            return Ok(());
+        }
+        let mut want: Vec<usize> = ranges.iter().flat_map(|r| self.chunks_of(r)).collect();
+        want.sort_unstable();
+        want.dedup();
+        // Release what the model has moved past (gathering again later is correct, only slower).
+        for c in 0..self.chunks.len() {
+            if self.gathered[c] && want.binary_search(&c).is_err() {
+                self.release_chunk(params, c);
+            }
+        }
+        for &c in &want {
+            if self.gathered[c] {
+                continue;
+            }
+            let chunk = self.chunks[c].clone();
+            let start = Instant::now();
+            let buf = match self.prefetch.take() {
+                Some((pc, p)) if pc == c => {
+                    let (b, busy) = p.wait()?;
+                    self.comm_busy += busy;
+                    b
+                }
+                other => {
+                    if let Some((_, p)) = other {
+                        let (_, busy) = p.wait()?;
+                        self.comm_busy += busy;
+                    }
+                    let (b, busy) = self.submit_gather(self.own_part(params, c)).wait()?;
+                    self.comm_busy += busy;
+                    b
+                }
+            };
+            self.exposed += start.elapsed();
+            params[chunk].copy_from_slice(&buf);
+            self.gathered[c] = true;
+        }
+        // Prefetch the next chunk in the direction the model is going: up the table in forward,
+        // down in backward (which has begun once a gradient was announced final).
+        let next = match (self.in_backward, want.first(), want.last()) {
+            (false, _, Some(&l)) => l + 1,
+            (true, Some(&f), _) => f.wrapping_sub(1),
+            _ => usize::MAX,
+        };
+        if self.prefetch.is_none() && next < self.chunks.len() && !self.gathered[next] {
+            self.prefetch = Some((next, self.submit_gather(self.own_part(params, next))));
+        }
+        self.record_residency(Some(params), None);
+        Ok(())
+    }
+
+    fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
+        self.in_backward = true;
+        for c in self.chunks_of(&range) {
+            let chunk = self.chunks[c].clone();
+            let overlap = range.end.min(chunk.end) - range.start.max(chunk.start);
+            self.missing[c] -= overlap;
+            if self.missing[c] != 0 || !self.communicate {
+                continue;
+            }
+            let copy = grads[chunk.clone()].to_vec();
+            let g = self.group.clone();
+            let pending = if self.zero >= 2 {
+                self.record_residency(None, Some(grads));
+                // The rank keeps only its summed piece: the chunk's gradient pages go back.
+                pages::release(grads, chunk);
+                self.comm.submit(move |comm| {
+                    let mut buf = copy;
+                    comm.reduce_scatter(&g, &mut buf)?;
+                    Ok(buf)
+                })
+            } else {
+                self.comm.submit(move |comm| {
+                    let mut buf = copy;
+                    comm.all_reduce(&g, &mut buf, ReduceOp::Sum)?;
+                    Ok(buf)
+                })
+            };
+            self.inflight.push((c, pending));
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! Parallelism applied from outside the models. A model computes gradients of the data it was
-//! given into its rank's flat buffer; the wrappers here make the ranks agree: data parallelism
-//! sums gradients across the dp group, ZeRO-1 splits the optimizer state (and the update) across
-//! it and gathers the updated parameters back.
+//! given into its rank's flat buffer and announces, through hooks, which parameters it is about
+//! to read and which gradients are final; the wrappers here act on those announcements: data
+//! parallelism sums gradient chunks across the dp group while backward goes on, ZeRO shards the
+//! optimizer state (1), the gradients (2) and the parameters (3) by chunk.
 
 mod dp;
+pub mod pages;
 
 pub use dp::DataParallel;

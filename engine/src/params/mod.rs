@@ -16,23 +16,23 @@ pub use table::{Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder
 pub struct ParamBuffers {
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
-    /// The range of the flat buffer whose moments `m` and `v` hold (`m[i]` is element
-    /// `shard.start + i`).
-    pub shard: std::ops::Range<usize>,
+    /// The parts of the flat buffer whose moments `m` and `v` hold, in order (`m` and `v` are
+    /// their concatenation).
+    pub pieces: Vec<std::ops::Range<usize>>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
 
 impl ParamBuffers {
     pub fn zeros(table: &ParamTable) -> Self {
-        Self::sharded(table, 0..table.len())
+        Self::sharded(table, std::iter::once(0..table.len()).collect())
     }
 
-    /// Full parameters and gradients, moments for `shard` only.
-    pub fn sharded(table: &ParamTable, shard: std::ops::Range<usize>) -> Self {
+    /// Full-size parameters and gradients, moments for `pieces` only.
+    pub fn sharded(table: &ParamTable, pieces: Vec<std::ops::Range<usize>>) -> Self {
         let n = table.len();
-        let s = shard.len();
-        ParamBuffers { params: vec![0.0; n], grads: vec![0.0; n], shard, m: vec![0.0; s], v: vec![0.0; s] }
+        let s = pieces.iter().map(|p| p.len()).sum();
+        ParamBuffers { params: vec![0.0; n], grads: vec![0.0; n], pieces, m: vec![0.0; s], v: vec![0.0; s] }
     }
 
     /// Bytes of parameters, gradients and optimizer state held.

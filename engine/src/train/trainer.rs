@@ -29,6 +29,10 @@ pub struct StepReport {
     pub step_ms: f64,
     /// Time this rank spent communicating during the step.
     pub comm_ms: f64,
+    /// Of which the gradient collectives, and the part of those training waited for after
+    /// backward (the rest was hidden behind backward).
+    pub grad_comm_ms: f64,
+    pub grad_comm_waited_ms: f64,
     pub tokens: u64,
 }
 
@@ -105,12 +109,19 @@ impl Trainer {
         if comm.is_none() && p.zero != 0 {
             return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
         }
+        let model_dir = base.join(&spec.model.path);
+        let (mut model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
         let dp = match comm {
-            Some(c) => Some(DataParallel::new(c, &DeviceMesh::new(world, p.dp, 1, 1, 1)?, p.zero)?),
+            Some(c) => {
+                // Chunks are the unit of communication and sharding: about 1/32 of the model each
+                // (at least 4 Ki elements), so that backward has chunks to overlap with and ZeRO-3
+                // gathers a small part at a time.
+                let chunk = (model.table.len() / 32).max(1 << 12);
+                model = Model::with_chunks(model.config.clone(), chunk)?;
+                Some(DataParallel::new(c, &DeviceMesh::new(world, p.dp, 1, 1, 1)?, p.zero, &model.table)?)
+            }
             None => None,
         };
-        let model_dir = base.join(&spec.model.path);
-        let (model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
         let data_path = base.join(&spec.data.train);
         let tokenizer = match &spec.data.tokenizer {
             Some(t) => Some(base.join(t)),
@@ -124,9 +135,13 @@ impl Trainer {
             message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
         })?;
         let acts = model.activations(spec.micro_batch_size(), seq)?;
-        let shard = dp.as_ref().map_or(0..model.table.len(), |d| d.shard(model.table.len()));
-        let mut buffers = ParamBuffers::sharded(&model.table, shard);
+        let pieces = dp.as_ref().map_or_else(|| std::iter::once(0..model.table.len()).collect(), |d| d.pieces());
+        let mut buffers = ParamBuffers::sharded(&model.table, pieces);
         buffers.params = params;
+        let mut dp = dp;
+        if let Some(d) = &mut dp {
+            d.setup(&mut buffers.params);
+        }
         let t = &spec.train;
         let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
@@ -149,38 +164,70 @@ impl Trainer {
         let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
         let per_rank = global / ranks;
         let scale = 1.0 / (global * seq) as f32;
-        gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
+        let accumulation = self.spec.accumulation_steps();
+        // Under ZeRO-2/3 the gradient buffer is already zero: its chunks were released.
+        if self.dp.as_ref().is_none_or(|d| d.zero() < 2) {
+            gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
+        }
         let mut loss_sum = 0.0;
-        for k in 0..self.spec.accumulation_steps() {
+        for k in 0..accumulation {
             let first = rank * per_rank + k * micro;
             self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
-            loss_sum += self.model.forward_backward(&self.buffers.params, &mut self.buffers.grads, &mut self.acts, &self.batch, scale)?;
+            let b = &mut self.buffers;
+            loss_sum += match &mut self.dp {
+                Some(dp) => {
+                    dp.begin_micro_batch(k + 1 == accumulation);
+                    let loss = self.model.forward_backward_hooked(&mut b.params, &mut b.grads, &mut self.acts, &self.batch, scale, dp)?;
+                    dp.end_micro_batch(&mut b.grads)?;
+                    loss
+                }
+                None => self.model.forward_backward(&b.params, &mut b.grads, &mut self.acts, &self.batch, scale)?,
+            };
         }
-        if let Some(dp) = &mut self.dp {
-            loss_sum = dp.sum(loss_sum)?;
-            dp.sync_grads(&mut self.buffers.grads)?;
-        }
-        // Every rank now holds the global gradient: the norm and the clipping agree everywhere.
-        let grad_norm = clip_grad_norm(&mut self.buffers.grads, self.spec.train.grad_clip);
         self.step += 1;
         let lr = self.schedule.at(self.step);
-        self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
-        let mut comm_ms = 0.0;
-        if let Some(dp) = &mut self.dp {
-            dp.gather_params(&mut self.buffers.params)?;
-            comm_ms = dp.take_comm_time().as_secs_f64() * 1e3;
-        }
+        let clip = self.spec.train.grad_clip;
+        let (grad_norm, mem_bytes, comm) = match &mut self.dp {
+            Some(dp) => {
+                loss_sum = dp.sum(loss_sum)?;
+                let b = &mut self.buffers;
+                let norm = dp.clip(&mut b.grads, clip)?;
+                let (peak_params, peak_grads) = dp.take_peaks(&b.params, &b.grads);
+                dp.optimizer_step(
+                    &self.optim,
+                    &self.model.table,
+                    &mut b.params,
+                    &mut b.grads,
+                    &mut b.m,
+                    &mut b.v,
+                    lr as f32,
+                    self.step as u32,
+                )?;
+                let (peak_params2, _) = dp.take_peaks(&b.params, &b.grads);
+                let moments = 4 * (b.m.len() + b.v.len()) as u64;
+                let shard_grads = 4 * dp.grad_shard.len() as u64;
+                (norm, peak_params.max(peak_params2) + peak_grads + shard_grads + moments, dp.take_comm_time())
+            }
+            None => {
+                let norm = clip_grad_norm(&mut self.buffers.grads, clip);
+                self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
+                (norm, self.buffers.bytes(), Default::default())
+            }
+        };
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         Ok(StepReport {
             step: self.step,
             loss: loss_sum / tokens as f64,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / secs,
-            mem_bytes: self.buffers.bytes(),
+            mem_bytes,
             step_ms: secs * 1e3,
-            comm_ms,
+            comm_ms: ms(comm[0]),
+            grad_comm_ms: ms(comm[2]),
+            grad_comm_waited_ms: ms(comm[3]),
             tokens,
         })
     }
@@ -191,18 +238,21 @@ impl Trainer {
     }
 
     /// Writes a training checkpoint (weights, AdamW moments, step) to `dir`, atomically. Every
-    /// rank calls it (ZeRO's moment shards are gathered); rank 0 writes and gets `true`.
+    /// rank calls it (ZeRO's shards are gathered); rank 0 writes and gets `true`.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<bool> {
         let len = self.model.table.len();
-        let (m, v) = match &mut self.dp {
-            Some(dp) if dp.zero() >= 1 => (Some(dp.gather_shards(&self.buffers.m, len)?), Some(dp.gather_shards(&self.buffers.v, len)?)),
-            _ => (None, None),
+        let (params, m, v) = match &mut self.dp {
+            Some(dp) if dp.zero() >= 1 => {
+                let params = if dp.zero() >= 3 { Some(dp.full_params(&self.buffers.params)?) } else { None };
+                (params, Some(dp.gather_pieces(&self.buffers.m, len)?), Some(dp.gather_pieces(&self.buffers.v, len)?))
+            }
+            _ => (None, None, None),
         };
         if self.dp_rank() != 0 {
             return Ok(false);
         }
         let state = TrainingState {
-            params: &self.buffers.params,
+            params: params.as_deref().unwrap_or(&self.buffers.params),
             m: m.as_deref().unwrap_or(&self.buffers.m),
             v: v.as_deref().unwrap_or(&self.buffers.v),
             step: self.step,
@@ -211,10 +261,33 @@ impl Trainer {
         Ok(true)
     }
 
+    /// Writes the final model as a Hugging Face directory. Every rank calls it (ZeRO-3 gathers the
+    /// parameters); rank 0 writes and gets `true`.
+    pub fn save_final(&mut self, dir: &Path) -> Result<bool> {
+        let full = match &mut self.dp {
+            Some(dp) if dp.zero() >= 3 => Some(dp.full_params(&self.buffers.params)?),
+            _ => None,
+        };
+        if self.dp_rank() != 0 {
+            return Ok(false);
+        }
+        save_hf_dir(
+            dir,
+            &self.model.config,
+            &self.model.table,
+            full.as_deref().unwrap_or(&self.buffers.params),
+            self.tokenizer.as_deref(),
+        )?;
+        Ok(true)
+    }
+
     /// Continues from a training checkpoint: the following steps are those the run that wrote it
     /// would have taken (the data order depends only on the seed and the step).
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
         self.step = load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?;
+        if let Some(dp) = &mut self.dp {
+            dp.setup(&mut self.buffers.params);
+        }
         if self.step > self.spec.train.steps {
             return Err(Error::Config {
                 path: dir.into(),
