@@ -69,13 +69,20 @@ fn rank_main(a: &CommBenchArgs, rank: usize, rv: &str) -> anyhow::Result<serde_j
     let g = comm.world_group();
     let n = a.world as f64;
     // A plain TCP stream from rank 0 to rank 1, set up through the collectives' own links.
-    let stream_bps = if rank < 2 { plain_stream(&mut comm, rank)? } else { 0.0 };
-    let duplex_bps = if rank < 2 { duplex_stream(&mut comm, rank)? } else { 0.0 };
+    // The baselines vary run to run (where the kernel places the processes on two cores):
+    // take the best of three, so the fractions below are conservative.
+    let (mut stream_bps, mut duplex_bps) = (0f64, 0f64);
+    if rank < 2 {
+        for _ in 0..3 {
+            stream_bps = stream_bps.max(plain_stream(&mut comm, rank)?);
+            duplex_bps = duplex_bps.max(duplex_stream(&mut comm, rank)?);
+        }
+    }
     comm.barrier(&g)?;
     let mut results = Vec::new();
     if rank == 0 {
-        eprintln!("plain TCP stream rank 0 → 1: {:.2} GB/s ({} MiB)", stream_bps / 1e9, STREAM_BYTES >> 20);
-        eprintln!("plain TCP streams both ways at once: {:.2} GB/s each way", duplex_bps / 1e9);
+        eprintln!("plain TCP stream rank 0 → 1: {:.2} GB/s ({} MiB, best of 3)", stream_bps / 1e9, STREAM_BYTES >> 20);
+        eprintln!("plain TCP streams both ways at once: {:.2} GB/s each way (best of 3)", duplex_bps / 1e9);
         eprintln!("{:<15} {:>12} {:>12} {:>12} {:>12}", "collective", "bytes", "time us", "algbw GB/s", "busbw GB/s");
     }
     for size in sizes(a) {
