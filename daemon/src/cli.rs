@@ -151,7 +151,12 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// The job spec. Relative paths in it are resolved from the spec's own directory.
-    pub spec: PathBuf,
+    #[arg(required_unless_present = "resume")]
+    pub spec: Option<PathBuf>,
+    /// Continue a run from its newest intact checkpoint, with the spec stored in the run
+    /// directory (`--set` still applies).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["spec", "run_dir"])]
+    pub resume: Option<PathBuf>,
     /// Override a spec key, e.g. `--set train.lr=3e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,

@@ -13,10 +13,18 @@ use crate::progress;
 /// Trains on one rank, or on `resources.devices` ranks: this process is rank 0 and starts the
 /// others as child processes of the same binary, which meet it at a rendezvous port.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.spec).with_context(|| format!("reading {}", a.spec.display()))?;
-    let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", a.spec.display()))?;
+    // A new run reads its spec from the file given; a resumed one from its run directory, where
+    // the spec was stored with absolute paths.
+    let (spec_path, run_dir) = match (&a.resume, &a.spec) {
+        (Some(dir), _) => (dir.join("spec.toml"), dir.clone()),
+        (None, Some(spec)) => (spec.clone(), a.run_dir.clone().unwrap_or_else(|| default_run_dir(spec))),
+        (None, None) => bail!("give a spec, or --resume RUN_DIR"),
+    };
+    let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    let base = spec_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let spec = absolute_paths(spec, &base)?;
     let world = spec.resources.devices.count();
-    let run_dir = a.run_dir.clone().unwrap_or_else(|| default_run_dir(&a.spec));
     if world == 1 {
         return train_rank(&a, spec, run_dir, None);
     }
@@ -33,13 +41,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         let log_path = logs.join(format!("rank-{rank}.log"));
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("train").arg(&a.spec).arg("--run-dir").arg(&run_dir).args([
-            "--no-progress",
-            "--rank",
-            &rank.to_string(),
-            "--rendezvous",
-            &rv,
-        ]);
+        cmd.arg("train");
+        match &a.resume {
+            Some(dir) => cmd.arg("--resume").arg(dir),
+            None => cmd.arg(&spec_path).arg("--run-dir").arg(&run_dir),
+        };
+        cmd.args(["--no-progress", "--rank", &rank.to_string(), "--rendezvous", &rv]);
         for s in &a.set {
             cmd.args(["--set", s]);
         }
@@ -71,11 +78,11 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     let workers = spec.resources.devices.count();
     let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = super::set_threads(per_worker)?;
-    let base = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
     let started = Instant::now();
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
-    let mut trainer = Trainer::with_comm(spec.clone(), &base, comm)?;
+    let mut trainer = Trainer::with_comm(spec.clone(), Path::new(""), comm)?;
+    let mut saved = if a.resume.is_some() { resume(&mut trainer, &run_dir)? } else { Vec::new() };
     if trainer.dp_rank() != 0 {
         return follow_rank(&mut trainer, &run_dir, &spec);
     }
@@ -91,12 +98,11 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         run_dir.display()
     );
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics = open_metrics(&metrics_path, trainer.step)?;
     let interactive = progress::interactive() && !a.no_progress;
     let pb = progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
     let mut first: Option<StepReport> = None;
     let mut last = None;
-    let mut saved: Vec<PathBuf> = Vec::new();
     while trainer.step < steps {
         let r = super::on_pool(|| trainer.train_step())?;
         writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
@@ -139,6 +145,56 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         );
     }
     Ok(())
+}
+
+/// Relative paths of a spec, resolved from `base` (the spec file's directory), made absolute: the
+/// run directory keeps the spec, and a resumed run reads it from there.
+fn absolute_paths(mut spec: JobSpec, base: &Path) -> anyhow::Result<JobSpec> {
+    let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+    let base = base.canonicalize().with_context(|| format!("{}", base.display()))?;
+    let abs = |p: &str| if Path::new(p).is_absolute() { p.to_string() } else { base.join(p).to_string_lossy().into_owned() };
+    spec.model.path = abs(&spec.model.path);
+    spec.data.train = abs(&spec.data.train);
+    spec.data.tokenizer = spec.data.tokenizer.as_deref().map(abs);
+    Ok(spec)
+}
+
+/// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
+/// and the one before it used); returns the checkpoints kept, oldest first.
+fn resume(trainer: &mut Trainer, run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = run_dir.join("checkpoints");
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{} has no checkpoints to resume from", run_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
+        .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
+        .collect();
+    all.sort();
+    for (i, ck) in all.iter().enumerate().rev() {
+        match trainer.resume(ck) {
+            Ok(()) => {
+                eprintln!("resuming from {} (step {})", ck.display(), trainer.step);
+                return Ok(all[..=i].to_vec());
+            }
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
+        }
+    }
+    bail!("no intact checkpoint in {} to resume from", dir.display())
+}
+
+/// The run's metrics file, keeping the lines of the steps up to `step` (a resumed run repeats
+/// the later ones).
+fn open_metrics(path: &Path, step: u64) -> anyhow::Result<std::fs::File> {
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) if step > 0 => text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }
 
 /// A rank other than 0: trains in step with rank 0 and takes part in its checkpoints, writing

@@ -20,6 +20,59 @@ use crate::{Error, Result};
 
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
+/// Written last: the list of the checkpoint's files with their sizes and CRC-32 checksums.
+const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    step: u64,
+    files: std::collections::BTreeMap<String, FileSum>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct FileSum {
+    bytes: u64,
+    crc32: String,
+}
+
+fn file_sum(path: &Path) -> Result<FileSum> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileSum { bytes, crc32: format!("{:08x}", h.finalize()) })
+}
+
+/// Checks every file a checkpoint's manifest lists against its size and checksum.
+pub fn verify_checkpoint(dir: &Path) -> Result<u64> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Error::Weights { path: path.clone(), message: format!("not a checkpoint manifest: {e}") })?;
+    for (name, want) in &manifest.files {
+        let file = dir.join(name);
+        let got = file_sum(&file)?;
+        if got != *want {
+            return Err(Error::Weights {
+                path: file,
+                message: format!(
+                    "does not match the checkpoint's manifest: {} bytes with CRC-32 {}, expected {} bytes with CRC-32 {} (truncated or altered)",
+                    got.bytes, got.crc32, want.bytes, want.crc32
+                ),
+            });
+        }
+    }
+    Ok(manifest.step)
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerState {
@@ -29,9 +82,9 @@ struct TrainerState {
     params: usize,
 }
 
-/// Whether `dir` is a complete training checkpoint.
+/// Whether `dir` is a committed training checkpoint (its manifest, written last, exists).
 pub fn is_training_checkpoint(dir: &Path) -> bool {
-    dir.join(STATE).is_file() && dir.join(OPTIMIZER).is_file()
+    dir.join(MANIFEST).is_file() && dir.join(STATE).is_file() && dir.join(OPTIMIZER).is_file()
 }
 
 /// The state a checkpoint holds, each in the table's full layout.
@@ -68,10 +121,15 @@ pub fn save_training_checkpoint(
         .map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
     let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len() }).expect("serialises");
     std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
+    let mut files = std::collections::BTreeMap::new();
     for f in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
         let f = f.map_err(|e| Error::io(&tmp, e))?;
         std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
+        files.insert(f.file_name().to_string_lossy().into_owned(), file_sum(&f.path())?);
     }
+    let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
+    let mpath = tmp.join(MANIFEST);
+    std::fs::write(&mpath, manifest).and_then(|_| std::fs::File::open(&mpath)?.sync_all()).map_err(|e| Error::io(&mpath, e))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -81,6 +139,7 @@ pub fn save_training_checkpoint(
 /// Loads a training checkpoint into `buffers` (the moments of `buffers.shard` only, so a checkpoint
 /// loads under any ZeRO sharding); returns the step it was written at.
 pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamTable, buffers: &mut ParamBuffers) -> Result<u64> {
+    verify_checkpoint(dir)?;
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)

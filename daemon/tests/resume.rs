@@ -1,0 +1,154 @@
+//! Checkpoints and resume: a run killed after a checkpoint and resumed repeats the uninterrupted
+//! run's losses; a checkpoint written under one layout resumes under another; a damaged
+//! checkpoint is refused by name and the one before it used; exports load in transformers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn gantry() -> &'static str {
+    env!("CARGO_BIN_EXE_gantry")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The example GPT-2 on the example corpus, small batches, checkpoints every 10 steps.
+fn spec(dir: &Path, steps: u64) -> PathBuf {
+    let ex = root().join("examples");
+    let path = dir.join("spec.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[model]\npath = {:?}\ninit = \"random\"\n[data]\ntrain = {:?}\ntokenizer = {:?}\nseq_len = 32\n\
+             [train]\nsteps = {steps}\nglobal_batch_size = 4\nlr = 3e-3\nwarmup_steps = 3\nseed = 11\n\
+             [resources]\nthreads = 1\n[checkpoint]\nevery = 10\nkeep = 2\n",
+            ex.join("tiny-gpt2/model"),
+            ex.join("data/corpus.txt"),
+            ex.join("data/tokenizer.json")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn train(args: &[&str]) -> std::process::Output {
+    let out = Command::new(gantry()).arg("train").args(args).arg("--no-progress").output().unwrap();
+    assert!(out.status.success(), "gantry train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn set(layout: (usize, u8)) -> Vec<String> {
+    vec![
+        "--set".into(),
+        format!("resources.devices=\"cpu:{}\"", layout.0),
+        "--set".into(),
+        format!("parallel.dp={}", layout.0),
+        "--set".into(),
+        format!("parallel.zero={}", layout.1),
+    ]
+}
+
+#[test]
+fn a_run_killed_after_a_checkpoint_resumes_with_the_losses_of_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 60);
+    let whole = dir.path().join("whole");
+    train(&[spec.to_str().unwrap(), "--run-dir", whole.to_str().unwrap()]);
+
+    let run = dir.path().join("killed");
+    let mut child = Command::new(gantry())
+        .arg("train")
+        .arg(&spec)
+        .args(["--run-dir", run.to_str().unwrap(), "--no-progress"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run.join("checkpoints/step_00000020/manifest.json").is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 20");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done_before = losses(&run).len();
+    assert!((20..60).contains(&done_before), "killed mid-run, after the checkpoint of step 20: {done_before} steps done");
+    let out = train(&["--resume", run.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("resuming from"), "{log}");
+    let (want, got) = (losses(&whole), losses(&run));
+    assert_eq!(got.len(), 60, "one line per step after the resume (had {done_before} before)");
+    for ((s1, a), (s2, b)) in want.iter().zip(&got) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() / a <= 1e-6, "step {s1}: {b} after resuming, {a} uninterrupted");
+        assert_eq!(a.to_bits(), b.to_bits(), "step {s1}: same bits on CPU with the same layout and threads");
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_under_another_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 30);
+    let whole = dir.path().join("whole");
+    train(&[spec.to_str().unwrap(), "--run-dir", whole.to_str().unwrap()]);
+    let want = losses(&whole);
+    for (from, to) in [((2usize, 3u8), (1usize, 0u8)), ((1, 0), (2, 3)), ((2, 1), (4, 2))] {
+        let run = dir.path().join(format!("{from:?}-{to:?}"));
+        let mut args: Vec<String> = vec![spec.to_string_lossy().into(), "--run-dir".into(), run.to_string_lossy().into()];
+        args.extend(set(from));
+        args.extend(["--set".into(), "train.steps=30".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        train(&refs);
+        // Keep only the checkpoint of step 10, as if the run had died after it.
+        std::fs::remove_dir_all(run.join("checkpoints/step_00000020")).unwrap();
+        let mut args: Vec<String> = vec!["--resume".into(), run.to_string_lossy().into()];
+        args.extend(set(to));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        train(&refs);
+        let got = losses(&run);
+        assert_eq!(got.len(), 30);
+        for ((s, a), (_, b)) in want.iter().zip(&got) {
+            assert!((a - b).abs() / a <= 1e-4, "{from:?} -> {to:?} step {s}: {b} vs {a}");
+        }
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_is_refused_by_name_and_the_previous_one_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 30);
+    let run = dir.path().join("run");
+    train(&[spec.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    let newest = run.join("checkpoints/step_00000020");
+    let weights = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = train(&["--resume", run.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("skipping checkpoint {}", newest.display())), "{log}");
+    assert!(log.contains("model.safetensors") && log.contains("CRC-32"), "the file and the checksum are named: {log}");
+    assert!(log.contains("step_00000010 (step 10)"), "{log}");
+    // A truncated optimizer state in the only checkpoint left: nothing to resume from.
+    let opt = run.join("checkpoints/step_00000010/optimizer.safetensors");
+    let len = std::fs::metadata(&opt).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&opt).unwrap().set_len(len / 2).unwrap();
+    std::fs::remove_dir_all(&newest).unwrap();
+    let out = Command::new(gantry()).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("optimizer.safetensors") && err.contains("no intact checkpoint"), "{err}");
+}
