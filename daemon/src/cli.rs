@@ -21,6 +21,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Tokenize a text file (.txt, or .jsonl with a `text` field) into a token file.
     Prepare(PrepareArgs),
+    /// Write a run's model (its final model, or newest intact checkpoint) or a checkpoint as a
+    /// Hugging Face directory.
+    Export(ExportArgs),
     /// Run the job service: REST and gRPC APIs, scheduler, supervisor, metrics.
     Daemon(DaemonArgs),
     /// One rank of a job (started by the daemon, not by hand).
@@ -215,6 +218,17 @@ pub struct BenchArgs {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run directory, a checkpoint directory, or any model directory Gantry reads.
+    pub source: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split the weights into shards of at most this size (`500MB`, `5GB`, or bytes).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
 }
 
 #[derive(Debug, Subcommand)]

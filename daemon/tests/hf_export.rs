@@ -75,3 +75,63 @@ fn llama_final_model_loads_in_transformers() {
         "llama_gqa",
     );
 }
+
+/// `gantry export` of a run's newest checkpoint, sharded: transformers loads the shards through
+/// their index, with the loss `gantry eval` gives on the same directory.
+#[test]
+fn export_writes_sharded_checkpoints_that_transformers_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":96,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"tie_word_embeddings":false}"#,
+    )
+    .unwrap();
+    let tokens = root().join("tests/fixtures/llama_gqa/tokens.u32");
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nseq_len = 16\n[train]\nsteps = 6\nglobal_batch_size = 4\nlr = 1e-2\n[checkpoint]\nevery = 5\n",
+            model.display(),
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let gantry = env!("CARGO_BIN_EXE_gantry");
+    last_json(Command::new(gantry).arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap(), "gantry train");
+    // Export the checkpoint of step 5 (not the final model) in shards of at most 40 KB.
+    let out = dir.path().join("export");
+    let r = last_json(
+        Command::new(gantry)
+            .arg("export")
+            .arg(run.join("checkpoints/step_00000005"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-shard-size", "40KB"])
+            .output()
+            .unwrap(),
+        "gantry export",
+    );
+    assert!(r["shards"].as_u64().unwrap() > 1, "{r}");
+    assert!(out.join("model.safetensors.index.json").is_file());
+    let ours = last_json(
+        Command::new(gantry).arg("eval").arg("--model").arg(&out).arg("--data").arg(&tokens).args(["--seq-len", "16"]).output().unwrap(),
+        "gantry eval",
+    );
+    let python = std::env::var("GANTRY_PYTHON").unwrap_or_else(|_| "python3".into());
+    let theirs = last_json(
+        Command::new(&python).arg(root().join("tests/python/hf_eval.py")).arg(&out).arg(&tokens).arg("16").output().unwrap(),
+        "transformers (pip install torch transformers)",
+    );
+    let (a, b) = (ours["loss"].as_f64().unwrap(), theirs["loss"].as_f64().unwrap());
+    assert!(((a - b) / b).abs() < 1e-4, "export: gantry eval {a} vs transformers {b}");
+    // A run directory exports its final model; a damaged source is refused.
+    let whole = dir.path().join("whole");
+    last_json(Command::new(gantry).arg("export").arg(&run).arg("--out").arg(&whole).output().unwrap(), "gantry export RUN_DIR");
+    assert!(whole.join("model.safetensors").is_file());
+    let bad = Command::new(gantry).arg("export").arg(dir.path()).arg("--out").arg(dir.path().join("x")).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("neither a model directory nor a run directory"));
+}

@@ -5,8 +5,11 @@ mod bench_comm;
 mod client;
 mod daemon;
 mod eval;
+mod export;
 mod prepare;
 mod train;
+
+use anyhow::Context;
 
 use crate::cli::{Cli, Command};
 
@@ -16,6 +19,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Prepare(a) => prepare::run(a),
+        Command::Export(a) => export::run(a),
         Command::Daemon(a) => daemon::run(a),
         Command::Worker(a) => crate::worker::run(a),
         Command::Submit(a) => client::submit(a),
@@ -53,4 +57,27 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub fn comm_timeout() -> std::time::Duration {
     let secs = std::env::var("GANTRY_COMM_TIMEOUT").ok().and_then(|v| v.parse::<u64>().ok()).filter(|s| *s > 0).unwrap_or(120);
     std::time::Duration::from_secs(secs)
+}
+
+/// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
+/// and the one before it used); returns the checkpoints kept, oldest first.
+pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let dir = run_dir.join("checkpoints");
+    let mut all: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{} has no checkpoints to resume from", run_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
+        .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
+        .collect();
+    all.sort();
+    for (i, ck) in all.iter().enumerate().rev() {
+        match trainer.resume(ck) {
+            Ok(()) => {
+                eprintln!("resuming from {} (step {})", ck.display(), trainer.step);
+                return Ok(all[..=i].to_vec());
+            }
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
+        }
+    }
+    anyhow::bail!("no intact checkpoint in {} to resume from", dir.display())
 }

@@ -82,7 +82,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
     let mut trainer = Trainer::with_comm(spec.clone(), Path::new(""), comm)?;
-    let mut saved = if a.resume.is_some() { resume(&mut trainer, &run_dir)? } else { Vec::new() };
+    let mut saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
     if trainer.dp_rank() != 0 {
         return follow_rank(&mut trainer, &run_dir, &spec);
     }
@@ -157,29 +157,6 @@ fn absolute_paths(mut spec: JobSpec, base: &Path) -> anyhow::Result<JobSpec> {
     spec.data.train = abs(&spec.data.train);
     spec.data.tokenizer = spec.data.tokenizer.as_deref().map(abs);
     Ok(spec)
-}
-
-/// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
-/// and the one before it used); returns the checkpoints kept, oldest first.
-fn resume(trainer: &mut Trainer, run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let dir = run_dir.join("checkpoints");
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("{} has no checkpoints to resume from", run_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
-        .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
-        .collect();
-    all.sort();
-    for (i, ck) in all.iter().enumerate().rev() {
-        match trainer.resume(ck) {
-            Ok(()) => {
-                eprintln!("resuming from {} (step {})", ck.display(), trainer.step);
-                return Ok(all[..=i].to_vec());
-            }
-            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
-        }
-    }
-    bail!("no intact checkpoint in {} to resume from", dir.display())
 }
 
 /// The run's metrics file, keeping the lines of the steps up to `step` (a resumed run repeats

@@ -84,8 +84,17 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     let mut trainer = Trainer::with_comm(spec.clone(), Path::new(""), comm)?;
     let lead = trainer.dp_rank() == 0;
     if let Some(dir) = &a.resume_from {
-        trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+        // The daemon names the newest committed checkpoint; one that fails its checksums is
+        // reported and the one before it used.
+        let kept = crate::commands::resume_newest(&mut trainer, &a.run_dir)?;
+        if kept.last() != Some(dir) {
+            eprintln!(
+                "warning: {} could not be used; resumed from {} instead",
+                dir.display(),
+                kept.last().map_or(String::new(), |k| k.display().to_string())
+            );
+        }
+        eprintln!("resumed from {} at step {}", kept.last().map_or(dir.display().to_string(), |k| k.display().to_string()), trainer.step);
     }
     let steps = spec.train.steps;
     eprintln!(

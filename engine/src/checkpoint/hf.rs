@@ -137,28 +137,77 @@ fn convert_into(view: &TensorView<'_>, out: &mut [f32]) -> std::result::Result<(
 /// `model.safetensors` with every parameter under its Hugging Face name, and `tokenizer.json` when
 /// given. Files are written under temporary names and renamed, so a reader never sees half a model.
 pub fn save_hf_dir(dir: &Path, config: &ModelConfig, table: &ParamTable, params: &[f32], tokenizer: Option<&Path>) -> Result<()> {
+    save_hf_dir_sharded(dir, config, table, params, tokenizer, u64::MAX)
+}
+
+/// As `save_hf_dir`, splitting the weights into `model-0000i-of-0000n.safetensors` files of at
+/// most `max_shard_bytes` each (a tensor is never split) with a `model.safetensors.index.json`,
+/// as `save_pretrained` does, when they do not fit in one.
+pub fn save_hf_dir_sharded(
+    dir: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    params: &[f32],
+    tokenizer: Option<&Path>,
+    max_shard_bytes: u64,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut cfg = config.raw.clone();
     cfg.insert("dtype".into(), Value::String("float32".into()));
     cfg.remove("torch_dtype");
+    // transformers finds the model class by `model_type`; configs written by hand may lack it.
+    if !cfg.contains_key("model_type") {
+        let t = match config.arch {
+            Arch::Gpt2 => "gpt2",
+            Arch::Llama => "llama",
+        };
+        cfg.insert("model_type".into(), Value::String(t.into()));
+    }
     let cfg_text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
     write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
 
-    let views: BTreeMap<String, TensorView<'_>> = table
-        .entries()
-        .iter()
-        .map(|e| {
-            let bytes: &[u8] = bytemuck::cast_slice(e.at.get(params));
-            let view = TensorView::new(Dtype::F32, e.shape.clone(), bytes).expect("shape and byte length agree by construction");
-            (e.name.clone(), view)
-        })
-        .collect();
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let path = dir.join(SINGLE);
-    let tmp = dir.join(format!(".{SINGLE}.tmp"));
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::Weights { path: tmp.clone(), message: e.to_string() })?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    // Group tensors, in table order, into shards of at most `max_shard_bytes`.
+    let mut shards: Vec<Vec<&crate::params::ParamEntry>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for e in table.entries() {
+        let bytes = 4 * e.at.len as u64;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(e);
+        size += bytes;
+    }
+    let n = shards.len();
+    let name = |i: usize| if n == 1 { SINGLE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let views: BTreeMap<String, TensorView<'_>> = shard
+            .iter()
+            .map(|e| {
+                let bytes: &[u8] = bytemuck::cast_slice(e.at.get(params));
+                let view = TensorView::new(Dtype::F32, e.shape.clone(), bytes).expect("shape and byte length agree by construction");
+                weight_map.insert(e.name.clone(), Value::String(name(i)));
+                (e.name.clone(), view)
+            })
+            .collect();
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let path = dir.join(name(i));
+        let tmp = dir.join(format!(".{}.tmp", name(i)));
+        safetensors::serialize_to_file(views, Some(meta), &tmp)
+            .map_err(|e| Error::Weights { path: tmp.clone(), message: e.to_string() })?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    }
+    if n > 1 {
+        let total: u64 = table.entries().iter().map(|e| 4 * e.at.len as u64).sum();
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_atomic(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("serialises").as_bytes())?;
+        // A single-file model left from an earlier write would shadow nothing but confuse readers.
+        let _ = std::fs::remove_file(dir.join(SINGLE));
+    } else {
+        let _ = std::fs::remove_file(dir.join(INDEX));
+    }
     if let Some(tok) = tokenizer {
         let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
         write_atomic(&dir.join("tokenizer.json"), &bytes)?;

@@ -6,5 +6,5 @@
 mod hf;
 mod state;
 
-pub use hf::{has_weights, load_weights, save_hf_dir};
+pub use hf::{has_weights, load_weights, save_hf_dir, save_hf_dir_sharded};
 pub use state::{is_training_checkpoint, load_training_checkpoint, save_training_checkpoint, verify_checkpoint, TrainingState};

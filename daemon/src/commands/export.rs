@@ -1,0 +1,66 @@
+//! `gantry export SOURCE --out DIR`: a Hugging Face directory (config.json, safetensors sharded
+//! above a size with an index, the tokenizer if the source has one) from a run, a checkpoint or a
+//! model directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use gantry_api::ModelInit;
+use gantry_engine::checkpoint::{is_training_checkpoint, save_hf_dir_sharded, verify_checkpoint};
+use gantry_engine::train::load_model;
+
+use crate::cli::ExportArgs;
+
+pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let max = parse_size(&a.max_shard_size)?;
+    let dir = model_dir(&a.source)?;
+    if is_training_checkpoint(&dir) {
+        verify_checkpoint(&dir)?;
+    }
+    let (model, params) = load_model(&dir, ModelInit::Pretrained, 0)?;
+    let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    save_hf_dir_sharded(&a.out, &model.config, &model.table, &params, tokenizer.as_deref(), max)?;
+    let files =
+        std::fs::read_dir(&a.out)?.filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))).count();
+    eprintln!("exported {} ({} parameters) to {} in {files} safetensors file(s)", dir.display(), model.table.len(), a.out.display());
+    println!("{}", serde_json::json!({"source": dir, "out": a.out, "parameters": model.table.len(), "shards": files}));
+    Ok(())
+}
+
+/// The directory holding the model to export: a run's `final/`, else its newest checkpoint that
+/// passes its checksums; or the source itself.
+fn model_dir(source: &Path) -> anyhow::Result<PathBuf> {
+    if source.join("config.json").is_file() {
+        return Ok(source.to_path_buf());
+    }
+    if source.join("final/config.json").is_file() {
+        return Ok(source.join("final"));
+    }
+    let ckpts = source.join("checkpoints");
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&ckpts)
+        .with_context(|| format!("{} is neither a model directory nor a run directory", source.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_training_checkpoint(p))
+        .collect();
+    all.sort();
+    for ck in all.iter().rev() {
+        match verify_checkpoint(ck) {
+            Ok(_) => return Ok(ck.clone()),
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
+        }
+    }
+    bail!("{} has no final model and no intact checkpoint", source.display())
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [("GB", 1u64 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)]
+        .iter()
+        .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1));
+    let n: f64 = num.parse().with_context(|| format!("--max-shard-size `{s}`: expected a size like 500MB or 5GB"))?;
+    if !n.is_finite() || n <= 0.0 {
+        bail!("--max-shard-size must be positive");
+    }
+    Ok((n * mult as f64) as u64)
+}
