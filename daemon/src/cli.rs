@@ -236,6 +236,30 @@ pub enum BenchWhat {
     /// Bus bandwidth of each collective across message sizes, between local processes over TCP,
     /// beside a plain TCP stream between the same processes.
     Comm(CommBenchArgs),
+    /// Asynchronous checkpoints: write throughput against the disk's sequential write speed, and
+    /// the training step stall a save causes.
+    Checkpoint(CheckpointBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointBenchArgs {
+    /// A model directory (config.json) or a preset: gpt2-tiny, gpt2, llama-tiny, llama-small.
+    #[arg(long, default_value = "gpt2")]
+    pub model: String,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Training steps; a checkpoint starts every `--every` of them.
+    #[arg(long, default_value_t = 9)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 3)]
+    pub every: u64,
+    /// Where checkpoints (and the disk test file) are written [default: a temporary directory].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,11 @@ mod worker;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // A write past a file-size limit should fail with an error we report (a checkpoint that
+    // cannot be written is skipped and training goes on), not kill the process.
+    // SAFETY: setting a signal to be ignored installs no handler code; this runs before any
+    // thread is started.
+    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) };
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))

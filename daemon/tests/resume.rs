@@ -152,3 +152,27 @@ fn a_damaged_checkpoint_is_refused_by_name_and_the_previous_one_used() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("optimizer.safetensors") && err.contains("no intact checkpoint"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_is_skipped_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 30);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    // A file-size limit of 1 MiB stands in for a full disk: the 3.6 MB weights of a checkpoint
+    // cannot be written, the metrics file can.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -f 1024; exec {} train {} --run-dir {} --no-progress", gantry(), spec.display(), run.display()))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("the checkpoint of step 10 failed") && log.contains("training goes on"), "{log}");
+    assert!(log.contains("the checkpoint of step 20 failed"), "{log}");
+    assert_eq!(losses(&run).len(), 30, "every step was trained: {log}");
+    let left: Vec<_> =
+        std::fs::read_dir(run.join("checkpoints")).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "no partial checkpoint is left behind: {left:?}");
+    // The final model cannot be written either: that ends the run with an error naming the file.
+    assert!(!out.status.success() && log.contains("final"), "{log}");
+}

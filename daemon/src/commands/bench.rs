@@ -5,8 +5,10 @@ use serde_json::json;
 use crate::cli::{BenchArgs, BenchWhat};
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchWhat::Comm(c)) = a.what {
-        return super::bench_comm::run(c);
+    match a.what {
+        Some(BenchWhat::Comm(c)) => return super::bench_comm::run(c),
+        Some(BenchWhat::Checkpoint(c)) => return super::bench_checkpoint::run(c),
+        None => {}
     }
     // clap requires these without a subcommand.
     let (Some(name), Some(seq_len), Some(batch)) = (a.model.clone(), a.seq_len, a.batch) else {

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod bench_checkpoint;
 mod bench_comm;
 mod client;
 mod daemon;
@@ -80,4 +81,31 @@ pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std:
         }
     }
     anyhow::bail!("no intact checkpoint in {} to resume from", dir.display())
+}
+
+/// Records a checkpoint the background writer finished: when it committed, it joins `kept` and
+/// the oldest beyond `keep` are deleted (only now that a newer one is complete); when it failed
+/// (a full disk, say), the failure is reported and training goes on with the earlier checkpoints
+/// intact. Returns whether it committed.
+pub fn checkpoint_done(
+    o: gantry_engine::train::CheckpointOutcome,
+    kept: &mut Vec<std::path::PathBuf>,
+    keep: usize,
+) -> anyhow::Result<bool> {
+    match o.result {
+        Ok(()) => {
+            tracing::info!(step = o.step, bytes = o.bytes, write_secs = o.write_secs, stall_secs = o.stall_secs, "checkpoint committed");
+            kept.push(o.dir);
+            while kept.len() > keep {
+                let old = kept.remove(0);
+                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+            }
+            Ok(true)
+        }
+        Err(e) => {
+            let earlier = kept.last().map_or("none".to_string(), |k| k.display().to_string());
+            eprintln!("warning: the checkpoint of step {} failed: {e}; training goes on (newest intact checkpoint: {earlier})", o.step);
+            Ok(false)
+        }
+    }
 }

@@ -114,18 +114,21 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
             let eta = started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
             eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
         }
+        if let Some(o) = trainer.poll_checkpoint() {
+            super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
+        }
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
             let dir = run_dir.join("checkpoints").join(format!("step_{:08}", r.step));
-            trainer.save_checkpoint(&dir)?;
-            saved.push(dir);
-            while saved.len() > spec.checkpoint.keep {
-                let old = saved.remove(0);
-                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+            if let Some(o) = trainer.start_checkpoint(&dir)? {
+                super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
             }
         }
         first.get_or_insert_with(|| r.clone());
         last = Some(r);
+    }
+    if let Some(o) = trainer.finish_checkpoint() {
+        super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
     }
     pb.finish_and_clear();
     let final_dir = run_dir.join("final");
@@ -181,7 +184,7 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
     while trainer.step < spec.train.steps {
         let r = super::on_pool(|| trainer.train_step())?;
         if every > 0 && r.step % every == 0 && r.step < spec.train.steps {
-            trainer.save_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
+            trainer.start_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
         }
     }
     trainer.save_final(&run_dir.join("final"))?;

@@ -142,19 +142,28 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             step_ms: r.step_ms,
             comm_ms: r.comm_ms,
         });
+        let keep = spec.checkpoint.keep;
+        let done = |o: gantry_engine::train::CheckpointOutcome, kept: &mut Vec<PathBuf>| -> anyhow::Result<()> {
+            let (step, dir) = (o.step, o.dir.clone());
+            if crate::commands::checkpoint_done(o, kept, keep)? {
+                reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
+            }
+            Ok(())
+        };
+        if let Some(o) = trainer.poll_checkpoint() {
+            done(o, &mut kept)?;
+        }
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
-            let dir = checkpoint_dir(&a.run_dir, r.step);
-            if !trainer.save_checkpoint(&dir)? {
-                continue;
+            if let Some(o) = trainer.start_checkpoint(&checkpoint_dir(&a.run_dir, r.step))? {
+                done(o, &mut kept)?;
             }
-            reporter.checkpoint(r.step as i64, dir.to_string_lossy().into_owned());
-            kept.push(dir);
-            // Older checkpoints go only once a newer one is complete.
-            while kept.len() > spec.checkpoint.keep {
-                let old = kept.remove(0);
-                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
-            }
+        }
+    }
+    if let Some(o) = trainer.finish_checkpoint() {
+        let (step, dir) = (o.step, o.dir.clone());
+        if crate::commands::checkpoint_done(o, &mut kept, spec.checkpoint.keep)? {
+            reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
         }
     }
     trainer.save_final(&a.run_dir.join("final"))?;

@@ -95,7 +95,9 @@ pub struct TrainingState<'a> {
     pub step: u64,
 }
 
-/// Writes parameters, moments and step to `dir` (replacing any earlier one) atomically.
+/// Writes parameters, moments and step to `dir` (replacing any earlier one) atomically: all
+/// files go to a temporary directory, the manifest last, then it is renamed into place. A failed
+/// write (a full disk) leaves no partial checkpoint behind and the earlier ones untouched.
 pub fn save_training_checkpoint(
     dir: &Path,
     config: &ModelConfig,
@@ -103,13 +105,28 @@ pub fn save_training_checkpoint(
     state: TrainingState<'_>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
-    let step = state.step;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
     let tmp = dir.with_file_name(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let r = write_checkpoint(dir, &tmp, config, table, state, tokenizer);
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    save_hf_dir(&tmp, config, table, state.params, tokenizer)?;
+    r
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    tmp: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    state: TrainingState<'_>,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    let step = state.step;
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+    }
+    save_hf_dir(tmp, config, table, state.params, tokenizer)?;
     let shape = vec![table.len()];
     let mut views = BTreeMap::new();
     for (key, data) in [("exp_avg", state.m), ("exp_avg_sq", state.v)] {
@@ -122,8 +139,8 @@ pub fn save_training_checkpoint(
     let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len() }).expect("serialises");
     std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
     let mut files = std::collections::BTreeMap::new();
-    for f in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
-        let f = f.map_err(|e| Error::io(&tmp, e))?;
+    for f in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
+        let f = f.map_err(|e| Error::io(tmp, e))?;
         std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
         files.insert(f.file_name().to_string_lossy().into_owned(), file_sum(&f.path())?);
     }
@@ -133,7 +150,12 @@ pub fn save_training_checkpoint(
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+    // Make the rename itself durable.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Loads a training checkpoint into `buffers` (the moments of `buffers.shard` only, so a checkpoint

@@ -6,4 +6,4 @@ mod trainer;
 
 pub use bench::{bench, BenchResult};
 pub use eval::{evaluate, EvalResult};
-pub use trainer::{load_model, StepReport, Trainer};
+pub use trainer::{load_model, CheckpointOutcome, StepReport, Trainer};

@@ -62,6 +62,37 @@ pub fn load_model(dir: &Path, init: ModelInit, seed: u64) -> Result<(Model, Vec<
     Ok((model, params))
 }
 
+/// How a checkpoint written in the background ended.
+#[derive(Debug)]
+pub struct CheckpointOutcome {
+    pub step: u64,
+    pub dir: PathBuf,
+    pub result: Result<()>,
+    /// Bytes written and the time the writing thread took.
+    pub bytes: u64,
+    pub write_secs: f64,
+    /// Time the training loop spent on this checkpoint (gathers and the host copy).
+    pub stall_secs: f64,
+}
+
+/// A checkpoint being written by a background thread.
+#[derive(Debug)]
+struct PendingCheckpoint {
+    step: u64,
+    dir: PathBuf,
+    stall_secs: f64,
+    thread: std::thread::JoinHandle<(Result<()>, u64, f64)>,
+}
+
+impl PendingCheckpoint {
+    fn join(self) -> CheckpointOutcome {
+        let (result, bytes, write_secs) = self.thread.join().unwrap_or_else(|_| {
+            (Err(Error::Io { path: self.dir.clone(), err: std::io::Error::other("the checkpoint writer panicked") }), 0, 0.0)
+        });
+        CheckpointOutcome { step: self.step, dir: self.dir, result, bytes, write_secs, stall_secs: self.stall_secs }
+    }
+}
+
 /// One rank's training state and loop.
 #[derive(Debug)]
 pub struct Trainer {
@@ -77,6 +108,8 @@ pub struct Trainer {
     batch: Vec<u32>,
     /// The dp group and ZeRO, when the job runs on more than one rank.
     dp: Option<DataParallel>,
+    /// Rank 0's checkpoint being written in the background, if any.
+    pending: Option<PendingCheckpoint>,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
@@ -145,7 +178,21 @@ impl Trainer {
         let t = &spec.train;
         let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
-        Ok(Trainer { spec, model, buffers, acts, tokens, sampler, schedule, optim, tokenizer, batch: Vec::new(), dp, step: 0 })
+        Ok(Trainer {
+            spec,
+            model,
+            buffers,
+            acts,
+            tokens,
+            sampler,
+            schedule,
+            optim,
+            tokenizer,
+            batch: Vec::new(),
+            dp,
+            pending: None,
+            step: 0,
+        })
     }
 
     pub fn tokens_in_data(&self) -> usize {
@@ -237,9 +284,12 @@ impl Trainer {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
 
-    /// Writes a training checkpoint (weights, AdamW moments, step) to `dir`, atomically. Every
-    /// rank calls it (ZeRO's shards are gathered); rank 0 writes and gets `true`.
-    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<bool> {
+    /// Starts a checkpoint of the current state in `dir`. Every rank calls it (ZeRO's shards are
+    /// gathered first); rank 0 copies the state and a background thread writes it while training
+    /// goes on. One checkpoint is written at a time: if the previous one is still being written,
+    /// this waits for it and returns its outcome.
+    pub fn start_checkpoint(&mut self, dir: &Path) -> Result<Option<CheckpointOutcome>> {
+        let start = Instant::now();
         let len = self.model.table.len();
         let (params, m, v) = match &mut self.dp {
             Some(dp) if dp.zero() >= 1 => {
@@ -249,16 +299,41 @@ impl Trainer {
             _ => (None, None, None),
         };
         if self.dp_rank() != 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        let state = TrainingState {
-            params: params.as_deref().unwrap_or(&self.buffers.params),
-            m: m.as_deref().unwrap_or(&self.buffers.m),
-            v: v.as_deref().unwrap_or(&self.buffers.v),
-            step: self.step,
-        };
-        save_training_checkpoint(dir, &self.model.config, &self.model.table, state, self.tokenizer.as_deref())?;
-        Ok(true)
+        let previous = self.pending.take().map(PendingCheckpoint::join);
+        // The host copy the writer works from (ZeRO's gathered buffers are copies already).
+        let params = params.unwrap_or_else(|| self.buffers.params.clone());
+        let m = m.unwrap_or_else(|| self.buffers.m.clone());
+        let v = v.unwrap_or_else(|| self.buffers.v.clone());
+        let (config, table, tokenizer, step, target) =
+            (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let state = TrainingState { params: &params, m: &m, v: &v, step };
+                let r = save_training_checkpoint(&target, &config, &table, state, tokenizer.as_deref());
+                let bytes =
+                    std::fs::read_dir(&target).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+                (r, bytes, t.elapsed().as_secs_f64())
+            })
+            .map_err(|e| Error::io(dir, e))?;
+        self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
+        Ok(previous)
+    }
+
+    /// The outcome of the checkpoint being written, if it has finished.
+    pub fn poll_checkpoint(&mut self) -> Option<CheckpointOutcome> {
+        if self.pending.as_ref().is_some_and(|p| p.thread.is_finished()) {
+            return self.pending.take().map(PendingCheckpoint::join);
+        }
+        None
+    }
+
+    /// Waits for the checkpoint being written, if any.
+    pub fn finish_checkpoint(&mut self) -> Option<CheckpointOutcome> {
+        self.pending.take().map(PendingCheckpoint::join)
     }
 
     /// Writes the final model as a Hugging Face directory. Every rank calls it (ZeRO-3 gathers the
