@@ -64,6 +64,7 @@ pub fn run(a: CheckpointBenchArgs) -> anyhow::Result<()> {
     let mut writing = false;
     while trainer.step < a.steps {
         let t = Instant::now();
+        let was_writing = writing;
         super::on_pool(|| trainer.train_step())?;
         let step_secs = t.elapsed().as_secs_f64();
         if let Some(o) = trainer.poll_checkpoint() {
@@ -73,9 +74,9 @@ pub fn run(a: CheckpointBenchArgs) -> anyhow::Result<()> {
         }
         let step = trainer.step;
         if trainer.step > 1 {
-            (if writing { &mut overlapped } else { &mut plain }).push(step_secs);
+            (if was_writing { &mut overlapped } else { &mut plain }).push(step_secs);
         }
-        eprintln!("step {step:>3}: {:8.1} ms{}", step_secs * 1e3, if writing { " (a checkpoint is being written)" } else { "" });
+        eprintln!("step {step:>3}: {:8.1} ms{}", step_secs * 1e3, if was_writing { " (a checkpoint was being written)" } else { "" });
         if step % a.every == 0 && step < a.steps {
             let t = Instant::now();
             if let Some(o) = trainer.start_checkpoint(&work.join(format!("ckpt_{step}")))? {

@@ -75,21 +75,52 @@ pub struct CheckpointOutcome {
     pub stall_secs: f64,
 }
 
+/// The host copy a checkpoint is written from. Kept between checkpoints: allocating (and so
+/// faulting in) 12 bytes per parameter anew at every save cost several times the copy itself.
+#[derive(Debug)]
+struct Snapshot {
+    params: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Snapshot {
+    fn new(params: usize, moments: usize) -> Snapshot {
+        let mut s = Snapshot { params: vec![0.0; params], m: vec![0.0; moments], v: vec![0.0; moments] };
+        // Touch every page now, before training, rather than during the first save.
+        for b in [&mut s.params, &mut s.m, &mut s.v] {
+            b.fill(0.0);
+        }
+        s
+    }
+
+    fn copy_from(&mut self, params: &[f32], m: &[f32], v: &[f32]) {
+        use rayon::prelude::*;
+        for (dst, src) in [(&mut self.params, params), (&mut self.m, m), (&mut self.v, v)] {
+            dst.resize(src.len(), 0.0);
+            dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
+        }
+    }
+}
+
 /// A checkpoint being written by a background thread.
 #[derive(Debug)]
 struct PendingCheckpoint {
     step: u64,
     dir: PathBuf,
     stall_secs: f64,
-    thread: std::thread::JoinHandle<(Result<()>, u64, f64)>,
+    thread: std::thread::JoinHandle<(Result<()>, u64, f64, Snapshot)>,
 }
 
 impl PendingCheckpoint {
-    fn join(self) -> CheckpointOutcome {
-        let (result, bytes, write_secs) = self.thread.join().unwrap_or_else(|_| {
-            (Err(Error::Io { path: self.dir.clone(), err: std::io::Error::other("the checkpoint writer panicked") }), 0, 0.0)
-        });
-        CheckpointOutcome { step: self.step, dir: self.dir, result, bytes, write_secs, stall_secs: self.stall_secs }
+    fn join(self) -> (CheckpointOutcome, Option<Snapshot>) {
+        let (result, bytes, write_secs, snapshot) = match self.thread.join() {
+            Ok((r, b, w, s)) => (r, b, w, Some(s)),
+            Err(_) => {
+                (Err(Error::Io { path: self.dir.clone(), err: std::io::Error::other("the checkpoint writer panicked") }), 0, 0.0, None)
+            }
+        };
+        (CheckpointOutcome { step: self.step, dir: self.dir, result, bytes, write_secs, stall_secs: self.stall_secs }, snapshot)
     }
 }
 
@@ -108,8 +139,10 @@ pub struct Trainer {
     batch: Vec<u32>,
     /// The dp group and ZeRO, when the job runs on more than one rank.
     dp: Option<DataParallel>,
-    /// Rank 0's checkpoint being written in the background, if any.
+    /// Rank 0's checkpoint being written in the background, if any, and the host copy for the
+    /// next one.
     pending: Option<PendingCheckpoint>,
+    snapshot: Option<Snapshot>,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
@@ -175,6 +208,10 @@ impl Trainer {
         if let Some(d) = &mut dp {
             d.setup(&mut buffers.params);
         }
+        // Rank 0 of a job that saves checkpoints keeps a host copy for the asynchronous writer
+        // (ZeRO gathers into fresh buffers instead).
+        let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0);
+        let snapshot = (spec.checkpoint.every > 0 && lead).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
         let t = &spec.train;
         let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
@@ -191,6 +228,7 @@ impl Trainer {
             batch: Vec::new(),
             dp,
             pending: None,
+            snapshot,
             step: 0,
         })
     }
@@ -301,22 +339,27 @@ impl Trainer {
         if self.dp_rank() != 0 {
             return Ok(None);
         }
-        let previous = self.pending.take().map(PendingCheckpoint::join);
+        let previous = self.pending.take().map(|p| self.reclaim(p));
         // The host copy the writer works from (ZeRO's gathered buffers are copies already).
-        let params = params.unwrap_or_else(|| self.buffers.params.clone());
-        let m = m.unwrap_or_else(|| self.buffers.m.clone());
-        let v = v.unwrap_or_else(|| self.buffers.v.clone());
+        let snapshot = match (params, m, v) {
+            (p, Some(m), Some(v)) => Snapshot { params: p.unwrap_or_else(|| self.buffers.params.clone()), m, v },
+            _ => {
+                let mut s = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
+                s.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
+                s
+            }
+        };
         let (config, table, tokenizer, step, target) =
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 let t = Instant::now();
-                let state = TrainingState { params: &params, m: &m, v: &v, step };
+                let state = TrainingState { params: &snapshot.params, m: &snapshot.m, v: &snapshot.v, step };
                 let r = save_training_checkpoint(&target, &config, &table, state, tokenizer.as_deref());
                 let bytes =
                     std::fs::read_dir(&target).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
-                (r, bytes, t.elapsed().as_secs_f64())
+                (r, bytes, t.elapsed().as_secs_f64(), snapshot)
             })
             .map_err(|e| Error::io(dir, e))?;
         self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
@@ -326,14 +369,24 @@ impl Trainer {
     /// The outcome of the checkpoint being written, if it has finished.
     pub fn poll_checkpoint(&mut self) -> Option<CheckpointOutcome> {
         if self.pending.as_ref().is_some_and(|p| p.thread.is_finished()) {
-            return self.pending.take().map(PendingCheckpoint::join);
+            return self.pending.take().map(|p| self.reclaim(p));
         }
         None
     }
 
     /// Waits for the checkpoint being written, if any.
     pub fn finish_checkpoint(&mut self) -> Option<CheckpointOutcome> {
-        self.pending.take().map(PendingCheckpoint::join)
+        self.pending.take().map(|p| self.reclaim(p))
+    }
+
+    /// Joins a finished writer and keeps its host copy for the next checkpoint (unless it was a
+    /// ZeRO gather, which is not reused).
+    fn reclaim(&mut self, p: PendingCheckpoint) -> CheckpointOutcome {
+        let (outcome, snapshot) = p.join();
+        if self.dp.as_ref().is_none_or(|d| d.zero() == 0) {
+            self.snapshot = snapshot;
+        }
+        outcome
     }
 
     /// Writes the final model as a Hugging Face directory. Every rank calls it (ZeRO-3 gathers the
