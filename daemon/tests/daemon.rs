@@ -224,7 +224,7 @@ async fn the_cli_submits_a_toml_spec_follows_it_and_shows_its_logs_and_status() 
     assert!(ok, "{stderr}");
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!((last["state"].as_str(), last["step"].as_i64()), (Some("succeeded"), Some(20)), "{stdout}");
-    assert!(stderr.contains("submitted job") && stderr.contains("running"), "{stderr}");
+    assert!(stderr.contains("submitted job") && stderr.contains("succeeded — every rank finished"), "{stderr}");
     let id = last["id"].as_i64().unwrap().to_string();
 
     let (ok, logs, _) = cli(&["logs", &id]);
