@@ -112,6 +112,19 @@ fn a_checkpoint_resumes_under_another_layout() {
         args.extend(["--set".into(), "train.steps=30".into()]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         train(&refs);
+        // Under ZeRO every rank wrote its own shard; under ZeRO-3 there is no gathered model.
+        let ck = run.join("checkpoints/step_00000010");
+        let shards: Vec<String> = std::fs::read_dir(&ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("rank-"))
+            .collect();
+        assert_eq!(shards.len(), if from.1 >= 1 { from.0 } else { 0 }, "{from:?}: {shards:?}");
+        assert_eq!(ck.join("model.safetensors").is_file(), from.1 < 3, "{from:?}");
+        // Every checkpoint exports as a whole model, shards assembled.
+        let out =
+            Command::new(gantry()).arg("export").arg(&ck).arg("--out").arg(dir.path().join(format!("export-{from:?}"))).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         // Keep only the checkpoint of step 10, as if the run had died after it.
         std::fs::remove_dir_all(run.join("checkpoints/step_00000020")).unwrap();
         let mut args: Vec<String> = vec!["--resume".into(), run.to_string_lossy().into()];

@@ -67,7 +67,7 @@ pub fn run(a: CheckpointBenchArgs) -> anyhow::Result<()> {
         let was_writing = writing;
         super::on_pool(|| trainer.train_step())?;
         let step_secs = t.elapsed().as_secs_f64();
-        if let Some(o) = trainer.poll_checkpoint() {
+        if let Some(o) = trainer.poll_checkpoint()? {
             o.result.with_context(|| format!("checkpoint of step {}", o.step))?;
             writes.push((o.bytes, o.write_secs));
             writing = false;
@@ -87,7 +87,7 @@ pub fn run(a: CheckpointBenchArgs) -> anyhow::Result<()> {
             writing = true;
         }
     }
-    if let Some(o) = trainer.finish_checkpoint() {
+    if let Some(o) = trainer.finish_checkpoint()? {
         o.result?;
         writes.push((o.bytes, o.write_secs));
     }

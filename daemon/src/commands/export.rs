@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use gantry_api::ModelInit;
-use gantry_engine::checkpoint::{is_training_checkpoint, save_hf_dir_sharded, verify_checkpoint};
+use gantry_engine::checkpoint::{is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded, verify_checkpoint};
+use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::train::load_model;
 
 use crate::cli::ExportArgs;
@@ -14,10 +15,15 @@ use crate::cli::ExportArgs;
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let max = parse_size(&a.max_shard_size)?;
     let dir = model_dir(&a.source)?;
-    if is_training_checkpoint(&dir) {
+    let (model, params) = if is_training_checkpoint(&dir) {
+        // A checkpoint: its weights, or (ZeRO-3) its parameter shards assembled.
         verify_checkpoint(&dir)?;
-    }
-    let (model, params) = load_model(&dir, ModelInit::Pretrained, 0)?;
+        let model = Model::new(ModelConfig::from_dir(&dir)?)?;
+        let params = load_checkpoint_params(&dir, &model.config, &model.table)?;
+        (model, params)
+    } else {
+        load_model(&dir, ModelInit::Pretrained, 0)?
+    };
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
     save_hf_dir_sharded(&a.out, &model.config, &model.table, &params, tokenizer.as_deref(), max)?;
     let files =

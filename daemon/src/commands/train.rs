@@ -114,7 +114,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
             let eta = started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
             eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
         }
-        if let Some(o) = trainer.poll_checkpoint() {
+        if let Some(o) = trainer.poll_checkpoint()? {
             super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
         }
         let every = spec.checkpoint.every;
@@ -127,7 +127,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         first.get_or_insert_with(|| r.clone());
         last = Some(r);
     }
-    if let Some(o) = trainer.finish_checkpoint() {
+    if let Some(o) = trainer.finish_checkpoint()? {
         super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
     }
     pb.finish_and_clear();
@@ -183,10 +183,12 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
     let every = spec.checkpoint.every;
     while trainer.step < spec.train.steps {
         let r = super::on_pool(|| trainer.train_step())?;
+        trainer.poll_checkpoint()?;
         if every > 0 && r.step % every == 0 && r.step < spec.train.steps {
             trainer.start_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
         }
     }
+    trainer.finish_checkpoint()?;
     trainer.save_final(&run_dir.join("final"))?;
     Ok(())
 }

@@ -150,7 +150,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             }
             Ok(())
         };
-        if let Some(o) = trainer.poll_checkpoint() {
+        if let Some(o) = trainer.poll_checkpoint()? {
             done(o, &mut kept)?;
         }
         let every = spec.checkpoint.every;
@@ -160,7 +160,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(o) = trainer.finish_checkpoint() {
+    if let Some(o) = trainer.finish_checkpoint()? {
         let (step, dir) = (o.step, o.dir.clone());
         if crate::commands::checkpoint_done(o, &mut kept, spec.checkpoint.keep)? {
             reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());

@@ -140,17 +140,9 @@ pub fn save_hf_dir(dir: &Path, config: &ModelConfig, table: &ParamTable, params:
     save_hf_dir_sharded(dir, config, table, params, tokenizer, u64::MAX)
 }
 
-/// As `save_hf_dir`, splitting the weights into `model-0000i-of-0000n.safetensors` files of at
-/// most `max_shard_bytes` each (a tensor is never split) with a `model.safetensors.index.json`,
-/// as `save_pretrained` does, when they do not fit in one.
-pub fn save_hf_dir_sharded(
-    dir: &Path,
-    config: &ModelConfig,
-    table: &ParamTable,
-    params: &[f32],
-    tokenizer: Option<&Path>,
-    max_shard_bytes: u64,
-) -> Result<()> {
+/// Writes a model directory's `config.json` (the original config, marked float32, with
+/// `model_type` filled in when missing).
+pub fn save_hf_config(dir: &Path, config: &ModelConfig) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut cfg = config.raw.clone();
     cfg.insert("dtype".into(), Value::String("float32".into()));
@@ -166,6 +158,22 @@ pub fn save_hf_dir_sharded(
     let cfg_text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
     write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
 
+    Ok(())
+}
+
+/// As `save_hf_dir`, splitting the weights into `model-0000i-of-0000n.safetensors` files of at
+/// most `max_shard_bytes` each (a tensor is never split) with a `model.safetensors.index.json`,
+/// as `save_pretrained` does, when they do not fit in one.
+pub fn save_hf_dir_sharded(
+    dir: &Path,
+    config: &ModelConfig,
+    table: &ParamTable,
+    params: &[f32],
+    tokenizer: Option<&Path>,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    save_hf_config(dir, config)?;
     // Group tensors, in table order, into shards of at most `max_shard_bytes`.
     let mut shards: Vec<Vec<&crate::params::ParamEntry>> = vec![Vec::new()];
     let mut size = 0u64;

@@ -4,7 +4,12 @@
 //! Training checkpoints are such a directory plus the optimizer state and the step.
 
 mod hf;
+mod sharded;
 mod state;
 
-pub use hf::{has_weights, load_weights, save_hf_dir, save_hf_dir_sharded};
-pub use state::{is_training_checkpoint, load_training_checkpoint, save_training_checkpoint, verify_checkpoint, TrainingState};
+pub use hf::{has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded};
+pub use sharded::{shard_name, write_rank_shard};
+pub use state::{
+    commit_checkpoint, is_training_checkpoint, load_checkpoint_params, load_training_checkpoint, save_training_checkpoint,
+    verify_checkpoint, TrainingState,
+};

@@ -14,6 +14,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::hf::{load_weights, save_hf_dir};
+use super::sharded::{read_rank_shards, shard_files};
 use crate::models::ModelConfig;
 use crate::params::{ParamBuffers, ParamTable};
 use crate::{Error, Result};
@@ -52,6 +53,29 @@ fn file_sum(path: &Path) -> Result<FileSum> {
     Ok(FileSum { bytes, crc32: format!("{:08x}", h.finalize()) })
 }
 
+/// Fsyncs every file of `tmp`, writes the manifest of their sizes and checksums last, and renames
+/// the directory into place.
+fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for f in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
+        let f = f.map_err(|e| Error::io(tmp, e))?;
+        std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
+        files.insert(f.file_name().to_string_lossy().into_owned(), file_sum(&f.path())?);
+    }
+    let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
+    let mpath = tmp.join(MANIFEST);
+    std::fs::write(&mpath, manifest).and_then(|_| std::fs::File::open(&mpath)?.sync_all()).map_err(|e| Error::io(&mpath, e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+    // Make the rename itself durable.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
 /// Checks every file a checkpoint's manifest lists against its size and checksum.
 pub fn verify_checkpoint(dir: &Path) -> Result<u64> {
     let path = dir.join(MANIFEST);
@@ -84,7 +108,34 @@ struct TrainerState {
 
 /// Whether `dir` is a committed training checkpoint (its manifest, written last, exists).
 pub fn is_training_checkpoint(dir: &Path) -> bool {
-    dir.join(MANIFEST).is_file() && dir.join(STATE).is_file() && dir.join(OPTIMIZER).is_file()
+    dir.join(MANIFEST).is_file() && dir.join(STATE).is_file() && (dir.join(OPTIMIZER).is_file() || !shard_files(dir).is_empty())
+}
+
+/// Commits a checkpoint whose files (rank shards, and rank 0's model) are complete in `tmp`:
+/// writes the trainer state and the manifest, then renames `tmp` to `dir`.
+pub fn commit_checkpoint(tmp: &Path, dir: &Path, step: u64, params: usize) -> Result<()> {
+    let r = (|| {
+        let state = serde_json::to_string_pretty(&TrainerState { step, params }).expect("serialises");
+        std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
+        seal(tmp, dir, step)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    r
+}
+
+/// The parameters a checkpoint holds: its Hugging Face weights, or (ZeRO-3) its rank shards.
+pub fn load_checkpoint_params(dir: &Path, config: &ModelConfig, table: &ParamTable) -> Result<Vec<f32>> {
+    let mut params = vec![0.0f32; table.len()];
+    if super::hf::has_weights(dir) {
+        load_weights(dir, config, table, &mut params)?;
+    } else {
+        params = read_rank_shards(dir, table.len())?
+            .params
+            .ok_or_else(|| Error::Weights { path: dir.into(), message: "neither model weights nor parameter shards".into() })?;
+    }
+    Ok(params)
 }
 
 /// The state a checkpoint holds, each in the table's full layout.
@@ -138,24 +189,7 @@ fn write_checkpoint(
         .map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
     let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len() }).expect("serialises");
     std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
-    let mut files = std::collections::BTreeMap::new();
-    for f in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
-        let f = f.map_err(|e| Error::io(tmp, e))?;
-        std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
-        files.insert(f.file_name().to_string_lossy().into_owned(), file_sum(&f.path())?);
-    }
-    let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
-    let mpath = tmp.join(MANIFEST);
-    std::fs::write(&mpath, manifest).and_then(|_| std::fs::File::open(&mpath)?.sync_all()).map_err(|e| Error::io(&mpath, e))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
-    // Make the rename itself durable.
-    if let Some(parent) = dir.parent() {
-        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
-    }
-    Ok(())
+    seal(tmp, dir, step)
 }
 
 /// Loads a training checkpoint into `buffers` (the moments of `buffers.shard` only, so a checkpoint
@@ -171,6 +205,21 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
             path: state_path,
             message: format!("written for a model of {} parameters; this one has {}", state.params, table.len()),
         });
+    }
+    if !shard_files(dir).is_empty() {
+        // A sharded checkpoint: assemble the full buffers, keep this rank's pieces.
+        let super::sharded::Assembled { params, m, v } = read_rank_shards(dir, table.len())?;
+        buffers.params = match params {
+            Some(p) => p,
+            None => load_checkpoint_params(dir, config, table)?,
+        };
+        let mut at = 0;
+        for piece in buffers.pieces.clone() {
+            buffers.m[at..at + piece.len()].copy_from_slice(&m[piece.clone()]);
+            buffers.v[at..at + piece.len()].copy_from_slice(&v[piece.clone()]);
+            at += piece.len();
+        }
+        return Ok(state.step);
     }
     load_weights(dir, config, table, &mut buffers.params)?;
     let pieces = buffers.pieces.clone();

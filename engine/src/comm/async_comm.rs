@@ -12,6 +12,9 @@ use crate::{Error, Result};
 type Job = Box<dyn FnOnce(&mut Comm) + Send>;
 
 pub struct AsyncComm {
+    /// Set by the first failed operation: the connections may be half-read, so every later one
+    /// fails at once instead of waiting out its timeout.
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<Comm>>,
     rank: usize,
@@ -24,6 +27,15 @@ pub struct Pending<T> {
 }
 
 impl<T> Pending<T> {
+    /// The result if the operation has finished, else the handle back.
+    pub fn try_wait(self) -> std::result::Result<Result<(T, Duration)>, Pending<T>> {
+        match self.rx.try_recv() {
+            Ok((r, busy)) => Ok(r.map(|v| (v, busy))),
+            Err(mpsc::TryRecvError::Empty) => Err(self),
+            Err(mpsc::TryRecvError::Disconnected) => Ok(Err(Error::Comm { rank: None, message: "the communication thread ended".into() })),
+        }
+    }
+
     pub fn wait(self) -> Result<(T, Duration)> {
         match self.rx.recv() {
             Ok((r, busy)) => r.map(|v| (v, busy)),
@@ -46,7 +58,7 @@ impl AsyncComm {
                 comm
             })
             .map_err(|e| Error::Comm { rank: None, message: format!("starting the communication thread: {e}") })?;
-        Ok(AsyncComm { tx: Some(tx), thread: Some(thread), rank, world })
+        Ok(AsyncComm { broken: Default::default(), tx: Some(tx), thread: Some(thread), rank, world })
     }
 
     pub fn rank(&self) -> usize {
@@ -60,9 +72,18 @@ impl AsyncComm {
     /// Queues `f` behind the operations already submitted.
     pub fn submit<T: Send + 'static>(&self, f: impl FnOnce(&mut Comm) -> Result<T> + Send + 'static) -> Pending<T> {
         let (tx, rx) = mpsc::channel();
+        let broken = self.broken.clone();
         let job: Job = Box::new(move |c| {
+            use std::sync::atomic::Ordering;
             let start = Instant::now();
-            let r = f(c);
+            let r = if broken.load(Ordering::Relaxed) {
+                Err(Error::Comm { rank: None, message: "an earlier collective failed; the connections are unusable".into() })
+            } else {
+                f(c)
+            };
+            if r.is_err() {
+                broken.store(true, Ordering::Relaxed);
+            }
             let _ = tx.send((r, start.elapsed()));
         });
         if let Some(q) = &self.tx {

@@ -85,8 +85,11 @@ enum Op {
 pub struct Comm {
     links: Links,
     world: usize,
-    /// Collectives started, per peer: the header carries it so mismatched calls are caught.
-    seq: Vec<u32>,
+    /// Headers sent to and received from each peer: a header carries the count, so mismatched
+    /// calls are caught. Two counters, so that two ranks sending to each other before receiving
+    /// (as pipeline stages do) agree.
+    sent: Vec<u32>,
+    received: Vec<u32>,
     /// Receive buffer of the ring reduction, kept between calls: a fresh one would cost a page
     /// fault per 4 KiB on every large all-reduce.
     scratch: Vec<f32>,
@@ -99,7 +102,8 @@ impl Comm {
         Ok(Comm {
             links: Links { rank, streams, timeout, bytes_sent: 0, bytes_received: 0 },
             world,
-            seq: vec![0; world],
+            sent: vec![0; world],
+            received: vec![0; world],
             scratch: Vec::new(),
         })
     }
@@ -133,12 +137,10 @@ impl Comm {
 
     /// Sends this op's header to `to` while checking the one from `from`.
     fn header(&mut self, op: Op, len: usize, to: usize, from: usize) -> Result<()> {
-        let mine = [op as u32 as u64 | (u64::from(self.seq[to]) << 32), len as u64];
-        let expect = [op as u32 as u64 | (u64::from(self.seq[from]) << 32), len as u64];
-        self.seq[to] = self.seq[to].wrapping_add(1);
-        if from != to {
-            self.seq[from] = self.seq[from].wrapping_add(1);
-        }
+        let mine = [op as u32 as u64 | (u64::from(self.sent[to]) << 32), len as u64];
+        let expect = [op as u32 as u64 | (u64::from(self.received[from]) << 32), len as u64];
+        self.sent[to] = self.sent[to].wrapping_add(1);
+        self.received[from] = self.received[from].wrapping_add(1);
         let out: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut got = [0u8; 16];
         self.links.exchange(Some(Outgoing { peer: to, bufs: vec![&out] }), Some(Incoming { peer: from, buf: &mut got, progress: None }))?;
@@ -324,11 +326,11 @@ impl Comm {
     /// Point to point: sends `data` to the group member at position `to`.
     pub fn send(&mut self, g: &Group, to: usize, data: &[u8]) -> Result<()> {
         let peer = g.ranks[to];
-        let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(self.seq[peer]) << 32), data.len() as u64]
+        let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(self.sent[peer]) << 32), data.len() as u64]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        self.seq[peer] = self.seq[peer].wrapping_add(1);
+        self.sent[peer] = self.sent[peer].wrapping_add(1);
         self.links.exchange(Some(Outgoing { peer, bufs: vec![&head, data] }), None)
     }
 
@@ -337,8 +339,8 @@ impl Comm {
         let peer = g.ranks[from];
         let mut head = [0u8; 16];
         self.links.exchange(None, Some(Incoming { peer, buf: &mut head, progress: None }))?;
-        let want = [Op::SendRecv as u32 as u64 | (u64::from(self.seq[peer]) << 32), data.len() as u64];
-        self.seq[peer] = self.seq[peer].wrapping_add(1);
+        let want = [Op::SendRecv as u32 as u64 | (u64::from(self.received[peer]) << 32), data.len() as u64];
+        self.received[peer] = self.received[peer].wrapping_add(1);
         let got = [u64::from_le_bytes(head[..8].try_into().expect("8")), u64::from_le_bytes(head[8..].try_into().expect("8"))];
         if got != want {
             return Err(peer_error(peer, format!("sent {} bytes (op {}) where {} were expected", got[1], got[0] as u32, data.len())));

@@ -127,6 +127,22 @@ fn broadcast_send_recv_all_to_all_barrier_and_f64_sums() {
 }
 
 #[test]
+fn two_ranks_may_both_send_before_they_receive() {
+    let out = on_ranks(2, Duration::from_secs(10), |mut c| {
+        let g = c.world_group();
+        let other = 1 - c.rank();
+        c.send(&g, other, &[c.rank() as u8; 100]).unwrap();
+        let mut got = [0u8; 100];
+        c.recv(&g, other, &mut got).unwrap();
+        // And a collective afterwards still lines up.
+        let mut v = vec![1.0f32; 10];
+        c.all_reduce(&g, &mut v, ReduceOp::Sum).unwrap();
+        (got[0], v[0])
+    });
+    assert_eq!(out, vec![(1, 2.0), (0, 2.0)]);
+}
+
+#[test]
 fn groups_reduce_only_among_their_members() {
     let out = on_ranks(4, Duration::from_secs(10), |mut c| {
         let mesh = DeviceMesh::new(4, 2, 1, 1, 2).unwrap();

@@ -47,6 +47,8 @@ pub struct DataParallel {
     /// under ZeRO-2/3).
     communicate: bool,
     inflight: Vec<(usize, Pending<Vec<f32>>)>,
+    /// Bytes of gradient copies queued or in flight (counted in the memory figures).
+    inflight_bytes: u64,
     /// ZeRO-2/3: the summed gradients of this rank's pieces.
     pub grad_shard: Vec<f32>,
     /// ZeRO-3: which chunks are gathered now, and the one being prefetched.
@@ -104,6 +106,7 @@ impl DataParallel {
             piece_at,
             communicate: false,
             inflight: Vec::new(),
+            inflight_bytes: 0,
             grad_shard,
             prefetch: None,
             in_backward: false,
@@ -160,26 +163,43 @@ impl DataParallel {
     /// place (summed chunks into `grads`, or summed pieces into `grad_shard`).
     pub fn end_micro_batch(&mut self, grads: &mut [f32]) -> Result<()> {
         let start = Instant::now();
-        for (c, pending) in std::mem::take(&mut self.inflight) {
-            let (buf, busy) = pending.wait()?;
-            self.comm_busy += busy;
-            self.grad_busy += busy;
-            let chunk = self.chunks[c].clone();
-            if self.zero >= 2 {
-                let piece = &self.pieces[c];
-                let local = piece.start - chunk.start..piece.end - chunk.start;
-                let at = self.piece_at[c];
-                for (d, s) in self.grad_shard[at..at + piece.len()].iter_mut().zip(&buf[local]) {
-                    *d += *s;
-                }
-            } else {
-                grads[chunk].copy_from_slice(&buf);
-            }
-        }
+        self.collect(grads, true)?;
         self.exposed += start.elapsed();
         self.grad_exposed += start.elapsed();
         if self.missing.iter().any(|m| *m != 0) {
             return Err(Error::Comm { rank: None, message: "the model did not announce every final gradient".into() });
+        }
+        Ok(())
+    }
+
+    /// Applies finished gradient collectives in order: all of them (`block`), or those already
+    /// done. Applying early frees their buffers while backward goes on.
+    fn collect(&mut self, grads: &mut [f32], block: bool) -> Result<()> {
+        while !self.inflight.is_empty() {
+            let (c, pending) = self.inflight.remove(0);
+            let (buf, busy) = if block {
+                pending.wait()?
+            } else {
+                match pending.try_wait() {
+                    Ok(r) => r?,
+                    Err(p) => {
+                        self.inflight.insert(0, (c, p));
+                        break;
+                    }
+                }
+            };
+            self.comm_busy += busy;
+            self.grad_busy += busy;
+            self.inflight_bytes -= 4 * self.chunks[c].len() as u64;
+            if self.zero >= 2 {
+                // The job handed back only this rank's summed piece.
+                let at = self.piece_at[c];
+                for (d, s) in self.grad_shard[at..at + buf.len()].iter_mut().zip(&buf) {
+                    *d += *s;
+                }
+            } else {
+                grads[self.chunks[c].clone()].copy_from_slice(&buf);
+            }
         }
         Ok(())
     }
@@ -309,6 +329,12 @@ impl DataParallel {
         Ok(full)
     }
 
+    /// Waits for every rank of the group.
+    pub fn barrier(&mut self) -> Result<()> {
+        let g = self.group.clone();
+        self.comm.run(move |c| c.barrier(&g))
+    }
+
     /// This rank's pieces of a full buffer, concatenated.
     pub fn own_pieces(&self, full: &[f32]) -> Vec<f32> {
         self.pieces.iter().flat_map(|p| full[p.clone()].iter().copied()).collect()
@@ -430,25 +456,38 @@ impl ParamHooks for DataParallel {
 
     fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
         self.in_backward = true;
+        self.collect(grads, false)?;
         for c in self.chunks_of(&range) {
             let chunk = self.chunks[c].clone();
-            let overlap = range.end.min(chunk.end) - range.start.max(chunk.start);
-            self.missing[c] -= overlap;
+            let overlap = range.end.min(chunk.end).saturating_sub(range.start.max(chunk.start));
+            if overlap == 0 {
+                continue;
+            }
+            self.missing[c] = self.missing[c]
+                .checked_sub(overlap)
+                .ok_or_else(|| Error::Comm { rank: None, message: format!("the gradients of {range:?} were announced final twice") })?;
             if self.missing[c] != 0 || !self.communicate {
                 continue;
             }
             let copy = grads[chunk.clone()].to_vec();
+            self.inflight_bytes += 4 * chunk.len() as u64;
             let g = self.group.clone();
             let pending = if self.zero >= 2 {
-                self.record_residency(None, Some(grads));
+                // The copy and the chunk's pages both exist at this moment: measure here.
+                let resident = pages::resident_bytes(grads) + self.inflight_bytes;
+                self.peak_grads = self.peak_grads.max(resident);
                 // The rank keeps only its summed piece: the chunk's gradient pages go back.
-                pages::release(grads, chunk);
+                pages::release(grads, chunk.clone());
+                let piece = &self.pieces[c];
+                let local = piece.start - chunk.start..piece.end - chunk.start;
                 self.comm.submit(move |comm| {
                     let mut buf = copy;
                     comm.reduce_scatter(&g, &mut buf)?;
-                    Ok(buf)
+                    Ok(buf[local].to_vec())
                 })
             } else {
+                let resident = pages::resident_bytes(grads) + self.inflight_bytes;
+                self.peak_grads = self.peak_grads.max(resident);
                 self.comm.submit(move |comm| {
                     let mut buf = copy;
                     comm.all_reduce(&g, &mut buf, ReduceOp::Sum)?;

@@ -84,8 +84,8 @@ impl ParamTableBuilder {
     }
 
     pub fn build(self, chunk_elems: usize) -> ParamTable {
-        let largest = self.pending.iter().map(|(_, s, _)| s.iter().product::<usize>()).max().unwrap_or(0);
-        let cap = chunk_elems.max(largest);
+        // A tensor larger than a chunk gets a chunk of its own (chunks always hold whole tensors).
+        let cap = chunk_elems.max(1);
         let mut entries = Vec::with_capacity(self.pending.len());
         let mut chunks: Vec<Chunk> = Vec::new();
         let mut offset = 0;

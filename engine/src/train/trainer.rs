@@ -4,7 +4,10 @@ use std::time::Instant;
 use gantry_api::{JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
-use crate::checkpoint::{has_weights, load_training_checkpoint, load_weights, save_hf_dir, save_training_checkpoint, TrainingState};
+use crate::checkpoint::{
+    commit_checkpoint, has_weights, load_training_checkpoint, load_weights, save_hf_config, save_hf_dir, save_training_checkpoint,
+    shard_name, write_rank_shard, TrainingState,
+};
 use crate::comm::{Comm, DeviceMesh};
 use crate::data::{check_vocab, load_tokens, Sampler};
 use crate::models::{Activations, Model, ModelConfig};
@@ -122,6 +125,11 @@ impl PendingCheckpoint {
         };
         (CheckpointOutcome { step: self.step, dir: self.dir, result, bytes, write_secs, stall_secs: self.stall_secs }, snapshot)
     }
+}
+
+/// Bytes of the files in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
 /// One rank's training state and loop.
@@ -322,65 +330,143 @@ impl Trainer {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
 
-    /// Starts a checkpoint of the current state in `dir`. Every rank calls it (ZeRO's shards are
-    /// gathered first); rank 0 copies the state and a background thread writes it while training
-    /// goes on. One checkpoint is written at a time: if the previous one is still being written,
-    /// this waits for it and returns its outcome.
+    /// Starts a checkpoint of the current state in `dir`; training goes on while a background
+    /// thread writes it. Every rank calls it. Without ZeRO, rank 0 writes the whole state from a
+    /// host copy. Under ZeRO each rank writes its own shard (its pieces of the moments, and of the
+    /// parameters under ZeRO-3), so no rank gathers the whole state; the checkpoint is committed
+    /// once every rank's shard is written (see `poll_checkpoint`). One checkpoint is written at a
+    /// time: a previous one still being written is finished first, and its outcome returned.
     pub fn start_checkpoint(&mut self, dir: &Path) -> Result<Option<CheckpointOutcome>> {
+        let previous = self.finish_checkpoint()?;
         let start = Instant::now();
-        let len = self.model.table.len();
-        let (params, m, v) = match &mut self.dp {
-            Some(dp) if dp.zero() >= 1 => {
-                let params = if dp.zero() >= 3 { Some(dp.full_params(&self.buffers.params)?) } else { None };
-                (params, Some(dp.gather_pieces(&self.buffers.m, len)?), Some(dp.gather_pieces(&self.buffers.v, len)?))
-            }
-            _ => (None, None, None),
-        };
-        if self.dp_rank() != 0 {
-            return Ok(None);
-        }
-        let previous = self.pending.take().map(|p| self.reclaim(p));
-        // The host copy the writer works from (ZeRO's gathered buffers are copies already).
-        let snapshot = match (params, m, v) {
-            (p, Some(m), Some(v)) => Snapshot { params: p.unwrap_or_else(|| self.buffers.params.clone()), m, v },
-            _ => {
-                let mut s = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
-                s.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
-                s
-            }
-        };
         let (config, table, tokenizer, step, target) =
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
+        let zero = self.dp.as_ref().map_or(0, DataParallel::zero);
+        if zero == 0 {
+            if self.dp_rank() != 0 {
+                return Ok(previous);
+            }
+            let mut snapshot = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
+            snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
+            let thread = std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let state = TrainingState { params: &snapshot.params, m: &snapshot.m, v: &snapshot.v, step };
+                    let r = save_training_checkpoint(&target, &config, &table, state, tokenizer.as_deref());
+                    (r, dir_bytes(&target), t.elapsed().as_secs_f64(), snapshot)
+                })
+                .map_err(|e| Error::io(dir, e))?;
+            self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
+            return Ok(previous);
+        }
+        // Sharded: rank 0 prepares the temporary directory before anyone writes into it.
+        let dp = self.dp.as_mut().expect("ZeRO runs with a dp group");
+        let (rank, world) = (dp.rank(), dp.size());
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        let prepared = if rank == 0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))
+        } else {
+            Ok(())
+        };
+        // Everyone passes the barrier before rank 0 reports a failure, so no rank waits on it.
+        dp.barrier()?;
+        prepared?;
+        let pieces = dp.pieces();
+        let own_params = (zero >= 3).then(|| dp.own_pieces(&self.buffers.params));
+        let full_params = (zero < 3 && rank == 0).then(|| self.buffers.params.clone());
+        let (m, v) = (self.buffers.m.clone(), self.buffers.v.clone());
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 let t = Instant::now();
-                let state = TrainingState { params: &snapshot.params, m: &snapshot.m, v: &snapshot.v, step };
-                let r = save_training_checkpoint(&target, &config, &table, state, tokenizer.as_deref());
-                let bytes =
-                    std::fs::read_dir(&target).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
-                (r, bytes, t.elapsed().as_secs_f64(), snapshot)
+                let r = (|| {
+                    if let Some(p) = &full_params {
+                        save_hf_dir(&tmp, &config, &table, p, tokenizer.as_deref())?;
+                    } else if rank == 0 {
+                        // ZeRO-3: the parameters are in the rank shards; the config says what model.
+                        save_hf_config(&tmp, &config)?;
+                        if let Some(t) = &tokenizer {
+                            std::fs::copy(t, tmp.join("tokenizer.json")).map_err(|e| Error::io(t, e))?;
+                        }
+                    }
+                    write_rank_shard(&tmp.join(shard_name(rank, world)), &pieces, own_params.as_deref(), &m, &v)
+                })();
+                let bytes = dir_bytes(&tmp);
+                (r, bytes, t.elapsed().as_secs_f64(), Snapshot { params: Vec::new(), m: Vec::new(), v: Vec::new() })
             })
             .map_err(|e| Error::io(dir, e))?;
         self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
         Ok(previous)
     }
 
-    /// The outcome of the checkpoint being written, if it has finished.
-    pub fn poll_checkpoint(&mut self) -> Option<CheckpointOutcome> {
-        if self.pending.as_ref().is_some_and(|p| p.thread.is_finished()) {
-            return self.pending.take().map(|p| self.reclaim(p));
+    /// The outcome of the checkpoint being written, once it is committed (on rank 0; other ranks
+    /// get `None`). Every rank calls it after each step: under ZeRO the ranks agree, with a small
+    /// all-reduce, on when every shard is written, and rank 0 then commits the checkpoint.
+    pub fn poll_checkpoint(&mut self) -> Result<Option<CheckpointOutcome>> {
+        let sharded = self.dp.as_ref().is_some_and(|d| d.zero() >= 1);
+        if !sharded {
+            if self.pending.as_ref().is_some_and(|p| p.thread.is_finished()) {
+                return Ok(self.pending.take().map(|p| self.reclaim(p)));
+            }
+            return Ok(None);
         }
-        None
+        if self.pending.is_none() {
+            return Ok(None);
+        }
+        let done = self.pending.as_ref().is_some_and(|p| p.thread.is_finished());
+        let dp = self.dp.as_mut().expect("sharded checkpoints run with a dp group");
+        let n = dp.size() as f64;
+        if dp.sum(f64::from(u8::from(done)))? < n {
+            return Ok(None);
+        }
+        self.commit_sharded()
     }
 
-    /// Waits for the checkpoint being written, if any.
-    pub fn finish_checkpoint(&mut self) -> Option<CheckpointOutcome> {
-        self.pending.take().map(|p| self.reclaim(p))
+    /// Waits for the checkpoint being written, if any, and commits it (every rank calls it).
+    pub fn finish_checkpoint(&mut self) -> Result<Option<CheckpointOutcome>> {
+        let sharded = self.dp.as_ref().is_some_and(|d| d.zero() >= 1);
+        if !sharded {
+            return Ok(self.pending.take().map(|p| self.reclaim(p)));
+        }
+        if self.pending.is_none() {
+            return Ok(None);
+        }
+        self.commit_sharded()
     }
 
-    /// Joins a finished writer and keeps its host copy for the next checkpoint (unless it was a
-    /// ZeRO gather, which is not reused).
+    /// Joins this rank's shard writer; if every rank's shard was written, rank 0 writes the
+    /// manifest and renames the checkpoint into place, else it removes the partial directory.
+    fn commit_sharded(&mut self) -> Result<Option<CheckpointOutcome>> {
+        let Some(p) = self.pending.take() else { return Ok(None) };
+        let (mut outcome, _) = p.join();
+        let dp = self.dp.as_mut().expect("sharded checkpoints run with a dp group");
+        let n = dp.size() as f64;
+        let written = dp.sum(f64::from(u8::from(outcome.result.is_ok())))?;
+        let bytes = dp.sum(outcome.bytes as f64)?;
+        if dp.rank() != 0 {
+            return Ok(None);
+        }
+        let name = outcome.dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint").to_string();
+        let tmp = outcome.dir.with_file_name(format!(".{name}.partial"));
+        outcome.bytes = bytes as u64;
+        if written < n {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if outcome.result.is_ok() {
+                outcome.result = Err(Error::Io {
+                    path: tmp,
+                    err: std::io::Error::other(format!("{} of {} ranks could not write their shard", n - written, n)),
+                });
+            }
+        } else {
+            outcome.result = commit_checkpoint(&tmp, &outcome.dir, outcome.step, self.model.table.len());
+        }
+        Ok(Some(outcome))
+    }
+
+    /// Joins a finished writer and keeps its host copy for the next checkpoint.
     fn reclaim(&mut self, p: PendingCheckpoint) -> CheckpointOutcome {
         let (outcome, snapshot) = p.join();
         if self.dp.as_ref().is_none_or(|d| d.zero() == 0) {
