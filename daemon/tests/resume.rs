@@ -121,6 +121,12 @@ fn a_checkpoint_resumes_under_another_layout() {
             .collect();
         assert_eq!(shards.len(), if from.1 >= 1 { from.0 } else { 0 }, "{from:?}: {shards:?}");
         assert_eq!(ck.join("model.safetensors").is_file(), from.1 < 3, "{from:?}");
+        // The manifest covers every rank's shard (checksummed by the rank that wrote it), and the
+        // ranks' checksum notes are gone.
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("manifest.json")).unwrap()).unwrap();
+        let listed: Vec<&String> = manifest["files"].as_object().unwrap().keys().collect();
+        assert!(shards.iter().all(|s| listed.contains(&s)), "{listed:?}");
+        assert!(!std::fs::read_dir(&ck).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".sums")));
         // Every checkpoint exports as a whole model, shards assembled.
         let out =
             Command::new(gantry()).arg("export").arg(&ck).arg("--out").arg(dir.path().join(format!("export-{from:?}"))).output().unwrap();

@@ -56,11 +56,27 @@ fn file_sum(path: &Path) -> Result<FileSum> {
 /// Fsyncs every file of `tmp`, writes the manifest of their sizes and checksums last, and renames
 /// the directory into place.
 fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
+    // Files whose writers already fsynced them and recorded their sums (`.sums-*.json`, see
+    // `record_sums`) are not read again: rank 0 commits a sharded checkpoint without re-reading
+    // every rank's shard.
     let mut files = std::collections::BTreeMap::new();
+    let mut entries = Vec::new();
     for f in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
-        let f = f.map_err(|e| Error::io(tmp, e))?;
-        std::fs::File::open(f.path()).and_then(|h| h.sync_all()).map_err(|e| Error::io(f.path(), e))?;
-        files.insert(f.file_name().to_string_lossy().into_owned(), file_sum(&f.path())?);
+        entries.push(f.map_err(|e| Error::io(tmp, e))?.path());
+    }
+    for sums in entries.iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".sums-"))) {
+        let text = std::fs::read_to_string(sums).map_err(|e| Error::io(sums, e))?;
+        let recorded: BTreeMap<String, FileSum> =
+            serde_json::from_str(&text).map_err(|e| Error::Weights { path: sums.clone(), message: e.to_string() })?;
+        files.extend(recorded);
+        std::fs::remove_file(sums).map_err(|e| Error::io(sums, e))?;
+    }
+    for path in entries.iter().filter(|p| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with(".sums-"))) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let std::collections::btree_map::Entry::Vacant(slot) = files.entry(name) {
+            std::fs::File::open(path).and_then(|h| h.sync_all()).map_err(|e| Error::io(path, e))?;
+            slot.insert(file_sum(path)?);
+        }
     }
     let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
     let mpath = tmp.join(MANIFEST);
@@ -74,6 +90,19 @@ fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
         let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
     }
     Ok(())
+}
+
+/// Fsyncs `names` in `tmp` and records their sizes and checksums in `.sums-{tag}.json`, for the
+/// commit to use: each rank of a sharded checkpoint does this on its own writer thread.
+pub fn record_sums(tmp: &Path, tag: &str, names: &[String]) -> Result<()> {
+    let mut sums = BTreeMap::new();
+    for name in names {
+        let path = tmp.join(name);
+        std::fs::File::open(&path).and_then(|h| h.sync_all()).map_err(|e| Error::io(&path, e))?;
+        sums.insert(name.clone(), file_sum(&path)?);
+    }
+    let path = tmp.join(format!(".sums-{tag}.json"));
+    std::fs::write(&path, serde_json::to_string(&sums).expect("serialises")).map_err(|e| Error::io(&path, e))
 }
 
 /// Checks every file a checkpoint's manifest lists against its size and checksum.

@@ -5,8 +5,8 @@ use gantry_api::{JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    commit_checkpoint, has_weights, load_training_checkpoint, load_weights, save_hf_config, save_hf_dir, save_training_checkpoint,
-    shard_name, write_rank_shard, TrainingState,
+    commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, save_hf_config, save_hf_dir,
+    save_training_checkpoint, shard_name, write_rank_shard, TrainingState,
 };
 use crate::comm::{Comm, DeviceMesh};
 use crate::data::{check_vocab, load_tokens, Sampler};
@@ -125,6 +125,13 @@ impl PendingCheckpoint {
         };
         (CheckpointOutcome { step: self.step, dir: self.dir, result, bytes, write_secs, stall_secs: self.stall_secs }, snapshot)
     }
+}
+
+/// The names of the files in `dir`.
+fn list_names(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).collect())
+        .unwrap_or_default()
 }
 
 /// Bytes of the files in `dir`.
@@ -383,6 +390,7 @@ impl Trainer {
             .spawn(move || {
                 let t = Instant::now();
                 let r = (|| {
+                    let before: std::collections::BTreeSet<String> = list_names(&tmp);
                     if let Some(p) = &full_params {
                         save_hf_dir(&tmp, &config, &table, p, tokenizer.as_deref())?;
                     } else if rank == 0 {
@@ -392,7 +400,18 @@ impl Trainer {
                             std::fs::copy(t, tmp.join("tokenizer.json")).map_err(|e| Error::io(t, e))?;
                         }
                     }
-                    write_rank_shard(&tmp.join(shard_name(rank, world)), &pieces, own_params.as_deref(), &m, &v)
+                    let shard = shard_name(rank, world);
+                    write_rank_shard(&tmp.join(&shard), &pieces, own_params.as_deref(), &m, &v)?;
+                    // Checksum what this rank wrote here, on its own thread, for the commit.
+                    let mine: Vec<String> = if rank == 0 {
+                        list_names(&tmp)
+                            .into_iter()
+                            .filter(|n| !before.contains(n) && !n.starts_with('.') && (n == &shard || !n.starts_with("rank-")))
+                            .collect()
+                    } else {
+                        vec![shard]
+                    };
+                    record_sums(&tmp, &rank.to_string(), &mine)
                 })();
                 let bytes = dir_bytes(&tmp);
                 (r, bytes, t.elapsed().as_secs_f64(), Snapshot { params: Vec::new(), m: Vec::new(), v: Vec::new() })
