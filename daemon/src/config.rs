@@ -93,13 +93,19 @@ pub fn slot_kind(slot: &str) -> &str {
 
 /// Whether a job's devices (`cpu:N` / `cuda:…`) can ever run on these slots.
 pub fn fits_node(devices: &Devices, slots: &[String]) -> Result<(), String> {
-    let kind = match devices {
-        Devices::Cpu(_) => "cpu",
-        Devices::Cuda(_) => "cuda",
-    };
+    let kind = device_kind(devices);
     let have = slots.iter().filter(|s| slot_kind(s) == kind).count();
-    if have < devices.count() {
-        return Err(format!("the job needs {} {kind} devices and this node has {have}", devices.count()));
+    let need = devices.count();
+    if have < need {
+        return Err(format!("needs {need} {kind} device{}; this node has {have}", if need == 1 { "" } else { "s" }));
     }
     Ok(())
+}
+
+/// The slot kind a device list asks for.
+pub fn device_kind(devices: &Devices) -> &'static str {
+    match devices {
+        Devices::Cpu(_) => "cpu",
+        Devices::Cuda(_) => "cuda",
+    }
 }

@@ -2,7 +2,7 @@
 //! loss on a token file equals `gantry eval`'s. Needs Python with torch and transformers
 //! (`.ci/run` installs them; `GANTRY_PYTHON` picks the interpreter, default `python3`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn root() -> PathBuf {
@@ -15,26 +15,33 @@ fn last_json(out: std::process::Output, what: &str) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-fn check(model_config: &str, name: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
+/// Trains a model of `model_config` for a few steps on `tokens` (so the weights are not the init)
+/// with the extra spec lines `extra`; returns the run directory.
+fn train_run(dir: &Path, model_config: &str, tokens: &Path, extra: &str) -> PathBuf {
+    let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
     std::fs::write(model.join("config.json"), model_config).unwrap();
-    // Train a few steps on the fixture tokens so the exported weights are not the init.
-    let tokens = root().join("tests/fixtures").join(name).join("tokens.u32");
-    let spec = dir.path().join("spec.toml");
+    let spec = dir.join("spec.toml");
     std::fs::write(
         &spec,
         format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nseq_len = 16\n[train]\nsteps = 5\nglobal_batch_size = 4\nlr = 1e-2\n",
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nseq_len = 16\n[train]\nglobal_batch_size = 4\nlr = 1e-2\n{extra}",
             model.display(),
             tokens.display()
         ),
     )
     .unwrap();
-    let run = dir.path().join("run");
+    let run = dir.join("run");
     let gantry = env!("CARGO_BIN_EXE_gantry");
     last_json(Command::new(gantry).arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap(), "gantry train");
+    run
+}
+
+fn check(model_config: &str, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = root().join("tests/fixtures").join(name).join("tokens.u32");
+    let run = train_run(dir.path(), model_config, &tokens, "steps = 5\n");
+    let gantry = env!("CARGO_BIN_EXE_gantry");
     let final_dir = run.join("final");
     let ours = last_json(
         Command::new(gantry)
@@ -81,27 +88,10 @@ fn llama_final_model_loads_in_transformers() {
 #[test]
 fn export_writes_sharded_checkpoints_that_transformers_loads() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    std::fs::write(
-        model.join("config.json"),
-        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":96,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"tie_word_embeddings":false}"#,
-    )
-    .unwrap();
+    let config = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":96,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"tie_word_embeddings":false}"#;
     let tokens = root().join("tests/fixtures/llama_gqa/tokens.u32");
-    let spec = dir.path().join("spec.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nseq_len = 16\n[train]\nsteps = 6\nglobal_batch_size = 4\nlr = 1e-2\n[checkpoint]\nevery = 5\n",
-            model.display(),
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let run = dir.path().join("run");
+    let run = train_run(dir.path(), config, &tokens, "steps = 6\n[checkpoint]\nevery = 5\n");
     let gantry = env!("CARGO_BIN_EXE_gantry");
-    last_json(Command::new(gantry).arg("train").arg(&spec).arg("--run-dir").arg(&run).output().unwrap(), "gantry train");
     // Export the checkpoint of step 5 (not the final model) in shards of at most 40 KB.
     let out = dir.path().join("export");
     let r = last_json(

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use gantry_api::ModelInit;
-use gantry_engine::checkpoint::{is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded, verify_checkpoint};
+use gantry_engine::checkpoint::{
+    committed_checkpoints, is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded, verify_checkpoint,
+};
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::train::load_model;
 
@@ -42,14 +44,10 @@ fn model_dir(source: &Path) -> anyhow::Result<PathBuf> {
     if source.join("final/config.json").is_file() {
         return Ok(source.join("final"));
     }
-    let ckpts = source.join("checkpoints");
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&ckpts)
-        .with_context(|| format!("{} is neither a model directory nor a run directory", source.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_training_checkpoint(p))
-        .collect();
-    all.sort();
-    for ck in all.iter().rev() {
+    if !source.join("checkpoints").is_dir() {
+        bail!("{} is neither a model directory nor a run directory", source.display());
+    }
+    for ck in committed_checkpoints(source).iter().rev() {
         match verify_checkpoint(ck) {
             Ok(_) => return Ok(ck.clone()),
             Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),

@@ -64,13 +64,10 @@ pub fn comm_timeout() -> std::time::Duration {
 /// and the one before it used); returns the checkpoints kept, oldest first.
 pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let dir = run_dir.join("checkpoints");
-    let mut all: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("{} has no checkpoints to resume from", run_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
-        .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
-        .collect();
-    all.sort();
+    if !dir.is_dir() {
+        anyhow::bail!("{} has no checkpoints to resume from", run_dir.display());
+    }
+    let all = gantry_engine::checkpoint::committed_checkpoints(run_dir);
     for (i, ck) in all.iter().enumerate().rev() {
         match trainer.resume(ck) {
             Ok(()) => {

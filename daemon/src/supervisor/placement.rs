@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use gantry_api::Devices;
 
-use crate::config::slot_kind;
+use crate::config::{device_kind, fits_node, slot_kind};
 
 /// A job waiting for devices, in queue order.
 #[derive(Clone, Debug)]
@@ -33,16 +33,13 @@ pub fn plan(queue: &[Waiting], slots: &[String], held: &BTreeMap<String, i64>) -
     let mut blocker: Option<i64> = None;
     let mut out = Vec::new();
     for w in queue {
-        let kind = match w.devices {
-            Devices::Cpu(_) => "cpu",
-            Devices::Cuda(_) => "cuda",
-        };
-        let need = w.devices.count();
-        let total = slots.iter().filter(|s| slot_kind(s) == kind).count();
-        if total < need {
-            out.push(Decision::Reject { id: w.id, reason: format!("needs {}; this node has {total}", devices(need, kind)) });
+        if let Err(reason) = fits_node(&w.devices, slots) {
+            out.push(Decision::Reject { id: w.id, reason });
             continue;
         }
+        let kind = device_kind(&w.devices);
+        let need = w.devices.count();
+        let total = slots.iter().filter(|s| slot_kind(s) == kind).count();
         if let Some(b) = blocker {
             out.push(Decision::Wait { id: w.id, reason: format!("waiting behind job {b} (jobs start first in, first out)") });
             continue;

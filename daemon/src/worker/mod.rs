@@ -119,7 +119,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut kept: Vec<PathBuf> = existing_checkpoints(&a.run_dir);
+    let mut kept: Vec<PathBuf> = gantry_engine::checkpoint::committed_checkpoints(&a.run_dir);
     while trainer.step < steps {
         if reporter.stop.load(Ordering::Relaxed) {
             bail!("stopped at step {} at the daemon's request", trainer.step);
@@ -173,18 +173,4 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
         bail!("the daemon did not acknowledge the last step reports within 10 minutes");
     }
     Ok(())
-}
-
-fn existing_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(run_dir.join("checkpoints"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-                .filter(|p| gantry_engine::checkpoint::is_training_checkpoint(p))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }

@@ -140,6 +140,21 @@ pub fn is_training_checkpoint(dir: &Path) -> bool {
     dir.join(MANIFEST).is_file() && dir.join(STATE).is_file() && (dir.join(OPTIMIZER).is_file() || !shard_files(dir).is_empty())
 }
 
+/// The committed checkpoints of a run directory (`RUN_DIR/checkpoints/step_*` with a manifest),
+/// oldest first. Their files are not checked here (`verify_checkpoint` does that).
+pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all: Vec<std::path::PathBuf> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
+                .filter(|p| is_training_checkpoint(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    all
+}
+
 /// Commits a checkpoint whose files (rank shards, and rank 0's model) are complete in `tmp`:
 /// writes the trainer state and the manifest, then renames `tmp` to `dir`.
 pub fn commit_checkpoint(tmp: &Path, dir: &Path, step: u64, params: usize) -> Result<()> {

@@ -7,6 +7,8 @@ pub use schedule::LrSchedule;
 use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
 use gantry_kernels::cpu::vec::{scale, sum_squares};
 
+use std::ops::Range;
+
 use crate::params::{ParamBuffers, ParamTable};
 
 /// AdamW's constant hyper-parameters.
@@ -26,9 +28,26 @@ impl AdamW {
     /// Only the parameters of `buf.pieces` are updated (all of them unless ZeRO shards the
     /// optimizer state); a tensor cut by a piece's edges is updated in the part inside it.
     pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
+        let ParamBuffers { params, grads, pieces, m, v } = buf;
+        self.update_pieces(table, pieces, params, Grads::Full(grads), m, v, lr, step);
+    }
+
+    /// The update of `pieces` of the flat buffer, whose moments `m` and `v` hold concatenated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_pieces(
+        &self,
+        table: &ParamTable,
+        pieces: &[Range<usize>],
+        params: &mut [f32],
+        grads: Grads<'_>,
+        m: &mut [f32],
+        v: &mut [f32],
+        lr: f32,
+        step: u32,
+    ) {
         let hp = AdamWStep { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step };
         let mut at = 0;
-        for piece in &buf.pieces {
+        for piece in pieces {
             for e in table.entries() {
                 let r = e.at.range();
                 let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
@@ -36,11 +55,24 @@ impl AdamW {
                     continue;
                 }
                 let s = at + lo - piece.start..at + hi - piece.start;
-                adamw_update(&mut buf.params[lo..hi], &buf.grads[lo..hi], &mut buf.m[s.clone()], &mut buf.v[s], &hp, e.decay);
+                let g = match grads {
+                    Grads::Full(g) => &g[lo..hi],
+                    Grads::Pieces(g) => &g[s.clone()],
+                };
+                adamw_update(&mut params[lo..hi], g, &mut m[s.clone()], &mut v[s], &hp, e.decay);
             }
             at += piece.len();
         }
     }
+}
+
+/// Where an update finds its gradients.
+#[derive(Clone, Copy, Debug)]
+pub enum Grads<'a> {
+    /// The whole flat buffer.
+    Full(&'a [f32]),
+    /// Only the updated pieces, concatenated like the moments (ZeRO-2 and 3).
+    Pieces(&'a [f32]),
 }
 
 /// The global L2 norm of `grads`.

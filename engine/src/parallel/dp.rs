@@ -22,13 +22,12 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
 use gantry_kernels::cpu::vec::{scale, sum_squares};
 
 use super::pages;
 use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
 use crate::models::hooks::ParamHooks;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Grads};
 use crate::params::ParamTable;
 use crate::{Error, Result};
 
@@ -256,22 +255,8 @@ impl DataParallel {
         lr: f32,
         step: u32,
     ) -> Result<()> {
-        let hp = AdamWStep { lr, beta1: optim.beta1, beta2: optim.beta2, eps: optim.eps, weight_decay: optim.weight_decay, step };
-        let pieces = self.pieces();
-        let mut at = 0;
-        for piece in &pieces {
-            for e in table.entries() {
-                let r = e.at.range();
-                let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
-                if lo >= hi {
-                    continue;
-                }
-                let s = at + lo - piece.start..at + hi - piece.start;
-                let g = if self.zero >= 2 { &self.grad_shard[s.clone()] } else { &grads[lo..hi] };
-                adamw_update(&mut params[lo..hi], g, &mut m[s.clone()], &mut v[s], &hp, e.decay);
-            }
-            at += piece.len();
-        }
+        let grads = if self.zero >= 2 { Grads::Pieces(&self.grad_shard) } else { Grads::Full(grads) };
+        optim.update_pieces(table, &self.pieces(), params, grads, m, v, lr, step);
         if self.zero >= 2 {
             self.grad_shard.iter_mut().for_each(|x| *x = 0.0);
         }
@@ -279,7 +264,7 @@ impl DataParallel {
             1 | 2 => {
                 for c in 0..self.chunks.len() {
                     let chunk = self.chunks[c].clone();
-                    let full = self.gather_chunk(&params[chunk.clone()], c)?;
+                    let full = self.gather_chunk(&params[chunk.clone()])?;
                     params[chunk].copy_from_slice(&full);
                 }
             }
@@ -298,10 +283,9 @@ impl DataParallel {
     }
 
     /// All-gathers chunk `c` given this rank's copy of it (its own piece filled in).
-    fn gather_chunk(&mut self, local: &[f32], c: usize) -> Result<Vec<f32>> {
+    fn gather_chunk(&mut self, local: &[f32]) -> Result<Vec<f32>> {
         let start = Instant::now();
         let (buf, busy) = self.submit_gather(local.to_vec()).wait()?;
-        let _ = c;
         self.comm_busy += busy;
         self.exposed += start.elapsed();
         Ok(buf)
@@ -323,7 +307,7 @@ impl DataParallel {
             let at = self.piece_at[c];
             full[piece.clone()].copy_from_slice(&shard[at..at + piece.len()]);
             let chunk = self.chunks[c].clone();
-            let whole = self.gather_chunk(&full[chunk.clone()], c)?;
+            let whole = self.gather_chunk(&full[chunk.clone()])?;
             full[chunk].copy_from_slice(&whole);
         }
         Ok(full)
@@ -486,7 +470,8 @@ impl ParamHooks for DataParallel {
                     Ok(buf[local].to_vec())
                 })
             } else {
-                let resident = pages::resident_bytes(grads) + self.inflight_bytes;
+                // Without ZeRO-2 the gradient buffer stays whole: no need to ask mincore.
+                let resident = 4 * grads.len() as u64 + self.inflight_bytes;
                 self.peak_grads = self.peak_grads.max(resident);
                 self.comm.submit(move |comm| {
                     let mut buf = copy;
