@@ -39,6 +39,34 @@ pub enum Command {
     Logs(LogsArgs),
     /// Cancel a job: every rank is stopped and the job recorded `cancelled`.
     Cancel(JobArgs),
+    /// List this machine's devices: GPUs (name, memory, compute capability) or CPU slots.
+    Devices(DevicesArgs),
+    /// CUDA kernel tools.
+    Kernels(KernelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KernelsArgs {
+    #[command(subcommand)]
+    pub command: KernelsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelsCommand {
+    /// Compile every CUDA kernel source through NVRTC (no GPU needed); the last line is JSON with
+    /// `kernels`, `compiled` and `archs`. Exits non-zero when any source fails.
+    Check {
+        /// Architectures to compile for, as sm_XY [default: sm_80,sm_90].
+        #[arg(long, value_delimiter = ',')]
+        arch: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ mod bench_checkpoint;
 mod bench_comm;
 mod client;
 mod daemon;
+mod devices;
 mod eval;
 mod export;
 mod prepare;
@@ -28,6 +29,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => client::status(a),
         Command::Logs(a) => client::logs(a),
         Command::Cancel(a) => client::cancel(a),
+        Command::Devices(a) => devices::devices(a),
+        Command::Kernels(a) => devices::kernels(a),
     }
 }
 

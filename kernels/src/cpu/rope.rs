@@ -32,6 +32,16 @@ impl RopeTable {
     pub fn positions(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }
+
+    /// The cosine table, `[positions, half]` (the CUDA path uploads it as it is).
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// The sine table, `[positions, half]`.
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
 }
 
 /// Rotates heads `0..heads` (each `2*half` wide) at the start of every row of `x`, a

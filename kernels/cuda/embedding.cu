@@ -1,0 +1,60 @@
+// Token and learned-position embeddings. Tables are f32 (the master parameters); activations are
+// the storage type.
+//
+// The backward is deterministic without atomics: the host buckets the rows by token (a counting
+// sort, `order` and `starts`), and each vocabulary row's gradient is summed by one thread per
+// column in row order.
+
+// out[r, :] = wte[tokens[r], :] (+ wpe[r % seq, :])
+template <typename T>
+__device__ void embedding_fwd_impl(T* out, const u32* tokens, const float* wte, const float* wpe, u32 rows, u32 seq, u32 c) {
+    FOR_EACH(idx, (u64)rows * c) {
+        u64 r = idx / c;
+        u32 col = (u32)(idx % c);
+        float v = wte[(u64)tokens[r] * c + col];
+        if (wpe) v += wpe[(u64)(r % seq) * c + col];
+        out[idx] = store<T>(v);
+    }
+}
+
+#define EMBEDDING_FWD(T, S) \
+    extern "C" __global__ void embedding_fwd_##S(T* out, const u32* tokens, const float* wte, const float* wpe, u32 rows, u32 seq, u32 c) { \
+        embedding_fwd_impl<T>(out, tokens, wte, wpe, rows, seq, c); \
+    }
+FOR_TYPES(EMBEDDING_FWD)
+
+// dwte[v, :] += sum of dout[r, :] over the rows r with token v. Grid (ceil(c / blockDim.x), vocab).
+template <typename T>
+__device__ void embedding_bwd_wte_impl(float* dwte, const T* dout, const u32* order, const u32* starts, u32 c) {
+    u32 col = blockIdx.x * blockDim.x + threadIdx.x;
+    u32 v = blockIdx.y;
+    u32 s0 = starts[v], s1 = starts[v + 1];
+    if (col >= c || s0 == s1) return;
+    float acc = 0.0f;
+    for (u32 k = s0; k < s1; k++) acc += load(dout[(u64)order[k] * c + col]);
+    dwte[(u64)v * c + col] += acc;
+}
+
+#define EMBEDDING_BWD_WTE(T, S) \
+    extern "C" __global__ void embedding_bwd_wte_##S(float* dwte, const T* dout, const u32* order, const u32* starts, u32 c) { \
+        embedding_bwd_wte_impl<T>(dwte, dout, order, starts, c); \
+    }
+FOR_TYPES(EMBEDDING_BWD_WTE)
+
+// dwpe[p, :] += sum over batch b of dout[b*seq + p, :]
+template <typename T>
+__device__ void embedding_bwd_wpe_impl(float* dwpe, const T* dout, u32 batch, u32 seq, u32 c) {
+    FOR_EACH(idx, (u64)seq * c) {
+        u64 p = idx / c;
+        u32 col = (u32)(idx % c);
+        float acc = 0.0f;
+        for (u32 b = 0; b < batch; b++) acc += load(dout[((u64)b * seq + p) * c + col]);
+        dwpe[idx] += acc;
+    }
+}
+
+#define EMBEDDING_BWD_WPE(T, S) \
+    extern "C" __global__ void embedding_bwd_wpe_##S(float* dwpe, const T* dout, u32 batch, u32 seq, u32 c) { \
+        embedding_bwd_wpe_impl<T>(dwpe, dout, batch, seq, c); \
+    }
+FOR_TYPES(EMBEDDING_BWD_WPE)
