@@ -120,6 +120,10 @@ pub struct WorkerArgs {
     pub resume_from: Option<PathBuf>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The device slot the daemon placed this rank on (`cpu:N` or `cuda:N`); a GPU rank trains
+    /// on that GPU whatever ids the spec lists.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +250,12 @@ pub struct BenchArgs {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `cpu`, or `cuda:N` for one GPU (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// fp32, bf16 or fp16 (GPU only; the CPU trains in fp32).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
 }
 
 #[derive(Debug, Args)]

@@ -150,7 +150,9 @@ fn bad_specs_name_the_field_and_write_nothing() {
         (vec!["--set", "train.learning_rate=1"], "train.learning_rate"),
         (vec!["--set", "train.lr=-1"], "train.lr"),
         (vec!["--set", "train.precision=fp8"], "train.precision"),
-        (vec!["--set", "resources.devices=cuda:0"], "CUDA"),
+        // Without a GPU (or in a build without CUDA) a GPU job is refused before anything is written.
+        (vec!["--set", "resources.devices=cuda:0"], "cuda:0"),
+        (vec!["--set", "train.precision=bf16"], "needs a GPU"),
         (vec!["--set", "data.seq_len=100000"], "data.seq_len"),
     ];
     for (i, (args, needle)) in cases.iter().enumerate() {

@@ -1,7 +1,8 @@
-//! Devices the engine can run on. The trainer runs on CPU. Built with the `cuda` feature, the
-//! binary carries the CUDA kernels (`gantry_kernels::cuda`: NVRTC-compiled sources, cuBLASLt),
-//! but the trainer does not drive them yet, so a CUDA job is refused up front with an error that
-//! says so, never accepted and then failed halfway.
+//! Devices the engine can run on: CPU ranks, and, in builds with the `cuda` feature, one GPU per
+//! job (`cuda:N`; several GPUs need the NCCL backend, not built yet). Whatever cannot run is
+//! refused up front with an error that says why, never accepted and then failed halfway. Whether
+//! the GPU exists is checked when the trainer opens it (the error names the missing driver or
+//! device).
 
 use gantry_api::Devices;
 
@@ -11,8 +12,9 @@ use crate::{Error, Result};
 pub fn check_supported(devices: &Devices) -> Result<()> {
     match devices {
         Devices::Cpu(_) => Ok(()),
+        Devices::Cuda(ids) if cfg!(feature = "cuda") && ids.len() == 1 => Ok(()),
         Devices::Cuda(_) if cfg!(feature = "cuda") => Err(Error::Device(format!(
-            "resources.devices = \"{devices}\": this gantry has the CUDA kernels but its trainer does not run on GPUs yet; use cpu:N"
+            "resources.devices = \"{devices}\": training on several GPUs needs the NCCL backend, which this gantry does not have yet; use one GPU (cuda:N) or cpu:N"
         ))),
         Devices::Cuda(_) => Err(Error::Device(format!(
             "resources.devices = \"{devices}\": this gantry was built without CUDA support (rebuild with `--features cuda`); use cpu:N"
@@ -25,9 +27,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_is_supported_and_cuda_is_refused_with_a_reason() {
+    fn cpu_is_supported_and_what_cannot_run_is_refused_with_a_reason() {
         assert!(check_supported(&Devices::Cpu(2)).is_ok());
         let err = check_supported(&Devices::Cuda(vec![0, 1])).unwrap_err().to_string();
-        assert!(err.contains("cuda:0,1") && err.contains("use cpu:N"), "{err}");
+        assert!(err.contains("cuda:0,1") && err.contains("cpu:N"), "{err}");
+        assert_eq!(check_supported(&Devices::Cuda(vec![3])).is_ok(), cfg!(feature = "cuda"));
     }
 }

@@ -27,6 +27,9 @@ pub enum Error {
     /// A device the build or the machine does not have.
     #[error("{0}")]
     Device(String),
+    /// A CUDA-side failure (driver, NVRTC, cuBLASLt, a kernel's shape check).
+    #[error(transparent)]
+    Kernel(#[from] gantry_kernels::Error),
     /// Communication between ranks failed; the peer at fault is named when known.
     #[error("{}{message}", rank.map(|r| format!("rank {r}: ")).unwrap_or_default())]
     Comm { rank: Option<usize>, message: String },

@@ -9,6 +9,8 @@
 
 pub mod checkpoint;
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -89,3 +89,22 @@ extern "C" __global__ void unscale_check_f32(float* g, float inv_scale, int* fou
         g[i] = v;
     }
 }
+
+// y[r, j] = bias[j] (overwrite) or y[r, j] + bias[j], over `rows` rows of `cols` columns with row
+// stride `stride` (a column block of a wider buffer). Bias is an f32 master parameter.
+#define ADD_BIAS(T, S) \
+    extern "C" __global__ void add_bias_##S(T* y, const float* bias, u32 rows, u32 cols, u32 stride, int overwrite) { \
+        FOR_EACH(i, (u64)rows * cols) { \
+            u64 r = i / cols; \
+            u32 j = (u32)(i % cols); \
+            T* p = y + r * stride + j; \
+            *p = store<T>((overwrite ? 0.0f : load(*p)) + bias[j]); \
+        } \
+    }
+FOR_TYPES(ADD_BIAS)
+
+// y += f32(x): folds a 16-bit weight gradient into the f32 gradient buffer (PyTorch's autocast
+// does the same: the matmul's output is 16-bit, the accumulation f32).
+#define ACCUMULATE(T, S) \
+    extern "C" __global__ void accumulate_##S(float* y, const T* x, u64 n) { FOR_EACH(i, n) y[i] += load(x[i]); }
+FOR_TYPES(ACCUMULATE)

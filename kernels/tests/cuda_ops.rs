@@ -246,14 +246,14 @@ fn embedding_matches_cpu() {
     embedding::embedding_forward(&mut want, &tokens, &wte, Some(&wpe), seq, c);
     let (td, wted, wped) = (g.stream().clone_htod(&tokens).unwrap(), up::<f32>(&g, &wte), up::<f32>(&g, &wpe));
     let mut out = up::<f32>(&g, &vec![0.0; tokens.len() * c]);
-    ops::embedding_forward(&g, &mut out, &td, &wted, Some(&wped), seq, c).unwrap();
+    ops::embedding_forward(&g, &mut out, &td, &wted, Some(&wped.as_view()), seq, c).unwrap();
     assert_close(&down(&g, &out), &want, 1e-6);
 
     let dout = seeded(tokens.len() * c, 13, 1.0);
     let (mut dwte, mut dwpe) = (vec![0.25; vocab * c], vec![0.5; seq * c]);
     embedding::embedding_backward(&mut dwte, Some(&mut dwpe), &dout, &tokens, seq, c);
     let (mut dwted, mut dwped) = (up::<f32>(&g, &vec![0.25; vocab * c]), up::<f32>(&g, &vec![0.5; seq * c]));
-    ops::embedding_backward(&g, &mut dwted, Some(&mut dwped), &up::<f32>(&g, &dout), &tokens, seq, c).unwrap();
+    ops::embedding_backward(&g, &mut dwted, Some(&mut dwped.as_view_mut()), &up::<f32>(&g, &dout), &tokens, seq, c).unwrap();
     assert_close(&down(&g, &dwted), &dwte, 1e-5);
     assert_close(&down(&g, &dwped), &dwpe, 1e-5);
     let bad = ops::embedding_backward(&g, &mut dwted, None, &up::<f32>(&g, &dout), &[vocab as u32; 36], seq, c).unwrap_err();
@@ -384,6 +384,34 @@ fn matmul_matches_the_oracle_in_every_transpose() {
             assert_close(&down(&g, &cd), &want, 1.6e-2);
         }
     }
+}
+
+#[test]
+fn strided_matmul_bias_and_accumulate_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    // y[:, 8..8+n] of a [m, 40] buffer = x[:, 0..k] of a [m, 30] buffer · Wᵀ (W stored [n, k]) + b.
+    let (m, k, n) = (33, 20, 12);
+    let (x, w, bias, y0) = (seeded(m * 30, 60, 1.0), seeded(n * k, 61, 1.0), seeded(n, 62, 1.0), seeded(m * 40, 63, 1.0));
+    let mut want = y0.clone();
+    for r in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k).map(|p| x[r * 30 + p] as f64 * w[j * k + p] as f64).sum();
+            want[r * 40 + 8 + j] = (bias[j] as f64 + dot) as f32;
+        }
+    }
+    let mut yd = up::<f32>(&g, &y0);
+    {
+        let mut block = yd.slice_mut(8..);
+        ops::add_bias(&g, &mut block, &up::<f32>(&g, &bias), m, 40, true).unwrap();
+        let ld = ops::Strides { a: 30, b: k, c: 40 };
+        ops::matmul_strided(&g, &mut block, &up::<f32>(&g, &x), &up::<f32>(&g, &w), m, k, n, false, true, ld, true).unwrap();
+    }
+    assert_close(&down(&g, &yd), &want, 5e-3);
+
+    let (acc0, inc) = (seeded(1000, 64, 1.0), rounded::<half::bf16>(&seeded(1000, 65, 1.0)));
+    let mut ad = up::<f32>(&g, &acc0);
+    ops::accumulate(&g, &mut ad, &up::<half::bf16>(&g, &inc)).unwrap();
+    assert_close(&down(&g, &ad), &acc0.iter().zip(&inc).map(|(a, b)| a + b).collect::<Vec<_>>(), 1e-7);
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn every_source_compiles_for_every_checked_arch() {
 fn launched() -> Vec<(&'static str, String)> {
     let mut names = Vec::new();
     for t in ["f32", "bf16", "f16"] {
-        for k in ["gelu_fwd", "gelu_bwd", "swiglu_fwd", "swiglu_bwd"] {
+        for k in ["gelu_fwd", "gelu_bwd", "swiglu_fwd", "swiglu_bwd", "add_bias", "accumulate"] {
             names.push(("elementwise", format!("{k}_{t}")));
         }
         if t != "f32" {

@@ -376,6 +376,7 @@ impl Supervisor {
                 run_dir: &run_dir,
                 resume_from: resume.as_deref(),
                 log: &log,
+                device: &placement[rank as usize],
             };
             let child = match process::spawn(&launch) {
                 Ok(c) => c,

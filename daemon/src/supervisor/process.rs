@@ -22,6 +22,8 @@ pub struct Launch<'a> {
     pub run_dir: &'a Path,
     pub resume_from: Option<&'a Path>,
     pub log: &'a Path,
+    /// The device slot this rank was placed on (`cpu:3`, `cuda:1`).
+    pub device: &'a str,
 }
 
 /// Starts one rank with its output appended to its log file. The worker gets a process group of
@@ -36,6 +38,7 @@ pub fn spawn(l: &Launch<'_>) -> Result<Child> {
         .args(["--attempt", &l.attempt.to_string(), "--rendezvous", l.rendezvous, "--daemon", l.daemon])
         .arg("--run-dir")
         .arg(l.run_dir)
+        .args(["--device", l.device])
         .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log)

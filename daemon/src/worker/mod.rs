@@ -70,7 +70,11 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
 fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     let spec_path = a.run_dir.join("spec.json");
     let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
-    let spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    let mut spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    if let Some(gpu) = a.device.as_deref().and_then(|d| d.strip_prefix("cuda:")) {
+        let ordinal: u32 = gpu.parse().with_context(|| format!("--device {gpu:?}: not a GPU index"))?;
+        spec.resources.devices = gantry_api::Devices::Cuda(vec![ordinal]);
+    }
     let workers = a.world_size.max(1) as usize;
     let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = crate::commands::set_threads(a.threads.or(per_worker))?;

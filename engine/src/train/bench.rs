@@ -27,9 +27,19 @@ pub struct BenchResult {
     pub mem_bytes: u64,
     pub loss_first: f64,
     pub loss_last: f64,
+    /// Where it ran (`cpu`, or `cuda:N` with the GPU's name).
+    pub device: String,
+    /// `fp32`, `bf16` or `fp16`.
+    pub precision: String,
+    /// GPU runs: model FLOPs per second over the device's dense peak at this precision, and the
+    /// device memory in use at the end of the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_bytes: Option<u64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -91,5 +101,9 @@ pub fn bench(
         mem_bytes: buf.bytes(),
         loss_first: first,
         loss_last: last,
+        device: "cpu".into(),
+        precision: "fp32".into(),
+        mfu: None,
+        gpu_mem_bytes: None,
     })
 }

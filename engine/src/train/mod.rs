@@ -1,7 +1,8 @@
 //! The trainer: one rank's training loop over a job spec.
 
-mod bench;
+pub(crate) mod bench;
 mod eval;
+mod gpu;
 mod trainer;
 
 pub use bench::{bench, BenchResult};

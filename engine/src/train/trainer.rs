@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use gantry_api::{JobSpec, ModelInit, Precision};
+use gantry_api::{Devices, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
@@ -15,6 +15,8 @@ use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
 use crate::parallel::DataParallel;
 use crate::params::ParamBuffers;
 use crate::{Error, Result};
+
+use super::gpu::OnGpu;
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -127,6 +129,17 @@ impl PendingCheckpoint {
     }
 }
 
+/// Opens GPU `ordinal` for a job (builds with CUDA).
+#[cfg(feature = "cuda")]
+fn open_gpu(ordinal: usize) -> Result<OnGpu> {
+    OnGpu::open(ordinal)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(_ordinal: usize) -> Result<OnGpu> {
+    unreachable!("check_supported refuses CUDA jobs in builds without CUDA")
+}
+
 /// The names of the files in `dir`.
 fn list_names(dir: &Path) -> std::collections::BTreeSet<String> {
     std::fs::read_dir(dir)
@@ -158,6 +171,8 @@ pub struct Trainer {
     /// next one.
     pending: Option<PendingCheckpoint>,
     snapshot: Option<Snapshot>,
+    /// The GPU this rank trains on (`resources.devices = "cuda:N"`).
+    gpu: Option<OnGpu>,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
@@ -173,10 +188,17 @@ impl Trainer {
     pub fn with_comm(spec: JobSpec, base: &Path, comm: Option<Comm>) -> Result<Trainer> {
         crate::device::check_supported(&spec.resources.devices)?;
         let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
-        if spec.train.precision != Precision::Fp32 {
+        let gpu_ordinal = match &spec.resources.devices {
+            Devices::Cuda(ids) => ids.first().map(|&i| i as usize),
+            Devices::Cpu(_) => None,
+        };
+        if gpu_ordinal.is_none() && spec.train.precision != Precision::Fp32 {
             return unsupported(
                 "train.precision",
-                format!("{:?} needs the CUDA backend; CPU training runs in fp32", spec.train.precision).to_lowercase(),
+                format!(
+                    "{} needs a GPU (resources.devices = \"cuda:N\"); CPU training runs in fp32",
+                    format!("{:?}", spec.train.precision).to_lowercase()
+                ),
             );
         }
         let p = &spec.parallel;
@@ -190,6 +212,10 @@ impl Trainer {
         if comm.is_none() && p.zero != 0 {
             return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
         }
+        let gpu = match gpu_ordinal {
+            Some(ordinal) => Some(open_gpu(ordinal)?),
+            None => None,
+        };
         let model_dir = base.join(&spec.model.path);
         let (mut model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
         let dp = match comm {
@@ -244,6 +270,7 @@ impl Trainer {
             dp,
             pending: None,
             snapshot,
+            gpu,
             step: 0,
         })
     }
@@ -259,6 +286,9 @@ impl Trainer {
 
     /// Runs one optimizer step (all its micro-batches; on several ranks, this rank's share).
     pub fn train_step(&mut self) -> Result<StepReport> {
+        if self.gpu.is_some() {
+            return self.train_step_gpu();
+        }
         let start = Instant::now();
         let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
         let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
@@ -332,7 +362,64 @@ impl Trainer {
         })
     }
 
-    /// Writes the current model as a Hugging Face directory.
+    /// One optimizer step on the GPU: the same data, schedule and clipping as on CPU.
+    #[cfg(feature = "cuda")]
+    fn train_step_gpu(&mut self) -> Result<StepReport> {
+        let start = Instant::now();
+        let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
+        let mut batches = Vec::with_capacity(self.spec.accumulation_steps());
+        for k in 0..self.spec.accumulation_steps() {
+            self.sampler.fill(&self.tokens, self.step, global, k * micro..(k + 1) * micro, &mut self.batch);
+            batches.push(self.batch.clone());
+        }
+        let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
+        self.step += 1;
+        let lr = self.schedule.at(self.step);
+        let gpu = self.gpu.as_mut().expect("called for GPU jobs only");
+        let steps_before = self.step - 1;
+        let r = gpu.step(
+            self.spec.train.precision,
+            &self.model,
+            &self.buffers,
+            steps_before,
+            (micro, seq),
+            self.optim,
+            &refs,
+            lr as f32,
+            self.spec.train.grad_clip,
+        )?;
+        let secs = start.elapsed().as_secs_f64();
+        let tokens = (global * seq) as u64;
+        Ok(StepReport {
+            step: self.step,
+            loss: r.loss,
+            lr,
+            grad_norm: r.grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+            mem_bytes: gpu.state_bytes(),
+            step_ms: secs * 1e3,
+            comm_ms: 0.0,
+            grad_comm_ms: 0.0,
+            grad_comm_waited_ms: 0.0,
+            tokens,
+        })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn train_step_gpu(&mut self) -> Result<StepReport> {
+        unreachable!("check_supported refuses CUDA jobs in builds without CUDA")
+    }
+
+    /// Brings the host buffers up to date with the GPU's state (a no-op on CPU).
+    fn sync_host(&mut self) -> Result<()> {
+        match &mut self.gpu {
+            Some(g) => g.sync_host(&mut self.buffers),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the current model as a Hugging Face directory (from the host copy: call after
+    /// `save_final` or a checkpoint when training on a GPU).
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
@@ -345,6 +432,7 @@ impl Trainer {
     /// time: a previous one still being written is finished first, and its outcome returned.
     pub fn start_checkpoint(&mut self, dir: &Path) -> Result<Option<CheckpointOutcome>> {
         let previous = self.finish_checkpoint()?;
+        self.sync_host()?;
         let start = Instant::now();
         let (config, table, tokenizer, step, target) =
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
@@ -497,6 +585,7 @@ impl Trainer {
     /// Writes the final model as a Hugging Face directory. Every rank calls it (ZeRO-3 gathers the
     /// parameters); rank 0 writes and gets `true`.
     pub fn save_final(&mut self, dir: &Path) -> Result<bool> {
+        self.sync_host()?;
         let full = match &mut self.dp {
             Some(dp) if dp.zero() >= 3 => Some(dp.full_params(&self.buffers.params)?),
             _ => None,
@@ -518,6 +607,10 @@ impl Trainer {
     /// would have taken (the data order depends only on the seed and the step).
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
         self.step = load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?;
+        // The GPU state is rebuilt from the loaded buffers at the next step.
+        if let Some(g) = &mut self.gpu {
+            g.reset();
+        }
         if let Some(dp) = &mut self.dp {
             dp.setup(&mut self.buffers.params);
         }

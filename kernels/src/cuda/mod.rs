@@ -21,6 +21,10 @@ pub mod ops;
 
 #[cfg(feature = "cuda")]
 pub use device::{cache_dir, Gpu};
+/// The CUDA bindings and 16-bit float types the launchers' signatures use, so dependants need
+/// not pin their own versions.
+#[cfg(feature = "cuda")]
+pub use {cudarc, half};
 
 use crate::Result;
 

@@ -8,7 +8,7 @@
 //! the attention log-sum-exp are always f32.
 
 use cudarc::cublaslt::{Matmul, MatmulConfig};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use super::Gpu;
 use crate::cpu::adamw::AdamWStep;
@@ -32,6 +32,47 @@ impl Storage for half::bf16 {
 
 impl Storage for half::f16 {
     const SUFFIX: &'static str = "f16";
+}
+
+/// A device buffer an operation reads: a whole allocation or a view of part of one (a parameter
+/// inside the flat buffer, a layer's slice of an activation stack).
+pub trait In<T> {
+    fn view(&self) -> CudaView<'_, T>;
+}
+
+/// A device buffer an operation writes.
+pub trait Out<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T>;
+}
+
+impl<T> In<T> for CudaSlice<T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+}
+
+impl<T> In<T> for CudaView<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+}
+
+impl<T> In<T> for CudaViewMut<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+}
+
+impl<T> Out<T> for CudaSlice<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.as_view_mut()
+    }
+}
+
+impl<T> Out<T> for CudaViewMut<'_, T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice_mut(..)
+    }
 }
 
 const THREADS: u32 = 256;
@@ -61,33 +102,40 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
 const ROWS_PER_PART: usize = 64;
 
 /// `out = gelu(x)` (tanh approximation).
-pub fn gelu_forward<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<()> {
+pub fn gelu_forward<T: Storage>(gpu: &Gpu, out: &mut impl Out<T>, x: &impl In<T>) -> Result<()> {
+    let mut out = out.view_mut();
+    let x = x.view();
     let n = x.len();
     check_len("gelu out", out.len(), n)?;
     let name = format!("gelu_fwd_{}", T::SUFFIX);
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(x).arg(&n64);
+    b.arg(&mut out).arg(&x).arg(&n64);
     // SAFETY: the kernel reads and writes n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// `d *= gelu'(x)`, in place.
-pub fn gelu_backward_inplace<T: Storage>(gpu: &Gpu, d: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<()> {
+pub fn gelu_backward_inplace<T: Storage>(gpu: &Gpu, d: &mut impl Out<T>, x: &impl In<T>) -> Result<()> {
+    let mut d = d.view_mut();
+    let x = x.view();
     let n = x.len();
     check_len("gelu grad", d.len(), n)?;
     let name = format!("gelu_bwd_{}", T::SUFFIX);
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(d).arg(x).arg(&n64);
+    b.arg(&mut d).arg(&x).arg(&n64);
     // SAFETY: n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// `out = silu(gate) * up`.
-pub fn swiglu_forward<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &CudaSlice<T>, up: &CudaSlice<T>) -> Result<()> {
+pub fn swiglu_forward<T: Storage>(gpu: &Gpu, out: &mut impl Out<T>, gate: &impl In<T>, up: &impl In<T>) -> Result<()> {
+    let mut out = out.view_mut();
+    let gate = gate.view();
+    let up = up.view();
     let n = gate.len();
     check_len("swiglu out", out.len(), n)?;
     check_len("swiglu up", up.len(), n)?;
@@ -95,7 +143,7 @@ pub fn swiglu_forward<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &Cuda
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(gate).arg(up).arg(&n64);
+    b.arg(&mut out).arg(&gate).arg(&up).arg(&n64);
     // SAFETY: n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
@@ -103,11 +151,15 @@ pub fn swiglu_forward<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<T>, gate: &Cuda
 /// Given `d_out` in `d_gate`, writes the gate gradient there and the up gradient into `d_up`.
 pub fn swiglu_backward<T: Storage>(
     gpu: &Gpu,
-    d_gate: &mut CudaSlice<T>,
-    d_up: &mut CudaSlice<T>,
-    gate: &CudaSlice<T>,
-    up: &CudaSlice<T>,
+    d_gate: &mut impl Out<T>,
+    d_up: &mut impl Out<T>,
+    gate: &impl In<T>,
+    up: &impl In<T>,
 ) -> Result<()> {
+    let mut d_gate = d_gate.view_mut();
+    let mut d_up = d_up.view_mut();
+    let gate = gate.view();
+    let up = up.view();
     let n = gate.len();
     for (what, len) in [("swiglu d_gate", d_gate.len()), ("swiglu d_up", d_up.len()), ("swiglu up", up.len())] {
         check_len(what, len, n)?;
@@ -116,51 +168,57 @@ pub fn swiglu_backward<T: Storage>(
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(d_gate).arg(d_up).arg(gate).arg(up).arg(&n64);
+    b.arg(&mut d_gate).arg(&mut d_up).arg(&gate).arg(&up).arg(&n64);
     // SAFETY: n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// `out = T(x)`, rounding to nearest even.
-pub fn cast_from_f32<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<T>, x: &CudaSlice<f32>) -> Result<()> {
+pub fn cast_from_f32<T: Storage>(gpu: &Gpu, out: &mut impl Out<T>, x: &impl In<f32>) -> Result<()> {
+    let mut out = out.view_mut();
+    let x = x.view();
     let n = x.len();
     check_len("cast out", out.len(), n)?;
     let name = format!("cast_f32_to_{}", T::SUFFIX);
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(x).arg(&n64);
+    b.arg(&mut out).arg(&x).arg(&n64);
     // SAFETY: n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// `out = f32(x)`.
-pub fn cast_to_f32<T: Storage>(gpu: &Gpu, out: &mut CudaSlice<f32>, x: &CudaSlice<T>) -> Result<()> {
+pub fn cast_to_f32<T: Storage>(gpu: &Gpu, out: &mut impl Out<f32>, x: &impl In<T>) -> Result<()> {
+    let mut out = out.view_mut();
+    let x = x.view();
     let n = x.len();
     check_len("cast out", out.len(), n)?;
     let name = format!("cast_{}_to_f32", T::SUFFIX);
     let f = gpu.function("elementwise", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(x).arg(&n64);
+    b.arg(&mut out).arg(&x).arg(&n64);
     // SAFETY: n elements of buffers holding at least n.
     launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// `x *= s`.
-pub fn scale(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32) -> Result<()> {
+pub fn scale(gpu: &Gpu, x: &mut impl Out<f32>, s: f32) -> Result<()> {
+    let mut x = x.view_mut();
     let n = x.len();
     let f = gpu.function("elementwise", "scale_f32")?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(&s).arg(&n64);
+    b.arg(&mut x).arg(&s).arg(&n64);
     // SAFETY: n elements of a buffer of n.
     launched("scale_f32", unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
 
 /// Sum of squares of `x` (for the global gradient norm). Block partials are added on the host
 /// in f64, in a fixed order.
-pub fn sum_squares(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64> {
+pub fn sum_squares(gpu: &Gpu, x: &impl In<f32>) -> Result<f64> {
+    let x = x.view();
     let n = x.len();
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 1024);
     let mut partial = gpu.stream().alloc_zeros::<f32>(blocks).map_err(|e| Error::cuda("allocating partial sums", e))?;
@@ -168,7 +226,7 @@ pub fn sum_squares(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64> {
     let n64 = n as u64;
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut partial).arg(x).arg(&n64);
+    b.arg(&mut partial).arg(&x).arg(&n64);
     // SAFETY: one partial per block; n elements of x.
     launched("sum_squares_partial_f32", unsafe { b.launch(cfg) }.map(|_| ()))?;
     let host = gpu.stream().clone_dtoh(&partial).map_err(|e| Error::cuda("copying partial sums", e))?;
@@ -177,13 +235,14 @@ pub fn sum_squares(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64> {
 
 /// Loss scaling: `g *= inv_scale`; returns whether any element is not finite (the step must
 /// then be skipped).
-pub fn unscale_check(gpu: &Gpu, g: &mut CudaSlice<f32>, inv_scale: f32) -> Result<bool> {
+pub fn unscale_check(gpu: &Gpu, g: &mut impl Out<f32>, inv_scale: f32) -> Result<bool> {
+    let mut g = g.view_mut();
     let n = g.len();
     let mut flag = gpu.stream().alloc_zeros::<i32>(1).map_err(|e| Error::cuda("allocating the overflow flag", e))?;
     let f = gpu.function("elementwise", "unscale_check_f32")?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(g).arg(&inv_scale).arg(&mut flag).arg(&n64);
+    b.arg(&mut g).arg(&inv_scale).arg(&mut flag).arg(&n64);
     // SAFETY: n elements of g; one flag.
     launched("unscale_check_f32", unsafe { b.launch(elementwise(n)) }.map(|_| ()))?;
     let host = gpu.stream().clone_dtoh(&flag).map_err(|e| Error::cuda("reading the overflow flag", e))?;
@@ -199,14 +258,20 @@ fn row_block(c: usize) -> u32 {
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward<T: Storage>(
     gpu: &Gpu,
-    out: &mut CudaSlice<T>,
-    mean: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>,
+    out: &mut impl Out<T>,
+    mean: &mut impl Out<f32>,
+    rstd: &mut impl Out<f32>,
+    x: &impl In<T>,
+    w: &impl In<f32>,
+    bias: &impl In<f32>,
     eps: f32,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let mut mean = mean.view_mut();
+    let mut rstd = rstd.view_mut();
+    let x = x.view();
+    let w = w.view();
+    let bias = bias.view();
     let c = w.len();
     let rows = x.len() / c;
     check_len("layernorm out", out.len(), rows * c)?;
@@ -218,18 +283,20 @@ pub fn layernorm_forward<T: Storage>(
     let c32 = u32_of("layernorm width", c)?;
     let cfg = LaunchConfig { grid_dim: (u32_of("rows", rows)?, 1, 1), block_dim: (row_block(c), 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(bias).arg(&c32).arg(&eps);
+    b.arg(&mut out).arg(&mut mean).arg(&mut rstd).arg(&x).arg(&w).arg(&bias).arg(&c32).arg(&eps);
     // SAFETY: one block per row of c; buffer sizes checked above.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
 }
 
 /// Column sums of per-row-group partials into `out` (accumulating).
-fn reduce_parts(gpu: &Gpu, out: &mut CudaSlice<f32>, parts: &CudaSlice<f32>, nparts: usize, c: usize) -> Result<()> {
+fn reduce_parts(gpu: &Gpu, out: &mut impl Out<f32>, parts: &impl In<f32>, nparts: usize, c: usize) -> Result<()> {
+    let mut out = out.view_mut();
+    let parts = parts.view();
     let f = gpu.function("norm", "col_sum_parts_f32")?;
     let (np, c32) = (nparts as u32, c as u32);
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(parts).arg(&np).arg(&c32);
+    b.arg(&mut out).arg(&parts).arg(&np).arg(&c32);
     // SAFETY: parts holds nparts*c, out c.
     launched("col_sum_parts_f32", unsafe { b.launch(cfg) }.map(|_| ()))
 }
@@ -246,15 +313,23 @@ fn parts_grid(rows: usize, c: usize) -> (usize, LaunchConfig) {
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<T: Storage>(
     gpu: &Gpu,
-    dx: &mut CudaSlice<T>,
-    dw: &mut CudaSlice<f32>,
-    db: &mut CudaSlice<f32>,
-    dout: &CudaSlice<T>,
-    x: &CudaSlice<T>,
-    mean: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
+    dx: &mut impl Out<T>,
+    dw: &mut impl Out<f32>,
+    db: &mut impl Out<f32>,
+    dout: &impl In<T>,
+    x: &impl In<T>,
+    mean: &impl In<f32>,
+    rstd: &impl In<f32>,
+    w: &impl In<f32>,
 ) -> Result<()> {
+    let mut dx = dx.view_mut();
+    let mut dw = dw.view_mut();
+    let mut db = db.view_mut();
+    let dout = dout.view();
+    let x = x.view();
+    let mean = mean.view();
+    let rstd = rstd.view();
+    let w = w.view();
     let c = w.len();
     let rows = x.len() / c;
     for (what, len, want) in [
@@ -272,7 +347,7 @@ pub fn layernorm_backward<T: Storage>(
     let f = gpu.function("norm", &name)?;
     let cfg = LaunchConfig { grid_dim: (u32_of("rows", rows)?, 1, 1), block_dim: (row_block(c), 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut *dx).arg(dout).arg(x).arg(mean).arg(rstd).arg(w).arg(&c32);
+    b.arg(&mut dx).arg(&dout).arg(&x).arg(&mean).arg(&rstd).arg(&w).arg(&c32);
     // SAFETY: one block per row; sizes checked above.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
 
@@ -284,22 +359,26 @@ pub fn layernorm_backward<T: Storage>(
     let f = gpu.function("norm", &name)?;
     let (rows32, rpp) = (rows as u32, ROWS_PER_PART as u32);
     let mut b = stream.launch_builder(&f);
-    b.arg(&mut part_dw).arg(&mut part_db).arg(dout).arg(x).arg(mean).arg(rstd).arg(&rows32).arg(&c32).arg(&rpp);
+    b.arg(&mut part_dw).arg(&mut part_db).arg(&dout).arg(&x).arg(&mean).arg(&rstd).arg(&rows32).arg(&c32).arg(&rpp);
     // SAFETY: nparts*c partials; rows*c inputs.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
-    reduce_parts(gpu, dw, &part_dw, nparts, c)?;
-    reduce_parts(gpu, db, &part_db, nparts, c)
+    reduce_parts(gpu, &mut dw, &part_dw, nparts, c)?;
+    reduce_parts(gpu, &mut db, &part_db, nparts, c)
 }
 
 /// `out = x * rstd * w`, saving `rstd` per row.
 pub fn rmsnorm_forward<T: Storage>(
     gpu: &Gpu,
-    out: &mut CudaSlice<T>,
-    rstd: &mut CudaSlice<f32>,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<f32>,
+    out: &mut impl Out<T>,
+    rstd: &mut impl Out<f32>,
+    x: &impl In<T>,
+    w: &impl In<f32>,
     eps: f32,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let mut rstd = rstd.view_mut();
+    let x = x.view();
+    let w = w.view();
     let c = w.len();
     let rows = x.len() / c;
     check_len("rmsnorm out", out.len(), rows * c)?;
@@ -309,7 +388,7 @@ pub fn rmsnorm_forward<T: Storage>(
     let c32 = u32_of("rmsnorm width", c)?;
     let cfg = LaunchConfig { grid_dim: (u32_of("rows", rows)?, 1, 1), block_dim: (row_block(c), 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(rstd).arg(x).arg(w).arg(&c32).arg(&eps);
+    b.arg(&mut out).arg(&mut rstd).arg(&x).arg(&w).arg(&c32).arg(&eps);
     // SAFETY: one block per row of c; sizes checked above.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
 }
@@ -317,13 +396,19 @@ pub fn rmsnorm_forward<T: Storage>(
 /// Accumulates `dx += ∂L/∂x` and `dw += ∂L/∂w`.
 pub fn rmsnorm_backward<T: Storage>(
     gpu: &Gpu,
-    dx: &mut CudaSlice<T>,
-    dw: &mut CudaSlice<f32>,
-    dout: &CudaSlice<T>,
-    x: &CudaSlice<T>,
-    rstd: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
+    dx: &mut impl Out<T>,
+    dw: &mut impl Out<f32>,
+    dout: &impl In<T>,
+    x: &impl In<T>,
+    rstd: &impl In<f32>,
+    w: &impl In<f32>,
 ) -> Result<()> {
+    let mut dx = dx.view_mut();
+    let mut dw = dw.view_mut();
+    let dout = dout.view();
+    let x = x.view();
+    let rstd = rstd.view();
+    let w = w.view();
     let c = w.len();
     let rows = x.len() / c;
     for (what, len, want) in [
@@ -339,7 +424,7 @@ pub fn rmsnorm_backward<T: Storage>(
     let f = gpu.function("norm", &name)?;
     let cfg = LaunchConfig { grid_dim: (u32_of("rows", rows)?, 1, 1), block_dim: (row_block(c), 1, 1), shared_mem_bytes: 0 };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut *dx).arg(dout).arg(x).arg(rstd).arg(w).arg(&c32);
+    b.arg(&mut dx).arg(&dout).arg(&x).arg(&rstd).arg(&w).arg(&c32);
     // SAFETY: one block per row; sizes checked above.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
 
@@ -349,22 +434,24 @@ pub fn rmsnorm_backward<T: Storage>(
     let f = gpu.function("norm", &name)?;
     let (rows32, rpp) = (rows as u32, ROWS_PER_PART as u32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut part_dw).arg(dout).arg(x).arg(rstd).arg(&rows32).arg(&c32).arg(&rpp);
+    b.arg(&mut part_dw).arg(&dout).arg(&x).arg(&rstd).arg(&rows32).arg(&c32).arg(&rpp);
     // SAFETY: nparts*c partials; rows*c inputs.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
-    reduce_parts(gpu, dw, &part_dw, nparts, c)
+    reduce_parts(gpu, &mut dw, &part_dw, nparts, c)
 }
 
 /// Accumulates the column sums of the `[rows, c]` matrix at the start of each `row_stride`-wide
 /// row of `x` into `out` (a bias gradient).
 pub fn add_col_sums<T: Storage>(
     gpu: &Gpu,
-    out: &mut CudaSlice<f32>,
-    x: &CudaSlice<T>,
+    out: &mut impl Out<f32>,
+    x: &impl In<T>,
     rows: usize,
     c: usize,
     row_stride: usize,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let x = x.view();
     check_len("col sums out", out.len(), c)?;
     if rows > 0 {
         check_len("col sums input", x.len(), (rows - 1) * row_stride + c)?;
@@ -376,10 +463,69 @@ pub fn add_col_sums<T: Storage>(
     let (rows32, c32, stride32, rpp) =
         (u32_of("rows", rows)?, u32_of("columns", c)?, u32_of("row stride", row_stride)?, ROWS_PER_PART as u32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut parts).arg(x).arg(&rows32).arg(&c32).arg(&stride32).arg(&rpp);
+    b.arg(&mut parts).arg(&x).arg(&rows32).arg(&c32).arg(&stride32).arg(&rpp);
     // SAFETY: reads rows strided rows of c; writes nparts*c partials.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
-    reduce_parts(gpu, out, &parts, nparts, c)
+    reduce_parts(gpu, &mut out, &parts, nparts, c)
+}
+
+/// `y[r, :cols] (+)= bias` for `rows` rows of row stride `stride`: a linear layer's bias,
+/// written first (`overwrite`) so the matmul then accumulates onto it.
+pub fn add_bias<T: Storage>(
+    gpu: &Gpu,
+    y: &mut impl Out<T>,
+    bias: &impl In<f32>,
+    rows: usize,
+    stride: usize,
+    overwrite: bool,
+) -> Result<()> {
+    let mut y = y.view_mut();
+    let bias = bias.view();
+    let cols = bias.len();
+    if cols > stride {
+        return Err(Error::Shape(format!("bias of {cols} wider than the row stride {stride}")));
+    }
+    if rows > 0 {
+        check_len("bias output", y.len(), (rows - 1) * stride + cols)?;
+    }
+    let name = format!("add_bias_{}", T::SUFFIX);
+    let f = gpu.function("elementwise", &name)?;
+    let (rows32, cols32, stride32, ow) = (u32_of("rows", rows)?, cols as u32, u32_of("row stride", stride)?, overwrite as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut y).arg(&bias).arg(&rows32).arg(&cols32).arg(&stride32).arg(&ow);
+    // SAFETY: rows strided rows of cols elements, checked above.
+    launched(&name, unsafe { b.launch(elementwise(rows * cols)) }.map(|_| ()))
+}
+
+/// `y += f32(x)`.
+pub fn accumulate<T: Storage>(gpu: &Gpu, y: &mut impl Out<f32>, x: &impl In<T>) -> Result<()> {
+    let mut y = y.view_mut();
+    let x = x.view();
+    let n = x.len();
+    check_len("accumulate target", y.len(), n)?;
+    let name = format!("accumulate_{}", T::SUFFIX);
+    let f = gpu.function("elementwise", &name)?;
+    let n64 = n as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut y).arg(&x).arg(&n64);
+    // SAFETY: n elements of buffers holding at least n.
+    launched(&name, unsafe { b.launch(elementwise(n)) }.map(|_| ()))
+}
+
+/// `dst = src` on the device.
+pub fn copy<T: Storage>(gpu: &Gpu, dst: &mut impl Out<T>, src: &impl In<T>) -> Result<()> {
+    let mut dst = dst.view_mut();
+    let src = src.view();
+    if dst.len() != src.len() {
+        return Err(Error::Shape(format!("copy of {} elements into {}", src.len(), dst.len())));
+    }
+    gpu.stream().memcpy_dtod(&src, &mut dst).map_err(|e| Error::cuda("device copy", e))
+}
+
+/// Sets every element to zero.
+pub fn zero<T: Storage>(gpu: &Gpu, x: &mut impl Out<T>) -> Result<()> {
+    let mut x = x.view_mut();
+    gpu.stream().memset_zeros(&mut x).map_err(|e| Error::cuda("zeroing a buffer", e))
 }
 
 /// A rotary table on the device, uploaded from the CPU table so both paths rotate by the same
@@ -407,13 +553,14 @@ impl GpuRopeTable {
 /// position r % seq); `inverse` is the backward pass.
 pub fn rope_apply<T: Storage>(
     gpu: &Gpu,
-    x: &mut CudaSlice<T>,
+    x: &mut impl Out<T>,
     row_stride: usize,
     heads: usize,
     seq: usize,
     table: &GpuRopeTable,
     inverse: bool,
 ) -> Result<()> {
+    let mut x = x.view_mut();
     if heads * 2 * table.half > row_stride || seq > table.positions {
         return Err(Error::Shape(format!(
             "rope: {heads} heads of {} at {seq} positions exceed a row of {row_stride} or the table's {} positions",
@@ -427,7 +574,7 @@ pub fn rope_apply<T: Storage>(
     let (rows32, stride32, heads32, seq32, half32, inv) =
         (u32_of("rows", rows)?, row_stride as u32, heads as u32, seq as u32, table.half as u32, inverse as i32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(&table.cos).arg(&table.sin).arg(&rows32).arg(&stride32).arg(&heads32).arg(&seq32).arg(&half32).arg(&inv);
+    b.arg(&mut x).arg(&table.cos).arg(&table.sin).arg(&rows32).arg(&stride32).arg(&heads32).arg(&seq32).arg(&half32).arg(&inv);
     // SAFETY: touches rows*heads*2*half elements inside rows of row_stride; table covers seq.
     launched(&name, unsafe { b.launch(elementwise(rows * heads * table.half)) }.map(|_| ()))
 }
@@ -435,13 +582,16 @@ pub fn rope_apply<T: Storage>(
 /// `out[r] = wte[tokens[r]] (+ wpe[r % seq])`, rows of width `c`.
 pub fn embedding_forward<T: Storage>(
     gpu: &Gpu,
-    out: &mut CudaSlice<T>,
-    tokens: &CudaSlice<u32>,
-    wte: &CudaSlice<f32>,
-    wpe: Option<&CudaSlice<f32>>,
+    out: &mut impl Out<T>,
+    tokens: &impl In<u32>,
+    wte: &impl In<f32>,
+    wpe: Option<&CudaView<'_, f32>>,
     seq: usize,
     c: usize,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let tokens = tokens.view();
+    let wte = wte.view();
     let rows = tokens.len();
     check_len("embedding out", out.len(), rows * c)?;
     if let Some(wpe) = wpe {
@@ -452,7 +602,7 @@ pub fn embedding_forward<T: Storage>(
     let (rows32, seq32, c32) = (u32_of("rows", rows)?, seq as u32, u32_of("width", c)?);
     let null: u64 = 0;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(tokens).arg(wte);
+    b.arg(&mut out).arg(&tokens).arg(&wte);
     match wpe {
         Some(p) => b.arg(p),
         // A null `const float*`: the kernel then adds no positions.
@@ -470,13 +620,15 @@ pub fn embedding_forward<T: Storage>(
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_backward<T: Storage>(
     gpu: &Gpu,
-    dwte: &mut CudaSlice<f32>,
-    dwpe: Option<&mut CudaSlice<f32>>,
-    dout: &CudaSlice<T>,
+    dwte: &mut impl Out<f32>,
+    dwpe: Option<&mut CudaViewMut<'_, f32>>,
+    dout: &impl In<T>,
     tokens: &[u32],
     seq: usize,
     c: usize,
 ) -> Result<()> {
+    let mut dwte = dwte.view_mut();
+    let dout = dout.view();
     let vocab = dwte.len() / c;
     let rows = tokens.len();
     check_len("embedding dout", dout.len(), rows * c)?;
@@ -508,7 +660,7 @@ pub fn embedding_backward<T: Storage>(
         shared_mem_bytes: 0,
     };
     let mut b = s.launch_builder(&f);
-    b.arg(&mut *dwte).arg(dout).arg(&order_d).arg(&starts_d).arg(&c32);
+    b.arg(&mut dwte).arg(&dout).arg(&order_d).arg(&starts_d).arg(&c32);
     // SAFETY: one thread per (vocab row, column); order/starts built above from valid tokens.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
     if let Some(dwpe) = dwpe {
@@ -517,7 +669,7 @@ pub fn embedding_backward<T: Storage>(
         let f = gpu.function("embedding", &name)?;
         let (batch32, seq32) = (u32_of("batch", rows / seq)?, seq as u32);
         let mut b = s.launch_builder(&f);
-        b.arg(dwpe).arg(dout).arg(&batch32).arg(&seq32).arg(&c32);
+        b.arg(dwpe).arg(&dout).arg(&batch32).arg(&seq32).arg(&c32);
         // SAFETY: seq*c outputs; batch*seq rows of dout.
         launched(&name, unsafe { b.launch(elementwise(seq * c)) }.map(|_| ()))?;
     }
@@ -528,11 +680,13 @@ pub fn embedding_backward<T: Storage>(
 /// `grad_scale = Some(s)`, overwrites `logits` with `s * (softmax - onehot)`.
 pub fn softmax_xent<T: Storage>(
     gpu: &Gpu,
-    logits: &mut CudaSlice<T>,
-    targets: &CudaSlice<u32>,
+    logits: &mut impl Out<T>,
+    targets: &impl In<u32>,
     vocab: usize,
     grad_scale: Option<f32>,
 ) -> Result<f64> {
+    let mut logits = logits.view_mut();
+    let targets = targets.view();
     let rows = targets.len();
     check_len("logits", logits.len(), rows * vocab)?;
     let s = gpu.stream();
@@ -542,7 +696,7 @@ pub fn softmax_xent<T: Storage>(
     let (vocab32, scale, write) = (u32_of("vocab", vocab)?, grad_scale.unwrap_or(0.0), grad_scale.is_some() as i32);
     let cfg = LaunchConfig { grid_dim: (u32_of("rows", rows)?, 1, 1), block_dim: (1024.min(row_block(vocab)), 1, 1), shared_mem_bytes: 0 };
     let mut b = s.launch_builder(&f);
-    b.arg(logits).arg(&mut losses).arg(targets).arg(&vocab32).arg(&scale).arg(&write);
+    b.arg(&mut logits).arg(&mut losses).arg(&targets).arg(&vocab32).arg(&scale).arg(&write);
     // SAFETY: one block per row of vocab; targets are checked < vocab by the data loader, as on
     // CPU.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
@@ -567,13 +721,17 @@ fn adam_scalars(hp: &AdamWStep, decay: bool) -> AdamScalars {
 /// Updates `p`, `m`, `v` in place from `g`.
 pub fn adamw_update(
     gpu: &Gpu,
-    p: &mut CudaSlice<f32>,
-    g: &CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
+    p: &mut impl Out<f32>,
+    g: &impl In<f32>,
+    m: &mut impl Out<f32>,
+    v: &mut impl Out<f32>,
     hp: &AdamWStep,
     decay: bool,
 ) -> Result<()> {
+    let mut p = p.view_mut();
+    let mut m = m.view_mut();
+    let mut v = v.view_mut();
+    let g = g.view();
     let n = p.len();
     for (what, len) in [("adamw grad", g.len()), ("adamw m", m.len()), ("adamw v", v.len())] {
         check_len(what, len, n)?;
@@ -582,7 +740,17 @@ pub fn adamw_update(
     let f = gpu.function("adamw", "adamw_f32")?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(p).arg(g).arg(m).arg(v).arg(&n64).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&sc.shrink).arg(&sc.step_size).arg(&sc.bc2_sqrt);
+    b.arg(&mut p)
+        .arg(&g)
+        .arg(&mut m)
+        .arg(&mut v)
+        .arg(&n64)
+        .arg(&hp.beta1)
+        .arg(&hp.beta2)
+        .arg(&hp.eps)
+        .arg(&sc.shrink)
+        .arg(&sc.step_size)
+        .arg(&sc.bc2_sqrt);
     // SAFETY: n elements of four buffers holding at least n.
     launched("adamw_f32", unsafe { b.launch(elementwise(n)) }.map(|_| ()))
 }
@@ -591,14 +759,19 @@ pub fn adamw_update(
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update_copy<T: Storage>(
     gpu: &Gpu,
-    p: &mut CudaSlice<f32>,
-    p_copy: &mut CudaSlice<T>,
-    g: &CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
+    p: &mut impl Out<f32>,
+    p_copy: &mut impl Out<T>,
+    g: &impl In<f32>,
+    m: &mut impl Out<f32>,
+    v: &mut impl Out<f32>,
     hp: &AdamWStep,
     decay: bool,
 ) -> Result<()> {
+    let mut p = p.view_mut();
+    let mut p_copy = p_copy.view_mut();
+    let mut m = m.view_mut();
+    let mut v = v.view_mut();
+    let g = g.view();
     let n = p.len();
     for (what, len) in [("adamw copy", p_copy.len()), ("adamw grad", g.len()), ("adamw m", m.len()), ("adamw v", v.len())] {
         check_len(what, len, n)?;
@@ -611,11 +784,11 @@ pub fn adamw_update_copy<T: Storage>(
     let f = gpu.function("adamw", &name)?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(p)
-        .arg(p_copy)
-        .arg(g)
-        .arg(m)
-        .arg(v)
+    b.arg(&mut p)
+        .arg(&mut p_copy)
+        .arg(&g)
+        .arg(&mut m)
+        .arg(&mut v)
         .arg(&n64)
         .arg(&hp.beta1)
         .arg(&hp.beta2)
@@ -654,10 +827,13 @@ fn shape_args(s: &AttnShape) -> Result<[u32; 5]> {
 pub fn attention_forward<T: Storage>(
     gpu: &Gpu,
     s: AttnShape,
-    qkv: &CudaSlice<T>,
-    out: &mut CudaSlice<T>,
-    lse: &mut CudaSlice<f32>,
+    qkv: &impl In<T>,
+    out: &mut impl Out<T>,
+    lse: &mut impl Out<f32>,
 ) -> Result<()> {
+    let mut out = out.view_mut();
+    let mut lse = lse.view_mut();
+    let qkv = qkv.view();
     attention_check(&s, qkv.len(), out.len(), lse.len())?;
     let name = format!("attention_fwd_{}", T::SUFFIX);
     let f = gpu.function("attention", &name)?;
@@ -666,7 +842,7 @@ pub fn attention_forward<T: Storage>(
     let smem = ((Q_ROWS + 2 * TILE) * (s.dim + 1) * 4) as u32;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(Q_ROWS) as u32, heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(out).arg(lse).arg(qkv).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
+    b.arg(&mut out).arg(&mut lse).arg(&qkv).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
     // SAFETY: sizes checked by attention_check; shared memory sized for the tiles at this dim.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
 }
@@ -677,12 +853,17 @@ pub fn attention_forward<T: Storage>(
 pub fn attention_backward<T: Storage>(
     gpu: &Gpu,
     s: AttnShape,
-    qkv: &CudaSlice<T>,
-    out: &CudaSlice<T>,
-    lse: &CudaSlice<f32>,
-    dout: &CudaSlice<T>,
-    dqkv: &mut CudaSlice<T>,
+    qkv: &impl In<T>,
+    out: &impl In<T>,
+    lse: &impl In<f32>,
+    dout: &impl In<T>,
+    dqkv: &mut impl Out<T>,
 ) -> Result<()> {
+    let mut dqkv = dqkv.view_mut();
+    let qkv = qkv.view();
+    let out = out.view();
+    let lse = lse.view();
+    let dout = dout.view();
     attention_check(&s, qkv.len(), out.len(), lse.len())?;
     check_len("attention dout", dout.len(), s.batch * s.seq * s.out_width())?;
     check_len("attention dqkv", dqkv.len(), qkv.len())?;
@@ -699,7 +880,7 @@ pub fn attention_backward<T: Storage>(
     let cfg =
         LaunchConfig { grid_dim: ((warps * 32).div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut b = stream.launch_builder(&f);
-    b.arg(&mut delta).arg(out).arg(dout).arg(&rows32).arg(&heads).arg(&dim);
+    b.arg(&mut delta).arg(&out).arg(&dout).arg(&rows32).arg(&heads).arg(&dim);
     // SAFETY: one warp per (row, head); sizes checked above.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
 
@@ -708,7 +889,7 @@ pub fn attention_backward<T: Storage>(
     let smem = ((2 * Q_ROWS + 2 * TILE) * (s.dim + 1) * 4) as u32;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(Q_ROWS) as u32, heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = stream.launch_builder(&f);
-    b.arg(&mut *dqkv).arg(qkv).arg(dout).arg(lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
+    b.arg(&mut dqkv).arg(&qkv).arg(&dout).arg(&lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
     // SAFETY: as the forward; writes only the query columns of dqkv.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
 
@@ -717,9 +898,24 @@ pub fn attention_backward<T: Storage>(
     let smem = (((2 * K_ROWS + 2 * TILE) * (s.dim + 1) + 2 * TILE) * 4) as u32;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(K_ROWS) as u32, kv_heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = stream.launch_builder(&f);
-    b.arg(dqkv).arg(qkv).arg(dout).arg(lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
+    b.arg(&mut dqkv).arg(&qkv).arg(&dout).arg(&lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
     // SAFETY: writes only the key and value columns of dqkv.
     launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+}
+
+/// Leading dimensions (row strides, in elements) of the three matrices of a row-major product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+}
+
+impl Strides {
+    /// Packed matrices: each row stride is its stored width.
+    pub fn packed(m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Self {
+        Strides { a: if ta { m } else { k }, b: if tb { k } else { n }, c: n }
+    }
 }
 
 /// Row-major `c = op(a) · op(b)` (`c` is `[m, n]`; `a` is `[m, k]`, or `[k, m]` when `ta`; `b` is
@@ -729,9 +925,9 @@ pub fn attention_backward<T: Storage>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Storage>(
     gpu: &Gpu,
-    c: &mut CudaSlice<T>,
-    a: &CudaSlice<T>,
-    b: &CudaSlice<T>,
+    c: &mut impl Out<T>,
+    a: &impl In<T>,
+    b: &impl In<T>,
     m: usize,
     k: usize,
     n: usize,
@@ -742,9 +938,40 @@ pub fn matmul<T: Storage>(
 where
     cudarc::cublaslt::CudaBlasLT: Matmul<T>,
 {
-    check_len("matmul a", a.len(), m * k)?;
-    check_len("matmul b", b.len(), k * n)?;
-    check_len("matmul c", c.len(), m * n)?;
+    matmul_strided(gpu, c, a, b, m, k, n, ta, tb, Strides::packed(m, k, n, ta, tb), accumulate)
+}
+
+/// As [`matmul`], with row strides: each matrix may be a column block of a wider buffer (LLaMA's
+/// q, k and v projections write into one fused buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided<T: Storage>(
+    gpu: &Gpu,
+    c: &mut impl Out<T>,
+    a: &impl In<T>,
+    b: &impl In<T>,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    ld: Strides,
+    accumulate: bool,
+) -> Result<()>
+where
+    cudarc::cublaslt::CudaBlasLT: Matmul<T>,
+{
+    let mut c = c.view_mut();
+    let a = a.view();
+    let b = b.view();
+    let stored = |rows: usize, cols: usize, stride: usize| if rows == 0 { 0 } else { (rows - 1) * stride + cols };
+    let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+    if ld.a < a_cols || ld.b < b_cols || ld.c < n {
+        return Err(Error::Shape(format!("matmul: row strides {ld:?} narrower than the matrices")));
+    }
+    check_len("matmul a", a.len(), stored(a_rows, a_cols, ld.a))?;
+    check_len("matmul b", b.len(), stored(b_rows, b_cols, ld.b))?;
+    check_len("matmul c", c.len(), stored(m, n, ld.c))?;
     let blas = gpu.blas()?;
     // cuBLASLt is column-major: a row-major [r, c] matrix is a column-major [c, r] one, so the
     // row-major product C = A·B is computed as the column-major Cᵀ = Bᵀ·Aᵀ.
@@ -756,10 +983,10 @@ where
         n: m as u64,
         k: k as u64,
         alpha: 1.0,
-        lda: if tb { k } else { n } as i64,
-        ldb: if ta { m } else { k } as i64,
+        lda: ld.b as i64,
+        ldb: ld.a as i64,
         beta: if accumulate { 1.0 } else { 0.0 },
-        ldc: n as i64,
+        ldc: ld.c as i64,
         stride_a: None,
         stride_b: None,
         stride_c: None,
@@ -767,5 +994,5 @@ where
         batch_size: None,
     };
     // SAFETY: the three buffers hold the sizes checked above for these dimensions.
-    unsafe { blas.matmul(cfg, b, a, c, None, None) }.map_err(|e| Error::cuda("cuBLASLt matmul", format!("{e:?}")))
+    unsafe { blas.matmul(cfg, &b, &a, &mut c, None, None) }.map_err(|e| Error::cuda("cuBLASLt matmul", format!("{e:?}")))
 }

@@ -1,0 +1,332 @@
+//! One GPU's training state and step: f32 master parameters, gradients and AdamW moments on the
+//! device; the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves);
+//! global-norm clipping; fp16's dynamic loss scaling.
+
+use gantry_kernels::cpu::adamw::AdamWStep;
+use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
+use gantry_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
+use gantry_kernels::cuda::ops::{self, Storage};
+use gantry_kernels::cuda::Gpu;
+
+use super::acts::GpuActs;
+use super::model::GpuModel;
+use crate::models::Model;
+use crate::optim::AdamW;
+use crate::params::ParamTable;
+use crate::{Error, Result};
+
+/// fp16's dynamic loss scale, as PyTorch's `GradScaler`: the loss gradient is multiplied by
+/// `scale`; a step whose gradients overflow is skipped and the scale halved; after `interval`
+/// good steps in a row it doubles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    pub scale: f32,
+    pub interval: u32,
+    good: u32,
+}
+
+impl LossScale {
+    pub fn new() -> Self {
+        LossScale { scale: 65536.0, interval: 2000, good: 0 }
+    }
+
+    /// Records a step's outcome; returns whether the step may be applied.
+    pub fn update(&mut self, overflowed: bool) -> bool {
+        if overflowed {
+            self.scale = (self.scale * 0.5).max(1.0);
+            self.good = 0;
+            return false;
+        }
+        self.good += 1;
+        if self.good >= self.interval {
+            self.scale = (self.scale * 2.0).min(f32::MAX / 2.0);
+            self.good = 0;
+        }
+        true
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuStep {
+    /// Mean loss per token over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping (of the unscaled gradients).
+    pub grad_norm: f64,
+    /// fp16: the step overflowed and was skipped.
+    pub skipped: bool,
+    /// fp16: the loss scale after the step (1 otherwise).
+    pub loss_scale: f32,
+}
+
+pub struct GpuTrainer<T: Storage> {
+    gpu: Gpu,
+    model: GpuModel,
+    table: ParamTable,
+    vocab: usize,
+    master: CudaSlice<f32>,
+    /// The working copy (`None` for f32, which reads the masters).
+    work: Option<CudaSlice<T>>,
+    grads: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    acts: GpuActs<T>,
+    optim: AdamW,
+    steps: u32,
+    scaler: Option<LossScale>,
+}
+
+impl<T: Storage> std::fmt::Debug for GpuTrainer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuTrainer").field("precision", &T::SUFFIX).field("steps", &self.steps).finish()
+    }
+}
+
+fn dev(what: &str) -> impl Fn(gantry_kernels::cuda::cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+impl<T: Storage> GpuTrainer<T>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    /// Uploads `params` (the model's flat buffer) and sizes activations for `batch` sequences of
+    /// `seq` tokens.
+    pub fn new(gpu: Gpu, model: &Model, params: &[f32], batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
+        Self::with_state(gpu, model, params, None, 0, batch, seq, optim)
+    }
+
+    /// As `new`, resuming AdamW's moments `(m, v)` after `steps` optimizer steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_state(
+        gpu: Gpu,
+        model: &Model,
+        params: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+        steps: u32,
+        batch: usize,
+        seq: usize,
+        optim: AdamW,
+    ) -> Result<Self> {
+        if params.len() != model.table.len() || moments.is_some_and(|(m, v)| m.len() != params.len() || v.len() != params.len()) {
+            return Err(Error::Unsupported {
+                field: "model".into(),
+                message: format!("{} parameters for a table of {}", params.len(), model.table.len()),
+            });
+        }
+        let gm = GpuModel::new(&gpu, model)?;
+        let acts = GpuActs::new(&gpu, &gm, batch, seq)?;
+        let s = gpu.stream().clone();
+        let n = params.len();
+        let master = s.clone_htod(params).map_err(dev("uploading parameters"))?;
+        let work = if T::SUFFIX == "f32" {
+            None
+        } else {
+            let mut w = s.alloc_zeros::<T>(n).map_err(dev("allocating the working copy"))?;
+            ops::cast_from_f32(&gpu, &mut w, &master)?;
+            Some(w)
+        };
+        let zeros = || s.alloc_zeros::<f32>(n).map_err(dev("allocating gradients and optimizer state"));
+        let grads = zeros()?;
+        let (m, v) = match moments {
+            Some((m, v)) => {
+                (s.clone_htod(m).map_err(dev("uploading optimizer state"))?, s.clone_htod(v).map_err(dev("uploading optimizer state"))?)
+            }
+            None => (zeros()?, zeros()?),
+        };
+        Ok(GpuTrainer {
+            scaler: (T::SUFFIX == "f16").then(LossScale::new),
+            gpu,
+            model: gm,
+            table: model.table.clone(),
+            vocab: model.config.vocab,
+            master,
+            work,
+            grads,
+            m,
+            v,
+            acts,
+            optim,
+            steps,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Bytes of parameters (both copies), gradients and optimizer state on the device.
+    pub fn state_bytes(&self) -> u64 {
+        let n = self.table.len() as u64;
+        let work = if self.work.is_some() { 2 * n } else { 0 };
+        16 * n + work
+    }
+
+    /// One optimizer step over `micro_batches` (each `[b, seq+1]` tokens) at learning rate `lr`,
+    /// clipping the global gradient norm to `grad_clip` (0: off). The loss is averaged over
+    /// every token of the step, as on CPU.
+    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep> {
+        let w = self.acts.seq() + 1;
+        let tokens: usize = micro_batches.iter().map(|mb| mb.len() / w * (w - 1)).sum();
+        if tokens == 0 {
+            return Err(Error::Unsupported { field: "batch".into(), message: "a step needs at least one window".into() });
+        }
+        let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
+        ops::zero(&self.gpu, &mut self.grads)?;
+        let mut total = 0.0;
+        for mb in micro_batches {
+            let b = self.acts.load(&self.gpu, mb, self.vocab)?;
+            let p = params_view(&self.work, &self.master);
+            total += self.model.forward_backward(
+                &self.gpu,
+                &p,
+                &self.master.as_view(),
+                &mut self.grads,
+                &mut self.acts,
+                b,
+                loss_scale / tokens as f32,
+            )?;
+        }
+        let loss = total / tokens as f64;
+        if let Some(scaler) = &mut self.scaler {
+            let overflow = ops::unscale_check(&self.gpu, &mut self.grads, 1.0 / loss_scale)?;
+            if !scaler.update(overflow) {
+                return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, loss_scale: scaler.scale });
+            }
+        }
+        let norm = ops::sum_squares(&self.gpu, &self.grads)?.sqrt();
+        if grad_clip > 0.0 {
+            let coef = grad_clip / (norm + 1e-6);
+            if coef < 1.0 {
+                ops::scale(&self.gpu, &mut self.grads, coef as f32)?;
+            }
+        }
+        self.steps += 1;
+        let hp = AdamWStep {
+            lr,
+            beta1: self.optim.beta1,
+            beta2: self.optim.beta2,
+            eps: self.optim.eps,
+            weight_decay: self.optim.weight_decay,
+            step: self.steps,
+        };
+        for e in self.table.entries() {
+            let r = e.at.range();
+            let (mut p, g, mut m, mut v) =
+                (self.master.slice_mut(r.clone()), self.grads.slice(r.clone()), self.m.slice_mut(r.clone()), self.v.slice_mut(r.clone()));
+            match &mut self.work {
+                Some(wk) => ops::adamw_update_copy(&self.gpu, &mut p, &mut wk.slice_mut(r), &g, &mut m, &mut v, &hp, e.decay)?,
+                None => ops::adamw_update(&self.gpu, &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
+            }
+        }
+        Ok(GpuStep { loss, grad_norm: norm, skipped: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
+    }
+
+    /// Mean loss per token over `windows`, forward only.
+    pub fn loss(&mut self, windows: &[u32]) -> Result<f64> {
+        let b = self.acts.load(&self.gpu, windows, self.vocab)?;
+        let p = params_view(&self.work, &self.master);
+        let total = self.model.loss(&self.gpu, &p, &self.master.as_view(), &mut self.grads, &mut self.acts, b)?;
+        Ok(total / (b * self.acts.seq()) as f64)
+    }
+
+    /// The f32 gradients of the last step (before clipping if none applied), on the host.
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        self.gpu.stream().clone_dtoh(&self.grads).map_err(dev("copying gradients to the host"))
+    }
+
+    /// Copies the masters and AdamW's moments into host buffers of the table's size.
+    pub fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+        let s = self.gpu.stream();
+        s.memcpy_dtoh(&self.master, params).map_err(dev("copying parameters to the host"))?;
+        s.memcpy_dtoh(&self.m, m).map_err(dev("copying optimizer state to the host"))?;
+        s.memcpy_dtoh(&self.v, v).map_err(dev("copying optimizer state to the host"))?;
+        s.synchronize().map_err(dev("copying state to the host"))
+    }
+
+    /// The f32 master parameters, on the host (for checkpoints and export).
+    pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        self.gpu.stream().clone_dtoh(&self.master).map_err(dev("copying parameters to the host"))
+    }
+
+    /// Forward and backward over `windows` without an update, accumulating `grad_scale ×
+    /// ∂loss/∂params` into the (zeroed) gradients: the summed loss. For comparisons with the CPU
+    /// model's `forward_backward`.
+    pub fn forward_backward(&mut self, windows: &[u32], grad_scale: f32) -> Result<f64> {
+        let b = self.acts.load(&self.gpu, windows, self.vocab)?;
+        ops::zero(&self.gpu, &mut self.grads)?;
+        let p = params_view(&self.work, &self.master);
+        self.model.forward_backward(&self.gpu, &p, &self.master.as_view(), &mut self.grads, &mut self.acts, b, grad_scale)
+    }
+}
+
+/// The parameters in the working precision: the 16-bit copy, or for f32 the masters themselves.
+fn params_view<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaSlice<f32>) -> CudaView<'a, T> {
+    match work {
+        Some(w) => w.as_view(),
+        // SAFETY: `work` is None only when T is f32 (see `GpuTrainer::new`), so this reinterprets
+        // f32 as f32.
+        None => unsafe { master.transmute::<T>(master.len()) }.expect("an f32 view of the f32 masters"),
+    }
+}
+
+/// A GPU trainer of any precision, for callers that pick the precision at run time.
+pub trait GpuStepper: Send {
+    /// One optimizer step (see [`GpuTrainer::step`]).
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep>;
+    /// Copies parameters and moments to the host (see [`GpuTrainer::download_state`]).
+    fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()>;
+    /// Bytes of training state on the device.
+    fn state_bytes(&self) -> u64;
+    /// Waits for the device to finish the work queued so far.
+    fn synchronize(&self) -> Result<()>;
+}
+
+impl<T: Storage> GpuStepper for GpuTrainer<T>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep> {
+        GpuTrainer::step(self, micro_batches, lr, grad_clip)
+    }
+
+    fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+        GpuTrainer::download_state(self, params, m, v)
+    }
+
+    fn state_bytes(&self) -> u64 {
+        GpuTrainer::state_bytes(self)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.gpu.synchronize()?)
+    }
+}
+
+/// A trainer in `precision` on `gpu` (see [`GpuTrainer::with_state`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gpu_trainer(
+    precision: gantry_api::Precision,
+    gpu: Gpu,
+    model: &Model,
+    params: &[f32],
+    moments: Option<(&[f32], &[f32])>,
+    steps: u32,
+    batch: usize,
+    seq: usize,
+    optim: AdamW,
+) -> Result<Box<dyn GpuStepper>> {
+    use gantry_api::Precision;
+    use gantry_kernels::cuda::half::{bf16, f16};
+    Ok(match precision {
+        Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
+        Precision::Bf16 => Box::new(GpuTrainer::<bf16>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
+        Precision::Fp16 => Box::new(GpuTrainer::<f16>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
+    })
+}

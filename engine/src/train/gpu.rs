@@ -1,0 +1,110 @@
+//! The trainer's GPU path: with `resources.devices = "cuda:N"` the step runs on one GPU (see
+//! `crate::cuda`), and the host buffers are brought up to date only where the run needs them
+//! (checkpoints, the final model). In builds without the `cuda` feature the type is empty, so the
+//! trainer's GPU branches compile away.
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use gantry_api::Precision;
+
+    use crate::cuda::{gpu_trainer, GpuStep, GpuStepper};
+    use crate::models::Model;
+    use crate::optim::AdamW;
+    use crate::params::ParamBuffers;
+    use crate::Result;
+
+    /// A job's GPU, opened when the trainer is built (so a missing driver or device fails the
+    /// job before anything is written), and its training state, created at the first step from
+    /// the host buffers (so a resumed run starts from the checkpoint it loaded).
+    pub struct OnGpu {
+        ordinal: usize,
+        device: Option<gantry_kernels::cuda::Gpu>,
+        stepper: Option<Box<dyn GpuStepper>>,
+        /// Whether the host buffers hold the GPU's current state.
+        host_current: bool,
+    }
+
+    impl std::fmt::Debug for OnGpu {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("OnGpu").field("ordinal", &self.ordinal).field("started", &self.stepper.is_some()).finish()
+        }
+    }
+
+    impl OnGpu {
+        pub fn open(ordinal: usize) -> Result<Self> {
+            let device = gantry_kernels::cuda::Gpu::open(ordinal)
+                .map_err(|e| crate::Error::Device(format!("resources.devices = \"cuda:{ordinal}\": {e}")))?;
+            Ok(OnGpu { ordinal, device: Some(device), stepper: None, host_current: true })
+        }
+
+        /// One optimizer step; the first one uploads `buffers` (parameters, and the moments
+        /// after `steps` steps of a resumed run).
+        #[allow(clippy::too_many_arguments)]
+        pub fn step(
+            &mut self,
+            precision: Precision,
+            model: &Model,
+            buffers: &ParamBuffers,
+            steps: u64,
+            (micro, seq): (usize, usize),
+            optim: AdamW,
+            micro_batches: &[&[u32]],
+            lr: f32,
+            clip: f64,
+        ) -> Result<GpuStep> {
+            if self.stepper.is_none() {
+                let gpu = match self.device.take() {
+                    Some(g) => g,
+                    None => gantry_kernels::cuda::Gpu::open(self.ordinal)?,
+                };
+                let moments = (steps > 0).then_some((&buffers.m[..], &buffers.v[..]));
+                self.stepper = Some(gpu_trainer(precision, gpu, model, &buffers.params, moments, steps as u32, micro, seq, optim)?);
+            }
+            self.host_current = false;
+            self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip)
+        }
+
+        /// Drops the training state: the next step uploads the host buffers again (after a
+        /// resume loaded a checkpoint into them).
+        pub fn reset(&mut self) {
+            self.stepper = None;
+            self.host_current = true;
+        }
+
+        /// Copies the GPU's parameters and moments into `buffers` unless they are current.
+        pub fn sync_host(&mut self, buffers: &mut ParamBuffers) -> Result<()> {
+            if let (false, Some(st)) = (self.host_current, &self.stepper) {
+                let ParamBuffers { params, m, v, .. } = buffers;
+                st.download_state(params, m, v)?;
+                self.host_current = true;
+            }
+            Ok(())
+        }
+
+        pub fn state_bytes(&self) -> u64 {
+            self.stepper.as_ref().map_or(0, |s| s.state_bytes())
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use crate::params::ParamBuffers;
+    use crate::Result;
+
+    /// Without CUDA there is never a GPU state: the type has no values.
+    #[derive(Debug)]
+    pub enum OnGpu {}
+
+    impl OnGpu {
+        pub fn sync_host(&mut self, _buffers: &mut ParamBuffers) -> Result<()> {
+            match *self {}
+        }
+
+        pub fn reset(&mut self) {
+            match *self {}
+        }
+    }
+}
+
+pub use imp::OnGpu;
