@@ -1,3 +1,4 @@
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,9 +10,11 @@ use gantry_engine::train::{StepReport, Trainer};
 
 use crate::cli::TrainArgs;
 use crate::progress;
+use crate::supervisor::process;
 
 /// Trains on one rank, or on `resources.devices` ranks: this process is rank 0 and starts the
-/// others as child processes of the same binary, which meet it at a rendezvous port.
+/// others as child processes of the same binary, through the supervisor's `spawn_rank` (as the
+/// daemon starts its workers), which meet it at a rendezvous port.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     // A new run reads its spec from the file given; a resumed one from its run directory, where
     // the spec was stored with absolute paths.
@@ -32,25 +35,26 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         let comm = Comm::connect(rank, world, rv, super::comm_timeout())?;
         return train_rank(&a, spec, run_dir, Some(comm));
     }
-    let rv = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    let rv = format!("127.0.0.1:{}", process::free_port()?);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for rank in 1..world {
         let log_path = logs.join(format!("rank-{rank}.log"));
-        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("train");
+        let mut args: Vec<OsString> = vec!["train".into()];
         match &a.resume {
-            Some(dir) => cmd.arg("--resume").arg(dir),
-            None => cmd.arg(&spec_path).arg("--run-dir").arg(&run_dir),
+            Some(dir) => args.extend(["--resume".into(), dir.into()]),
+            None => args.extend([spec_path.clone().into(), "--run-dir".into(), run_dir.clone().into()]),
         };
-        cmd.args(["--no-progress", "--rank", &rank.to_string(), "--rendezvous", &rv]);
+        args.extend(["--no-progress", "--rank", &rank.to_string(), "--rendezvous", &rv].map(OsString::from));
         for s in &a.set {
-            cmd.args(["--set", s]);
+            args.extend(["--set".into(), s.into()]);
         }
-        children.push((rank, cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn()?));
+        // The daemon's own way of starting a rank; kept in this process group, so a Ctrl-C here
+        // stops every rank.
+        let child = process::spawn_rank(&process::RankCommand { exe: &exe, args, log: &log_path, detach: false })?;
+        children.push((rank, child));
     }
     eprintln!("gantry train: {world} ranks (rank 0 here, the others' logs in {})", logs.display());
     let result = Comm::connect(0, world, &rv, super::comm_timeout())

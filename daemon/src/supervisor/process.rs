@@ -26,28 +26,59 @@ pub struct Launch<'a> {
     pub device: &'a str,
 }
 
-/// Starts one rank with its output appended to its log file. The worker gets a process group of
-/// its own, so signals meant for the daemon (a Ctrl-C, a SIGTERM to the group) do not reach it and
-/// a daemon restart leaves training running.
-pub fn spawn(l: &Launch<'_>) -> Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(l.log).map_err(Error::io(l.log))?;
-    let err = log.try_clone().map_err(Error::io(l.log))?;
-    let mut cmd = Command::new(l.exe);
-    cmd.arg("worker")
-        .args(["--job-id", &l.job_id.to_string(), "--rank", &l.rank.to_string(), "--world-size", &l.world_size.to_string()])
-        .args(["--attempt", &l.attempt.to_string(), "--rendezvous", l.rendezvous, "--daemon", l.daemon])
-        .arg("--run-dir")
-        .arg(l.run_dir)
-        .args(["--device", l.device])
+/// How to start one rank: the binary, its arguments, and the log its output is appended to.
+pub struct RankCommand<'a> {
+    pub exe: &'a Path,
+    pub args: Vec<std::ffi::OsString>,
+    pub log: &'a Path,
+    /// Put the rank in a process group of its own, so that it outlives whoever started it (the
+    /// daemon's workers); `false` keeps it in the launcher's group, so a Ctrl-C reaches every rank
+    /// (`gantry train`'s local ranks).
+    pub detach: bool,
+}
+
+/// Starts one rank: stdin closed, stdout and stderr appended to its log. The daemon's supervisor
+/// and `gantry train`'s local launcher both start ranks through here.
+pub fn spawn_rank(c: &RankCommand<'_>) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(c.log).map_err(Error::io(c.log))?;
+    let err = log.try_clone().map_err(Error::io(c.log))?;
+    let mut cmd = Command::new(c.exe);
+    cmd.args(&c.args)
         .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
-    if let Some(r) = l.resume_from {
-        cmd.arg("--resume-from").arg(r);
+    if c.detach {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     }
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.spawn().map_err(Error::io(l.exe))
+    cmd.spawn().map_err(Error::io(c.exe))
+}
+
+/// Starts one of a job's workers with its output appended to its log file. The worker gets a
+/// process group of its own, so signals meant for the daemon (a Ctrl-C, a SIGTERM to the group)
+/// do not reach it and a daemon restart leaves training running.
+pub fn spawn(l: &Launch<'_>) -> Result<Child> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["worker", "--job-id", &l.job_id.to_string(), "--rank", &l.rank.to_string(), "--world-size", &l.world_size.to_string()]
+            .iter()
+            .map(Into::into)
+            .collect();
+    for (k, v) in [
+        ("--attempt", l.attempt.to_string()),
+        ("--rendezvous", l.rendezvous.to_string()),
+        ("--daemon", l.daemon.to_string()),
+        ("--device", l.device.to_string()),
+    ] {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    args.push("--run-dir".into());
+    args.push(l.run_dir.into());
+    if let Some(r) = l.resume_from {
+        args.push("--resume-from".into());
+        args.push(r.into());
+    }
+    spawn_rank(&RankCommand { exe: l.exe, args, log: l.log, detach: true })
 }
 
 /// The start time of a process, in clock ticks since boot (field 22 of `/proc/PID/stat`), or
