@@ -13,6 +13,8 @@
 
 mod async_comm;
 mod mesh;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod rendezvous;
 #[cfg(test)]
 mod tests;
@@ -23,6 +25,8 @@ use std::time::Duration;
 
 pub use async_comm::{AsyncComm, Pending};
 pub use mesh::{Axis, DeviceMesh};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 use transport::{peer_error, Incoming, Links, Outgoing};
 
 use crate::{Error, Result};

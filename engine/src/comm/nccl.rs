@@ -1,0 +1,326 @@
+//! The NCCL backend (feature `cuda`): the collectives of [`Comm`] on GPU buffers, with the same
+//! names and semantics (in place, `shard_range` shards, the same all-to-all blocks), for ranks
+//! that each own one GPU.
+//!
+//! Ranks meet through the TCP communicator: rank 0 draws NCCL's unique id and broadcasts it over
+//! TCP, so NCCL needs no launcher or environment of its own. Uneven shards (a chunk whose length
+//! the world does not divide) are reduce-scattered as one grouped `ncclReduce` per shard and
+//! all-gathered as one grouped `ncclBroadcast` per shard, which NCCL runs as a single operation.
+//!
+//! Every wait is bounded like the TCP backend's: a collective that has not completed within the
+//! timeout (a dead or stuck peer) aborts the communicator and returns an error instead of hanging,
+//! and an asynchronous NCCL error (a peer's connection dropped) is reported as soon as it is seen.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gantry_kernels::cuda::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use gantry_kernels::cuda::cudarc::nccl::{result, sys};
+use gantry_kernels::cuda::ops::{In, Out};
+use gantry_kernels::cuda::Gpu;
+
+use super::{shard_range, Comm, ReduceOp};
+use crate::{Error, Result};
+
+/// One rank's NCCL communicator over the ranks of a TCP [`Comm`]'s world.
+pub struct NcclComm {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    aborted: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not race;
+// every method takes `&mut self`, so they cannot.
+unsafe impl Send for NcclComm {}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComm").field("rank", &self.rank).field("world", &self.world).finish()
+    }
+}
+
+fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Comm { rank: None, message: format!("NCCL {what}: {e:?}") }
+}
+
+impl NcclComm {
+    /// Joins the NCCL communicator of `tcp`'s world on `gpu`. Every rank calls it; rank 0's NCCL
+    /// id reaches the others over TCP. Waits are bounded by `timeout`.
+    pub fn connect(tcp: &mut Comm, gpu: &Gpu, timeout: Duration) -> Result<Self> {
+        // SAFETY: is_culib_present only tries to dlopen libnccl under its usual names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Device(
+                "NCCL (libnccl.so.2) not found: install it (`pip install nvidia-nccl-cu13`) and put its folder on LD_LIBRARY_PATH".into(),
+            ));
+        }
+        let (rank, world) = (tcp.rank(), tcp.world());
+        let mut id = [0u8; 128];
+        if rank == 0 {
+            let uid = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+            for (d, s) in id.iter_mut().zip(uid.internal.iter()) {
+                *d = *s as u8;
+            }
+        }
+        let g = tcp.world_group();
+        tcp.broadcast(&g, &mut id, 0)?;
+        let uid = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
+        gpu.context().bind_to_thread().map_err(|e| Error::Device(format!("binding the GPU: {e}")))?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by ncclCommInitRank before it is read; world and rank are
+        // this job's, and every rank passes the same id.
+        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }
+            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        // SAFETY: initialised by the successful call above.
+        let comm = unsafe { comm.assume_init() };
+        Ok(NcclComm { comm, stream: gpu.stream().clone(), rank, world, timeout, aborted: false })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    fn live(&self) -> Result<()> {
+        if self.aborted {
+            return Err(Error::Comm { rank: None, message: "the NCCL communicator was aborted after an earlier failure".into() });
+        }
+        Ok(())
+    }
+
+    /// Runs `launch` (which queues NCCL calls on the stream) and waits for the stream, polling
+    /// NCCL's asynchronous error; aborts the communicator past the timeout.
+    fn run(&mut self, what: &str, launch: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+        self.live()?;
+        launch(self)?;
+        let event = self.stream.record_event(None).map_err(|e| Error::Device(format!("recording an event: {e}")))?;
+        let start = Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(Error::Device(format!("{what}: {e}"))),
+            }
+            let mut async_err = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `self.comm` is a live communicator and `async_err` is valid for writes.
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            let failed = !matches!(async_err, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress);
+            if failed || start.elapsed() > self.timeout {
+                // SAFETY: abort is the documented way out of a communicator stuck on a dead peer.
+                unsafe { sys::ncclCommAbort(self.comm) };
+                self.aborted = true;
+                let why = if failed {
+                    format!("NCCL reported {async_err:?}")
+                } else {
+                    format!("not complete after {:?}: a peer is dead or stuck", self.timeout)
+                };
+                return Err(Error::Comm { rank: None, message: format!("{what}: {why}; communicator aborted") });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn group<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+        result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
+        let r = f();
+        let end = result::group_end().map_err(|e| nccl_err("ncclGroupEnd", e));
+        let r = r?;
+        end?;
+        Ok(r)
+    }
+
+    /// In place: every rank's `data` becomes the element-wise sum (or mean) over ranks.
+    pub fn all_reduce(&mut self, data: &mut impl Out<f32>, op: ReduceOp) -> Result<()> {
+        let mut v = data.view_mut();
+        let n = v.len();
+        let nop = match op {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
+        };
+        self.run("all_reduce", |s| {
+            let (p, _sync) = v.device_ptr_mut(&s.stream);
+            // SAFETY: in place on n floats of this rank's buffer, on the communicator's stream.
+            unsafe {
+                result::all_reduce(p as *const _, p as *mut _, n, sys::ncclDataType_t::ncclFloat32, nop, s.comm, s.stream.cu_stream() as _)
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclAllReduce", e))
+        })
+    }
+
+    /// In place: this rank's shard (`shard_range(len, world, rank)`, returned) of `data` becomes
+    /// the sum over ranks; the rest of `data` is left as scratch.
+    pub fn reduce_scatter(&mut self, data: &mut impl Out<f32>) -> Result<Range<usize>> {
+        let mut v = data.view_mut();
+        let (len, world) = (v.len(), self.world);
+        self.run("reduce_scatter", |s| {
+            let (p, _sync) = v.device_ptr_mut(&s.stream);
+            Self::group(|| {
+                for i in 0..world {
+                    let r = shard_range(len, world, i);
+                    let at = p + (r.start * 4) as u64;
+                    // SAFETY: in place on shard i of this rank's buffer; root i keeps the sum.
+                    unsafe {
+                        result::reduce(
+                            at as *const _,
+                            at as *mut _,
+                            r.len(),
+                            sys::ncclDataType_t::ncclFloat32,
+                            sys::ncclRedOp_t::ncclSum,
+                            i as i32,
+                            s.comm,
+                            s.stream.cu_stream() as _,
+                        )
+                    }
+                    .map_err(|e| nccl_err("ncclReduce", e))?;
+                }
+                Ok(())
+            })
+        })?;
+        Ok(shard_range(len, world, self.rank))
+    }
+
+    /// In place: every rank's `data` becomes the concatenation of each rank's own shard.
+    pub fn all_gather(&mut self, data: &mut impl Out<f32>) -> Result<()> {
+        let mut v = data.view_mut();
+        let (len, world) = (v.len(), self.world);
+        self.run("all_gather", |s| {
+            let (p, _sync) = v.device_ptr_mut(&s.stream);
+            Self::group(|| {
+                for i in 0..world {
+                    let r = shard_range(len, world, i);
+                    let at = p + (r.start * 4) as u64;
+                    // SAFETY: in place on shard i of this rank's buffer; rank i sends it.
+                    unsafe {
+                        result::broadcast(
+                            at as *const _,
+                            at as *mut _,
+                            r.len(),
+                            sys::ncclDataType_t::ncclFloat32,
+                            i as i32,
+                            s.comm,
+                            s.stream.cu_stream() as _,
+                        )
+                    }
+                    .map_err(|e| nccl_err("ncclBroadcast", e))?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Copies `root`'s `data` to every rank.
+    pub fn broadcast(&mut self, data: &mut impl Out<u8>, root: usize) -> Result<()> {
+        let mut v = data.view_mut();
+        let n = v.len();
+        self.run("broadcast", |s| {
+            let (p, _sync) = v.device_ptr_mut(&s.stream);
+            // SAFETY: in place on n bytes of this rank's buffer.
+            unsafe {
+                result::broadcast(
+                    p as *const _,
+                    p as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclUint8,
+                    root as i32,
+                    s.comm,
+                    s.stream.cu_stream() as _,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclBroadcast", e))
+        })
+    }
+
+    /// Point to point: sends `data` to rank `to`.
+    pub fn send(&mut self, to: usize, data: &impl In<u8>) -> Result<()> {
+        let v = data.view();
+        let n = v.len();
+        self.run("send", |s| {
+            let (p, _sync) = v.device_ptr(&s.stream);
+            // SAFETY: n bytes of this rank's buffer.
+            unsafe { result::send(p as *const _, n, sys::ncclDataType_t::ncclUint8, to as i32, s.comm, s.stream.cu_stream() as _) }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclSend", e))
+        })
+    }
+
+    /// Point to point: receives exactly `data.len()` bytes from rank `from`.
+    pub fn recv(&mut self, from: usize, data: &mut impl Out<u8>) -> Result<()> {
+        let mut v = data.view_mut();
+        let n = v.len();
+        self.run("recv", |s| {
+            let (p, _sync) = v.device_ptr_mut(&s.stream);
+            // SAFETY: n bytes of this rank's buffer.
+            unsafe { result::recv(p as *mut _, n, sys::ncclDataType_t::ncclUint8, from as i32, s.comm, s.stream.cu_stream() as _) }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclRecv", e))
+        })
+    }
+
+    /// All-to-all: block j of `send` goes to rank j; block i of `recv` comes from rank i. Both
+    /// hold `world` equal blocks.
+    pub fn all_to_all(&mut self, send: &impl In<f32>, recv: &mut impl Out<f32>) -> Result<()> {
+        let (sv, mut rv) = (send.view(), recv.view_mut());
+        let world = self.world;
+        if sv.len() != rv.len() || !sv.len().is_multiple_of(world) {
+            return Err(Error::Comm {
+                rank: None,
+                message: format!("all_to_all: {} and {} elements do not split into {world} blocks", sv.len(), rv.len()),
+            });
+        }
+        let b = sv.len() / world;
+        self.run("all_to_all", |s| {
+            let (sp, _s1) = sv.device_ptr(&s.stream);
+            let (rp, _s2) = rv.device_ptr_mut(&s.stream);
+            Self::group(|| {
+                for j in 0..world {
+                    let off = (j * b * 4) as u64;
+                    // SAFETY: block j of each buffer, b floats.
+                    unsafe {
+                        result::send(
+                            (sp + off) as *const _,
+                            b,
+                            sys::ncclDataType_t::ncclFloat32,
+                            j as i32,
+                            s.comm,
+                            s.stream.cu_stream() as _,
+                        )
+                        .map_err(|e| nccl_err("ncclSend", e))?;
+                        result::recv(
+                            (rp + off) as *mut _,
+                            b,
+                            sys::ncclDataType_t::ncclFloat32,
+                            j as i32,
+                            s.comm,
+                            s.stream.cu_stream() as _,
+                        )
+                        .map_err(|e| nccl_err("ncclRecv", e))?;
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Returns once every rank has called it (an all-reduce of one float).
+    pub fn barrier(&mut self) -> Result<()> {
+        let mut one = self.stream.alloc_zeros::<f32>(1).map_err(|e| Error::Device(format!("barrier: {e}")))?;
+        self.all_reduce(&mut one, ReduceOp::Sum)
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if !self.aborted {
+            // SAFETY: the communicator is live and used by nothing else once we are dropped.
+            unsafe { sys::ncclCommDestroy(self.comm) };
+        }
+    }
+}
