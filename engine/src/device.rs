@@ -1,5 +1,5 @@
 //! Devices the engine can run on: CPU ranks, and, in builds with the `cuda` feature, one GPU per
-//! job (`cuda:N`; several GPUs need the NCCL backend, not built yet). Whatever cannot run is
+//! job (`cuda:N`; the NCCL communicator exists, but the trainer does not use it yet). Whatever cannot run is
 //! refused up front with an error that says why, never accepted and then failed halfway. Whether
 //! the GPU exists is checked when the trainer opens it (the error names the missing driver or
 //! device).
@@ -14,7 +14,7 @@ pub fn check_supported(devices: &Devices) -> Result<()> {
         Devices::Cpu(_) => Ok(()),
         Devices::Cuda(ids) if cfg!(feature = "cuda") && ids.len() == 1 => Ok(()),
         Devices::Cuda(_) if cfg!(feature = "cuda") => Err(Error::Device(format!(
-            "resources.devices = \"{devices}\": training on several GPUs needs the NCCL backend, which this gantry does not have yet; use one GPU (cuda:N) or cpu:N"
+            "resources.devices = \"{devices}\": the trainer runs one GPU per job for now (data parallelism over NCCL is not wired into it yet); use one GPU (cuda:N) or cpu:N"
         ))),
         Devices::Cuda(_) => Err(Error::Device(format!(
             "resources.devices = \"{devices}\": this gantry was built without CUDA support (rebuild with `--features cuda`); use cpu:N"

@@ -116,7 +116,8 @@ where
     let mut t = GpuTrainer::<T>::new(g, m, &params, batch, seq, OPTIM).unwrap();
     let gpu = data
         .iter()
-        .map(|w| t.step(&[w], lr, 1.0).unwrap())
+        .enumerate()
+        .map(|(i, w)| t.step(&[w], lr, 1.0, i as u32 + 1).unwrap())
         .inspect(|s| assert!(!s.skipped, "no step overflows here"))
         .map(|s| s.loss)
         .collect();

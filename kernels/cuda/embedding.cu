@@ -23,11 +23,12 @@ __device__ void embedding_fwd_impl(T* out, const u32* tokens, const float* wte, 
     }
 FOR_TYPES(EMBEDDING_FWD)
 
-// dwte[v, :] += sum of dout[r, :] over the rows r with token v. Grid (ceil(c / blockDim.x), vocab).
+// dwte[v, :] += sum of dout[r, :] over the rows r with token v. Grid (vocab, ceil(c / blockDim.x)):
+// the vocabulary goes on x, since grid y stops at 65535 (LLaMA 3's vocabulary is 128256).
 template <typename T>
 __device__ void embedding_bwd_wte_impl(float* dwte, const T* dout, const u32* order, const u32* starts, u32 c) {
-    u32 col = blockIdx.x * blockDim.x + threadIdx.x;
-    u32 v = blockIdx.y;
+    u32 v = blockIdx.x;
+    u32 col = blockIdx.y * blockDim.x + threadIdx.x;
     u32 s0 = starts[v], s1 = starts[v + 1];
     if (col >= c || s0 == s1) return;
     float acc = 0.0f;
@@ -41,20 +42,21 @@ __device__ void embedding_bwd_wte_impl(float* dwte, const T* dout, const u32* or
     }
 FOR_TYPES(EMBEDDING_BWD_WTE)
 
-// dwpe[p, :] += sum over batch b of dout[b*seq + p, :]
+// dwpe[p, :] += sum of dout[r, :] over the rows r = p, p + seq, ... below `rows` (as on CPU, a
+// trailing partial sequence counts too)
 template <typename T>
-__device__ void embedding_bwd_wpe_impl(float* dwpe, const T* dout, u32 batch, u32 seq, u32 c) {
+__device__ void embedding_bwd_wpe_impl(float* dwpe, const T* dout, u32 rows, u32 seq, u32 c) {
     FOR_EACH(idx, (u64)seq * c) {
         u64 p = idx / c;
         u32 col = (u32)(idx % c);
         float acc = 0.0f;
-        for (u32 b = 0; b < batch; b++) acc += load(dout[((u64)b * seq + p) * c + col]);
+        for (u64 r = p; r < rows; r += seq) acc += load(dout[r * c + col]);
         dwpe[idx] += acc;
     }
 }
 
 #define EMBEDDING_BWD_WPE(T, S) \
-    extern "C" __global__ void embedding_bwd_wpe_##S(float* dwpe, const T* dout, u32 batch, u32 seq, u32 c) { \
-        embedding_bwd_wpe_impl<T>(dwpe, dout, batch, seq, c); \
+    extern "C" __global__ void embedding_bwd_wpe_##S(float* dwpe, const T* dout, u32 rows, u32 seq, u32 c) { \
+        embedding_bwd_wpe_impl<T>(dwpe, dout, rows, seq, c); \
     }
 FOR_TYPES(EMBEDDING_BWD_WPE)

@@ -7,9 +7,16 @@
 //! the world does not divide) are reduce-scattered as one grouped `ncclReduce` per shard and
 //! all-gathered as one grouped `ncclBroadcast` per shard, which NCCL runs as a single operation.
 //!
-//! Every wait is bounded like the TCP backend's: a collective that has not completed within the
-//! timeout (a dead or stuck peer) aborts the communicator and returns an error instead of hanging,
-//! and an asynchronous NCCL error (a peer's connection dropped) is reported as soon as it is seen.
+//! Waits on the GPU are bounded like the TCP backend's: a collective that has not completed within
+//! the timeout (a dead or stuck peer) aborts the communicator and returns an error instead of
+//! hanging, and an asynchronous NCCL error (a peer's connection dropped) is reported as soon as it
+//! is seen. Not yet bounded: the communicator is a blocking one, so `ncclCommInitRank` and the
+//! connection NCCL sets up on the first use of a peer block inside the call (a non-blocking
+//! communicator, `ncclCommInitRankConfig` with `blocking = 0`, would close that gap).
+//!
+//! Point to point follows NCCL's rules, not the TCP backend's: a `send` completes only once the
+//! peer posts the matching `recv`, so two ranks that both send first wait for each other (until
+//! the timeout); order them (even ranks send first) or use `all_to_all`.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -98,7 +105,12 @@ impl NcclComm {
     /// NCCL's asynchronous error; aborts the communicator past the timeout.
     fn run(&mut self, what: &str, launch: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
         self.live()?;
-        launch(self)?;
+        if let Err(e) = launch(self) {
+            // SAFETY: a communicator whose enqueue failed is not used again.
+            unsafe { sys::ncclCommAbort(self.comm) };
+            self.aborted = true;
+            return Err(e);
+        }
         let event = self.stream.record_event(None).map_err(|e| Error::Device(format!("recording an event: {e}")))?;
         let start = Instant::now();
         loop {

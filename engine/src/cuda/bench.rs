@@ -17,8 +17,14 @@ use crate::Result;
 /// sparsity), when the GPU is one we know.
 pub fn peak_flops(gpu_name: &str, precision: Precision) -> Option<f64> {
     let name = gpu_name.to_ascii_uppercase();
-    // (name fragment, fp32 via TF32 tensor cores, bf16/fp16)
-    let table: &[(&str, f64, f64)] = &[("H200", 494.7e12, 989.4e12), ("H100", 494.7e12, 989.4e12), ("A100", 156e12, 312e12)];
+    // (name fragment, fp32 via TF32 tensor cores, bf16/fp16), the specific variants first.
+    let table: &[(&str, f64, f64)] = &[
+        ("H100 PCIE", 378e12, 756e12),
+        ("H100 NVL", 417.5e12, 835e12),
+        ("H200", 494.7e12, 989.4e12),
+        ("H100", 494.7e12, 989.4e12),
+        ("A100", 156e12, 312e12),
+    ];
     table.iter().find(|(k, _, _)| name.contains(k)).map(|(_, tf32, half)| if precision == Precision::Fp32 { *tf32 } else { *half })
 }
 
@@ -52,7 +58,7 @@ pub fn bench_gpu(
     for i in 0..warmup + steps.max(1) {
         windows.iter_mut().for_each(|t| *t = rng.below(vocab) as u32);
         let t0 = Instant::now();
-        let r = t.step(&[&windows], 3e-4, 1.0)?;
+        let r = t.step(&[&windows], 3e-4, 1.0, i as u32 + 1)?;
         t.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         on_step(i, ms);

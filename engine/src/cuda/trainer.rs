@@ -168,10 +168,15 @@ where
         16 * n + work
     }
 
-    /// One optimizer step over `micro_batches` (each `[b, seq+1]` tokens) at learning rate `lr`,
-    /// clipping the global gradient norm to `grad_clip` (0: off). The loss is averaged over
-    /// every token of the step, as on CPU.
-    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep> {
+    /// Optimizer step number `step` (1-based, for AdamW's bias corrections) over `micro_batches`
+    /// (each `[b, seq+1]` tokens) at learning rate `lr`, clipping the global gradient norm to
+    /// `grad_clip` (0: off). The loss is averaged over every token of the step, as on CPU.
+    ///
+    /// The caller numbers the steps, as the CPU trainer does, so a resumed run continues with the
+    /// numbers the uninterrupted one would have used. An fp16 step skipped for overflow still uses
+    /// up its number (PyTorch's `GradScaler` would not advance Adam's count there; numbering by
+    /// step keeps resume exact instead).
+    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep> {
         let w = self.acts.seq() + 1;
         let tokens: usize = micro_batches.iter().map(|mb| mb.len() / w * (w - 1)).sum();
         if tokens == 0 {
@@ -207,14 +212,14 @@ where
                 ops::scale(&self.gpu, &mut self.grads, coef as f32)?;
             }
         }
-        self.steps += 1;
+        self.steps = step;
         let hp = AdamWStep {
             lr,
             beta1: self.optim.beta1,
             beta2: self.optim.beta2,
             eps: self.optim.eps,
             weight_decay: self.optim.weight_decay,
-            step: self.steps,
+            step,
         };
         for e in self.table.entries() {
             let r = e.at.range();
@@ -279,7 +284,7 @@ fn params_view<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaS
 /// A GPU trainer of any precision, for callers that pick the precision at run time.
 pub trait GpuStepper: Send {
     /// One optimizer step (see [`GpuTrainer::step`]).
-    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep>;
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep>;
     /// Copies parameters and moments to the host (see [`GpuTrainer::download_state`]).
     fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()>;
     /// Bytes of training state on the device.
@@ -292,8 +297,8 @@ impl<T: Storage> GpuStepper for GpuTrainer<T>
 where
     CudaBlasLT: Matmul<T>,
 {
-    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64) -> Result<GpuStep> {
-        GpuTrainer::step(self, micro_batches, lr, grad_clip)
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep> {
+        GpuTrainer::step(self, micro_batches, lr, grad_clip, step)
     }
 
     fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {

@@ -61,7 +61,7 @@ mod imp {
                 self.stepper = Some(gpu_trainer(precision, gpu, model, &buffers.params, moments, steps as u32, micro, seq, optim)?);
             }
             self.host_current = false;
-            self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip)
+            self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip, steps as u32 + 1)
         }
 
         /// Drops the training state: the next step uploads the host buffers again (after a

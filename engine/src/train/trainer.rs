@@ -209,6 +209,13 @@ impl Trainer {
         if p.dp != world {
             return unsupported("parallel.dp", format!("parallel.dp = {} but the job runs on {world} ranks", p.dp));
         }
+        // The GPU step (`train_step_gpu`) runs one rank: it neither takes this rank's share of the
+        // batch nor reduces gradients. A daemon worker's spec names only its own GPU, so
+        // `check_supported` cannot see that the job spans several.
+        if gpu_ordinal.is_some() && world > 1 {
+            let message = format!("{world} GPU ranks: the trainer runs one GPU per job for now (data parallelism over NCCL is not wired into it yet); use one GPU (cuda:N)");
+            return unsupported("resources.devices", message);
+        }
         if comm.is_none() && p.zero != 0 {
             return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
         }

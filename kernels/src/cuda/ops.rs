@@ -8,7 +8,8 @@
 //! the attention log-sum-exp are always f32.
 
 use cudarc::cublaslt::{Matmul, MatmulConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use super::Gpu;
 use crate::cpu::adamw::AdamWStep;
@@ -655,7 +656,7 @@ pub fn embedding_backward<T: Storage>(
     let f = gpu.function("embedding", &name)?;
     let c32 = u32_of("width", c)?;
     let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(THREADS as usize) as u32, u32_of("vocab", vocab)?, 1),
+        grid_dim: (u32_of("vocab", vocab)?, c.div_ceil(THREADS as usize) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -667,10 +668,10 @@ pub fn embedding_backward<T: Storage>(
         check_len("position gradient", dwpe.len(), seq * c)?;
         let name = format!("embedding_bwd_wpe_{}", T::SUFFIX);
         let f = gpu.function("embedding", &name)?;
-        let (batch32, seq32) = (u32_of("batch", rows / seq)?, seq as u32);
+        let (rows32, seq32) = (u32_of("rows", rows)?, seq as u32);
         let mut b = s.launch_builder(&f);
-        b.arg(dwpe).arg(&dout).arg(&batch32).arg(&seq32).arg(&c32);
-        // SAFETY: seq*c outputs; batch*seq rows of dout.
+        b.arg(dwpe).arg(&dout).arg(&rows32).arg(&seq32).arg(&c32);
+        // SAFETY: seq*c outputs; rows*c elements of dout, checked above.
         launched(&name, unsafe { b.launch(elementwise(seq * c)) }.map(|_| ()))?;
     }
     Ok(())
@@ -819,6 +820,20 @@ fn attention_check(s: &AttnShape, qkv: usize, out: usize, lse: usize) -> Result<
     check_len("attention lse", lse, rows * s.heads)
 }
 
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_MEM: u32 = 48 * 1024;
+
+/// Raises `f`'s dynamic shared-memory limit to `bytes` where that is above the 48 KiB default (the
+/// attention backward's dq kernel needs 49.5 KiB at dim 128); without it the launch fails.
+fn allow_shared_mem(gpu: &Gpu, f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
+    if bytes <= DEFAULT_SHARED_MEM {
+        return Ok(());
+    }
+    gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(|e| Error::cuda(format!("allowing {bytes} bytes of shared memory for {name}"), e))
+}
+
 fn shape_args(s: &AttnShape) -> Result<[u32; 5]> {
     Ok([u32_of("batch", s.batch)?, u32_of("seq", s.seq)?, s.heads as u32, s.kv_heads as u32, s.dim as u32])
 }
@@ -840,6 +855,7 @@ pub fn attention_forward<T: Storage>(
     let [batch, seq, heads, kv_heads, dim] = shape_args(&s)?;
     let scale = 1.0 / (s.dim as f32).sqrt();
     let smem = ((Q_ROWS + 2 * TILE) * (s.dim + 1) * 4) as u32;
+    allow_shared_mem(gpu, &f, &name, smem)?;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(Q_ROWS) as u32, heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&mut out).arg(&mut lse).arg(&qkv).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
@@ -887,6 +903,7 @@ pub fn attention_backward<T: Storage>(
     let name = format!("attention_bwd_dq_{}", T::SUFFIX);
     let f = gpu.function("attention", &name)?;
     let smem = ((2 * Q_ROWS + 2 * TILE) * (s.dim + 1) * 4) as u32;
+    allow_shared_mem(gpu, &f, &name, smem)?;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(Q_ROWS) as u32, heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = stream.launch_builder(&f);
     b.arg(&mut dqkv).arg(&qkv).arg(&dout).arg(&lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
@@ -896,6 +913,7 @@ pub fn attention_backward<T: Storage>(
     let name = format!("attention_bwd_dkv_{}", T::SUFFIX);
     let f = gpu.function("attention", &name)?;
     let smem = (((2 * K_ROWS + 2 * TILE) * (s.dim + 1) + 2 * TILE) * 4) as u32;
+    allow_shared_mem(gpu, &f, &name, smem)?;
     let cfg = LaunchConfig { grid_dim: (s.seq.div_ceil(K_ROWS) as u32, kv_heads, batch), block_dim: (128, 1, 1), shared_mem_bytes: smem };
     let mut b = stream.launch_builder(&f);
     b.arg(&mut dqkv).arg(&qkv).arg(&dout).arg(&lse).arg(&delta).arg(&batch).arg(&seq).arg(&heads).arg(&kv_heads).arg(&dim).arg(&scale);
