@@ -184,3 +184,46 @@ fn the_trainer_on_a_gpu_follows_the_cpu_run() {
         assert!((a - b).abs() <= tol * a, "{precision}: final models' losses {b} vs {a}");
     }
 }
+
+/// A checkpoint written while the GPU keeps training (the state copied on a stream of its own)
+/// holds the state of its step: a run resumed from it on the GPU continues with the losses of the
+/// uninterrupted run. (Not fp16: its loss scale is not in the checkpoint, so a resumed fp16 run
+/// starts again from the initial scale; see docs/cuda.md.)
+#[test]
+fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
+    let Some(g) = gpu() else { return };
+    drop(g);
+    use gantry_api::JobSpec;
+    use gantry_engine::train::Trainer;
+    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
+    let root = std::path::Path::new(&repo).join("examples/tiny-gpt2");
+    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
+    for precision in ["fp32", "bf16", "fp16"] {
+        let sets = [
+            "train.steps=8".into(),
+            "resources.devices=cuda:0".into(),
+            format!("train.precision={precision}"),
+            "checkpoint.every=3".into(),
+        ];
+        let spec = JobSpec::from_toml(&text, &sets).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step_3");
+        let mut t = Trainer::new(spec.clone(), &root).unwrap();
+        let mut full = Vec::new();
+        for step in 1..=8 {
+            full.push(t.train_step().unwrap().loss);
+            if step == 3 {
+                assert!(t.start_checkpoint(&ck).unwrap().is_none());
+            }
+        }
+        let o = t.finish_checkpoint().unwrap().expect("the checkpoint was written");
+        o.result.unwrap();
+        let mut r = Trainer::new(spec, &root).unwrap();
+        r.resume(&ck).unwrap();
+        assert_eq!(r.step, 3);
+        let resumed: Vec<f64> = (4..=8).map(|_| r.train_step().unwrap().loss).collect();
+        for (i, (a, b)) in full[3..].iter().zip(&resumed).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * a, "{precision} step {}: resumed {b} vs uninterrupted {a}", i + 4);
+        }
+    }
+}

@@ -4,7 +4,9 @@
 
 use gantry_kernels::cpu::adamw::AdamWStep;
 use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
-use gantry_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
+use std::sync::Arc;
+
+use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, PinnedHostSlice};
 use gantry_kernels::cuda::ops::{self, Storage};
 use gantry_kernels::cuda::Gpu;
 
@@ -65,6 +67,30 @@ pub struct GpuStep {
     pub loss_scale: f32,
 }
 
+/// The training state in page-locked host memory, filled by a copy stream while the compute
+/// stream goes on (see [`GpuTrainer::begin_download`]).
+pub struct HostState {
+    params: PinnedHostSlice<f32>,
+    m: PinnedHostSlice<f32>,
+    v: PinnedHostSlice<f32>,
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState").field("len", &self.params.len()).finish()
+    }
+}
+
+impl HostState {
+    /// The parameters and both moments, once the copies into them have finished (this waits).
+    pub fn slices(&self) -> Result<(&[f32], &[f32], &[f32])> {
+        fn get(p: &PinnedHostSlice<f32>) -> Result<&[f32]> {
+            p.as_slice().map_err(|e| Error::Device(format!("copying the training state to the host: {e}")))
+        }
+        Ok((get(&self.params)?, get(&self.m)?, get(&self.v)?))
+    }
+}
+
 pub struct GpuTrainer<T: Storage> {
     gpu: Gpu,
     model: GpuModel,
@@ -80,6 +106,12 @@ pub struct GpuTrainer<T: Storage> {
     optim: AdamW,
     steps: u32,
     scaler: Option<LossScale>,
+    /// The stream that copies state to the host beside training, and the host buffers of the
+    /// last copy, returned for reuse.
+    copy_stream: Option<Arc<CudaStream>>,
+    spare: Option<HostState>,
+    /// Recorded on the copy stream after a download: the next optimizer update waits for it.
+    copy_done: Option<CudaEvent>,
 }
 
 impl<T: Storage> std::fmt::Debug for GpuTrainer<T> {
@@ -154,6 +186,9 @@ where
             acts,
             optim,
             steps,
+            copy_stream: None,
+            spare: None,
+            copy_done: None,
         })
     }
 
@@ -212,6 +247,9 @@ where
                 ops::scale(&self.gpu, &mut self.grads, coef as f32)?;
             }
         }
+        if let Some(done) = self.copy_done.take() {
+            self.gpu.stream().wait(&done).map_err(dev("waiting for the state copy"))?;
+        }
         self.steps = step;
         let hp = AdamWStep {
             lr,
@@ -255,6 +293,56 @@ where
         s.synchronize().map_err(dev("copying state to the host"))
     }
 
+    /// Starts copying the masters and AdamW's moments to page-locked host memory on a stream of
+    /// its own, and returns at once: the next step's forward and backward run while the copy
+    /// does, and its optimizer update, which overwrites what is being copied, waits for the copy.
+    /// [`HostState::slices`] waits for it.
+    ///
+    /// The ordering is made explicit with events rather than left to cudarc's per-buffer
+    /// tracking, which keeps one read event per buffer: the forward's reads of the masters would
+    /// replace the copy's, and the update would then not wait for the copy.
+    pub fn begin_download(&mut self) -> Result<HostState> {
+        let ctx = self.gpu.context().clone();
+        let stream = match &self.copy_stream {
+            Some(s) => s.clone(),
+            None => {
+                let s = ctx.new_stream().map_err(dev("creating the copy stream"))?;
+                self.copy_stream = Some(s.clone());
+                s
+            }
+        };
+        let n = self.master.len();
+        let mut hs = match self.spare.take() {
+            Some(h) => h,
+            None => {
+                // Plain page-locked memory (flags 0): the checkpoint writer reads it, which
+                // write-combined memory (cudarc's default) would make slow.
+                let alloc = || {
+                    // SAFETY: the memory is uninitialised until the copies below fill every
+                    // element; `HostState::slices` waits for them before anything reads it.
+                    unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }.map_err(dev("allocating page-locked host memory"))
+                };
+                HostState { params: alloc()?, m: alloc()?, v: alloc()? }
+            }
+        };
+        // The copy starts after everything queued so far (the last update) ...
+        let updated = self.gpu.stream().record_event(None).map_err(dev("recording an event"))?;
+        stream.wait(&updated).map_err(dev("ordering the copy stream"))?;
+        stream.memcpy_dtoh(&self.master, &mut hs.params).map_err(dev("copying parameters to the host"))?;
+        stream.memcpy_dtoh(&self.m, &mut hs.m).map_err(dev("copying optimizer state to the host"))?;
+        stream.memcpy_dtoh(&self.v, &mut hs.v).map_err(dev("copying optimizer state to the host"))?;
+        // ... and the next update starts after the copy (see `step`).
+        self.copy_done = Some(stream.record_event(None).map_err(dev("recording an event"))?);
+        Ok(hs)
+    }
+
+    /// Hands back the host buffers of a finished download for the next one.
+    pub fn recycle(&mut self, hs: HostState) {
+        if hs.params.len() == self.master.len() {
+            self.spare = Some(hs);
+        }
+    }
+
     /// The f32 master parameters, on the host (for checkpoints and export).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
         self.gpu.stream().clone_dtoh(&self.master).map_err(dev("copying parameters to the host"))
@@ -291,6 +379,10 @@ pub trait GpuStepper: Send {
     fn state_bytes(&self) -> u64;
     /// Waits for the device to finish the work queued so far.
     fn synchronize(&self) -> Result<()>;
+    /// Starts an asynchronous copy of the state to the host (see [`GpuTrainer::begin_download`]).
+    fn begin_download(&mut self) -> Result<HostState>;
+    /// Returns a download's buffers for reuse.
+    fn recycle(&mut self, hs: HostState);
 }
 
 impl<T: Storage> GpuStepper for GpuTrainer<T>
@@ -311,6 +403,14 @@ where
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.gpu.synchronize()?)
+    }
+
+    fn begin_download(&mut self) -> Result<HostState> {
+        GpuTrainer::begin_download(self)
+    }
+
+    fn recycle(&mut self, hs: HostState) {
+        GpuTrainer::recycle(self, hs)
     }
 }
 

@@ -7,6 +7,7 @@
 mod imp {
     use gantry_api::Precision;
 
+    pub use crate::cuda::HostState;
     use crate::cuda::{gpu_trainer, GpuStep, GpuStepper};
     use crate::models::Model;
     use crate::optim::AdamW;
@@ -84,6 +85,21 @@ mod imp {
         pub fn state_bytes(&self) -> u64 {
             self.stepper.as_ref().map_or(0, |s| s.state_bytes())
         }
+
+        /// Starts copying the state to the host beside training (`None` before the first step:
+        /// the host buffers are current then).
+        pub fn begin_download(&mut self) -> Result<Option<HostState>> {
+            match (&mut self.stepper, self.host_current) {
+                (Some(st), false) => Ok(Some(st.begin_download()?)),
+                _ => Ok(None),
+            }
+        }
+
+        pub fn recycle(&mut self, hs: HostState) {
+            if let Some(st) = &mut self.stepper {
+                st.recycle(hs);
+            }
+        }
     }
 }
 
@@ -92,9 +108,18 @@ mod imp {
     use crate::params::ParamBuffers;
     use crate::Result;
 
-    /// Without CUDA there is never a GPU state: the type has no values.
+    /// Without CUDA there is never a GPU state: the types have no values.
     #[derive(Debug)]
     pub enum OnGpu {}
+
+    #[derive(Debug)]
+    pub enum HostState {}
+
+    impl HostState {
+        pub fn slices(&self) -> Result<(&[f32], &[f32], &[f32])> {
+            match *self {}
+        }
+    }
 
     impl OnGpu {
         pub fn sync_host(&mut self, _buffers: &mut ParamBuffers) -> Result<()> {
@@ -104,7 +129,15 @@ mod imp {
         pub fn reset(&mut self) {
             match *self {}
         }
+
+        pub fn begin_download(&mut self) -> Result<Option<HostState>> {
+            match *self {}
+        }
+
+        pub fn recycle(&mut self, hs: HostState) {
+            match hs {}
+        }
     }
 }
 
-pub use imp::OnGpu;
+pub use imp::{HostState, OnGpu};

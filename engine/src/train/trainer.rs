@@ -16,7 +16,7 @@ use crate::parallel::DataParallel;
 use crate::params::ParamBuffers;
 use crate::{Error, Result};
 
-use super::gpu::OnGpu;
+use super::gpu::{HostState, OnGpu};
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -87,11 +87,14 @@ struct Snapshot {
     params: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// On a GPU: the state as the copy stream writes it, in page-locked memory (the vectors stay
+    /// empty then).
+    gpu: Option<HostState>,
 }
 
 impl Snapshot {
     fn new(params: usize, moments: usize) -> Snapshot {
-        let mut s = Snapshot { params: vec![0.0; params], m: vec![0.0; moments], v: vec![0.0; moments] };
+        let mut s = Snapshot { params: vec![0.0; params], m: vec![0.0; moments], v: vec![0.0; moments], gpu: None };
         // Touch every page now, before training, rather than during the first save.
         for b in [&mut s.params, &mut s.m, &mut s.v] {
             b.fill(0.0);
@@ -259,7 +262,8 @@ impl Trainer {
         // Rank 0 of a job that saves checkpoints keeps a host copy for the asynchronous writer
         // (ZeRO gathers into fresh buffers instead).
         let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0);
-        let snapshot = (spec.checkpoint.every > 0 && lead).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
+        // (A GPU job copies into page-locked memory instead.)
+        let snapshot = (spec.checkpoint.every > 0 && lead && gpu.is_none()).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
         let t = &spec.train;
         let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
@@ -439,7 +443,6 @@ impl Trainer {
     /// time: a previous one still being written is finished first, and its outcome returned.
     pub fn start_checkpoint(&mut self, dir: &Path) -> Result<Option<CheckpointOutcome>> {
         let previous = self.finish_checkpoint()?;
-        self.sync_host()?;
         let start = Instant::now();
         let (config, table, tokenizer, step, target) =
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
@@ -449,13 +452,26 @@ impl Trainer {
                 return Ok(previous);
             }
             let mut snapshot = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
-            snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
+            // On a GPU the state is copied by a stream of its own while the next step computes,
+            // and the writer waits for the copy; on CPU the host buffers are copied here.
+            snapshot.gpu = match &mut self.gpu {
+                Some(g) => g.begin_download()?,
+                None => None,
+            };
+            if snapshot.gpu.is_none() {
+                snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
+            }
             let thread = std::thread::Builder::new()
                 .name("checkpoint".into())
                 .spawn(move || {
                     let t = Instant::now();
-                    let state = TrainingState { params: &snapshot.params, m: &snapshot.m, v: &snapshot.v, step };
-                    let r = save_training_checkpoint(&target, &config, &table, state, tokenizer.as_deref());
+                    let r = (|| {
+                        let (params, m, v) = match &snapshot.gpu {
+                            Some(h) => h.slices()?,
+                            None => (&snapshot.params[..], &snapshot.m[..], &snapshot.v[..]),
+                        };
+                        save_training_checkpoint(&target, &config, &table, TrainingState { params, m, v, step }, tokenizer.as_deref())
+                    })();
                     (r, dir_bytes(&target), t.elapsed().as_secs_f64(), snapshot)
                 })
                 .map_err(|e| Error::io(dir, e))?;
@@ -509,7 +525,7 @@ impl Trainer {
                     record_sums(&tmp, &rank.to_string(), &mine)
                 })();
                 let bytes = dir_bytes(&tmp);
-                (r, bytes, t.elapsed().as_secs_f64(), Snapshot { params: Vec::new(), m: Vec::new(), v: Vec::new() })
+                (r, bytes, t.elapsed().as_secs_f64(), Snapshot::new(0, 0))
             })
             .map_err(|e| Error::io(dir, e))?;
         self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
@@ -582,7 +598,10 @@ impl Trainer {
 
     /// Joins a finished writer and keeps its host copy for the next checkpoint.
     fn reclaim(&mut self, p: PendingCheckpoint) -> CheckpointOutcome {
-        let (outcome, snapshot) = p.join();
+        let (outcome, mut snapshot) = p.join();
+        if let (Some(g), Some(hs)) = (&mut self.gpu, snapshot.as_mut().and_then(|s| s.gpu.take())) {
+            g.recycle(hs);
+        }
         if self.dp.as_ref().is_none_or(|d| d.zero() == 0) {
             self.snapshot = snapshot;
         }
