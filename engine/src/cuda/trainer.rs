@@ -298,9 +298,7 @@ where
     /// does, and its optimizer update, which overwrites what is being copied, waits for the copy.
     /// [`HostState::slices`] waits for it.
     ///
-    /// The ordering is made explicit with events rather than left to cudarc's per-buffer
-    /// tracking, which keeps one read event per buffer: the forward's reads of the masters would
-    /// replace the copy's, and the update would then not wait for the copy.
+    /// The ordering is explicit, with events: buffers are not event-tracked (see `Gpu::open`).
     pub fn begin_download(&mut self) -> Result<HostState> {
         let ctx = self.gpu.context().clone();
         let stream = match &self.copy_stream {
@@ -356,6 +354,16 @@ where
         ops::zero(&self.gpu, &mut self.grads)?;
         let p = params_view(&self.work, &self.master);
         self.model.forward_backward(&self.gpu, &p, &self.master.as_view(), &mut self.grads, &mut self.acts, b, grad_scale)
+    }
+}
+
+impl<T: Storage> Drop for GpuTrainer<T> {
+    fn drop(&mut self) {
+        // A copy to the host may still be reading the buffers about to be freed (buffers are not
+        // event-tracked; see `Gpu::open`).
+        if let Some(s) = &self.copy_stream {
+            let _ = s.synchronize();
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     arch: Arch,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernels looked up so far, by (source, name): a launch then costs no driver lookup.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     blas: Mutex<Option<Arc<CudaBlasLT>>>,
 }
 
@@ -70,9 +72,22 @@ impl Gpu {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda(format!("opening CUDA device {ordinal}"), e))?;
+        // SAFETY: cudarc's per-buffer event tracking (an event wait and record per kernel
+        // argument) would cost thousands of driver calls per training step. Gantry keeps every
+        // buffer on this handle's one stream, where the stream order is the synchronisation; the
+        // one exception, a copy stream for checkpoints (`engine::cuda::GpuTrainer`), orders itself
+        // against this stream with explicit events and is synchronised before its buffers drop.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
         let stream = ctx.new_stream().map_err(|e| Error::cuda("creating a stream", e))?;
-        Ok(Gpu { ctx, stream, arch: Arch::from_capability(major, minor), modules: Mutex::default(), blas: Mutex::default() })
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch: Arch::from_capability(major, minor),
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            blas: Mutex::default(),
+        })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -113,6 +128,9 @@ impl Gpu {
     /// Kernel `name` from source `source`, compiling (or loading from the cache) the module on
     /// first use.
     pub fn function(&self, source: &'static str, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function lock").get(&(source, name.to_string())) {
+            return Ok(f.clone());
+        }
         let module = {
             let mut modules = self.modules.lock().expect("module lock");
             match modules.get(source) {
@@ -126,7 +144,9 @@ impl Gpu {
                 }
             }
         };
-        module.load_function(name).map_err(|e| Error::cuda(format!("kernel {name} in {source}.cu"), e))
+        let f = module.load_function(name).map_err(|e| Error::cuda(format!("kernel {name} in {source}.cu"), e))?;
+        self.functions.lock().expect("function lock").insert((source, name.to_string()), f.clone());
+        Ok(f)
     }
 }
 
