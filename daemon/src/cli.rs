@@ -311,6 +311,10 @@ pub struct CommBenchArgs {
     /// Timed repetitions per size (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// The collectives' transport: `auto` (Unix sockets between ranks on this machine, as
+    /// training uses) or `tcp`.
+    #[arg(long, default_value = "auto")]
+    pub transport: String,
     /// Set on the ranks the benchmark starts itself.
     #[arg(long, hide = true)]
     pub rank: Option<usize>,

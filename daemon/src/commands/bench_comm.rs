@@ -1,5 +1,7 @@
 //! `gantry bench comm`: bus bandwidth of each collective across message sizes, between local
-//! processes over TCP, beside a plain TCP stream between ranks 0 and 1 measured in the same run.
+//! processes (over the transport training uses: Unix sockets between ranks on one machine, or
+//! TCP with `--transport tcp`), beside a plain TCP stream between ranks 0 and 1 measured in the
+//! same run.
 //!
 //! Bus bandwidth follows NCCL's convention, so figures compare across world sizes: all-reduce
 //! moves `2(n-1)/n` of the buffer per rank, reduce-scatter, all-gather and all-to-all `(n-1)/n`,
@@ -11,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use gantry_engine::comm::{Comm, ReduceOp};
+use gantry_engine::comm::{Comm, ReduceOp, Transport};
 use serde_json::json;
 
 use crate::cli::CommBenchArgs;
@@ -21,6 +23,9 @@ const STREAM_BYTES: usize = 256 << 20;
 pub fn run(a: CommBenchArgs) -> anyhow::Result<()> {
     if a.world < 2 {
         bail!("--world must be at least 2");
+    }
+    if !matches!(a.transport.as_str(), "auto" | "tcp") {
+        bail!("--transport {:?}: expected auto or tcp", a.transport);
     }
     match (a.rank, &a.rendezvous) {
         (Some(rank), Some(rv)) => rank_main(&a, rank, rv).map(|_| ()),
@@ -35,7 +40,7 @@ fn launch(a: &CommBenchArgs) -> anyhow::Result<()> {
     let mut children: Vec<Child> = Vec::new();
     for rank in 1..a.world {
         let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "comm", "--world", &a.world.to_string(), "--iters", &a.iters.to_string()])
+        cmd.args(["bench", "comm", "--world", &a.world.to_string(), "--iters", &a.iters.to_string(), "--transport", &a.transport])
             .args(["--rank", &rank.to_string(), "--rendezvous", &rv])
             .stdout(Stdio::null());
         if !a.sizes.is_empty() {
@@ -65,7 +70,9 @@ fn sizes(a: &CommBenchArgs) -> Vec<usize> {
 }
 
 fn rank_main(a: &CommBenchArgs, rank: usize, rv: &str) -> anyhow::Result<serde_json::Value> {
-    let mut comm = Comm::connect(rank, a.world, rv, Duration::from_secs(60))?;
+    let transport = if a.transport == "tcp" { Transport::Tcp } else { Transport::Auto };
+    let mut comm = Comm::connect_with(rank, a.world, rv, Duration::from_secs(60), transport)?;
+    let links = comm.transports();
     let g = comm.world_group();
     let n = a.world as f64;
     // A plain TCP stream from rank 0 to rank 1, set up through the collectives' own links.
@@ -83,6 +90,17 @@ fn rank_main(a: &CommBenchArgs, rank: usize, rv: &str) -> anyhow::Result<serde_j
     if rank == 0 {
         eprintln!("plain TCP stream rank 0 → 1: {:.2} GB/s ({} MiB, best of 3)", stream_bps / 1e9, STREAM_BYTES >> 20);
         eprintln!("plain TCP streams both ways at once: {:.2} GB/s each way (best of 3)", duplex_bps / 1e9);
+        eprintln!(
+            "collectives over: {}",
+            links
+                .iter()
+                .filter(|k| **k != "self")
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         eprintln!("{:<15} {:>12} {:>12} {:>12} {:>12}", "collective", "bytes", "time us", "algbw GB/s", "busbw GB/s");
     }
     for size in sizes(a) {
@@ -147,6 +165,7 @@ fn rank_main(a: &CommBenchArgs, rank: usize, rv: &str) -> anyhow::Result<serde_j
     }
     Ok(json!({
         "world": a.world,
+        "transport": links.get(1).copied().unwrap_or("self"),
         "tcp_stream_bytes_per_s": stream_bps,
         "tcp_duplex_bytes_per_s_each_way": duplex_bps,
         "allreduce_64mib_fraction_of_tcp_stream": at_64,

@@ -27,6 +27,7 @@ pub use async_comm::{AsyncComm, Pending};
 pub use mesh::{Axis, DeviceMesh};
 #[cfg(feature = "cuda")]
 pub use nccl::NcclComm;
+pub use rendezvous::Transport;
 use transport::{peer_error, Incoming, Links, Outgoing};
 
 use crate::{Error, Result};
@@ -100,9 +101,15 @@ pub struct Comm {
 }
 
 impl Comm {
-    /// Joins the world through the rendezvous address (rank 0 listens there).
+    /// Joins the world through the rendezvous address (rank 0 listens there), over the transport
+    /// `GANTRY_COMM_TRANSPORT` asks for (Unix sockets on one machine unless it says `tcp`).
     pub fn connect(rank: usize, world: usize, rendezvous: &str, timeout: Duration) -> Result<Comm> {
-        let streams = rendezvous::connect_mesh(rank, world, rendezvous, timeout)?;
+        Self::connect_with(rank, world, rendezvous, timeout, Transport::from_env())
+    }
+
+    /// As `connect`, over `transport`.
+    pub fn connect_with(rank: usize, world: usize, rendezvous: &str, timeout: Duration, transport: Transport) -> Result<Comm> {
+        let streams = rendezvous::connect_mesh(rank, world, rendezvous, timeout, transport)?;
         Ok(Comm {
             links: Links { rank, streams, timeout, bytes_sent: 0, bytes_received: 0 },
             world,
@@ -126,6 +133,11 @@ impl Comm {
     }
 
     /// All ranks.
+    /// The kind of connection to each peer (`"unix"` or `"tcp"`; `"self"` at this rank).
+    pub fn transports(&self) -> Vec<&'static str> {
+        self.links.streams.iter().map(|s| s.as_ref().map_or("self", |s| s.kind())).collect()
+    }
+
     pub fn world_group(&self) -> Group {
         Group { ranks: (0..self.world).collect(), me: self.rank() }
     }

@@ -1,4 +1,5 @@
-//! Collectives between threads of this process, each a rank with real TCP connections.
+//! Collectives between threads of this process, each a rank with real connections (Unix-domain
+//! sockets, the transport ranks on one machine use; one test runs them over TCP too).
 
 use std::time::{Duration, Instant};
 
@@ -233,4 +234,38 @@ fn async_operations_run_in_order_and_hand_their_buffers_back() {
     });
     assert_eq!(out[0], vec![1.0, 3.0, 5.0, 7.0, 9.0]);
     assert_eq!(out[0], out[1]);
+}
+
+#[test]
+fn ranks_on_one_machine_use_unix_sockets_and_tcp_when_asked_with_the_same_results() {
+    for transport in [Transport::Auto, Transport::Tcp] {
+        let addr = free_addr();
+        let handles: Vec<_> = (0..3)
+            .map(|r| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let mut c = Comm::connect_with(r, 3, &addr, Duration::from_secs(20), transport).unwrap();
+                    let kinds = c.transports();
+                    let mut d = data(r, 300_001);
+                    c.all_reduce(&c.world_group(), &mut d, ReduceOp::Sum).unwrap();
+                    let g = c.world_group();
+                    let mine = c.reduce_scatter(&g, &mut data(r, 1001)).unwrap();
+                    (kinds, d, mine)
+                })
+            })
+            .collect();
+        let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let want_kind = if transport == Transport::Auto { "unix" } else { "tcp" };
+        for (r, (kinds, _, mine)) in out.iter().enumerate() {
+            for (p, k) in kinds.iter().enumerate() {
+                assert_eq!(*k, if p == r { "self" } else { want_kind }, "{transport:?}: rank {r} to {p}");
+            }
+            assert_eq!(*mine, shard_range(1001, 3, r));
+        }
+        let inputs: Vec<Vec<f32>> = (0..3).map(|r| data(r, 300_001)).collect();
+        for i in (0..300_001).step_by(1009) {
+            let want: f64 = inputs.iter().map(|d| d[i] as f64).sum();
+            assert!((out[0].1[i] as f64 - want).abs() < 1e-5, "{transport:?} [{i}]");
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! Byte transport between ranks: one TCP connection per pair, driven without threads or copies.
+//! Byte transport between ranks: one connection per pair, driven without threads or copies. Ranks
+//! on the same machine are connected by a Unix-domain socket (two to three times the throughput
+//! of loopback TCP: no TCP/IP stack in the way), ranks on different machines by TCP.
 //!
 //! Every collective step is an *exchange*: send some bytes to one peer while receiving some from
 //! another (often the same). The sockets are non-blocking and `poll` drives both directions at
@@ -8,7 +10,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -19,11 +22,73 @@ pub(crate) fn peer_error(rank: usize, message: impl Into<String>) -> Error {
     Error::Comm { rank: Some(rank), message: message.into() }
 }
 
+/// A connection to one peer.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    /// Same machine: a Unix-domain socket.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stream::Tcp(_) => "tcp",
+            Stream::Unix(_) => "unix",
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The connections of one rank to every other (`None` at its own index).
 #[derive(Debug)]
 pub(crate) struct Links {
     pub rank: usize,
-    pub streams: Vec<Option<TcpStream>>,
+    pub streams: Vec<Option<Stream>>,
     pub timeout: Duration,
     /// Bytes moved, for the communication-time metrics.
     pub bytes_sent: u64,
@@ -47,7 +112,7 @@ pub(crate) struct Incoming<'a, 'p> {
 }
 
 impl Links {
-    fn stream(&self, peer: usize) -> Result<&TcpStream> {
+    fn stream(&self, peer: usize) -> Result<&Stream> {
         self.streams
             .get(peer)
             .and_then(Option::as_ref)
