@@ -253,3 +253,59 @@ fn the_example_spec_trains_and_its_loss_falls_by_40_percent() {
     let (first, last) = (l[0], l[l.len() - 1]);
     assert!(last <= 0.6 * first, "loss {first:.4} → {last:.4}");
 }
+
+#[test]
+fn devices_lists_the_cpu_slots_and_the_gpus_or_why_there_are_none() {
+    let r = last_json(&ok(gantry().args(["devices", "--json"]).output().unwrap()));
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(r["cpu"]["cores"], cores);
+    assert_eq!(r["cpu"]["devices"], format!("cpu:{cores}"));
+    let gpus = r["cuda"].as_array().unwrap();
+    if gpus.is_empty() {
+        // No GPU here: the reason is given (no driver, or a build without CUDA).
+        let why = r["cuda_error"].as_str().unwrap();
+        assert!(why.contains("driver") || why.contains("without CUDA"), "{why}");
+    } else {
+        assert!(gpus[0]["memory_bytes"].as_u64().unwrap() > 1 << 30, "{r}");
+    }
+}
+
+/// The CUDA kernels compile through NVRTC without a GPU (builds with the `cuda` feature; where
+/// NVRTC is missing the command must say so, and `scripts/test` installs it).
+#[test]
+fn kernels_check_compiles_every_cuda_source_for_sm_80_and_sm_90() {
+    let out = gantry().args(["kernels", "check"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let required = std::env::var("GANTRY_REQUIRE_NVRTC").as_deref() == Ok("1");
+        assert!(!required && (stderr.contains("without CUDA") || stderr.contains("NVRTC")), "{stderr}");
+        return;
+    }
+    let r = last_json(&String::from_utf8_lossy(&out.stdout));
+    let sources = std::fs::read_dir(root().join("kernels/cuda"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cu"))
+        .count();
+    assert_eq!(r["kernels"], sources as u64);
+    assert_eq!(r["compiled"], sources as u64);
+    assert_eq!(r["archs"], serde_json::json!(["sm_80", "sm_90"]));
+    assert_eq!(stderr.matches("  ok ").count(), 2 * sources, "{stderr}");
+}
+
+#[test]
+fn gpu_work_without_a_gpu_is_refused_with_the_reason() {
+    let out = gantry()
+        .args(["bench", "--model", "gpt2-tiny", "--seq-len", "32", "--batch", "1", "--device", "cuda:0", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // This machine has a GPU: the run reports it.
+        let r = last_json(&String::from_utf8_lossy(&out.stdout));
+        assert!(r["device"].as_str().unwrap().starts_with("cuda:0"), "{r}");
+        return;
+    }
+    assert!(stderr.contains("driver") || stderr.contains("without CUDA"), "{stderr}");
+    let out = gantry().args(["bench", "--model", "gpt2-tiny", "--seq-len", "32", "--batch", "1", "--precision", "bf16"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fp32"), "bf16 on the CPU is refused");
+}
