@@ -43,6 +43,8 @@ pub struct GpuActs<T: Storage> {
     pub(super) da: CudaSlice<T>,
     pub(super) db: CudaSlice<T>,
     pub(super) logits: CudaSlice<T>,
+    /// Each row's loss, read back once per pass.
+    pub(super) losses: CudaSlice<f32>,
     /// A weight gradient in `T` before it is added to the f32 gradient buffer.
     pub(super) wgrad: CudaSlice<T>,
 }
@@ -99,6 +101,7 @@ impl<T: Storage> GpuActs<T> {
             da: alloc_t(n * inner)?,
             db: alloc_t(if llama { n * inner } else { 0 })?,
             logits: alloc_t(m.head_block_rows(n) * m.vocab)?,
+            losses: alloc_f(n)?,
             wgrad: alloc_t(m.max_weight)?,
         })
     }

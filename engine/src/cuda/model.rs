@@ -512,14 +512,13 @@ impl GpuModel {
         let (c, v) = (self.c, self.vocab);
         let block = self.head_block_rows(rows);
         let wt = p.slice(self.head.range());
-        let mut total = 0.0;
         let mut r0 = 0;
         while r0 < rows {
             let r = block.min(rows - r0);
             let h = a.nf.slice(r0 * c..(r0 + r) * c);
             let mut logits = a.logits.slice_mut(..r * v);
             ops::matmul(gpu, &mut logits, &h, &wt, r, c, v, false, true, false)?;
-            total += ops::softmax_xent(gpu, &mut logits, &a.targets.slice(r0..r0 + r), v, grad_scale)?;
+            ops::softmax_xent_rows(gpu, &mut logits, &a.targets.slice(r0..r0 + r), &mut a.losses.slice_mut(r0..r0 + r), v, grad_scale)?;
             if grad_scale.is_some() {
                 ops::matmul(gpu, &mut a.dc.slice_mut(r0 * c..(r0 + r) * c), &logits, &wt, r, v, c, false, false, false)?;
                 let mut wg = a.wgrad.slice_mut(..v * c);
@@ -528,7 +527,9 @@ impl GpuModel {
             }
             r0 += r;
         }
-        Ok(total)
+        // One read of every row's loss (this waits for the pass), summed in row order in f64.
+        let losses = gpu.stream().clone_dtoh(&a.losses.slice(..rows)).map_err(|e| Error::Device(format!("copying losses: {e}")))?;
+        Ok(losses.iter().map(|&l| l as f64).sum())
     }
 
     /// Summed loss over `b` loaded sequences, forward only.
