@@ -187,8 +187,7 @@ fn the_trainer_on_a_gpu_follows_the_cpu_run() {
 
 /// A checkpoint written while the GPU keeps training (the state copied on a stream of its own)
 /// holds the state of its step: a run resumed from it on the GPU continues with the losses of the
-/// uninterrupted run. (Not fp16: its loss scale is not in the checkpoint, so a resumed fp16 run
-/// starts again from the initial scale; see docs/cuda.md.)
+/// uninterrupted run, in every precision (fp16's loss scale is in the checkpoint).
 #[test]
 fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
     let Some(g) = gpu() else { return };

@@ -133,6 +133,22 @@ struct TrainerState {
     step: u64,
     /// Parameters in the table (a check that the checkpoint belongs to this model).
     params: usize,
+    /// fp16 runs: the dynamic loss scale, so a resumed run continues with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<LossScaleState>,
+}
+
+/// fp16's dynamic loss scale: the scale, and the good steps counted towards its next growth.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaleState {
+    pub scale: f32,
+    pub good_steps: u32,
+}
+
+/// The loss scale a training checkpoint recorded (fp16 runs), if any.
+pub fn checkpoint_loss_scale(dir: &Path) -> Option<LossScaleState> {
+    let text = std::fs::read_to_string(dir.join(STATE)).ok()?;
+    serde_json::from_str::<TrainerState>(&text).ok()?.loss_scale
 }
 
 /// Whether `dir` is a committed training checkpoint (its manifest, written last, exists).
@@ -159,7 +175,7 @@ pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
 /// writes the trainer state and the manifest, then renames `tmp` to `dir`.
 pub fn commit_checkpoint(tmp: &Path, dir: &Path, step: u64, params: usize) -> Result<()> {
     let r = (|| {
-        let state = serde_json::to_string_pretty(&TrainerState { step, params }).expect("serialises");
+        let state = serde_json::to_string_pretty(&TrainerState { step, params, loss_scale: None }).expect("serialises");
         std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
         seal(tmp, dir, step)
     })();
@@ -188,6 +204,8 @@ pub struct TrainingState<'a> {
     pub m: &'a [f32],
     pub v: &'a [f32],
     pub step: u64,
+    /// fp16 runs on a GPU: the loss scale at this step.
+    pub loss_scale: Option<LossScaleState>,
 }
 
 /// Writes parameters, moments and step to `dir` (replacing any earlier one) atomically: all
@@ -217,7 +235,7 @@ fn write_checkpoint(
     state: TrainingState<'_>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
-    let step = state.step;
+    let (step, loss_scale) = (state.step, state.loss_scale);
     if tmp.exists() {
         std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
     }
@@ -231,7 +249,7 @@ fn write_checkpoint(
     let opt = tmp.join(OPTIMIZER);
     safetensors::serialize_to_file(views, Some(HashMap::new()), &opt)
         .map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
-    let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len() }).expect("serialises");
+    let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len(), loss_scale }).expect("serialises");
     std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
     seal(tmp, dir, step)
 }
@@ -289,4 +307,37 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
         }
     }
     Ok(state.step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{Model, ModelConfig};
+
+    /// The fp16 loss scale goes into the trainer state and comes back; a checkpoint without one
+    /// (any non-fp16 run, or one written before the field existed) reads as none and loads.
+    #[test]
+    fn the_loss_scale_round_trips_and_is_optional() {
+        let cfg = ModelConfig::from_json(
+            r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":1,"n_head":2,"n_positions":8}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let model = Model::new(cfg).unwrap();
+        let n = model.table.len();
+        let (p, m, v) = (vec![0.5f32; n], vec![0.25f32; n], vec![0.125f32; n]);
+        let dir = tempfile::tempdir().unwrap();
+        let scale = LossScaleState { scale: 8192.0, good_steps: 17 };
+        for (name, ls) in [("with", Some(scale)), ("without", None)] {
+            let ck = dir.path().join(name);
+            let state = TrainingState { params: &p, m: &m, v: &v, step: 5, loss_scale: ls };
+            save_training_checkpoint(&ck, &model.config, &model.table, state, None).unwrap();
+            assert_eq!(checkpoint_loss_scale(&ck), ls);
+            let mut buf = crate::params::ParamBuffers::zeros(&model.table);
+            assert_eq!(load_training_checkpoint(&ck, &model.config, &model.table, &mut buf).unwrap(), 5);
+            assert_eq!((buf.m[0], buf.v[n - 1]), (0.25, 0.125));
+        }
+        let legacy: TrainerState = serde_json::from_str(r#"{"step": 3, "params": 10}"#).unwrap();
+        assert_eq!(legacy.loss_scale, None);
+    }
 }

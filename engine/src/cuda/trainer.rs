@@ -12,6 +12,7 @@ use gantry_kernels::cuda::Gpu;
 
 use super::acts::GpuActs;
 use super::model::GpuModel;
+use crate::checkpoint::LossScaleState;
 use crate::models::Model;
 use crate::optim::AdamW;
 use crate::params::ParamTable;
@@ -45,6 +46,18 @@ impl LossScale {
             self.good = 0;
         }
         true
+    }
+}
+
+impl LossScale {
+    /// What a checkpoint records.
+    pub fn state(&self) -> LossScaleState {
+        LossScaleState { scale: self.scale, good_steps: self.good }
+    }
+
+    /// The scale a checkpoint recorded.
+    pub fn from_state(s: LossScaleState) -> Self {
+        LossScale { scale: s.scale, good: s.good_steps, ..LossScale::new() }
     }
 }
 
@@ -131,10 +144,11 @@ where
     /// Uploads `params` (the model's flat buffer) and sizes activations for `batch` sequences of
     /// `seq` tokens.
     pub fn new(gpu: Gpu, model: &Model, params: &[f32], batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
-        Self::with_state(gpu, model, params, None, 0, batch, seq, optim)
+        Self::with_state(gpu, model, params, None, 0, None, batch, seq, optim)
     }
 
-    /// As `new`, resuming AdamW's moments `(m, v)` after `steps` optimizer steps.
+    /// As `new`, resuming AdamW's moments `(m, v)` after `steps` optimizer steps, and (fp16) the
+    /// loss scale a checkpoint recorded.
     #[allow(clippy::too_many_arguments)]
     pub fn with_state(
         gpu: Gpu,
@@ -142,6 +156,7 @@ where
         params: &[f32],
         moments: Option<(&[f32], &[f32])>,
         steps: u32,
+        loss_scale: Option<LossScaleState>,
         batch: usize,
         seq: usize,
         optim: AdamW,
@@ -173,7 +188,7 @@ where
             None => (zeros()?, zeros()?),
         };
         Ok(GpuTrainer {
-            scaler: (T::SUFFIX == "f16").then(LossScale::new),
+            scaler: (T::SUFFIX == "f16").then(|| loss_scale.map_or_else(LossScale::new, LossScale::from_state)),
             gpu,
             model: gm,
             table: model.table.clone(),
@@ -391,6 +406,8 @@ pub trait GpuStepper: Send {
     fn begin_download(&mut self) -> Result<HostState>;
     /// Returns a download's buffers for reuse.
     fn recycle(&mut self, hs: HostState);
+    /// fp16: the loss scale now (for checkpoints).
+    fn loss_scale(&self) -> Option<LossScaleState>;
 }
 
 impl<T: Storage> GpuStepper for GpuTrainer<T>
@@ -420,6 +437,10 @@ where
     fn recycle(&mut self, hs: HostState) {
         GpuTrainer::recycle(self, hs)
     }
+
+    fn loss_scale(&self) -> Option<LossScaleState> {
+        self.scaler.map(|s| s.state())
+    }
 }
 
 /// A trainer in `precision` on `gpu` (see [`GpuTrainer::with_state`]).
@@ -431,6 +452,7 @@ pub fn gpu_trainer(
     params: &[f32],
     moments: Option<(&[f32], &[f32])>,
     steps: u32,
+    loss_scale: Option<LossScaleState>,
     batch: usize,
     seq: usize,
     optim: AdamW,
@@ -438,8 +460,8 @@ pub fn gpu_trainer(
     use gantry_api::Precision;
     use gantry_kernels::cuda::half::{bf16, f16};
     Ok(match precision {
-        Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
-        Precision::Bf16 => Box::new(GpuTrainer::<bf16>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
-        Precision::Fp16 => Box::new(GpuTrainer::<f16>::with_state(gpu, model, params, moments, steps, batch, seq, optim)?),
+        Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
+        Precision::Bf16 => Box::new(GpuTrainer::<bf16>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
+        Precision::Fp16 => Box::new(GpuTrainer::<f16>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
     })
 }

@@ -7,6 +7,7 @@
 mod imp {
     use gantry_api::Precision;
 
+    use crate::checkpoint::LossScaleState;
     pub use crate::cuda::HostState;
     use crate::cuda::{gpu_trainer, GpuStep, GpuStepper};
     use crate::models::Model;
@@ -47,6 +48,7 @@ mod imp {
             model: &Model,
             buffers: &ParamBuffers,
             steps: u64,
+            loss_scale: Option<LossScaleState>,
             (micro, seq): (usize, usize),
             optim: AdamW,
             micro_batches: &[&[u32]],
@@ -59,7 +61,8 @@ mod imp {
                     None => gantry_kernels::cuda::Gpu::open(self.ordinal)?,
                 };
                 let moments = (steps > 0).then_some((&buffers.m[..], &buffers.v[..]));
-                self.stepper = Some(gpu_trainer(precision, gpu, model, &buffers.params, moments, steps as u32, micro, seq, optim)?);
+                self.stepper =
+                    Some(gpu_trainer(precision, gpu, model, &buffers.params, moments, steps as u32, loss_scale, micro, seq, optim)?);
             }
             self.host_current = false;
             self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip, steps as u32 + 1)
@@ -100,6 +103,11 @@ mod imp {
                 st.recycle(hs);
             }
         }
+
+        /// fp16: the loss scale now.
+        pub fn loss_scale(&self) -> Option<LossScaleState> {
+            self.stepper.as_ref().and_then(|s| s.loss_scale())
+        }
     }
 }
 
@@ -136,6 +144,10 @@ mod imp {
 
         pub fn recycle(&mut self, hs: HostState) {
             match hs {}
+        }
+
+        pub fn loss_scale(&self) -> Option<crate::checkpoint::LossScaleState> {
+            match *self {}
         }
     }
 }

@@ -5,8 +5,8 @@ use gantry_api::{Devices, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, save_hf_config, save_hf_dir,
-    save_training_checkpoint, shard_name, write_rank_shard, TrainingState,
+    checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, save_hf_config,
+    save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
 };
 use crate::comm::{Comm, DeviceMesh};
 use crate::data::{check_vocab, load_tokens, Sampler};
@@ -176,6 +176,8 @@ pub struct Trainer {
     snapshot: Option<Snapshot>,
     /// The GPU this rank trains on (`resources.devices = "cuda:N"`).
     gpu: Option<OnGpu>,
+    /// fp16 on a GPU: the loss scale of the checkpoint this run resumed from.
+    resumed_loss_scale: Option<LossScaleState>,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
@@ -282,6 +284,7 @@ impl Trainer {
             pending: None,
             snapshot,
             gpu,
+            resumed_loss_scale: None,
             step: 0,
         })
     }
@@ -393,6 +396,7 @@ impl Trainer {
             &self.model,
             &self.buffers,
             steps_before,
+            self.resumed_loss_scale,
             (micro, seq),
             self.optim,
             &refs,
@@ -458,6 +462,7 @@ impl Trainer {
                 Some(g) => g.begin_download()?,
                 None => None,
             };
+            let loss_scale = self.gpu.as_ref().and_then(|g| g.loss_scale()).or(self.resumed_loss_scale);
             if snapshot.gpu.is_none() {
                 snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
             }
@@ -470,7 +475,13 @@ impl Trainer {
                             Some(h) => h.slices()?,
                             None => (&snapshot.params[..], &snapshot.m[..], &snapshot.v[..]),
                         };
-                        save_training_checkpoint(&target, &config, &table, TrainingState { params, m, v, step }, tokenizer.as_deref())
+                        save_training_checkpoint(
+                            &target,
+                            &config,
+                            &table,
+                            TrainingState { params, m, v, step, loss_scale },
+                            tokenizer.as_deref(),
+                        )
                     })();
                     (r, dir_bytes(&target), t.elapsed().as_secs_f64(), snapshot)
                 })
@@ -637,6 +648,7 @@ impl Trainer {
         if let Some(g) = &mut self.gpu {
             g.reset();
         }
+        self.resumed_loss_scale = checkpoint_loss_scale(dir);
         if let Some(dp) = &mut self.dp {
             dp.setup(&mut self.buffers.params);
         }
