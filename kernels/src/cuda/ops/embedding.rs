@@ -1,0 +1,151 @@
+//! Rotary position embedding and token/position embedding launchers.
+
+use super::*;
+
+/// A rotary table on the device, uploaded from the CPU table so both paths rotate by the same
+/// angles.
+pub struct GpuRopeTable {
+    pub half: usize,
+    pub positions: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+impl GpuRopeTable {
+    pub fn upload(gpu: &Gpu, table: &RopeTable) -> Result<Self> {
+        let s = gpu.stream();
+        Ok(GpuRopeTable {
+            half: table.half,
+            positions: table.positions(),
+            cos: s.clone_htod(table.cos()).map_err(|e| Error::cuda("uploading the rope table", e))?,
+            sin: s.clone_htod(table.sin()).map_err(|e| Error::cuda("uploading the rope table", e))?,
+        })
+    }
+}
+
+/// Rotates heads `0..heads` at the start of every `row_stride`-wide row of `x` (row r at
+/// position r % seq); `inverse` is the backward pass.
+pub fn rope_apply<T: Storage>(
+    gpu: &Gpu,
+    x: &mut impl Out<T>,
+    row_stride: usize,
+    heads: usize,
+    seq: usize,
+    table: &GpuRopeTable,
+    inverse: bool,
+) -> Result<()> {
+    let mut x = x.view_mut();
+    if heads * 2 * table.half > row_stride || seq > table.positions {
+        return Err(Error::Shape(format!(
+            "rope: {heads} heads of {} at {seq} positions exceed a row of {row_stride} or the table's {} positions",
+            2 * table.half,
+            table.positions
+        )));
+    }
+    let rows = x.len() / row_stride;
+    let name = format!("rope_{}", T::SUFFIX);
+    let f = gpu.function("rope", &name)?;
+    let (rows32, stride32, heads32, seq32, half32, inv) =
+        (u32_of("rows", rows)?, row_stride as u32, heads as u32, seq as u32, table.half as u32, inverse as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut x).arg(&table.cos).arg(&table.sin).arg(&rows32).arg(&stride32).arg(&heads32).arg(&seq32).arg(&half32).arg(&inv);
+    // SAFETY: touches rows*heads*2*half elements inside rows of row_stride; table covers seq.
+    launched(&name, unsafe { b.launch(elementwise(rows * heads * table.half)) }.map(|_| ()))
+}
+
+/// `out[r] = wte[tokens[r]] (+ wpe[r % seq])`, rows of width `c`.
+pub fn embedding_forward<T: Storage>(
+    gpu: &Gpu,
+    out: &mut impl Out<T>,
+    tokens: &impl In<u32>,
+    wte: &impl In<f32>,
+    wpe: Option<&CudaView<'_, f32>>,
+    seq: usize,
+    c: usize,
+) -> Result<()> {
+    let mut out = out.view_mut();
+    let tokens = tokens.view();
+    let wte = wte.view();
+    let rows = tokens.len();
+    check_len("embedding out", out.len(), rows * c)?;
+    if let Some(wpe) = wpe {
+        check_len("position table", wpe.len(), seq * c)?;
+    }
+    let name = format!("embedding_fwd_{}", T::SUFFIX);
+    let f = gpu.function("embedding", &name)?;
+    let (rows32, seq32, c32) = (u32_of("rows", rows)?, seq as u32, u32_of("width", c)?);
+    let null: u64 = 0;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut out).arg(&tokens).arg(&wte);
+    match wpe {
+        Some(p) => b.arg(p),
+        // A null `const float*`: the kernel then adds no positions.
+        None => b.arg(&null),
+    };
+    b.arg(&rows32).arg(&seq32).arg(&c32);
+    // SAFETY: rows*c outputs; tokens index rows of wte (the caller's tokens are < vocab, as on
+    // CPU, where an out-of-range token panics on the slice index).
+    launched(&name, unsafe { b.launch(elementwise(rows * c)) }.map(|_| ()))
+}
+
+/// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. `tokens` are the host copy: the
+/// rows are bucketed by token here (a counting sort) so the device sums each vocabulary row in
+/// row order, with no atomics.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_backward<T: Storage>(
+    gpu: &Gpu,
+    dwte: &mut impl Out<f32>,
+    dwpe: Option<&mut CudaViewMut<'_, f32>>,
+    dout: &impl In<T>,
+    tokens: &[u32],
+    seq: usize,
+    c: usize,
+) -> Result<()> {
+    let mut dwte = dwte.view_mut();
+    let dout = dout.view();
+    let vocab = dwte.len() / c;
+    let rows = tokens.len();
+    check_len("embedding dout", dout.len(), rows * c)?;
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Shape(format!("token {bad} is outside the vocabulary of {vocab}")));
+    }
+    let mut starts = vec![0u32; vocab + 1];
+    for &t in tokens {
+        starts[t as usize + 1] += 1;
+    }
+    for v in 0..vocab {
+        starts[v + 1] += starts[v];
+    }
+    let mut fill = starts.clone();
+    let mut order = vec![0u32; rows];
+    for (r, &t) in tokens.iter().enumerate() {
+        order[fill[t as usize] as usize] = r as u32;
+        fill[t as usize] += 1;
+    }
+    let s = gpu.stream();
+    let order_d = s.clone_htod(&order).map_err(|e| Error::cuda("uploading token order", e))?;
+    let starts_d = s.clone_htod(&starts).map_err(|e| Error::cuda("uploading token order", e))?;
+    let name = format!("embedding_bwd_wte_{}", T::SUFFIX);
+    let f = gpu.function("embedding", &name)?;
+    let c32 = u32_of("width", c)?;
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of("vocab", vocab)?, c.div_ceil(THREADS as usize) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut dwte).arg(&dout).arg(&order_d).arg(&starts_d).arg(&c32);
+    // SAFETY: one thread per (vocab row, column); order/starts built above from valid tokens.
+    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
+    if let Some(dwpe) = dwpe {
+        check_len("position gradient", dwpe.len(), seq * c)?;
+        let name = format!("embedding_bwd_wpe_{}", T::SUFFIX);
+        let f = gpu.function("embedding", &name)?;
+        let (rows32, seq32) = (u32_of("rows", rows)?, seq as u32);
+        let mut b = s.launch_builder(&f);
+        b.arg(dwpe).arg(&dout).arg(&rows32).arg(&seq32).arg(&c32);
+        // SAFETY: seq*c outputs; rows*c elements of dout, checked above.
+        launched(&name, unsafe { b.launch(elementwise(seq * c)) }.map(|_| ()))?;
+    }
+    Ok(())
+}
