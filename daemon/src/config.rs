@@ -58,6 +58,9 @@ impl DaemonConfig {
         let database_url =
             a.database_url.clone().or(file.database_url).unwrap_or_else(|| format!("sqlite://{}", data_dir.join("gantry.db").display()));
         let devices: Devices = pick(&a.devices, &file.devices, "cpu:1").parse().map_err(|e: String| anyhow::anyhow!("--devices: {e}"))?;
+        if let Devices::Cuda(ids) = &devices {
+            check_gpus(&devices, ids)?;
+        }
         let heartbeat = a.heartbeat_timeout.or(file.heartbeat_timeout).unwrap_or(30);
         if heartbeat == 0 {
             bail!("--heartbeat-timeout must be at least 1 second");
@@ -77,6 +80,16 @@ impl DaemonConfig {
     pub fn runs_root(&self) -> PathBuf {
         self.data_dir.join("runs")
     }
+}
+
+/// GPU slots must name GPUs this machine has, so that jobs are not placed on devices that do not
+/// exist (each would fail at its worker's start, again at every restart).
+fn check_gpus(devices: &Devices, ids: &[u32]) -> anyhow::Result<()> {
+    let gpus = gantry_kernels::cuda::list_gpus().map_err(|e| anyhow::anyhow!("--devices {devices}: {e}"))?;
+    if let Some(id) = ids.iter().find(|&&i| i as usize >= gpus.len()) {
+        bail!("--devices {devices}: there is no cuda:{id}; this machine has {} GPU(s) (see `gantry devices`)", gpus.len());
+    }
+    Ok(())
 }
 
 pub fn slots(devices: &Devices) -> Vec<String> {

@@ -309,3 +309,19 @@ fn gpu_work_without_a_gpu_is_refused_with_the_reason() {
     let out = gantry().args(["bench", "--model", "gpt2-tiny", "--seq-len", "32", "--batch", "1", "--precision", "bf16"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fp32"), "bf16 on the CPU is refused");
 }
+
+#[test]
+fn a_daemon_told_to_schedule_gpus_it_does_not_have_refuses_to_start() {
+    let r = last_json(&ok(gantry().args(["devices", "--json"]).output().unwrap()));
+    let have = r["cuda"].as_array().unwrap().len();
+    let dir = tempfile::tempdir().unwrap();
+    let out = gantry()
+        .args(["daemon", "--devices", &format!("cuda:{have}"), "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the daemon started on a GPU this machine lacks");
+    assert!(stderr.contains(&format!("--devices cuda:{have}")), "the error names the setting: {stderr}");
+}
