@@ -83,11 +83,12 @@ impl DaemonConfig {
 }
 
 /// GPU slots must name GPUs this machine has, so that jobs are not placed on devices that do not
-/// exist (each would fail at its worker's start, again at every restart).
+/// exist (each would fail at its worker's start, again at every restart). Only the driver's count
+/// is read: opening the GPUs would fail, or take memory, where a re-adopted worker is training.
 fn check_gpus(devices: &Devices, ids: &[u32]) -> anyhow::Result<()> {
-    let gpus = gantry_kernels::cuda::list_gpus().map_err(|e| anyhow::anyhow!("--devices {devices}: {e}"))?;
-    if let Some(id) = ids.iter().find(|&&i| i as usize >= gpus.len()) {
-        bail!("--devices {devices}: there is no cuda:{id}; this machine has {} GPU(s) (see `gantry devices`)", gpus.len());
+    let count = gantry_kernels::cuda::gpu_count().map_err(|e| anyhow::anyhow!("--devices {devices}: {e}"))?;
+    if let Some(id) = ids.iter().find(|&&i| i as usize >= count) {
+        bail!("--devices {devices}: there is no cuda:{id}; this machine has {count} GPU(s) (see `gantry devices`)");
     }
     Ok(())
 }

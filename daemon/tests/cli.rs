@@ -315,12 +315,25 @@ fn a_daemon_told_to_schedule_gpus_it_does_not_have_refuses_to_start() {
     let r = last_json(&ok(gantry().args(["devices", "--json"]).output().unwrap()));
     let have = r["cuda"].as_array().unwrap().len();
     let dir = tempfile::tempdir().unwrap();
-    let out = gantry()
+    let mut child = gantry()
         .args(["daemon", "--devices", &format!("cuda:{have}"), "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A daemon that starts runs until stopped: a bounded wait makes that a failure, not a hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon started on a GPU this machine lacks");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the daemon started on a GPU this machine lacks");
     assert!(stderr.contains(&format!("--devices cuda:{have}")), "the error names the setting: {stderr}");

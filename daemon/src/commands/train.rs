@@ -39,7 +39,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
+    let mut children: Vec<(usize, std::process::Child)> = Vec::new();
     for rank in 1..world {
         let log_path = logs.join(format!("rank-{rank}.log"));
         let mut args: Vec<OsString> = vec!["train".into()];
@@ -53,7 +53,18 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         }
         // The daemon's own way of starting a rank; kept in this process group, so a Ctrl-C here
         // stops every rank.
-        let child = process::spawn_rank(&process::RankCommand { exe: &exe, args, log: &log_path, detach: false })?;
+        let child = match process::spawn_rank(&process::RankCommand { exe: &exe, args, log: &log_path, detach: false }) {
+            Ok(c) => c,
+            Err(e) => {
+                // The ranks already started would otherwise wait for rank 0 until the rendezvous
+                // times out.
+                for (_, mut c) in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e.into());
+            }
+        };
         children.push((rank, child));
     }
     eprintln!("gantry train: {world} ranks (rank 0 here, the others' logs in {})", logs.display());

@@ -132,12 +132,12 @@ impl Comm {
         (self.links.bytes_sent, self.links.bytes_received)
     }
 
-    /// All ranks.
     /// The kind of connection to each peer (`"unix"` or `"tcp"`; `"self"` at this rank).
     pub fn transports(&self) -> Vec<&'static str> {
         self.links.streams.iter().map(|s| s.as_ref().map_or("self", |s| s.kind())).collect()
     }
 
+    /// All ranks.
     pub fn world_group(&self) -> Group {
         Group { ranks: (0..self.world).collect(), me: self.rank() }
     }

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::transport::{peer_error, Stream};
@@ -50,10 +51,14 @@ fn parse_entry(e: &str) -> (&str, &str, &str) {
     (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or(""))
 }
 
-/// A Unix listener in the abstract namespace (nothing on the filesystem to clean up).
+/// A Unix listener in the abstract namespace (nothing on the filesystem to clean up). A count
+/// keeps the name unique within this process (ranks run as threads, as in the tests, share the
+/// pid and may read the same clock); the pid and the clock set it apart from other processes.
 fn unix_listener(rank: usize) -> Option<(UnixListener, String)> {
+    static LISTENERS: AtomicU64 = AtomicU64::new(0);
+    let n = LISTENERS.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let name = format!("gantry-comm-{}-{rank}-{nanos}", std::process::id());
+    let name = format!("gantry-comm-{}-{rank}-{n}-{nanos}", std::process::id());
     let addr = UnixAddr::from_abstract_name(name.as_bytes()).ok()?;
     let l = UnixListener::bind_addr(&addr).ok()?;
     l.set_nonblocking(true).ok()?;
@@ -190,7 +195,7 @@ pub(crate) fn connect_mesh(
             .map_err(|e| rv_error(format!("rank 0 did not send the address table within {timeout:?}: {e} (did every rank start?)")))?;
         (table, (own, unix))
     };
-    mesh(rank, world, table, own, deadline, timeout)
+    mesh(rank, world, table, own, deadline, timeout, transport)
 }
 
 /// Larger kernel socket buffers: fewer wake-ups per megabyte on the ring's large messages. (The
@@ -242,10 +247,10 @@ fn accept_any(tcp: &TcpListener, unix: Option<&UnixListener>, deadline: Instant)
 }
 
 /// Dials a lower rank: its Unix socket when it runs on this machine and the socket answers, TCP
-/// otherwise.
-fn dial(entry: &str, deadline: Instant) -> Result<Stream> {
+/// otherwise (always TCP when this rank was asked for TCP, whatever the peer offers).
+fn dial(entry: &str, deadline: Instant, transport: Transport) -> Result<Stream> {
     let (tcp, host, unix) = parse_entry(entry);
-    if !unix.is_empty() && !host.is_empty() && host == host_id() {
+    if transport == Transport::Auto && !unix.is_empty() && !host.is_empty() && host == host_id() {
         if let Ok(addr) = UnixAddr::from_abstract_name(unix.as_bytes()) {
             if let Ok(s) = UnixStream::connect_addr(&addr) {
                 return Ok(Stream::Unix(s));
@@ -262,10 +267,11 @@ fn mesh(
     (own, unix): (TcpListener, Option<(UnixListener, String)>),
     deadline: Instant,
     timeout: Duration,
+    transport: Transport,
 ) -> Result<Vec<Option<Stream>>> {
     let mut streams: Vec<Option<Stream>> = (0..world).map(|_| None).collect();
     for (peer, addr) in table.iter().enumerate().take(rank) {
-        let s = dial(addr, deadline)?;
+        let s = dial(addr, deadline, transport)?;
         write_u64s(&mut &s, &[MAGIC as u64, rank as u64]).map_err(|e| peer_error(peer, format!("greeting: {e}")))?;
         streams[peer] = Some(s);
     }

@@ -6,6 +6,7 @@ use gantry_kernels::cpu::adamw::AdamWStep;
 use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use std::sync::Arc;
 
+use gantry_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, PinnedHostSlice};
 use gantry_kernels::cuda::ops::{self, Storage};
 use gantry_kernels::cuda::Gpu;
@@ -86,6 +87,10 @@ pub struct HostState {
     params: PinnedHostSlice<f32>,
     m: PinnedHostSlice<f32>,
     v: PinnedHostSlice<f32>,
+    /// Recorded on the copy stream after the copies into these buffers. The slices' own events
+    /// are recorded only under cudarc's event tracking, which `Gpu::open` turns off, so their
+    /// `as_slice` would not wait for the copy: this event is what `slices` and `drop` wait for.
+    copied: Option<CudaEvent>,
 }
 
 impl std::fmt::Debug for HostState {
@@ -97,10 +102,21 @@ impl std::fmt::Debug for HostState {
 impl HostState {
     /// The parameters and both moments, once the copies into them have finished (this waits).
     pub fn slices(&self) -> Result<(&[f32], &[f32], &[f32])> {
-        fn get(p: &PinnedHostSlice<f32>) -> Result<&[f32]> {
-            p.as_slice().map_err(|e| Error::Device(format!("copying the training state to the host: {e}")))
+        let err = dev("copying the training state to the host");
+        if let Some(copied) = &self.copied {
+            copied.synchronize().map_err(&err)?;
         }
-        Ok((get(&self.params)?, get(&self.m)?, get(&self.v)?))
+        Ok((self.params.as_slice().map_err(&err)?, self.m.as_slice().map_err(&err)?, self.v.as_slice().map_err(&err)?))
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        // A copy may still be writing into the page-locked memory about to be freed (a download
+        // dropped unread, as when the writer thread cannot be started).
+        if let Some(copied) = &self.copied {
+            let _ = copied.synchronize();
+        }
     }
 }
 
@@ -335,7 +351,7 @@ where
                     // element; `HostState::slices` waits for them before anything reads it.
                     unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }.map_err(dev("allocating page-locked host memory"))
                 };
-                HostState { params: alloc()?, m: alloc()?, v: alloc()? }
+                HostState { params: alloc()?, m: alloc()?, v: alloc()?, copied: None }
             }
         };
         // The copy starts after everything queued so far (the last update) ...
@@ -344,7 +360,10 @@ where
         stream.memcpy_dtoh(&self.master, &mut hs.params).map_err(dev("copying parameters to the host"))?;
         stream.memcpy_dtoh(&self.m, &mut hs.m).map_err(dev("copying optimizer state to the host"))?;
         stream.memcpy_dtoh(&self.v, &mut hs.v).map_err(dev("copying optimizer state to the host"))?;
-        // ... and the next update starts after the copy (see `step`).
+        // The reader of `hs` waits for the copy (a blocking wait: the writer thread sleeps) ...
+        let copied = stream.record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(dev("recording an event"))?;
+        hs.copied = Some(copied);
+        // ... and the next update starts after it (see `step`).
         self.copy_done = Some(stream.record_event(None).map_err(dev("recording an event"))?);
         Ok(hs)
     }

@@ -434,7 +434,8 @@ impl Trainer {
     }
 
     /// Writes the current model as a Hugging Face directory (from the host copy: call after
-    /// `save_final` or a checkpoint when training on a GPU).
+    /// `save_final` when training on a GPU; a checkpoint copies the GPU's state into memory of
+    /// its own, not into the host buffers).
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
@@ -648,7 +649,10 @@ impl Trainer {
         if let Some(g) = &mut self.gpu {
             g.reset();
         }
-        self.resumed_loss_scale = checkpoint_loss_scale(dir);
+        // Only an fp16 run on a GPU scales its loss: any other run (one resumed with another
+        // precision or device included) neither uses nor records a scale the checkpoint has.
+        self.resumed_loss_scale =
+            (self.gpu.is_some() && self.spec.train.precision == Precision::Fp16).then(|| checkpoint_loss_scale(dir)).flatten();
         if let Some(dp) = &mut self.dp {
             dp.setup(&mut self.buffers.params);
         }

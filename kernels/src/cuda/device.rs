@@ -28,6 +28,13 @@ pub fn ensure_driver() -> Result<()> {
     }
 }
 
+/// How many GPUs the driver reports, without opening any: no context is created, so a GPU that
+/// is busy (full memory, exclusive-process mode) is counted all the same.
+pub fn count() -> Result<usize> {
+    ensure_driver()?;
+    Ok(CudaContext::device_count().map_err(|e| Error::cuda("cuDeviceGetCount", e))? as usize)
+}
+
 /// The GPUs the driver reports.
 pub fn list() -> Result<Vec<GpuInfo>> {
     ensure_driver()?;

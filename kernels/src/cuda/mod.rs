@@ -41,6 +41,19 @@ pub struct GpuInfo {
     pub compute_capability: (u32, u32),
 }
 
+/// How many GPUs this machine has, without opening them (unlike [`list_gpus`], which creates a
+/// context on each to describe it).
+pub fn gpu_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        device::count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::Error::NotBuilt)
+    }
+}
+
 /// The GPUs on this machine.
 pub fn list_gpus() -> Result<Vec<GpuInfo>> {
     #[cfg(feature = "cuda")]
