@@ -116,30 +116,13 @@ impl<T: Storage> GpuActs<T> {
 
     /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets on the device; returns `b`.
     pub(super) fn load(&mut self, gpu: &Gpu, windows: &[u32], vocab: usize) -> Result<usize> {
-        let w = self.seq + 1;
-        let b = windows.len() / w;
-        if !windows.len().is_multiple_of(w) || b == 0 || b > self.batch {
-            return Err(Error::Unsupported {
-                field: "batch".into(),
-                message: format!("got {} tokens: expected 1 to {} windows of {w}", windows.len(), self.batch),
-            });
-        }
-        if let Some(t) = windows.iter().find(|t| **t as usize >= vocab) {
-            return Err(Error::Unsupported {
-                field: "data".into(),
-                message: format!("token id {t} is outside the model's vocabulary of {vocab}"),
-            });
-        }
-        let mut targets = vec![0u32; b * self.seq];
-        for (i, win) in windows.chunks(w).enumerate() {
-            self.inputs_host[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[..self.seq]);
-            targets[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[1..]);
-        }
+        let mut targets = vec![0u32; self.cap];
+        let b = crate::models::split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs_host, &mut targets)?;
         let s = gpu.stream();
         let n = b * self.seq;
         s.memcpy_htod(&self.inputs_host[..n], &mut self.inputs.slice_mut(..n))
             .map_err(|e| Error::Device(format!("copying tokens to the GPU: {e}")))?;
-        s.memcpy_htod(&targets[..], &mut self.targets.slice_mut(..n))
+        s.memcpy_htod(&targets[..n], &mut self.targets.slice_mut(..n))
             .map_err(|e| Error::Device(format!("copying tokens to the GPU: {e}")))?;
         Ok(b)
     }

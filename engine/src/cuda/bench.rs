@@ -6,7 +6,7 @@ use std::time::Instant;
 use gantry_api::Precision;
 use gantry_kernels::cuda::Gpu;
 
-use super::gpu_trainer;
+use super::{gpu_trainer, StartState};
 use crate::models::Model;
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -47,7 +47,7 @@ pub fn bench_gpu(
     let mut params = vec![0.0f32; model.table.len()];
     model.table.init(&mut params, seed);
     let optim = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut t = gpu_trainer(precision, gpu, model, &params, None, 0, None, batch, seq, optim)?;
+    let mut t = gpu_trainer(precision, gpu, model, StartState::fresh(&params), batch, seq, optim)?;
     drop(params);
     let mut rng = Rng::new(seed, 0xBE7C);
     let vocab = model.config.vocab as u64;

@@ -15,4 +15,4 @@ mod trainer;
 pub use acts::GpuActs;
 pub use bench::{bench_gpu, peak_flops};
 pub use model::GpuModel;
-pub use trainer::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, LossScale};
+pub use trainer::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, LossScale, StartState};

@@ -120,6 +120,23 @@ impl Drop for HostState {
     }
 }
 
+/// Where a GPU trainer starts from: the parameters and, for a resumed run, AdamW's moments, the
+/// optimizer steps taken and (fp16) the loss scale.
+#[derive(Clone, Copy, Debug)]
+pub struct StartState<'a> {
+    pub params: &'a [f32],
+    pub moments: Option<(&'a [f32], &'a [f32])>,
+    pub steps: u32,
+    pub loss_scale: Option<LossScaleState>,
+}
+
+impl<'a> StartState<'a> {
+    /// A run from `params`, with no optimizer state yet.
+    pub fn fresh(params: &'a [f32]) -> Self {
+        StartState { params, moments: None, steps: 0, loss_scale: None }
+    }
+}
+
 pub struct GpuTrainer<T: Storage> {
     gpu: Gpu,
     model: GpuModel,
@@ -160,23 +177,12 @@ where
     /// Uploads `params` (the model's flat buffer) and sizes activations for `batch` sequences of
     /// `seq` tokens.
     pub fn new(gpu: Gpu, model: &Model, params: &[f32], batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
-        Self::with_state(gpu, model, params, None, 0, None, batch, seq, optim)
+        Self::with_state(gpu, model, StartState::fresh(params), batch, seq, optim)
     }
 
-    /// As `new`, resuming AdamW's moments `(m, v)` after `steps` optimizer steps, and (fp16) the
-    /// loss scale a checkpoint recorded.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_state(
-        gpu: Gpu,
-        model: &Model,
-        params: &[f32],
-        moments: Option<(&[f32], &[f32])>,
-        steps: u32,
-        loss_scale: Option<LossScaleState>,
-        batch: usize,
-        seq: usize,
-        optim: AdamW,
-    ) -> Result<Self> {
+    /// As `new`, from `start` (a resumed run's moments, steps and loss scale).
+    pub fn with_state(gpu: Gpu, model: &Model, start: StartState<'_>, batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
+        let StartState { params, moments, steps, loss_scale } = start;
         if params.len() != model.table.len() || moments.is_some_and(|(m, v)| m.len() != params.len() || v.len() != params.len()) {
             return Err(Error::Unsupported {
                 field: "model".into(),
@@ -463,15 +469,11 @@ where
 }
 
 /// A trainer in `precision` on `gpu` (see [`GpuTrainer::with_state`]).
-#[allow(clippy::too_many_arguments)]
 pub fn gpu_trainer(
     precision: gantry_api::Precision,
     gpu: Gpu,
     model: &Model,
-    params: &[f32],
-    moments: Option<(&[f32], &[f32])>,
-    steps: u32,
-    loss_scale: Option<LossScaleState>,
+    start: StartState<'_>,
     batch: usize,
     seq: usize,
     optim: AdamW,
@@ -479,8 +481,8 @@ pub fn gpu_trainer(
     use gantry_api::Precision;
     use gantry_kernels::cuda::half::{bf16, f16};
     Ok(match precision {
-        Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
-        Precision::Bf16 => Box::new(GpuTrainer::<bf16>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
-        Precision::Fp16 => Box::new(GpuTrainer::<f16>::with_state(gpu, model, params, moments, steps, loss_scale, batch, seq, optim)?),
+        Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, start, batch, seq, optim)?),
+        Precision::Bf16 => Box::new(GpuTrainer::<bf16>::with_state(gpu, model, start, batch, seq, optim)?),
+        Precision::Fp16 => Box::new(GpuTrainer::<f16>::with_state(gpu, model, start, batch, seq, optim)?),
     })
 }

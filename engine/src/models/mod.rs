@@ -58,25 +58,7 @@ impl Activations {
 
     /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets; returns `b`.
     fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
-        let w = self.seq + 1;
-        let b = windows.len() / w;
-        if !windows.len().is_multiple_of(w) || b == 0 || b > self.batch {
-            return Err(Error::Unsupported {
-                field: "batch".into(),
-                message: format!("got {} tokens: expected 1 to {} windows of {w}", windows.len(), self.batch),
-            });
-        }
-        if let Some(t) = windows.iter().find(|t| **t as usize >= vocab) {
-            return Err(Error::Unsupported {
-                field: "data".into(),
-                message: format!("token id {t} is outside the model's vocabulary of {vocab}"),
-            });
-        }
-        for (i, win) in windows.chunks(w).enumerate() {
-            self.inputs[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[..self.seq]);
-            self.targets[i * self.seq..(i + 1) * self.seq].copy_from_slice(&win[1..]);
-        }
-        Ok(b)
+        split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs, &mut self.targets)
     }
 }
 
@@ -204,6 +186,38 @@ impl Model {
     pub fn flops_per_token(&self, seq: usize) -> f64 {
         self.config.flops_per_token(self.table.len(), seq)
     }
+}
+
+/// Splits `windows` (`[b, seq+1]` tokens, `b` from 1 to `max_batch`) into `inputs` and `targets`
+/// (`[b, seq]` each, the targets shifted by one); returns `b`. Refuses a ragged batch and tokens
+/// outside the vocabulary, naming them. (The GPU model loads its batches through this too.)
+pub(crate) fn split_windows(
+    windows: &[u32],
+    seq: usize,
+    max_batch: usize,
+    vocab: usize,
+    inputs: &mut [u32],
+    targets: &mut [u32],
+) -> Result<usize> {
+    let w = seq + 1;
+    let b = windows.len() / w;
+    if !windows.len().is_multiple_of(w) || b == 0 || b > max_batch {
+        return Err(Error::Unsupported {
+            field: "batch".into(),
+            message: format!("got {} tokens: expected 1 to {max_batch} windows of {w}", windows.len()),
+        });
+    }
+    if let Some(t) = windows.iter().find(|t| **t as usize >= vocab) {
+        return Err(Error::Unsupported {
+            field: "data".into(),
+            message: format!("token id {t} is outside the model's vocabulary of {vocab}"),
+        });
+    }
+    for (i, win) in windows.chunks(w).enumerate() {
+        inputs[i * seq..(i + 1) * seq].copy_from_slice(&win[..seq]);
+        targets[i * seq..(i + 1) * seq].copy_from_slice(&win[1..]);
+    }
+    Ok(b)
 }
 
 /// The `l`-th of a layer-major stack of buffers, each `stride` long, first `len` elements.

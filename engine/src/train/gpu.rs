@@ -9,7 +9,7 @@ mod imp {
 
     use crate::checkpoint::LossScaleState;
     pub use crate::cuda::HostState;
-    use crate::cuda::{gpu_trainer, GpuStep, GpuStepper};
+    use crate::cuda::{gpu_trainer, GpuStep, GpuStepper, StartState};
     use crate::models::Model;
     use crate::optim::AdamW;
     use crate::params::ParamBuffers;
@@ -61,8 +61,15 @@ mod imp {
                     None => gantry_kernels::cuda::Gpu::open(self.ordinal)?,
                 };
                 let moments = (steps > 0).then_some((&buffers.m[..], &buffers.v[..]));
-                self.stepper =
-                    Some(gpu_trainer(precision, gpu, model, &buffers.params, moments, steps as u32, loss_scale, micro, seq, optim)?);
+                self.stepper = Some(gpu_trainer(
+                    precision,
+                    gpu,
+                    model,
+                    StartState { params: &buffers.params, moments, steps: steps as u32, loss_scale },
+                    micro,
+                    seq,
+                    optim,
+                )?);
             }
             self.host_current = false;
             self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip, steps as u32 + 1)
