@@ -142,28 +142,32 @@ fn training_losses_match_the_cpu_in_every_precision() {
     }
 }
 
+/// The example spec (`examples/tiny-gpt2/spec.toml`) with `sets` applied, and the folder its
+/// relative paths start from. `GANTRY_REPO_ROOT` says where the examples are when the test binary
+/// runs away from its build tree (on a GPU machine).
+fn example_spec(sets: &[String]) -> (gantry_api::JobSpec, std::path::PathBuf) {
+    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
+    let root = std::path::Path::new(&repo).join("examples/tiny-gpt2");
+    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
+    (gantry_api::JobSpec::from_toml(&text, sets).unwrap(), root)
+}
+
 /// The example spec's first steps through the trainer (data, schedule, accumulation, clipping)
 /// on the GPU against the CPU; the final model the GPU run writes gives the CPU run's loss.
 #[test]
 fn the_trainer_on_a_gpu_follows_the_cpu_run() {
     let Some(g) = gpu() else { return };
     drop(g);
-    use gantry_api::JobSpec;
     use gantry_engine::train::{load_model, Trainer};
-    // GANTRY_REPO_ROOT: where the examples are when the test binary runs away from its build tree.
-    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
-    let root = std::path::Path::new(&repo).join("examples/tiny-gpt2");
-    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
     let spec = |devices: &str, precision: &str| {
-        let sets = [
+        example_spec(&[
             "train.steps=10".into(),
             format!("resources.devices={devices}"),
             format!("train.precision={precision}"),
             "checkpoint.every=0".into(),
-        ];
-        JobSpec::from_toml(&text, &sets).unwrap()
+        ])
     };
-    let run = |s: JobSpec| {
+    let run = |(s, root): (gantry_api::JobSpec, std::path::PathBuf)| {
         let mut t = Trainer::new(s, &root).unwrap();
         let losses: Vec<f64> = (0..10).map(|_| t.train_step().unwrap().loss).collect();
         let dir = tempfile::tempdir().unwrap();
@@ -192,19 +196,14 @@ fn the_trainer_on_a_gpu_follows_the_cpu_run() {
 fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
     let Some(g) = gpu() else { return };
     drop(g);
-    use gantry_api::JobSpec;
     use gantry_engine::train::Trainer;
-    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
-    let root = std::path::Path::new(&repo).join("examples/tiny-gpt2");
-    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
     for precision in ["fp32", "bf16", "fp16"] {
-        let sets = [
+        let (spec, root) = example_spec(&[
             "train.steps=8".into(),
             "resources.devices=cuda:0".into(),
             format!("train.precision={precision}"),
             "checkpoint.every=3".into(),
-        ];
-        let spec = JobSpec::from_toml(&text, &sets).unwrap();
+        ]);
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("step_3");
         let mut t = Trainer::new(spec.clone(), &root).unwrap();

@@ -169,62 +169,64 @@ impl NcclComm {
     /// In place: this rank's shard (`shard_range(len, world, rank)`, returned) of `data` becomes
     /// the sum over ranks; the rest of `data` is left as scratch.
     pub fn reduce_scatter(&mut self, data: &mut impl Out<f32>) -> Result<Range<usize>> {
-        let mut v = data.view_mut();
-        let (len, world) = (v.len(), self.world);
-        self.run("reduce_scatter", |s| {
-            let (p, _sync) = v.device_ptr_mut(&s.stream);
-            Self::group(|| {
-                for i in 0..world {
-                    let r = shard_range(len, world, i);
-                    let at = p + (r.start * 4) as u64;
-                    // SAFETY: in place on shard i of this rank's buffer; root i keeps the sum.
-                    unsafe {
-                        result::reduce(
-                            at as *const _,
-                            at as *mut _,
-                            r.len(),
-                            sys::ncclDataType_t::ncclFloat32,
-                            sys::ncclRedOp_t::ncclSum,
-                            i as i32,
-                            s.comm,
-                            s.stream.cu_stream() as _,
-                        )
-                    }
-                    .map_err(|e| nccl_err("ncclReduce", e))?;
-                }
-                Ok(())
-            })
+        let len = self.per_shard("reduce_scatter", data, |s, at, n, root| {
+            // SAFETY: in place on one shard of this rank's buffer; its owner `root` keeps the sum.
+            unsafe {
+                result::reduce(
+                    at as *const _,
+                    at as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    root,
+                    s.comm,
+                    s.stream.cu_stream() as _,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclReduce", e))
         })?;
-        Ok(shard_range(len, world, self.rank))
+        Ok(shard_range(len, self.world, self.rank))
     }
 
     /// In place: every rank's `data` becomes the concatenation of each rank's own shard.
     pub fn all_gather(&mut self, data: &mut impl Out<f32>) -> Result<()> {
+        self.per_shard("all_gather", data, |s, at, n, root| {
+            // SAFETY: in place on one shard of this rank's buffer; its owner `root` sends it.
+            unsafe {
+                result::broadcast(
+                    at as *const _,
+                    at as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    root,
+                    s.comm,
+                    s.stream.cu_stream() as _,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclBroadcast", e))
+        })
+        .map(|_| ())
+    }
+
+    /// Runs `op(self, address, length, owner)` on every `shard_range` shard of `data` as one NCCL
+    /// group (shards may be uneven, which NCCL's own reduce-scatter and all-gather do not allow);
+    /// returns `data`'s length.
+    fn per_shard(&mut self, what: &str, data: &mut impl Out<f32>, op: impl Fn(&Self, u64, usize, i32) -> Result<()>) -> Result<usize> {
         let mut v = data.view_mut();
         let (len, world) = (v.len(), self.world);
-        self.run("all_gather", |s| {
+        self.run(what, |s| {
             let (p, _sync) = v.device_ptr_mut(&s.stream);
             Self::group(|| {
                 for i in 0..world {
                     let r = shard_range(len, world, i);
-                    let at = p + (r.start * 4) as u64;
-                    // SAFETY: in place on shard i of this rank's buffer; rank i sends it.
-                    unsafe {
-                        result::broadcast(
-                            at as *const _,
-                            at as *mut _,
-                            r.len(),
-                            sys::ncclDataType_t::ncclFloat32,
-                            i as i32,
-                            s.comm,
-                            s.stream.cu_stream() as _,
-                        )
-                    }
-                    .map_err(|e| nccl_err("ncclBroadcast", e))?;
+                    op(s, p + (r.start * 4) as u64, r.len(), i as i32)?;
                 }
                 Ok(())
             })
-        })
+        })?;
+        Ok(len)
     }
 
     /// Copies `root`'s `data` to every rank.

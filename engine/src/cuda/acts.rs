@@ -14,7 +14,9 @@ pub struct GpuActs<T: Storage> {
     pub(super) seq: usize,
     /// Rows the buffers hold (`batch * seq`): the stride of the layer stacks.
     pub(super) cap: usize,
+    /// The batch's tokens on the host (the inputs also feed the embedding backward's bucketing).
     pub(super) inputs_host: Vec<u32>,
+    targets_host: Vec<u32>,
     pub(super) inputs: CudaSlice<u32>,
     pub(super) targets: CudaSlice<u32>,
     pub(super) res: CudaSlice<T>,
@@ -75,6 +77,7 @@ impl<T: Storage> GpuActs<T> {
             seq,
             cap: n,
             inputs_host: vec![0; n],
+            targets_host: vec![0; n],
             inputs: s.alloc_zeros::<u32>(n).map_err(|e| Error::Device(format!("allocating tokens on the GPU: {e}")))?,
             targets: s.alloc_zeros::<u32>(n).map_err(|e| Error::Device(format!("allocating tokens on the GPU: {e}")))?,
             res: alloc_t((l + 1) * n * c)?,
@@ -116,13 +119,12 @@ impl<T: Storage> GpuActs<T> {
 
     /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets on the device; returns `b`.
     pub(super) fn load(&mut self, gpu: &Gpu, windows: &[u32], vocab: usize) -> Result<usize> {
-        let mut targets = vec![0u32; self.cap];
-        let b = crate::models::split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs_host, &mut targets)?;
+        let b = crate::models::split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs_host, &mut self.targets_host)?;
         let s = gpu.stream();
         let n = b * self.seq;
         s.memcpy_htod(&self.inputs_host[..n], &mut self.inputs.slice_mut(..n))
             .map_err(|e| Error::Device(format!("copying tokens to the GPU: {e}")))?;
-        s.memcpy_htod(&targets[..n], &mut self.targets.slice_mut(..n))
+        s.memcpy_htod(&self.targets_host[..n], &mut self.targets.slice_mut(..n))
             .map_err(|e| Error::Device(format!("copying tokens to the GPU: {e}")))?;
         Ok(b)
     }

@@ -8,8 +8,8 @@ use gantry_kernels::cuda::Gpu;
 
 use super::{gpu_trainer, StartState};
 use crate::models::Model;
-use crate::optim::AdamW;
 use crate::rng::Rng;
+use crate::train::bench::{median, BENCH_DATA_STREAM, BENCH_OPTIM};
 use crate::train::BenchResult;
 use crate::Result;
 
@@ -46,10 +46,9 @@ pub fn bench_gpu(
     let ctx = gpu.context().clone();
     let mut params = vec![0.0f32; model.table.len()];
     model.table.init(&mut params, seed);
-    let optim = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut t = gpu_trainer(precision, gpu, model, StartState::fresh(&params), batch, seq, optim)?;
+    let mut t = gpu_trainer(precision, gpu, model, StartState::fresh(&params), batch, seq, BENCH_OPTIM)?;
     drop(params);
-    let mut rng = Rng::new(seed, 0xBE7C);
+    let mut rng = Rng::new(seed, BENCH_DATA_STREAM);
     let vocab = model.config.vocab as u64;
     let tokens = batch * seq;
     let mut times = Vec::new();
@@ -70,7 +69,7 @@ pub fn bench_gpu(
             times.push(ms);
         }
     }
-    let step_ms = crate::train::bench::median(&mut times);
+    let step_ms = median(&mut times);
     let tokens_per_s = tokens as f64 / (step_ms / 1e3);
     let flops = model.flops_per_token(seq) * tokens_per_s;
     let (free, total) = ctx.mem_get_info().unwrap_or((0, 0));

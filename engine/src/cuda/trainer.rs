@@ -120,20 +120,19 @@ impl Drop for HostState {
     }
 }
 
-/// Where a GPU trainer starts from: the parameters and, for a resumed run, AdamW's moments, the
-/// optimizer steps taken and (fp16) the loss scale.
+/// Where a GPU trainer starts from: the parameters and, for a resumed run, AdamW's moments and
+/// (fp16) the loss scale. (Steps are numbered by the caller, see [`GpuTrainer::step`].)
 #[derive(Clone, Copy, Debug)]
 pub struct StartState<'a> {
     pub params: &'a [f32],
     pub moments: Option<(&'a [f32], &'a [f32])>,
-    pub steps: u32,
     pub loss_scale: Option<LossScaleState>,
 }
 
 impl<'a> StartState<'a> {
     /// A run from `params`, with no optimizer state yet.
     pub fn fresh(params: &'a [f32]) -> Self {
-        StartState { params, moments: None, steps: 0, loss_scale: None }
+        StartState { params, moments: None, loss_scale: None }
     }
 }
 
@@ -150,7 +149,6 @@ pub struct GpuTrainer<T: Storage> {
     v: CudaSlice<f32>,
     acts: GpuActs<T>,
     optim: AdamW,
-    steps: u32,
     scaler: Option<LossScale>,
     /// The stream that copies state to the host beside training, and the host buffers of the
     /// last copy, returned for reuse.
@@ -162,7 +160,7 @@ pub struct GpuTrainer<T: Storage> {
 
 impl<T: Storage> std::fmt::Debug for GpuTrainer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuTrainer").field("precision", &T::SUFFIX).field("steps", &self.steps).finish()
+        f.debug_struct("GpuTrainer").field("precision", &T::SUFFIX).field("params", &self.master.len()).finish()
     }
 }
 
@@ -180,9 +178,9 @@ where
         Self::with_state(gpu, model, StartState::fresh(params), batch, seq, optim)
     }
 
-    /// As `new`, from `start` (a resumed run's moments, steps and loss scale).
+    /// As `new`, from `start` (a resumed run's moments and loss scale).
     pub fn with_state(gpu: Gpu, model: &Model, start: StartState<'_>, batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
-        let StartState { params, moments, steps, loss_scale } = start;
+        let StartState { params, moments, loss_scale } = start;
         if params.len() != model.table.len() || moments.is_some_and(|(m, v)| m.len() != params.len() || v.len() != params.len()) {
             return Err(Error::Unsupported {
                 field: "model".into(),
@@ -222,15 +220,10 @@ where
             v,
             acts,
             optim,
-            steps,
             copy_stream: None,
             spare: None,
             copy_done: None,
         })
-    }
-
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
     }
 
     /// Bytes of parameters (both copies), gradients and optimizer state on the device.
@@ -287,7 +280,6 @@ where
         if let Some(done) = self.copy_done.take() {
             self.gpu.stream().wait(&done).map_err(dev("waiting for the state copy"))?;
         }
-        self.steps = step;
         let hp = AdamWStep {
             lr,
             beta1: self.optim.beta1,

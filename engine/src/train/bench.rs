@@ -39,6 +39,11 @@ pub struct BenchResult {
     pub gpu_mem_bytes: Option<u64>,
 }
 
+/// The optimizer of every `gantry bench` run, CPU or GPU (the PyTorch peers' settings).
+pub(crate) const BENCH_OPTIM: AdamW = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+/// The random-number stream the benchmarks draw their tokens from.
+pub(crate) const BENCH_DATA_STREAM: u64 = 0xBE7C;
+
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -57,8 +62,8 @@ pub fn bench(
     let mut buf = ParamBuffers::zeros(&model.table);
     model.table.init(&mut buf.params, seed);
     let mut acts = model.activations(batch, seq)?;
-    let optim = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut rng = Rng::new(seed, 0xBE7C);
+    let optim = BENCH_OPTIM;
+    let mut rng = Rng::new(seed, BENCH_DATA_STREAM);
     let vocab = model.config.vocab as u64;
     let tokens = batch * seq;
     let (mut times, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());

@@ -65,7 +65,7 @@ mod imp {
                     precision,
                     gpu,
                     model,
-                    StartState { params: &buffers.params, moments, steps: steps as u32, loss_scale },
+                    StartState { params: &buffers.params, moments, loss_scale },
                     micro,
                     seq,
                     optim,

@@ -16,17 +16,33 @@ pub struct AdamWStep {
     pub step: u32,
 }
 
+/// The per-step scalars of the update, derived once per tensor (in f64 where the bias
+/// corrections need it). The CUDA kernel takes the same values, so both paths round alike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 - lr * weight_decay` (decoupled decay), or 1 without decay.
+    pub shrink: f32,
+    /// `lr / (1 - beta1^step)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^step)`.
+    pub bc2_sqrt: f32,
+}
+
+impl AdamWStep {
+    pub fn scalars(&self, decay: bool) -> AdamWScalars {
+        let wd = if decay { self.weight_decay } else { 0.0 };
+        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step as i32);
+        AdamWScalars { shrink: 1.0 - self.lr * wd, step_size: (self.lr as f64 / bc1) as f32, bc2_sqrt: bc2.sqrt() as f32 }
+    }
+}
+
 const PAR: usize = 1 << 15;
 
 /// Updates `p`, `m`, `v` in place from `g`. `decay` selects whether weight decay applies.
 pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep, decay: bool) {
     debug_assert!(p.len() == g.len() && g.len() == m.len() && m.len() == v.len());
-    let wd = if decay { hp.weight_decay } else { 0.0 };
-    let shrink = 1.0 - hp.lr * wd;
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
+    let AdamWScalars { shrink, step_size, bc2_sqrt } = hp.scalars(decay);
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
     p.par_chunks_mut(PAR).zip(g.par_chunks(PAR)).zip(m.par_chunks_mut(PAR).zip(v.par_chunks_mut(PAR))).for_each(|((p, g), (m, v))| {
         for i in 0..p.len() {

@@ -16,11 +16,10 @@ pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: Opti
     });
 }
 
-/// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. The rows are bucketed by token
-/// first (a counting sort), then each vocabulary row is summed by one thread in row order: the
-/// same bits for any thread count, and no scratch copy of the table.
-pub fn embedding_backward(dwte: &mut [f32], dwpe: Option<&mut [f32]>, dout: &[f32], tokens: &[u32], seq: usize, c: usize) {
-    let vocab = dwte.len() / c;
+/// The rows of `tokens` bucketed by token (a counting sort): the rows holding token `v` are
+/// `order[starts[v]..starts[v + 1]]`, in row order. Both embedding backwards (CPU, CUDA) sum each
+/// vocabulary row through it, in that fixed order.
+pub fn bucket_by_token(tokens: &[u32], vocab: usize) -> (Vec<usize>, Vec<usize>) {
     let mut starts = vec![0usize; vocab + 1];
     for &t in tokens {
         starts[t as usize + 1] += 1;
@@ -34,6 +33,14 @@ pub fn embedding_backward(dwte: &mut [f32], dwpe: Option<&mut [f32]>, dout: &[f3
         order[fill[t as usize]] = r;
         fill[t as usize] += 1;
     }
+    (starts, order)
+}
+
+/// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. The rows are bucketed by token
+/// first (a counting sort), then each vocabulary row is summed by one thread in row order: the
+/// same bits for any thread count, and no scratch copy of the table.
+pub fn embedding_backward(dwte: &mut [f32], dwpe: Option<&mut [f32]>, dout: &[f32], tokens: &[u32], seq: usize, c: usize) {
+    let (starts, order) = bucket_by_token(tokens, dwte.len() / c);
     dwte.par_chunks_mut(c).enumerate().for_each(|(v, d)| {
         for &r in &order[starts[v]..starts[v + 1]] {
             let src = &dout[r * c..][..c];

@@ -60,7 +60,7 @@ pub struct Gpu {
     arch: Arch,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Kernels looked up so far, by (source, name): a launch then costs no driver lookup.
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
     blas: Mutex<Option<Arc<CudaBlasLT>>>,
 }
 
@@ -135,7 +135,8 @@ impl Gpu {
     /// Kernel `name` from source `source`, compiling (or loading from the cache) the module on
     /// first use.
     pub fn function(&self, source: &'static str, name: &str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.lock().expect("function lock").get(&(source, name.to_string())) {
+        // Looked up by `&str`: the launch path allocates nothing once a kernel is known.
+        if let Some(f) = self.functions.lock().expect("function lock").get(source).and_then(|m| m.get(name)) {
             return Ok(f.clone());
         }
         let module = {
@@ -152,7 +153,7 @@ impl Gpu {
             }
         };
         let f = module.load_function(name).map_err(|e| Error::cuda(format!("kernel {name} in {source}.cu"), e))?;
-        self.functions.lock().expect("function lock").insert((source, name.to_string()), f.clone());
+        self.functions.lock().expect("function lock").entry(source).or_default().insert(name.to_string(), f.clone());
         Ok(f)
     }
 }

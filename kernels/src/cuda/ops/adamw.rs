@@ -2,20 +2,6 @@
 
 use super::*;
 
-struct AdamScalars {
-    shrink: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-}
-
-/// The step's scalars, computed in f64 exactly as the CPU kernel computes them.
-fn adam_scalars(hp: &AdamWStep, decay: bool) -> AdamScalars {
-    let wd = if decay { hp.weight_decay } else { 0.0 };
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-    AdamScalars { shrink: 1.0 - hp.lr * wd, step_size: (hp.lr as f64 / bc1) as f32, bc2_sqrt: bc2.sqrt() as f32 }
-}
-
 /// Updates `p`, `m`, `v` in place from `g`.
 pub fn adamw_update(
     gpu: &Gpu,
@@ -34,7 +20,7 @@ pub fn adamw_update(
     for (what, len) in [("adamw grad", g.len()), ("adamw m", m.len()), ("adamw v", v.len())] {
         check_len(what, len, n)?;
     }
-    let sc = adam_scalars(hp, decay);
+    let sc = hp.scalars(decay);
     let f = gpu.function("adamw", "adamw_f32")?;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
@@ -77,7 +63,7 @@ pub fn adamw_update_copy<T: Storage>(
     if T::SUFFIX == "f32" {
         return Err(Error::Shape("adamw_update_copy keeps a 16-bit copy; use adamw_update for f32".into()));
     }
-    let sc = adam_scalars(hp, decay);
+    let sc = hp.scalars(decay);
     let name = format!("adamw_copy_{}", T::SUFFIX);
     let f = gpu.function("adamw", &name)?;
     let n64 = n as u64;

@@ -109,19 +109,9 @@ pub fn embedding_backward<T: Storage>(
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Shape(format!("token {bad} is outside the vocabulary of {vocab}")));
     }
-    let mut starts = vec![0u32; vocab + 1];
-    for &t in tokens {
-        starts[t as usize + 1] += 1;
-    }
-    for v in 0..vocab {
-        starts[v + 1] += starts[v];
-    }
-    let mut fill = starts.clone();
-    let mut order = vec![0u32; rows];
-    for (r, &t) in tokens.iter().enumerate() {
-        order[fill[t as usize] as usize] = r as u32;
-        fill[t as usize] += 1;
-    }
+    let (starts, order) = crate::cpu::embedding::bucket_by_token(tokens, vocab);
+    let to_u32 = |v: Vec<usize>| -> Result<Vec<u32>> { v.into_iter().map(|x| u32_of("embedding rows", x)).collect() };
+    let (starts, order) = (to_u32(starts)?, to_u32(order)?);
     let s = gpu.stream();
     let order_d = s.clone_htod(&order).map_err(|e| Error::cuda("uploading token order", e))?;
     let starts_d = s.clone_htod(&starts).map_err(|e| Error::cuda("uploading token order", e))?;
