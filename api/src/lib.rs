@@ -7,8 +7,8 @@ pub mod spec;
 
 pub use job::{ApiError, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, StepMetrics};
 pub use spec::{
-    CheckpointSpec, DataSpec, Devices, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec, Schedule,
-    SpecError, TrainSpec,
+    CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
+    Schedule, SpecError, TrainSpec,
 };
 
 /// The gRPC messages and services (`gantry.v1`).

@@ -310,6 +310,31 @@ fn gpu_work_without_a_gpu_is_refused_with_the_reason() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fp32"), "bf16 on the CPU is refused");
 }
 
+/// A layout the trainer cannot run (ZeRO-2 across GPUs, or GPUs in a build without CUDA) is
+/// refused, naming the field, before any rank starts or anything is written.
+#[test]
+fn a_gpu_layout_the_trainer_cannot_run_is_refused_before_any_rank_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let run = dir.path().join("run");
+    let out = gantry()
+        .arg("train")
+        .arg(&spec)
+        .args(["--set", "resources.devices=\"cuda:0,1\"", "--set", "parallel.dp=2", "--set", "parallel.zero=2", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    if cfg!(feature = "cuda") {
+        assert!(stderr.contains("parallel.zero") && stderr.contains("ZeRO-2 on GPUs"), "{stderr}");
+    } else {
+        assert!(stderr.contains("without CUDA"), "{stderr}");
+    }
+    assert!(!stderr.contains("ranks (rank 0 here"), "no rank was started: {stderr}");
+    assert!(!run.exists(), "nothing was written");
+}
+
 #[test]
 fn a_daemon_told_to_schedule_gpus_it_does_not_have_refuses_to_start() {
     let r = last_json(&ok(gantry().args(["devices", "--json"]).output().unwrap()));

@@ -294,7 +294,9 @@ async fn a_two_rank_job_reports_both_ranks_and_survives_losing_one() {
     let one = d.submit(&tiny_spec(steps, 0)).await;
     let mut two = tiny_spec(steps, 50);
     two["resources"]["devices"] = json!("cpu:2");
-    two["parallel"] = json!({"dp": 2, "zero": 1});
+    // ZeRO-3: every rank holds only its pieces of the parameters and moments, so the restart
+    // resumes from a checkpoint written in shards.
+    two["parallel"] = json!({"dp": 2, "zero": 3});
     let uninterrupted = d.submit(&two).await;
     d.wait_state(uninterrupted, "succeeded", 120).await;
     d.wait_state(one, "succeeded", 120).await;

@@ -117,7 +117,7 @@ where
     let gpu = data
         .iter()
         .enumerate()
-        .map(|(i, w)| t.step(&[w], lr, 1.0, i as u32 + 1).unwrap())
+        .map(|(i, w)| t.step(&[w], lr, 1.0, i as u32 + 1, None).unwrap())
         .inspect(|s| assert!(!s.skipped, "no step overflows here"))
         .map(|s| s.loss)
         .collect();
@@ -162,6 +162,7 @@ fn the_trainer_on_a_gpu_follows_the_cpu_run() {
     let spec = |devices: &str, precision: &str| {
         example_spec(&[
             "train.steps=10".into(),
+            "train.warmup_steps=2".into(),
             format!("resources.devices={devices}"),
             format!("train.precision={precision}"),
             "checkpoint.every=0".into(),
@@ -200,6 +201,7 @@ fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
     for precision in ["fp32", "bf16", "fp16"] {
         let (spec, root) = example_spec(&[
             "train.steps=8".into(),
+            "train.warmup_steps=2".into(),
             "resources.devices=cuda:0".into(),
             format!("train.precision={precision}"),
             "checkpoint.every=3".into(),

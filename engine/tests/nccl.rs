@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use gantry_engine::comm::{shard_range, Comm, NcclComm, ReduceOp};
+use gantry_engine::comm::{shard_range, Axis, Comm, DeviceMesh, NcclComm, ReduceOp};
 use gantry_kernels::cuda::Gpu;
 
 fn gpu_count() -> Option<usize> {
@@ -61,6 +61,36 @@ fn run_world(world: usize) {
 
                 nc.all_gather(&mut d).unwrap();
                 assert_eq!(s.clone_dtoh(&d).unwrap(), sum, "all_gather after reduce_scatter = all_reduce");
+
+                // Chunk by chunk, as the data-parallel trainer shards its gradients: each chunk
+                // is split into its own (uneven, sometimes empty) shards.
+                let chunks = [0..10, 10..10, 10..517, 517..n];
+                let mut d = s.clone_htod(&input(rank, n)).unwrap();
+                nc.reduce_scatter_chunks(&mut d, &chunks).unwrap();
+                let got = s.clone_dtoh(&d).unwrap();
+                for c in &chunks {
+                    let r = shard_range(c.len(), world, rank);
+                    let r = c.start + r.start..c.start + r.end;
+                    assert_eq!(&got[r.clone()], &sum[r.clone()], "reduce_scatter_chunks {r:?}");
+                }
+                nc.all_gather_chunks(&mut d, &chunks).unwrap();
+                assert_eq!(s.clone_dtoh(&d).unwrap(), sum, "all_gather_chunks after reduce_scatter_chunks = all_reduce");
+                let err = nc.all_gather_chunks(&mut d, std::slice::from_ref(&(0..n + 1))).unwrap_err().to_string();
+                assert!(err.contains("outside the 1001 elements"), "{err}");
+
+                // A mesh axis as a communicator of its own: pairs of ranks (or the world of one).
+                let mesh = if world.is_multiple_of(2) {
+                    DeviceMesh::new(world, world / 2, 1, 1, 2)
+                } else {
+                    DeviceMesh::new(world, world, 1, 1, 1)
+                };
+                let group = mesh.unwrap().group(if world.is_multiple_of(2) { Axis::Tp } else { Axis::Dp }, rank);
+                let mut sub = nc.split(&group).unwrap();
+                assert_eq!((sub.rank(), sub.world()), (group.me, group.size()));
+                let mut d = s.clone_htod(&input(rank, n)).unwrap();
+                sub.all_reduce(&mut d, ReduceOp::Sum).unwrap();
+                let group_sum: Vec<f32> = (0..n).map(|i| group.ranks.iter().map(|&r| input(r, n)[i]).sum()).collect();
+                assert_eq!(s.clone_dtoh(&d).unwrap(), group_sum, "all_reduce in a sub-group");
 
                 let mut bytes = s.clone_htod(&vec![rank as u8; 300]).unwrap();
                 nc.broadcast(&mut bytes, world - 1).unwrap();

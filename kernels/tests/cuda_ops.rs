@@ -314,6 +314,12 @@ fn gradient_norm_and_overflow_check() {
     let got = ops::sum_squares(&g, &xd).unwrap();
     let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
     assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    // Over pieces (a ZeRO rank's), empty ones included.
+    let pieces = [0..5, 5..5, 1000..300_000, 999_990..1_000_001];
+    let got = ops::sum_squares_pieces(&g, &xd, &pieces).unwrap();
+    let want: f64 = pieces.iter().flat_map(|p| &x[p.clone()]).map(|&v| v as f64 * v as f64).sum();
+    assert!((got - want).abs() < 1e-5 * want, "pieces: {got} vs {want}");
+    assert!(ops::sum_squares_pieces(&g, &xd, std::slice::from_ref(&(0..1_000_002))).is_err(), "a piece past the end is refused");
     assert!(!ops::unscale_check(&g, &mut xd, 0.5).unwrap());
     assert_close(&down(&g, &xd), &x.iter().map(|v| v * 0.5).collect::<Vec<_>>(), 0.0);
     let mut bad = x.clone();

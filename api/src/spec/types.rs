@@ -154,6 +154,28 @@ pub struct ParallelSpec {
     /// ZeRO stage, 0-3.
     #[serde(default)]
     pub zero: u8,
+    /// How GPU ranks exchange gradients and parameters (CPU ranks always use Gantry's own
+    /// socket communicator).
+    #[serde(default, skip_serializing_if = "GpuComm::is_default")]
+    pub gpu_comm: GpuComm,
+}
+
+/// The communicator of a multi-GPU job's device buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuComm {
+    /// NCCL, GPU to GPU (NVLink, PCIe, InfiniBand): the fast path.
+    #[default]
+    Nccl,
+    /// Staged through host memory over Gantry's socket communicator: slower, but it needs no
+    /// NCCL and lets several ranks share one GPU (for tests on one-GPU machines).
+    Host,
+}
+
+impl GpuComm {
+    fn is_default(&self) -> bool {
+        *self == GpuComm::default()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -274,7 +296,7 @@ impl Default for TrainSpec {
 
 impl Default for ParallelSpec {
     fn default() -> Self {
-        ParallelSpec { dp: 1, tp: 1, pp: 1, zero: 0 }
+        ParallelSpec { dp: 1, tp: 1, pp: 1, zero: 0, gpu_comm: GpuComm::Nccl }
     }
 }
 

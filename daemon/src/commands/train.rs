@@ -27,6 +27,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
     let base = spec_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let spec = absolute_paths(spec, &base)?;
+    // A layout the trainer cannot run is refused before any rank starts.
+    gantry_engine::train::check_layout(&spec)?;
     let world = spec.resources.devices.count();
     if world == 1 {
         return train_rank(&a, spec, run_dir, None);

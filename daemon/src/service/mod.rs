@@ -52,20 +52,12 @@ impl JobService {
             }
         }
         fits_node(&spec.resources.devices, &self.config.slots).map_err(|m| SpecError::new("resources.devices", m))?;
-        let p = &spec.parallel;
-        if p.tp != 1 || p.pp != 1 {
-            return Err(SpecError::new("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1").into());
-        }
-        if p.zero > 1 {
-            return Err(SpecError::new(
-                "parallel.zero",
-                format!("ZeRO stage {} is not built yet: this version runs stages 0 and 1", p.zero),
-            )
-            .into());
-        }
-        if p.zero > 0 && p.dp == 1 {
-            return Err(SpecError::new("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1").into());
-        }
+        // What the trainer cannot run is refused here, with the field to change, rather than
+        // accepted and failed by its workers.
+        gantry_engine::train::check_layout(spec).map_err(|e| match e {
+            gantry_engine::Error::Unsupported { field, message } => SpecError::new(&field, message),
+            other => SpecError::new("resources.devices", other.to_string()),
+        })?;
         Ok(())
     }
 

@@ -172,10 +172,11 @@ pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Commits a checkpoint whose files (rank shards, and rank 0's model) are complete in `tmp`:
-/// writes the trainer state and the manifest, then renames `tmp` to `dir`.
-pub fn commit_checkpoint(tmp: &Path, dir: &Path, step: u64, params: usize) -> Result<()> {
+/// writes the trainer state (with fp16's loss scale, if any) and the manifest, then renames `tmp`
+/// to `dir`.
+pub fn commit_checkpoint(tmp: &Path, dir: &Path, step: u64, params: usize, loss_scale: Option<LossScaleState>) -> Result<()> {
     let r = (|| {
-        let state = serde_json::to_string_pretty(&TrainerState { step, params, loss_scale: None }).expect("serialises");
+        let state = serde_json::to_string_pretty(&TrainerState { step, params, loss_scale }).expect("serialises");
         std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
         seal(tmp, dir, step)
     })();

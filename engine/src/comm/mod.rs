@@ -127,6 +127,11 @@ impl Comm {
         self.world
     }
 
+    /// How long any wait on a peer may take before it fails.
+    pub fn timeout(&self) -> Duration {
+        self.links.timeout
+    }
+
     /// Bytes sent and received so far.
     pub fn traffic(&self) -> (u64, u64) {
         (self.links.bytes_sent, self.links.bytes_received)

@@ -10,9 +10,15 @@
 //! Waits on the GPU are bounded like the TCP backend's: a collective that has not completed within
 //! the timeout (a dead or stuck peer) aborts the communicator and returns an error instead of
 //! hanging, and an asynchronous NCCL error (a peer's connection dropped) is reported as soon as it
-//! is seen. Not yet bounded: the communicator is a blocking one, so `ncclCommInitRank` and the
-//! connection NCCL sets up on the first use of a peer block inside the call (a non-blocking
-//! communicator, `ncclCommInitRankConfig` with `blocking = 0`, would close that gap).
+//! is seen. `ncclCommInitRank` blocks inside NCCL until every rank has joined, so it runs on a
+//! thread of its own and the caller waits for it at most the timeout: a rank that never joins
+//! fails the others with an error (the stuck thread is left behind; the process is expected to
+//! exit on the error). Still inside NCCL's own calls: the connection NCCL sets up on the first use
+//! of a peer (a non-blocking communicator, `ncclCommInitRankConfig` with `blocking = 0`, would
+//! bound that too, at the price of every call returning `ncclInProgress`).
+//!
+//! Sub-groups (the axes of a [`DeviceMesh`](super::DeviceMesh)) are communicators of their own,
+//! split from the world's with `ncclCommSplit` (see [`NcclComm::split`]).
 //!
 //! Point to point follows NCCL's rules, not the TCP backend's: a `send` completes only once the
 //! peer posts the matching `recv`, so two ranks that both send first wait for each other (until
@@ -27,7 +33,7 @@ use gantry_kernels::cuda::cudarc::nccl::{result, sys};
 use gantry_kernels::cuda::ops::{In, Out};
 use gantry_kernels::cuda::Gpu;
 
-use super::{shard_range, Comm, ReduceOp};
+use super::{shard_range, Comm, Group, ReduceOp};
 use crate::{Error, Result};
 
 /// One rank's NCCL communicator over the ranks of a TCP [`Comm`]'s world.
@@ -43,6 +49,12 @@ pub struct NcclComm {
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not race;
 // every method takes `&mut self`, so they cannot.
 unsafe impl Send for NcclComm {}
+
+/// A communicator handle on its way from the init thread.
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: the handle is only moved to the thread that then owns it; nothing uses it in between.
+unsafe impl Send for RawComm {}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,19 +87,74 @@ impl NcclComm {
         let g = tcp.world_group();
         tcp.broadcast(&g, &mut id, 0)?;
         let uid = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
+        let ctx = gpu.context().clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("nccl-init".into())
+            .spawn(move || {
+                let r = ctx.bind_to_thread().map_err(|e| Error::Device(format!("binding the GPU: {e}"))).and_then(|()| {
+                    let mut comm = std::mem::MaybeUninit::uninit();
+                    // SAFETY: `comm` is written by ncclCommInitRank before it is read; world and
+                    // rank are this job's, and every rank passes the same id.
+                    unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }
+                        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+                    // SAFETY: initialised by the successful call above.
+                    Ok(RawComm(unsafe { comm.assume_init() }))
+                });
+                let _ = tx.send(r);
+            })
+            .map_err(|e| Error::Device(format!("starting NCCL's init thread: {e}")))?;
+        let comm = match rx.recv_timeout(timeout) {
+            Ok(r) => r?.0,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(Error::Comm {
+                    rank: None,
+                    message: format!("NCCL init of {world} ranks did not complete within {timeout:?}: a rank is dead or stuck"),
+                })
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::Device("NCCL init: the init thread ended without an answer (it panicked)".into()))
+            }
+        };
+        // NCCL's later calls on this thread find the GPU current.
         gpu.context().bind_to_thread().map_err(|e| Error::Device(format!("binding the GPU: {e}")))?;
+        Ok(NcclComm { comm, stream: gpu.stream().clone(), rank, world, timeout, aborted: false })
+    }
+
+    /// The communicator of `group` (a set of this world's ranks, as `DeviceMesh::group` gives):
+    /// every rank of the world calls it, each with its own group, and the groups must partition
+    /// the world (as a mesh axis's groups do). Collective over the world, like NCCL's
+    /// `ncclCommSplit`.
+    pub fn split(&mut self, group: &Group) -> Result<NcclComm> {
+        self.live()?;
+        if group.ranks.get(group.me) != Some(&self.rank) {
+            return Err(Error::Comm {
+                rank: None,
+                message: format!("split: rank {} is not at position {} of the group {:?}", self.rank, group.me, group.ranks),
+            });
+        }
+        // The group's first rank names it: groups that partition the world differ in it.
+        let color = *group.ranks.iter().min().expect("a group holds this rank") as i32;
         let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by ncclCommInitRank before it is read; world and rank are
-        // this job's, and every rank passes the same id.
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32) }
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        // SAFETY: `self.comm` is live; `comm` is written before it is read; a null config makes
+        // the new communicator inherit this one's.
+        let r = unsafe { sys::ncclCommSplit(self.comm, color, group.me as i32, comm.as_mut_ptr(), std::ptr::null_mut()) };
+        if r != sys::ncclResult_t::ncclSuccess {
+            return Err(nccl_err("ncclCommSplit", r));
+        }
         // SAFETY: initialised by the successful call above.
         let comm = unsafe { comm.assume_init() };
-        Ok(NcclComm { comm, stream: gpu.stream().clone(), rank, world, timeout, aborted: false })
+        Ok(NcclComm { comm, stream: self.stream.clone(), rank: group.me, world: group.size(), timeout: self.timeout, aborted: false })
     }
 
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Queues later collectives on `stream`: the stream the buffers they read are written on (a
+    /// trainer rebuilt on a reopened GPU computes on a new one).
+    pub fn set_stream(&mut self, stream: Arc<CudaStream>) {
+        self.stream = stream;
     }
 
     pub fn world(&self) -> usize {
@@ -169,7 +236,21 @@ impl NcclComm {
     /// In place: this rank's shard (`shard_range(len, world, rank)`, returned) of `data` becomes
     /// the sum over ranks; the rest of `data` is left as scratch.
     pub fn reduce_scatter(&mut self, data: &mut impl Out<f32>) -> Result<Range<usize>> {
-        let len = self.per_shard("reduce_scatter", data, |s, at, n, root| {
+        let len = data.view_mut().len();
+        self.reduce_scatter_chunks(data, std::slice::from_ref(&(0..len)))?;
+        Ok(shard_range(len, self.world, self.rank))
+    }
+
+    /// In place: every rank's `data` becomes the concatenation of each rank's own shard.
+    pub fn all_gather(&mut self, data: &mut impl Out<f32>) -> Result<()> {
+        let len = data.view_mut().len();
+        self.all_gather_chunks(data, std::slice::from_ref(&(0..len)))
+    }
+
+    /// `reduce_scatter` on each of `chunks` (ranges of `data`) at once, as one NCCL group: the
+    /// data-parallel trainer's gradients, sharded chunk by chunk as ZeRO shards them.
+    pub fn reduce_scatter_chunks(&mut self, data: &mut impl Out<f32>, chunks: &[Range<usize>]) -> Result<()> {
+        self.per_shard("reduce_scatter", data, chunks, |s, at, n, root| {
             // SAFETY: in place on one shard of this rank's buffer; its owner `root` keeps the sum.
             unsafe {
                 result::reduce(
@@ -185,13 +266,12 @@ impl NcclComm {
             }
             .map(|_| ())
             .map_err(|e| nccl_err("ncclReduce", e))
-        })?;
-        Ok(shard_range(len, self.world, self.rank))
+        })
     }
 
-    /// In place: every rank's `data` becomes the concatenation of each rank's own shard.
-    pub fn all_gather(&mut self, data: &mut impl Out<f32>) -> Result<()> {
-        self.per_shard("all_gather", data, |s, at, n, root| {
+    /// `all_gather` on each of `chunks` (ranges of `data`) at once, as one NCCL group.
+    pub fn all_gather_chunks(&mut self, data: &mut impl Out<f32>, chunks: &[Range<usize>]) -> Result<()> {
+        self.per_shard("all_gather", data, chunks, |s, at, n, root| {
             // SAFETY: in place on one shard of this rank's buffer; its owner `root` sends it.
             unsafe {
                 result::broadcast(
@@ -207,26 +287,38 @@ impl NcclComm {
             .map(|_| ())
             .map_err(|e| nccl_err("ncclBroadcast", e))
         })
-        .map(|_| ())
     }
 
-    /// Runs `op(self, address, length, owner)` on every `shard_range` shard of `data` as one NCCL
-    /// group (shards may be uneven, which NCCL's own reduce-scatter and all-gather do not allow);
-    /// returns `data`'s length.
-    fn per_shard(&mut self, what: &str, data: &mut impl Out<f32>, op: impl Fn(&Self, u64, usize, i32) -> Result<()>) -> Result<usize> {
+    /// Runs `op(self, address, length, owner)` on every `shard_range` shard of each chunk of
+    /// `data` as one NCCL group (shards may be uneven, which NCCL's own reduce-scatter and
+    /// all-gather do not allow).
+    fn per_shard(
+        &mut self,
+        what: &str,
+        data: &mut impl Out<f32>,
+        chunks: &[Range<usize>],
+        op: impl Fn(&Self, u64, usize, i32) -> Result<()>,
+    ) -> Result<()> {
         let mut v = data.view_mut();
         let (len, world) = (v.len(), self.world);
+        if let Some(c) = chunks.iter().find(|c| c.start > c.end || c.end > len) {
+            return Err(Error::Comm { rank: None, message: format!("{what}: chunk {c:?} lies outside the {len} elements given") });
+        }
         self.run(what, |s| {
             let (p, _sync) = v.device_ptr_mut(&s.stream);
             Self::group(|| {
-                for i in 0..world {
-                    let r = shard_range(len, world, i);
-                    op(s, p + (r.start * 4) as u64, r.len(), i as i32)?;
+                for c in chunks {
+                    for i in 0..world {
+                        let r = shard_range(c.len(), world, i);
+                        if r.is_empty() {
+                            continue;
+                        }
+                        op(s, p + ((c.start + r.start) * 4) as u64, r.len(), i as i32)?;
+                    }
                 }
                 Ok(())
             })
-        })?;
-        Ok(len)
+        })
     }
 
     /// Copies `root`'s `data` to every rank.

@@ -57,7 +57,7 @@ pub fn bench_gpu(
     for i in 0..warmup + steps.max(1) {
         windows.iter_mut().for_each(|t| *t = rng.below(vocab) as u32);
         let t0 = Instant::now();
-        let r = t.step(&[&windows], 3e-4, 1.0, i as u32 + 1)?;
+        let r = t.step(&[&windows], 3e-4, 1.0, i as u32 + 1, None)?;
         t.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         on_step(i, ms);

@@ -2,6 +2,8 @@
 //! device; the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves);
 //! global-norm clipping; fp16's dynamic loss scaling.
 
+use std::ops::Range;
+
 use gantry_kernels::cpu::adamw::AdamWStep;
 use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use gantry_kernels::cuda::ops::{self, Storage};
 use gantry_kernels::cuda::Gpu;
 
 use super::acts::GpuActs;
+use super::dp::GpuDp;
 use super::model::GpuModel;
 use crate::checkpoint::LossScaleState;
 use crate::models::Model;
@@ -127,12 +130,16 @@ pub struct StartState<'a> {
     pub params: &'a [f32],
     pub moments: Option<(&'a [f32], &'a [f32])>,
     pub loss_scale: Option<LossScaleState>,
+    /// Under ZeRO-1, the parts of the flat buffer this rank updates (its pieces of each chunk,
+    /// see `parallel::DataParallel::pieces`); the moments hold those parts, concatenated.
+    /// `None`: the whole table.
+    pub pieces: Option<&'a [Range<usize>]>,
 }
 
 impl<'a> StartState<'a> {
     /// A run from `params`, with no optimizer state yet.
     pub fn fresh(params: &'a [f32]) -> Self {
-        StartState { params, moments: None, loss_scale: None }
+        StartState { params, moments: None, loss_scale: None, pieces: None }
     }
 }
 
@@ -145,6 +152,9 @@ pub struct GpuTrainer<T: Storage> {
     /// The working copy (`None` for f32, which reads the masters).
     work: Option<CudaSlice<T>>,
     grads: CudaSlice<f32>,
+    /// The parts of the flat buffer this rank updates, and where each starts in `m` and `v`.
+    pieces: Vec<Range<usize>>,
+    piece_at: Vec<usize>,
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
     acts: GpuActs<T>,
@@ -180,11 +190,24 @@ where
 
     /// As `new`, from `start` (a resumed run's moments and loss scale).
     pub fn with_state(gpu: Gpu, model: &Model, start: StartState<'_>, batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
-        let StartState { params, moments, loss_scale } = start;
-        if params.len() != model.table.len() || moments.is_some_and(|(m, v)| m.len() != params.len() || v.len() != params.len()) {
+        let StartState { params, moments, loss_scale, pieces } = start;
+        let pieces = pieces.map_or_else(|| std::iter::once(0..params.len()).collect(), <[_]>::to_vec);
+        let mut piece_at = Vec::with_capacity(pieces.len());
+        let mut shard = 0;
+        for p in &pieces {
+            piece_at.push(shard);
+            shard += p.len();
+        }
+        let outside = pieces.iter().any(|p| p.start > p.end || p.end > params.len());
+        if params.len() != model.table.len() || outside || moments.is_some_and(|(m, v)| m.len() != shard || v.len() != shard) {
             return Err(Error::Unsupported {
                 field: "model".into(),
-                message: format!("{} parameters for a table of {}", params.len(), model.table.len()),
+                message: format!(
+                    "{} parameters and {} optimizer-state elements for a table of {}",
+                    params.len(),
+                    moments.map_or(0, |(m, _)| m.len()),
+                    model.table.len()
+                ),
             });
         }
         let gm = GpuModel::new(&gpu, model)?;
@@ -199,13 +222,13 @@ where
             ops::cast_from_f32(&gpu, &mut w, &master)?;
             Some(w)
         };
-        let zeros = || s.alloc_zeros::<f32>(n).map_err(dev("allocating gradients and optimizer state"));
-        let grads = zeros()?;
+        let zeros = |n| s.alloc_zeros::<f32>(n).map_err(dev("allocating gradients and optimizer state"));
+        let grads = zeros(n)?;
         let (m, v) = match moments {
             Some((m, v)) => {
                 (s.clone_htod(m).map_err(dev("uploading optimizer state"))?, s.clone_htod(v).map_err(dev("uploading optimizer state"))?)
             }
-            None => (zeros()?, zeros()?),
+            None => (zeros(shard)?, zeros(shard)?),
         };
         Ok(GpuTrainer {
             scaler: (T::SUFFIX == "f16").then(|| loss_scale.map_or_else(LossScale::new, LossScale::from_state)),
@@ -216,6 +239,8 @@ where
             master,
             work,
             grads,
+            pieces,
+            piece_at,
             m,
             v,
             acts,
@@ -230,22 +255,34 @@ where
     pub fn state_bytes(&self) -> u64 {
         let n = self.table.len() as u64;
         let work = if self.work.is_some() { 2 * n } else { 0 };
-        16 * n + work
+        8 * n + work + 4 * (self.m.len() + self.v.len()) as u64
     }
 
     /// Optimizer step number `step` (1-based, for AdamW's bias corrections) over `micro_batches`
     /// (each `[b, seq+1]` tokens) at learning rate `lr`, clipping the global gradient norm to
     /// `grad_clip` (0: off). The loss is averaged over every token of the step, as on CPU.
     ///
+    /// With `dp`, this rank's micro-batches are its share of the global batch: every rank takes as
+    /// many tokens, the gradients are summed across the group (see [`GpuDp`]) and the loss is the
+    /// mean over the global batch.
+    ///
     /// The caller numbers the steps, as the CPU trainer does, so a resumed run continues with the
     /// numbers the uninterrupted one would have used. An fp16 step skipped for overflow still uses
     /// up its number (PyTorch's `GradScaler` would not advance Adam's count there; numbering by
     /// step keeps resume exact instead).
-    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep> {
+    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, mut dp: Option<GpuDp<'_>>) -> Result<GpuStep> {
         let w = self.acts.seq() + 1;
         let tokens: usize = micro_batches.iter().map(|mb| mb.len() / w * (w - 1)).sum();
         if tokens == 0 {
             return Err(Error::Unsupported { field: "batch".into(), message: "a step needs at least one window".into() });
+        }
+        let global_tokens = tokens * dp.as_ref().map_or(1, GpuDp::size);
+        let sharded = dp.as_ref().is_some_and(|d| d.zero() >= 1);
+        if !sharded && self.m.len() != self.master.len() {
+            return Err(Error::Unsupported {
+                field: "parallel.zero".into(),
+                message: "this GPU trainer holds a ZeRO shard of the optimizer state: its steps need the dp group".into(),
+            });
         }
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
         ops::zero(&self.gpu, &mut self.grads)?;
@@ -260,17 +297,33 @@ where
                 &mut self.grads,
                 &mut self.acts,
                 b,
-                loss_scale / tokens as f32,
+                loss_scale / global_tokens as f32,
             )?;
         }
-        let loss = total / tokens as f64;
+        if let Some(d) = &mut dp {
+            d.reduce_grads(&self.gpu, &mut self.grads)?;
+            total = d.sum(total)?;
+        }
+        let loss = total / global_tokens as f64;
+        // Under ZeRO-1 only this rank's pieces hold summed gradients (the rest is scratch, holding
+        // this rank's own or partial sums): the norm reads the pieces, and the group agrees on it
+        // and on overflow. The overflow check reads the whole buffer, scratch included: a
+        // non-finite partial sum makes its owner's sum non-finite too, so the agreed result is
+        // the same, for one pass instead of one per piece.
         if let Some(scaler) = &mut self.scaler {
-            let overflow = ops::unscale_check(&self.gpu, &mut self.grads, 1.0 / loss_scale)?;
+            let mut overflow = ops::unscale_check(&self.gpu, &mut self.grads, 1.0 / loss_scale)?;
+            if let (Some(d), true) = (&mut dp, sharded) {
+                overflow = d.sum(f64::from(u8::from(overflow)))? > 0.0;
+            }
             if !scaler.update(overflow) {
                 return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, loss_scale: scaler.scale });
             }
         }
-        let norm = ops::sum_squares(&self.gpu, &self.grads)?.sqrt();
+        let mut squares = ops::sum_squares_pieces(&self.gpu, &self.grads, &self.pieces)?;
+        if let (Some(d), true) = (&mut dp, sharded) {
+            squares = d.sum(squares)?;
+        }
+        let norm = squares.sqrt();
         if grad_clip > 0.0 {
             let coef = grad_clip / (norm + 1e-6);
             if coef < 1.0 {
@@ -290,11 +343,28 @@ where
         };
         for e in self.table.entries() {
             let r = e.at.range();
-            let (mut p, g, mut m, mut v) =
-                (self.master.slice_mut(r.clone()), self.grads.slice(r.clone()), self.m.slice_mut(r.clone()), self.v.slice_mut(r.clone()));
-            match &mut self.work {
-                Some(wk) => ops::adamw_update_copy(&self.gpu, &mut p, &mut wk.slice_mut(r), &g, &mut m, &mut v, &hp, e.decay)?,
-                None => ops::adamw_update(&self.gpu, &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
+            for (piece, &at) in self.pieces.iter().zip(&self.piece_at) {
+                let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
+                if lo >= hi {
+                    continue;
+                }
+                let local = at + (lo - piece.start)..at + (hi - piece.start);
+                let (mut p, g, mut m, mut v) =
+                    (self.master.slice_mut(lo..hi), self.grads.slice(lo..hi), self.m.slice_mut(local.clone()), self.v.slice_mut(local));
+                match (&mut self.work, sharded) {
+                    // The working copy is written in the same pass, unless the parameters are
+                    // gathered afterwards (then it is cast from them once, below).
+                    (Some(wk), false) => {
+                        ops::adamw_update_copy(&self.gpu, &mut p, &mut wk.slice_mut(lo..hi), &g, &mut m, &mut v, &hp, e.decay)?
+                    }
+                    _ => ops::adamw_update(&self.gpu, &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
+                }
+            }
+        }
+        if let (Some(d), true) = (&mut dp, sharded) {
+            d.gather_params(&self.gpu, &mut self.master)?;
+            if let Some(wk) = &mut self.work {
+                ops::cast_from_f32(&self.gpu, wk, &self.master)?;
             }
         }
         Ok(GpuStep { loss, grad_norm: norm, skipped: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
@@ -412,7 +482,7 @@ fn params_view<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaS
 /// A GPU trainer of any precision, for callers that pick the precision at run time.
 pub trait GpuStepper: Send {
     /// One optimizer step (see [`GpuTrainer::step`]).
-    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep>;
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, dp: Option<GpuDp<'_>>) -> Result<GpuStep>;
     /// Copies parameters and moments to the host (see [`GpuTrainer::download_state`]).
     fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()>;
     /// Bytes of training state on the device.
@@ -431,8 +501,8 @@ impl<T: Storage> GpuStepper for GpuTrainer<T>
 where
     CudaBlasLT: Matmul<T>,
 {
-    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32) -> Result<GpuStep> {
-        GpuTrainer::step(self, micro_batches, lr, grad_clip, step)
+    fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, dp: Option<GpuDp<'_>>) -> Result<GpuStep> {
+        GpuTrainer::step(self, micro_batches, lr, grad_clip, step, dp)
     }
 
     fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {

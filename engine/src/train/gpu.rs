@@ -1,17 +1,22 @@
-//! The trainer's GPU path: with `resources.devices = "cuda:N"` the step runs on one GPU (see
-//! `crate::cuda`), and the host buffers are brought up to date only where the run needs them
-//! (checkpoints, the final model). In builds without the `cuda` feature the type is empty, so the
+//! The trainer's GPU path: with `resources.devices = "cuda:N"` each rank's step runs on its GPU
+//! (see `crate::cuda`; several GPUs form a dp group over NCCL or host memory, see
+//! `crate::cuda::GpuDp`), and the host buffers are brought up to date only where the run needs
+//! them (checkpoints, the final model). In builds without the `cuda` feature the type is empty, so the
 //! trainer's GPU branches compile away.
 
 #[cfg(feature = "cuda")]
 mod imp {
     use gantry_api::Precision;
 
+    use std::time::Duration;
+
     use crate::checkpoint::LossScaleState;
+    use crate::comm::{Comm, NcclComm};
     pub use crate::cuda::HostState;
-    use crate::cuda::{gpu_trainer, GpuStep, GpuStepper, StartState};
+    use crate::cuda::{gpu_trainer, GpuDp, GpuStep, GpuStepper, StartState};
     use crate::models::Model;
     use crate::optim::AdamW;
+    use crate::parallel::DataParallel;
     use crate::params::ParamBuffers;
     use crate::Result;
 
@@ -24,6 +29,8 @@ mod imp {
         stepper: Option<Box<dyn GpuStepper>>,
         /// Whether the host buffers hold the GPU's current state.
         host_current: bool,
+        /// The dp group's NCCL communicator (`parallel.gpu_comm = "nccl"` on several ranks).
+        nccl: Option<NcclComm>,
     }
 
     impl std::fmt::Debug for OnGpu {
@@ -36,7 +43,18 @@ mod imp {
         pub fn open(ordinal: usize) -> Result<Self> {
             let device = gantry_kernels::cuda::Gpu::open(ordinal)
                 .map_err(|e| crate::Error::Device(format!("resources.devices = \"cuda:{ordinal}\": {e}")))?;
-            Ok(OnGpu { ordinal, device: Some(device), stepper: None, host_current: true })
+            Ok(OnGpu { ordinal, device: Some(device), stepper: None, host_current: true, nccl: None })
+        }
+
+        /// Joins the NCCL communicator of `tcp`'s world on this GPU (every rank calls it, before
+        /// the first step).
+        pub fn connect_nccl(&mut self, tcp: &mut Comm, timeout: Duration) -> Result<()> {
+            let gpu = match &self.device {
+                Some(g) => g,
+                None => return Err(crate::Error::Device("NCCL must be joined before the first step".into())),
+            };
+            self.nccl = Some(NcclComm::connect(tcp, gpu, timeout)?);
+            Ok(())
         }
 
         /// One optimizer step; the first one uploads `buffers` (parameters, and the moments
@@ -54,25 +72,31 @@ mod imp {
             micro_batches: &[&[u32]],
             lr: f32,
             clip: f64,
+            dp: Option<&mut DataParallel>,
         ) -> Result<GpuStep> {
             if self.stepper.is_none() {
                 let gpu = match self.device.take() {
                     Some(g) => g,
                     None => gantry_kernels::cuda::Gpu::open(self.ordinal)?,
                 };
+                // NCCL must queue its collectives on the stream the trainer computes on.
+                if let Some(n) = &mut self.nccl {
+                    n.set_stream(gpu.stream().clone());
+                }
                 let moments = (steps > 0).then_some((&buffers.m[..], &buffers.v[..]));
                 self.stepper = Some(gpu_trainer(
                     precision,
                     gpu,
                     model,
-                    StartState { params: &buffers.params, moments, loss_scale },
+                    StartState { params: &buffers.params, moments, loss_scale, pieces: Some(&buffers.pieces) },
                     micro,
                     seq,
                     optim,
                 )?);
             }
             self.host_current = false;
-            self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip, steps as u32 + 1)
+            let dp = dp.map(|dp| GpuDp { dp, nccl: self.nccl.as_mut() });
+            self.stepper.as_mut().expect("created above").step(micro_batches, lr, clip, steps as u32 + 1, dp)
         }
 
         /// Drops the training state: the next step uploads the host buffers again (after a
@@ -137,6 +161,10 @@ mod imp {
     }
 
     impl OnGpu {
+        pub fn connect_nccl(&mut self, _tcp: &mut crate::comm::Comm, _timeout: std::time::Duration) -> Result<()> {
+            match *self {}
+        }
+
         pub fn sync_host(&mut self, _buffers: &mut ParamBuffers) -> Result<()> {
             match *self {}
         }

@@ -7,4 +7,4 @@ mod trainer;
 
 pub use bench::{bench, BenchResult};
 pub use eval::{evaluate, EvalResult};
-pub use trainer::{load_model, CheckpointOutcome, StepReport, Trainer};
+pub use trainer::{check_layout, load_model, CheckpointOutcome, StepReport, Trainer};

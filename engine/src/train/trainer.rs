@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use gantry_api::{Devices, JobSpec, ModelInit, Precision};
+use gantry_api::{Devices, GpuComm, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
@@ -116,6 +116,8 @@ impl Snapshot {
 struct PendingCheckpoint {
     step: u64,
     dir: PathBuf,
+    /// fp16 on a GPU: the loss scale at `step` (a sharded checkpoint records it at the commit).
+    loss_scale: Option<LossScaleState>,
     stall_secs: f64,
     thread: std::thread::JoinHandle<(Result<()>, u64, f64, Snapshot)>,
 }
@@ -155,6 +157,44 @@ fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
+/// Checks that the trainer can run `spec`'s layout (devices, precision, parallelism) before
+/// anything starts: `gantry train` calls it before it starts ranks, the daemon when a job is
+/// submitted, and every rank again. The error names the field to change.
+pub fn check_layout(spec: &JobSpec) -> Result<()> {
+    crate::device::check_supported(&spec.resources.devices)?;
+    let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
+    let on_gpu = matches!(spec.resources.devices, Devices::Cuda(_));
+    if !on_gpu && spec.train.precision != Precision::Fp32 {
+        return unsupported(
+            "train.precision",
+            format!(
+                "{} needs a GPU (resources.devices = \"cuda:N\"); CPU training runs in fp32",
+                format!("{:?}", spec.train.precision).to_lowercase()
+            ),
+        );
+    }
+    let p = &spec.parallel;
+    if p.tp != 1 || p.pp != 1 {
+        return unsupported("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1".into());
+    }
+    if p.zero > 3 {
+        return unsupported("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
+    }
+    if on_gpu && p.zero >= 2 {
+        return unsupported(
+            "parallel.zero",
+            format!(
+                "ZeRO-{} on GPUs is not built yet (it needs the GPU model to release gradients and gather parameters as it goes); use parallel.zero = 0 or 1, or CPU ranks",
+                p.zero
+            ),
+        );
+    }
+    if p.dp == 1 && p.zero != 0 {
+        return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
+    }
+    Ok(())
+}
+
 /// One rank's training state and loop.
 #[derive(Debug)]
 pub struct Trainer {
@@ -191,43 +231,36 @@ impl Trainer {
 
     /// As `new`, for one rank of a job on `comm.world()` ranks (`parallel.dp` of them).
     pub fn with_comm(spec: JobSpec, base: &Path, comm: Option<Comm>) -> Result<Trainer> {
-        crate::device::check_supported(&spec.resources.devices)?;
+        check_layout(&spec)?;
         let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
+        let world = comm.as_ref().map_or(1, Comm::world);
+        let rank = comm.as_ref().map_or(0, Comm::rank);
+        // `gantry train` hands every rank the job's GPU list (rank r takes the r-th); a daemon
+        // worker's spec names only its own GPU.
         let gpu_ordinal = match &spec.resources.devices {
-            Devices::Cuda(ids) => ids.first().map(|&i| i as usize),
+            Devices::Cuda(ids) if ids.len() == world => ids.get(rank).map(|&i| i as usize),
+            Devices::Cuda(ids) if ids.len() == 1 => Some(ids[0] as usize),
+            Devices::Cuda(ids) => {
+                return unsupported(
+                    "resources.devices",
+                    format!("{} GPUs listed for a job of {world} ranks: list one GPU per rank", ids.len()),
+                )
+            }
             Devices::Cpu(_) => None,
         };
-        if gpu_ordinal.is_none() && spec.train.precision != Precision::Fp32 {
-            return unsupported(
-                "train.precision",
-                format!(
-                    "{} needs a GPU (resources.devices = \"cuda:N\"); CPU training runs in fp32",
-                    format!("{:?}", spec.train.precision).to_lowercase()
-                ),
-            );
-        }
         let p = &spec.parallel;
-        if p.tp != 1 || p.pp != 1 {
-            return unsupported("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1".into());
-        }
-        let world = comm.as_ref().map_or(1, Comm::world);
         if p.dp != world {
             return unsupported("parallel.dp", format!("parallel.dp = {} but the job runs on {world} ranks", p.dp));
         }
-        // The GPU step (`train_step_gpu`) runs one rank: it neither takes this rank's share of the
-        // batch nor reduces gradients. A daemon worker's spec names only its own GPU, so
-        // `check_supported` cannot see that the job spans several.
-        if gpu_ordinal.is_some() && world > 1 {
-            let message = format!("{world} GPU ranks: the trainer runs one GPU per job for now (data parallelism over NCCL is not wired into it yet); use one GPU (cuda:N)");
-            return unsupported("resources.devices", message);
-        }
-        if comm.is_none() && p.zero != 0 {
-            return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
-        }
-        let gpu = match gpu_ordinal {
+        let mut gpu = match gpu_ordinal {
             Some(ordinal) => Some(open_gpu(ordinal)?),
             None => None,
         };
+        let mut comm = comm;
+        if let (Some(g), Some(c), GpuComm::Nccl) = (&mut gpu, &mut comm, spec.parallel.gpu_comm) {
+            let timeout = c.timeout();
+            g.connect_nccl(c, timeout)?;
+        }
         let model_dir = base.join(&spec.model.path);
         let (mut model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
         let dp = match comm {
@@ -381,9 +414,12 @@ impl Trainer {
     fn train_step_gpu(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+        let per_rank = global / ranks;
         let mut batches = Vec::with_capacity(self.spec.accumulation_steps());
         for k in 0..self.spec.accumulation_steps() {
-            self.sampler.fill(&self.tokens, self.step, global, k * micro..(k + 1) * micro, &mut self.batch);
+            let first = rank * per_rank + k * micro;
+            self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
             batches.push(self.batch.clone());
         }
         let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
@@ -402,7 +438,10 @@ impl Trainer {
             &refs,
             lr as f32,
             self.spec.train.grad_clip,
+            self.dp.as_mut(),
         )?;
+        let comm = self.dp.as_mut().map(DataParallel::take_comm_time).unwrap_or_default();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
         Ok(StepReport {
@@ -413,9 +452,9 @@ impl Trainer {
             tokens_per_s: tokens as f64 / secs,
             mem_bytes: gpu.state_bytes(),
             step_ms: secs * 1e3,
-            comm_ms: 0.0,
-            grad_comm_ms: 0.0,
-            grad_comm_waited_ms: 0.0,
+            comm_ms: ms(comm[0]),
+            grad_comm_ms: ms(comm[2]),
+            grad_comm_waited_ms: ms(comm[3]),
             tokens,
         })
     }
@@ -452,6 +491,7 @@ impl Trainer {
         let (config, table, tokenizer, step, target) =
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
         let zero = self.dp.as_ref().map_or(0, DataParallel::zero);
+        let loss_scale = self.gpu.as_ref().and_then(|g| g.loss_scale()).or(self.resumed_loss_scale);
         if zero == 0 {
             if self.dp_rank() != 0 {
                 return Ok(previous);
@@ -463,7 +503,6 @@ impl Trainer {
                 Some(g) => g.begin_download()?,
                 None => None,
             };
-            let loss_scale = self.gpu.as_ref().and_then(|g| g.loss_scale()).or(self.resumed_loss_scale);
             if snapshot.gpu.is_none() {
                 snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
             }
@@ -487,10 +526,13 @@ impl Trainer {
                     (r, dir_bytes(&target), t.elapsed().as_secs_f64(), snapshot)
                 })
                 .map_err(|e| Error::io(dir, e))?;
-            self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
+            self.pending =
+                Some(PendingCheckpoint { step, dir: dir.to_path_buf(), loss_scale, stall_secs: start.elapsed().as_secs_f64(), thread });
             return Ok(previous);
         }
-        // Sharded: rank 0 prepares the temporary directory before anyone writes into it.
+        // Sharded: the host buffers must hold this rank's state (a GPU rank's are brought up to
+        // date here), and rank 0 prepares the temporary directory before anyone writes into it.
+        let synced = self.sync_host();
         let dp = self.dp.as_mut().expect("ZeRO runs with a dp group");
         let (rank, world) = (dp.rank(), dp.size());
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
@@ -501,8 +543,9 @@ impl Trainer {
         } else {
             Ok(())
         };
-        // Everyone passes the barrier before rank 0 reports a failure, so no rank waits on it.
+        // Everyone passes the barrier before reporting a failure, so no rank waits on another.
         dp.barrier()?;
+        synced?;
         prepared?;
         let pieces = dp.pieces();
         let own_params = (zero >= 3).then(|| dp.own_pieces(&self.buffers.params));
@@ -540,7 +583,8 @@ impl Trainer {
                 (r, bytes, t.elapsed().as_secs_f64(), Snapshot::new(0, 0))
             })
             .map_err(|e| Error::io(dir, e))?;
-        self.pending = Some(PendingCheckpoint { step, dir: dir.to_path_buf(), stall_secs: start.elapsed().as_secs_f64(), thread });
+        self.pending =
+            Some(PendingCheckpoint { step, dir: dir.to_path_buf(), loss_scale, stall_secs: start.elapsed().as_secs_f64(), thread });
         Ok(previous)
     }
 
@@ -583,6 +627,7 @@ impl Trainer {
     /// manifest and renames the checkpoint into place, else it removes the partial directory.
     fn commit_sharded(&mut self) -> Result<Option<CheckpointOutcome>> {
         let Some(p) = self.pending.take() else { return Ok(None) };
+        let loss_scale = p.loss_scale;
         let (mut outcome, _) = p.join();
         let dp = self.dp.as_mut().expect("sharded checkpoints run with a dp group");
         let n = dp.size() as f64;
@@ -603,7 +648,7 @@ impl Trainer {
                 });
             }
         } else {
-            outcome.result = commit_checkpoint(&tmp, &outcome.dir, outcome.step, self.model.table.len());
+            outcome.result = commit_checkpoint(&tmp, &outcome.dir, outcome.step, self.model.table.len(), loss_scale);
         }
         Ok(Some(outcome))
     }

@@ -120,17 +120,35 @@ pub fn scale(gpu: &Gpu, x: &mut impl Out<f32>, s: f32) -> Result<()> {
 /// Sum of squares of `x` (for the global gradient norm). Block partials are added on the host
 /// in f64, in a fixed order.
 pub fn sum_squares(gpu: &Gpu, x: &impl In<f32>) -> Result<f64> {
+    let n = x.view().len();
+    sum_squares_pieces(gpu, x, std::slice::from_ref(&(0..n)))
+}
+
+/// The sum of squares of `x` over `pieces` (ranges of it), with one copy back to the host for all
+/// of them: a ZeRO rank's gradient norm over the pieces it owns.
+pub fn sum_squares_pieces(gpu: &Gpu, x: &impl In<f32>, pieces: &[std::ops::Range<usize>]) -> Result<f64> {
     let x = x.view();
-    let n = x.len();
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1024);
-    let mut partial = gpu.stream().alloc_zeros::<f32>(blocks).map_err(|e| Error::cuda("allocating partial sums", e))?;
+    if let Some(p) = pieces.iter().find(|p| p.start > p.end || p.end > x.len()) {
+        return Err(Error::Shape(format!("sum_squares: piece {p:?} lies outside {} elements", x.len())));
+    }
+    let blocks: Vec<usize> = pieces.iter().map(|p| p.len().div_ceil(THREADS as usize).clamp(1, 1024)).collect();
+    let total = blocks.iter().sum::<usize>().max(1);
+    let mut partial = gpu.stream().alloc_zeros::<f32>(total).map_err(|e| Error::cuda("allocating partial sums", e))?;
     let f = gpu.function("elementwise", "sum_squares_partial_f32")?;
-    let n64 = n as u64;
-    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut partial).arg(&x).arg(&n64);
-    // SAFETY: one partial per block; n elements of x.
-    launched("sum_squares_partial_f32", unsafe { b.launch(cfg) }.map(|_| ()))?;
+    let mut at = 0;
+    for (p, &nb) in pieces.iter().zip(&blocks) {
+        if !p.is_empty() {
+            let xs = x.slice(p.clone());
+            let mut out = partial.slice_mut(at..at + nb);
+            let n64 = p.len() as u64;
+            let cfg = LaunchConfig { grid_dim: (nb as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let mut b = gpu.stream().launch_builder(&f);
+            b.arg(&mut out).arg(&xs).arg(&n64);
+            // SAFETY: one partial per block into this piece's nb slots; n elements of the piece.
+            launched("sum_squares_partial_f32", unsafe { b.launch(cfg) }.map(|_| ()))?;
+        }
+        at += nb;
+    }
     let host = gpu.stream().clone_dtoh(&partial).map_err(|e| Error::cuda("copying partial sums", e))?;
     Ok(host.iter().map(|&v| v as f64).sum())
 }
