@@ -95,6 +95,10 @@ pub struct DaemonArgs {
     /// Seconds without a heartbeat before a rank counts as lost [default: 30].
     #[arg(long, env = "GANTRY_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: Option<u64>,
+    /// Seconds a finished job's per-rank series stay on /metrics before they are dropped
+    /// [default: 600].
+    #[arg(long, env = "GANTRY_METRICS_RETENTION")]
+    pub metrics_retention: Option<u64>,
 }
 
 #[derive(Debug, Args)]

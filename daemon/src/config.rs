@@ -22,6 +22,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     devices: Option<String>,
     heartbeat_timeout: Option<u64>,
+    metrics_retention: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +36,9 @@ pub struct DaemonConfig {
     /// One slot per device (`cpu:0`, `cpu:1`, … or `cuda:0`, …).
     pub slots: Vec<String>,
     pub heartbeat_timeout: Duration,
+    /// How long a finished job's per-rank series stay on /metrics (so the last scrape sees the
+    /// final values) before they are dropped (so series do not pile up over thousands of jobs).
+    pub metrics_retention: Duration,
     /// How long a started rank may take to register (model and data loading included).
     pub register_timeout: Duration,
 }
@@ -73,6 +77,7 @@ impl DaemonConfig {
             slots: slots(&devices),
             data_dir,
             heartbeat_timeout: Duration::from_secs(heartbeat),
+            metrics_retention: Duration::from_secs(a.metrics_retention.or(file.metrics_retention).unwrap_or(600)),
             register_timeout: Duration::from_secs(180),
         })
     }

@@ -74,6 +74,20 @@ impl Metrics {
         }
     }
 
+    /// Drops a job's per-rank series (and its restart count): the job is over and its final
+    /// values have been on /metrics for the retention period.
+    pub fn forget_job(&self, job_id: i64, ranks: &std::collections::BTreeSet<u32>) {
+        let job = job_id.to_string();
+        for rank in ranks {
+            let labels = [job.as_str(), &rank.to_string()];
+            let _ = self.step.remove_label_values(&labels);
+            for g in [&self.step_seconds, &self.comm_seconds, &self.tokens_per_second, &self.loss, &self.mem_bytes] {
+                let _ = g.remove_label_values(&labels);
+            }
+        }
+        let _ = self.worker_restarts.remove_label_values(&[&job]);
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding never fails");

@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{gantry, losses_on_disk, tiny_spec, worker_pids, Daemon, TestDb};
 use gantry_api::proto::job_service_client::JobServiceClient;
@@ -284,6 +284,31 @@ async fn a_silent_worker_is_declared_lost_after_the_heartbeat_timeout_and_the_jo
     let job = d.wait_state(id, "succeeded", 120).await;
     assert_eq!(job["restarts"], 1);
     assert_eq!(d.steps(id).await.len(), 300);
+}
+
+/// A finished job's per-rank series stay on /metrics for the retention period (the last scrape
+/// sees the final values), then go, so series do not pile up over many jobs; the job counts stay.
+#[tokio::test]
+async fn a_finished_jobs_series_leave_the_metrics_endpoint_after_the_retention_period() {
+    let db = TestDb::new().await;
+    let d = Daemon::start_with_env(&db.url, "cpu:1", 20, &[("GANTRY_METRICS_RETENTION", "4")]).await;
+    let id = d.submit(&tiny_spec(6, 0)).await;
+    d.wait_state(id, "succeeded", 120).await;
+    let step_line = format!("gantry_job_step{{job=\"{id}\",rank=\"0\"}} 6");
+    let metrics = || async { d.client.get(format!("{}/metrics", d.http)).send().await.unwrap().text().await.unwrap() };
+    let m = metrics().await;
+    assert!(m.contains(&step_line), "the final step is still shown right after the job ended: {m}");
+    let ended = Instant::now();
+    loop {
+        let m = metrics().await;
+        if !m.contains(&format!("job=\"{id}\"")) {
+            assert!(m.contains("gantry_jobs{state=\"succeeded\"} 1"), "{m}");
+            break;
+        }
+        assert!(ended.elapsed() < Duration::from_secs(30), "the series are still there 30 s after the job ended: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ended.elapsed() >= Duration::from_secs(2), "the series stayed for (most of) the retention period");
 }
 
 #[tokio::test]

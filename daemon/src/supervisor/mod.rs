@@ -12,7 +12,7 @@ mod logs;
 pub mod placement;
 pub mod process;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -76,13 +76,31 @@ pub struct Supervisor {
     exe: PathBuf,
     grpc_url: String,
     live: Mutex<HashMap<i64, LiveJob>>,
+    /// Jobs with per-job series on /metrics: the ranks that reported, and when the job was seen
+    /// to be over (its series go after `metrics_retention`).
+    series: Mutex<HashMap<i64, JobSeries>>,
     wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct JobSeries {
+    ranks: BTreeSet<u32>,
+    ended: Option<Instant>,
 }
 
 impl Supervisor {
     pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf) -> Arc<Supervisor> {
         let grpc_url = format!("http://{}", config.grpc);
-        Arc::new(Supervisor { store, config, metrics, exe, grpc_url, live: Mutex::new(HashMap::new()), wake: Notify::new() })
+        Arc::new(Supervisor {
+            store,
+            config,
+            metrics,
+            exe,
+            grpc_url,
+            live: Mutex::new(HashMap::new()),
+            series: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        })
     }
 
     /// Asks the loop to look at the queue now (a job was submitted or cancelled).
@@ -175,7 +193,40 @@ impl Supervisor {
             self.finish_job(id, exit).await?;
         }
         self.schedule().await?;
-        self.update_gauges().await
+        self.update_gauges().await?;
+        self.prune_series().await
+    }
+
+    /// Drops the per-job series of jobs that ended more than `metrics_retention` ago.
+    async fn prune_series(&self) -> Result<()> {
+        let live: Vec<i64> = self.live.lock().expect("live jobs").keys().copied().collect();
+        let unsettled: Vec<i64> = {
+            let series = self.series.lock().expect("job series");
+            series.iter().filter(|(id, s)| s.ended.is_none() && !live.contains(id)).map(|(id, _)| *id).collect()
+        };
+        for id in unsettled {
+            let over = match self.store.job(id).await {
+                Ok(job) => job.state.is_final(),
+                Err(Error::JobNotFound(_)) => true,
+                Err(e) => return Err(e),
+            };
+            if over {
+                if let Some(s) = self.series.lock().expect("job series").get_mut(&id) {
+                    s.ended.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        let retention = self.config.metrics_retention;
+        let mut series = self.series.lock().expect("job series");
+        let expired: Vec<i64> =
+            series.iter().filter(|(_, s)| s.ended.is_some_and(|t| t.elapsed() >= retention)).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(s) = series.remove(&id) {
+                self.metrics.forget_job(id, &s.ranks);
+                tracing::debug!(job_id = id, "dropped the finished job's metric series");
+            }
+        }
+        Ok(())
     }
 
     /// Polls every rank; returns the jobs that are over: `Ok` when all ranks finished, the first
@@ -278,6 +329,7 @@ impl Supervisor {
             let why = format!("{reason}; restart {} of {} {ck}", row.job.restarts + 1, row.job.spec.restart.max_restarts);
             self.store.transition(id, JobState::Restarting, &why, Change::default()).await?;
             self.metrics.worker_restarts.with_label_values(&[&id.to_string()]).inc();
+            self.series.lock().expect("job series").entry(id).or_default();
         } else {
             let why = if row.job.spec.restart.max_restarts == 0 {
                 reason
@@ -486,7 +538,10 @@ impl Supervisor {
 
     pub fn update_step_gauges(&self, job_id: i64, steps: &[StepMetrics]) {
         let job = job_id.to_string();
+        let mut series = self.series.lock().expect("job series");
+        let tracked = series.entry(job_id).or_default();
         for s in steps {
+            tracked.ranks.insert(s.rank);
             let labels = [job.as_str(), &s.rank.to_string()];
             self.metrics.step.with_label_values(&labels).set(s.step);
             self.metrics.step_seconds.with_label_values(&labels).set(s.step_ms / 1e3);

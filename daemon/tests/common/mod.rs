@@ -82,6 +82,8 @@ pub struct Daemon {
     database_url: String,
     devices: String,
     heartbeat_timeout: u64,
+    /// Extra environment for the daemon (its `GANTRY_*` settings).
+    env: Vec<(String, String)>,
     pub client: reqwest::Client,
 }
 
@@ -91,6 +93,10 @@ impl Daemon {
     }
 
     pub async fn start_with(database_url: &str, devices: &str, heartbeat_timeout: u64) -> Daemon {
+        Daemon::start_with_env(database_url, devices, heartbeat_timeout, &[]).await
+    }
+
+    pub async fn start_with_env(database_url: &str, devices: &str, heartbeat_timeout: u64, env: &[(&str, &str)]) -> Daemon {
         let data_dir = tempfile::tempdir().unwrap();
         let (http_port, grpc_port) = (free_port(), free_port());
         let mut d = Daemon {
@@ -102,6 +108,7 @@ impl Daemon {
             database_url: database_url.to_string(),
             devices: devices.to_string(),
             heartbeat_timeout,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             client: reqwest::Client::new(),
         };
         d.spawn().await;
@@ -127,6 +134,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .env("GANTRY_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
