@@ -91,6 +91,10 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for l in lines {
+            // PostgreSQL's text refuses NUL characters (a program's stray binary output): one such
+            // line would fail its whole batch, and every retry of it, so nothing after it would
+            // ever be stored.
+            let text = if l.line.contains('\0') { std::borrow::Cow::Owned(l.line.replace('\0', "\u{FFFD}")) } else { (&l.line).into() };
             sqlx::query(
                 "INSERT INTO log_lines (job_id, rank, \"offset\", at_ms, line) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (job_id, rank, \"offset\") DO NOTHING",
@@ -99,7 +103,7 @@ impl Store {
             .bind(i64::from(l.rank))
             .bind(l.offset)
             .bind(l.at_ms)
-            .bind(&l.line)
+            .bind(text.as_ref())
             .execute(&mut *tx)
             .await?;
         }

@@ -157,6 +157,11 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
     assert_eq!(store.logs(id, Some(0), 0, 100).await.unwrap().len(), 2);
     assert_eq!(store.log_end(id, 0).await.unwrap(), 18);
     assert_eq!(store.log_end(id, 5).await.unwrap(), 0);
+    // A NUL character (PostgreSQL's text refuses it) is stored as U+FFFD, and the lines after it
+    // are stored too.
+    store.insert_logs(id, &[line(0, 18, "bin\0ary"), line(0, 26, "after")]).await.unwrap();
+    let tail: Vec<String> = store.logs(id, Some(0), 12, 100).await.unwrap().into_iter().map(|l| l.line).collect();
+    assert_eq!(tail, ["bin\u{FFFD}ary", "after"]);
 }
 
 async fn workers_and_checkpoints_round_trip(store: Store) {

@@ -67,14 +67,34 @@ fn read_lines(path: &PathBuf, offset: u64, rank: u32) -> std::io::Result<(Vec<Lo
         let rest = &buf[start..];
         let end = match rest.iter().position(|&b| b == b'\n') {
             Some(i) if i <= MAX_LINE => i,
-            _ if rest.len() > MAX_LINE => MAX_LINE,
+            _ if rest.len() > MAX_LINE => char_boundary(rest, MAX_LINE),
             _ => break,
         };
-        let text = String::from_utf8_lossy(&rest[..end]).trim_end_matches('\r').to_string();
+        let text = line_text(&rest[..end]);
         lines.push(LogLine { rank, offset: (offset + start as u64) as i64, at_ms, line: text });
         start += end + usize::from(rest.get(end) == Some(&b'\n'));
     }
     Ok((lines, offset + start as u64))
+}
+
+/// Where to cut `bytes` at or just below `at` without splitting a UTF-8 character (continuation
+/// bytes are `10xxxxxx`; a character has at most three of them).
+fn char_boundary(bytes: &[u8], at: usize) -> usize {
+    let mut end = at;
+    while end > at.saturating_sub(3) && bytes.get(end).is_some_and(|b| b & 0xC0 == 0x80) {
+        end -= 1;
+    }
+    if end == 0 {
+        at
+    } else {
+        end
+    }
+}
+
+/// A line as stored: UTF-8 (invalid bytes, as in a program's stray binary output, become
+/// U+FFFD; the store replaces NUL too), without the `\r` of a CRLF ending.
+fn line_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim_end_matches('\r').to_string()
 }
 
 #[cfg(test)]
@@ -94,5 +114,21 @@ mod tests {
         assert_eq!(lines.iter().map(|l| (l.offset, l.line.as_str())).collect::<Vec<_>>(), [(18, "partial, now complete")]);
         assert_eq!(next, 40);
         assert!(read_lines(&path, 40, 0).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_cut_between_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rank-0.log");
+        // 'x' then two-byte characters: a cut at MAX_LINE would fall inside one.
+        let long: String = std::iter::once('x').chain(std::iter::repeat_n('é', MAX_LINE)).collect();
+        std::fs::write(&path, format!("{long}\nnul\0here\r\n")).unwrap();
+        let (lines, next) = read_lines(&path, 0, 0).unwrap();
+        assert_eq!(next, (long.len() + "nul\0here\r\n".len() + 1) as u64);
+        let pieces: Vec<&str> = lines[..lines.len() - 1].iter().map(|l| l.line.as_str()).collect();
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}') && p.len() <= MAX_LINE), "no character was split");
+        assert_eq!(pieces.concat(), long, "the pieces are the line");
+        assert_eq!(lines.last().unwrap().line, "nul\0here");
+        assert_eq!(line_text(b"bad \xff byte"), "bad \u{FFFD} byte");
     }
 }
