@@ -8,30 +8,16 @@
 //! test says it was skipped and passes, unless `GANTRY_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{example_spec, gpu_count, rendezvous};
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use gantry_api::{Devices, JobSpec};
 use gantry_engine::comm::Comm;
 use gantry_engine::train::{StepReport, Trainer};
-
-fn gpu_count() -> Option<usize> {
-    match gantry_kernels::cuda::list_gpus() {
-        Ok(l) if !l.is_empty() => Some(l.len()),
-        r if std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipped: no GPU ({:?})", r.err().map(|e| e.to_string()));
-            None
-        }
-        r => panic!("GANTRY_REQUIRE_GPU=1 but: {r:?}"),
-    }
-}
-
-fn example_spec(sets: &[String]) -> (JobSpec, PathBuf) {
-    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
-    let root = Path::new(&repo).join("examples/tiny-gpt2");
-    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
-    (JobSpec::from_toml(&text, sets).unwrap(), root)
-}
 
 /// The example spec for `ranks` ranks, each with its GPU (`gpus[rank]`), at a global batch of 8.
 fn spec(ranks: usize, precision: &str, zero: u8, gpu_comm: &str) -> (JobSpec, PathBuf) {
@@ -50,11 +36,6 @@ fn spec(ranks: usize, precision: &str, zero: u8, gpu_comm: &str) -> (JobSpec, Pa
     // As a daemon worker's spec: the rank's own GPU (set below, per rank).
     s.resources.devices = Devices::Cuda(vec![0]);
     (s, root)
-}
-
-fn rendezvous() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
 /// Runs `f` on each of `ranks` trainers (rank r on GPU `gpus[r]`), one thread each; returns each

@@ -7,6 +7,10 @@
 //! fp16 store activations in 16 bits.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{example_spec, gpu};
+
 use gantry_engine::cuda::GpuTrainer;
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::optim::{clip_grad_norm, AdamW};
@@ -15,17 +19,6 @@ use gantry_engine::rng::Rng;
 use gantry_kernels::cuda::half::{bf16, f16};
 use gantry_kernels::cuda::ops::Storage;
 use gantry_kernels::cuda::Gpu;
-
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) if std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipped: {e}");
-            None
-        }
-        Err(e) => panic!("GANTRY_REQUIRE_GPU=1 but: {e}"),
-    }
-}
 
 fn model(json: &str) -> Model {
     Model::new(ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()).unwrap()
@@ -140,16 +133,6 @@ fn training_losses_match_the_cpu_in_every_precision() {
             assert!(gpu.last() < gpu.first(), "{name}: the loss falls ({gpu:?})");
         }
     }
-}
-
-/// The example spec (`examples/tiny-gpt2/spec.toml`) with `sets` applied, and the folder its
-/// relative paths start from. `GANTRY_REPO_ROOT` says where the examples are when the test binary
-/// runs away from its build tree (on a GPU machine).
-fn example_spec(sets: &[String]) -> (gantry_api::JobSpec, std::path::PathBuf) {
-    let repo = std::env::var("GANTRY_REPO_ROOT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").to_string());
-    let root = std::path::Path::new(&repo).join("examples/tiny-gpt2");
-    let text = std::fs::read_to_string(root.join("spec.toml")).unwrap();
-    (gantry_api::JobSpec::from_toml(&text, sets).unwrap(), root)
 }
 
 /// The example spec's first steps through the trainer (data, schedule, accumulation, clipping)

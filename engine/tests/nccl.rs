@@ -4,26 +4,14 @@
 //! skipped and passes, unless `GANTRY_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{gpu_count, rendezvous};
+
 use std::time::Duration;
 
 use gantry_engine::comm::{shard_range, Axis, Comm, DeviceMesh, NcclComm, ReduceOp};
 use gantry_kernels::cuda::Gpu;
-
-fn gpu_count() -> Option<usize> {
-    match gantry_kernels::cuda::list_gpus() {
-        Ok(l) if !l.is_empty() => Some(l.len()),
-        r if std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipped: no GPU ({:?})", r.err().map(|e| e.to_string()));
-            None
-        }
-        r => panic!("GANTRY_REQUIRE_GPU=1 but: {r:?}"),
-    }
-}
-
-fn rendezvous() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
 
 /// Rank r's input: distinct per rank and element, exact in f32 when summed.
 fn input(rank: usize, n: usize) -> Vec<f32> {

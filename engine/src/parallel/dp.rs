@@ -322,7 +322,7 @@ impl DataParallel {
     /// `buf` across the group. (The bulk methods do not count their time: see `record_comm`.)
     pub fn all_reduce_vec(&mut self, buf: Vec<f32>) -> Result<Vec<f32>> {
         let g = self.group.clone();
-        self.run_bulk(move |comm| {
+        self.comm.run(move |comm| {
             let mut buf = buf;
             comm.all_reduce(&g, &mut buf, ReduceOp::Sum)?;
             Ok(buf)
@@ -332,32 +332,29 @@ impl DataParallel {
     /// As `all_reduce_vec` for ZeRO: every chunk of `buf` (the whole flat buffer) is
     /// reduce-scattered, so this rank's piece of each holds the group's sum; the rest is scratch.
     pub fn reduce_scatter_vec(&mut self, buf: Vec<f32>) -> Result<Vec<f32>> {
-        let (g, chunks) = (self.group.clone(), self.chunks.clone());
-        self.run_bulk(move |comm| {
-            let mut buf = buf;
-            for c in chunks {
-                comm.reduce_scatter(&g, &mut buf[c])?;
-            }
-            Ok(buf)
-        })
+        self.per_chunk_vec(buf, true)
     }
 
     /// As `all_reduce_vec` for ZeRO: every chunk of `buf` is all-gathered from its owners' pieces.
     pub fn all_gather_vec(&mut self, buf: Vec<f32>) -> Result<Vec<f32>> {
+        self.per_chunk_vec(buf, false)
+    }
+
+    /// Reduce-scatters (`reduce`) or all-gathers every chunk of `buf` on the communication
+    /// thread, and waits for it.
+    fn per_chunk_vec(&mut self, buf: Vec<f32>, reduce: bool) -> Result<Vec<f32>> {
         let (g, chunks) = (self.group.clone(), self.chunks.clone());
-        self.run_bulk(move |comm| {
+        self.comm.run(move |comm| {
             let mut buf = buf;
             for c in chunks {
-                comm.all_gather(&g, &mut buf[c])?;
+                if reduce {
+                    comm.reduce_scatter(&g, &mut buf[c])?;
+                } else {
+                    comm.all_gather(&g, &mut buf[c])?;
+                }
             }
             Ok(buf)
         })
-    }
-
-    /// Runs a bulk collective on the communication thread and waits for it (the caller times it,
-    /// with its staging, through `record_comm`).
-    fn run_bulk(&mut self, job: impl FnOnce(&mut Comm) -> Result<Vec<f32>> + Send + 'static) -> Result<Vec<f32>> {
-        self.comm.run(job)
     }
 
     /// Counts communication training waited for outside the hooks (a GPU rank's collectives,
