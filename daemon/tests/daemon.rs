@@ -168,6 +168,39 @@ async fn a_daemon_killed_while_a_job_runs_re_adopts_it_and_loses_nothing() {
     assert!(logs["lines"].as_array().unwrap().iter().any(|l| l["line"].as_str().unwrap().starts_with("finished 400 steps")), "{logs}");
 }
 
+/// A checkpoint the worker committed while the daemon was away (so its report never reached the
+/// store) is where the restart resumes: the run does not start over.
+#[tokio::test]
+async fn a_checkpoint_committed_while_the_daemon_was_away_is_resumed_from() {
+    let db = TestDb::new().await;
+    let mut d = Daemon::start(&db.url, "cpu:1").await;
+    let steps = 600;
+    let id = d.submit(&tiny_spec(steps, 100)).await;
+    d.wait_job(id, 60, "reached step 2", |j| j["step"].as_i64().unwrap_or(0) >= 2).await;
+    let pids = worker_pids(&d, id);
+    d.kill9();
+    let run_dir = d.run_dir(id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let newest = loop {
+        if let Some(ck) = gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop() {
+            break ck;
+        }
+        assert!(Instant::now() < deadline, "the worker committed no checkpoint");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for pid in &pids {
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    }
+    d.restart().await;
+    let job = d.wait_state(id, "succeeded", 240).await;
+    assert_eq!(job["restarts"], 1, "{job}");
+    let log = std::fs::read_to_string(run_dir.join("logs/rank-0.log")).unwrap();
+    let name = newest.file_name().unwrap().to_string_lossy().to_string();
+    assert!(log.lines().any(|l| l.starts_with("resuming from") && l.contains(&name)), "the restart resumed from {name}:\n{log}");
+    let recorded: Vec<i64> = d.steps(id).await.iter().map(|s| s["step"].as_i64().unwrap()).collect();
+    assert_eq!(recorded, (1..=steps as i64).collect::<Vec<_>>(), "every step recorded once");
+}
+
 #[tokio::test]
 async fn a_failed_worker_is_restarted_from_its_last_checkpoint_with_the_same_losses() {
     let db = TestDb::new().await;

@@ -95,6 +95,9 @@ pub fn checkpoint_done(
     match o.result {
         Ok(()) => {
             tracing::info!(step = o.step, bytes = o.bytes, write_secs = o.write_secs, stall_secs = o.stall_secs, "checkpoint committed");
+            // A run that went back to an earlier step rewrites a checkpoint it had: the directory
+            // is the newest now, and must not be deleted as the oldest.
+            kept.retain(|k| k != &o.dir);
             kept.push(o.dir);
             while kept.len() > keep {
                 let old = kept.remove(0);

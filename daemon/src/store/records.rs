@@ -70,16 +70,18 @@ impl Store {
         let rows = q.bind(after_step).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
+                // SQLite stores a NaN as NULL: read it back as NaN.
+                let real = |col: &str| -> Result<f64> { Ok(r.try_get::<Option<f64>, _>(col)?.unwrap_or(f64::NAN)) };
                 Ok(StepMetrics {
                     rank: r.try_get::<i64, _>("rank")? as u32,
                     step: r.try_get("step")?,
-                    loss: r.try_get("loss")?,
-                    lr: r.try_get("lr")?,
-                    grad_norm: r.try_get("grad_norm")?,
-                    tokens_per_s: r.try_get("tokens_per_s")?,
+                    loss: real("loss")?,
+                    lr: real("lr")?,
+                    grad_norm: real("grad_norm")?,
+                    tokens_per_s: real("tokens_per_s")?,
                     mem_bytes: r.try_get("mem_bytes")?,
-                    step_ms: r.try_get("step_ms")?,
-                    comm_ms: r.try_get("comm_ms")?,
+                    step_ms: real("step_ms")?,
+                    comm_ms: real("comm_ms")?,
                 })
             })
             .collect()

@@ -145,6 +145,13 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
     // A late duplicate of an old step does not move the job's step back.
     store.insert_steps(id, &[step(0, 2)]).await.unwrap();
     assert_eq!(store.job(id).await.unwrap().step, Some(8));
+    // A diverged step (NaN loss; an fp16 step skipped for overflow has an infinite norm) is stored
+    // and read back as it was reported (SQLite keeps a NaN as NULL).
+    let diverged = StepMetrics { loss: f64::NAN, grad_norm: f64::INFINITY, ..step(0, 9) };
+    assert_eq!(store.insert_steps(id, &[diverged.clone(), step(0, 10)]).await.unwrap(), 2);
+    let back = store.metrics(id, Some(0), 8, 10).await.unwrap();
+    assert_eq!(back.iter().map(|s| s.step).collect::<Vec<_>>(), [9, 10]);
+    assert!(back[0].loss.is_nan() && back[0].grad_norm == f64::INFINITY && back[0].lr == diverged.lr, "{:?}", back[0]);
 
     let line = |rank, offset: i64, text: &str| LogLine { rank, offset, at_ms: 1, line: text.into() };
     store.insert_logs(id, &[line(0, 0, "hello"), line(0, 6, "world"), line(1, 0, "rank one")]).await.unwrap();

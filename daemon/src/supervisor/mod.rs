@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::store::jobs::Change;
+use crate::store::jobs::{Change, JobRow};
 use crate::store::{now_ms, Store, WorkerRecord};
 use crate::worker::{checkpoint_dir, log_path, read_outcome};
 use placement::{Decision, Waiting};
@@ -45,6 +45,19 @@ struct Rank {
     registered: bool,
     last_beat: Instant,
     exit: Option<Exit>,
+}
+
+/// Kills ranks this daemon started (and reaps them, so no zombie is left), or signals adopted ones.
+fn kill_ranks(ranks: &mut [Rank]) {
+    for r in ranks {
+        match &mut r.child {
+            Some(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            None => process::signal(r.pid, r.proc_start, Signal::SIGKILL),
+        }
+    }
 }
 
 impl Rank {
@@ -142,22 +155,36 @@ impl Supervisor {
         }
     }
 
+    /// Takes charge of every job the store says holds devices but that is not live here: those a
+    /// previous daemon left running (at start), and any whose start failed halfway (every tick).
     async fn adopt(&self) -> Result<()> {
         for row in self.store.jobs_in(&[JobState::Scheduled, JobState::Running]).await? {
             let id = row.job.id;
             if self.live.lock().expect("live jobs").contains_key(&id) {
                 continue;
             }
+            if let Err(e) = self.adopt_job(&row).await {
+                tracing::warn!(job_id = id, "taking charge of the job's workers: {e}; retrying");
+            }
+        }
+        Ok(())
+    }
+
+    async fn adopt_job(&self, row: &JobRow) -> Result<()> {
+        let id = row.job.id;
+        {
             let workers = self.store.workers(id).await?;
             let current: Vec<&WorkerRecord> = workers.iter().filter(|w| w.attempt == row.attempt).collect();
             let run_dir = PathBuf::from(&row.job.run_dir);
             if current.len() != row.job.devices as usize {
-                // The daemon died while starting the job: stop what did start and begin again.
+                // The daemon died while starting the job, or starting it failed halfway: stop what
+                // did start and begin again.
                 for w in &workers {
                     process::signal(w.pid, w.proc_start, Signal::SIGKILL);
                 }
-                self.fail_or_restart(id, "the daemon restarted while the job's workers were starting".into()).await?;
-                continue;
+                return self
+                    .fail_or_restart(id, "the job's workers were not all started (the daemon restarted, or starting them failed)".into())
+                    .await;
             }
             let ranks = current
                 .iter()
@@ -172,6 +199,16 @@ impl Supervisor {
                 .collect();
             tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
             self.start_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks).await?;
+        }
+        self.stop_if_final(id).await
+    }
+
+    /// A cancel that came while the job was being started (or re-adopted) found nothing live to
+    /// stop, and the job's state is final now: stop its ranks here.
+    async fn stop_if_final(&self, id: i64) -> Result<()> {
+        if self.store.job(id).await?.state.is_final() {
+            tracing::info!(job_id = id, "the job ended while its workers were starting: stopping them");
+            self.stop_job(id);
         }
         Ok(())
     }
@@ -188,11 +225,20 @@ impl Supervisor {
         Ok(())
     }
 
+    /// One round of supervision. A failure with one job (the store briefly away, say) is logged
+    /// and retried at the next round; it never stops the round for the other jobs.
     async fn tick(&self) -> Result<()> {
         for (id, exit) in self.check_ranks() {
-            self.finish_job(id, exit).await?;
+            if let Err(e) = self.finish_job(id, exit).await {
+                tracing::warn!(job_id = id, "recording how the job ended: {e}; retrying");
+            }
         }
-        self.schedule().await?;
+        if let Err(e) = self.adopt().await {
+            tracing::warn!("looking for jobs to take charge of: {e}");
+        }
+        if let Err(e) = self.schedule().await {
+            tracing::warn!("scheduling: {e}");
+        }
         self.update_gauges().await?;
         self.prune_series().await
     }
@@ -297,8 +343,10 @@ impl Supervisor {
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+        // Only a job that still holds its devices moves on: one already cancelled, or moved to
+        // restarting by an earlier round whose later steps failed, has had its transition.
         let state = self.store.job(id).await?.state;
-        if !state.is_final() {
+        if state.holds_devices() {
             match &exit {
                 Exit::Finished => {
                     let run_dir = self.live.lock().expect("live jobs").get(&id).map(|j| j.run_dir.clone());
@@ -354,7 +402,9 @@ impl Supervisor {
                 step: v["step"].as_i64().unwrap_or(0),
                 loss: v["loss"].as_f64().unwrap_or(f64::NAN),
                 lr: v["lr"].as_f64().unwrap_or(0.0),
-                grad_norm: v["grad_norm"].as_f64().unwrap_or(0.0),
+                // JSON has no NaN or infinity (a diverged loss, an fp16 step skipped for overflow):
+                // they were written as null.
+                grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
                 tokens_per_s: v["tokens_per_s"].as_f64().unwrap_or(0.0),
                 mem_bytes: v["mem_bytes"].as_i64().unwrap_or(0),
                 step_ms: v["step_ms"].as_f64().unwrap_or(0.0),
@@ -376,7 +426,11 @@ impl Supervisor {
         let waiting: Vec<Waiting> = queue.iter().map(|j| Waiting { id: j.job.id, devices: j.job.spec.resources.devices.clone() }).collect();
         for d in placement::plan(&waiting, &self.config.slots, &self.held()) {
             match d {
-                Decision::Wait { id, reason } => self.store.set_reason(id, &reason).await?,
+                Decision::Wait { id, reason } => {
+                    if let Err(e) = self.store.set_reason(id, &reason).await {
+                        tracing::warn!(job_id = id, "recording why the job waits: {e}");
+                    }
+                }
                 Decision::Reject { id, reason } => {
                     if let Err(e) =
                         self.store.transition(id, JobState::Cancelled, &format!("cannot run here: {reason}"), Change::default()).await
@@ -385,13 +439,21 @@ impl Supervisor {
                     }
                 }
                 Decision::Place { id, slots } => {
-                    let row = self
-                        .store
-                        .transition(id, JobState::Scheduled, &format!("placed on {}", slots.join(", ")), Change { placement: Some(&slots) })
-                        .await?;
+                    let placed = format!("placed on {}", slots.join(", "));
+                    let row = match self.store.transition(id, JobState::Scheduled, &placed, Change { placement: Some(&slots) }).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(job_id = id, "placing the job: {e}");
+                            continue;
+                        }
+                    };
                     if let Err(e) = self.launch(id, row.attempt, slots).await {
                         tracing::warn!(job_id = id, "starting workers: {e}");
-                        self.fail_or_restart(id, format!("could not start the workers: {e}")).await?;
+                        // If the store cannot take this either, the job stays scheduled without
+                        // live workers, and the next round's `adopt` settles it.
+                        if let Err(e) = self.fail_or_restart(id, format!("could not start the workers: {e}")).await {
+                            tracing::warn!(job_id = id, "recording the failed start: {e}");
+                        }
                     }
                 }
             }
@@ -407,47 +469,70 @@ impl Supervisor {
         }
         let spec_json = serde_json::to_string_pretty(&row.job.spec).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(run_dir.join("spec.json"), spec_json).map_err(Error::io(run_dir.join("spec.json")))?;
-        let resume = match self.store.last_checkpoint(id).await? {
+        let recorded = match self.store.last_checkpoint(id).await? {
             Some((step, path)) if Path::new(&path).is_dir() => Some(PathBuf::from(path)).filter(|_| step > 0),
             Some((step, _)) => Some(checkpoint_dir(&run_dir, step as u64)).filter(|p| p.is_dir()),
             None => None,
         };
+        // A checkpoint committed on disk whose report never reached the store (the worker died
+        // before it was acknowledged) counts too: the worker resumes from the newest intact one
+        // it finds, so it only needs to be told to resume.
+        let resume = recorded.or_else(|| gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop());
         let rendezvous = format!("127.0.0.1:{}", process::free_port()?);
         let world = placement.len() as u32;
         let mut ranks = Vec::new();
+        if let Err(e) = self.spawn_ranks(id, attempt, &placement, &run_dir, &rendezvous, resume.as_deref(), &mut ranks).await {
+            // Whatever started is stopped (and reaped): the job is failed or restarted as a whole.
+            kill_ranks(&mut ranks);
+            return Err(e);
+        }
+        tracing::info!(job_id = id, attempt, "started {world} ranks");
+        let pids: Vec<(u32, u64)> = ranks.iter().map(|r| (r.pid, r.proc_start)).collect();
+        if let Err(e) = self.start_live(id, attempt, placement, run_dir, ranks).await {
+            for (pid, start) in pids {
+                process::signal(pid, start, Signal::SIGKILL);
+            }
+            return Err(e);
+        }
+        self.stop_if_final(id).await
+    }
+
+    /// Starts one worker per slot of `placement`, recording each, into `ranks`.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_ranks(
+        &self,
+        id: i64,
+        attempt: u32,
+        placement: &[String],
+        run_dir: &Path,
+        rendezvous: &str,
+        resume: Option<&Path>,
+        ranks: &mut Vec<Rank>,
+    ) -> Result<()> {
+        let world = placement.len() as u32;
         for rank in 0..world {
-            let log = log_path(&run_dir, rank);
+            let log = log_path(run_dir, rank);
             let launch = process::Launch {
                 exe: &self.exe,
                 job_id: id,
                 rank,
                 world_size: world,
                 attempt,
-                rendezvous: &rendezvous,
+                rendezvous,
                 daemon: &self.grpc_url,
-                run_dir: &run_dir,
-                resume_from: resume.as_deref(),
+                run_dir,
+                resume_from: resume,
                 log: &log,
                 device: &placement[rank as usize],
             };
-            let child = match process::spawn(&launch) {
-                Ok(c) => c,
-                Err(e) => {
-                    for r in &ranks {
-                        let r: &Rank = r;
-                        process::signal(r.pid, r.proc_start, Signal::SIGKILL);
-                    }
-                    return Err(e);
-                }
-            };
+            let child = process::spawn(&launch)?;
             let pid = child.id();
             let proc_start = process::proc_start(pid).unwrap_or(0);
             let record = WorkerRecord { job_id: id, rank, attempt, pid, proc_start, started_ms: now_ms() };
             ranks.push(Rank { pid, proc_start, child: Some(child), registered: false, last_beat: Instant::now(), exit: None });
             self.store.record_worker(&record).await?;
         }
-        tracing::info!(job_id = id, attempt, "started {world} ranks");
-        self.start_live(id, attempt, placement, run_dir, ranks).await
+        Ok(())
     }
 
     async fn update_gauges(&self) -> Result<()> {

@@ -173,6 +173,15 @@ async fn send_loop(
                     cv.notify_all();
                 }
             }
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                // The daemon will never take these: retrying would hold every later report back.
+                // metrics.jsonl keeps the steps, and the daemon reads it when the job ends.
+                let n = if batch.is_empty() { 1 } else { batch.len() };
+                tracing::warn!("the daemon refused {n} report(s): {}; dropped (metrics.jsonl keeps them)", s.message());
+                let (lock, cv) = &*queue;
+                lock.lock().expect("reporter queue").items.drain(..n);
+                cv.notify_all();
+            }
             Err(s) => {
                 tracing::warn!("reporting to the daemon: {} ({}); will retry", s.message(), s.code());
                 tokio::time::sleep(backoff).await;
