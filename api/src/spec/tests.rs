@@ -40,6 +40,11 @@ fn bad_values_are_named_with_their_path() {
     assert!(err.message.starts_with("not valid JSON"), "{err}");
     let err = JobSpec::from_json(r#"{"model":{"path":"m"},"data":{"train":"t"},"restart":{"max_restarts":-1}}"#).unwrap_err();
     assert_eq!(err.field, "restart.max_restarts");
+    let err = JobSpec::from_json(r#"{"name":"a\u0000b","model":{"path":"m"},"data":{"train":"t"}}"#).unwrap_err();
+    assert_eq!(err.field, "name", "{err}");
+    assert!(err.message.contains("control character"), "{err}");
+    let err = JobSpec::from_json(r#"{"model":{"path":"m\n"},"data":{"train":"t"}}"#).unwrap_err();
+    assert_eq!(err.field, "model.path", "{err}");
 }
 
 #[test]

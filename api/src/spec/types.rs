@@ -363,6 +363,19 @@ impl JobSpec {
     /// Checks the relations between fields; the error names the field to change.
     pub fn validate(&self) -> Result<(), SpecError> {
         let e = |f: &str, m: String| Err(SpecError::new(f, m));
+        // Names and paths are stored as text: a NUL (which PostgreSQL's text refuses) or another
+        // control character is a mistake, named here rather than failing the store.
+        let fields = [
+            ("name", self.name.as_deref()),
+            ("model.path", Some(self.model.path.as_str())),
+            ("data.train", Some(self.data.train.as_str())),
+            ("data.tokenizer", self.data.tokenizer.as_deref()),
+        ];
+        for (field, text) in fields {
+            if let Some(c) = text.and_then(|t| t.chars().find(|c| c.is_control())) {
+                return e(field, format!("contains the control character {c:?}"));
+            }
+        }
         if self.model.path.trim().is_empty() {
             return e("model.path", "must name a Hugging Face model directory".into());
         }

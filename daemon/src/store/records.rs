@@ -140,17 +140,18 @@ impl Store {
             .collect()
     }
 
-    /// The byte offset just past the last stored line of a rank's log (where a reader resumes).
-    pub async fn log_end(&self, job_id: i64, rank: u32) -> Result<i64> {
-        let row = sqlx::query("SELECT \"offset\", line FROM log_lines WHERE job_id = $1 AND rank = $2 ORDER BY \"offset\" DESC LIMIT 1")
+    /// Where copying a rank's log file resumes: the byte offset of the last line stored (0 if
+    /// none). That line is read again and stored again as a no-op; its end cannot be computed from
+    /// the stored text, which may differ in length from the bytes in the file (invalid UTF-8 and
+    /// NUL become U+FFFD, a CRLF's `\r` is dropped, a long line is stored in pieces).
+    pub async fn log_resume_at(&self, job_id: i64, rank: u32) -> Result<u64> {
+        let row = sqlx::query("SELECT MAX(\"offset\") AS last FROM log_lines WHERE job_id = $1 AND rank = $2")
             .bind(job_id)
             .bind(i64::from(rank))
-            .fetch_optional(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-        Ok(match row {
-            Some(r) => r.try_get::<i64, _>("offset")? + r.try_get::<String, _>("line")?.len() as i64 + 1,
-            None => 0,
-        })
+        let last: Option<i64> = row.try_get("last")?;
+        Ok(last.unwrap_or(0).max(0) as u64)
     }
 
     pub async fn record_worker(&self, w: &WorkerRecord) -> Result<()> {

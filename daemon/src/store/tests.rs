@@ -162,8 +162,8 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
         [(0, "hello"), (0, "world"), (0, "again"), (1, "rank one")]
     );
     assert_eq!(store.logs(id, Some(0), 0, 100).await.unwrap().len(), 2);
-    assert_eq!(store.log_end(id, 0).await.unwrap(), 18);
-    assert_eq!(store.log_end(id, 5).await.unwrap(), 0);
+    assert_eq!(store.log_resume_at(id, 0).await.unwrap(), 12, "the last line's start");
+    assert_eq!(store.log_resume_at(id, 5).await.unwrap(), 0);
     // A NUL character (PostgreSQL's text refuses it) is stored as U+FFFD, and the lines after it
     // are stored too.
     store.insert_logs(id, &[line(0, 18, "bin\0ary"), line(0, 26, "after")]).await.unwrap();

@@ -217,7 +217,7 @@ impl Supervisor {
         let (log_stop, rx) = watch::channel(false);
         let mut log_tasks = Vec::new();
         for rank in 0..ranks.len() as u32 {
-            let offset = self.store.log_end(id, rank).await?.max(0) as u64;
+            let offset = self.store.log_resume_at(id, rank).await?;
             log_tasks.push(tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone())));
         }
         let job = LiveJob { attempt, placement, run_dir, ranks, started: Instant::now(), stopping: false, log_stop, log_tasks };
