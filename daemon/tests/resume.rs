@@ -169,7 +169,7 @@ fn a_damaged_checkpoint_is_refused_by_name_and_the_previous_one_used() {
     std::fs::remove_dir_all(&newest).unwrap();
     let out = Command::new(gantry()).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("optimizer.safetensors") && err.contains("no intact checkpoint"), "{err}");
+    assert!(!out.status.success() && err.contains("optimizer.safetensors") && err.contains("no checkpoint in"), "{err}");
 }
 
 #[test]
@@ -194,4 +194,25 @@ fn a_checkpoint_that_cannot_be_written_is_skipped_and_training_goes_on() {
     assert!(left.is_empty(), "no partial checkpoint is left behind: {left:?}");
     // The final model cannot be written either: that ends the run with an error naming the file.
     assert!(!out.status.success() && log.contains("final"), "{log}");
+}
+
+/// Under ZeRO, a checkpoint whose directory cannot be prepared (here a file sits where its
+/// temporary directory goes; a full disk does the same) fails on every rank, and training goes on
+/// to the next one.
+#[test]
+fn a_sharded_checkpoint_that_cannot_be_prepared_is_skipped_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 30);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(run.join("checkpoints/.step_00000010.partial"), "in the way").unwrap();
+    let mut args: Vec<String> = vec![spec.display().to_string(), "--run-dir".into(), run.display().to_string()];
+    args.extend(set((2, 1)));
+    let out = Command::new(gantry()).arg("train").args(&args).arg("--no-progress").output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("the checkpoint of step 10 failed") && log.contains("training goes on"), "{log}");
+    assert_eq!(losses(&run).len(), 30, "every step was trained");
+    assert!(run.join("checkpoints/step_00000020").is_dir(), "the next checkpoint was written");
+    assert!(!run.join("checkpoints/step_00000010").exists());
 }

@@ -11,8 +11,6 @@ mod export;
 mod prepare;
 mod train;
 
-use anyhow::Context;
-
 use crate::cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -63,6 +61,23 @@ pub fn comm_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(secs)
 }
 
+/// Replaces `path` with `bytes` so that a failure (a full disk) or a crash leaves the old file
+/// whole, never a truncated one: written beside it, synced, then renamed over it.
+pub fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
 /// and the one before it used); returns the checkpoints kept, oldest first.
 pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
@@ -80,7 +95,10 @@ pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std:
             Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
         }
     }
-    anyhow::bail!("no intact checkpoint in {} to resume from", dir.display())
+    anyhow::bail!(
+        "no checkpoint in {} can be resumed: each was damaged or written for another model (see the warnings above)",
+        dir.display()
+    )
 }
 
 /// Records a checkpoint the background writer finished: when it committed, it joins `kept` and
@@ -101,7 +119,13 @@ pub fn checkpoint_done(
             kept.push(o.dir);
             while kept.len() > keep {
                 let old = kept.remove(0);
-                std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+                // Cleaning up is never worth the run: a checkpoint the user already deleted (to
+                // free space, say) or one that cannot be removed now is reported, not fatal.
+                match std::fs::remove_dir_all(&old) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => eprintln!("warning: could not remove the old checkpoint {}: {e}", old.display()),
+                }
             }
             Ok(true)
         }
@@ -110,5 +134,50 @@ pub fn checkpoint_done(
             eprintln!("warning: the checkpoint of step {} failed: {e}; training goes on (newest intact checkpoint: {earlier})", o.step);
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_engine::train::CheckpointOutcome;
+
+    fn committed(dir: &std::path::Path) -> CheckpointOutcome {
+        std::fs::create_dir_all(dir).unwrap();
+        CheckpointOutcome { step: 1, dir: dir.to_path_buf(), result: Ok(()), bytes: 0, write_secs: 0.0, stall_secs: 0.0 }
+    }
+
+    /// The oldest checkpoints go once newer ones are committed; one already gone (deleted by
+    /// hand) does not end the run, and a step written again is not deleted as the oldest.
+    #[test]
+    fn old_checkpoints_are_cleaned_up_without_failing_the_run() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = |n: u32| d.path().join(format!("step_{n}"));
+        let mut kept = vec![ck(1), ck(2)];
+        std::fs::create_dir_all(ck(2)).unwrap(); // step_1 was deleted by hand
+        assert!(checkpoint_done(committed(&ck(3)), &mut kept, 2).unwrap());
+        assert_eq!(kept, [ck(2), ck(3)]);
+        // Step 2 written again (a run resumed from step 1): it is the newest now.
+        assert!(checkpoint_done(committed(&ck(2)), &mut kept, 2).unwrap());
+        assert_eq!(kept, [ck(3), ck(2)]);
+        assert!(ck(2).is_dir() && ck(3).is_dir());
+        assert!(checkpoint_done(committed(&ck(4)), &mut kept, 2).unwrap());
+        assert_eq!(kept, [ck(2), ck(4)]);
+        assert!(!ck(3).exists(), "the oldest went");
+    }
+
+    #[test]
+    fn a_replaced_file_is_whole_or_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("spec.toml");
+        write_replacing(&p, b"one").unwrap();
+        write_replacing(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        // A directory in the way of the temporary file: the write fails and the file is untouched.
+        std::fs::create_dir(d.path().join(".spec.toml.tmp")).unwrap();
+        assert!(write_replacing(&p, b"three").is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
     }
 }

@@ -104,7 +104,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         return follow_rank(&mut trainer, &run_dir, &spec);
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("spec.toml"), spec.to_toml()?).context("writing the run's spec")?;
+    super::write_replacing(&run_dir.join("spec.toml"), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
     let steps = spec.train.steps;
     eprintln!(
         "gantry train: {} parameters, {} tokens of data, {steps} steps × {} sequences × {} tokens, {threads} threads → {}",
@@ -190,7 +190,7 @@ fn open_metrics(path: &Path, step: u64) -> anyhow::Result<std::fs::File> {
             .collect(),
         _ => String::new(),
     };
-    std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))?;
+    super::write_replacing(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }
 

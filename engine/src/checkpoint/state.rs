@@ -81,13 +81,30 @@ fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
     let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
     let mpath = tmp.join(MANIFEST);
     std::fs::write(&mpath, manifest).and_then(|_| std::fs::File::open(&mpath)?.sync_all()).map_err(|e| Error::io(&mpath, e))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // The directory's entries are durable before it is renamed into place.
+    std::fs::File::open(tmp).and_then(|d| d.sync_all()).map_err(|e| Error::io(tmp, e))?;
+    // A run that reaches a step again (after resuming past a damaged checkpoint) replaces that
+    // step's checkpoint. The old one is moved aside first and deleted only once the new one is in
+    // place, so a crash in between leaves one of them under the step's name, never neither.
+    let aside = dir.with_file_name(format!(".{}.replaced", dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+    let replacing = dir.exists();
+    if replacing {
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(dir, &aside).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
-    // Make the rename itself durable.
+    if let Err(e) = std::fs::rename(tmp, dir) {
+        if replacing {
+            let _ = std::fs::rename(&aside, dir);
+        }
+        return Err(Error::io(dir, e));
+    }
+    // Make the rename itself durable before anything (the caller's clean-up of older checkpoints
+    // included) counts on it.
     if let Some(parent) = dir.parent() {
-        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| Error::io(parent, e))?;
+    }
+    if replacing {
+        let _ = std::fs::remove_dir_all(&aside);
     }
     Ok(())
 }
@@ -269,6 +286,21 @@ pub fn load_training_checkpoint(dir: &Path, config: &ModelConfig, table: &ParamT
             message: format!("written for a model of {} parameters; this one has {}", state.params, table.len()),
         });
     }
+    // Same count is not the same model: heads, norms and positions change the numbers but not
+    // the count (and a ZeRO-3 checkpoint's flat shards would load into any model of that count).
+    let written = ModelConfig::from_dir(dir)?;
+    if !written.same_network(config) {
+        let brief = |c: &ModelConfig| {
+            format!(
+                "{:?} with {} layers, hidden {}, {} heads ({} key/value), head dim {}, MLP {}, vocab {}, {} positions, norm eps {}, rope theta {}",
+                c.arch, c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.intermediate, c.vocab, c.max_positions, c.norm_eps, c.rope_theta
+            )
+        };
+        return Err(Error::Weights {
+            path: dir.join("config.json"),
+            message: format!("written for another model: {}; this run's model is {}", brief(&written), brief(config)),
+        });
+    }
     if !shard_files(dir).is_empty() {
         // A sharded checkpoint: assemble the full buffers, keep this rank's pieces.
         let super::sharded::Assembled { params, m, v } = read_rank_shards(dir, table.len())?;
@@ -340,5 +372,50 @@ mod tests {
         }
         let legacy: TrainerState = serde_json::from_str(r#"{"step": 3, "params": 10}"#).unwrap();
         assert_eq!(legacy.loss_scale, None);
+    }
+
+    fn gpt2(heads: usize) -> Model {
+        let json =
+            format!(r#"{{"architectures":["GPT2LMHeadModel"],"vocab_size":11,"n_embd":8,"n_layer":1,"n_head":{heads},"n_positions":8}}"#);
+        Model::new(ModelConfig::from_json(&json, Path::new("config.json")).unwrap()).unwrap()
+    }
+
+    /// A checkpoint of another model with the same parameter count (here: other heads) is
+    /// refused by name, not loaded into the wrong shapes.
+    #[test]
+    fn a_checkpoint_of_another_model_of_the_same_size_is_refused() {
+        let (two, four) = (gpt2(2), gpt2(4));
+        assert_eq!(two.table.len(), four.table.len());
+        let n = two.table.len();
+        let z = vec![0.0f32; n];
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step_1");
+        let state = TrainingState { params: &z, m: &z, v: &z, step: 1, loss_scale: None };
+        save_training_checkpoint(&ck, &two.config, &two.table, state, None).unwrap();
+        let mut buf = crate::params::ParamBuffers::zeros(&four.table);
+        let err = load_training_checkpoint(&ck, &four.config, &four.table, &mut buf).unwrap_err().to_string();
+        assert!(err.contains("written for another model"), "{err}");
+        let mut buf = crate::params::ParamBuffers::zeros(&two.table);
+        assert_eq!(load_training_checkpoint(&ck, &two.config, &two.table, &mut buf).unwrap(), 1);
+    }
+
+    /// A step reached again replaces its checkpoint: the new one is in place, the old one gone,
+    /// nothing left beside them.
+    #[test]
+    fn a_checkpoint_written_again_replaces_the_old_one() {
+        let m = gpt2(2);
+        let n = m.table.len();
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step_1");
+        for value in [0.5f32, 0.75] {
+            let p = vec![value; n];
+            let state = TrainingState { params: &p, m: &p, v: &p, step: 1, loss_scale: None };
+            save_training_checkpoint(&ck, &m.config, &m.table, state, None).unwrap();
+        }
+        let mut buf = crate::params::ParamBuffers::zeros(&m.table);
+        load_training_checkpoint(&ck, &m.config, &m.table, &mut buf).unwrap();
+        assert_eq!(buf.m[0], 0.75, "the second write is the checkpoint");
+        let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(names, ["step_1"]);
     }
 }

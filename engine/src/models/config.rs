@@ -147,6 +147,13 @@ impl Reader<'_> {
 }
 
 impl ModelConfig {
+    /// Whether `other` describes the same network: every resolved field that shapes the
+    /// parameters or the arithmetic (not the raw text, nor the initialisation's scale).
+    pub fn same_network(&self, other: &ModelConfig) -> bool {
+        ModelConfig { raw: Map::new(), initializer_range: 0.0, ..self.clone() }
+            == ModelConfig { raw: Map::new(), initializer_range: 0.0, ..other.clone() }
+    }
+
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");

@@ -537,16 +537,34 @@ impl Trainer {
         let (rank, world) = (dp.rank(), dp.size());
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
         let tmp = dir.with_file_name(format!(".{name}.partial"));
+        // A stale partial directory must go entirely: a shard left by an earlier layout would be
+        // sealed into this checkpoint.
         let prepared = if rank == 0 {
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))
+            match std::fs::remove_dir_all(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&tmp, e)),
+                _ => std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e)),
+            }
         } else {
             Ok(())
         };
-        // Everyone passes the barrier before reporting a failure, so no rank waits on another.
-        dp.barrier()?;
+        // Every rank learns whether rank 0 could prepare (this is also the barrier before anyone
+        // writes). If not (a full disk, say), the checkpoint fails on every rank, as a failed
+        // write does, and training goes on.
+        let ready = dp.sum(if rank == 0 { f64::from(u8::from(prepared.is_ok())) } else { 0.0 })? > 0.0;
         synced?;
-        prepared?;
+        if !ready {
+            let why = match prepared {
+                Err(e) => e,
+                Ok(()) => Error::Io { path: tmp.clone(), err: std::io::Error::other("rank 0 could not prepare the checkpoint directory") },
+            };
+            let thread = std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || (Err(why), 0, 0.0, Snapshot::new(0, 0)))
+                .map_err(|e| Error::io(dir, e))?;
+            self.pending =
+                Some(PendingCheckpoint { step, dir: dir.to_path_buf(), loss_scale, stall_secs: start.elapsed().as_secs_f64(), thread });
+            return Ok(previous);
+        }
         let pieces = dp.pieces();
         let own_params = (zero >= 3).then(|| dp.own_pieces(&self.buffers.params));
         let full_params = (zero < 3 && rank == 0).then(|| self.buffers.params.clone());
