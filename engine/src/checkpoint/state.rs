@@ -84,29 +84,44 @@ fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
     // The directory's entries are durable before it is renamed into place.
     std::fs::File::open(tmp).and_then(|d| d.sync_all()).map_err(|e| Error::io(tmp, e))?;
     // A run that reaches a step again (after resuming past a damaged checkpoint) replaces that
-    // step's checkpoint. The old one is moved aside first and deleted only once the new one is in
-    // place, so a crash in between leaves one of them under the step's name, never neither.
-    let aside = dir.with_file_name(format!(".{}.replaced", dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+    // step's checkpoint: the two directories are swapped in one atomic rename, so the step's name
+    // always holds a complete checkpoint, and the old one (now at `tmp`) is deleted after.
     let replacing = dir.exists();
-    if replacing {
-        let _ = std::fs::remove_dir_all(&aside);
-        std::fs::rename(dir, &aside).map_err(|e| Error::io(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(tmp, dir) {
-        if replacing {
-            let _ = std::fs::rename(&aside, dir);
-        }
-        return Err(Error::io(dir, e));
-    }
+    let renamed = if replacing { swap_dirs(tmp, dir) } else { std::fs::rename(tmp, dir) };
+    renamed.map_err(|e| Error::io(dir, e))?;
     // Make the rename itself durable before anything (the caller's clean-up of older checkpoints
     // included) counts on it.
     if let Some(parent) = dir.parent() {
         std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| Error::io(parent, e))?;
     }
     if replacing {
-        let _ = std::fs::remove_dir_all(&aside);
+        let _ = std::fs::remove_dir_all(tmp);
     }
     Ok(())
+}
+
+/// Exchanges two directories atomically (Linux `renameat2(RENAME_EXCHANGE)`). Where the file
+/// system cannot, the old one is moved aside first (a crash in between leaves it, complete, as
+/// `.NAME.replaced` beside the new one's `.NAME.partial`).
+fn swap_dirs(new: &Path, old: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(None, new, None, old, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let aside = old.with_file_name(format!(".{}.replaced", old.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+    let _ = std::fs::remove_dir_all(&aside);
+    std::fs::rename(old, &aside)?;
+    if let Err(e) = std::fs::rename(new, old) {
+        let _ = std::fs::rename(&aside, old);
+        return Err(e);
+    }
+    // `new` is where the caller deletes the old checkpoint from.
+    std::fs::rename(&aside, new)
 }
 
 /// Fsyncs `names` in `tmp` and records their sizes and checksums in `.sums-{tag}.json`, for the
