@@ -241,6 +241,28 @@ fn gradient_accumulation_matches_one_big_micro_batch() {
     }
 }
 
+/// A new run into a directory that holds an earlier run moves the earlier run aside (`DIR.1`)
+/// rather than mixing the two; nothing of either is lost.
+#[test]
+fn a_new_run_into_an_earlier_runs_directory_moves_the_earlier_run_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let run = dir.path().join("run");
+    let train = |seed: &str, steps: &str| {
+        let out = gantry().arg("train").arg(&spec).args(["--set", seed, "--set", steps, "--run-dir"]).arg(&run).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    train("train.seed=1", "train.steps=6");
+    let first = losses(&run);
+    let stderr = train("train.seed=2", "train.steps=3");
+    assert!(stderr.contains("held an earlier run") && stderr.contains("run.1"), "{stderr}");
+    assert_eq!(losses(&dir.path().join("run.1")), first, "the earlier run is kept whole");
+    assert_eq!(losses(&run).len(), 3, "the new run has only its own steps");
+    assert!(dir.path().join("run.1/final/model.safetensors").is_file() && run.join("final/model.safetensors").is_file());
+}
+
 /// The README's main command: the example trains in well under a minute and its loss falls by
 /// at least 40%.
 #[test]

@@ -38,6 +38,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         return train_rank(&a, spec, run_dir, Some(comm));
     }
     let rv = format!("127.0.0.1:{}", process::free_port()?);
+    if a.resume.is_none() {
+        keep_earlier_run(&run_dir)?;
+    }
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let exe = std::env::current_exe()?;
@@ -102,6 +105,10 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     let mut saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
     if trainer.dp_rank() != 0 {
         return follow_rank(&mut trainer, &run_dir, &spec);
+    }
+    // (A job on several ranks did this before it started them: their logs go in the run dir.)
+    if a.resume.is_none() && workers == 1 {
+        keep_earlier_run(&run_dir)?;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     super::write_replacing(&run_dir.join("spec.toml"), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
@@ -207,6 +214,22 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
     }
     trainer.finish_checkpoint()?;
     trainer.save_final(&run_dir.join("final"))?;
+    Ok(())
+}
+
+/// A new run into a directory that holds an earlier run would mix the two (the earlier run's
+/// later checkpoints and final model would outlive the new run's, and a later `--resume` or
+/// `export` would pick them): the earlier run is moved aside to `DIR.N`, and nothing is lost.
+fn keep_earlier_run(run_dir: &Path) -> anyhow::Result<()> {
+    let holds_a_run = ["spec.toml", "metrics.jsonl", "final"].iter().any(|f| run_dir.join(f).exists())
+        || !gantry_engine::checkpoint::committed_checkpoints(run_dir).is_empty();
+    if !holds_a_run {
+        return Ok(());
+    }
+    let name = run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+    let aside = (1..).map(|n| run_dir.with_file_name(format!("{name}.{n}"))).find(|p| !p.exists()).expect("a free name");
+    std::fs::rename(run_dir, &aside).with_context(|| format!("moving the earlier run in {} aside", run_dir.display()))?;
+    eprintln!("gantry train: {} held an earlier run; moved it to {} (to continue a run, use --resume)", run_dir.display(), aside.display());
     Ok(())
 }
 
