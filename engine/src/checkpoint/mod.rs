@@ -11,5 +11,5 @@ pub use hf::{has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir
 pub use sharded::{shard_name, write_rank_shard};
 pub use state::{
     checkpoint_loss_scale, commit_checkpoint, committed_checkpoints, is_training_checkpoint, load_checkpoint_params,
-    load_training_checkpoint, record_sums, save_training_checkpoint, verify_checkpoint, LossScaleState, TrainingState,
+    load_training_checkpoint, record_sums, replace_dir, save_training_checkpoint, verify_checkpoint, LossScaleState, TrainingState,
 };

@@ -81,16 +81,24 @@ fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
     let manifest = serde_json::to_string_pretty(&Manifest { step, files }).expect("serialises");
     let mpath = tmp.join(MANIFEST);
     std::fs::write(&mpath, manifest).and_then(|_| std::fs::File::open(&mpath)?.sync_all()).map_err(|e| Error::io(&mpath, e))?;
-    // The directory's entries are durable before it is renamed into place.
+    replace_dir(tmp, dir)
+}
+
+/// Puts the complete directory `tmp` in place as `dir`: its files and entries are synced, then it
+/// is renamed (or, where `dir` exists, swapped in with one atomic rename, the old one deleted
+/// after), and the rename is synced before anything (a clean-up of older checkpoints, say)
+/// counts on it. So `dir` always holds a complete directory, the old or the new.
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
+        let path = entry.map_err(|e| Error::io(tmp, e))?.path();
+        if path.is_file() {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
+        }
+    }
     std::fs::File::open(tmp).and_then(|d| d.sync_all()).map_err(|e| Error::io(tmp, e))?;
-    // A run that reaches a step again (after resuming past a damaged checkpoint) replaces that
-    // step's checkpoint: the two directories are swapped in one atomic rename, so the step's name
-    // always holds a complete checkpoint, and the old one (now at `tmp`) is deleted after.
     let replacing = dir.exists();
     let renamed = if replacing { swap_dirs(tmp, dir) } else { std::fs::rename(tmp, dir) };
     renamed.map_err(|e| Error::io(dir, e))?;
-    // Make the rename itself durable before anything (the caller's clean-up of older checkpoints
-    // included) counts on it.
     if let Some(parent) = dir.parent() {
         std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| Error::io(parent, e))?;
     }

@@ -5,8 +5,8 @@ use gantry_api::{Devices, GpuComm, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, save_hf_config,
-    save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
+    checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, replace_dir,
+    save_hf_config, save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
 };
 use crate::comm::{Comm, DeviceMesh};
 use crate::data::{check_vocab, load_tokens, Sampler};
@@ -694,13 +694,23 @@ impl Trainer {
         if self.dp_rank() != 0 {
             return Ok(false);
         }
-        save_hf_dir(
-            dir,
+        // Written beside `dir` and put in place whole: a crash or a full disk never leaves a
+        // `final/` with a config but no weights, which export would take for the model.
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("final");
+        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let written = save_hf_dir(
+            &tmp,
             &self.model.config,
             &self.model.table,
             full.as_deref().unwrap_or(&self.buffers.params),
             self.tokenizer.as_deref(),
-        )?;
+        )
+        .and_then(|()| replace_dir(&tmp, dir));
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
         Ok(true)
     }
 
