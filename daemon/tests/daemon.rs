@@ -118,6 +118,27 @@ async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metric
     let mut grpc = JobServiceClient::connect(d.grpc()).await.unwrap();
     let j = grpc.get_job(GetJobRequest { id: first }).await.unwrap().into_inner();
     assert_eq!((j.state.as_str(), j.step), ("succeeded", Some(12)));
+
+    // Worker reports that cannot be about this job are refused, and change nothing stored.
+    use gantry_api::proto::worker_service_client::WorkerServiceClient;
+    use gantry_api::proto::{CheckpointRequest, ReportStepsRequest, WorkerId};
+    let mut w = WorkerServiceClient::connect(d.grpc()).await.unwrap();
+    let who = |job_id, rank| Some(WorkerId { job_id, rank, attempt: 1 });
+    let step = |step| gantry_api::proto::StepMetrics { step, loss: 1.0, ..Default::default() };
+    let code = |r: Result<tonic::Response<gantry_api::proto::Ack>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(w.report_steps(ReportStepsRequest { worker: who(first, 3), steps: vec![step(5)] }).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(w.report_steps(ReportStepsRequest { worker: who(first, 0), steps: vec![step(1 << 40)] }).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(code(w.report_steps(ReportStepsRequest { worker: who(987_654, 0), steps: vec![step(1)] }).await), tonic::Code::NotFound);
+    let outside = CheckpointRequest { worker: who(first, 0), step: 11, path: d.data_dir.path().display().to_string() };
+    assert_eq!(code(w.checkpoint_committed(outside).await), tonic::Code::InvalidArgument);
+    let job = d.job(first).await;
+    assert_eq!((job["step"].as_i64(), job["checkpoint_step"].as_i64()), (Some(12), Some(10)), "{job}");
 }
 
 #[tokio::test]
@@ -289,8 +310,18 @@ async fn sigterm_shuts_the_daemon_down_cleanly_and_leaves_workers_training() {
     let mut d = Daemon::start(&db.url, "cpu:1").await;
     let id = d.submit(&tiny_spec(600, 0)).await;
     d.wait_job(id, 60, "reached step 3", |j| j["step"].as_i64().unwrap_or(0) >= 3).await;
-    let status = d.terminate(Duration::from_secs(10));
-    assert_eq!(status, Some(0), "the daemon exits 0 on SIGTERM:\n{}", d.log());
+    // Someone follows the job's logs: an open stream must not hold the shutdown up.
+    let mut follower = Command::new(gantry())
+        .args(["logs", "--follow", &id.to_string(), "--server", &d.http])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = d.terminate(Duration::from_secs(15));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert_eq!(status, Some(0), "the daemon exits 0 on SIGTERM, log follower or not:\n{}", d.log());
     assert!(d.log().contains("shutting down"), "{}", d.log());
     assert_eq!(worker_pids(&d, id).len(), 1, "the job keeps training");
     d.restart().await;

@@ -16,6 +16,18 @@ struct Client {
     base: String,
 }
 
+/// The daemon could not be reached or answered 503: worth retrying.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
 impl Client {
     fn new(server: &str) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
@@ -23,20 +35,41 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {e}", self.base))?;
+        let resp = req.send().await.map_err(|e| anyhow!(Unreachable(format!("cannot reach the daemon at {}: {e}", self.base))))?;
         let status = resp.status();
         let body = resp.bytes().await?;
         if !status.is_success() {
-            return match serde_json::from_slice::<ApiError>(&body) {
-                Ok(e) => Err(anyhow!("{e} ({status})")),
-                Err(_) => Err(anyhow!("{status}: {}", String::from_utf8_lossy(&body).trim())),
+            let message = match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => format!("{e} ({status})"),
+                Err(_) => format!("{status}: {}", String::from_utf8_lossy(&body).trim()),
             };
+            // 503: the daemon is up but its database is away for now.
+            return Err(if status == reqwest::StatusCode::SERVICE_UNAVAILABLE { anyhow!(Unreachable(message)) } else { anyhow!(message) });
         }
         serde_json::from_slice(&body).with_context(|| format!("unexpected answer from {}", self.base))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    /// As `get`, riding out a daemon that restarts or a database that is briefly away (for up to
+    /// two minutes): a job keeps training meanwhile, and following it should not end in an error.
+    async fn get_patiently<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut said = false;
+        loop {
+            match self.get(path).await {
+                Err(e) if e.is::<Unreachable>() && std::time::Instant::now() < deadline => {
+                    if !said {
+                        eprintln!("{e}; retrying");
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Option<String>) -> anyhow::Result<T> {
@@ -75,16 +108,16 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
 
 /// Live progress until the job ends; the exit status says whether it succeeded.
 async fn follow(client: &Client, id: i64) -> anyhow::Result<()> {
-    let first: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+    let first: Job = client.get_patiently(&format!("/v1/jobs/{id}")).await?;
     let steps = first.spec.train.steps;
     let interactive = progress::interactive();
     let pb = progress::bar(steps, "{prefix} step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
     let mut last_state = None;
     let mut last_printed = 0;
     loop {
-        let job: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+        let job: Job = client.get_patiently(&format!("/v1/jobs/{id}")).await?;
         let series: serde_json::Value =
-            client.get(&format!("/v1/jobs/{id}/metrics?after_step={}", (job.step.unwrap_or(0) - 1).max(0))).await?;
+            client.get_patiently(&format!("/v1/jobs/{id}/metrics?after_step={}", (job.step.unwrap_or(0) - 1).max(0))).await?;
         let latest: Option<StepMetrics> =
             series["steps"].as_array().and_then(|a| a.last()).and_then(|v| serde_json::from_value(v.clone()).ok());
         if last_state != Some(job.state) {
@@ -198,10 +231,25 @@ pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
     let rank = a.rank.map_or(String::new(), |r| format!("&rank={r}"));
     block_on(async {
         if !a.follow {
-            let v: serde_json::Value = client.get(&format!("/v1/jobs/{}/logs?limit=100000{rank}", a.id)).await?;
-            let lines: Vec<LogLine> = serde_json::from_value(v["lines"].clone())?;
-            for l in lines {
-                print_line(&l, a.rank.is_none());
+            // Page through each rank on its own: `after` is a byte offset within one rank's log.
+            let ranks: Vec<u32> = match a.rank {
+                Some(r) => vec![r],
+                None => (0..client.get::<Job>(&format!("/v1/jobs/{}", a.id)).await?.devices.max(1)).collect(),
+            };
+            const PAGE: usize = 10_000;
+            for r in ranks {
+                let mut after = -1i64;
+                loop {
+                    let v: serde_json::Value = client.get(&format!("/v1/jobs/{}/logs?rank={r}&after={after}&limit={PAGE}", a.id)).await?;
+                    let lines: Vec<LogLine> = serde_json::from_value(v["lines"].clone())?;
+                    for l in &lines {
+                        print_line(l, a.rank.is_none());
+                    }
+                    match lines.last() {
+                        Some(l) if lines.len() == PAGE => after = l.offset,
+                        _ => break,
+                    }
+                }
             }
             return Ok(());
         }
@@ -213,11 +261,13 @@ pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
             bail!("{}", serde_json::from_str::<ApiError>(&body).map(|e| e.to_string()).unwrap_or(format!("{status}: {body}")));
         }
         let mut stream = resp.bytes_stream();
-        let mut buf = String::new();
+        // Bytes until a whole event is in: a character may be split across network chunks.
+        let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk?));
-            while let Some(end) = buf.find("\n\n") {
-                let event: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(&chunk?);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = buf.drain(..end + 2).collect();
+                let event = String::from_utf8_lossy(&raw);
                 let kind = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
                 let data = event.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim).unwrap_or("");
                 match kind {

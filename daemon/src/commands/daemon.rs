@@ -4,6 +4,7 @@
 
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -78,11 +79,14 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
     eprintln!("gantry daemon: shutting down (running jobs keep training and are re-adopted on the next start)");
     let _ = stop_tx.send(true);
     let _ = supervisor_task.await;
-    let _ = http_task.await;
+    // Open streams (a `gantry logs -f`, say) would hold a graceful shutdown open for as long as
+    // they last: the listeners get a few seconds to finish their requests, no more.
+    let drain = Duration::from_secs(5);
+    let _ = tokio::time::timeout(drain, http_task).await;
     if let Some(t) = metrics_task {
-        let _ = t.await;
+        let _ = tokio::time::timeout(drain, t).await;
     }
-    let _ = grpc_task.await;
+    let _ = tokio::time::timeout(drain, grpc_task).await;
     store.close().await;
     Ok(())
 }

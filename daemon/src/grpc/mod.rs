@@ -142,6 +142,10 @@ impl WorkerRpc for Grpc {
         let res = async {
             let q = r.into_inner();
             let w = worker(q.worker)?;
+            let job = self.service.check_worker(&w).await?;
+            if let Some(s) = q.steps.iter().find(|s| s.step < 1 || s.step as u64 > job.spec.train.steps) {
+                return Err(Error::BadRequest(format!("step {} is outside the job's 1..={}", s.step, job.spec.train.steps)));
+            }
             let steps: Vec<StepMetrics> = q
                 .steps
                 .into_iter()
@@ -168,6 +172,10 @@ impl WorkerRpc for Grpc {
         let res = async {
             let q = r.into_inner();
             let w = worker(q.worker)?;
+            self.service.check_worker(&w).await?;
+            if q.lines.iter().any(|l| l.offset < 0) {
+                return Err(Error::BadRequest("a log line's offset is negative".into()));
+            }
             let lines: Vec<gantry_api::LogLine> =
                 q.lines.into_iter().map(|l| gantry_api::LogLine { rank: w.rank, offset: l.offset, at_ms: l.at_ms, line: l.line }).collect();
             self.service.store.insert_logs(w.job_id, &lines).await?;
@@ -181,6 +189,19 @@ impl WorkerRpc for Grpc {
         let res = async {
             let q = r.into_inner();
             let w = worker(q.worker)?;
+            let job = self.service.check_worker(&w).await?;
+            if q.step < 1 || q.step as u64 > job.spec.train.steps {
+                return Err(Error::BadRequest(format!("checkpoint step {} is outside the job's 1..={}", q.step, job.spec.train.steps)));
+            }
+            // A restart resumes from the recorded path: it must be one of this run's checkpoints.
+            let inside = std::path::Path::new(&q.path)
+                .canonicalize()
+                .ok()
+                .zip(std::path::Path::new(&job.run_dir).join("checkpoints").canonicalize().ok())
+                .is_some_and(|(p, root)| p.starts_with(root));
+            if !inside {
+                return Err(Error::BadRequest(format!("{} is not a checkpoint of job {}'s run", q.path, job.id)));
+            }
             self.service.store.record_checkpoint(w.job_id, q.step, &q.path).await?;
             Ok(proto::Ack {})
         }

@@ -45,9 +45,10 @@ pub async fn logs(
     let stream = async_stream(move |tx| async move {
         let mut after: std::collections::BTreeMap<u32, i64> = Default::default();
         loop {
-            // Read the state before the lines: a job seen final here has written all its lines.
+            // Read the state before the lines: a job seen over here has had all its lines stored
+            // (a cancelled one only once its workers are gone and their logs copied).
             let over = match service.get(id).await {
-                Ok(j) => j.state.is_final(),
+                Ok(j) => service.logs_complete(&j),
                 Err(_) => false,
             };
             let ranks: Vec<u32> = match rank {
@@ -73,7 +74,11 @@ pub async fn logs(
                 return;
             }
             if !more {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A follower that went away stops the polling now, not at its next line.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tx.closed() => return,
+                }
             }
         }
     });

@@ -61,6 +61,27 @@ impl JobService {
         Ok(())
     }
 
+    /// The job a worker's report is about, if the worker can belong to it: the job exists, the
+    /// rank is one of its ranks and the attempt is not from the future. (Reports of an earlier
+    /// attempt are taken: they describe steps that were trained.)
+    pub async fn check_worker(&self, w: &gantry_api::proto::WorkerId) -> Result<Job> {
+        let row = self.store.job_row(w.job_id).await?;
+        let job = row.job;
+        if w.rank >= job.devices.max(1) {
+            return Err(Error::BadRequest(format!("job {} has {} ranks; there is no rank {}", job.id, job.devices, w.rank)));
+        }
+        if w.attempt > row.attempt {
+            return Err(Error::BadRequest(format!("job {} is at attempt {}, not {}", job.id, row.attempt, w.attempt)));
+        }
+        Ok(job)
+    }
+
+    /// Whether every log line of `job` is stored: it is over, and (a cancelled job stops its
+    /// workers after its state is recorded) none of its workers is still running here.
+    pub fn logs_complete(&self, job: &Job) -> bool {
+        job.state.is_final() && !self.supervisor.is_live(job.id)
+    }
+
     pub async fn get(&self, id: i64) -> Result<Job> {
         self.store.job(id).await
     }

@@ -121,6 +121,11 @@ impl Supervisor {
         self.wake.notify_one();
     }
 
+    /// Whether the job's workers are supervised here (running, or being stopped).
+    pub fn is_live(&self, id: i64) -> bool {
+        self.live.lock().expect("live jobs").contains_key(&id)
+    }
+
     /// The slots held by running jobs: slot → job.
     pub fn held(&self) -> BTreeMap<String, i64> {
         let live = self.live.lock().expect("live jobs");

@@ -173,7 +173,7 @@ async fn send_loop(
                     cv.notify_all();
                 }
             }
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
                 // The daemon will never take these: retrying would hold every later report back.
                 // metrics.jsonl keeps the steps, and the daemon reads it when the job ends.
                 let n = if batch.is_empty() { 1 } else { batch.len() };
