@@ -90,6 +90,7 @@ pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std:
         match trainer.resume(ck) {
             Ok(()) => {
                 eprintln!("resuming from {} (step {})", ck.display(), trainer.step);
+                trainer.check_ranks_resumed_alike()?;
                 return Ok(all[..=i].to_vec());
             }
             Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),

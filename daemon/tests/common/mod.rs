@@ -111,8 +111,16 @@ impl Daemon {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             client: reqwest::Client::new(),
         };
-        d.spawn().await;
-        d
+        // A port found free can be taken by another test's process before the daemon binds it:
+        // the first start then picks other ports. (A restart keeps its ports: workers know them.)
+        for _ in 0..5 {
+            if d.try_spawn().await {
+                return d;
+            }
+            (d.http_port, d.grpc_port) = (free_port(), free_port());
+            d.http = format!("http://127.0.0.1:{}", d.http_port);
+        }
+        panic!("the daemon could not bind its ports:\n{}", d.log());
     }
 
     pub fn grpc(&self) -> String {
@@ -120,6 +128,12 @@ impl Daemon {
     }
 
     async fn spawn(&mut self) {
+        assert!(self.try_spawn().await, "the daemon could not bind its ports:\n{}", self.log());
+    }
+
+    /// Starts the daemon and waits until it is ready; false if it exited because a port was taken.
+    async fn try_spawn(&mut self) -> bool {
+        let logged = self.log().len();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.path().join("daemon.log")).unwrap();
         let child = Command::new(gantry())
             .args(["daemon", "--http", &format!("127.0.0.1:{}", self.http_port), "--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
@@ -143,9 +157,16 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // Our daemon must still be running: another process may be answering on the port.
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.child = None;
+                let log = self.log();
+                assert!(log[logged..].contains("Address already in use"), "the daemon exited with {status}:\n{log}");
+                return false;
+            }
             if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send().await {
                 if r.status().is_success() {
-                    return;
+                    return true;
                 }
             }
             assert!(Instant::now() < deadline, "the daemon did not become ready:\n{}", self.log());

@@ -164,15 +164,23 @@ pub(crate) fn connect_mesh(
                 let missing: Vec<String> = (1..world).filter(|r| table[*r].is_empty()).map(|r| r.to_string()).collect();
                 return Err(rv_error(format!("ranks {} did not join within {timeout:?}", missing.join(", "))));
             };
-            s.set_read_timeout(Some(timeout)).map_err(io("socket"))?;
-            let hello = read_u64s(&mut s, 3).map_err(io("reading a hello"))?;
-            let addr = read_str(&mut s).map_err(io("reading a hello"))?;
-            let (magic, r, w) = (hello[0] as u32, hello[1] as usize, hello[2] as usize);
-            if magic != MAGIC || w != world || r == 0 || r >= world || !table[r].is_empty() {
-                return Err(rv_error(format!("a peer said rank {r} of {w}; expected a new rank of 1..{world}")));
+            // Anything can connect to the port (a port scanner, a stale worker of an earlier
+            // attempt): a connection that does not greet as a new rank of this world within the
+            // time left is dropped, and rank 0 goes on waiting for the real ones.
+            s.set_read_timeout(Some(hello_wait(deadline))).map_err(io("socket"))?;
+            let hello = read_u64s(&mut s, 3).and_then(|h| Ok((h, read_str(&mut s)?)));
+            match hello {
+                Ok((h, addr)) => {
+                    let (magic, r, w) = (h[0] as u32, h[1] as usize, h[2] as usize);
+                    if magic != MAGIC || w != world || r == 0 || r >= world || !table[r].is_empty() {
+                        tracing::warn!("rendezvous: ignored a connection that said rank {r} of {w} (expected a new rank of 1..{world})");
+                        continue;
+                    }
+                    table[r] = addr;
+                    joined.push(s);
+                }
+                Err(e) => tracing::warn!("rendezvous: ignored a connection that sent no hello: {e}"),
             }
-            table[r] = addr;
-            joined.push(s);
         }
         for s in &mut joined {
             for a in &table {
@@ -260,6 +268,13 @@ fn dial(entry: &str, deadline: Instant, transport: Transport) -> Result<Stream> 
     Ok(Stream::Tcp(connect_until(tcp, deadline)?))
 }
 
+/// How long to wait for a new connection's first message: a rank sends it as soon as it has
+/// connected, so a connection silent for seconds is not one (a port scanner that holds it open),
+/// and must not hold the rendezvous up until its deadline.
+fn hello_wait(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(1), Duration::from_secs(5))
+}
+
 fn mesh(
     rank: usize,
     world: usize,
@@ -275,17 +290,26 @@ fn mesh(
         write_u64s(&mut &s, &[MAGIC as u64, rank as u64]).map_err(|e| peer_error(peer, format!("greeting: {e}")))?;
         streams[peer] = Some(s);
     }
-    for _ in rank + 1..world {
+    while streams[rank + 1..].iter().any(Option::is_none) {
         let Some(s) = accept_any(&own, unix.as_ref().map(|u| &u.0), deadline).map_err(|e| rv_error(format!("accepting: {e}")))? else {
             let missing: Vec<String> = (rank + 1..world).filter(|r| streams[*r].is_none()).map(|r| r.to_string()).collect();
             return Err(rv_error(format!("ranks {} did not connect within {timeout:?}", missing.join(", "))));
         };
-        s.set_read_timeout(Some(timeout)).map_err(|e| rv_error(e.to_string()))?;
-        let hello = read_u64s(&mut &s, 2).map_err(|e| rv_error(format!("reading a greeting: {e}")))?;
-        let peer = hello[1] as usize;
-        if hello[0] as u32 != MAGIC || peer <= rank || peer >= world || streams[peer].is_some() {
-            return Err(rv_error(format!("unexpected greeting from rank {peer}")));
-        }
+        // As at the rendezvous: a connection that does not greet as an expected rank is dropped.
+        s.set_read_timeout(Some(hello_wait(deadline))).map_err(|e| rv_error(e.to_string()))?;
+        let peer = match read_u64s(&mut &s, 2) {
+            Ok(h) if h[0] as u32 == MAGIC && (h[1] as usize) > rank && (h[1] as usize) < world && streams[h[1] as usize].is_none() => {
+                h[1] as usize
+            }
+            Ok(h) => {
+                tracing::warn!("rendezvous: ignored a greeting from rank {} (expected one of {}..{world})", h[1], rank + 1);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("rendezvous: ignored a connection that sent no greeting: {e}");
+                continue;
+            }
+        };
         streams[peer] = Some(s);
     }
     for s in streams.iter().flatten() {

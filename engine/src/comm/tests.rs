@@ -217,6 +217,32 @@ fn a_rank_that_never_joins_is_named_by_the_rendezvous() {
     assert!(err1.contains("rendezvous"), "{err1}");
 }
 
+/// Strangers connecting to the rendezvous port (a port scanner that sends garbage, one that says
+/// nothing and hangs up, a peer claiming a rank of another world) are dropped: the real ranks
+/// still meet.
+#[test]
+fn stray_connections_to_the_rendezvous_do_not_fail_the_job() {
+    let addr = free_addr();
+    let a0 = addr.clone();
+    let zero = std::thread::spawn(move || Comm::connect(0, 2, &a0, Duration::from_secs(20)).map(|c| c.world()));
+    let connect = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    use std::io::Write;
+    connect().write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    drop(connect());
+    let mut other_world = connect();
+    for v in [0x4741_4e54u64, 1, 7] {
+        let _ = other_world.write_all(&v.to_le_bytes());
+    }
+    let one = Comm::connect(1, 2, &addr, Duration::from_secs(20)).map(|c| c.world());
+    assert_eq!(one.unwrap(), 2);
+    assert_eq!(zero.join().unwrap().unwrap(), 2);
+}
+
 #[test]
 fn async_operations_run_in_order_and_hand_their_buffers_back() {
     let out = on_ranks(2, Duration::from_secs(10), |c| {

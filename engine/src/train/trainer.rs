@@ -195,6 +195,17 @@ pub fn check_layout(spec: &JobSpec) -> Result<()> {
     Ok(())
 }
 
+/// How long a new checkpoint waits for the previous one to be written before it is skipped
+/// (see `Trainer::start_checkpoint`).
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A checkpoint still being written.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    step: u64,
+    gave_up: bool,
+}
+
 /// One rank's training state and loop.
 #[derive(Debug)]
 pub struct Trainer {
@@ -486,6 +497,23 @@ impl Trainer {
     /// once every rank's shard is written (see `poll_checkpoint`). One checkpoint is written at a
     /// time: a previous one still being written is finished first, and its outcome returned.
     pub fn start_checkpoint(&mut self, dir: &Path) -> Result<Option<CheckpointOutcome>> {
+        // One checkpoint is written at a time. One still being written is waited for, but not
+        // for long: a rank waiting on its writer while the others went on to the next collective
+        // would look dead to them once the wait outlasts the communication timeout (120 s by
+        // default). Past `CHECKPOINT_WAIT` this checkpoint is skipped instead.
+        let waiting = Instant::now();
+        while let Some(writing) = self.checkpoint_in_flight(waiting.elapsed() > CHECKPOINT_WAIT)? {
+            if writing.gave_up {
+                if self.dp_rank() == 0 {
+                    eprintln!(
+                        "warning: the checkpoint of step {} is skipped: the one of step {} is still being written",
+                        self.step, writing.step
+                    );
+                }
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let previous = self.finish_checkpoint()?;
         let start = Instant::now();
         let (config, table, tokenizer, step, target) =
@@ -629,7 +657,27 @@ impl Trainer {
         self.commit_sharded()
     }
 
+    /// A checkpoint still being written, if any, and whether waiting for it is given up (`give_up`
+    /// on any rank). Under ZeRO the ranks agree on both (every rank calls it, in step); otherwise
+    /// it is rank 0's own business (only rank 0 writes).
+    fn checkpoint_in_flight(&mut self, give_up: bool) -> Result<Option<InFlight>> {
+        let Some(p) = &self.pending else { return Ok(None) };
+        let (step, done) = (p.step, p.thread.is_finished());
+        match &mut self.dp {
+            Some(dp) if dp.zero() >= 1 => {
+                // One sum says both: n when every rank is done; above n once any rank gives up.
+                let n = dp.size() as f64;
+                let total = dp.sum(if give_up { n + 1.0 } else { f64::from(u8::from(done)) })?;
+                Ok((total != n).then_some(InFlight { step, gave_up: total > n }))
+            }
+            _ => Ok((!done).then_some(InFlight { step, gave_up: give_up })),
+        }
+    }
+
     /// Waits for the checkpoint being written, if any, and commits it (every rank calls it).
+    /// Under ZeRO the ranks wait together, checking in with each other while they do: a rank whose
+    /// shard is written first must not sit in a collective for longer than the timeout while rank
+    /// 0 (which also writes the model) is still writing.
     pub fn finish_checkpoint(&mut self) -> Result<Option<CheckpointOutcome>> {
         let sharded = self.dp.as_ref().is_some_and(|d| d.zero() >= 1);
         if !sharded {
@@ -638,7 +686,30 @@ impl Trainer {
         if self.pending.is_none() {
             return Ok(None);
         }
+        while self.checkpoint_in_flight(false)?.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         self.commit_sharded()
+    }
+
+    /// After every rank resumed (each picks its checkpoint on its own, skipping any it cannot
+    /// load): they must all be at the same step, or they would train on different parameters,
+    /// data and schedules without noticing. Every rank calls it.
+    pub fn check_ranks_resumed_alike(&mut self) -> Result<()> {
+        let Some(dp) = &mut self.dp else { return Ok(()) };
+        let (n, s) = (dp.size() as f64, self.step as f64);
+        // Equal sums of the step and of its square on every rank mean no rank differs.
+        let (sum, squares) = (dp.sum(s)?, dp.sum(s * s)?);
+        if sum != n * s || squares != n * s * s {
+            return Err(Error::Comm {
+                rank: None,
+                message: format!(
+                    "the ranks resumed from different checkpoints (this one from step {}): a checkpoint one rank could not load was used by another",
+                    self.step
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Joins this rank's shard writer; if every rank's shard was written, rank 0 writes the
