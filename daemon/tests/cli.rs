@@ -154,6 +154,10 @@ fn bad_specs_name_the_field_and_write_nothing() {
         (vec!["--set", "resources.devices=cuda:0"], "cuda:0"),
         (vec!["--set", "train.precision=bf16"], "needs a GPU"),
         (vec!["--set", "data.seq_len=100000"], "data.seq_len"),
+        // A tokenizer that is not there: refused at the start, not at the first checkpoint.
+        (vec!["--set", "data.tokenizer=/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json"),
+        // A value the check refuses: its own message, not a complaint about the value's type.
+        (vec!["--set", "train.steps=0"], "at least 1"),
     ];
     for (i, (args, needle)) in cases.iter().enumerate() {
         let run = dir.path().join(format!("run{i}"));

@@ -216,3 +216,18 @@ fn a_sharded_checkpoint_that_cannot_be_prepared_is_skipped_and_training_goes_on(
     assert!(run.join("checkpoints/step_00000020").is_dir(), "the next checkpoint was written");
     assert!(!run.join("checkpoints/step_00000010").exists());
 }
+
+/// Resuming with another seed (or batch, sequence length, data) changes which windows the
+/// remaining steps see: said, not silent. Other changes (more steps) are not worth a word.
+#[test]
+fn resuming_with_a_different_data_order_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 20);
+    let run = dir.path().join("run");
+    train(&[spec.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    let out = train(&["--resume", run.to_str().unwrap(), "--set", "train.steps=25"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("data order"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train(&["--resume", run.to_str().unwrap(), "--set", "train.steps=30", "--set", "train.seed=99"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different train.seed") && stderr.contains("data order"), "{stderr}");
+}

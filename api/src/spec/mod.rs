@@ -30,31 +30,44 @@ impl JobSpec {
     /// validates the result.
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| SpecError::new("", format!("not valid TOML: {}", e.message())))?;
-        let mut as_text: Vec<&str> = Vec::new();
+        // Overrides retried as plain text, each with the error its literal reading gave.
+        let mut as_text: Vec<(&str, SpecError)> = Vec::new();
         loop {
             let mut d = doc.clone();
             for o in overrides {
-                apply_override(&mut d, o, as_text.contains(&o.as_str()))?;
+                apply_override(&mut d, o, as_text.iter().any(|(t, _)| *t == o.as_str()))?;
             }
-            match Self::from_toml_table(d) {
-                Ok(spec) => return Ok(spec),
+            match Self::deserialize_table(d) {
+                // Validation errors are the user's values being wrong, not misread: as they are.
+                Ok(spec) => {
+                    spec.validate()?;
+                    return Ok(spec);
+                }
                 // `--set data.train=2024` or `--set name=2024-06-01` parse as TOML literals; if the
                 // key wants a string, take the value as written.
-                Err(err) => match overrides
-                    .iter()
-                    .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == err.field) && !as_text.contains(&o.as_str()))
-                {
-                    Some(o) => as_text.push(o),
-                    None => return Err(err),
-                },
+                Err(err) => {
+                    let names_field = |o: &str| o.split_once('=').is_some_and(|(k, _)| k.trim() == err.field);
+                    if let Some(i) = as_text.iter().position(|(t, _)| names_field(t)) {
+                        // Read as text it fails too: the literal reading's error says more.
+                        return Err(as_text.swap_remove(i).1);
+                    }
+                    match overrides.iter().find(|o| names_field(o)) {
+                        Some(o) => as_text.push((o, err)),
+                        None => return Err(err),
+                    }
+                }
             }
         }
     }
 
+    /// Reads a parsed TOML table into a spec, without checking the relations between fields.
+    fn deserialize_table(doc: toml::Table) -> Result<JobSpec, SpecError> {
+        serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))
+    }
+
     /// Deserialises an already parsed TOML table.
     pub fn from_toml_table(doc: toml::Table) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec = serde_path_to_error::deserialize(toml::Value::Table(doc))
-            .map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))?;
+        let spec = Self::deserialize_table(doc)?;
         spec.validate()?;
         Ok(spec)
     }

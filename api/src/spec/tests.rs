@@ -60,7 +60,14 @@ fn relations_between_fields_are_checked() {
     for (o, field) in cases {
         let err = JobSpec::from_toml(MINIMAL, &[o.to_string()]).unwrap_err();
         assert_eq!(err.field, field, "{o}: {err}");
+        // The message is the check's own, not a complaint about reading the value as text.
+        assert!(!err.message.contains("invalid type"), "{o}: {err}");
     }
+    let err = JobSpec::from_toml(MINIMAL, &["train.steps=0".into()]).unwrap_err();
+    assert!(err.message.contains("at least 1"), "{err}");
+    let err = JobSpec::from_toml(MINIMAL, &["train.steps=-3".into()]).unwrap_err();
+    assert_eq!(err.field, "train.steps");
+    assert!(!err.message.contains("string"), "the literal's own error: {err}");
 }
 
 #[test]

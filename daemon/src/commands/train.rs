@@ -25,6 +25,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     };
     let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = JobSpec::from_toml(&text, &a.set).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    if a.resume.is_some() && !a.set.is_empty() {
+        warn_if_data_order_changes(&text, &spec);
+    }
     let base = spec_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let spec = absolute_paths(spec, &base)?;
     // A layout the trainer cannot run is refused before any rank starts.
@@ -215,6 +218,27 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
     trainer.finish_checkpoint()?;
     trainer.save_final(&run_dir.join("final"))?;
     Ok(())
+}
+
+/// A resumed run takes its data from where the step says; changing what maps steps to windows
+/// (seed, batch, sequence length, data) makes it repeat some windows of the epoch and skip others.
+fn warn_if_data_order_changes(stored: &str, spec: &JobSpec) {
+    let Ok(was) = JobSpec::from_toml(stored, &[]) else { return };
+    let changed: Vec<&str> = [
+        ("train.seed", was.train.seed != spec.train.seed),
+        ("train.global_batch_size", was.train.global_batch_size != spec.train.global_batch_size),
+        ("data.seq_len", was.data.seq_len != spec.data.seq_len),
+        ("data.train", was.data.train != spec.data.train),
+    ]
+    .into_iter()
+    .filter_map(|(k, c)| c.then_some(k))
+    .collect();
+    if !changed.is_empty() {
+        eprintln!(
+            "warning: resuming with a different {}: the data order from here on is not the original run's (some windows of this epoch will repeat, others be skipped)",
+            changed.join(", ")
+        );
+    }
 }
 
 /// A new run into a directory that holds an earlier run would mix the two (the earlier run's

@@ -178,6 +178,13 @@ impl ModelConfig {
                 tracing::warn!(config = %path.display(), key = %key, "config key not known to gantry; it is ignored");
             }
         }
+        // Dropout is not built: a config that asks for it trains as with dropout 0 (stock GPT-2
+        // configs ask for 0.1), which should not go unsaid.
+        for key in ["attn_pdrop", "embd_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout", "summary_first_dropout"] {
+            if let Some(p) = map.get(key).and_then(Value::as_f64).filter(|p| *p > 0.0) {
+                tracing::warn!(config = %path.display(), key, p, "the config asks for dropout; gantry trains without it (as with 0)");
+            }
+        }
         cfg.check(path)?;
         Ok(ModelConfig { raw: map, ..cfg })
     }

@@ -287,7 +287,13 @@ impl Trainer {
         };
         let data_path = base.join(&spec.data.train);
         let tokenizer = match &spec.data.tokenizer {
-            Some(t) => Some(base.join(t)),
+            Some(t) => {
+                // Checked now even for token data (which does not need it): every checkpoint and
+                // the final model copy it, and a missing one would fail them all, late.
+                let path = base.join(t);
+                crate::data::load_tokenizer(&path)?;
+                Some(path)
+            }
             None => Some(model_dir.join("tokenizer.json")).filter(|p| p.is_file()),
         };
         let tokens = load_tokens(&data_path, tokenizer.as_deref())?;
