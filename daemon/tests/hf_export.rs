@@ -118,6 +118,23 @@ fn export_writes_sharded_checkpoints_that_transformers_loads() {
     );
     let (a, b) = (ours["loss"].as_f64().unwrap(), theirs["loss"].as_f64().unwrap());
     assert!(((a - b) / b).abs() < 1e-4, "export: gantry eval {a} vs transformers {b}");
+    // Exported again into the same folder in fewer, larger shards: no shard of the first export
+    // is left beside them.
+    let r2 = last_json(
+        Command::new(gantry)
+            .arg("export")
+            .arg(run.join("checkpoints/step_00000005"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-shard-size", "80KB"])
+            .output()
+            .unwrap(),
+        "gantry export again",
+    );
+    let shards =
+        std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-")).count();
+    assert!(r2["shards"].as_u64().unwrap() < r["shards"].as_u64().unwrap(), "{r2} vs {r}");
+    assert_eq!(shards as u64, r2["shards"].as_u64().unwrap(), "only this export's shards are there");
     // A run directory exports its final model; a damaged source is refused.
     let whole = dir.path().join("whole");
     last_json(Command::new(gantry).arg("export").arg(&run).arg("--out").arg(&whole).output().unwrap(), "gantry export RUN_DIR");

@@ -207,6 +207,14 @@ pub fn save_hf_dir_sharded(
             .map_err(|e| Error::Weights { path: tmp.clone(), message: e.to_string() })?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     }
+    // Shards of an earlier, differently split write would sit beside these and be counted.
+    let written: std::collections::HashSet<String> = (0..n).map(name).collect();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+        let f = entry.file_name().to_string_lossy().into_owned();
+        if f.starts_with("model-") && f.ends_with(".safetensors") && !written.contains(&f) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
     if n > 1 {
         let total: u64 = table.entries().iter().map(|e| 4 * e.at.len as u64).sum();
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
