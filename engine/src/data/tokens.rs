@@ -83,12 +83,17 @@ pub fn load_tokens(path: &Path, tokenizer: Option<&Path>) -> Result<Vec<u32>> {
 }
 
 /// Tokenizes a `.txt` file (as one document) or a `.jsonl` file (one document per line's `text`,
-/// separated by the tokenizer's `<|endoftext|>` when it has one), reporting bytes read.
+/// separated by the tokenizer's end-of-document token when it has one), reporting bytes read.
 pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u64)) -> Result<Vec<u32>> {
     let format = TokenFormat::of(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
-    let eot = tok.token_to_id("<|endoftext|>");
+    // The end-of-document token by the names the common tokenizers give it: GPT-2's, LLaMA-3's,
+    // and the SentencePiece `</s>` of LLaMA-2 and Mistral.
+    let eot = ["<|endoftext|>", "<|end_of_text|>", "</s>"].iter().find_map(|t| tok.token_to_id(t));
+    if eot.is_none() && format == TokenFormat::Jsonl {
+        tracing::warn!(data = %path.display(), "the tokenizer has no end-of-document token: documents are joined without a separator");
+    }
     let encode = |text: &str| -> Result<Vec<u32>> {
         tok.encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -168,5 +173,24 @@ mod tests {
         let txt = dir.path().join("a.txt");
         std::fs::write(&txt, "hello").unwrap();
         assert!(load_tokens(&txt, None).unwrap_err().to_string().contains("tokenizer"));
+    }
+
+    /// A LLaMA-style tokenizer ends documents with `</s>`, not GPT-2's `<|endoftext|>`: JSON-lines
+    /// documents are still separated.
+    #[test]
+    fn jsonl_documents_end_with_the_tokenizers_own_end_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(
+            &tok,
+            r#"{"version":"1.0","truncation":null,"padding":null,
+                "added_tokens":[{"id":2,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+                "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+                "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"</s>":2,"[UNK]":3},"unk_token":"[UNK]"}}"#,
+        )
+        .unwrap();
+        let data = dir.path().join("docs.jsonl");
+        std::fs::write(&data, "{\"text\": \"a b\"}\n{\"text\": \"b a\"}\n").unwrap();
+        assert_eq!(load_tokens(&data, Some(&tok)).unwrap(), vec![0, 1, 2, 1, 0, 2]);
     }
 }
