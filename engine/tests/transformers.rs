@@ -111,7 +111,7 @@ fn check(name: &str) {
     let tokens: Vec<u32> =
         std::fs::read(dir.join("tokens.u32")).unwrap().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
     let eval_seq = exp.hp("eval_seq_len") as usize;
-    let r = evaluate(&model, &params, &tokens, eval_seq, 3, |_, _| {}).unwrap();
+    let r = evaluate(&model, &params, &tokens.clone().into(), eval_seq, 3, |_, _| {}).unwrap();
     let want = exp.f32("eval_loss")[0] as f64;
     assert_eq!(r.tokens as f32, exp.f32("eval_tokens")[0]);
     assert!(((r.loss - want) / want).abs() < 1e-4, "{name}: eval loss {} vs {want}", r.loss);

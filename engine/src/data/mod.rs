@@ -4,4 +4,4 @@ mod sampler;
 mod tokens;
 
 pub use sampler::Sampler;
-pub use tokens::{check_vocab, encode_text_file, load_tokenizer, load_tokens, TokenFormat};
+pub use tokens::{check_vocab, encode_text_file, load_tokenizer, load_tokens, TokenFormat, Tokens};

@@ -7,6 +7,7 @@
 //! and the global batch, never on how the batch is split into micro-batches or ranks, and resuming
 //! needs nothing but the step number.
 
+use super::Tokens;
 use crate::rng::Rng;
 
 #[derive(Debug)]
@@ -48,11 +49,11 @@ impl Sampler {
 
     /// Copies the windows `range` of step `step`'s global batch into `out` (`seq_len + 1` tokens
     /// each).
-    pub fn fill(&mut self, tokens: &[u32], step: u64, global_batch: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
+    pub fn fill(&mut self, tokens: &Tokens, step: u64, global_batch: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
         out.clear();
         for j in range {
             let o = self.offset(step, global_batch, j);
-            out.extend_from_slice(&tokens[o..o + self.seq_len + 1]);
+            tokens.extend_window(o..o + self.seq_len + 1, out);
         }
     }
 }
@@ -69,7 +70,7 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..100).map(|w| w * 10).collect::<Vec<_>>());
         // One global batch of 8 filled whole, or as two micro-batches of 4: the same windows.
-        let tokens: Vec<u32> = (0..1001).collect();
+        let tokens: Tokens = (0..1001).collect::<Vec<u32>>().into();
         let (mut whole, mut a, mut b) = (vec![], vec![], vec![]);
         s.fill(&tokens, 30, 8, 0..8, &mut whole);
         s.fill(&tokens, 30, 8, 0..4, &mut a);

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::data::Tokens;
 use crate::models::Model;
 use crate::Result;
 
@@ -17,7 +18,7 @@ pub struct EvalResult {
 pub fn evaluate(
     model: &Model,
     params: &[f32],
-    tokens: &[u32],
+    tokens: &Tokens,
     seq: usize,
     batch: usize,
     mut progress: impl FnMut(u64, u64),
@@ -32,7 +33,7 @@ pub fn evaluate(
         let b = batch.min(windows - i);
         buf.clear();
         for w in i..i + b {
-            buf.extend_from_slice(&tokens[w * seq..w * seq + seq + 1]);
+            tokens.extend_window(w * seq..w * seq + seq + 1, &mut buf);
         }
         total += model.loss(params, &mut acts, &buf)?;
         i += b;

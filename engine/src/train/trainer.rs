@@ -9,7 +9,7 @@ use crate::checkpoint::{
     save_hf_config, save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
 };
 use crate::comm::{Comm, DeviceMesh};
-use crate::data::{check_vocab, load_tokens, Sampler};
+use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
 use crate::models::{Activations, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
 use crate::parallel::DataParallel;
@@ -213,7 +213,7 @@ pub struct Trainer {
     pub model: Model,
     pub buffers: ParamBuffers,
     acts: Activations,
-    tokens: Vec<u32>,
+    tokens: Tokens,
     sampler: Sampler,
     schedule: LrSchedule,
     optim: AdamW,
