@@ -60,6 +60,12 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
     let (status, _) = d.get("/v1/jobs?state=done").await;
     assert_eq!(status, 400);
+    // Routes that do not exist, and methods a route does not take, answer in the API's shape too.
+    let (status, err) = d.get("/v1/nothing-here").await;
+    assert_eq!((status, err["code"].as_str()), (404, Some("not_found")), "{err}");
+    let (status, err) = d.get("/v1/jobs/1/cancel").await;
+    assert_eq!((status, err["code"].as_str()), (405, Some("bad_request")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("GET is not allowed"), "{err}");
 }
 
 #[tokio::test]

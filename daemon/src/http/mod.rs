@@ -43,7 +43,19 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     if with_metrics {
         r = r.route("/metrics", get(prometheus));
     }
-    r.layer(axum::middleware::from_fn_with_state(state.clone(), track)).with_state(state)
+    // Every error a client gets has the API's shape, these too (axum's own are plain text).
+    let api_error = |status: StatusCode, code: gantry_api::ErrorCode, message: String| {
+        (status, Json(gantry_api::ApiError { code, message, field: None })).into_response()
+    };
+    r.fallback(move |uri: axum::http::Uri| async move {
+        api_error(StatusCode::NOT_FOUND, gantry_api::ErrorCode::NotFound, format!("no such route: {} (see /v1/openapi.json)", uri.path()))
+    })
+    .method_not_allowed_fallback(move |method: axum::http::Method, uri: axum::http::Uri| async move {
+        let message = format!("{method} is not allowed on {} (see /v1/openapi.json)", uri.path());
+        api_error(StatusCode::METHOD_NOT_ALLOWED, gantry_api::ErrorCode::BadRequest, message)
+    })
+    .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+    .with_state(state)
 }
 
 /// Just `/metrics`, for a separate listener.

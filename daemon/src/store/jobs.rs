@@ -187,6 +187,11 @@ impl Store {
             let now_state = self.job_row(id).await?.job.state;
             return Err(Error::IllegalTransition { id, from: now_state, to });
         }
+        if to == JobState::Restarting {
+            // The run goes back to its last checkpoint: the job's step with it (reports of the
+            // resumed run move it forward again), not left at where the failed attempt got to.
+            sqlx::query("UPDATE jobs SET step = checkpoint_step WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        }
         sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
             .bind(id)
             .bind(now)

@@ -192,4 +192,12 @@ async fn workers_and_checkpoints_round_trip(store: Store) {
     store.record_checkpoint(id, 20, "/r/ckpt/20").await.unwrap();
     assert_eq!(store.last_checkpoint(id).await.unwrap(), Some((40, "/r/ckpt/40".into())));
     assert_eq!(store.job(id).await.unwrap().checkpoint_step, Some(40));
+
+    // A restart goes back to the last checkpoint, and the job's step with it.
+    store.insert_steps(id, &[step(0, 47)]).await.unwrap();
+    store.transition(id, JobState::Scheduled, "placed", Change { placement: Some(&["cpu:0".into(), "cpu:1".into()]) }).await.unwrap();
+    store.transition(id, JobState::Running, "registered", Change::default()).await.unwrap();
+    assert_eq!(store.job(id).await.unwrap().step, Some(47));
+    store.transition(id, JobState::Restarting, "rank 1 failed", Change::default()).await.unwrap();
+    assert_eq!(store.job(id).await.unwrap().step, Some(40));
 }
