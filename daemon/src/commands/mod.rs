@@ -61,23 +61,6 @@ pub fn comm_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(secs)
 }
 
-/// Replaces `path` with `bytes` so that a failure (a full disk) or a crash leaves the old file
-/// whole, never a truncated one: written beside it, synced, then renamed over it.
-pub fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
-}
-
 /// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
 /// and the one before it used); returns the checkpoints kept, oldest first.
 pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
@@ -165,20 +148,5 @@ mod tests {
         assert!(checkpoint_done(committed(&ck(4)), &mut kept, 2).unwrap());
         assert_eq!(kept, [ck(2), ck(4)]);
         assert!(!ck(3).exists(), "the oldest went");
-    }
-
-    #[test]
-    fn a_replaced_file_is_whole_or_untouched() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("spec.toml");
-        write_replacing(&p, b"one").unwrap();
-        write_replacing(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
-        // A directory in the way of the temporary file: the write fails and the file is untouched.
-        std::fs::create_dir(d.path().join(".spec.toml.tmp")).unwrap();
-        assert!(write_replacing(&p, b"three").is_err());
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
     }
 }

@@ -114,7 +114,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         keep_earlier_run(&run_dir)?;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    super::write_replacing(&run_dir.join("spec.toml"), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
+    gantry_engine::checkpoint::write_replacing(&run_dir.join("spec.toml"), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
     let steps = spec.train.steps;
     eprintln!(
         "gantry train: {} parameters, {} tokens of data, {steps} steps × {} sequences × {} tokens, {threads} threads → {}",
@@ -200,7 +200,7 @@ fn open_metrics(path: &Path, step: u64) -> anyhow::Result<std::fs::File> {
             .collect(),
         _ => String::new(),
     };
-    super::write_replacing(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    gantry_engine::checkpoint::write_replacing(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }
 

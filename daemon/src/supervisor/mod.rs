@@ -177,34 +177,25 @@ impl Supervisor {
 
     async fn adopt_job(&self, row: &JobRow) -> Result<()> {
         let id = row.job.id;
-        {
-            let workers = self.store.workers(id).await?;
-            let current: Vec<&WorkerRecord> = workers.iter().filter(|w| w.attempt == row.attempt).collect();
-            let run_dir = PathBuf::from(&row.job.run_dir);
-            if current.len() != row.job.devices as usize {
-                // The daemon died while starting the job, or starting it failed halfway: stop what
-                // did start and begin again.
-                for w in &workers {
-                    process::signal(w.pid, w.proc_start, Signal::SIGKILL);
-                }
-                return self
-                    .fail_or_restart(id, "the job's workers were not all started (the daemon restarted, or starting them failed)".into())
-                    .await;
+        let workers = self.store.workers(id).await?;
+        let current: Vec<&WorkerRecord> = workers.iter().filter(|w| w.attempt == row.attempt).collect();
+        let run_dir = PathBuf::from(&row.job.run_dir);
+        if current.len() != row.job.devices as usize {
+            // The daemon died while starting the job, or starting it failed halfway: stop what
+            // did start and begin again.
+            for w in &workers {
+                process::signal(w.pid, w.proc_start, Signal::SIGKILL);
             }
-            let ranks = current
-                .iter()
-                .map(|w| Rank {
-                    pid: w.pid,
-                    proc_start: w.proc_start,
-                    child: None,
-                    registered: true,
-                    last_beat: Instant::now(),
-                    exit: None,
-                })
-                .collect();
-            tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
-            self.start_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks).await?;
+            return self
+                .fail_or_restart(id, "the job's workers were not all started (the daemon restarted, or starting them failed)".into())
+                .await;
         }
+        let ranks = current
+            .iter()
+            .map(|w| Rank { pid: w.pid, proc_start: w.proc_start, child: None, registered: true, last_beat: Instant::now(), exit: None })
+            .collect();
+        tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
+        self.start_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks).await?;
         self.stop_if_final(id).await
     }
 

@@ -156,7 +156,7 @@ pub fn save_hf_config(dir: &Path, config: &ModelConfig) -> Result<()> {
         cfg.insert("model_type".into(), Value::String(t.into()));
     }
     let cfg_text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("a JSON map serialises");
-    write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+    write_replacing(&dir.join("config.json"), cfg_text.as_bytes())?;
 
     Ok(())
 }
@@ -218,7 +218,7 @@ pub fn save_hf_dir_sharded(
     if n > 1 {
         let total: u64 = table.entries().iter().map(|e| 4 * e.at.len as u64).sum();
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_atomic(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("serialises").as_bytes())?;
+        write_replacing(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("serialises").as_bytes())?;
         // A single-file model left from an earlier write would shadow nothing but confuse readers.
         let _ = std::fs::remove_file(dir.join(SINGLE));
     } else {
@@ -226,15 +226,45 @@ pub fn save_hf_dir_sharded(
     }
     if let Some(tok) = tokenizer {
         let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
-        write_atomic(&dir.join("tokenizer.json"), &bytes)?;
+        write_replacing(&dir.join("tokenizer.json"), &bytes)?;
     }
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Replaces `path` with `bytes` so that a failure (a full disk) or a crash leaves the old file
+/// whole, never a truncated one: written beside it, synced (a power loss cannot leave an empty
+/// file under the name), then renamed over it.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    // Synced before the rename, so that a power loss cannot leave an empty file under the name.
-    std::fs::write(&tmp, bytes).and_then(|()| std::fs::File::open(&tmp)?.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_whole_or_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("spec.toml");
+        write_replacing(&p, b"one").unwrap();
+        write_replacing(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        // A directory in the way of the temporary file: the write fails and the file is untouched.
+        std::fs::create_dir(d.path().join(".spec.toml.tmp")).unwrap();
+        assert!(write_replacing(&p, b"three").is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+    }
 }

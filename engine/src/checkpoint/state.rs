@@ -84,6 +84,13 @@ fn seal(tmp: &Path, dir: &Path, step: u64) -> Result<()> {
     replace_dir(tmp, dir)
 }
 
+/// Where `dir` is written before it is put in place (`replace_dir`): a hidden sibling, which
+/// `committed_checkpoints` never lists.
+pub fn partial_dir(dir: &Path) -> std::path::PathBuf {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    dir.with_file_name(format!(".{name}.partial"))
+}
+
 /// Puts the complete directory `tmp` in place as `dir`: its files and entries are synced, then it
 /// is renamed (or, where `dir` exists, swapped in with one atomic rename, the old one deleted
 /// after), and the rename is synced before anything (a clean-up of older checkpoints, say)
@@ -259,8 +266,7 @@ pub fn save_training_checkpoint(
     state: TrainingState<'_>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-    let tmp = dir.with_file_name(format!(".{name}.partial"));
+    let tmp = partial_dir(dir);
     let r = write_checkpoint(dir, &tmp, config, table, state, tokenizer);
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -368,12 +368,6 @@ impl DataParallel {
         }
     }
 
-    /// Waits for every rank of the group.
-    pub fn barrier(&mut self) -> Result<()> {
-        let g = self.group.clone();
-        self.comm.run(move |c| c.barrier(&g))
-    }
-
     /// This rank's pieces of a full buffer, concatenated.
     pub fn own_pieces(&self, full: &[f32]) -> Vec<f32> {
         self.pieces.iter().flat_map(|p| full[p.clone()].iter().copied()).collect()

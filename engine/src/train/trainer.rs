@@ -5,7 +5,7 @@ use gantry_api::{Devices, GpuComm, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, record_sums, replace_dir,
+    checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, partial_dir, record_sums, replace_dir,
     save_hf_config, save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
 };
 use crate::comm::{Comm, DeviceMesh};
@@ -348,15 +348,22 @@ impl Trainer {
         self.dp.as_ref().map_or(0, DataParallel::rank)
     }
 
+    /// Puts this rank's micro-batch `k` of the current step into `self.batch`: the rank takes its
+    /// slice of the global batch, the same windows whatever the layout.
+    fn fill_micro_batch(&mut self, k: usize) {
+        let (global, micro) = (self.spec.train.global_batch_size, self.spec.micro_batch_size());
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+        let first = rank * (global / ranks) + k * micro;
+        self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
+    }
+
     /// Runs one optimizer step (all its micro-batches; on several ranks, this rank's share).
     pub fn train_step(&mut self) -> Result<StepReport> {
         if self.gpu.is_some() {
             return self.train_step_gpu();
         }
         let start = Instant::now();
-        let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
-        let per_rank = global / ranks;
+        let (global, seq) = (self.spec.train.global_batch_size, self.spec.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
         let accumulation = self.spec.accumulation_steps();
         // Under ZeRO-2/3 the gradient buffer is already zero: its chunks were released.
@@ -365,8 +372,7 @@ impl Trainer {
         }
         let mut loss_sum = 0.0;
         for k in 0..accumulation {
-            let first = rank * per_rank + k * micro;
-            self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
+            self.fill_micro_batch(k);
             let b = &mut self.buffers;
             loss_sum += match &mut self.dp {
                 Some(dp) => {
@@ -431,12 +437,9 @@ impl Trainer {
     fn train_step_gpu(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
-        let per_rank = global / ranks;
         let mut batches = Vec::with_capacity(self.spec.accumulation_steps());
         for k in 0..self.spec.accumulation_steps() {
-            let first = rank * per_rank + k * micro;
-            self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
+            self.fill_micro_batch(k);
             batches.push(self.batch.clone());
         }
         let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
@@ -569,8 +572,7 @@ impl Trainer {
         let synced = self.sync_host();
         let dp = self.dp.as_mut().expect("ZeRO runs with a dp group");
         let (rank, world) = (dp.rank(), dp.size());
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        let tmp = partial_dir(dir);
         // A stale partial directory must go entirely: a shard left by an earlier layout would be
         // sealed into this checkpoint.
         let prepared = if rank == 0 {
@@ -651,13 +653,7 @@ impl Trainer {
             }
             return Ok(None);
         }
-        if self.pending.is_none() {
-            return Ok(None);
-        }
-        let done = self.pending.as_ref().is_some_and(|p| p.thread.is_finished());
-        let dp = self.dp.as_mut().expect("sharded checkpoints run with a dp group");
-        let n = dp.size() as f64;
-        if dp.sum(f64::from(u8::from(done)))? < n {
+        if self.checkpoint_in_flight(false)?.is_some() {
             return Ok(None);
         }
         self.commit_sharded()
@@ -731,8 +727,7 @@ impl Trainer {
         if dp.rank() != 0 {
             return Ok(None);
         }
-        let name = outcome.dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint").to_string();
-        let tmp = outcome.dir.with_file_name(format!(".{name}.partial"));
+        let tmp = partial_dir(&outcome.dir);
         outcome.bytes = bytes as u64;
         if written < n {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -773,8 +768,7 @@ impl Trainer {
         }
         // Written beside `dir` and put in place whole: a crash or a full disk never leaves a
         // `final/` with a config but no weights, which export would take for the model.
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("final");
-        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        let tmp = partial_dir(dir);
         let _ = std::fs::remove_dir_all(&tmp);
         let written = save_hf_dir(
             &tmp,
