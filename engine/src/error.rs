@@ -33,6 +33,14 @@ pub enum Error {
     /// Communication between ranks failed; the peer at fault is named when known.
     #[error("{}{message}", rank.map(|r| format!("rank {r}: ")).unwrap_or_default())]
     Comm { rank: Option<usize>, message: String },
+    /// Training diverged: the gradients were not finite for `steps` optimizer steps in a row,
+    /// `first` to `last`. Those steps updated nothing (see `train::MAX_NONFINITE_STEPS_IN_A_ROW`),
+    /// so the parameters and every checkpoint written are still finite.
+    #[error(
+        "the gradients were not finite (NaN or infinite) for {steps} steps in a row (steps {first} to {last}): training diverged; \
+         those steps were skipped, so the parameters and checkpoints are unharmed: lower train.lr (a tenth is a good first try), then resume from the last checkpoint or train again"
+    )]
+    NonFiniteGradients { steps: u32, first: u64, last: u64 },
 }
 
 impl Error {

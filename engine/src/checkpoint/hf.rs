@@ -140,6 +140,23 @@ pub fn save_hf_dir(dir: &Path, config: &ModelConfig, table: &ParamTable, params:
     save_hf_dir_sharded(dir, config, table, params, tokenizer, u64::MAX)
 }
 
+/// The file in a run's `final/` that says after how many steps it was written: a run continued
+/// with `--resume` writes newer checkpoints, and a `final/` older than them is not the newest
+/// model (transformers ignores the file).
+pub const FINAL_STEP_FILE: &str = "gantry_step.json";
+
+/// Records in the model directory `dir` that it holds the parameters after `step` steps.
+pub fn write_final_step(dir: &Path, step: u64) -> Result<()> {
+    write_replacing(&dir.join(FINAL_STEP_FILE), serde_json::json!({ "step": step }).to_string().as_bytes())
+}
+
+/// The step `write_final_step` recorded in `dir`, if any (a model directory from elsewhere, or a
+/// run of an earlier version, has none).
+pub fn final_step(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(FINAL_STEP_FILE)).ok()?;
+    serde_json::from_str::<Value>(&text).ok()?.get("step")?.as_u64()
+}
+
 /// Writes a model directory's `config.json` (the original config, marked float32, with
 /// `model_type` filled in when missing).
 pub fn save_hf_config(dir: &Path, config: &ModelConfig) -> Result<()> {

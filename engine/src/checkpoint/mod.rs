@@ -7,10 +7,13 @@ mod hf;
 mod sharded;
 mod state;
 
-pub use hf::{has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded, write_replacing};
+pub use hf::{
+    final_step, has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded, write_final_step, write_replacing,
+    FINAL_STEP_FILE,
+};
 pub use sharded::{shard_name, write_rank_shard};
 pub use state::{
-    checkpoint_loss_scale, commit_checkpoint, committed_checkpoints, is_training_checkpoint, load_checkpoint_params,
+    checkpoint_loss_scale, checkpoint_step, commit_checkpoint, committed_checkpoints, is_training_checkpoint, load_checkpoint_params,
     load_training_checkpoint, partial_dir, record_sums, replace_dir, save_training_checkpoint, verify_checkpoint, LossScaleState,
     TrainingState,
 };

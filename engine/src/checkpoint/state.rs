@@ -218,6 +218,11 @@ pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
     all
 }
 
+/// The step in a checkpoint directory's name (`step_00000100` → 100).
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix("step_")?.parse().ok()
+}
+
 /// Commits a checkpoint whose files (rank shards, and rank 0's model) are complete in `tmp`:
 /// writes the trainer state (with fp16's loss scale, if any) and the manifest, then renames `tmp`
 /// to `dir`.

@@ -11,10 +11,9 @@ use crate::{Error, Result};
 
 type Job = Box<dyn FnOnce(&mut Comm) + Send>;
 
+/// After a failed operation every later one fails at once with its cause: the [`Comm`] keeps
+/// that state itself.
 pub struct AsyncComm {
-    /// Set by the first failed operation: the connections may be half-read, so every later one
-    /// fails at once instead of waiting out its timeout.
-    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<Comm>>,
     rank: usize,
@@ -58,7 +57,7 @@ impl AsyncComm {
                 comm
             })
             .map_err(|e| Error::Comm { rank: None, message: format!("starting the communication thread: {e}") })?;
-        Ok(AsyncComm { broken: Default::default(), tx: Some(tx), thread: Some(thread), rank, world })
+        Ok(AsyncComm { tx: Some(tx), thread: Some(thread), rank, world })
     }
 
     pub fn rank(&self) -> usize {
@@ -72,18 +71,9 @@ impl AsyncComm {
     /// Queues `f` behind the operations already submitted.
     pub fn submit<T: Send + 'static>(&self, f: impl FnOnce(&mut Comm) -> Result<T> + Send + 'static) -> Pending<T> {
         let (tx, rx) = mpsc::channel();
-        let broken = self.broken.clone();
         let job: Job = Box::new(move |c| {
-            use std::sync::atomic::Ordering;
             let start = Instant::now();
-            let r = if broken.load(Ordering::Relaxed) {
-                Err(Error::Comm { rank: None, message: "an earlier collective failed; the connections are unusable".into() })
-            } else {
-                f(c)
-            };
-            if r.is_err() {
-                broken.store(true, Ordering::Relaxed);
-            }
+            let r = f(c);
             let _ = tx.send((r, start.elapsed()));
         });
         if let Some(q) = &self.tx {

@@ -98,6 +98,10 @@ pub struct Comm {
     /// Receive buffer of the ring reduction, kept between calls: a fresh one would cost a page
     /// fault per 4 KiB on every large all-reduce.
     scratch: Vec<f32>,
+    /// The first failure (peer, message): a failed collective may leave bytes half-sent or
+    /// half-read on a connection, so every later one fails at once with this cause instead of
+    /// exchanging garbage or waiting out its timeout.
+    failed: Option<(Option<usize>, String)>,
 }
 
 impl Comm {
@@ -116,6 +120,7 @@ impl Comm {
             sent: vec![0; world],
             received: vec![0; world],
             scratch: Vec::new(),
+            failed: None,
         })
     }
 
@@ -156,6 +161,30 @@ impl Comm {
         Ok(Group { ranks: ranks.to_vec(), me })
     }
 
+    /// Runs one operation on the connections, unless an earlier one failed; a failure here marks
+    /// the endpoint as failed.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if let Some((rank, cause)) = &self.failed {
+            return Err(Error::Comm {
+                rank: *rank,
+                message: format!("{cause} (an earlier collective failed; the connections are unusable)"),
+            });
+        }
+        let r = op(self);
+        if let Err(e) = &r {
+            self.failed = Some(match e {
+                Error::Comm { rank, message } => (*rank, message.clone()),
+                other => (None, other.to_string()),
+            });
+        }
+        r
+    }
+
+    /// Whether an operation has failed (every later one then fails at once).
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
     /// Sends this op's header to `to` while checking the one from `from`.
     fn header(&mut self, op: Op, len: usize, to: usize, from: usize) -> Result<()> {
         let mine = [op as u32 as u64 | (u64::from(self.sent[to]) << 32), len as u64];
@@ -184,44 +213,48 @@ impl Comm {
 
     /// Sums (or averages) `data` across the group; every rank ends with the same bits.
     pub fn all_reduce(&mut self, g: &Group, data: &mut [f32], op: ReduceOp) -> Result<()> {
-        let n = g.size();
-        if n > 1 {
-            if data.len() * 4 < SMALL_MESSAGE_BYTES {
-                self.all_reduce_direct(g, data)?;
-            } else {
-                self.header(Op::AllReduce, data.len(), g.next(), g.prev())?;
-                // Piece by piece, so that what a rank reduces is still in its caches when it sends
-                // it on in the all-gather (measured: 2× the bus bandwidth of one pass at 64 MiB).
-                for piece in data.chunks_mut(RING_PIECE_FLOATS * n) {
-                    self.ring_reduce_scatter(g, piece)?;
-                    self.ring_all_gather(g, piece)?;
+        self.guarded(|c| {
+            let n = g.size();
+            if n > 1 {
+                if data.len() * 4 < SMALL_MESSAGE_BYTES {
+                    c.all_reduce_direct(g, data)?;
+                } else {
+                    c.header(Op::AllReduce, data.len(), g.next(), g.prev())?;
+                    // Piece by piece, so that what a rank reduces is still in its caches when it sends
+                    // it on in the all-gather (measured: 2× the bus bandwidth of one pass at 64 MiB).
+                    for piece in data.chunks_mut(RING_PIECE_FLOATS * n) {
+                        c.ring_reduce_scatter(g, piece)?;
+                        c.ring_all_gather(g, piece)?;
+                    }
                 }
             }
-        }
-        if op == ReduceOp::Avg {
-            let inv = 1.0 / n as f32;
-            data.iter_mut().for_each(|x| *x *= inv);
-        }
-        Ok(())
+            if op == ReduceOp::Avg {
+                let inv = 1.0 / n as f32;
+                data.iter_mut().for_each(|x| *x *= inv);
+            }
+            Ok(())
+        })
     }
 
     /// Sums in f64 (loss sums, norms): small vectors, exact rank-order sums.
     pub fn all_reduce_f64(&mut self, g: &Group, data: &mut [f64]) -> Result<()> {
-        let mut bits: Vec<f32> = data
-            .iter()
-            .flat_map(|v| {
-                let b = v.to_bits();
-                [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
-            })
-            .collect();
-        let all = self.all_gather_direct(g, &mut bits)?;
-        for (i, v) in data.iter_mut().enumerate() {
-            *v = all
+        self.guarded(|c| {
+            let mut bits: Vec<f32> = data
                 .iter()
-                .map(|rank| f64::from_bits(u64::from(rank[2 * i].to_bits()) | (u64::from(rank[2 * i + 1].to_bits()) << 32)))
-                .sum();
-        }
-        Ok(())
+                .flat_map(|v| {
+                    let b = v.to_bits();
+                    [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
+                })
+                .collect();
+            let all = c.all_gather_direct(g, &mut bits)?;
+            for (i, v) in data.iter_mut().enumerate() {
+                *v = all
+                    .iter()
+                    .map(|rank| f64::from_bits(u64::from(rank[2 * i].to_bits()) | (u64::from(rank[2 * i + 1].to_bits()) << 32)))
+                    .sum();
+            }
+            Ok(())
+        })
     }
 
     /// Every rank's whole `data`, in group order (exchanged directly with each peer).
@@ -257,21 +290,25 @@ impl Comm {
     /// Reduce-scatter in place: afterwards this rank's shard (`shard_range(len, n, me)`) of `data`
     /// holds the group's sum; the rest of `data` is scratch. Returns the shard's range.
     pub fn reduce_scatter(&mut self, g: &Group, data: &mut [f32]) -> Result<Range<usize>> {
-        if g.size() > 1 {
-            self.header(Op::ReduceScatter, data.len(), g.next(), g.prev())?;
-            self.ring_reduce_scatter(g, data)?;
-        }
-        Ok(shard_range(data.len(), g.size(), g.me))
+        self.guarded(|c| {
+            if g.size() > 1 {
+                c.header(Op::ReduceScatter, data.len(), g.next(), g.prev())?;
+                c.ring_reduce_scatter(g, data)?;
+            }
+            Ok(shard_range(data.len(), g.size(), g.me))
+        })
     }
 
     /// All-gather in place: each rank contributes its shard of `data`; afterwards every rank holds
     /// all shards.
     pub fn all_gather(&mut self, g: &Group, data: &mut [f32]) -> Result<()> {
-        if g.size() > 1 {
-            self.header(Op::AllGather, data.len(), g.next(), g.prev())?;
-            self.ring_all_gather(g, data)?;
-        }
-        Ok(())
+        self.guarded(|c| {
+            if g.size() > 1 {
+                c.header(Op::AllGather, data.len(), g.next(), g.prev())?;
+                c.ring_all_gather(g, data)?;
+            }
+            Ok(())
+        })
     }
 
     /// Step s: send segment (me - s - 1) to the next rank, receive segment (me - s - 2) from the
@@ -324,49 +361,55 @@ impl Comm {
 
     /// Copies `root`'s `data` (its position in the group) to every rank, along the ring.
     pub fn broadcast(&mut self, g: &Group, data: &mut [u8], root: usize) -> Result<()> {
-        let n = g.size();
-        if n == 1 {
-            return Ok(());
-        }
-        self.header(Op::Broadcast, data.len(), g.next(), g.prev())?;
-        // Position along the ring counted from the root; the last one only receives.
-        let pos = (g.me + n - root) % n;
-        const PIECE: usize = 1 << 20;
-        for start in (0..data.len()).step_by(PIECE) {
-            let end = (start + PIECE).min(data.len());
-            if pos != 0 {
-                self.links.exchange(None, Some(Incoming { peer: g.prev(), buf: &mut data[start..end], progress: None }))?;
+        self.guarded(|c| {
+            let n = g.size();
+            if n == 1 {
+                return Ok(());
             }
-            if pos != n - 1 {
-                self.links.exchange(Some(Outgoing { peer: g.next(), bufs: vec![&data[start..end]] }), None)?;
+            c.header(Op::Broadcast, data.len(), g.next(), g.prev())?;
+            // Position along the ring counted from the root; the last one only receives.
+            let pos = (g.me + n - root) % n;
+            const PIECE: usize = 1 << 20;
+            for start in (0..data.len()).step_by(PIECE) {
+                let end = (start + PIECE).min(data.len());
+                if pos != 0 {
+                    c.links.exchange(None, Some(Incoming { peer: g.prev(), buf: &mut data[start..end], progress: None }))?;
+                }
+                if pos != n - 1 {
+                    c.links.exchange(Some(Outgoing { peer: g.next(), bufs: vec![&data[start..end]] }), None)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Point to point: sends `data` to the group member at position `to`.
     pub fn send(&mut self, g: &Group, to: usize, data: &[u8]) -> Result<()> {
-        let peer = g.ranks[to];
-        let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(self.sent[peer]) << 32), data.len() as u64]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        self.sent[peer] = self.sent[peer].wrapping_add(1);
-        self.links.exchange(Some(Outgoing { peer, bufs: vec![&head, data] }), None)
+        self.guarded(|c| {
+            let peer = g.ranks[to];
+            let head: Vec<u8> = [Op::SendRecv as u32 as u64 | (u64::from(c.sent[peer]) << 32), data.len() as u64]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            c.sent[peer] = c.sent[peer].wrapping_add(1);
+            c.links.exchange(Some(Outgoing { peer, bufs: vec![&head, data] }), None)
+        })
     }
 
     /// Point to point: receives exactly `data.len()` bytes from the member at position `from`.
     pub fn recv(&mut self, g: &Group, from: usize, data: &mut [u8]) -> Result<()> {
-        let peer = g.ranks[from];
-        let mut head = [0u8; 16];
-        self.links.exchange(None, Some(Incoming { peer, buf: &mut head, progress: None }))?;
-        let want = [Op::SendRecv as u32 as u64 | (u64::from(self.received[peer]) << 32), data.len() as u64];
-        self.received[peer] = self.received[peer].wrapping_add(1);
-        let got = [u64::from_le_bytes(head[..8].try_into().expect("8")), u64::from_le_bytes(head[8..].try_into().expect("8"))];
-        if got != want {
-            return Err(peer_error(peer, format!("sent {} bytes (op {}) where {} were expected", got[1], got[0] as u32, data.len())));
-        }
-        self.links.exchange(None, Some(Incoming { peer, buf: data, progress: None }))
+        self.guarded(|c| {
+            let peer = g.ranks[from];
+            let mut head = [0u8; 16];
+            c.links.exchange(None, Some(Incoming { peer, buf: &mut head, progress: None }))?;
+            let want = [Op::SendRecv as u32 as u64 | (u64::from(c.received[peer]) << 32), data.len() as u64];
+            c.received[peer] = c.received[peer].wrapping_add(1);
+            let got = [u64::from_le_bytes(head[..8].try_into().expect("8")), u64::from_le_bytes(head[8..].try_into().expect("8"))];
+            if got != want {
+                return Err(peer_error(peer, format!("sent {} bytes (op {}) where {} were expected", got[1], got[0] as u32, data.len())));
+            }
+            c.links.exchange(None, Some(Incoming { peer, buf: data, progress: None }))
+        })
     }
 
     /// All-to-all: block j of `send` goes to member j; block i of `recv` comes from member i.
@@ -380,28 +423,37 @@ impl Comm {
             });
         }
         let b = send.len() / n;
-        recv[g.me * b..(g.me + 1) * b].copy_from_slice(&send[g.me * b..(g.me + 1) * b]);
-        for k in 1..n {
-            let (to, from) = ((g.me + k) % n, (g.me + n - k) % n);
-            self.header(Op::AllToAll, b, g.ranks[to], g.ranks[from])?;
-            self.links.exchange(
-                Some(Outgoing { peer: g.ranks[to], bufs: vec![bytemuck::cast_slice(&send[to * b..(to + 1) * b])] }),
-                Some(Incoming { peer: g.ranks[from], buf: bytemuck::cast_slice_mut(&mut recv[from * b..(from + 1) * b]), progress: None }),
-            )?;
-        }
-        Ok(())
+        // (A call with wrong sizes moves no bytes, so it leaves the endpoint usable.)
+        self.guarded(|c| {
+            recv[g.me * b..(g.me + 1) * b].copy_from_slice(&send[g.me * b..(g.me + 1) * b]);
+            for k in 1..n {
+                let (to, from) = ((g.me + k) % n, (g.me + n - k) % n);
+                c.header(Op::AllToAll, b, g.ranks[to], g.ranks[from])?;
+                c.links.exchange(
+                    Some(Outgoing { peer: g.ranks[to], bufs: vec![bytemuck::cast_slice(&send[to * b..(to + 1) * b])] }),
+                    Some(Incoming {
+                        peer: g.ranks[from],
+                        buf: bytemuck::cast_slice_mut(&mut recv[from * b..(from + 1) * b]),
+                        progress: None,
+                    }),
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// Returns once every member has called it.
     pub fn barrier(&mut self, g: &Group) -> Result<()> {
-        let n = g.size();
-        // Dissemination barrier: log2(n) rounds of header exchanges.
-        let mut k = 1;
-        while k < n {
-            self.header(Op::Barrier, 0, g.ranks[(g.me + k) % n], g.ranks[(g.me + n - k) % n])?;
-            k *= 2;
-        }
-        Ok(())
+        self.guarded(|c| {
+            let n = g.size();
+            // Dissemination barrier: log2(n) rounds of header exchanges.
+            let mut k = 1;
+            while k < n {
+                c.header(Op::Barrier, 0, g.ranks[(g.me + k) % n], g.ranks[(g.me + n - k) % n])?;
+                k *= 2;
+            }
+            Ok(())
+        })
     }
 }
 

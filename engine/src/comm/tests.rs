@@ -188,6 +188,13 @@ fn a_dead_peer_is_named_quickly_and_a_silent_one_after_the_timeout() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "took {took:?}");
     assert!(err.to_string().contains("rank 1: sent nothing for 400ms"), "{err}");
+    // The connection may hold half an exchange: every later call fails at once with the cause.
+    assert!(c.is_failed());
+    let start = Instant::now();
+    let err = c.barrier(&c.world_group()).unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(100), "took {:?}", start.elapsed());
+    assert!(matches!(err, crate::Error::Comm { rank: Some(1), .. }), "{err}");
+    assert!(err.to_string().contains("sent nothing for 400ms") && err.to_string().contains("an earlier collective failed"), "{err}");
     tx.send(()).unwrap();
     silent.join().unwrap();
 }

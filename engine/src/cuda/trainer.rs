@@ -78,8 +78,14 @@ pub struct GpuStep {
     pub loss: f64,
     /// Global gradient norm before clipping (of the unscaled gradients).
     pub grad_norm: f64,
-    /// fp16: the step overflowed and was skipped.
+    /// The update was skipped, parameters and moments left as they were: fp16's gradients
+    /// overflowed at its loss scale, or (any precision) the gradient norm was not finite.
     pub skipped: bool,
+    /// Of the skipped steps, those no loss scale can rescue: the gradients were not finite
+    /// unscaled (fp32, bf16), or fp16's overflowed at the floor scale of 1 (which halving keeps
+    /// at 1). The trainer stops a run after too many in a row (see
+    /// `train::MAX_NONFINITE_STEPS_IN_A_ROW`); fp16's other overflows are how the scale settles.
+    pub nonfinite: bool,
     /// fp16: the loss scale after the step (1 otherwise).
     pub loss_scale: f32,
 }
@@ -215,7 +221,9 @@ where
         let s = gpu.stream().clone();
         let n = params.len();
         let master = s.clone_htod(params).map_err(dev("uploading parameters"))?;
-        let work = if T::SUFFIX == "f32" {
+        // By type, not by kernel suffix: `params_view` reinterprets the masters as `T` when
+        // there is no working copy, which is sound only for f32 itself.
+        let work = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
             None
         } else {
             let mut w = s.alloc_zeros::<T>(n).map_err(dev("allocating the working copy"))?;
@@ -267,9 +275,9 @@ where
     /// mean over the global batch.
     ///
     /// The caller numbers the steps, as the CPU trainer does, so a resumed run continues with the
-    /// numbers the uninterrupted one would have used. An fp16 step skipped for overflow still uses
-    /// up its number (PyTorch's `GradScaler` would not advance Adam's count there; numbering by
-    /// step keeps resume exact instead).
+    /// numbers the uninterrupted one would have used. A skipped step (an fp16 overflow, or
+    /// gradients that are not finite) still uses up its number (PyTorch's `GradScaler` would not
+    /// advance Adam's count there; numbering by step keeps resume exact instead).
     pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, mut dp: Option<GpuDp<'_>>) -> Result<GpuStep> {
         let w = self.acts.seq() + 1;
         let tokens: usize = micro_batches.iter().map(|mb| mb.len() / w * (w - 1)).sum();
@@ -316,7 +324,8 @@ where
                 overflow = d.sum(f64::from(u8::from(overflow)))? > 0.0;
             }
             if !scaler.update(overflow) {
-                return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, loss_scale: scaler.scale });
+                let nonfinite = loss_scale <= 1.0;
+                return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, nonfinite, loss_scale: scaler.scale });
             }
         }
         let mut squares = ops::sum_squares_pieces(&self.gpu, &self.grads, &self.pieces)?;
@@ -324,6 +333,19 @@ where
             squares = d.sum(squares)?;
         }
         let norm = squares.sqrt();
+        // A NaN or infinite gradient (fp32 and bf16 have no loss scale to catch it): AdamW would
+        // write NaN into every parameter and both moments, so the update is skipped, as on CPU.
+        // Every rank skips alike: under ZeRO-1 the norm is the group's sum, under ZeRO-0 every
+        // rank sums the same all-reduced gradients. (The squares are summed in f32, so a finite
+        // gradient beyond about 1e19 makes the norm infinite too: such a step is skipped as well,
+        // where clipping's factor of 0 used to zero its gradients.)
+        //
+        // fp16's non-finite gradients never get here: the overflow check above skipped their step
+        // already. One with a gradient beyond 1e19 is skipped here, once; the loss scale counted
+        // it as a good step, which only moves its next doubling one step earlier.
+        if !norm.is_finite() {
+            return Ok(GpuStep { loss, grad_norm: norm, skipped: true, nonfinite: true, loss_scale: self.scaler.map_or(1.0, |s| s.scale) });
+        }
         if grad_clip > 0.0 {
             let coef = grad_clip / (norm + 1e-6);
             if coef < 1.0 {
@@ -367,7 +389,7 @@ where
                 ops::cast_from_f32(&self.gpu, wk, &self.master)?;
             }
         }
-        Ok(GpuStep { loss, grad_norm: norm, skipped: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
+        Ok(GpuStep { loss, grad_norm: norm, skipped: false, nonfinite: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
     }
 
     /// Mean loss per token over `windows`, forward only.
@@ -422,17 +444,28 @@ where
                 HostState { params: alloc()?, m: alloc()?, v: alloc()?, copied: None }
             }
         };
-        // The copy starts after everything queued so far (the last update) ...
-        let updated = self.gpu.stream().record_event(None).map_err(dev("recording an event"))?;
-        stream.wait(&updated).map_err(dev("ordering the copy stream"))?;
-        stream.memcpy_dtoh(&self.master, &mut hs.params).map_err(dev("copying parameters to the host"))?;
-        stream.memcpy_dtoh(&self.m, &mut hs.m).map_err(dev("copying optimizer state to the host"))?;
-        stream.memcpy_dtoh(&self.v, &mut hs.v).map_err(dev("copying optimizer state to the host"))?;
-        // The reader of `hs` waits for the copy (a blocking wait: the writer thread sleeps) ...
-        let copied = stream.record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(dev("recording an event"))?;
-        hs.copied = Some(copied);
-        // ... and the next update starts after it (see `step`).
-        self.copy_done = Some(stream.record_event(None).map_err(dev("recording an event"))?);
+        // A recycled buffer's event is that of its previous, finished copy: not this one's.
+        hs.copied = None;
+        let queued = (|| {
+            // The copy starts after everything queued so far (the last update) ...
+            let updated = self.gpu.stream().record_event(None).map_err(dev("recording an event"))?;
+            stream.wait(&updated).map_err(dev("ordering the copy stream"))?;
+            stream.memcpy_dtoh(&self.master, &mut hs.params).map_err(dev("copying parameters to the host"))?;
+            stream.memcpy_dtoh(&self.m, &mut hs.m).map_err(dev("copying optimizer state to the host"))?;
+            stream.memcpy_dtoh(&self.v, &mut hs.v).map_err(dev("copying optimizer state to the host"))?;
+            // The reader of `hs` waits for the copy (a blocking wait: the writer thread sleeps) ...
+            let copied = stream.record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(dev("recording an event"))?;
+            hs.copied = Some(copied);
+            // ... and the next update starts after it (see `step`).
+            self.copy_done = Some(stream.record_event(None).map_err(dev("recording an event"))?);
+            Ok(())
+        })();
+        if let Err(e) = queued {
+            // Copies queued before the failure may still be writing into the page-locked
+            // buffers, which go when `hs` is dropped: wait for them first.
+            let _ = stream.synchronize();
+            return Err(e);
+        }
         Ok(hs)
     }
 
@@ -473,9 +506,12 @@ impl<T: Storage> Drop for GpuTrainer<T> {
 fn params_view<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaSlice<f32>) -> CudaView<'a, T> {
     match work {
         Some(w) => w.as_view(),
-        // SAFETY: `work` is None only when T is f32 (see `GpuTrainer::new`), so this reinterprets
-        // f32 as f32.
-        None => unsafe { master.transmute::<T>(master.len()) }.expect("an f32 view of the f32 masters"),
+        None => {
+            assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>(), "no working copy, so the precision is f32");
+            // SAFETY: T is f32 (asserted above; `GpuTrainer::new` leaves `work` None only then),
+            // so this reinterprets f32 as f32.
+            unsafe { master.transmute::<T>(master.len()) }.expect("an f32 view of the f32 masters")
+        }
     }
 }
 

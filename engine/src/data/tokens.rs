@@ -180,23 +180,32 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
     let mut out = Vec::new();
     match format {
         TokenFormat::Text => {
-            // Paragraph-sized pieces keep memory flat and the progress bar moving; splitting at
-            // blank lines does not change how a byte-level BPE tokenizes the text within them.
+            // Pieces of about 64 KiB keep memory flat and the progress bar moving. A piece is cut
+            // only where the tokenizer gives the same tokens cut or whole (see `safe_cut`), so
+            // the file's tokens are those of the whole text.
+            const PIECE: usize = 1 << 16;
             let mut piece = String::new();
             let mut line = String::new();
+            // Where to look for a cut next: after a piece with no safe place, 4 KiB later.
+            let mut next_try = PIECE;
             loop {
                 line.clear();
                 let n = reader.read_line(&mut line).map_err(|e| Error::io(path, e))?;
                 piece.push_str(&line);
-                if n == 0 || (line.trim().is_empty() && piece.len() > 1 << 16) {
+                progress(n as u64);
+                if n == 0 {
                     out.extend(encode(&piece)?);
-                    piece.clear();
-                    progress(n as u64);
-                    if n == 0 {
-                        break;
+                    break;
+                }
+                if piece.len() > next_try {
+                    match safe_cut(&piece, &encode)? {
+                        Some(cut) => {
+                            out.extend(encode(&piece[..cut])?);
+                            piece.drain(..cut);
+                            next_try = PIECE;
+                        }
+                        None => next_try = piece.len() + (1 << 12),
                     }
-                } else {
-                    progress(n as u64);
                 }
             }
         }
@@ -233,6 +242,31 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
     Ok(out)
 }
 
+/// A place near the end of `text` where it can be cut into two pieces whose tokens, encoded
+/// apart, are those of the whole: before one of the last spaces or line breaks, where the
+/// tokenizer's pre-tokenizer splits anyway. Which of those places is safe depends on the
+/// tokenizer (GPT-2 keeps a blank line's two line breaks apart before a word, LLaMA-3 joins
+/// them; SentencePiece marks a piece's first word), so each candidate is checked with the
+/// tokenizer itself on the text around it. `None` if none of them is safe: the piece grows.
+fn safe_cut(text: &str, encode: &impl Fn(&str) -> Result<Vec<u32>>) -> Result<Option<usize>> {
+    /// Bytes of context on the left of a candidate: more than any pre-tokenizer looks back.
+    const CONTEXT: usize = 256;
+    let candidates = text.char_indices().rev().take(512).filter(|(_, c)| *c == ' ' || *c == '\n').map(|(i, _)| i).take(8);
+    for cut in candidates.filter(|&i| i > CONTEXT) {
+        let mut start = cut - CONTEXT;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        let (left, right) = (&text[start..cut], &text[cut..]);
+        let mut apart = encode(left)?;
+        apart.extend(encode(right)?);
+        if apart == encode(&text[start..])? {
+            return Ok(Some(cut));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +290,45 @@ mod tests {
         let txt = dir.path().join("a.txt");
         std::fs::write(&txt, "hello").unwrap();
         assert!(load_tokens(&txt, None).unwrap_err().to_string().contains("tokenizer"));
+    }
+
+    /// A text of many 64 KiB pieces tokenizes as one whole, with a byte-level BPE that, like
+    /// GPT-2's, merges two line breaks: at the end of a piece a blank line's breaks become one
+    /// token, before a word two (cut at blank lines, this text lost 2 tokens).
+    #[test]
+    fn a_long_text_read_in_pieces_gives_the_tokens_of_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/tokenizer.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let id = vocab.values().filter_map(|v| v.as_u64()).max().unwrap() + 1;
+        vocab.insert("ĊĊ".into(), id.into());
+        json["model"]["merges"].as_array_mut().unwrap().insert(0, serde_json::json!(["Ċ", "Ċ"]));
+        let tok_path = dir.path().join("tokenizer.json");
+        std::fs::write(&tok_path, json.to_string()).unwrap();
+        let tok = load_tokenizer(&tok_path).unwrap();
+        assert_eq!(tok.encode_fast("a\n\n", false).unwrap().get_ids().len(), 2, "the merge applies");
+        let mut text = String::new();
+        let mut s = 7u64;
+        let words = ["the", "model", "learns", "a", "story", "of", "tokens.", "And", "then,", "  it", "ends!"];
+        while text.len() < 400_000 {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            text.push_str(words[(s >> 33) as usize % words.len()]);
+            text.push_str(match (s >> 20) % 13 {
+                0 => "\n\n",
+                1 => "\n",
+                2 => " \n\n\n",
+                _ => " ",
+            });
+        }
+        let path = dir.path().join("long.txt");
+        std::fs::write(&path, &text).unwrap();
+        let whole = tok.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
+        let mut read = 0;
+        let got = encode_text_file(&path, &tok, |n| read += n).unwrap();
+        assert_eq!(read, text.len() as u64);
+        assert_eq!(got.len(), whole.len());
+        assert!(got == whole, "first difference at token {:?}", got.iter().zip(&whole).position(|(a, b)| a != b));
     }
 
     /// A LLaMA-style tokenizer ends documents with `</s>`, not GPT-2's `<|endoftext|>`: JSON-lines

@@ -349,7 +349,12 @@ fn llama(r: &Reader<'_>) -> Result<Parsed> {
 
 /// `rope_theta` at the top level (older checkpoints) or inside `rope_parameters`
 /// (transformers 5); only the default (unscaled) rope type is implemented.
+///
+/// Both keys are checked before either is used: exporters that write both schemas may put a
+/// scaled rope type in one and the plain theta in the other, and a scaling taken for plain would
+/// silently change the model.
 fn rope_theta(r: &Reader<'_>) -> Result<f64> {
+    let mut theta: Option<(&str, f64)> = None;
     for key in ["rope_parameters", "rope_scaling"] {
         match r.map.get(key) {
             None | Some(Value::Null) => {}
@@ -361,13 +366,22 @@ fn rope_theta(r: &Reader<'_>) -> Result<f64> {
                     );
                 }
                 if let Some(t) = p.get("rope_theta") {
-                    return t.as_f64().ok_or_else(|| r.err(format!("`{key}.rope_theta` must be a number, found {t}")));
+                    let t = t.as_f64().ok_or_else(|| r.err(format!("`{key}.rope_theta` must be a number, found {t}")))?;
+                    match theta {
+                        Some((other, u)) if u != t => {
+                            return Err(r.err(format!("`{other}.rope_theta` = {u} and `{key}.rope_theta` = {t} disagree")));
+                        }
+                        _ => theta = Some((key, t)),
+                    }
                 }
             }
             Some(v) => return Err(r.err(format!("`{key}` must be an object, found {v}"))),
         }
     }
-    r.f64_or("rope_theta", 10000.0)
+    match theta {
+        Some((_, t)) => Ok(t),
+        None => r.f64_or("rope_theta", 10000.0),
+    }
 }
 
 #[cfg(test)]
@@ -410,5 +424,15 @@ mod tests {
         assert!(e.contains("rope_theta"), "{e}");
         let e = parse(&format!("{LLAMA},\"num_key_value_heads\":3}}")).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
+        // Both schemas at once: a scaled rope in the older key is not hidden by a plain theta in
+        // the newer one, and two thetas must agree.
+        let both = r#""rope_parameters":{"rope_type":"default","rope_theta":500000.0},"rope_scaling":{"rope_type":"llama3","factor":8.0}"#;
+        let e = parse(&format!("{LLAMA},{both}}}")).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("llama3"), "{e}");
+        let two = r#""rope_parameters":{"rope_theta":500000.0},"rope_scaling":{"rope_type":"default","rope_theta":10000.0}"#;
+        let e = parse(&format!("{LLAMA},{two}}}")).unwrap_err().to_string();
+        assert!(e.contains("disagree"), "{e}");
+        let same = r#""rope_parameters":{"rope_theta":500000.0},"rope_scaling":{"rope_type":"default","rope_theta":500000.0}"#;
+        assert_eq!(parse(&format!("{LLAMA},{same}}}")).unwrap().rope_theta, 500000.0);
     }
 }

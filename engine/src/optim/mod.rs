@@ -82,9 +82,13 @@ pub fn grad_norm(grads: &[f32]) -> f64 {
 
 /// Scales `grads` so their global norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`
 /// does, with its 1e-6 guard); returns the norm before clipping. `max_norm = 0` disables it.
+///
+/// A norm that is not finite (a NaN or infinite gradient) scales nothing: no factor makes such
+/// gradients usable (an infinite norm's factor of 0 would turn infinities into NaN), and the
+/// caller skips the update instead (see `train::MAX_NONFINITE_STEPS_IN_A_ROW`).
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = grad_norm(grads);
-    if max_norm > 0.0 {
+    if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             scale(grads, coef as f32);

@@ -17,7 +17,8 @@
 //!   (the next one prefetched in the direction of travel) and released when the model moves on.
 //!
 //! Clipping is exact at every stage: the norm comes from the summed gradient (full, or the pieces'
-//! squares summed across the group).
+//! squares summed across the group). The same norm decides, on every rank alike, that a step whose
+//! gradients are not finite is skipped (`skip_step`).
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -226,9 +227,14 @@ impl DataParallel {
 
     /// The global gradient norm, and the gradients this rank updates with scaled to clip it at
     /// `max_norm` (0 disables clipping), as `torch.nn.utils.clip_grad_norm_` does.
+    ///
+    /// Every rank gets the same norm: under ZeRO-0 and 1 each computes it from the same summed
+    /// gradients (the all-reduce leaves the same bits on every rank), under ZeRO-2 and 3 from the
+    /// group's sum. So when it is not finite every rank skips the update alike (`skip_step`);
+    /// nothing is scaled then (see `optim::clip_grad_norm`).
     pub fn clip(&mut self, grads: &mut [f32], max_norm: f64) -> Result<f64> {
         let norm = if self.zero >= 2 { self.sum(sum_squares(&self.grad_shard))?.sqrt() } else { sum_squares(grads).sqrt() };
-        if max_norm > 0.0 {
+        if max_norm > 0.0 && norm.is_finite() {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
                 if self.zero >= 2 {
@@ -257,9 +263,6 @@ impl DataParallel {
     ) -> Result<()> {
         let grads = if self.zero >= 2 { Grads::Pieces(&self.grad_shard) } else { Grads::Full(grads) };
         optim.update_pieces(table, &self.pieces(), params, grads, m, v, lr, step);
-        if self.zero >= 2 {
-            self.grad_shard.iter_mut().for_each(|x| *x = 0.0);
-        }
         match self.zero {
             1 | 2 => {
                 for c in 0..self.chunks.len() {
@@ -268,16 +271,43 @@ impl DataParallel {
                     params[chunk].copy_from_slice(&full);
                 }
             }
-            3 => {
-                // Gathered copies are stale now: keep only the updated pieces.
-                self.drain_prefetch()?;
-                for c in 0..self.chunks.len() {
-                    if self.gathered[c] {
-                        self.release_chunk(params, c);
-                    }
-                }
-            }
+            // Gathered copies are stale now: keep only the updated pieces.
+            3 => self.release_gathered(params)?,
             _ => {}
+        }
+        self.end_step();
+        Ok(())
+    }
+
+    /// In place of `optimizer_step` for a step whose gradient norm is not finite (every rank
+    /// calls one or the other alike, see `clip`): the parameters and moments stay as they are,
+    /// and the group is left as after an update, ready for the next step. Nothing is gathered:
+    /// every rank's parameters are those it had, which are the group's.
+    pub fn skip_step(&mut self, params: &mut [f32]) -> Result<()> {
+        if self.zero >= 3 {
+            // Still current, but released as after an update, so that a step holds the same
+            // memory whether it was skipped or not.
+            self.release_gathered(params)?;
+        }
+        self.end_step();
+        Ok(())
+    }
+
+    /// After the update (or its skipping): the next step's reduce-scatters add into an empty
+    /// gradient shard.
+    fn end_step(&mut self) {
+        if self.zero >= 2 {
+            self.grad_shard.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+
+    /// ZeRO-3: keeps only this rank's pieces of the parameters (after any prefetch has landed).
+    fn release_gathered(&mut self, params: &mut [f32]) -> Result<()> {
+        self.drain_prefetch()?;
+        for c in 0..self.chunks.len() {
+            if self.gathered[c] {
+                self.release_chunk(params, c);
+            }
         }
         Ok(())
     }

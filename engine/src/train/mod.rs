@@ -3,8 +3,12 @@
 pub(crate) mod bench;
 mod eval;
 mod gpu;
+mod nonfinite;
+#[cfg(test)]
+mod tests;
 mod trainer;
 
 pub use bench::{bench, BenchResult};
 pub use eval::{evaluate, EvalResult};
+pub use nonfinite::MAX_NONFINITE_STEPS_IN_A_ROW;
 pub use trainer::{check_layout, load_model, CheckpointOutcome, StepReport, Trainer};

@@ -17,6 +17,7 @@ use crate::params::ParamBuffers;
 use crate::{Error, Result};
 
 use super::gpu::{HostState, OnGpu};
+use super::nonfinite::{NonFiniteSteps, StepOutcome};
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -28,6 +29,10 @@ pub struct StepReport {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The update was skipped: the gradients were not finite (NaN or infinite; the norm is then
+    /// too), or fp16's overflowed at its loss scale. Parameters and optimizer state are as before
+    /// the step, which still counts: it used its data, learning rate and AdamW step number.
+    pub skipped: bool,
     pub tokens_per_s: f64,
     /// Bytes of parameters, gradients and optimizer state on this rank.
     pub mem_bytes: u64,
@@ -229,6 +234,8 @@ pub struct Trainer {
     gpu: Option<OnGpu>,
     /// fp16 on a GPU: the loss scale of the checkpoint this run resumed from.
     resumed_loss_scale: Option<LossScaleState>,
+    /// Steps skipped in a row for non-finite gradients (too many stop the run).
+    nonfinite: NonFiniteSteps,
     /// Optimizer steps taken so far.
     pub step: u64,
 }
@@ -335,6 +342,7 @@ impl Trainer {
             snapshot,
             gpu,
             resumed_loss_scale: None,
+            nonfinite: NonFiniteSteps::default(),
             step: 0,
         })
     }
@@ -384,25 +392,37 @@ impl Trainer {
                 None => self.model.forward_backward(&b.params, &mut b.grads, &mut self.acts, &self.batch, scale)?,
             };
         }
+        // A skipped step (below) still uses up its number, as an fp16 step skipped for overflow
+        // does on a GPU (see `GpuTrainer::step`): the data, the learning rate and AdamW's bias
+        // corrections all follow the step number, so a run resumed from a checkpoint takes the
+        // steps the uninterrupted run took. (PyTorch's `GradScaler` leaves Adam's count behind
+        // instead, which a checkpoint would have to record.)
         self.step += 1;
         let lr = self.schedule.at(self.step);
         let clip = self.spec.train.grad_clip;
+        // A gradient norm that is not finite means a NaN or infinite gradient: AdamW would write
+        // NaN into every parameter and both moments, so the update is skipped (on every rank
+        // alike: they hold the same norm, see `DataParallel::clip`).
         let (grad_norm, mem_bytes, comm) = match &mut self.dp {
             Some(dp) => {
                 loss_sum = dp.sum(loss_sum)?;
                 let b = &mut self.buffers;
                 let norm = dp.clip(&mut b.grads, clip)?;
                 let (peak_params, peak_grads) = dp.take_peaks(&b.params, &b.grads);
-                dp.optimizer_step(
-                    &self.optim,
-                    &self.model.table,
-                    &mut b.params,
-                    &mut b.grads,
-                    &mut b.m,
-                    &mut b.v,
-                    lr as f32,
-                    self.step as u32,
-                )?;
+                if norm.is_finite() {
+                    dp.optimizer_step(
+                        &self.optim,
+                        &self.model.table,
+                        &mut b.params,
+                        &mut b.grads,
+                        &mut b.m,
+                        &mut b.v,
+                        lr as f32,
+                        self.step as u32,
+                    )?;
+                } else {
+                    dp.skip_step(&mut b.params)?;
+                }
                 let (peak_params2, _) = dp.take_peaks(&b.params, &b.grads);
                 let moments = 4 * (b.m.len() + b.v.len()) as u64;
                 let shard_grads = 4 * dp.grad_shard.len() as u64;
@@ -410,10 +430,15 @@ impl Trainer {
             }
             None => {
                 let norm = clip_grad_norm(&mut self.buffers.grads, clip);
-                self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
+                if norm.is_finite() {
+                    self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
+                }
                 (norm, self.buffers.bytes(), Default::default())
             }
         };
+        let skipped = !grad_norm.is_finite();
+        let lead = self.dp_rank() == 0;
+        self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -422,6 +447,7 @@ impl Trainer {
             loss: loss_sum / tokens as f64,
             lr,
             grad_norm,
+            skipped,
             tokens_per_s: tokens as f64 / secs,
             mem_bytes,
             step_ms: secs * 1e3,
@@ -461,6 +487,16 @@ impl Trainer {
             self.dp.as_mut(),
         )?;
         let comm = self.dp.as_mut().map(DataParallel::take_comm_time).unwrap_or_default();
+        // The GPU trainer skipped the update itself (on every rank alike); only the steps a lower
+        // loss scale cannot rescue count towards stopping the run.
+        let outcome = match (r.skipped, r.nonfinite) {
+            (false, _) => StepOutcome::Applied,
+            (true, false) => StepOutcome::ScaleOverflow,
+            (true, true) => StepOutcome::NonFinite,
+        };
+        let lead = self.dp_rank() == 0;
+        self.nonfinite.record(self.step, outcome, lead)?;
+        let gpu = self.gpu.as_ref().expect("called for GPU jobs only");
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
@@ -469,6 +505,7 @@ impl Trainer {
             loss: r.loss,
             lr,
             grad_norm: r.grad_norm,
+            skipped: r.skipped,
             tokens_per_s: tokens as f64 / secs,
             mem_bytes: gpu.state_bytes(),
             step_ms: secs * 1e3,
@@ -777,6 +814,7 @@ impl Trainer {
             full.as_deref().unwrap_or(&self.buffers.params),
             self.tokenizer.as_deref(),
         )
+        .and_then(|()| crate::checkpoint::write_final_step(&tmp, self.step))
         .and_then(|()| replace_dir(&tmp, dir));
         if written.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);

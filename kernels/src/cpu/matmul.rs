@@ -31,8 +31,19 @@ impl<'a> MatRef<'a> {
     }
 
     fn fits(&self, len: usize) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
+        fits(self.rows, self.cols, self.rs, self.cs, len)
     }
+}
+
+/// Whether a `rows`×`cols` view with strides `rs`, `cs` stays inside `len` elements. Checked
+/// arithmetic: a stride product that wrapped around would pass a plain comparison and send the
+/// unsafe product outside the slice; strides also go to gemm as `isize`.
+fn fits(rows: usize, cols: usize, rs: usize, cs: usize, len: usize) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1).checked_mul(rs).and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+    last.is_some_and(|l| l < len) && rs <= isize::MAX as usize && cs <= isize::MAX as usize
 }
 
 /// A mutable strided matrix view.
@@ -53,8 +64,7 @@ impl<'a> MatMut<'a> {
     /// A view with explicit strides. Row stride larger than `cols` selects a column block of a
     /// wider buffer (how LLaMA's q, k and v projections write into one fused qkv buffer).
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        let fits = rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len();
-        assert!(fits, "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements", data.len());
+        assert!(fits(rows, cols, rs, cs, data.len()), "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds its {} elements", data.len());
         // Overlapping destination elements would make the product ill-defined.
         let row_major = cs == 1 && (rs >= cols || rows <= 1);
         let col_major = rs == 1 && (cs >= rows || cols <= 1);
@@ -141,6 +151,20 @@ pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, acc: Accumulate, th
 mod tests {
     use super::*;
     use crate::cpu::reference;
+
+    /// 2 × 2^63 wraps to 0 in unchecked arithmetic: the view must still be refused, or gemm
+    /// would read and write at `i64::MIN` elements from the slice.
+    #[test]
+    #[should_panic(expected = "exceeds")]
+    fn a_view_whose_stride_product_overflows_is_refused() {
+        MatRef::strided(&[0.0; 4], 3, 1, 1 << 63, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds")]
+    fn a_destination_whose_stride_product_overflows_is_refused() {
+        MatMut::strided(&mut [0.0; 4], 3, 1, 1 << 63, 1);
+    }
 
     fn fill(n: usize, seed: u32) -> Vec<f32> {
         (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()

@@ -34,20 +34,30 @@ pub use norm::*;
 pub use pointwise::*;
 
 /// A storage type the kernels are instantiated for.
-pub trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + 'static {
+///
+/// # Safety
+///
+/// The launchers pick a kernel by `SUFFIX` and pass it the buffer's length in elements of `Self`:
+/// the kernel's element type (`float`, `__nv_bfloat16`, `__half`) must have the size and layout
+/// of `Self`, or the kernel reads and writes outside the buffer. Only the three types below
+/// qualify.
+pub unsafe trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + 'static {
     /// The kernel-name suffix: `gelu_fwd_` + `SUFFIX`.
     const SUFFIX: &'static str;
 }
 
-impl Storage for f32 {
+// SAFETY: the `_f32` kernels take `float`, 4 bytes, as f32 is.
+unsafe impl Storage for f32 {
     const SUFFIX: &'static str = "f32";
 }
 
-impl Storage for half::bf16 {
+// SAFETY: the `_bf16` kernels take `__nv_bfloat16`, 2 bytes, the bit layout of `half::bf16`.
+unsafe impl Storage for half::bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
-impl Storage for half::f16 {
+// SAFETY: the `_f16` kernels take `__half`, 2 bytes, the IEEE binary16 layout of `half::f16`.
+unsafe impl Storage for half::f16 {
     const SUFFIX: &'static str = "f16";
 }
 
