@@ -293,9 +293,9 @@ pub struct CheckpointBenchArgs {
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     /// Training steps; a checkpoint starts every `--every` of them.
-    #[arg(long, default_value_t = 9)]
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: u64,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub every: u64,
     /// Where checkpoints (and the disk test file) are written [default: a temporary directory].
     #[arg(long)]
@@ -313,7 +313,7 @@ pub struct CommBenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
     /// Timed repetitions per size (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub iters: usize,
     /// The collectives' transport: `auto` (Unix sockets between ranks on this machine, as
     /// training uses) or `tcp`.
@@ -335,4 +335,13 @@ pub struct PrepareArgs {
     /// Output: .bin (uint16 tokens) or .u32 (uint32 tokens).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// A count that must be at least 1 (`--iters`).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }

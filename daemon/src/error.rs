@@ -66,6 +66,14 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) => {
                 Error::Unavailable(e.to_string())
             }
+            // SQLite's BUSY and LOCKED (and their extended codes): another connection held the
+            // database past the busy timeout. Worth retrying, as a restarting server is. (SQLite's
+            // codes are numbers of up to four digits; PostgreSQL's are five characters.)
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c.len() <= 4 && c.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))) =>
+            {
+                Error::Unavailable(e.to_string())
+            }
             _ => Error::Store(e.to_string()),
         }
     }

@@ -215,6 +215,13 @@ fn bench_reports_throughput_and_flops() {
     let per_token = 6.0 * (n - 1024.0 * 256.0) + 6.0 * 4.0 * 256.0 * 32.0;
     assert!((r["model_flops_per_s"].as_f64().unwrap() / tps - per_token).abs() / per_token < 1e-9);
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 10 << 20);
+    // Counts of zero are refused with the flag named (they divided by zero, or took the median
+    // of nothing).
+    for args in [&["bench", "checkpoint", "--every", "0"][..], &["bench", "comm", "--iters", "0"]] {
+        let out = gantry().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(args[2]) && !err.contains("panicked"), "{args:?}: {err}");
+    }
 }
 
 fn losses(run: &Path) -> Vec<f64> {

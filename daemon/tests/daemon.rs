@@ -37,6 +37,13 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     let (status, err) = d.post("/v1/jobs", &missing_model.to_string()).await;
     assert_eq!((status, err["field"].as_str()), (422, Some("model.path")), "{err}");
 
+    // Longer than the model's 256 positions: every attempt would fail, so it is refused now.
+    let mut too_long = tiny_spec(5, 0);
+    too_long["data"]["seq_len"] = json!(257);
+    let (status, err) = d.post("/v1/jobs", &too_long.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("data.seq_len")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("exceeds the model's 256 positions"), "{err}");
+
     let mut too_big = tiny_spec(5, 0);
     too_big["resources"]["devices"] = json!("cpu:4");
     too_big["parallel"] = json!({"dp": 4});
@@ -66,6 +73,10 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     let (status, err) = d.get("/v1/jobs/1/cancel").await;
     assert_eq!((status, err["code"].as_str()), (405, Some("bad_request")), "{err}");
     assert!(err["message"].as_str().unwrap().contains("GET is not allowed"), "{err}");
+    // A body over the limit, in the same shape.
+    let (status, err) = d.post("/v1/jobs", &format!("{{\"pad\": \"{}\"}}", "x".repeat(3 << 20))).await;
+    assert_eq!((status, err["code"].as_str()), (413, Some("bad_request")), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("larger than the 2 MiB"), "{err}");
 }
 
 #[tokio::test]
@@ -200,9 +211,13 @@ async fn a_daemon_killed_while_a_job_runs_re_adopts_it_and_loses_nothing() {
 #[tokio::test]
 async fn a_checkpoint_committed_while_the_daemon_was_away_is_resumed_from() {
     let db = TestDb::new().await;
-    let mut d = Daemon::start(&db.url, "cpu:1").await;
+    let mut d = Daemon::start(&db.url, "cpu:2").await;
     let steps = 600;
-    let id = d.submit(&tiny_spec(steps, 100)).await;
+    // Two ranks: rank 1's reports are in the store only (rank 0's are in metrics.jsonl too).
+    let mut spec = tiny_spec(steps, 100);
+    spec["resources"]["devices"] = json!("cpu:2");
+    spec["parallel"] = json!({"dp": 2});
+    let id = d.submit(&spec).await;
     d.wait_job(id, 60, "reached step 2", |j| j["step"].as_i64().unwrap_or(0) >= 2).await;
     let pids = worker_pids(&d, id);
     d.kill9();
@@ -224,8 +239,23 @@ async fn a_checkpoint_committed_while_the_daemon_was_away_is_resumed_from() {
     let log = std::fs::read_to_string(run_dir.join("logs/rank-0.log")).unwrap();
     let name = newest.file_name().unwrap().to_string_lossy().to_string();
     assert!(log.lines().any(|l| l.starts_with("resuming from") && l.contains(&name)), "the restart resumed from {name}:\n{log}");
-    let recorded: Vec<i64> = d.steps(id).await.iter().map(|s| s["step"].as_i64().unwrap()).collect();
-    assert_eq!(recorded, (1..=steps as i64).collect::<Vec<_>>(), "every step recorded once");
+    let at = gantry_engine::checkpoint::checkpoint_step(&newest).unwrap();
+    let (_, ev) = d.get(&format!("/v1/jobs/{id}/events")).await;
+    let why = ev["events"].as_array().unwrap().iter().find(|e| e["to"] == "restarting").unwrap()["reason"].as_str().unwrap().to_string();
+    assert!(why.contains(&format!("from the checkpoint of step {at}")), "the reason names the checkpoint resumed from: {why}");
+    // Rank 0: every step recorded once (what the daemon missed while away is read from
+    // metrics.jsonl at the end). Rank 1: every step after the checkpoint, once; of those before
+    // it, the ones whose reports reached the store before the daemon was killed (the rest died
+    // with the worker's queue).
+    let recorded =
+        |m: &serde_json::Value| -> Vec<i64> { m["steps"].as_array().unwrap().iter().map(|s| s["step"].as_i64().unwrap()).collect() };
+    let (_, m) = d.get(&format!("/v1/jobs/{id}/metrics?rank=0")).await;
+    assert_eq!(recorded(&m), (1..=steps as i64).collect::<Vec<_>>(), "rank 0: every step recorded once");
+    let (_, m) = d.get(&format!("/v1/jobs/{id}/metrics?rank=1")).await;
+    let one = recorded(&m);
+    let after: Vec<i64> = one.iter().copied().filter(|s| *s > at as i64).collect();
+    assert_eq!(after, (at as i64 + 1..=steps as i64).collect::<Vec<_>>(), "rank 1: every step after the checkpoint, once");
+    assert!(one.windows(2).all(|w| w[0] < w[1]) && one.first() == Some(&1), "rank 1: {one:?}");
 }
 
 #[tokio::test]
@@ -246,7 +276,9 @@ async fn a_failed_worker_is_restarted_from_its_last_checkpoint_with_the_same_los
     assert_eq!(path, ["queued", "scheduled", "running", "restarting", "scheduled", "running", "succeeded"]);
     let (_, ev) = d.get(&format!("/v1/jobs/{id}/events")).await;
     let why = ev["events"][3]["reason"].as_str().unwrap();
-    assert!(why.contains("rank 0") && why.contains("from the checkpoint of step"), "{why}");
+    assert!(why.contains("rank 0") && why.contains("from the checkpoint of step") && why.ends_with("after 1s"), "{why}");
+    let at = |i: usize| ev["events"][i]["at_ms"].as_i64().unwrap();
+    assert!(at(4) - at(3) >= 1000, "the first restart waits 1 s: restarting at {} ms, scheduled at {} ms", at(3), at(4));
     let want = d.steps(reference).await;
     let got = d.steps(id).await;
     assert_eq!(got.len(), steps as usize);
@@ -316,24 +348,42 @@ async fn sigterm_shuts_the_daemon_down_cleanly_and_leaves_workers_training() {
     let mut d = Daemon::start(&db.url, "cpu:1").await;
     let id = d.submit(&tiny_spec(600, 0)).await;
     d.wait_job(id, 60, "reached step 3", |j| j["step"].as_i64().unwrap_or(0) >= 3).await;
-    // Someone follows the job's logs: an open stream must not hold the shutdown up.
+    // Someone follows the job's logs: an open stream must not hold the shutdown up, and the
+    // follower rides out the restart, printing every line once.
+    let followed = tempfile::NamedTempFile::new().unwrap();
     let mut follower = Command::new(gantry())
         .args(["logs", "--follow", &id.to_string(), "--server", &d.http])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(followed.reopen().unwrap())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let status = d.terminate(Duration::from_secs(15));
-    let _ = follower.kill();
-    let _ = follower.wait();
     assert_eq!(status, Some(0), "the daemon exits 0 on SIGTERM, log follower or not:\n{}", d.log());
     assert!(d.log().contains("shutting down"), "{}", d.log());
     assert_eq!(worker_pids(&d, id).len(), 1, "the job keeps training");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(follower.try_wait().unwrap().is_none(), "the follower waits for the daemon to come back");
     d.restart().await;
     let job = d.wait_state(id, "succeeded", 120).await;
     assert_eq!(job["restarts"], 0);
     assert_eq!(d.steps(id).await.len(), 600);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the follower did not end with the job");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut said).unwrap();
+    assert!(done.success(), "{said}");
+    assert!(said.contains("reconnecting"), "{said}");
+    let (_, all) = d.get(&format!("/v1/jobs/{id}/logs")).await;
+    let want: Vec<String> = all["lines"].as_array().unwrap().iter().map(|l| format!("[rank 0] {}", l["line"].as_str().unwrap())).collect();
+    let got: Vec<String> = std::fs::read_to_string(followed.path()).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(got, want, "the follower printed every stored line once, in order");
 }
 
 #[tokio::test]
@@ -406,7 +456,9 @@ async fn a_two_rank_job_reports_both_ranks_and_survives_losing_one() {
     assert_eq!(job["restarts"], 1, "{job}");
     let (_, ev) = d.get(&format!("/v1/jobs/{id}/events")).await;
     let why = ev["events"].as_array().unwrap().iter().find(|e| e["to"] == "restarting").unwrap()["reason"].as_str().unwrap().to_string();
-    assert!(why.contains("rank"), "{why}");
+    // Rank 0 fails a moment later naming rank 1, and is then killed by the daemon: the reason is
+    // the rank that was lost, not either of those.
+    assert!(why.starts_with("rank 1 exited with signal 9 (SIGKILL) before reporting an outcome; restart 1 of"), "{why}");
 
     let single = d.steps(one).await;
     let (_, m) = d.get(&format!("/v1/jobs/{uninterrupted}/metrics?rank=0")).await;
@@ -432,4 +484,47 @@ async fn a_two_rank_job_reports_both_ranks_and_survives_losing_one() {
         // (Memory per ZeRO stage is measured in tests/parallel.rs; here: each rank reports its own.)
         assert!(got.iter().all(|s| s["mem_bytes"].as_i64().unwrap() > 0 && s["comm_ms"].as_f64().unwrap() > 0.0));
     }
+}
+
+/// A second daemon on the database of a running one refuses to start, naming the first, and
+/// takes nothing over: the first's job trains on undisturbed.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_database_refuses_to_start_naming_the_first() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+    let steps = 300;
+    let id = d.submit(&tiny_spec(steps, 0)).await;
+    d.wait_job(id, 60, "reached step 3", |j| j["step"].as_i64().unwrap_or(0) >= 3).await;
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Command::new(gantry())
+        .args(["daemon", "--http", &format!("127.0.0.1:{}", common::free_port()), "--grpc", &format!("127.0.0.1:{}", common::free_port())])
+        .args(["--database-url", &db.url, "--devices", "cpu:1"])
+        .arg("--data-dir")
+        .arg(other.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second daemon is still running on the first one's database");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another daemon supervises the jobs in this database") && stderr.contains(&format!("REST on {}", d.http)),
+        "{stderr}"
+    );
+    let job = d.wait_state(id, "succeeded", 120).await;
+    assert_eq!(job["restarts"], 0, "{job}");
+    assert_eq!(d.event_path(id).await, ["queued", "scheduled", "running", "succeeded"]);
 }

@@ -137,8 +137,30 @@ fn export_writes_sharded_checkpoints_that_transformers_loads() {
     assert_eq!(shards as u64, r2["shards"].as_u64().unwrap(), "only this export's shards are there");
     // A run directory exports its final model; a damaged source is refused.
     let whole = dir.path().join("whole");
-    last_json(Command::new(gantry).arg("export").arg(&run).arg("--out").arg(&whole).output().unwrap(), "gantry export RUN_DIR");
+    let r = last_json(Command::new(gantry).arg("export").arg(&run).arg("--out").arg(&whole).output().unwrap(), "gantry export RUN_DIR");
+    assert!(r["source"].as_str().unwrap().ends_with("run/final"), "final/ (step 6) is newer than the checkpoint of step 5: {r}");
     assert!(whole.join("model.safetensors").is_file());
     let bad = Command::new(gantry).arg("export").arg(dir.path()).arg("--out").arg(dir.path().join("x")).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("neither a model directory nor a run directory"));
+
+    // The run continued with --resume to 12 steps, and stopped before it wrote its own final/:
+    // final/ is still that of step 6, older than the checkpoint of step 10, which is exported.
+    let final_dir = run.join("final");
+    let of_step_6 = dir.path().join("final-of-step-6");
+    std::fs::create_dir(&of_step_6).unwrap();
+    for f in std::fs::read_dir(&final_dir).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), of_step_6.join(f.file_name())).unwrap();
+    }
+    last_json(
+        Command::new(gantry).arg("train").arg("--resume").arg(&run).args(["--set", "train.steps=12"]).output().unwrap(),
+        "gantry train --resume",
+    );
+    std::fs::remove_dir_all(&final_dir).unwrap();
+    std::fs::rename(&of_step_6, &final_dir).unwrap();
+    let out = Command::new(gantry).arg("export").arg(&run).arg("--out").arg(dir.path().join("continued")).output().unwrap();
+    let note = String::from_utf8_lossy(&out.stderr).into_owned();
+    let r = last_json(out, "gantry export of a continued run");
+    assert!(r["source"].as_str().unwrap().ends_with("checkpoints/step_00000010"), "{r}");
+    assert!(note.contains("is of step 6, and the run went on to step 10"), "{note}");
 }

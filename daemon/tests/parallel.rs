@@ -127,6 +127,8 @@ fn each_zero_stage_holds_less_and_zero_3_at_dp_4_at_most_30_percent() {
     assert!(ratio <= 0.30, "ZeRO-3 at dp=4 holds {:.1}% of one rank's memory", 100.0 * ratio);
 }
 
+/// Four ranks, and rank 2 killed: rank 0 is not its neighbour in the ring, so rank 0's own
+/// error names whichever rank it was waiting on; the launcher names the rank that was lost.
 #[test]
 fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,31 +139,37 @@ fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
         .arg(&spec)
         .arg("--run-dir")
         .arg(&run_dir)
-        .args(["--no-progress", "--set", "resources.devices=\"cpu:2\"", "--set", "parallel.dp=2"])
+        .args(["--no-progress", "--set", "resources.devices=\"cpu:4\"", "--set", "parallel.dp=4"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training runs, then kill rank 1.
+    // Wait until training runs, then kill rank 2.
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < 3 {
         assert!(Instant::now() < deadline, "training did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let pattern = format!("--run-dir {} .*--rank 1 ", run_dir.display());
+    let pattern = format!("--run-dir {} .*--rank 2 ", run_dir.display());
     let status = Command::new("pkill").args(["-9", "-f", "--", &pattern]).status().unwrap();
-    assert!(status.success(), "rank 1 was running");
+    assert!(status.success(), "rank 2 was running");
     let killed = Instant::now();
     let out = loop {
         if let Some(s) = parent.try_wait().unwrap() {
             break s;
         }
-        assert!(killed.elapsed() < Duration::from_secs(30), "rank 0 still runs 30 s after rank 1 died");
+        assert!(killed.elapsed() < Duration::from_secs(30), "rank 0 still runs 30 s after rank 2 died");
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(parent.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(!out.success());
-    assert!(stderr.contains("rank 1: "), "the error names the lost rank: {stderr}");
-    eprintln!("rank 0 stopped {:?} after rank 1 was killed", killed.elapsed());
+    let error = stderr.lines().rev().find(|l| l.contains("rank 0: ")).unwrap_or_else(|| panic!("no error from rank 0: {stderr}"));
+    assert!(error.contains("rank 2 was lost: signal 9 (SIGKILL)"), "the error names the lost rank first: {error}");
+    assert!(error.find("rank 2 was lost") < error.find("rank 0: "), "the lost rank comes before rank 0's own error: {error}");
+    assert!(!error.contains("rank 1 was lost") && !error.contains("rank 3 was lost"), "only rank 2 was lost: {error}");
+    // The other ranks stopped too, none left behind.
+    let left = Command::new("pgrep").args(["-f", "--", &format!("--run-dir {} ", run_dir.display())]).output().unwrap();
+    assert!(left.stdout.is_empty(), "ranks left running: {}", String::from_utf8_lossy(&left.stdout));
+    eprintln!("rank 0 stopped {:?} after rank 2 was killed: {error}", killed.elapsed());
 }

@@ -1,5 +1,6 @@
 //! The CLI client of a daemon's REST API: `submit`, `jobs`, `status`, `logs`, `cancel`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -253,32 +254,84 @@ pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        let url = format!("{}/v1/jobs/{}/logs?follow=true{rank}", client.base, a.id);
-        let resp = client.http.get(&url).send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {e}", client.base))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            bail!("{}", serde_json::from_str::<ApiError>(&body).map(|e| e.to_string()).unwrap_or(format!("{status}: {body}")));
+        // The stream can end before the job does (the daemon restarted, the network dropped):
+        // reconnect for up to two minutes, and print each line once, by its offset in its rank's
+        // log, which the daemon keeps stable across restarts.
+        let mut printed: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut away_since: Option<std::time::Instant> = None;
+        loop {
+            let after = a.rank.and_then(|r| printed.get(&r)).copied().unwrap_or(-1);
+            let url = format!("{}/v1/jobs/{}/logs?follow=true&after={after}{rank}", client.base, a.id);
+            let mut connected = false;
+            let error = match follow_logs_once(&client, &url, &mut printed, a.rank.is_none(), &mut connected).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => anyhow!(Unreachable(format!("the log stream from {} ended before the job did", client.base))),
+                Err(e) => e,
+            };
+            if !error.is::<Unreachable>() {
+                return Err(error);
+            }
+            // Two minutes from the last time the stream was up.
+            if connected {
+                away_since = None;
+            }
+            if away_since.is_none() {
+                eprintln!("{error}; reconnecting");
+            }
+            let since = *away_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(120) {
+                return Err(error.context("gave up following the logs after two minutes"));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let mut stream = resp.bytes_stream();
-        // Bytes until a whole event is in: a character may be split across network chunks.
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(&chunk?);
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let raw: Vec<u8> = buf.drain(..end + 2).collect();
-                let event = String::from_utf8_lossy(&raw);
-                let kind = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
-                let data = event.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim).unwrap_or("");
-                match kind {
-                    Some("log") => print_line(&serde_json::from_str::<LogLine>(data)?, a.rank.is_none()),
-                    Some("end") => return Ok(()),
-                    _ => {}
+    })?
+}
+
+/// Follows the log stream once: prints the lines not yet printed (by rank and offset) and
+/// returns whether the stream ended because the job is over. `Unreachable` when the daemon
+/// could not be reached or the stream broke; `connected` is set once the daemon answered.
+async fn follow_logs_once(
+    client: &Client,
+    url: &str,
+    printed: &mut BTreeMap<u32, i64>,
+    with_rank: bool,
+    connected: &mut bool,
+) -> anyhow::Result<bool> {
+    let resp =
+        client.http.get(url).send().await.map_err(|e| anyhow!(Unreachable(format!("cannot reach the daemon at {}: {e}", client.base))))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ApiError>(&body).map(|e| e.to_string()).unwrap_or(format!("{status}: {body}"));
+        return Err(if status == reqwest::StatusCode::SERVICE_UNAVAILABLE { anyhow!(Unreachable(message)) } else { anyhow!(message) });
+    }
+    *connected = true;
+    let mut stream = resp.bytes_stream();
+    // Bytes until a whole event is in: a character may be split across network chunks.
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow!(Unreachable(format!("the log stream from {} broke: {e}", client.base))))?;
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let raw: Vec<u8> = buf.drain(..end + 2).collect();
+            let event = String::from_utf8_lossy(&raw);
+            let kind = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+            let data = event.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim).unwrap_or("");
+            match kind {
+                Some("log") => {
+                    let line: LogLine = serde_json::from_str(data)?;
+                    let last = printed.entry(line.rank).or_insert(-1);
+                    if line.offset > *last {
+                        *last = line.offset;
+                        print_line(&line, with_rank);
+                    }
                 }
+                Some("end") => return Ok(true),
+                _ => {}
             }
         }
-        anyhow::Ok(())
-    })?
+    }
+    Ok(false)
 }
 
 fn print_line(l: &LogLine, with_rank: bool) {

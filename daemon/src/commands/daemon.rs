@@ -16,7 +16,7 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::service::JobService;
 use crate::store::Store;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{lease, Supervisor};
 
 pub fn run(a: DaemonArgs) -> anyhow::Result<()> {
     let config = Arc::new(DaemonConfig::resolve(&a)?);
@@ -27,9 +27,12 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<()> {
 async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
     let store =
         Store::connect(&config.database_url).await.with_context(|| format!("opening the store at {}", redact(&config.database_url)))?;
+    // One daemon per database: refuse to start beside another (before binding any port).
+    let me = lease::this_process(&format!("http://{}", config.http));
+    lease::acquire(&store, &me).await.context("taking the database's lease")?;
     let metrics = Metrics::new();
     let exe = std::env::current_exe().context("locating the gantry binary for the workers")?;
-    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe);
+    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, me);
     let service = JobService { store: store.clone(), supervisor: supervisor.clone(), config: config.clone() };
     let state = AppState { service: service.clone(), metrics: metrics.clone() };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -73,12 +76,20 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
             .add_service(WorkerServiceServer::new(grpc))
             .serve_with_incoming_shutdown(incoming, until_stopped(stop_rx.clone())),
     );
-    let supervisor_task = tokio::spawn(supervisor.run(stop_rx));
+    let mut supervisor_task = tokio::spawn(supervisor.run(stop_rx));
 
-    shutdown_signal().await;
+    // Until SIGTERM or Ctrl-C, or until the supervisor stops by itself (another daemon took the
+    // database's lease).
+    let supervisor_ended = tokio::select! {
+        _ = shutdown_signal() => None,
+        ended = &mut supervisor_task => Some(ended),
+    };
     eprintln!("gantry daemon: shutting down (running jobs keep training and are re-adopted on the next start)");
     let _ = stop_tx.send(true);
-    let _ = supervisor_task.await;
+    let supervised = match supervisor_ended {
+        Some(ended) => ended,
+        None => supervisor_task.await,
+    };
     // Open streams (a `gantry logs -f`, say) would hold a graceful shutdown open for as long as
     // they last: the listeners get a few seconds to finish their requests, no more.
     let drain = Duration::from_secs(5);
@@ -88,7 +99,10 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(drain, grpc_task).await;
     store.close().await;
-    Ok(())
+    match supervised {
+        Ok(r) => r.context("supervising jobs"),
+        Err(e) => anyhow::bail!("the supervisor task failed: {e}"),
+    }
 }
 
 async fn shutdown_signal() {

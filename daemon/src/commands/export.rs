@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use gantry_api::ModelInit;
 use gantry_engine::checkpoint::{
-    committed_checkpoints, is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded, verify_checkpoint,
+    checkpoint_step, committed_checkpoints, final_step, is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded,
+    verify_checkpoint,
 };
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::train::load_model;
@@ -36,22 +37,43 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
 }
 
 /// The directory holding the model to export: a run's `final/`, else its newest checkpoint that
-/// passes its checksums; or the source itself.
+/// passes its checksums; or the source itself. A `final/` older than the newest checkpoint (the
+/// run was continued with `--resume` and stopped before its end) gives way to that checkpoint.
 fn model_dir(source: &Path) -> anyhow::Result<PathBuf> {
     if source.join("config.json").is_file() {
         return Ok(source.to_path_buf());
     }
-    if source.join("final/config.json").is_file() {
-        return Ok(source.join("final"));
-    }
-    if !source.join("checkpoints").is_dir() {
+    let final_dir = source.join("final");
+    let has_final = final_dir.join("config.json").is_file();
+    if !has_final && !source.join("checkpoints").is_dir() {
         bail!("{} is neither a model directory nor a run directory", source.display());
     }
+    let final_step = if has_final { final_step(&final_dir) } else { None };
+    if has_final && final_step.is_none() {
+        return Ok(final_dir);
+    }
     for ck in committed_checkpoints(source).iter().rev() {
+        if let (Some(done), Some(step)) = (final_step, checkpoint_step(ck)) {
+            if step <= done {
+                break;
+            }
+        }
         match verify_checkpoint(ck) {
-            Ok(_) => return Ok(ck.clone()),
+            Ok(step) => {
+                if let Some(done) = final_step {
+                    eprintln!(
+                        "note: {} is of step {done}, and the run went on to step {step} (continued with --resume): exporting {}",
+                        final_dir.display(),
+                        ck.display()
+                    );
+                }
+                return Ok(ck.clone());
+            }
             Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
         }
+    }
+    if has_final {
+        return Ok(final_dir);
     }
     bail!("{} has no final model and no intact checkpoint", source.display())
 }

@@ -121,6 +121,22 @@ pub fn checkpoint_done(
     }
 }
 
+/// The run's metrics file, keeping the lines of the steps up to `step` (a resumed run repeats
+/// the later ones).
+pub fn open_metrics(path: &std::path::Path, step: u64) -> anyhow::Result<std::fs::File> {
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) if step > 0 => text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    use anyhow::Context;
+    gantry_engine::checkpoint::write_replacing(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

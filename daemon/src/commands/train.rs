@@ -1,5 +1,6 @@
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -79,20 +80,37 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let result = Comm::connect(0, world, &rv, super::comm_timeout())
         .map_err(anyhow::Error::from)
         .and_then(|c| train_rank(&a, spec, run_dir, Some(c)));
+    // A rank that died on its own (killed, crashed) is the cause; rank 0 and the others then fail
+    // naming whichever neighbour they were talking to. So the ranks that had already ended are
+    // looked at before the rest are stopped, and those that died by a signal are named first.
+    let mut lost = Vec::new();
     let mut failed = Vec::new();
     for (rank, mut child) in children {
-        if result.is_err() {
+        let ended_first = matches!(child.try_wait(), Ok(Some(_)));
+        if result.is_err() && !ended_first {
             let _ = child.kill();
         }
+        let log = logs.join(format!("rank-{rank}.log"));
         match child.wait() {
             Ok(s) if s.success() => {}
-            Ok(s) => failed.push(format!("rank {rank} {s} (see {})", logs.join(format!("rank-{rank}.log")).display())),
+            Ok(s) if ended_first && s.signal().is_some() => {
+                lost.push(format!("rank {rank} was lost: {} (see {})", process::describe_status(s), log.display()))
+            }
+            // Stopped here because rank 0 had already failed: not a cause.
+            Ok(s) if !ended_first && result.is_err() && s.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32) => {}
+            Ok(s) => failed.push(format!("rank {rank} {} (see {})", process::describe_status(s), log.display())),
             Err(e) => failed.push(format!("rank {rank}: {e}")),
         }
     }
-    result?;
-    if !failed.is_empty() {
-        bail!("{}", failed.join("; "));
+    if let Err(e) = result {
+        let mut causes = lost;
+        causes.push(format!("rank 0: {e:#}"));
+        causes.extend(failed);
+        bail!("{}", causes.join("; "));
+    }
+    lost.extend(failed);
+    if !lost.is_empty() {
+        bail!("{}", lost.join("; "));
     }
     Ok(())
 }
@@ -125,7 +143,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         run_dir.display()
     );
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, trainer.step)?;
+    let mut metrics = super::open_metrics(&metrics_path, trainer.step)?;
     let interactive = progress::interactive() && !a.no_progress;
     let pb = progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
     let mut first: Option<StepReport> = None;
@@ -133,11 +151,12 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     while trainer.step < steps {
         let r = super::on_pool(|| trainer.train_step())?;
         writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
-        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
+        let skipped = if r.skipped { " (update skipped)" } else { "" };
+        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
         if interactive {
             pb.set_message(msg);
             pb.set_position(r.step);
-        } else if r.step == 1 || r.step % 10 == 0 || r.step == steps {
+        } else if r.step == 1 || r.step % 10 == 0 || r.step == steps || r.skipped {
             let eta = started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
             eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
         }
@@ -187,21 +206,6 @@ fn absolute_paths(mut spec: JobSpec, base: &Path) -> anyhow::Result<JobSpec> {
     spec.data.train = abs(&spec.data.train);
     spec.data.tokenizer = spec.data.tokenizer.as_deref().map(abs);
     Ok(spec)
-}
-
-/// The run's metrics file, keeping the lines of the steps up to `step` (a resumed run repeats
-/// the later ones).
-fn open_metrics(path: &Path, step: u64) -> anyhow::Result<std::fs::File> {
-    let kept: String = match std::fs::read_to_string(path) {
-        Ok(text) if step > 0 => text
-            .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        _ => String::new(),
-    };
-    gantry_engine::checkpoint::write_replacing(path, kept.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }
 
 /// A rank other than 0: trains in step with rank 0 and takes part in its checkpoints, writing

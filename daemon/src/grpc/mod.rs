@@ -133,8 +133,23 @@ impl WorkerRpc for Grpc {
     }
 
     async fn heartbeat(&self, r: Request<proto::HeartbeatRequest>) -> Result<Response<proto::HeartbeatResponse>, Status> {
-        let res = worker(r.into_inner().worker)
-            .map(|w| proto::HeartbeatResponse { stop: self.service.supervisor.heartbeat(w.job_id, w.rank, w.attempt) });
+        let res = async {
+            let w = worker(r.into_inner().worker)?;
+            let stop = match self.service.supervisor.heartbeat(w.job_id, w.rank, w.attempt) {
+                Some(stop) => stop,
+                // Not live here: a daemon that just started and has yet to take charge of the job
+                // (go on), or a job that ended or moved to a later attempt while no daemon could
+                // stop this worker, a cancel that came just before the previous daemon died, say
+                // (stop). A store that cannot say lets the worker go on: the next beat asks again.
+                None => match self.service.store.job_row(w.job_id).await {
+                    Ok(row) => row.job.state.is_final() || row.attempt > w.attempt,
+                    Err(Error::JobNotFound(_)) => true,
+                    Err(_) => false,
+                },
+            };
+            Ok(proto::HeartbeatResponse { stop })
+        }
+        .await;
         self.count("Heartbeat", res)
     }
 

@@ -21,6 +21,10 @@ use crate::service::JobService;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The largest request body `POST /v1/jobs` takes (axum's default limit, stated here so the
+/// error can say it).
+const SUBMIT_LIMIT_BYTES: usize = 2 << 20;
+
 #[derive(Clone)]
 pub struct AppState {
     pub service: JobService,
@@ -30,7 +34,7 @@ pub struct AppState {
 /// The REST routes; `/metrics` too unless it has a listener of its own.
 pub fn router(state: AppState, with_metrics: bool) -> Router {
     let mut r = Router::new()
-        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs", post(submit).get(list).layer(axum::extract::DefaultBodyLimit::max(SUBMIT_LIMIT_BYTES)))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/metrics", get(metrics))
@@ -44,9 +48,6 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         r = r.route("/metrics", get(prometheus));
     }
     // Every error a client gets has the API's shape, these too (axum's own are plain text).
-    let api_error = |status: StatusCode, code: gantry_api::ErrorCode, message: String| {
-        (status, Json(gantry_api::ApiError { code, message, field: None })).into_response()
-    };
     r.fallback(move |uri: axum::http::Uri| async move {
         api_error(StatusCode::NOT_FOUND, gantry_api::ErrorCode::NotFound, format!("no such route: {} (see /v1/openapi.json)", uri.path()))
     })
@@ -56,6 +57,12 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     })
     .layer(axum::middleware::from_fn_with_state(state.clone(), track))
     .with_state(state)
+}
+
+/// An error in the API's shape with a status of its own (for the statuses `Error` has no code
+/// for: 405, 413).
+fn api_error(status: StatusCode, code: gantry_api::ErrorCode, message: String) -> Response {
+    (status, Json(gantry_api::ApiError { code, message, field: None })).into_response()
 }
 
 /// Just `/metrics`, for a separate listener.
@@ -95,10 +102,18 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn submit(State(s): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+async fn submit(State(s): State<AppState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let message = format!("the spec is larger than the {} MiB the API takes", SUBMIT_LIMIT_BYTES >> 20);
+            return Ok(api_error(StatusCode::PAYLOAD_TOO_LARGE, gantry_api::ErrorCode::BadRequest, message));
+        }
+        Err(e) => return Err(Error::BadRequest(format!("reading the body: {}", e.body_text()))),
+    };
     let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest("the body is not UTF-8 JSON".into()))?;
     let job = s.service.submit(text).await?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)))
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -153,8 +168,8 @@ async fn events(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::
     Ok(Json(json!({ "job_id": id, "events": s.service.events(id).await? })))
 }
 
-async fn devices(State(s): State<AppState>) -> impl IntoResponse {
-    Json(json!({ "devices": s.service.devices() }))
+async fn devices(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(json!({ "devices": s.service.devices().await? })))
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -43,6 +43,17 @@ impl JobService {
         if !Path::new(&spec.model.path).join("config.json").is_file() {
             return Err(SpecError::new("model.path", format!("{} holds no config.json", spec.model.path)).into());
         }
+        // What the model's config rules out would fail every attempt of the job, each restart
+        // included: refused here instead.
+        let model = gantry_engine::models::ModelConfig::from_dir(Path::new(&spec.model.path))
+            .map_err(|e| SpecError::new("model.path", format!("{}: {e}", spec.model.path)))?;
+        if spec.data.seq_len > model.max_positions {
+            return Err(SpecError::new(
+                "data.seq_len",
+                format!("{} exceeds the model's {} positions ({})", spec.data.seq_len, model.max_positions, spec.model.path),
+            )
+            .into());
+        }
         if !Path::new(&spec.data.train).is_file() {
             return Err(SpecError::new("data.train", format!("{} is not a file on the daemon's machine", spec.data.train)).into());
         }
@@ -93,14 +104,26 @@ impl JobService {
 
     /// Cancels a job in any non-final state: the state is recorded first, then every rank is
     /// stopped.
+    ///
+    /// The supervisor may move the job between reading its state and the conditional update
+    /// (queued → scheduled → running, running → restarting): the cancel then tries again from
+    /// the new state, and fails only once the job has ended.
     pub async fn cancel(&self, id: i64) -> Result<Job> {
-        let job = self.store.job(id).await?;
-        if job.state.is_final() {
-            return Err(Error::IllegalTransition { id, from: job.state, to: JobState::Cancelled });
+        let mut tries = 0;
+        loop {
+            let job = self.store.job(id).await?;
+            if job.state.is_final() {
+                return Err(Error::IllegalTransition { id, from: job.state, to: JobState::Cancelled });
+            }
+            match self.store.transition(id, JobState::Cancelled, "cancelled by request", Change::default()).await {
+                Ok(row) => {
+                    self.supervisor.stop_job(id);
+                    return Ok(row.job);
+                }
+                Err(Error::IllegalTransition { from, .. }) if !from.is_final() && tries < 10 => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
-        let row = self.store.transition(id, JobState::Cancelled, "cancelled by request", Change::default()).await?;
-        self.supervisor.stop_job(id);
-        Ok(row.job)
     }
 
     pub async fn metrics(&self, id: i64, rank: Option<u32>, after_step: Option<i64>, limit: Option<u32>) -> Result<Vec<StepMetrics>> {
@@ -117,13 +140,14 @@ impl JobService {
         self.store.logs(id, rank, after_offset.unwrap_or(-1), limit.unwrap_or(10_000).min(100_000)).await
     }
 
-    pub fn devices(&self) -> Vec<DeviceInfo> {
-        let held = self.supervisor.held();
-        self.config
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let held = self.supervisor.occupied().await?;
+        Ok(self
+            .config
             .slots
             .iter()
             .map(|s| DeviceInfo { id: s.clone(), kind: slot_kind(s).to_string(), job_id: held.get(s).copied() })
-            .collect()
+            .collect())
     }
 
     pub async fn record_steps(&self, job_id: i64, steps: &[StepMetrics]) -> Result<()> {

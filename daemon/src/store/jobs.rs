@@ -141,11 +141,48 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
             for r in &rows {
-                out.push(job_from_row(r)?);
+                match job_from_row(r) {
+                    Ok(j) => out.push(j),
+                    // A row this version cannot read (a spec stored by another version, a hand
+                    // edit) would fail every round of the supervisor, and so every other job:
+                    // that job fails instead, with the reason, and its row is kept as it is.
+                    Err(e) => {
+                        let id: i64 = r.try_get("id")?;
+                        let reason = format!("this daemon cannot read the stored job: {e}");
+                        tracing::error!(job_id = id, "{reason}; the job is failed");
+                        self.fail_unreadable(id, *s, &reason).await?;
+                    }
+                }
             }
         }
         out.sort_by_key(|j| j.job.id);
         Ok(out)
+    }
+
+    /// Moves a job whose row cannot be read from `from` to failed (the row as it is otherwise).
+    async fn fail_unreadable(&self, id: i64, from: JobState, reason: &str) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query("UPDATE jobs SET state = $1, reason = $2, placement = '', updated_ms = $3 WHERE id = $4 AND state = $5")
+            .bind(JobState::Failed.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(id)
+            .bind(from.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if moved.rows_affected() == 1 {
+            sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
+                .bind(id)
+                .bind(now)
+                .bind(from.as_str())
+                .bind(JobState::Failed.as_str())
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Moves a job to `to`, recording the event, if the state machine allows it from the state

@@ -10,6 +10,7 @@
 //! unrecorded.
 
 pub mod jobs;
+mod lease;
 mod records;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use sqlx::AnyPool;
 
 use crate::error::{Error, Result};
 
+pub use lease::LeaseHolder;
 pub use records::WorkerRecord;
 
 /// Which server a store talks to.

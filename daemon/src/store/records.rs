@@ -58,16 +58,55 @@ impl Store {
         Ok(new)
     }
 
-    /// A job's step series in step order, from `after_step` (exclusive), at most `limit` rows.
+    /// Drops a job's step reports after `step`: the next attempt resumes from the checkpoint of
+    /// `step` and reports the later steps again, and its reports are the run's (a step is stored
+    /// once, so the failed attempt's would otherwise keep their place). Called as the attempt
+    /// starts, with the step it resumes from, which may be newer than the last checkpoint the
+    /// store heard of: the steps up to it are never reported again, so they are kept.
+    pub async fn drop_steps_after(&self, job_id: i64, step: i64) -> Result<u64> {
+        let gone =
+            sqlx::query("DELETE FROM step_metrics WHERE job_id = $1 AND step > $2").bind(job_id).bind(step).execute(&self.pool).await?;
+        Ok(gone.rows_affected())
+    }
+
+    /// A job's step series in step order (by rank within a step), from `after_step` (exclusive),
+    /// at most `limit` rows, in whole steps: a client pages by passing the last step it got as
+    /// `after_step`, so a page that ended inside a step would lose the step's other ranks. A full
+    /// page drops its last, possibly partial, step; a page of one step holds all of its ranks.
     pub async fn metrics(&self, job_id: i64, rank: Option<u32>, after_step: i64, limit: u32) -> Result<Vec<StepMetrics>> {
+        let mut page = self.metric_rows(job_id, rank, after_step, None, limit).await?;
+        let (Some(first), Some(last)) = (page.first().map(|m| m.step), page.last().map(|m| m.step)) else {
+            return Ok(page);
+        };
+        if rank.is_none() && page.len() == limit as usize {
+            if first == last {
+                page = self.metric_rows(job_id, None, after_step, Some(last), u32::MAX).await?;
+            } else {
+                page.retain(|m| m.step != last);
+            }
+        }
+        Ok(page)
+    }
+
+    /// Rows with `after_step < step` (and `step <= up_to`), at most `limit`.
+    async fn metric_rows(
+        &self,
+        job_id: i64,
+        rank: Option<u32>,
+        after_step: i64,
+        up_to: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StepMetrics>> {
         let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms";
-        let one_rank = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 ORDER BY step LIMIT $4");
-        let all_ranks = format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND step > $2 ORDER BY step, rank LIMIT $3");
+        let one_rank =
+            format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 AND step <= $4 ORDER BY step LIMIT $5");
+        let all_ranks =
+            format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND step > $2 AND step <= $3 ORDER BY step, rank LIMIT $4");
         let q = match rank {
             Some(r) => sqlx::query(&one_rank).bind(job_id).bind(i64::from(r)),
             None => sqlx::query(&all_ranks).bind(job_id),
         };
-        let rows = q.bind(after_step).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let rows = q.bind(after_step).bind(up_to.unwrap_or(i64::MAX)).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 // SQLite stores a NaN as NULL: read it back as NaN.

@@ -37,6 +37,7 @@ both_backends!(
     listing_filters_by_state_and_pages_without_gaps,
     step_reports_and_log_lines_are_stored_once,
     workers_and_checkpoints_round_trip,
+    a_job_that_cannot_be_read_is_failed_and_the_others_go_on,
 );
 
 async fn jobs_are_created_queued_with_an_event(store: Store) {
@@ -153,6 +154,21 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
     assert_eq!(back.iter().map(|s| s.step).collect::<Vec<_>>(), [9, 10]);
     assert!(back[0].loss.is_nan() && back[0].grad_norm == f64::INFINITY && back[0].lr == diverged.lr, "{:?}", back[0]);
 
+    // Paging a two-rank series by `after_step`, 3 rows at a time: pages end on whole steps, and
+    // a page of one step holds all of its ranks, so paging loses and repeats nothing.
+    let two = store.create_job(&spec(2), Path::new("/r2")).await.unwrap().job.id;
+    let reports: Vec<_> = (1..=3).flat_map(|s| [step(0, s), step(1, s)]).collect();
+    store.insert_steps(two, &reports).await.unwrap();
+    let (mut after, mut paged) = (0, Vec::new());
+    loop {
+        let page = store.metrics(two, None, after, 3).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.step;
+        paged.extend(page);
+    }
+    assert_eq!(paged, reports, "every (step, rank) once, in order");
+    assert_eq!(store.metrics(two, None, 0, 1).await.unwrap(), reports[..2], "a one-row page holds the step's two ranks");
+
     let line = |rank, offset: i64, text: &str| LogLine { rank, offset, at_ms: 1, line: text.into() };
     store.insert_logs(id, &[line(0, 0, "hello"), line(0, 6, "world"), line(1, 0, "rank one")]).await.unwrap();
     store.insert_logs(id, &[line(0, 6, "world"), line(0, 12, "again")]).await.unwrap();
@@ -193,11 +209,48 @@ async fn workers_and_checkpoints_round_trip(store: Store) {
     assert_eq!(store.last_checkpoint(id).await.unwrap(), Some((40, "/r/ckpt/40".into())));
     assert_eq!(store.job(id).await.unwrap().checkpoint_step, Some(40));
 
-    // A restart goes back to the last checkpoint, and the job's step with it.
-    store.insert_steps(id, &[step(0, 47)]).await.unwrap();
+    // A restart goes back to the last checkpoint, and the job's step with it; as the next attempt
+    // starts, the failed attempt's reports of later steps go, and the resumed attempt's take
+    // their place.
+    store.insert_steps(id, &[step(0, 39), step(0, 41), step(0, 47)]).await.unwrap();
     store.transition(id, JobState::Scheduled, "placed", Change { placement: Some(&["cpu:0".into(), "cpu:1".into()]) }).await.unwrap();
     store.transition(id, JobState::Running, "registered", Change::default()).await.unwrap();
     assert_eq!(store.job(id).await.unwrap().step, Some(47));
     store.transition(id, JobState::Restarting, "rank 1 failed", Change::default()).await.unwrap();
     assert_eq!(store.job(id).await.unwrap().step, Some(40));
+    // The next attempt starts from step 40: it reports the later steps again.
+    assert_eq!(store.drop_steps_after(id, 40).await.unwrap(), 2);
+    assert_eq!(store.metrics(id, None, 0, 100).await.unwrap().iter().map(|m| m.step).collect::<Vec<_>>(), [39]);
+    let replayed = StepMetrics { loss: 1.25, ..step(0, 41) };
+    assert_eq!(store.insert_steps(id, std::slice::from_ref(&replayed)).await.unwrap(), 1);
+    assert_eq!(store.metrics(id, None, 40, 100).await.unwrap(), [replayed]);
+}
+
+/// A stored spec this version cannot read (another version wrote it, or a hand edit) fails that
+/// job, keeping its row; the supervisor's queries go on returning the other jobs.
+async fn a_job_that_cannot_be_read_is_failed_and_the_others_go_on(store: Store) {
+    let bad = store.create_job(&spec(1), Path::new("/r")).await.unwrap().job.id;
+    let good = store.create_job(&spec(1), Path::new("/r")).await.unwrap().job.id;
+    sqlx::query("UPDATE jobs SET spec = '{\"model\": {\"path\": \"m\"}, \"renamed_key\": 1}' WHERE id = $1")
+        .bind(bad)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let queued = store.jobs_in(&[JobState::Queued]).await.unwrap();
+    assert_eq!(queued.iter().map(|j| j.job.id).collect::<Vec<_>>(), [good]);
+    let row = sqlx::query("SELECT state, reason, spec FROM jobs WHERE id = $1").bind(bad).fetch_one(&store.pool).await.unwrap();
+    use sqlx::Row;
+    assert_eq!(row.get::<String, _>("state"), "failed");
+    assert!(row.get::<String, _>("reason").contains("cannot read the stored job"), "{}", row.get::<String, _>("reason"));
+    assert!(row.get::<String, _>("spec").contains("renamed_key"), "the row is kept as it was");
+    let events = sqlx::query("SELECT from_state, to_state FROM job_events WHERE job_id = $1 ORDER BY id")
+        .bind(bad)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.last().map(|e| (e.get::<String, _>("from_state"), e.get::<String, _>("to_state"))),
+        Some(("queued".into(), "failed".into()))
+    );
+    assert!(store.jobs_in(&[JobState::Queued]).await.unwrap().len() == 1, "failed once, and not again");
 }

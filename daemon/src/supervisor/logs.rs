@@ -17,9 +17,13 @@ use crate::store::{now_ms, Store};
 const MAX_LINE: usize = 16 * 1024;
 
 /// Tails `path` from `offset` until `stop` turns true, then copies what is left and returns.
+///
+/// A dropped sender counts as `true`: `changed()` then returns at once on every call, and the
+/// task would spin.
 pub async fn tail(store: Store, job_id: i64, rank: u32, path: PathBuf, mut offset: u64, mut stop: watch::Receiver<bool>) {
+    let mut sender_gone = false;
     loop {
-        let stopping = *stop.borrow();
+        let stopping = sender_gone || *stop.borrow();
         loop {
             let (lines, next) = match read_lines(&path, offset, rank) {
                 Ok(r) => r,
@@ -45,7 +49,7 @@ pub async fn tail(store: Store, job_id: i64, rank: u32, path: PathBuf, mut offse
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            _ = stop.changed() => {}
+            changed = stop.changed() => sender_gone = changed.is_err(),
         }
     }
 }
@@ -100,6 +104,20 @@ fn line_text(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The supervisor dropped the stop sender without sending (a start that failed halfway): the
+    /// task ends instead of spinning on `changed()`. (Several threads: a spinning task must not
+    /// keep the test's own timeout from firing.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_whose_stop_sender_is_dropped_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(tail(store, 1, 0, dir.path().join("rank-0.log"), 0, rx));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("the tail ended").unwrap();
+    }
 
     #[test]
     fn only_complete_lines_are_read_and_offsets_are_byte_positions() {

@@ -8,6 +8,7 @@
 //! daemon that starts again re-adopts them from the `workers` table (PID and process start time),
 //! reading how the ones that ended meanwhile ended from their outcome files.
 
+pub mod lease;
 mod logs;
 pub mod placement;
 pub mod process;
@@ -26,7 +27,7 @@ use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::store::jobs::{Change, JobRow};
-use crate::store::{now_ms, Store, WorkerRecord};
+use crate::store::{now_ms, LeaseHolder, Store, WorkerRecord};
 use crate::worker::{checkpoint_dir, log_path, read_outcome};
 use placement::{Decision, Waiting};
 
@@ -45,6 +46,13 @@ struct Rank {
     registered: bool,
     last_beat: Instant,
     exit: Option<Exit>,
+}
+
+/// How long a job waits before its `n`th restart: 1 s, doubling to at most 30 s. A cause that
+/// lasts a few seconds (a GPU's memory not yet released, a port taken, a store away) would
+/// otherwise use up the job's whole restart budget in as many rounds.
+fn restart_pause(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 
 /// Kills ranks this daemon started (and reaps them, so no zombie is left), or signals adopted ones.
@@ -78,6 +86,9 @@ struct LiveJob {
     started: Instant,
     /// Cancelled: the ranks are being stopped.
     stopping: bool,
+    /// Why the job failed, as first seen: the ranks this daemon kills afterwards, and those that
+    /// fail because a peer is gone, do not replace it.
+    failure: Option<String>,
     log_stop: watch::Sender<bool>,
     log_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -93,6 +104,10 @@ pub struct Supervisor {
     /// to be over (its series go after `metrics_retention`).
     series: Mutex<HashMap<i64, JobSeries>>,
     wake: Notify,
+    /// Jobs restarting: not placed before this time (see `restart_pause`).
+    restart_after: Mutex<HashMap<i64, Instant>>,
+    /// This daemon's lease on the database (taken before the supervisor starts).
+    lease: LeaseHolder,
 }
 
 #[derive(Debug, Default)]
@@ -102,7 +117,7 @@ struct JobSeries {
 }
 
 impl Supervisor {
-    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf) -> Arc<Supervisor> {
+    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf, lease: LeaseHolder) -> Arc<Supervisor> {
         let grpc_url = format!("http://{}", config.grpc);
         Arc::new(Supervisor {
             store,
@@ -113,6 +128,8 @@ impl Supervisor {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            restart_after: Mutex::new(HashMap::new()),
+            lease,
         })
     }
 
@@ -126,14 +143,22 @@ impl Supervisor {
         self.live.lock().expect("live jobs").contains_key(&id)
     }
 
-    /// The slots held by running jobs: slot → job.
-    pub fn held(&self) -> BTreeMap<String, i64> {
+    /// The slots held by jobs live here: slot → job.
+    fn held(&self) -> BTreeMap<String, i64> {
         let live = self.live.lock().expect("live jobs");
         live.iter().flat_map(|(id, j)| j.placement.iter().map(move |s| (s.clone(), *id))).collect()
     }
 
-    /// Re-adopts what a previous daemon left running, then supervises until `shutdown`.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// The busy slots: slot → job (see `placement::occupied`).
+    pub async fn occupied(&self) -> Result<BTreeMap<String, i64>> {
+        let holding = self.store.jobs_in(&[JobState::Scheduled, JobState::Running]).await?;
+        Ok(placement::occupied(self.held(), holding.iter().map(|r| (r.job.id, r.job.placement.as_slice()))))
+    }
+
+    /// Re-adopts what a previous daemon left running, then supervises until `shutdown`, renewing
+    /// the database lease. Ends with an error if another daemon took the lease: this one must
+    /// then stop (its workers train on, and the other daemon takes charge of them).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         loop {
             match self.adopt().await {
                 Ok(()) => break,
@@ -141,36 +166,67 @@ impl Supervisor {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return Ok(()),
             }
         }
-        loop {
+        let mut renewed = Instant::now();
+        let ended = loop {
+            if renewed.elapsed() >= lease::RENEW_EVERY {
+                if let Err(e) = lease::renew(&self.store, &self.lease).await {
+                    break Err(e);
+                }
+                renewed = Instant::now();
+            }
             if let Err(e) = self.tick().await {
                 tracing::warn!("supervisor: {e}");
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = self.wake.notified() => {}
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => break Ok(()),
             }
-        }
+        };
         // Workers keep training; stop copying their logs cleanly (the next daemon resumes it).
         for j in self.live.lock().expect("live jobs").values() {
             let _ = j.log_stop.send(true);
         }
+        if ended.is_ok() {
+            // The next daemon, here or on another host, need not wait for the lease to lapse.
+            if let Err(e) = self.store.release_lease(&self.lease).await {
+                tracing::warn!("giving up the database lease: {e}");
+            }
+        }
+        ended
     }
 
     /// Takes charge of every job the store says holds devices but that is not live here: those a
     /// previous daemon left running (at start), and any whose start failed halfway (every tick).
+    ///
+    /// The other way round too: a job live here that the store no longer has as scheduled or
+    /// running was cancelled while its start could not see it (the store was away): its ranks
+    /// are stopped.
     async fn adopt(&self) -> Result<()> {
-        for row in self.store.jobs_in(&[JobState::Scheduled, JobState::Running]).await? {
+        let holding = self.store.jobs_in(&[JobState::Scheduled, JobState::Running]).await?;
+        for row in &holding {
             let id = row.job.id;
             if self.live.lock().expect("live jobs").contains_key(&id) {
                 continue;
             }
-            if let Err(e) = self.adopt_job(&row).await {
+            if let Err(e) = self.adopt_job(row).await {
                 tracing::warn!(job_id = id, "taking charge of the job's workers: {e}; retrying");
             }
+        }
+        let orphaned: Vec<i64> = self
+            .live
+            .lock()
+            .expect("live jobs")
+            .iter()
+            .filter(|(id, j)| !j.stopping && !holding.iter().any(|r| r.job.id == **id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphaned {
+            tracing::info!(job_id = id, "the job is no longer scheduled or running in the store: stopping its workers");
+            self.stop_job(id);
         }
         Ok(())
     }
@@ -195,7 +251,8 @@ impl Supervisor {
             .map(|w| Rank { pid: w.pid, proc_start: w.proc_start, child: None, registered: true, last_beat: Instant::now(), exit: None })
             .collect();
         tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
-        self.start_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks).await?;
+        let offsets = self.log_offsets(id, row.job.devices).await?;
+        self.go_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks, offsets);
         self.stop_if_final(id).await
     }
 
@@ -209,16 +266,29 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn start_live(&self, id: i64, attempt: u32, placement: Vec<String>, run_dir: PathBuf, ranks: Vec<Rank>) -> Result<()> {
-        let (log_stop, rx) = watch::channel(false);
-        let mut log_tasks = Vec::new();
-        for rank in 0..ranks.len() as u32 {
-            let offset = self.store.log_resume_at(id, rank).await?;
-            log_tasks.push(tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone())));
+    /// Where copying each rank's log resumes (the part of going live that needs the store).
+    async fn log_offsets(&self, id: i64, ranks: u32) -> Result<Vec<u64>> {
+        let mut offsets = Vec::new();
+        for rank in 0..ranks {
+            offsets.push(self.store.log_resume_at(id, rank).await?);
         }
-        let job = LiveJob { attempt, placement, run_dir, ranks, started: Instant::now(), stopping: false, log_stop, log_tasks };
+        Ok(offsets)
+    }
+
+    /// Supervises the job's ranks from now on, copying their logs from `offsets`.
+    fn go_live(&self, id: i64, attempt: u32, placement: Vec<String>, run_dir: PathBuf, ranks: Vec<Rank>, offsets: Vec<u64>) {
+        let (log_stop, rx) = watch::channel(false);
+        let log_tasks = offsets
+            .into_iter()
+            .enumerate()
+            .map(|(rank, offset)| {
+                let rank = rank as u32;
+                tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone()))
+            })
+            .collect();
+        let job =
+            LiveJob { attempt, placement, run_dir, ranks, started: Instant::now(), stopping: false, failure: None, log_stop, log_tasks };
         self.live.lock().expect("live jobs").insert(id, job);
-        Ok(())
     }
 
     /// One round of supervision. A failure with one job (the store briefly away, say) is logged
@@ -273,10 +343,17 @@ impl Supervisor {
 
     /// Polls every rank; returns the jobs that are over: `Ok` when all ranks finished, the first
     /// failure otherwise (the other ranks are then stopped).
+    ///
+    /// The failure that names the job's end is the first one seen, and among those seen together
+    /// a rank that ended without an outcome (killed, crashed, silent): when one rank dies, its
+    /// peers fail a moment later with errors that name whichever neighbour they were talking to,
+    /// and the ranks killed here afterwards exit without an outcome of their own.
     fn check_ranks(&self) -> Vec<(i64, Exit)> {
         let mut live = self.live.lock().expect("live jobs");
         let mut over = Vec::new();
         for (id, job) in live.iter_mut() {
+            // (message, whether the rank ended without saying why) for the failures seen now.
+            let mut seen: Vec<(String, bool)> = Vec::new();
             for (r, rank) in job.ranks.iter_mut().enumerate() {
                 if rank.exit.is_some() {
                     continue;
@@ -289,26 +366,37 @@ impl Supervisor {
                     },
                     None => (!process::is_alive(rank.pid, rank.proc_start)).then_some(None),
                 };
-                if let Some(status) = exited {
-                    rank.exit = Some(match read_outcome(&job.run_dir, r as u32, job.attempt) {
-                        Some(o) if o.succeeded => Exit::Finished,
-                        Some(o) => Exit::Failed(format!("rank {r} failed: {}", o.message)),
-                        None => Exit::Failed(match status {
-                            Some(s) => format!("rank {r} exited with {s} before reporting an outcome"),
-                            None => format!("rank {r} (pid {}) ended while the daemon was away, without an outcome", rank.pid),
-                        }),
-                    });
+                let failed = if let Some(status) = exited {
+                    match read_outcome(&job.run_dir, r as u32, job.attempt) {
+                        Some(o) if o.succeeded => {
+                            rank.exit = Some(Exit::Finished);
+                            None
+                        }
+                        Some(o) => Some((format!("rank {r} failed: {}", o.message), false)),
+                        None => Some((
+                            match status {
+                                Some(s) => format!("rank {r} exited with {} before reporting an outcome", process::describe_status(s)),
+                                None => format!("rank {r} (pid {}) ended while the daemon was away, without an outcome", rank.pid),
+                            },
+                            true,
+                        )),
+                    }
                 } else if !rank.registered && job.started.elapsed() > self.config.register_timeout {
-                    rank.exit = Some(Exit::Failed(format!("rank {r} did not register within {:?}", self.config.register_timeout)));
+                    Some((format!("rank {r} did not register within {:?}", self.config.register_timeout), true))
                 } else if rank.registered && rank.last_beat.elapsed() > self.config.heartbeat_timeout {
-                    rank.exit = Some(Exit::Failed(format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout)));
+                    Some((format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout), true))
+                } else {
+                    None
+                };
+                if let Some((message, lost)) = failed {
+                    rank.exit = Some(Exit::Failed(message.clone()));
+                    seen.push((message, lost));
                 }
             }
-            let failed = job.ranks.iter().find_map(|r| match &r.exit {
-                Some(Exit::Failed(m)) => Some(m.clone()),
-                _ => None,
-            });
-            if let Some(msg) = failed {
+            if job.failure.is_none() {
+                job.failure = seen.iter().find(|(_, lost)| *lost).or(seen.first()).map(|(m, _)| m.clone());
+            }
+            if let Some(msg) = job.failure.clone() {
                 // One rank failed: the others cannot go on without it.
                 for rank in job.ranks.iter_mut() {
                     if !rank.gone() {
@@ -366,12 +454,21 @@ impl Supervisor {
     async fn fail_or_restart(&self, id: i64, reason: String) -> Result<()> {
         let row = self.store.job_row(id).await?;
         if row.job.restarts < row.job.spec.restart.max_restarts {
-            let ck = match row.job.checkpoint_step {
+            // The next attempt resumes from the newest checkpoint on disk, which may be newer than
+            // the last one the store heard of.
+            let on_disk = gantry_engine::checkpoint::committed_checkpoints(Path::new(&row.job.run_dir))
+                .pop()
+                .and_then(|p| gantry_engine::checkpoint::checkpoint_step(&p))
+                .map(|s| s as i64);
+            let ck = match row.job.checkpoint_step.max(on_disk) {
                 Some(s) => format!("from the checkpoint of step {s}"),
                 None => "from the start (no checkpoint yet)".into(),
             };
-            let why = format!("{reason}; restart {} of {} {ck}", row.job.restarts + 1, row.job.spec.restart.max_restarts);
+            let n = row.job.restarts + 1;
+            let pause = restart_pause(n);
+            let why = format!("{reason}; restart {n} of {} {ck}, after {}s", row.job.spec.restart.max_restarts, pause.as_secs());
             self.store.transition(id, JobState::Restarting, &why, Change::default()).await?;
+            self.restart_after.lock().expect("restart pauses").insert(id, Instant::now() + pause);
             self.metrics.worker_restarts.with_label_values(&[&id.to_string()]).inc();
             self.series.lock().expect("job series").entry(id).or_default();
         } else {
@@ -419,8 +516,19 @@ impl Supervisor {
         if queue.is_empty() {
             return Ok(());
         }
-        let waiting: Vec<Waiting> = queue.iter().map(|j| Waiting { id: j.job.id, devices: j.job.spec.resources.devices.clone() }).collect();
-        for d in placement::plan(&waiting, &self.config.slots, &self.held()) {
+        // A job restarting waits out its pause first; the jobs behind it are not held up by it.
+        let pausing: Vec<i64> = {
+            let mut after = self.restart_after.lock().expect("restart pauses");
+            after.retain(|_, t| *t > Instant::now());
+            after.keys().copied().collect()
+        };
+        let waiting: Vec<Waiting> = queue
+            .iter()
+            .filter(|j| !(j.job.state == JobState::Restarting && pausing.contains(&j.job.id)))
+            .map(|j| Waiting { id: j.job.id, devices: j.job.spec.resources.devices.clone() })
+            .collect();
+        let held = self.occupied().await?;
+        for d in placement::plan(&waiting, &self.config.slots, &held) {
             match d {
                 Decision::Wait { id, reason } => {
                     if let Err(e) = self.store.set_reason(id, &reason).await {
@@ -474,6 +582,23 @@ impl Supervisor {
         // before it was acknowledged) counts too: the worker resumes from the newest intact one
         // it finds, so it only needs to be told to resume.
         let resume = recorded.or_else(|| gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop());
+        // The worker resumes from the newest intact checkpoint on disk, which may be newer than
+        // the one the store heard of (its report was lost with the failed attempt): the store
+        // learns of it now, and only the reports after it are dropped, to be made again.
+        let newest = gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop();
+        let step_of = |p: &Path| gantry_engine::checkpoint::checkpoint_step(p).map(|s| s as i64);
+        let from = match (&resume, &newest) {
+            (_, Some(n)) if step_of(n) > resume.as_deref().and_then(step_of) => {
+                let step = step_of(n).unwrap_or(0);
+                self.store.record_checkpoint(id, step, &n.to_string_lossy()).await?;
+                step
+            }
+            (Some(r), _) => step_of(r).unwrap_or(0),
+            (None, _) => 0,
+        };
+        if attempt > 1 {
+            self.store.drop_steps_after(id, from).await?;
+        }
         let rendezvous = format!("127.0.0.1:{}", process::free_port()?);
         let world = placement.len() as u32;
         let mut ranks = Vec::new();
@@ -483,14 +608,21 @@ impl Supervisor {
             return Err(e);
         }
         tracing::info!(job_id = id, attempt, "started {world} ranks");
-        let pids: Vec<(u32, u64)> = ranks.iter().map(|r| (r.pid, r.proc_start)).collect();
-        if let Err(e) = self.start_live(id, attempt, placement, run_dir, ranks).await {
-            for (pid, start) in pids {
-                process::signal(pid, start, Signal::SIGKILL);
+        let offsets = match self.log_offsets(id, world).await {
+            Ok(o) => o,
+            Err(e) => {
+                kill_ranks(&mut ranks);
+                return Err(e);
             }
-            return Err(e);
+        };
+        self.go_live(id, attempt, placement, run_dir, ranks, offsets);
+        // From here the ranks run and are supervised: a failure to look at the store now is not
+        // a failed start (which would restart a job whose ranks are training). A cancel it
+        // missed is caught by the next round's `adopt`.
+        if let Err(e) = self.stop_if_final(id).await {
+            tracing::warn!(job_id = id, "checking for a cancel during the start: {e}");
         }
-        self.stop_if_final(id).await
+        Ok(())
     }
 
     /// Starts one worker per slot of `placement`, recording each, into `ranks`.
@@ -542,7 +674,7 @@ impl Supervisor {
             }
         }
         self.metrics.queue_length.set(queue);
-        self.metrics.devices_busy.set(self.held().len() as i64);
+        self.metrics.devices_busy.set(self.occupied().await?.len() as i64);
         Ok(())
     }
 
@@ -581,20 +713,20 @@ impl Supervisor {
     }
 
     /// Records a heartbeat; answers whether the worker should stop.
-    pub fn heartbeat(&self, job_id: i64, rank: u32, attempt: u32) -> bool {
+    /// Whether the worker should stop; `None` if its job is not live here (the caller asks the
+    /// store).
+    pub fn heartbeat(&self, job_id: i64, rank: u32, attempt: u32) -> Option<bool> {
         let mut live = self.live.lock().expect("live jobs");
-        match live.get_mut(&job_id) {
-            Some(job) if job.attempt == attempt => {
-                if let Some(r) = job.ranks.get_mut(rank as usize) {
-                    r.last_beat = Instant::now();
-                    r.registered = true;
-                }
-                job.stopping
-            }
-            // A worker of an older attempt, or of a job this daemon no longer runs.
-            Some(_) => true,
-            None => false,
+        let job = live.get_mut(&job_id)?;
+        if job.attempt != attempt {
+            // A worker of an older attempt.
+            return Some(true);
         }
+        if let Some(r) = job.ranks.get_mut(rank as usize) {
+            r.last_beat = Instant::now();
+            r.registered = true;
+        }
+        Some(job.stopping)
     }
 
     /// Stops every rank of a cancelled job: SIGTERM now, SIGKILL after a grace period.

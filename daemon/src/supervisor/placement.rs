@@ -27,6 +27,19 @@ pub enum Decision {
     Reject { id: i64, reason: String },
 }
 
+/// The busy slots: those of the jobs live here, and those the store records for every job that is
+/// scheduled or running. The two differ when a job could not be taken charge of (re-adopting it
+/// failed on a store error): its workers still run on its slots, which must not be given away.
+pub fn occupied<'a>(live: BTreeMap<String, i64>, stored: impl IntoIterator<Item = (i64, &'a [String])>) -> BTreeMap<String, i64> {
+    let mut held = live;
+    for (id, slots) in stored {
+        for s in slots {
+            held.entry(s.clone()).or_insert(id);
+        }
+    }
+    held
+}
+
 /// `held` maps each busy slot to the job holding it.
 pub fn plan(queue: &[Waiting], slots: &[String], held: &BTreeMap<String, i64>) -> Vec<Decision> {
     let mut free: Vec<&String> = slots.iter().filter(|s| !held.contains_key(*s)).collect();
@@ -50,6 +63,7 @@ pub fn plan(queue: &[Waiting], slots: &[String], held: &BTreeMap<String, i64>) -
             out.push(Decision::Place { id: w.id, slots: fitting.into_iter().cloned().collect() });
         } else {
             let mut holders: Vec<i64> = held.iter().filter(|(s, _)| slot_kind(s) == kind).map(|(_, j)| *j).collect();
+            holders.sort_unstable();
             holders.dedup();
             let holders = holders.iter().map(|j| format!("job {j}")).collect::<Vec<_>>().join(", ");
             out.push(Decision::Wait {
@@ -102,6 +116,22 @@ mod tests {
                 Decision::Wait { id: 9, reason: "waiting behind job 8 (jobs start first in, first out)".into() },
             ]
         );
+    }
+
+    /// Job 4 runs on cpu:0 but is not live here (taking charge of it failed): its slot stays
+    /// busy, and a queued job waits rather than land on its devices.
+    #[test]
+    fn the_slots_of_a_job_running_but_not_live_here_stay_busy() {
+        let stored = [(4, vec!["cpu:0".to_string()]), (5, vec!["cpu:1".to_string()])];
+        let live: BTreeMap<String, i64> = [("cpu:1".to_string(), 5)].into();
+        let held = occupied(live, stored.iter().map(|(id, s)| (*id, s.as_slice())));
+        assert_eq!(held, [("cpu:0".to_string(), 4), ("cpu:1".to_string(), 5)].into());
+        let d = plan(&[waiting(6, 1)], &slots(2), &held);
+        assert_eq!(d, [Decision::Wait { id: 6, reason: "waiting for 1 cpu device: 0 of 2 free (held by job 4, job 5)".into() }]);
+        // Holders are named once each, whatever the order of their slots.
+        let held: BTreeMap<String, i64> = [("cpu:0".to_string(), 5), ("cpu:1".to_string(), 4), ("cpu:2".to_string(), 5)].into();
+        let d = plan(&[waiting(6, 1)], &slots(3), &held);
+        assert_eq!(d, [Decision::Wait { id: 6, reason: "waiting for 1 cpu device: 0 of 3 free (held by job 4, job 5)".into() }]);
     }
 
     #[test]

@@ -112,6 +112,18 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr().map_err(Error::io("127.0.0.1:0"))?.port())
 }
 
+/// "signal 9 (SIGKILL)" for a process killed by a signal, else the status as the OS says it.
+pub fn describe_status(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match s.signal() {
+        Some(n) => match Signal::try_from(n) {
+            Ok(sig) => format!("signal {n} ({sig})"),
+            Err(_) => format!("signal {n}"),
+        },
+        None => s.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

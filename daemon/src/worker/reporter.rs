@@ -99,7 +99,8 @@ impl Reporter {
         q.closed = true;
         cv.notify_all();
         let deadline = Instant::now() + timeout;
-        while !q.items.is_empty() && Instant::now() < deadline {
+        // (A worker the daemon told to stop waits no longer: its reports are not wanted.)
+        while !q.items.is_empty() && Instant::now() < deadline && !self.stop.load(Ordering::Relaxed) {
             q = cv.wait_timeout(q, Duration::from_millis(200)).expect("reporter queue").0;
         }
         let done = q.items.is_empty();
