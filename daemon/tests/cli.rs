@@ -197,6 +197,13 @@ fn prepare_tokenizes_text_into_a_token_file() {
     let ids: Vec<u16> = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
     assert_eq!(ids.iter().filter(|t| **t == 0).count(), 2, "each document ends with <|endoftext|> (id 0)");
     assert!(n > 4 && n < 40, "{n} tokens for 44 characters");
+    // A write that fails (here: the output is a directory) says so and leaves no partial file.
+    let blocked = dir.path().join("blocked.bin");
+    std::fs::create_dir(&blocked).unwrap();
+    let out = gantry().arg("prepare").arg(&text).arg("--tokenizer").arg(&tok).arg("--out").arg(&blocked).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("blocked.bin"), "{err}");
+    assert!(!dir.path().join("blocked.partial").exists(), "the partial file was removed");
 }
 
 #[test]

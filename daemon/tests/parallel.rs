@@ -173,3 +173,45 @@ fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
     assert!(left.stdout.is_empty(), "ranks left running: {}", String::from_utf8_lossy(&left.stdout));
     eprintln!("rank 0 stopped {:?} after rank 2 was killed: {error}", killed.elapsed());
 }
+
+/// Rank 0 (the launcher) killed outright while rank 1 is stopped, outside any collective: rank 1
+/// goes with it, rather than stay behind.
+#[test]
+fn the_ranks_of_a_killed_launcher_go_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "gpt2", 1_000_000);
+    let run_dir = dir.path().join("run");
+    let mut parent = Command::new(gantry())
+        .arg("train")
+        .arg(&spec)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["--no-progress", "--set", "resources.devices=\"cpu:2\"", "--set", "parallel.dp=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rank_1 = format!("--run-dir {} .*--rank 1 ", run_dir.display());
+    assert!(Command::new("pkill").args(["-STOP", "-f", "--", &rank_1]).status().unwrap().success(), "rank 1 was running");
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let gone = Instant::now() + Duration::from_secs(5);
+    loop {
+        // (A stopped process that was killed is a zombie until reaped: pgrep lists it no more
+        // once init has reaped it.)
+        let left = Command::new("pgrep").args(["-f", "--", &rank_1]).output().unwrap();
+        if left.stdout.is_empty() {
+            break;
+        }
+        if Instant::now() > gone {
+            let _ = Command::new("pkill").args(["-9", "-f", "--", &rank_1]).status();
+            panic!("rank 1 outlived its launcher: {}", String::from_utf8_lossy(&left.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -30,9 +30,23 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
     // One daemon per database: refuse to start beside another (before binding any port).
     let me = lease::this_process(&format!("http://{}", config.http));
     lease::acquire(&store, &me).await.context("taking the database's lease")?;
+    let held = Arc::new(lease::Lease::new(me));
+    let started = start(config, store.clone(), held.clone()).await;
+    if started.is_err() {
+        // (A daemon that stopped for having lost the lease has nothing to give up.)
+        if held.lost().is_none() {
+            let _ = store.release_lease(&held.holder).await;
+        }
+    }
+    store.close().await;
+    started
+}
+
+/// Runs the daemon on `store`, whose lease it holds, until SIGTERM or Ctrl-C.
+async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let exe = std::env::current_exe().context("locating the gantry binary for the workers")?;
-    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, me);
+    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, held.clone());
     let service = JobService { store: store.clone(), supervisor: supervisor.clone(), config: config.clone() };
     let state = AppState { service: service.clone(), metrics: metrics.clone() };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -76,6 +90,10 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
             .add_service(WorkerServiceServer::new(grpc))
             .serve_with_incoming_shutdown(incoming, until_stopped(stop_rx.clone())),
     );
+    let keeper = {
+        let (held, store, stop) = (held.clone(), store.clone(), stop_rx.clone());
+        tokio::spawn(async move { held.keep(store, stop).await })
+    };
     let mut supervisor_task = tokio::spawn(supervisor.run(stop_rx));
 
     // Until SIGTERM or Ctrl-C, or until the supervisor stops by itself (another daemon took the
@@ -98,7 +116,7 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(drain, t).await;
     }
     let _ = tokio::time::timeout(drain, grpc_task).await;
-    store.close().await;
+    let _ = keeper.await;
     match supervised {
         Ok(r) => r.context("supervising jobs"),
         Err(e) => anyhow::bail!("the supervisor task failed: {e}"),

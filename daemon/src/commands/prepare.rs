@@ -20,8 +20,10 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
             anyhow::bail!("token id {t} does not fit the uint16 .bin format (vocabulary of {vocab}); write a .u32 file instead");
         }
     }
+    // Written beside the output, synced, then renamed over it: an earlier file of that name
+    // stays whole until the new one is, and a failed write (a full disk) leaves nothing behind.
     let tmp = a.out.with_extension("partial");
-    {
+    let written = (|| -> anyhow::Result<()> {
         let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
         for t in &tokens {
             if out_format == TokenFormat::U16 {
@@ -30,9 +32,14 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
                 w.write_all(&t.to_le_bytes())?;
             }
         }
-        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &a.out)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", a.out.display())));
     }
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("{}: {} tokens from {} bytes (vocabulary {vocab})", a.out.display(), tokens.len(), size);
     println!("{}", serde_json::json!({"tokens": tokens.len(), "bytes": size, "out": a.out}));
     Ok(())

@@ -81,12 +81,24 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::from)
         .and_then(|c| train_rank(&a, spec, run_dir, Some(c)));
     // A rank that died on its own (killed, crashed) is the cause; rank 0 and the others then fail
-    // naming whichever neighbour they were talking to. So the ranks that had already ended are
-    // looked at before the rest are stopped, and those that died by a signal are named first.
+    // naming whichever neighbour they were talking to. So the ranks that ended on their own are
+    // told from those stopped here, and those that died by a signal are named first. A killed
+    // process closes its connections a moment before it can be seen to have ended (while its
+    // threads exit), so the others get up to 2 s to end by themselves before they are stopped
+    // (they end within milliseconds: their connections to rank 0 are closed).
+    let mut ended: Vec<bool> = children.iter_mut().map(|(_, c)| matches!(c.try_wait(), Ok(Some(_)))).collect();
+    if result.is_err() {
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while ended.contains(&false) && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            for (e, (_, c)) in ended.iter_mut().zip(children.iter_mut()) {
+                *e = *e || matches!(c.try_wait(), Ok(Some(_)));
+            }
+        }
+    }
     let mut lost = Vec::new();
     let mut failed = Vec::new();
-    for (rank, mut child) in children {
-        let ended_first = matches!(child.try_wait(), Ok(Some(_)));
+    for ((rank, mut child), ended_first) in children.into_iter().zip(ended) {
         if result.is_err() && !ended_first {
             let _ = child.kill();
         }

@@ -21,8 +21,7 @@ use crate::service::JobService;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// The largest request body `POST /v1/jobs` takes (axum's default limit, stated here so the
-/// error can say it).
+/// The largest request body `POST /v1/jobs` takes.
 const SUBMIT_LIMIT_BYTES: usize = 2 << 20;
 
 #[derive(Clone)]
@@ -34,7 +33,7 @@ pub struct AppState {
 /// The REST routes; `/metrics` too unless it has a listener of its own.
 pub fn router(state: AppState, with_metrics: bool) -> Router {
     let mut r = Router::new()
-        .route("/v1/jobs", post(submit).get(list).layer(axum::extract::DefaultBodyLimit::max(SUBMIT_LIMIT_BYTES)))
+        .route("/v1/jobs", post(submit).get(list))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/metrics", get(metrics))
@@ -102,18 +101,38 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn submit(State(s): State<AppState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+async fn submit(State(s): State<AppState>, body: axum::body::Body) -> ApiResult<Response> {
+    let body = match read_limited(body, SUBMIT_LIMIT_BYTES).await? {
+        Some(b) => b,
+        None => {
             let message = format!("the spec is larger than the {} MiB the API takes", SUBMIT_LIMIT_BYTES >> 20);
             return Ok(api_error(StatusCode::PAYLOAD_TOO_LARGE, gantry_api::ErrorCode::BadRequest, message));
         }
-        Err(e) => return Err(Error::BadRequest(format!("reading the body: {}", e.body_text()))),
     };
     let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest("the body is not UTF-8 JSON".into()))?;
     let job = s.service.submit(text).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)).into_response())
+}
+
+/// The request body if it is at most `limit` bytes; `None` if it is larger. The rest of a body
+/// too large is read and dropped (up to 16 times the limit) before the answer goes: a server
+/// that answers and closes with the body unread resets the connection, and the client may then
+/// lose the answer and see only "connection reset".
+async fn read_limited(body: axum::body::Body, limit: usize) -> ApiResult<Option<Bytes>> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > 16 * limit {
+            break;
+        }
+    }
+    Ok((seen <= limit).then(|| Bytes::from(buf)))
 }
 
 #[derive(Deserialize)]

@@ -20,6 +20,26 @@ pub struct JobRow {
     pub attempt: u32,
 }
 
+/// Records a job's move in the transaction that makes it (`from` None: the job was created).
+async fn record_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: i64,
+    at_ms: i64,
+    from: Option<JobState>,
+    to: JobState,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(at_ms)
+        .bind(from.map(JobState::as_str))
+        .bind(to.as_str())
+        .bind(reason)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 fn job_from_row(r: &AnyRow) -> Result<JobRow> {
     let spec_json: String = r.try_get("spec")?;
     let spec: JobSpec = serde_json::from_str(&spec_json).map_err(|e| Error::Store(format!("stored spec does not parse: {e}")))?;
@@ -80,13 +100,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, NULL, $3, $4)")
-            .bind(id)
-            .bind(now)
-            .bind(JobState::Queued.as_str())
-            .bind("submitted")
-            .execute(&mut *tx)
-            .await?;
+        record_event(&mut tx, id, now, None, JobState::Queued, "submitted").await?;
         tx.commit().await?;
         self.job_row(id).await
     }
@@ -135,23 +149,27 @@ impl Store {
     /// Every job in one of `states`, oldest first (the scheduler's queue order).
     pub async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<JobRow>> {
         let mut out = Vec::new();
+        // One query for all the states, so a job that moves between two of them meanwhile is
+        // seen once, not missed (the supervisor stops live jobs it does not see).
+        let marks: Vec<String> = (1..=states.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({}) ORDER BY id", marks.join(", "));
+        let mut q = sqlx::query(&sql);
         for s in states {
-            let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY id"))
-                .bind(s.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-            for r in &rows {
-                match job_from_row(r) {
-                    Ok(j) => out.push(j),
-                    // A row this version cannot read (a spec stored by another version, a hand
-                    // edit) would fail every round of the supervisor, and so every other job:
-                    // that job fails instead, with the reason, and its row is kept as it is.
-                    Err(e) => {
-                        let id: i64 = r.try_get("id")?;
-                        let reason = format!("this daemon cannot read the stored job: {e}");
-                        tracing::error!(job_id = id, "{reason}; the job is failed");
-                        self.fail_unreadable(id, *s, &reason).await?;
-                    }
+            q = q.bind(s.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        for r in &rows {
+            match job_from_row(r) {
+                Ok(j) => out.push(j),
+                // A row this version cannot read (a spec stored by another version, a hand
+                // edit) would fail every round of the supervisor, and so every other job:
+                // that job fails instead, with the reason, and its row is kept as it is.
+                Err(e) => {
+                    let id: i64 = r.try_get("id")?;
+                    let state: JobState = r.try_get::<String, _>("state")?.parse().map_err(Error::Store)?;
+                    let reason = format!("this daemon cannot read the stored job: {e}");
+                    tracing::error!(job_id = id, "{reason}; the job is failed");
+                    self.fail_unreadable(id, state, &reason).await?;
                 }
             }
         }
@@ -172,14 +190,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if moved.rows_affected() == 1 {
-            sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
-                .bind(id)
-                .bind(now)
-                .bind(from.as_str())
-                .bind(JobState::Failed.as_str())
-                .bind(reason)
-                .execute(&mut *tx)
-                .await?;
+            record_event(&mut tx, id, now, Some(from), JobState::Failed, reason).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -229,14 +240,7 @@ impl Store {
             // resumed run move it forward again), not left at where the failed attempt got to.
             sqlx::query("UPDATE jobs SET step = checkpoint_step WHERE id = $1").bind(id).execute(&mut *tx).await?;
         }
-        sqlx::query("INSERT INTO job_events (job_id, at_ms, from_state, to_state, reason) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(now)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        record_event(&mut tx, id, now, Some(from), to, reason).await?;
         tx.commit().await?;
         self.job_row(id).await
     }

@@ -9,7 +9,11 @@ use crate::error::Result;
 /// A daemon process: where it runs and how to reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseHolder {
+    /// The host name, for messages.
     pub host: String,
+    /// The boot id and PID namespace: another process with the same `machine` can look `pid` up
+    /// (a host name can be shared by containers with PID namespaces of their own).
+    pub machine: String,
     pub pid: u32,
     /// The process's start time (clock ticks since boot): a pid reused by another process is not
     /// the holder.
@@ -18,16 +22,21 @@ pub struct LeaseHolder {
     pub address: String,
 }
 
+const COLUMNS: &str = "host, machine, pid, proc_start, address";
+/// The holder's identity, for the conditional updates (placeholders `$N..$N+3`).
+fn is_holder(first: usize) -> String {
+    format!("id = 1 AND machine = ${first} AND pid = ${} AND proc_start = ${}", first + 1, first + 2)
+}
+
 impl Store {
     /// The lease's holder and when it runs out (Unix ms), if anyone holds it.
     pub async fn lease(&self) -> Result<Option<(LeaseHolder, i64)>> {
-        let row = sqlx::query("SELECT host, pid, proc_start, address, expires_ms FROM daemon_lease WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!("SELECT {COLUMNS}, expires_ms FROM daemon_lease WHERE id = 1")).fetch_optional(&self.pool).await?;
         row.map(|r| {
             Ok((
                 LeaseHolder {
                     host: r.try_get("host")?,
+                    machine: r.try_get("machine")?,
                     pid: r.try_get::<i64, _>("pid")? as u32,
                     proc_start: r.try_get::<i64, _>("proc_start")? as u64,
                     address: r.try_get("address")?,
@@ -39,47 +48,37 @@ impl Store {
     }
 
     /// Takes the lease until `expires_ms`: when nobody holds it (`replacing` None), or from
-    /// `replacing` (a dead or lapsed holder). False when another daemon got there first.
-    pub async fn take_lease(&self, me: &LeaseHolder, replacing: Option<&LeaseHolder>, expires_ms: i64) -> Result<bool> {
-        let done = match replacing {
-            None => {
-                sqlx::query(
-                    "INSERT INTO daemon_lease (id, host, pid, proc_start, address, expires_ms) VALUES (1, $1, $2, $3, $4, $5) \
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&me.host)
-                .bind(i64::from(me.pid))
-                .bind(me.proc_start as i64)
-                .bind(&me.address)
-                .bind(expires_ms)
-                .execute(&self.pool)
-                .await?
-            }
-            Some(old) => {
-                sqlx::query(
-                    "UPDATE daemon_lease SET host = $1, pid = $2, proc_start = $3, address = $4, expires_ms = $5 \
-                     WHERE id = 1 AND host = $6 AND pid = $7 AND proc_start = $8",
-                )
-                .bind(&me.host)
-                .bind(i64::from(me.pid))
-                .bind(me.proc_start as i64)
-                .bind(&me.address)
-                .bind(expires_ms)
-                .bind(&old.host)
-                .bind(i64::from(old.pid))
-                .bind(old.proc_start as i64)
-                .execute(&self.pool)
-                .await?
-            }
+    /// `replacing` = (holder, its expiry as read), only if neither changed since (a holder that
+    /// renewed meanwhile keeps it). False when another daemon got there first.
+    pub async fn take_lease(&self, me: &LeaseHolder, replacing: Option<(&LeaseHolder, i64)>, expires_ms: i64) -> Result<bool> {
+        let sql = match replacing {
+            None => format!(
+                "INSERT INTO daemon_lease (id, {COLUMNS}, expires_ms) VALUES (1, $1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING"
+            ),
+            Some(_) => format!(
+                "UPDATE daemon_lease SET host = $1, machine = $2, pid = $3, proc_start = $4, address = $5, expires_ms = $6 \
+                 WHERE {} AND expires_ms = $10",
+                is_holder(7)
+            ),
         };
-        Ok(done.rows_affected() == 1)
+        let mut q = sqlx::query(&sql)
+            .bind(&me.host)
+            .bind(&me.machine)
+            .bind(i64::from(me.pid))
+            .bind(me.proc_start as i64)
+            .bind(&me.address)
+            .bind(expires_ms);
+        if let Some((old, old_expires)) = replacing {
+            q = q.bind(&old.machine).bind(i64::from(old.pid)).bind(old.proc_start as i64).bind(old_expires);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
     }
 
     /// Extends the lease `me` holds; false if it is no longer `me`'s.
     pub async fn renew_lease(&self, me: &LeaseHolder, expires_ms: i64) -> Result<bool> {
-        let done = sqlx::query("UPDATE daemon_lease SET expires_ms = $1 WHERE id = 1 AND host = $2 AND pid = $3 AND proc_start = $4")
+        let done = sqlx::query(&format!("UPDATE daemon_lease SET expires_ms = $1 WHERE {}", is_holder(2)))
             .bind(expires_ms)
-            .bind(&me.host)
+            .bind(&me.machine)
             .bind(i64::from(me.pid))
             .bind(me.proc_start as i64)
             .execute(&self.pool)
@@ -89,8 +88,8 @@ impl Store {
 
     /// Gives the lease up (at shutdown), if `me` still holds it.
     pub async fn release_lease(&self, me: &LeaseHolder) -> Result<()> {
-        sqlx::query("DELETE FROM daemon_lease WHERE id = 1 AND host = $1 AND pid = $2 AND proc_start = $3")
-            .bind(&me.host)
+        sqlx::query(&format!("DELETE FROM daemon_lease WHERE {}", is_holder(1)))
+            .bind(&me.machine)
             .bind(i64::from(me.pid))
             .bind(me.proc_start as i64)
             .execute(&self.pool)

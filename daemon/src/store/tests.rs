@@ -6,7 +6,7 @@ use std::path::Path;
 use gantry_api::{JobSpec, JobState, LogLine, StepMetrics};
 
 use super::jobs::Change;
-use super::{Store, WorkerRecord};
+use super::{LeaseHolder, Store, WorkerRecord};
 use crate::error::Error;
 use crate::testing::{postgres_store, sqlite_store};
 
@@ -38,6 +38,7 @@ both_backends!(
     step_reports_and_log_lines_are_stored_once,
     workers_and_checkpoints_round_trip,
     a_job_that_cannot_be_read_is_failed_and_the_others_go_on,
+    the_lease_is_taken_once_and_only_from_the_holder_as_read,
 );
 
 async fn jobs_are_created_queued_with_an_event(store: Store) {
@@ -253,4 +254,23 @@ async fn a_job_that_cannot_be_read_is_failed_and_the_others_go_on(store: Store) 
         Some(("queued".into(), "failed".into()))
     );
     assert!(store.jobs_in(&[JobState::Queued]).await.unwrap().len() == 1, "failed once, and not again");
+}
+
+/// The lease: one holder at a time; a takeover succeeds only from the holder and expiry it read
+/// (a holder that renewed meanwhile keeps it); only the holder renews or releases it.
+async fn the_lease_is_taken_once_and_only_from_the_holder_as_read(store: Store) {
+    let daemon = |pid| LeaseHolder { host: "h".into(), machine: "boot ns".into(), pid, proc_start: 7, address: format!("http://a:{pid}") };
+    let (a, b) = (daemon(10), daemon(20));
+    assert_eq!(store.lease().await.unwrap(), None);
+    assert!(store.take_lease(&a, None, 1000).await.unwrap());
+    assert!(!store.take_lease(&b, None, 2000).await.unwrap(), "already held");
+    assert!(store.renew_lease(&a, 1500).await.unwrap());
+    assert!(!store.take_lease(&b, Some((&a, 1000)), 2000).await.unwrap(), "a renewed since b read it");
+    assert!(store.take_lease(&b, Some((&a, 1500)), 2000).await.unwrap());
+    assert!(!store.renew_lease(&a, 3000).await.unwrap(), "a lost it");
+    assert_eq!(store.lease().await.unwrap(), Some((b.clone(), 2000)));
+    store.release_lease(&a).await.unwrap();
+    assert!(store.lease().await.unwrap().is_some(), "only the holder gives it up");
+    store.release_lease(&b).await.unwrap();
+    assert_eq!(store.lease().await.unwrap(), None);
 }

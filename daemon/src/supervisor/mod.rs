@@ -27,7 +27,7 @@ use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::store::jobs::{Change, JobRow};
-use crate::store::{now_ms, LeaseHolder, Store, WorkerRecord};
+use crate::store::{now_ms, Store, WorkerRecord};
 use crate::worker::{checkpoint_dir, log_path, read_outcome};
 use placement::{Decision, Waiting};
 
@@ -47,6 +47,10 @@ struct Rank {
     last_beat: Instant,
     exit: Option<Exit>,
 }
+
+/// How long a rank's reported failure waits for a rank seen lost (killed, crashed), which would
+/// be the cause (see `check_ranks`).
+const LOST_RANK_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a job waits before its `n`th restart: 1 s, doubling to at most 30 s. A cause that
 /// lasts a few seconds (a GPU's memory not yet released, a port taken, a store away) would
@@ -89,6 +93,9 @@ struct LiveJob {
     /// Why the job failed, as first seen: the ranks this daemon kills afterwards, and those that
     /// fail because a peer is gone, do not replace it.
     failure: Option<String>,
+    /// The first failure a rank reported itself, and when: the cause unless a rank is seen lost
+    /// within `LOST_RANK_GRACE` (see `check_ranks`).
+    reported: Option<(String, Instant)>,
     log_stop: watch::Sender<bool>,
     log_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -106,8 +113,9 @@ pub struct Supervisor {
     wake: Notify,
     /// Jobs restarting: not placed before this time (see `restart_pause`).
     restart_after: Mutex<HashMap<i64, Instant>>,
-    /// This daemon's lease on the database (taken before the supervisor starts).
-    lease: LeaseHolder,
+    /// This daemon's lease on the database (taken before the supervisor starts, kept by its own
+    /// task).
+    lease: Arc<lease::Lease>,
 }
 
 #[derive(Debug, Default)]
@@ -117,7 +125,7 @@ struct JobSeries {
 }
 
 impl Supervisor {
-    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf, lease: LeaseHolder) -> Arc<Supervisor> {
+    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf, lease: Arc<lease::Lease>) -> Arc<Supervisor> {
         let grpc_url = format!("http://{}", config.grpc);
         Arc::new(Supervisor {
             store,
@@ -155,33 +163,42 @@ impl Supervisor {
         Ok(placement::occupied(self.held(), holding.iter().map(|r| (r.job.id, r.job.placement.as_slice()))))
     }
 
-    /// Re-adopts what a previous daemon left running, then supervises until `shutdown`, renewing
-    /// the database lease. Ends with an error if another daemon took the lease: this one must
-    /// then stop (its workers train on, and the other daemon takes charge of them).
+    /// Re-adopts what a previous daemon left running, then supervises until `shutdown`. Acts on
+    /// jobs only while the database lease is fresh; ends with an error once another daemon has
+    /// taken it (this one must then stop: its workers train on, and the other daemon takes
+    /// charge of them).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        loop {
-            match self.adopt().await {
-                Ok(()) => break,
-                Err(e) => tracing::warn!("re-adopting running jobs: {e}; retrying"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return Ok(()),
-            }
-        }
-        let mut renewed = Instant::now();
+        let mut adopted = false;
+        let mut stale = false;
         let ended = loop {
-            if renewed.elapsed() >= lease::RENEW_EVERY {
-                if let Err(e) = lease::renew(&self.store, &self.lease).await {
-                    break Err(e);
+            if let Some(why) = self.lease.lost() {
+                break Err(Error::Conflict(why));
+            }
+            let fresh = self.lease.since_renewed() <= lease::ACT_WITHIN;
+            if fresh == stale {
+                stale = !fresh;
+                if stale {
+                    tracing::warn!(
+                        "the database lease was last renewed {:?} ago: not acting on jobs until it is",
+                        self.lease.since_renewed()
+                    );
+                } else {
+                    tracing::info!("the database lease is renewed again: supervising jobs");
                 }
-                renewed = Instant::now();
             }
-            if let Err(e) = self.tick().await {
-                tracing::warn!("supervisor: {e}");
+            if fresh && !adopted {
+                match self.adopt().await {
+                    Ok(()) => adopted = true,
+                    Err(e) => tracing::warn!("re-adopting running jobs: {e}; retrying"),
+                }
+            } else if fresh {
+                if let Err(e) = self.tick().await {
+                    tracing::warn!("supervisor: {e}");
+                }
             }
+            let pause = if adopted { Duration::from_millis(500) } else { Duration::from_secs(1) };
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => break Ok(()),
             }
@@ -192,7 +209,7 @@ impl Supervisor {
         }
         if ended.is_ok() {
             // The next daemon, here or on another host, need not wait for the lease to lapse.
-            if let Err(e) = self.store.release_lease(&self.lease).await {
+            if let Err(e) = self.store.release_lease(&self.lease.holder).await {
                 tracing::warn!("giving up the database lease: {e}");
             }
         }
@@ -286,8 +303,18 @@ impl Supervisor {
                 tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone()))
             })
             .collect();
-        let job =
-            LiveJob { attempt, placement, run_dir, ranks, started: Instant::now(), stopping: false, failure: None, log_stop, log_tasks };
+        let job = LiveJob {
+            attempt,
+            placement,
+            run_dir,
+            ranks,
+            started: Instant::now(),
+            stopping: false,
+            failure: None,
+            reported: None,
+            log_stop,
+            log_tasks,
+        };
         self.live.lock().expect("live jobs").insert(id, job);
     }
 
@@ -394,7 +421,22 @@ impl Supervisor {
                 }
             }
             if job.failure.is_none() {
-                job.failure = seen.iter().find(|(_, lost)| *lost).or(seen.first()).map(|(m, _)| m.clone());
+                // A killed rank closes its connections a moment before it is seen to have ended:
+                // its peers' reports of the closed connections may come first. They stand as the
+                // cause only if no rank is seen lost within `LOST_RANK_GRACE`.
+                if let Some((m, _)) = seen.iter().find(|(_, lost)| *lost) {
+                    job.failure = Some(m.clone());
+                } else {
+                    if job.reported.is_none() {
+                        job.reported = seen.first().map(|(m, _)| (m.clone(), Instant::now()));
+                    }
+                    let all_ended = job.ranks.iter().all(|r| r.exit.is_some());
+                    if let Some((m, at)) = &job.reported {
+                        if all_ended || at.elapsed() >= LOST_RANK_GRACE {
+                            job.failure = Some(m.clone());
+                        }
+                    }
+                }
             }
             if let Some(msg) = job.failure.clone() {
                 // One rank failed: the others cannot go on without it.
@@ -516,16 +558,22 @@ impl Supervisor {
         if queue.is_empty() {
             return Ok(());
         }
-        // A job restarting waits out its pause first; the jobs behind it are not held up by it.
-        let pausing: Vec<i64> = {
+        // A job restarting waits out its pause first, keeping its place in the queue.
+        let pausing: HashMap<i64, Instant> = {
             let mut after = self.restart_after.lock().expect("restart pauses");
             after.retain(|_, t| *t > Instant::now());
-            after.keys().copied().collect()
+            after.clone()
         };
         let waiting: Vec<Waiting> = queue
             .iter()
-            .filter(|j| !(j.job.state == JobState::Restarting && pausing.contains(&j.job.id)))
-            .map(|j| Waiting { id: j.job.id, devices: j.job.spec.resources.devices.clone() })
+            .map(|j| Waiting {
+                id: j.job.id,
+                devices: j.job.spec.resources.devices.clone(),
+                paused_for: pausing
+                    .get(&j.job.id)
+                    .filter(|_| j.job.state == JobState::Restarting)
+                    .map(|t| t.saturating_duration_since(Instant::now())),
+            })
             .collect();
         let held = self.occupied().await?;
         for d in placement::plan(&waiting, &self.config.slots, &held) {
@@ -585,7 +633,11 @@ impl Supervisor {
         // The worker resumes from the newest intact checkpoint on disk, which may be newer than
         // the one the store heard of (its report was lost with the failed attempt): the store
         // learns of it now, and only the reports after it are dropped, to be made again.
-        let newest = gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop();
+        // (Checked as the worker will check it: a damaged one is passed over.)
+        let newest = gantry_engine::checkpoint::committed_checkpoints(&run_dir)
+            .into_iter()
+            .rev()
+            .find(|ck| gantry_engine::checkpoint::verify_checkpoint(ck).is_ok());
         let step_of = |p: &Path| gantry_engine::checkpoint::checkpoint_step(p).map(|s| s as i64);
         let from = match (&resume, &newest) {
             (_, Some(n)) if step_of(n) > resume.as_deref().and_then(step_of) => {

@@ -15,6 +15,10 @@ use crate::config::{device_kind, fits_node, slot_kind};
 pub struct Waiting {
     pub id: i64,
     pub devices: Devices,
+    /// A restarting job that must wait this long yet before its next attempt (see
+    /// `supervisor::restart_pause`). It keeps its place: the jobs behind it wait too, or they
+    /// would take its devices and it could wait behind them for their whole run.
+    pub paused_for: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +61,11 @@ pub fn plan(queue: &[Waiting], slots: &[String], held: &BTreeMap<String, i64>) -
             out.push(Decision::Wait { id: w.id, reason: format!("waiting behind job {b} (jobs start first in, first out)") });
             continue;
         }
+        if let Some(left) = w.paused_for {
+            out.push(Decision::Wait { id: w.id, reason: format!("restarting in {:.0}s", left.as_secs_f64().ceil()) });
+            blocker = Some(w.id);
+            continue;
+        }
         let fitting: Vec<&String> = free.iter().copied().filter(|s| slot_kind(s) == kind).take(need).collect();
         if fitting.len() == need {
             free.retain(|s| !fitting.contains(s));
@@ -89,7 +98,7 @@ mod tests {
     }
 
     fn waiting(id: i64, n: usize) -> Waiting {
-        Waiting { id, devices: Devices::Cpu(n) }
+        Waiting { id, devices: Devices::Cpu(n), paused_for: None }
     }
 
     #[test]
@@ -134,9 +143,28 @@ mod tests {
         assert_eq!(d, [Decision::Wait { id: 6, reason: "waiting for 1 cpu device: 0 of 3 free (held by job 4, job 5)".into() }]);
     }
 
+    /// A restarting job in its pause keeps its place at the head of the queue: the job behind it
+    /// does not take the devices it will need.
+    #[test]
+    fn a_job_pausing_before_its_restart_keeps_its_place() {
+        let paused = Waiting { paused_for: Some(std::time::Duration::from_millis(1500)), ..waiting(1, 2) };
+        let d = plan(&[paused, waiting(2, 1)], &slots(2), &BTreeMap::new());
+        assert_eq!(
+            d,
+            [
+                Decision::Wait { id: 1, reason: "restarting in 2s".into() },
+                Decision::Wait { id: 2, reason: "waiting behind job 1 (jobs start first in, first out)".into() },
+            ]
+        );
+    }
+
     #[test]
     fn a_job_larger_than_the_node_is_rejected_without_blocking_others() {
-        let d = plan(&[waiting(1, 5), waiting(2, 1), Waiting { id: 3, devices: Devices::Cuda(vec![0]) }], &slots(2), &BTreeMap::new());
+        let d = plan(
+            &[waiting(1, 5), waiting(2, 1), Waiting { id: 3, devices: Devices::Cuda(vec![0]), paused_for: None }],
+            &slots(2),
+            &BTreeMap::new(),
+        );
         assert_eq!(d[0], Decision::Reject { id: 1, reason: "needs 5 cpu devices; this node has 2".into() });
         assert_eq!(d[1], Decision::Place { id: 2, slots: vec!["cpu:0".into()] });
         assert_eq!(d[2], Decision::Reject { id: 3, reason: "needs 1 cuda device; this node has 0".into() });

@@ -50,6 +50,23 @@ pub fn spawn_rank(c: &RankCommand<'_>) -> Result<Child> {
         .stderr(err);
     if c.detach {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    } else {
+        // A rank of `gantry train` dies with its launcher (rank 0), however that ends (a panic,
+        // SIGKILL): a rank waiting outside a collective, or stopped, would otherwise stay.
+        // A launcher that died before the call would leave the child unwatched: then the parent
+        // is no longer the launcher, and the start fails.
+        let launcher = nix::unistd::getpid();
+        // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+        // are allowed: prctl and getppid are plain system calls.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                if nix::unistd::getppid() != launcher {
+                    return Err(std::io::Error::other("the launcher ended while this rank started"));
+                }
+                Ok(())
+            });
+        }
     }
     cmd.spawn().map_err(Error::io(c.exe))
 }

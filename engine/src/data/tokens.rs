@@ -188,6 +188,7 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
             let mut line = String::new();
             // Where to look for a cut next: after a piece with no safe place, 4 KiB later.
             let mut next_try = PIECE;
+            let mut forced = false;
             loop {
                 line.clear();
                 let n = reader.read_line(&mut line).map_err(|e| Error::io(path, e))?;
@@ -198,7 +199,22 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
                     break;
                 }
                 if piece.len() > next_try {
-                    match safe_cut(&piece, &encode)? {
+                    // Past 4 MiB without a safe place, memory no longer stays flat: look further
+                    // back, and failing that cut at the last line break (one token may change at
+                    // the cut, as it did when pieces were cut at every blank line).
+                    let wide = piece.len() > 64 * PIECE;
+                    let cut = match safe_cut(&piece, &encode, wide)? {
+                        Some(cut) => Some(cut),
+                        None if wide => {
+                            if !forced {
+                                forced = true;
+                                tracing::warn!(data = %path.display(), "no place to cut the text where the tokenizer gives the same tokens cut or whole within 4 MiB: cutting at a line break (a token may differ there)");
+                            }
+                            piece.trim_end_matches('\n').rfind('\n').map(|i| i + 1).filter(|&i| i > 0)
+                        }
+                        None => None,
+                    };
+                    match cut {
                         Some(cut) => {
                             out.extend(encode(&piece[..cut])?);
                             piece.drain(..cut);
@@ -248,10 +264,15 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
 /// tokenizer (GPT-2 keeps a blank line's two line breaks apart before a word, LLaMA-3 joins
 /// them; SentencePiece marks a piece's first word), so each candidate is checked with the
 /// tokenizer itself on the text around it. `None` if none of them is safe: the piece grows.
-fn safe_cut(text: &str, encode: &impl Fn(&str) -> Result<Vec<u32>>) -> Result<Option<usize>> {
+///
+/// `wide`: look at up to 64 line breaks in the last 64 KiB too (a text whose lines all end where
+/// the tokenizer joins across them, say).
+fn safe_cut(text: &str, encode: &impl Fn(&str) -> Result<Vec<u32>>, wide: bool) -> Result<Option<usize>> {
     /// Bytes of context on the left of a candidate: more than any pre-tokenizer looks back.
     const CONTEXT: usize = 256;
-    let candidates = text.char_indices().rev().take(512).filter(|(_, c)| *c == ' ' || *c == '\n').map(|(i, _)| i).take(8);
+    let near = text.char_indices().rev().take(512).filter(|(_, c)| *c == ' ' || *c == '\n').map(|(i, _)| i).take(8);
+    let far = text.char_indices().rev().take(if wide { 1 << 16 } else { 0 }).filter(|(_, c)| *c == '\n').map(|(i, _)| i).take(64);
+    let candidates = near.chain(far);
     for cut in candidates.filter(|&i| i > CONTEXT) {
         let mut start = cut - CONTEXT;
         while !text.is_char_boundary(start) {
