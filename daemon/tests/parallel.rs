@@ -127,29 +127,35 @@ fn each_zero_stage_holds_less_and_zero_3_at_dp_4_at_most_30_percent() {
     assert!(ratio <= 0.30, "ZeRO-3 at dp=4 holds {:.1}% of one rank's memory", 100.0 * ratio);
 }
 
-/// Four ranks, and rank 2 killed: rank 0 is not its neighbour in the ring, so rank 0's own
-/// error names whichever rank it was waiting on; the launcher names the rank that was lost.
-#[test]
-fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = spec(dir.path(), "gpt2", 1_000_000);
-    let run_dir = dir.path().join("run");
-    let mut parent = Command::new(gantry())
+/// `gantry train` of a long run on `ranks` local ranks, once it has trained 3 steps: the launcher
+/// (rank 0; its stderr piped) and the run directory.
+fn training(dir: &Path, ranks: usize) -> (std::process::Child, PathBuf) {
+    let spec = spec(dir, "gpt2", 1_000_000);
+    let run_dir = dir.join("run");
+    let parent = Command::new(gantry())
         .arg("train")
         .arg(&spec)
         .arg("--run-dir")
         .arg(&run_dir)
-        .args(["--no-progress", "--set", "resources.devices=\"cpu:4\"", "--set", "parallel.dp=4"])
+        .args(["--no-progress", "--set", &format!("resources.devices=\"cpu:{ranks}\""), "--set", &format!("parallel.dp={ranks}")])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training runs, then kill rank 2.
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < 3 {
         assert!(Instant::now() < deadline, "training did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (parent, run_dir)
+}
+
+/// Four ranks, and rank 2 killed: rank 0 is not its neighbour in the ring, so rank 0's own
+/// error names whichever rank it was waiting on; the launcher names the rank that was lost.
+#[test]
+fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut parent, run_dir) = training(dir.path(), 4);
     let pattern = format!("--run-dir {} .*--rank 2 ", run_dir.display());
     let status = Command::new("pkill").args(["-9", "-f", "--", &pattern]).status().unwrap();
     assert!(status.success(), "rank 2 was running");
@@ -179,23 +185,7 @@ fn a_killed_rank_stops_the_others_with_an_error_naming_it() {
 #[test]
 fn the_ranks_of_a_killed_launcher_go_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = spec(dir.path(), "gpt2", 1_000_000);
-    let run_dir = dir.path().join("run");
-    let mut parent = Command::new(gantry())
-        .arg("train")
-        .arg(&spec)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .args(["--no-progress", "--set", "resources.devices=\"cpu:2\"", "--set", "parallel.dp=2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < 3 {
-        assert!(Instant::now() < deadline, "training did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut parent, run_dir) = training(dir.path(), 2);
     let rank_1 = format!("--run-dir {} .*--rank 1 ", run_dir.display());
     assert!(Command::new("pkill").args(["-STOP", "-f", "--", &rank_1]).status().unwrap().success(), "rank 1 was running");
     parent.kill().unwrap();
