@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use gantry_api::ModelInit;
 use gantry_engine::checkpoint::{
-    checkpoint_step, committed_checkpoints, final_step, is_training_checkpoint, load_checkpoint_params, save_hf_dir_sharded,
-    verify_checkpoint,
+    final_step, is_training_checkpoint, load_checkpoint_params, newest_intact_checkpoint, save_hf_dir_sharded, verify_checkpoint,
 };
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::train::load_model;
@@ -52,25 +51,16 @@ fn model_dir(source: &Path) -> anyhow::Result<PathBuf> {
     if has_final && final_step.is_none() {
         return Ok(final_dir);
     }
-    for ck in committed_checkpoints(source).iter().rev() {
-        if let (Some(done), Some(step)) = (final_step, checkpoint_step(ck)) {
-            if step <= done {
-                break;
-            }
+    let skipped = |ck: &Path, e: &gantry_engine::Error| eprintln!("warning: skipping checkpoint {}: {e}", ck.display());
+    if let Some((ck, step)) = newest_intact_checkpoint(source, final_step.unwrap_or(0), skipped) {
+        if let Some(done) = final_step {
+            eprintln!(
+                "note: {} is of step {done}, and the run went on to step {step} (continued with --resume): exporting {}",
+                final_dir.display(),
+                ck.display()
+            );
         }
-        match verify_checkpoint(ck) {
-            Ok(step) => {
-                if let Some(done) = final_step {
-                    eprintln!(
-                        "note: {} is of step {done}, and the run went on to step {step} (continued with --resume): exporting {}",
-                        final_dir.display(),
-                        ck.display()
-                    );
-                }
-                return Ok(ck.clone());
-            }
-            Err(e) => eprintln!("warning: skipping checkpoint {}: {e}", ck.display()),
-        }
+        return Ok(ck);
     }
     if has_final {
         return Ok(final_dir);

@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use anyhow::Context;
 use gantry_engine::data::{encode_text_file, load_tokenizer, TokenFormat};
 
@@ -22,9 +20,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     }
     // Written beside the output, synced, then renamed over it: an earlier file of that name
     // stays whole until the new one is, and a failed write (a full disk) leaves nothing behind.
-    let tmp = a.out.with_extension("partial");
-    let written = (|| -> anyhow::Result<()> {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+    gantry_engine::checkpoint::write_replacing_with(&a.out, |w| {
         for t in &tokens {
             if out_format == TokenFormat::U16 {
                 w.write_all(&(*t as u16).to_le_bytes())?;
@@ -32,14 +28,8 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
                 w.write_all(&t.to_le_bytes())?;
             }
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, &a.out)?;
         Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", a.out.display())));
-    }
+    })?;
     eprintln!("{}: {} tokens from {} bytes (vocabulary {vocab})", a.out.display(), tokens.len(), size);
     println!("{}", serde_json::json!({"tokens": tokens.len(), "bytes": size, "out": a.out}));
     Ok(())

@@ -634,19 +634,14 @@ impl Supervisor {
         // the one the store heard of (its report was lost with the failed attempt): the store
         // learns of it now, and only the reports after it are dropped, to be made again.
         // (Checked as the worker will check it: a damaged one is passed over.)
-        let newest = gantry_engine::checkpoint::committed_checkpoints(&run_dir)
-            .into_iter()
-            .rev()
-            .find(|ck| gantry_engine::checkpoint::verify_checkpoint(ck).is_ok());
-        let step_of = |p: &Path| gantry_engine::checkpoint::checkpoint_step(p).map(|s| s as i64);
-        let from = match (&resume, &newest) {
-            (_, Some(n)) if step_of(n) > resume.as_deref().and_then(step_of) => {
-                let step = step_of(n).unwrap_or(0);
-                self.store.record_checkpoint(id, step, &n.to_string_lossy()).await?;
-                step
+        let recorded_step = resume.as_deref().and_then(gantry_engine::checkpoint::checkpoint_step).map(|s| s as i64);
+        let skipped = |ck: &Path, e: &gantry_engine::Error| tracing::warn!(job_id = id, "checkpoint {} is damaged: {e}", ck.display());
+        let from = match gantry_engine::checkpoint::newest_intact_checkpoint(&run_dir, 0, skipped) {
+            Some((newest, step)) if Some(step as i64) > recorded_step => {
+                self.store.record_checkpoint(id, step as i64, &newest.to_string_lossy()).await?;
+                step as i64
             }
-            (Some(r), _) => step_of(r).unwrap_or(0),
-            (None, _) => 0,
+            _ => recorded_step.unwrap_or(0),
         };
         if attempt > 1 {
             self.store.drop_steps_after(id, from).await?;

@@ -252,12 +252,17 @@ pub fn save_hf_dir_sharded(
 /// whole, never a truncated one: written beside it, synced (a power loss cannot leave an empty
 /// file under the name), then renamed over it.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_replacing_with(path, |w| w.write_all(bytes))
+}
+
+/// As `write_replacing`, with the contents streamed by `write` (through a buffer).
+pub fn write_replacing_with(path: &Path, write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
     })();
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);

@@ -9,11 +9,11 @@ mod state;
 
 pub use hf::{
     final_step, has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded, write_final_step, write_replacing,
-    FINAL_STEP_FILE,
+    write_replacing_with, FINAL_STEP_FILE,
 };
 pub use sharded::{shard_name, write_rank_shard};
 pub use state::{
     checkpoint_loss_scale, checkpoint_step, commit_checkpoint, committed_checkpoints, is_training_checkpoint, load_checkpoint_params,
-    load_training_checkpoint, partial_dir, record_sums, replace_dir, save_training_checkpoint, verify_checkpoint, LossScaleState,
-    TrainingState,
+    load_training_checkpoint, newest_intact_checkpoint, partial_dir, record_sums, replace_dir, save_training_checkpoint, verify_checkpoint,
+    LossScaleState, TrainingState,
 };

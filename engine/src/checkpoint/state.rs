@@ -218,6 +218,21 @@ pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
     all
 }
 
+/// The newest committed checkpoint of `run_dir` past step `after` that passes its checksums,
+/// and its step; a damaged one is handed to `skipped` and passed over.
+pub fn newest_intact_checkpoint(run_dir: &Path, after: u64, mut skipped: impl FnMut(&Path, &Error)) -> Option<(std::path::PathBuf, u64)> {
+    for ck in committed_checkpoints(run_dir).into_iter().rev() {
+        if checkpoint_step(&ck).is_some_and(|s| s <= after) {
+            break;
+        }
+        match verify_checkpoint(&ck) {
+            Ok(step) => return Some((ck, step)),
+            Err(e) => skipped(&ck, &e),
+        }
+    }
+    None
+}
+
 /// The step in a checkpoint directory's name (`step_00000100` → 100).
 pub fn checkpoint_step(dir: &Path) -> Option<u64> {
     dir.file_name()?.to_str()?.strip_prefix("step_")?.parse().ok()
