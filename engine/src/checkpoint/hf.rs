@@ -23,13 +23,64 @@ fn is_known_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
 }
 
+/// Writes a safetensors file whose mode follows the umask, as the run's other files do (the
+/// safetensors crate writes through a temporary file, always 0600).
+pub fn write_safetensors<V: safetensors::View>(
+    views: impl IntoIterator<Item = (String, V)>,
+    meta: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Weights { path: path.into(), message: e.to_string() })?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask())).map_err(|e| Error::io(path, e))
+}
+
+/// This process's umask (read from /proc: setting it to read it would race with other threads).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .unwrap_or(0o022)
+}
+
+/// A safetensors error by its kind (its header's own text is not quoted: see `config::kind_of`).
+fn safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    match e {
+        safetensors::SafeTensorError::JsonError(j) => format!("its header {}", crate::models::config::json_error(j)),
+        safetensors::SafeTensorError::IoError(io) => io.to_string(),
+        other => {
+            // The other kinds name sizes and offsets, except those that carry the header's text.
+            let s = other.to_string();
+            if s.contains('"') || s.contains('`') {
+                "its header is not a valid safetensors header".into()
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// A file name with no directory part (`model-00001-of-00002.safetensors`).
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// The weight files a model directory names: `model.safetensors`, or every shard its index names
+/// (checked to be files of the directory itself). Empty if it has no weights.
+pub fn weight_file_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !has_weights(dir) {
+        return Ok(Vec::new());
+    }
+    weight_files(dir).map(|(files, _)| files)
+}
+
 /// The files holding the weights and, for each tensor name, which file.
 fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, usize>)> {
     let index = dir.join(INDEX);
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::Weights { path: index.clone(), message: format!("not valid JSON: {e}") })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Weights { path: index.clone(), message: crate::models::config::json_error(&e) })?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
@@ -37,9 +88,12 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, usize>)> {
         let mut files: Vec<PathBuf> = Vec::new();
         let mut by_name = HashMap::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| Error::Weights { path: index.clone(), message: format!("weight_map[{name}] is not a file name") })?;
+            // A shard is a file of the model's own directory: an entry naming a path elsewhere
+            // (`../`, `/etc/…`) would read whatever it names.
+            let file = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                message: "a `weight_map` entry is not the name of a file in the model's directory".into(),
+            })?;
             let path = dir.join(file);
             let i = match files.iter().position(|f| *f == path) {
                 Some(i) => i,
@@ -71,8 +125,10 @@ pub fn load_weights(dir: &Path, config: &ModelConfig, table: &ParamTable, params
         // writer truncating the file could fault the process, which is the documented risk of
         // every safetensors reader and the same one transformers takes.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::Weights { path: path.clone(), message: format!("not a valid safetensors file: {e}") })?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
+            path: path.clone(),
+            message: format!("not a valid safetensors file: {}", safetensors_error(&e)),
+        })?;
         for (name, view) in st.tensors() {
             let canonical = canonical_name(&name, config);
             let Some(i) = table.entries().iter().position(|e| e.name == canonical) else {
@@ -220,8 +276,7 @@ pub fn save_hf_dir_sharded(
         meta.insert("format".to_string(), "pt".to_string());
         let path = dir.join(name(i));
         let tmp = dir.join(format!(".{}.tmp", name(i)));
-        safetensors::serialize_to_file(views, Some(meta), &tmp)
-            .map_err(|e| Error::Weights { path: tmp.clone(), message: e.to_string() })?;
+        write_safetensors(views, meta, &tmp)?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     }
     // Shards of an earlier, differently split write would sit beside these and be counted.
@@ -274,6 +329,38 @@ pub fn write_replacing_with(path: &Path, write: impl FnOnce(&mut dyn std::io::Wr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The weights follow the umask like the rest of a run (they were always 0600).
+    #[test]
+    fn safetensors_files_follow_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.safetensors");
+        let data = [0u8; 8];
+        let views = [("w".to_string(), TensorView::new(Dtype::F32, vec![2], &data).unwrap())];
+        write_safetensors(views, HashMap::new(), &p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "{mode:o}");
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        assert_eq!(std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777, mode, "as a file made with the umask");
+    }
+
+    /// An index naming a shard outside the model's directory is refused, not read.
+    #[test]
+    fn an_index_may_name_only_files_of_its_own_directory() {
+        let d = tempfile::tempdir().unwrap();
+        for bad in ["../secret", "/etc/passwd", "a/../../b", ".."] {
+            std::fs::write(d.path().join(INDEX), serde_json::json!({"weight_map": {"w": bad}}).to_string()).unwrap();
+            let err = weight_file_paths(d.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("not the name of a file in the model's directory") && !err.contains(bad.trim_start_matches('/')),
+                "{bad}: {err}"
+            );
+        }
+        std::fs::write(d.path().join(INDEX), serde_json::json!({"weight_map": {"w": "model-1.safetensors"}}).to_string()).unwrap();
+        assert_eq!(weight_file_paths(d.path()).unwrap(), [d.path().join("model-1.safetensors")]);
+    }
 
     #[test]
     fn a_replaced_file_is_whole_or_untouched() {

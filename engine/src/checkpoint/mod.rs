@@ -8,8 +8,8 @@ mod sharded;
 mod state;
 
 pub use hf::{
-    final_step, has_weights, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded, write_final_step, write_replacing,
-    write_replacing_with, FINAL_STEP_FILE,
+    final_step, has_weights, is_plain_file_name, load_weights, save_hf_config, save_hf_dir, save_hf_dir_sharded, weight_file_paths,
+    write_final_step, write_replacing, write_replacing_with, FINAL_STEP_FILE,
 };
 pub use sharded::{shard_name, write_rank_shard};
 pub use state::{

@@ -53,7 +53,7 @@ pub fn write_rank_shard(path: &Path, pieces: &[Range<usize>], params: Option<&[f
     let ranges: Vec<[usize; 2]> = pieces.iter().map(|p| [p.start, p.end]).collect();
     let mut meta = HashMap::new();
     meta.insert(PIECES.to_string(), serde_json::to_string(&ranges).expect("serialises"));
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Weights { path: path.into(), message: e.to_string() })?;
+    super::hf::write_safetensors(views, meta, path)?;
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
 }
 

@@ -314,8 +314,7 @@ fn write_checkpoint(
         views.insert(key.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("length matches the table"));
     }
     let opt = tmp.join(OPTIMIZER);
-    safetensors::serialize_to_file(views, Some(HashMap::new()), &opt)
-        .map_err(|e| Error::Weights { path: opt.clone(), message: e.to_string() })?;
+    super::hf::write_safetensors(views, HashMap::new(), &opt)?;
     let state = serde_json::to_string_pretty(&TrainerState { step, params: table.len(), loss_scale }).expect("serialises");
     std::fs::write(tmp.join(STATE), state).map_err(|e| Error::io(tmp.join(STATE), e))?;
     seal(tmp, dir, step)

@@ -109,9 +109,11 @@ impl Tokens {
 /// Refuses tokens the model cannot embed, naming the file and the first offending position.
 pub fn check_vocab(tokens: &Tokens, vocab: usize, path: &Path) -> Result<()> {
     match tokens.find(|t| t as usize >= vocab) {
-        Some((i, t)) => Err(Error::Data {
+        // The value itself is not quoted: it is two or four bytes of a file the daemon may read
+        // for a user who could not (see docs/security.md).
+        Some((i, _)) => Err(Error::Data {
             path: path.into(),
-            message: format!("token {t} at position {i} is outside the model's vocabulary of {vocab}"),
+            message: format!("the token at position {i} is outside the model's vocabulary of {vocab} (is this the model's token file?)"),
         }),
         None => Ok(()),
     }
@@ -124,7 +126,13 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             message: "not found (text data needs a tokenizer.json: set data.tokenizer)".into(),
         });
     }
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), message: e.to_string() })
+    // The library's message may quote the file (an unknown variant's name): only where it failed
+    // is kept.
+    Tokenizer::from_file(path).map_err(|e| {
+        let text = e.to_string();
+        let at = text.rfind(" at line ").map_or(String::new(), |i| format!(" ({})", text[i + 1..].trim()));
+        Error::Tokenizer { path: path.into(), message: format!("not a tokenizer.json the tokenizers library can read{at}") }
+    })
 }
 
 /// Loads the tokens of `path`: a token file is mapped, text is tokenized with `tokenizer`
@@ -239,8 +247,10 @@ pub fn encode_text_file(path: &Path, tok: &Tokenizer, mut progress: impl FnMut(u
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .map_err(|e| Error::Data { path: path.into(), message: format!("line {lineno}: not valid JSON: {e}") })?;
+                let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Data {
+                    path: path.into(),
+                    message: format!("line {lineno}: {}", crate::models::config::json_error(&e)),
+                })?;
                 let text = v
                     .get("text")
                     .and_then(|t| t.as_str())
@@ -291,6 +301,18 @@ fn safe_cut(text: &str, encode: &impl Fn(&str) -> Result<Vec<u32>>, wide: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error names the position, not the value: two bytes of a file the daemon may read for a
+    /// user who could not.
+    #[test]
+    fn a_token_outside_the_vocabulary_is_named_by_position_not_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.bin");
+        std::fs::write(&p, [1u8, 0, b'h', b'u']).unwrap();
+        let err = check_vocab(&load_tokens(&p, None).unwrap(), 512, &p).unwrap_err().to_string();
+        assert!(err.contains("the token at position 1 is outside the model's vocabulary of 512"), "{err}");
+        assert!(!err.contains(&u16::from_le_bytes(*b"hu").to_string()), "{err}");
+    }
 
     #[test]
     fn binary_formats_round_trip_and_odd_lengths_are_refused() {

@@ -88,6 +88,100 @@ const HARMLESS: &[&str] = &[
     "layer_norm_eps",
 ];
 
+/// What kind of JSON value `v` is, for messages: a number or a boolean as it is, a string, array
+/// or object by its kind only. Errors about a file a user named quote none of its text (the
+/// daemon reads files for users who could not read them themselves; see docs/security.md).
+pub fn kind_of(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "null".into(),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// Names of things Gantry knows of (architectures, rope types, activations it does not train):
+/// quoting one of them tells nothing of the file but which of them it names.
+const KNOWN_NAMES: &[&str] = &[
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "GPTJForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+    "FalconForCausalLM",
+    "BertModel",
+    "BertForMaskedLM",
+    "T5ForConditionalGeneration",
+    "ViTModel",
+    "ViTForImageClassification",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi",
+    "phi3",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "bloom",
+    "falcon",
+    "bert",
+    "t5",
+    "vit",
+    "default",
+    "linear",
+    "dynamic",
+    "yarn",
+    "longrope",
+    "llama3",
+    "su",
+    "mrope",
+    "relu",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "silu",
+    "swish",
+    "tanh",
+    "sigmoid",
+];
+
+/// A string value of the file, quoted only if it is one of `KNOWN_NAMES` (see `kind_of`).
+pub fn known_name(s: &str) -> String {
+    if KNOWN_NAMES.contains(&s) {
+        format!("\"{s}\"")
+    } else {
+        "a value Gantry does not know".into()
+    }
+}
+
+/// A JSON parse error by its kind and place, without the text around it.
+pub fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "could not be read",
+        Category::Syntax => "is not valid JSON",
+        Category::Data => "does not have the expected shape",
+        Category::Eof => "ends before the JSON document does",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
 struct Reader<'a> {
     map: &'a Map<String, Value>,
     path: &'a Path,
@@ -101,7 +195,7 @@ impl Reader<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         match self.map.get(key) {
             Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(n.as_u64().unwrap_or(0) as usize),
-            Some(v) => Err(self.err(format!("`{key}` must be a positive integer, found {v}"))),
+            Some(v) => Err(self.err(format!("`{key}` must be a positive integer, found {}", kind_of(v)))),
             None => Err(self.err(format!("`{key}` is missing"))),
         }
     }
@@ -116,7 +210,7 @@ impl Reader<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("`{key}` must be a number, found {}", kind_of(v)))),
         }
     }
 
@@ -124,7 +218,7 @@ impl Reader<'_> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(self.err(format!("`{key}` must be true or false, found {v}"))),
+            Some(v) => Err(self.err(format!("`{key}` must be true or false, found {}", kind_of(v)))),
         }
     }
 
@@ -132,7 +226,7 @@ impl Reader<'_> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::String(s)) => Ok(s),
-            Some(v) => Err(self.err(format!("`{key}` must be a string, found {v}"))),
+            Some(v) => Err(self.err(format!("`{key}` must be a string, found {}", kind_of(v)))),
         }
     }
 
@@ -141,7 +235,7 @@ impl Reader<'_> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(()),
             Some(v) if allowed.contains(v) => Ok(()),
-            Some(v) => Err(self.err(format!("`{key}` = {v} is not supported ({what})"))),
+            Some(v) => Err(self.err(format!("`{key}` = {} is not supported ({what})", kind_of(v)))),
         }
     }
 }
@@ -162,8 +256,7 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), message: format!("not valid JSON: {e}") })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), message: json_error(&e) })?;
         let Value::Object(map) = value else {
             return Err(Error::Config { path: path.into(), message: "expected a JSON object".into() });
         };
@@ -234,14 +327,17 @@ fn detect_arch(r: &Reader<'_>) -> Result<Arch> {
             return match a.as_str() {
                 "GPT2LMHeadModel" => Ok(Arch::Gpt2),
                 "LlamaForCausalLM" => Ok(Arch::Llama),
-                other => Err(r.err(format!("architecture `{other}` is not supported (supported: GPT2LMHeadModel, LlamaForCausalLM)"))),
+                other => Err(r.err(format!(
+                    "the architecture {} is not supported (supported: GPT2LMHeadModel, LlamaForCausalLM)",
+                    known_name(other)
+                ))),
             };
         }
     }
     match r.map.get("model_type").and_then(Value::as_str) {
         Some("gpt2") => Ok(Arch::Gpt2),
         Some("llama") => Ok(Arch::Llama),
-        Some(other) => Err(r.err(format!("model_type `{other}` is not supported (supported: gpt2, llama)"))),
+        Some(other) => Err(r.err(format!("`model_type` = {} is not supported (supported: gpt2, llama)", known_name(other)))),
         None => Err(r.err("neither `architectures` nor `model_type` says what model this is".into())),
     }
 }
@@ -266,7 +362,8 @@ fn gpt2(r: &Reader<'_>) -> Result<Parsed> {
     let act = r.str_or("activation_function", "gelu_new")?;
     if !["gelu_new", "gelu_pytorch_tanh"].contains(&act) {
         return Err(r.err(format!(
-            "`activation_function` = \"{act}\" is not supported (gantry implements the tanh GELU: gelu_new, gelu_pytorch_tanh)"
+            "`activation_function` = {} is not supported (gantry implements the tanh GELU: gelu_new, gelu_pytorch_tanh)",
+            known_name(act)
         )));
     }
     r.require("scale_attn_weights", &[Value::Bool(true)], "attention scores are always scaled by 1/sqrt(head_dim)")?;
@@ -319,7 +416,7 @@ fn llama(r: &Reader<'_>) -> Result<Parsed> {
     ];
     let act = r.str_or("hidden_act", "silu")?;
     if act != "silu" {
-        return Err(r.err(format!("`hidden_act` = \"{act}\" is not supported (gantry implements SwiGLU with silu)")));
+        return Err(r.err(format!("`hidden_act` = {} is not supported (gantry implements SwiGLU with silu)", known_name(act))));
     }
     r.require("partial_rotary_factor", &[serde_json::json!(1.0), serde_json::json!(1)], "rotary embeddings cover the whole head")?;
     r.require("sliding_window", &[], "sliding-window attention is not implemented")?;
@@ -361,12 +458,13 @@ fn rope_theta(r: &Reader<'_>) -> Result<f64> {
             Some(Value::Object(p)) => {
                 let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" {
-                    return Err(
-                        r.err(format!("`{key}.rope_type` = \"{kind}\" is not supported (only the default, unscaled rotary embedding)"))
-                    );
+                    return Err(r.err(format!(
+                        "`{key}.rope_type` = {} is not supported (only the default, unscaled rotary embedding)",
+                        known_name(kind)
+                    )));
                 }
                 if let Some(t) = p.get("rope_theta") {
-                    let t = t.as_f64().ok_or_else(|| r.err(format!("`{key}.rope_theta` must be a number, found {t}")))?;
+                    let t = t.as_f64().ok_or_else(|| r.err(format!("`{key}.rope_theta` must be a number, found {}", kind_of(t))))?;
                     match theta {
                         Some((other, u)) if u != t => {
                             return Err(r.err(format!("`{other}.rope_theta` = {u} and `{key}.rope_theta` = {t} disagree")));
@@ -375,7 +473,7 @@ fn rope_theta(r: &Reader<'_>) -> Result<f64> {
                     }
                 }
             }
-            Some(v) => return Err(r.err(format!("`{key}` must be an object, found {v}"))),
+            Some(v) => return Err(r.err(format!("`{key}` must be an object, found {}", kind_of(v)))),
         }
     }
     match theta {

@@ -59,6 +59,37 @@ pub struct Acts {
     logits: Vec<f32>,
 }
 
+impl Acts {
+    /// Floats held (for the test that `acts_elems` tells the truth).
+    pub fn elems(&self) -> usize {
+        [
+            &self.res,
+            &self.mid,
+            &self.ln1,
+            &self.ln1_stats.0,
+            &self.ln1_stats.1,
+            &self.qkv,
+            &self.att,
+            &self.lse,
+            &self.ln2,
+            &self.ln2_stats.0,
+            &self.ln2_stats.1,
+            &self.fc,
+            &self.gelu,
+            &self.lnf,
+            &self.lnf_stats.0,
+            &self.lnf_stats.1,
+            &self.dres,
+            &self.dc,
+            &self.dbig,
+            &self.logits,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum()
+    }
+}
+
 impl Gpt2 {
     pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Gpt2) {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
@@ -124,28 +155,61 @@ impl Gpt2 {
         (t, model)
     }
 
+    /// The length of each activation buffer for `batch` sequences of `seq` tokens, in the order
+    /// `acts` allocates them (so memory is known before anything is allocated).
+    fn acts_lens(&self, batch: usize, seq: usize) -> [usize; 20] {
+        let (n, c, l, inner) = (batch * seq, self.c, self.blocks.len(), self.inner);
+        [
+            (l + 1) * n * c,      // res
+            l * n * c,            // mid
+            l * n * c,            // ln1
+            l * n,                // ln1 mean
+            l * n,                // ln1 rstd
+            l * n * 3 * c,        // qkv
+            l * n * c,            // att
+            l * n * self.heads,   // lse
+            l * n * c,            // ln2
+            l * n,                // ln2 mean
+            l * n,                // ln2 rstd
+            l * n * inner,        // fc
+            n * inner,            // gelu
+            n * c,                // lnf
+            n,                    // lnf mean
+            n,                    // lnf rstd
+            n * c,                // dres
+            n * c,                // dc
+            n * inner.max(3 * c), // dbig
+            self.head.scratch_len(n),
+        ]
+    }
+
+    /// Floats of activations and backward scratch for `batch` sequences of `seq` tokens.
+    pub fn acts_elems(&self, batch: usize, seq: usize) -> usize {
+        self.acts_lens(batch, seq).iter().sum()
+    }
+
     pub fn acts(&self, batch: usize, seq: usize) -> Acts {
-        let (n, c, l) = (batch * seq, self.c, self.blocks.len());
-        let z = |len: usize| vec![0.0f32; len];
+        let mut lens = self.acts_lens(batch, seq).into_iter().map(|len| vec![0.0f32; len]);
+        let mut z = || lens.next().expect("one length per buffer");
         Acts {
-            n,
-            res: z((l + 1) * n * c),
-            mid: z(l * n * c),
-            ln1: z(l * n * c),
-            ln1_stats: (z(l * n), z(l * n)),
-            qkv: z(l * n * 3 * c),
-            att: z(l * n * c),
-            lse: z(l * n * self.heads),
-            ln2: z(l * n * c),
-            ln2_stats: (z(l * n), z(l * n)),
-            fc: z(l * n * self.inner),
-            gelu: z(n * self.inner),
-            lnf: z(n * c),
-            lnf_stats: (z(n), z(n)),
-            dres: z(n * c),
-            dc: z(n * c),
-            dbig: z(n * self.inner.max(3 * c)),
-            logits: z(self.head.scratch_len(n)),
+            n: batch * seq,
+            res: z(),
+            mid: z(),
+            ln1: z(),
+            ln1_stats: (z(), z()),
+            qkv: z(),
+            att: z(),
+            lse: z(),
+            ln2: z(),
+            ln2_stats: (z(), z()),
+            fc: z(),
+            gelu: z(),
+            lnf: z(),
+            lnf_stats: (z(), z()),
+            dres: z(),
+            dc: z(),
+            dbig: z(),
+            logits: z(),
         }
     }
 

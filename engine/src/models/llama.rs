@@ -76,6 +76,38 @@ pub struct Acts {
     logits: Vec<f32>,
 }
 
+impl Acts {
+    /// Floats held (for the test that `acts_elems` tells the truth).
+    pub fn elems(&self) -> usize {
+        [
+            &self.res,
+            &self.mid,
+            &self.n1,
+            &self.n1_rstd,
+            &self.qkv,
+            &self.att,
+            &self.lse,
+            &self.n2,
+            &self.n2_rstd,
+            &self.gate,
+            &self.up,
+            &self.act,
+            &self.nf,
+            &self.nf_rstd,
+            &self.dres,
+            &self.dc,
+            &self.datt,
+            &self.dqkv,
+            &self.da,
+            &self.db,
+            &self.logits,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum()
+    }
+}
+
 impl Llama {
     pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Llama) {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
@@ -147,33 +179,67 @@ impl Llama {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
+    /// The length of each activation buffer for `batch` sequences of `seq` tokens, in the order
+    /// `acts` allocates them (so memory is known before anything is allocated).
+    fn acts_lens(&self, batch: usize, seq: usize) -> [usize; 21] {
         let (n, c, l) = (batch * seq, self.c, self.blocks.len());
         let (w, hd, inner) = (self.qkv_width(), self.heads * self.head_dim, self.inner);
-        let z = |len: usize| vec![0.0f32; len];
+        [
+            (l + 1) * n * c,    // res
+            l * n * c,          // mid
+            l * n * c,          // n1
+            l * n,              // n1_rstd
+            l * n * w,          // qkv
+            l * n * hd,         // att
+            l * n * self.heads, // lse
+            l * n * c,          // n2
+            l * n,              // n2_rstd
+            l * n * inner,      // gate
+            l * n * inner,      // up
+            n * inner,          // act
+            n * c,              // nf
+            n,                  // nf_rstd
+            n * c,              // dres
+            n * c,              // dc
+            n * hd,             // datt
+            n * w,              // dqkv
+            n * inner,          // da
+            n * inner,          // db
+            self.head.scratch_len(n),
+        ]
+    }
+
+    /// Floats of activations and backward scratch for `batch` sequences of `seq` tokens.
+    pub fn acts_elems(&self, batch: usize, seq: usize) -> usize {
+        self.acts_lens(batch, seq).iter().sum()
+    }
+
+    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
+        let mut lens = self.acts_lens(batch, seq).into_iter().map(|len| vec![0.0f32; len]);
+        let mut z = || lens.next().expect("one length per buffer");
         Acts {
-            n,
-            res: z((l + 1) * n * c),
-            mid: z(l * n * c),
-            n1: z(l * n * c),
-            n1_rstd: z(l * n),
-            qkv: z(l * n * w),
-            att: z(l * n * hd),
-            lse: z(l * n * self.heads),
-            n2: z(l * n * c),
-            n2_rstd: z(l * n),
-            gate: z(l * n * inner),
-            up: z(l * n * inner),
-            act: z(n * inner),
-            nf: z(n * c),
-            nf_rstd: z(n),
-            dres: z(n * c),
-            dc: z(n * c),
-            datt: z(n * hd),
-            dqkv: z(n * w),
-            da: z(n * inner),
-            db: z(n * inner),
-            logits: z(self.head.scratch_len(n)),
+            n: batch * seq,
+            res: z(),
+            mid: z(),
+            n1: z(),
+            n1_rstd: z(),
+            qkv: z(),
+            att: z(),
+            lse: z(),
+            n2: z(),
+            n2_rstd: z(),
+            gate: z(),
+            up: z(),
+            act: z(),
+            nf: z(),
+            nf_rstd: z(),
+            dres: z(),
+            dc: z(),
+            datt: z(),
+            dqkv: z(),
+            da: z(),
+            db: z(),
+            logits: z(),
         }
     }
 

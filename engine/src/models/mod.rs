@@ -60,6 +60,15 @@ impl Activations {
     fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
         split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs, &mut self.targets)
     }
+
+    /// Bytes held: the float buffers and the token ids.
+    pub fn bytes(&self) -> u64 {
+        let floats = match &self.kind {
+            ActsKind::Gpt2(a) => a.elems(),
+            ActsKind::Llama(a) => a.elems(),
+        };
+        4 * (floats + self.inputs.len() + self.targets.len()) as u64
+    }
 }
 
 impl Model {
@@ -81,6 +90,29 @@ impl Model {
             }
         };
         Ok(Model { config, table, kind })
+    }
+
+    /// The bytes `activations(batch, seq)` would allocate, computed without allocating them;
+    /// `u64::MAX` for a shape whose buffers could not even be sized (their lengths would
+    /// overflow).
+    pub fn activation_bytes(&self, batch: usize, seq: usize) -> u64 {
+        // Every buffer is at most (layers + 1) × tokens × the widest row (a layer's activations,
+        // the MLP, the fused QKV, a block of logits): if that fits, so does every length.
+        let c = &self.config;
+        let widest = [c.hidden * 3, c.intermediate, c.vocab, (c.heads + 2 * c.kv_heads) * c.head_dim].into_iter().max().unwrap_or(1);
+        let fits = batch
+            .checked_mul(seq)
+            .and_then(|n| n.checked_mul(c.layers + 1))
+            .and_then(|n| n.checked_mul(widest))
+            .and_then(|n| n.checked_mul(64));
+        if fits.is_none() {
+            return u64::MAX;
+        }
+        let floats = match &self.kind {
+            Kind::Gpt2(m) => m.acts_elems(batch, seq),
+            Kind::Llama(m) => m.acts_elems(batch, seq),
+        };
+        4 * (floats + 2 * batch * seq) as u64
     }
 
     /// Buffers for batches of up to `batch` sequences of `seq` tokens.

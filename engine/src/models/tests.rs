@@ -136,3 +136,28 @@ fn hooks_cover_every_parameter_and_final_gradients_do_not_change() {
         assert!(needed.iter().all(|n| *n), "{json}: every parameter is announced before use");
     }
 }
+
+/// A config's text is never quoted in an error: the daemon reads configs for users who may not
+/// read them themselves (docs/security.md). Keys Gantry knows, kinds and numbers are named.
+#[test]
+fn config_errors_name_keys_and_kinds_but_quote_no_text() {
+    let secret = "hunter2-secret";
+    for json in [
+        format!(r#"{{"architectures": ["{secret}"]}}"#),
+        format!(r#"{{"model_type": "{secret}"}}"#),
+        format!(
+            r#"{{"architectures": ["GPT2LMHeadModel"], "vocab_size": "{secret}", "n_embd": 8, "n_layer": 1, "n_head": 1, "n_positions": 8}}"#
+        ),
+        format!(r#"{{"architectures": ["GPT2LMHeadModel"], "activation_function": "{secret}"}}"#),
+        format!(r#"{{"architectures": ["LlamaForCausalLM"], "hidden_act": "{secret}"}}"#),
+        format!(r#"{{"architectures": ["GPT2LMHeadModel"], "scale_attn_weights": "{secret}"}}"#),
+        format!(r#""{secret}""#),
+        format!(r#"{{"a": "{secret}" "#),
+    ] {
+        let err = ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap_err().to_string();
+        assert!(!err.contains(secret), "{err}");
+    }
+    let json = r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": "x", "n_embd": 8, "n_layer": 1, "n_head": 1, "n_positions": 8}"#;
+    let err = ModelConfig::from_json(json, std::path::Path::new("c.json")).unwrap_err().to_string();
+    assert!(err.contains("`vocab_size` must be a positive integer, found a string"), "{err}");
+}

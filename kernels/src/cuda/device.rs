@@ -35,6 +35,16 @@ pub fn count() -> Result<usize> {
     Ok(CudaContext::device_count().map_err(|e| Error::cuda("cuDeviceGetCount", e))? as usize)
 }
 
+/// A GPU's memory in bytes, without opening it (no context is created).
+pub fn total_memory(ordinal: usize) -> Result<u64> {
+    ensure_driver()?;
+    cudarc::driver::result::init().map_err(|e| Error::cuda("cuInit", e))?;
+    let dev = cudarc::driver::result::device::get(ordinal as i32).map_err(|e| Error::cuda(format!("CUDA device {ordinal}"), e))?;
+    // SAFETY: `dev` was just returned by cuDeviceGet, as total_mem requires.
+    let bytes = unsafe { cudarc::driver::result::device::total_mem(dev) }.map_err(|e| Error::cuda("device memory", e))?;
+    Ok(bytes as u64)
+}
+
 /// The GPUs the driver reports.
 pub fn list() -> Result<Vec<GpuInfo>> {
     ensure_driver()?;

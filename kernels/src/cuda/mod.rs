@@ -54,7 +54,20 @@ pub fn gpu_count() -> Result<usize> {
     }
 }
 
-/// The GPUs on this machine.
+/// A GPU's memory in bytes, read without opening it.
+pub fn gpu_memory(ordinal: usize) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        device::total_memory(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(crate::Error::NotBuilt)
+    }
+}
+
+/// The GPUs the driver reports (a context is created on each to describe it).
 pub fn list_gpus() -> Result<Vec<GpuInfo>> {
     #[cfg(feature = "cuda")]
     {

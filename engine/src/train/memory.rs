@@ -1,0 +1,170 @@
+//! What one rank will hold in memory, from the model's config and the job's layout, before
+//! anything is allocated: the daemon refuses a job whose ranks cannot fit its node at submission,
+//! rather than accept it and have every attempt abort when an allocation fails.
+//!
+//! The terms follow the buffers the trainer allocates (see `Trainer::with_comm` and
+//! `DataParallel`): parameters, gradients and AdamW's moments in f32 (sharded as the ZeRO stage
+//! says), the activation buffers of one micro-batch (`Model::activation_bytes`, the same lengths
+//! the model allocates), and the host copy asynchronous checkpoints write from.
+
+use gantry_api::{Devices, JobSpec, Precision};
+
+use crate::models::{Model, ModelConfig};
+use crate::Result;
+
+/// One rank's memory, in bytes, by what holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    /// Text data tokenized in memory, the checkpoint writer's host copy.
+    pub other: u64,
+}
+
+impl MemoryPlan {
+    pub fn per_rank(&self) -> u64 {
+        [self.gradients, self.optimizer, self.activations, self.other].into_iter().fold(self.parameters, u64::saturating_add)
+    }
+
+    /// The term that weighs most, as the spec key that shrinks it: `train.micro_batch_size` for
+    /// activations, `parallel.zero` for the state (when a higher stage would shard more of it),
+    /// else the model itself (`model.path`).
+    pub fn field_to_change(&self, spec: &JobSpec) -> &'static str {
+        let state = self.parameters + self.gradients + self.optimizer;
+        if self.activations > state {
+            "train.micro_batch_size"
+        } else if spec.parallel.dp > 1 && spec.parallel.zero < 3 {
+            "parallel.zero"
+        } else {
+            "model.path"
+        }
+    }
+}
+
+/// The memory one rank of `spec` holds training `config`. `text_bytes` is the size of the
+/// training data when it is text (it is tokenized into memory; token files are mapped and read
+/// through the page cache, which the kernel can always reclaim).
+pub fn estimate_memory(spec: &JobSpec, config: &ModelConfig, text_bytes: u64) -> Result<MemoryPlan> {
+    let dp = spec.parallel.dp.max(1) as u64;
+    let zero = if dp > 1 { spec.parallel.zero } else { 0 };
+    // The same chunking the trainer uses (see `Trainer::with_comm`): ZeRO-2/3 keep about two
+    // chunks whole at a time (the one in use and the next, prefetched).
+    let probe = Model::new(config.clone())?;
+    let n = probe.table.len() as u64;
+    let chunk = if dp > 1 {
+        let model = Model::with_chunks(config.clone(), (probe.table.len() / 32).max(1 << 12))?;
+        model.table.chunks().iter().map(|c| c.range.len() as u64).max().unwrap_or(0)
+    } else {
+        n
+    };
+    let working = (2 * chunk).min(n);
+    let shard = n.div_ceil(dp);
+    let parameters = 4 * if zero >= 3 { shard + working } else { n };
+    let gradients = 4 * if zero >= 2 { shard + working } else { n };
+    let optimizer = 8 * if zero >= 1 { shard } else { n };
+    let activations = probe.activation_bytes(spec.micro_batch_size(), spec.data.seq_len);
+    let on_gpu = matches!(spec.resources.devices, Devices::Cuda(_));
+    // A GPU rank keeps a 16-bit working copy beside the f32 masters; a CPU rank 0 under DDP keeps
+    // a host copy of the parameters and moments for the checkpoint writer.
+    let copy = if on_gpu {
+        if spec.train.precision == Precision::Fp32 {
+            0
+        } else {
+            2 * n
+        }
+    } else if spec.checkpoint.every > 0 && zero == 0 {
+        4 * 3 * n
+    } else {
+        0
+    };
+    // Text becomes u32 token ids (about one per four bytes) while the pieces of text are read.
+    let other = copy.saturating_add(text_bytes);
+    Ok(MemoryPlan { parameters, gradients, optimizer, activations, other })
+}
+
+/// Bytes as `1.5 GiB`, `300 MiB`, `12 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> JobSpec {
+        JobSpec::from_toml(&format!("[model]\npath = \"m\"\n[data]\ntrain = \"t.bin\"\nseq_len = 32\n{extra}"), &[]).unwrap()
+    }
+
+    fn tiny() -> ModelConfig {
+        let json =
+            r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}"#;
+        ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// The activation term is what the model allocates for the same batch shape.
+    #[test]
+    fn activations_are_the_bytes_the_model_allocates() {
+        for json in [
+            r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}"#,
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 80, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
+        ] {
+            let model = Model::new(ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()).unwrap();
+            for (b, t) in [(1, 1), (2, 16), (3, 64)] {
+                assert_eq!(model.activation_bytes(b, t), model.activations(b, t).unwrap().bytes(), "batch {b} seq {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_stages_shard_what_they_say() {
+        let n = 4 * Model::new(tiny()).unwrap().table.len() as u64;
+        let at = |zero: u8| {
+            let s = spec(&format!("[train]\nglobal_batch_size = 4\n[parallel]\ndp = 4\nzero = {zero}\n[resources]\ndevices = \"cpu:4\""));
+            estimate_memory(&s, &tiny(), 0).unwrap()
+        };
+        let one = estimate_memory(&spec("[train]\nglobal_batch_size = 1"), &tiny(), 0).unwrap();
+        assert_eq!((one.parameters, one.gradients, one.optimizer, one.other), (n, n, 2 * n, 0));
+        assert_eq!(at(0).optimizer, 2 * n);
+        assert_eq!(at(1).optimizer, 2 * n / 4, "ZeRO-1 shards the moments");
+        assert_eq!(at(1).gradients, n);
+        assert!(at(2).gradients < n && at(2).parameters == n, "ZeRO-2 shards the gradients too");
+        assert!(at(3).parameters < n, "ZeRO-3 shards the parameters too");
+        assert!(at(3).per_rank() < at(2).per_rank() && at(2).per_rank() < at(1).per_rank() && at(1).per_rank() < at(0).per_rank());
+        // Every rank of dp = 4 runs a micro-batch of 1: a quarter of one rank's batch of 4.
+        let whole = estimate_memory(&spec("[train]\nglobal_batch_size = 4"), &tiny(), 0).unwrap();
+        assert!(at(0).activations < whole.activations);
+        assert_eq!(at(0).field_to_change(&spec("[parallel]\ndp = 1")), "model.path");
+    }
+
+    #[test]
+    fn a_seventy_billion_parameter_model_needs_terabytes_and_says_which_term() {
+        let json = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 8192}"#;
+        let config = ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
+        let plan = estimate_memory(&spec("[train]\nglobal_batch_size = 1"), &config, 0).unwrap();
+        // 70.6 B parameters × 16 bytes of state.
+        let params = plan.parameters / 4;
+        assert!((70_000_000_000..71_000_000_000).contains(&params), "{params}");
+        assert!(plan.per_rank() > 1 << 40, "{}", human_bytes(plan.per_rank()));
+        assert_eq!(plan.field_to_change(&spec("")), "model.path");
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        // A batch whose buffers could not even be sized saturates rather than wraps.
+        let absurd = spec(&format!("[train]\nglobal_batch_size = {}", i64::MAX));
+        assert_eq!(estimate_memory(&absurd, &config, 0).unwrap().per_rank(), u64::MAX);
+        assert_eq!(human_bytes(12), "12 B");
+    }
+}
