@@ -117,6 +117,36 @@ pub struct Job {
     /// Milliseconds since the Unix epoch.
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// The user who submitted the job (the name of the token it came with); `None` on a daemon
+    /// without tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The memory each rank was estimated to need when the job was submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_estimate: Option<MemoryEstimate>,
+}
+
+/// Bytes one rank of a job holds while it trains, as estimated from its model and layout before
+/// anything runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    /// The rank's copy (or, under ZeRO-3, shard) of the parameters.
+    pub parameters: u64,
+    pub gradients: u64,
+    /// AdamW's two moments (sharded under ZeRO 1-3).
+    pub optimizer: u64,
+    /// The activations one micro-batch saves for its backward, and the backward's scratch.
+    pub activations: u64,
+    /// Everything else the rank holds in memory: the token data of text files, the host copy of
+    /// the state that asynchronous checkpoints write from.
+    pub other: u64,
+    /// The sum, per rank.
+    pub per_rank: u64,
+    /// How many ranks run on the node (each holds `per_rank`).
+    pub ranks: u32,
+    /// The memory the ranks share on the node (host memory, or one GPU's for a GPU job), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_bytes: Option<u64>,
 }
 
 /// One recorded state transition.
@@ -199,6 +229,10 @@ pub enum ErrorCode {
     /// The store is unreachable for now; retry (HTTP 503).
     Unavailable,
     Internal,
+    /// No valid token came with the request (HTTP 401).
+    Unauthorized,
+    /// The token's user may not do this (HTTP 403): cancel or delete another user's job.
+    Forbidden,
 }
 
 impl fmt::Display for ApiError {

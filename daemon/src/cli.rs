@@ -39,10 +39,37 @@ pub enum Command {
     Logs(LogsArgs),
     /// Cancel a job: every rank is stopped and the job recorded `cancelled`.
     Cancel(JobArgs),
+    /// Delete a job that has ended: its records in the daemon's database and its run directory.
+    Delete(JobArgs),
+    /// Tokens for a daemon started with `--tokens`.
+    Token(TokenArgs),
     /// List this machine's devices: GPUs (name, memory, compute capability) or CPU slots.
     Devices(DevicesArgs),
     /// CUDA kernel tools.
     Kernels(KernelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new secret for a user: prints the secret (first line; it is stored nowhere), then
+    /// the `[[token]]` entry for the daemon's tokens file, which holds only its SHA-256.
+    New {
+        /// The user the token stands for (jobs record it as their owner).
+        #[arg(long)]
+        user: String,
+        /// `admin` (acts on any job) or `user` (cancels and deletes only its own).
+        #[arg(long)]
+        role: crate::auth::Role,
+        /// Also append the entry to this tokens file (created 0600 if missing).
+        #[arg(long, value_name = "FILE")]
+        append: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +126,37 @@ pub struct DaemonArgs {
     /// [default: 600].
     #[arg(long, env = "GANTRY_METRICS_RETENTION")]
     pub metrics_retention: Option<u64>,
+    /// Seconds a rank may go without finishing a step (while its heartbeats go on) before it
+    /// counts as hung and its job is restarted [default: 10 times the rank's slowest step so far,
+    /// at least 600].
+    #[arg(long, env = "GANTRY_STALL_TIMEOUT")]
+    pub stall_timeout: Option<u64>,
+    /// A TOML file of `[[token]]` entries (`user`, `role`, `token_sha256`; see `gantry token
+    /// new`): every job call must then carry one of their secrets.
+    #[arg(long, env = "GANTRY_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Listen on a non-loopback address without `--tokens`: anyone who reaches the port may then
+    /// submit, cancel and delete jobs.
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS for REST and gRPC: the certificate chain (PEM).
+    #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Directories jobs may read their model, data and tokenizer from (symlinks are followed)
+    /// [default: the data directory with --tokens; anywhere without].
+    #[arg(long, env = "GANTRY_READ_ROOTS", value_delimiter = ',', value_name = "DIR[,DIR...]")]
+    pub read_roots: Vec<PathBuf>,
+    /// Connections each listener keeps open at once [default: 512].
+    #[arg(long, env = "GANTRY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's headers, or its body; a new connection
+    /// gets the lesser of this and 10 s for its first bytes (a TLS handshake included)
+    /// [default: 30].
+    #[arg(long, env = "GANTRY_READ_TIMEOUT")]
+    pub read_timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -128,13 +186,21 @@ pub struct WorkerArgs {
     /// on that GPU whatever ids the spec lists.
     #[arg(long)]
     pub device: Option<String>,
+    /// A directory the job's files must lie in (repeated; none: anywhere), checked again here.
+    #[arg(long = "read-root")]
+    pub read_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// The daemon's REST address.
+    /// The daemon's REST address (`https://…` for a daemon with TLS). The token, if the daemon
+    /// wants one, is read from GANTRY_TOKEN.
     #[arg(long, env = "GANTRY_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
     pub server: String,
+    /// A PEM certificate to trust for an `https://` server, besides the system's (a daemon's
+    /// self-signed certificate).
+    #[arg(long, env = "GANTRY_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

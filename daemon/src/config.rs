@@ -10,6 +10,7 @@ use gantry_api::Devices;
 use serde::Deserialize;
 
 use crate::cli::DaemonArgs;
+use crate::roots::ReadRoots;
 
 /// The config file's keys (all optional), named like the flags.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +24,14 @@ struct FileConfig {
     devices: Option<String>,
     heartbeat_timeout: Option<u64>,
     metrics_retention: Option<u64>,
+    stall_timeout: Option<u64>,
+    tokens: Option<PathBuf>,
+    insecure: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    read_roots: Option<Vec<PathBuf>>,
+    max_connections: Option<usize>,
+    read_timeout: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -41,6 +50,23 @@ pub struct DaemonConfig {
     pub metrics_retention: Duration,
     /// How long a started rank may take to register (model and data loading included).
     pub register_timeout: Duration,
+    /// How long a rank may go without finishing a step before it counts as hung; `None`: derived
+    /// from its own step times (see `supervisor::stall_limit`).
+    pub stall_timeout: Option<Duration>,
+    /// The tokens file (`None`: every caller is an anonymous admin, on loopback only).
+    pub tokens: Option<PathBuf>,
+    /// TLS for REST and gRPC: (certificate chain, key), PEM.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where jobs may read their files from.
+    pub read_roots: ReadRoots,
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers or body.
+    pub read_timeout: Duration,
+    /// The memory the node's CPU ranks share (the smaller of the machine's and its cgroup's).
+    pub host_memory: Option<u64>,
+    /// This data directory's runs of this database (`DATA_DIR/runs/<database id>`), known once
+    /// the store is bound (see `datadir`).
+    pub runs_root: PathBuf,
 }
 
 impl DaemonConfig {
@@ -69,22 +95,84 @@ impl DaemonConfig {
         if heartbeat == 0 {
             bail!("--heartbeat-timeout must be at least 1 second");
         }
+        let stall = a.stall_timeout.or(file.stall_timeout);
+        if stall == Some(0) {
+            bail!("--stall-timeout must be at least 1 second");
+        }
+        let tokens = a.tokens.clone().or(file.tokens);
+        let insecure = a.insecure || file.insecure.unwrap_or(false);
+        let tls = match (a.tls_cert.clone().or(file.tls_cert), a.tls_key.clone().or(file.tls_key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("TLS needs both --tls-cert and --tls-key"),
+        };
+        let http = addr("http", pick(&a.http, &file.http, "127.0.0.1:8080"))?;
+        let grpc = addr("grpc", pick(&a.grpc, &file.grpc, "127.0.0.1:8081"))?;
+        // Without tokens anyone who reaches the port steers every job: only this machine's users
+        // may, unless the operator says otherwise.
+        if tokens.is_none() && !insecure {
+            for (flag, a) in [("--http", http), ("--grpc", grpc)] {
+                if !a.ip().is_loopback() {
+                    bail!(
+                        "{flag} {a} is not a loopback address and no --tokens file is given: anyone who reaches it could submit,                          cancel and delete jobs; give --tokens FILE (see `gantry token new`), or --insecure to do it anyway"
+                    );
+                }
+            }
+        }
+        let roots = if a.read_roots.is_empty() { file.read_roots.unwrap_or_default() } else { a.read_roots.clone() };
+        // With tokens, jobs come from users who may not read what the daemon can: by default they
+        // read only from the data directory.
+        let read_roots = match (roots.is_empty(), &tokens) {
+            (false, _) => ReadRoots::new(&roots).map_err(anyhow::Error::msg)?,
+            (true, Some(_)) => ReadRoots::new(std::slice::from_ref(&data_dir)).map_err(anyhow::Error::msg)?,
+            (true, None) => ReadRoots::anywhere(),
+        };
+        let max_connections = a.max_connections.or(file.max_connections).unwrap_or(512);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        let read_timeout = a.read_timeout.or(file.read_timeout).unwrap_or(30);
+        if read_timeout == 0 {
+            bail!("--read-timeout must be at least 1 second");
+        }
         Ok(DaemonConfig {
-            http: addr("http", pick(&a.http, &file.http, "127.0.0.1:8080"))?,
-            grpc: addr("grpc", pick(&a.grpc, &file.grpc, "127.0.0.1:8081"))?,
+            http,
+            grpc,
             metrics: a.metrics.clone().or(file.metrics).map(|m| addr("metrics", m)).transpose()?,
             database_url,
             slots: slots(&devices),
+            runs_root: data_dir.join("runs"),
             data_dir,
             heartbeat_timeout: Duration::from_secs(heartbeat),
             metrics_retention: Duration::from_secs(a.metrics_retention.or(file.metrics_retention).unwrap_or(600)),
             register_timeout: Duration::from_secs(180),
+            stall_timeout: stall.map(Duration::from_secs),
+            tokens,
+            tls,
+            read_roots,
+            max_connections,
+            read_timeout: Duration::from_secs(read_timeout),
+            host_memory: host_memory(),
         })
     }
 
-    pub fn runs_root(&self) -> PathBuf {
-        self.data_dir.join("runs")
+    /// The Unix socket the workers report to (in the data directory: only those who may enter it
+    /// can connect).
+    pub fn worker_socket(&self) -> PathBuf {
+        self.data_dir.join("worker.sock")
     }
+}
+
+/// The memory this machine gives the daemon's workers: MemTotal, or the cgroup's limit if lower.
+pub fn host_memory() -> Option<u64> {
+    let total =
+        std::fs::read_to_string("/proc/meminfo").ok()?.lines().find_map(|l| {
+            l.strip_prefix("MemTotal:").and_then(|v| v.trim().strip_suffix("kB")).and_then(|v| v.trim().parse::<u64>().ok())
+        })? * 1024;
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().and_then(|v| v.trim().parse::<u64>().ok()));
+    Some(cgroup.map_or(total, |c| c.min(total)))
 }
 
 /// GPU slots must name GPUs this machine has, so that jobs are not placed on devices that do not

@@ -18,6 +18,13 @@ pub enum Error {
     Conflict(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// Not now, but soon: retry (a worker registering while its job is still being started).
+    #[error("{0}")]
+    NotYet(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("database error: {0}")]
     Store(String),
     #[error("{path}: {err}")]
@@ -41,7 +48,9 @@ impl Error {
             Error::BadRequest(_) => ErrorCode::BadRequest,
             Error::JobNotFound(_) => ErrorCode::NotFound,
             Error::IllegalTransition { .. } | Error::Conflict(_) => ErrorCode::Conflict,
-            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Unavailable(_) | Error::NotYet(_) => ErrorCode::Unavailable,
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
             Error::Store(_) | Error::Io { .. } | Error::Internal(_) => ErrorCode::Internal,
         }
     }

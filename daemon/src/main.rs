@@ -1,19 +1,24 @@
 //! `gantry`: train, evaluate and benchmark models; run the job service (`gantry daemon`), its
 //! workers, and its command-line client.
 
+mod auth;
 mod cli;
 mod commands;
 mod config;
+mod datadir;
 mod error;
 mod grpc;
 mod http;
+mod listen;
 mod metrics;
 mod progress;
+mod roots;
 mod service;
 mod store;
 mod supervisor;
 #[cfg(test)]
 mod testing;
+mod text;
 mod worker;
 
 use clap::Parser;

@@ -62,7 +62,8 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     let (status, page) = d.get("/v1/jobs").await;
     assert_eq!(status, 200);
     assert_eq!(page["jobs"].as_array().unwrap().len(), 0, "nothing was stored: {page}");
-    assert!(std::fs::read_dir(d.data_dir.path().join("runs")).map(|r| r.count()).unwrap_or(0) == 0, "no run directory was made");
+    let runs = d.run_dir(1).parent().unwrap().to_path_buf();
+    assert!(std::fs::read_dir(&runs).map(|r| r.count()).unwrap_or(0) == 0, "no run directory was made in {}", runs.display());
     let (status, err) = d.get("/v1/jobs/12345").await;
     assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
     let (status, _) = d.get("/v1/jobs?state=done").await;
@@ -132,14 +133,16 @@ async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metric
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && table.lines().next().unwrap().starts_with("ID  NAME"), "{table}");
     assert!(table.lines().any(|l| l.starts_with(&first.to_string()) && l.contains("succeeded") && l.contains("12/12")), "{table}");
+    // A job that holds no slot shows what it asks for, which must not read like a slot's name.
+    assert!(table.lines().any(|l| l.starts_with(&first.to_string()) && l.contains("  1 cpu  ") && !l.contains("cpu:")), "{table}");
     let mut grpc = JobServiceClient::connect(d.grpc()).await.unwrap();
     let j = grpc.get_job(GetJobRequest { id: first }).await.unwrap().into_inner();
     assert_eq!((j.state.as_str(), j.step), ("succeeded", Some(12)));
 
-    // Worker reports that cannot be about this job are refused, and change nothing stored.
-    use gantry_api::proto::worker_service_client::WorkerServiceClient;
+    // Worker reports that cannot be about this job are refused, and change nothing stored, even
+    // with the job's own secret (forged ones: tests/security.rs).
     use gantry_api::proto::{CheckpointRequest, ReportStepsRequest, WorkerId};
-    let mut w = WorkerServiceClient::connect(d.grpc()).await.unwrap();
+    let mut w = d.worker_client(&d.worker_secret(first, 1)).await;
     let who = |job_id, rank| Some(WorkerId { job_id, rank, attempt: 1 });
     let step = |step| gantry_api::proto::StepMetrics { step, loss: 1.0, ..Default::default() };
     let code = |r: Result<tonic::Response<gantry_api::proto::Ack>, tonic::Status>| r.unwrap_err().code();
@@ -147,11 +150,14 @@ async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metric
         code(w.report_steps(ReportStepsRequest { worker: who(first, 3), steps: vec![step(5)] }).await),
         tonic::Code::InvalidArgument
     );
+    let refused = w.report_steps(ReportStepsRequest { worker: who(first, 0), steps: vec![step(3)] }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("has ended"), "a finished job takes no more reports: {}", refused.message());
+    let mut unknown = d.worker_client(&d.worker_secret(987_654, 1)).await;
     assert_eq!(
-        code(w.report_steps(ReportStepsRequest { worker: who(first, 0), steps: vec![step(1 << 40)] }).await),
-        tonic::Code::InvalidArgument
+        code(unknown.report_steps(ReportStepsRequest { worker: who(987_654, 0), steps: vec![step(1)] }).await),
+        tonic::Code::NotFound
     );
-    assert_eq!(code(w.report_steps(ReportStepsRequest { worker: who(987_654, 0), steps: vec![step(1)] }).await), tonic::Code::NotFound);
     let outside = CheckpointRequest { worker: who(first, 0), step: 11, path: d.data_dir.path().display().to_string() };
     assert_eq!(code(w.checkpoint_committed(outside).await), tonic::Code::InvalidArgument);
     let job = d.job(first).await;
@@ -317,6 +323,11 @@ async fn the_cli_submits_a_toml_spec_follows_it_and_shows_its_logs_and_status() 
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!((last["state"].as_str(), last["step"].as_i64()), (Some("succeeded"), Some(20)), "{stdout}");
     assert!(stderr.contains("submitted job") && stderr.contains("succeeded — every rank finished"), "{stderr}");
+    // Not a line a poll: the run's tenths, then the final state after the last step's line.
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.contains(" step ")).collect();
+    assert!(progress.len() <= 11 && progress.last().is_some_and(|l| l.contains("step 20/20")), "{stderr}");
+    let last_step = stderr.find("step 20/20").unwrap();
+    assert!(stderr.rfind("succeeded — every rank finished").unwrap() > last_step, "the final state comes last: {stderr}");
     let id = last["id"].as_i64().unwrap().to_string();
 
     let (ok, logs, _) = cli(&["logs", &id]);

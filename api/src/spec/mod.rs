@@ -74,8 +74,12 @@ impl JobSpec {
 
     /// Parses a JSON spec (the REST API's body) and validates it.
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        // serde would read a struct from an array too: a spec is an object.
+        if !text.trim_start().starts_with('{') {
+            return Err(SpecError::new("", "not valid JSON for a spec: it must be a JSON object ({…})"));
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             if e.inner().is_data() {
                 path_error(e.path().to_string(), e.inner().to_string())
             } else {
@@ -83,6 +87,9 @@ impl JobSpec {
                 SpecError::new("", format!("not valid JSON: {}", e.inner()))
             }
         })?;
+        // Text after the document (a second object, a stray character) is a mistake in the
+        // request, not something to ignore.
+        de.end().map_err(|e| SpecError::new("", format!("not valid JSON: {e} after the spec")))?;
         spec.validate()?;
         Ok(spec)
     }

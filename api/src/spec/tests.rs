@@ -115,3 +115,27 @@ fn overrides_that_look_like_numbers_or_dates_fill_string_keys() {
     assert_eq!(s.name.as_deref(), Some("2024-06-01"));
     assert!(JobSpec::from_toml(MINIMAL, &["train.steps=many".into()]).is_err());
 }
+
+#[test]
+fn text_after_the_json_document_is_refused() {
+    let ok = r#"{"model":{"path":"m"},"data":{"train":"t.bin"}}"#;
+    assert!(JobSpec::from_json(ok).is_ok());
+    assert!(JobSpec::from_json(&format!("{ok}\n  ")).is_ok(), "trailing whitespace is fine");
+    for tail in ["x", "{}", ok] {
+        let err = JobSpec::from_json(&format!("{ok}{tail}")).unwrap_err();
+        assert_eq!(err.field, "", "{err}");
+        assert!(err.message.contains("after the spec"), "{err}");
+    }
+}
+
+#[test]
+fn names_and_paths_are_bounded() {
+    let with_name = |n: usize| JobSpec::from_toml(&format!("name = \"{}\"\n{MINIMAL}", "é".repeat(n)), &[]);
+    assert!(with_name(MAX_NAME_CHARS).is_ok(), "256 characters (512 bytes) is the limit, in characters");
+    let err = with_name(MAX_NAME_CHARS + 1).unwrap_err();
+    assert_eq!(err.field, "name");
+    assert!(err.message.contains("at most 256"), "{err}");
+    let err = JobSpec::from_toml(MINIMAL, &[format!("data.train=\"{}\"", "a".repeat(MAX_PATH_BYTES + 1))]).unwrap_err();
+    assert_eq!(err.field, "data.train", "{err}");
+    assert!(JobSpec::from_toml(MINIMAL, &[format!("model.path=\"{}\"", "a".repeat(MAX_PATH_BYTES))]).is_ok());
+}

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::SpecError;
 
+/// The longest job name, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+/// The longest path a spec may name, in bytes (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+
 /// A training job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -374,6 +379,16 @@ impl JobSpec {
         for (field, text) in fields {
             if let Some(c) = text.and_then(|t| t.chars().find(|c| c.is_control())) {
                 return e(field, format!("contains the control character {c:?}"));
+            }
+        }
+        // Every job carries its name and paths in each listing: bounded, so a page of jobs stays
+        // small and no client has to lay out a megabyte-wide column.
+        if let Some(n) = self.name.as_deref().map(|n| n.chars().count()).filter(|n| *n > MAX_NAME_CHARS) {
+            return e("name", format!("is {n} characters long; at most {MAX_NAME_CHARS}"));
+        }
+        for (field, text) in fields.into_iter().skip(1) {
+            if let Some(len) = text.map(str::len).filter(|l| *l > MAX_PATH_BYTES) {
+                return e(field, format!("is {len} bytes long; a path has at most {MAX_PATH_BYTES}"));
             }
         }
         if self.model.path.trim().is_empty() {

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use gantry_api::{ApiError, Job, JobEvent, JobPage, JobSpec, LogLine, StepMetrics};
 use serde::de::DeserializeOwned;
 
-use crate::cli::{JobArgs, JobsArgs, LogsArgs, SubmitArgs};
+use crate::cli::{JobArgs, JobsArgs, LogsArgs, ServerArg, SubmitArgs};
 use crate::progress;
+use crate::text::{clean_line, for_terminal};
 
 struct Client {
     http: reqwest::Client,
@@ -30,9 +31,26 @@ impl std::fmt::Display for Unreachable {
 impl std::error::Error for Unreachable {}
 
 impl Client {
-    fn new(server: &str) -> anyhow::Result<Client> {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
-        Ok(Client { http, base: server.trim_end_matches('/').to_string() })
+    /// A client of the daemon at `server.server`, sending GANTRY_TOKEN (if set) with every call
+    /// and trusting `server.ca_cert` (if given) besides the system's certificates.
+    fn new(server: &ServerArg) -> anyhow::Result<Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = std::env::var("GANTRY_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow!("GANTRY_TOKEN holds characters a header cannot carry"))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).default_headers(headers);
+        if let Some(ca) = &server.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("--ca-cert {}", ca.display()))?;
+            for cert in
+                reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("--ca-cert {}: not PEM certificates", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Client { http: builder.build()?, base: server.server.trim_end_matches('/').to_string() })
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
@@ -73,6 +91,25 @@ impl Client {
         }
     }
 
+    /// DELETE: no body comes back on success.
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| anyhow!(Unreachable(format!("cannot reach the daemon at {}: {e}", self.base))))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.bytes().await?;
+        Err(match serde_json::from_slice::<ApiError>(&body) {
+            Ok(e) => anyhow!("{e} ({status})"),
+            Err(_) => anyhow!("{status}: {}", String::from_utf8_lossy(&body).trim()),
+        })
+    }
+
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Option<String>) -> anyhow::Result<T> {
         let mut req = self.http.post(format!("{}{path}", self.base));
         if let Some(b) = body {
@@ -95,7 +132,7 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     spec.model.path = abs(&spec.model.path);
     spec.data.train = abs(&spec.data.train);
     spec.data.tokenizer = spec.data.tokenizer.as_deref().map(abs);
-    let client = Client::new(&a.server.server)?;
+    let client = Client::new(&a.server)?;
     block_on(async {
         let job: Job = client.post("/v1/jobs", Some(serde_json::to_string(&spec)?)).await?;
         eprintln!("submitted job {} ({}), {}", job.id, job.name, job.state);
@@ -107,27 +144,30 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     })?
 }
 
-/// Live progress until the job ends; the exit status says whether it succeeded.
+/// Live progress until the job ends; the exit status says whether it succeeded. On a terminal, a
+/// bar; elsewhere (a log, a CI job) a line each tenth of the run (or every 30 s, whichever comes
+/// first) and one for each change of state, the final state last.
 async fn follow(client: &Client, id: i64) -> anyhow::Result<()> {
     let first: Job = client.get_patiently(&format!("/v1/jobs/{id}")).await?;
     let steps = first.spec.train.steps;
     let interactive = progress::interactive();
-    let pb = progress::bar(steps, "{prefix} step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
+    // `wide_msg` fits the line to the terminal: a line wider than the terminal would wrap, and
+    // every redraw would leave a line behind.
+    let pb = progress::bar(steps, "{prefix} step {pos}/{len} [{bar:30}] ETA {eta} {wide_msg}", interactive);
+    let tenth = (steps / 10).max(1) as i64;
     let mut last_state = None;
-    let mut last_printed = 0;
+    let mut last_printed = (0i64, std::time::Instant::now());
+    let say = |line: String| if interactive { pb.println(line) } else { eprintln!("{line}") };
     loop {
         let job: Job = client.get_patiently(&format!("/v1/jobs/{id}")).await?;
         let series: serde_json::Value =
             client.get_patiently(&format!("/v1/jobs/{id}/metrics?after_step={}", (job.step.unwrap_or(0) - 1).max(0))).await?;
         let latest: Option<StepMetrics> =
             series["steps"].as_array().and_then(|a| a.last()).and_then(|v| serde_json::from_value(v.clone()).ok());
-        if last_state != Some(job.state) {
-            let line = format!("job {id}: {} — {}", job.state, job.reason);
-            if interactive {
-                pb.println(line);
-            } else {
-                eprintln!("{line}");
-            }
+        let over = job.state.is_final();
+        // A final state is told after the last step line, so the log reads in order.
+        if last_state != Some(job.state) && !over {
+            say(format!("job {id}: {} — {}", job.state, for_terminal(&job.reason, 500)));
             last_state = Some(job.state);
         }
         if let Some(m) = &latest {
@@ -136,16 +176,21 @@ async fn follow(client: &Client, id: i64) -> anyhow::Result<()> {
                 pb.set_prefix(format!("job {id}"));
                 pb.set_position(m.step as u64);
                 pb.set_message(msg);
-            } else if m.step > last_printed && (m.step >= last_printed + 10 || m.step as u64 == steps) {
-                eprintln!("job {id} step {}/{steps} {msg}", m.step);
-                last_printed = m.step;
+            } else {
+                let (at, when) = last_printed;
+                let due = m.step / tenth > at / tenth || when.elapsed() >= Duration::from_secs(30) || m.step as u64 == steps || over;
+                if m.step > at && due {
+                    eprintln!("job {id} step {}/{steps} {msg}", m.step);
+                    last_printed = (m.step, std::time::Instant::now());
+                }
             }
         }
-        if job.state.is_final() {
+        if over {
             pb.finish_and_clear();
+            say(format!("job {id}: {} — {}", job.state, for_terminal(&job.reason, 2000)));
             println!("{}", serde_json::json!({"id": id, "state": job.state, "reason": job.reason, "step": job.step}));
             if job.state != gantry_api::JobState::Succeeded {
-                bail!("job {id} {}: {}", job.state, job.reason);
+                bail!("job {id} {}: {}", job.state, for_terminal(&job.reason, 2000));
             }
             return Ok(());
         }
@@ -154,7 +199,7 @@ async fn follow(client: &Client, id: i64) -> anyhow::Result<()> {
 }
 
 pub fn jobs(a: JobsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server.server)?;
+    let client = Client::new(&a.server)?;
     let mut path = format!("/v1/jobs?limit={}", a.limit);
     if let Some(s) = &a.state {
         path.push_str(&format!("&state={s}"));
@@ -171,16 +216,17 @@ pub fn jobs(a: JobsArgs) -> anyhow::Result<()> {
         .map(|j| {
             vec![
                 j.id.to_string(),
-                j.name.clone(),
+                for_terminal(&j.name, 32),
+                for_terminal(j.owner.as_deref().unwrap_or("-"), 24),
                 j.state.to_string(),
                 format!("{}/{}", j.step.unwrap_or(0), j.spec.train.steps),
-                j.spec.resources.devices.to_string(),
+                devices(j),
                 age(now - j.created_ms),
-                j.reason.clone(),
+                for_terminal(&j.reason, 200),
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "STATE", "STEP", "DEVICES", "AGE", "REASON"], &rows);
+    print_table(&["ID", "NAME", "OWNER", "STATE", "STEP", "DEVICES", "AGE", "REASON"], &rows);
     if let Some(after) = page.next_after {
         eprintln!("(more: --limit or GET /v1/jobs?after={after})");
     }
@@ -188,7 +234,7 @@ pub fn jobs(a: JobsArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(a: JobArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server.server)?;
+    let client = Client::new(&a.server)?;
     let (job, events): (Job, serde_json::Value) = block_on(async {
         let job: Job = client.get(&format!("/v1/jobs/{}", a.id)).await?;
         let ev: serde_json::Value = client.get(&format!("/v1/jobs/{}/events", a.id)).await?;
@@ -199,36 +245,56 @@ pub fn status(a: JobArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let events: Vec<JobEvent> = serde_json::from_value(events["events"].clone())?;
-    println!("job {}  {}", job.id, job.name);
+    println!("job {}  {}", job.id, for_terminal(&job.name, 300));
+    println!("  owner       {}", job.owner.as_deref().map_or("-".into(), |o| for_terminal(o, 100)));
     println!("  state       {}", job.state);
-    println!("  reason      {}", job.reason);
+    println!("  reason      {}", for_terminal(&job.reason, 2000));
     println!("  progress    step {} of {}", job.step.unwrap_or(0), job.spec.train.steps);
     println!(
         "  devices     {} ({})",
-        job.spec.resources.devices,
+        devices(&Job { placement: Vec::new(), ..job.clone() }),
         if job.placement.is_empty() { "none held".into() } else { job.placement.join(", ") }
     );
     println!("  restarts    {} of {}", job.restarts, job.spec.restart.max_restarts);
     println!("  checkpoint  {}", job.checkpoint_step.map_or("none".into(), |s| format!("step {s}")));
-    println!("  run dir     {}", job.run_dir);
+    println!("  run dir     {}", for_terminal(&job.run_dir, 4200));
+    if let Some(m) = &job.memory_estimate {
+        use gantry_engine::train::human_bytes;
+        println!(
+            "  memory      about {} a rank (parameters {}, gradients {}, optimizer {}, activations {}, other {})",
+            human_bytes(m.per_rank),
+            human_bytes(m.parameters),
+            human_bytes(m.gradients),
+            human_bytes(m.optimizer),
+            human_bytes(m.activations),
+            human_bytes(m.other)
+        );
+    }
     println!("events:");
     let t0 = events.first().map_or(0, |e| e.at_ms);
     for e in events {
         let from = e.from.map_or("-".to_string(), |f| f.to_string());
-        println!("  +{:>8.1}s  {from:>10} → {:<10} {}", (e.at_ms - t0) as f64 / 1e3, e.to.to_string(), e.reason);
+        println!("  +{:>8.1}s  {from:>10} → {:<10} {}", (e.at_ms - t0) as f64 / 1e3, e.to.to_string(), for_terminal(&e.reason, 2000));
     }
     Ok(())
 }
 
 pub fn cancel(a: JobArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server.server)?;
+    let client = Client::new(&a.server)?;
     let job: Job = block_on(client.post(&format!("/v1/jobs/{}/cancel", a.id), None))??;
     eprintln!("job {} {}", job.id, job.state);
     Ok(())
 }
 
+pub fn delete(a: JobArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server)?;
+    block_on(client.delete(&format!("/v1/jobs/{}", a.id)))??;
+    eprintln!("job {} deleted, with its run directory", a.id);
+    Ok(())
+}
+
 pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server.server)?;
+    let client = Client::new(&a.server)?;
     let rank = a.rank.map_or(String::new(), |r| format!("&rank={r}"));
     block_on(async {
         if !a.follow {
@@ -334,12 +400,28 @@ async fn follow_logs_once(
     Ok(false)
 }
 
+/// Prints a stored log line, escape sequences and other control characters made harmless
+/// (lines stored by an older daemon may hold them).
 fn print_line(l: &LogLine, with_rank: bool) {
+    let line = clean_line(&l.line);
     if with_rank {
-        println!("[rank {}] {}", l.rank, l.line);
+        println!("[rank {}] {line}", l.rank);
     } else {
-        println!("{}", l.line);
+        println!("{line}");
     }
+}
+
+/// The slots a job holds (`cpu:0, cpu:1`), or while it holds none what it asks for (`2 cpu`): a
+/// request must not read like a slot's name.
+fn devices(j: &Job) -> String {
+    if !j.placement.is_empty() {
+        return j.placement.join(",");
+    }
+    let (n, kind) = match &j.spec.resources.devices {
+        gantry_api::Devices::Cpu(n) => (*n, "cpu"),
+        gantry_api::Devices::Cuda(ids) => (ids.len(), "gpu"),
+    };
+    format!("{n} {kind}")
 }
 
 fn age(ms: i64) -> String {
@@ -352,7 +434,8 @@ fn age(ms: i64) -> String {
     }
 }
 
-/// Columns padded to their widest cell; the last column is not padded.
+/// Columns padded to their widest cell; the last column is not padded. (Padded by hand: a
+/// format width is limited to 65,535, and a cell must never make the table panic.)
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
@@ -362,12 +445,30 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let n = cells.len();
-        let parts: Vec<String> =
-            cells.iter().enumerate().map(|(i, c)| if i + 1 == n { c.to_string() } else { format!("{c:<w$}", w = widths[i]) }).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(
+                |(i, c)| if i + 1 == n { c.to_string() } else { format!("{c}{}", " ".repeat(widths[i].saturating_sub(c.chars().count()))) },
+            )
+            .collect();
         println!("{}", parts.join("  "));
     };
     line(header.to_vec());
     for r in rows {
         line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cell wider than a format width may be (65,535) made `gantry jobs` panic for every user.
+    #[test]
+    fn a_table_with_an_enormous_cell_prints_without_panicking() {
+        let rows = vec![vec!["1".to_string(), "x".repeat(70_000), "queued".to_string()], vec!["2".into(), "b".into(), "ok".into()]];
+        print_table(&["ID", "NAME", "STATE"], &rows);
+        assert_eq!(for_terminal(&"x".repeat(70_000), 32).chars().count(), 32);
     }
 }

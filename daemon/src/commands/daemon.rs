@@ -2,36 +2,45 @@
 //! until SIGTERM or Ctrl-C. Shutting down stops the APIs and the supervisor but leaves running
 //! workers alone: the next daemon re-adopts them.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::auth::worker::WorkerKeys;
+use crate::auth::{Auth, Tokens};
 use crate::cli::DaemonArgs;
 use crate::config::DaemonConfig;
+use crate::datadir::DataDir;
 use crate::grpc::{Grpc, JobServiceServer, WorkerServiceServer};
 use crate::http::{self, AppState};
+use crate::listen::{self, tls, Limits, Listener, Protocol};
 use crate::metrics::Metrics;
 use crate::service::JobService;
 use crate::store::Store;
 use crate::supervisor::{lease, Supervisor};
 
 pub fn run(a: DaemonArgs) -> anyhow::Result<()> {
-    let config = Arc::new(DaemonConfig::resolve(&a)?);
+    let config = DaemonConfig::resolve(&a)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(serve(config))
 }
 
-async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
+async fn serve(mut config: DaemonConfig) -> anyhow::Result<()> {
+    // One daemon per data directory (checked first: it needs nothing but the directory).
+    let data_dir = DataDir::lock(&config.data_dir, &format!("http://{}", config.http))?;
     let store =
         Store::connect(&config.database_url).await.with_context(|| format!("opening the store at {}", redact(&config.database_url)))?;
     // One daemon per database: refuse to start beside another (before binding any port).
     let me = lease::this_process(&format!("http://{}", config.http));
     lease::acquire(&store, &me).await.context("taking the database's lease")?;
     let held = Arc::new(lease::Lease::new(me));
-    let started = start(config, store.clone(), held.clone()).await;
+    let started = async {
+        config.runs_root = data_dir.bind(&store).await.context("binding the data directory to the database")?;
+        start(Arc::new(config), store.clone(), held.clone()).await
+    }
+    .await;
     if started.is_err() {
         // (A daemon that stopped for having lost the lease has nothing to give up.)
         if held.lost().is_none() {
@@ -39,6 +48,7 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
         }
     }
     store.close().await;
+    drop(data_dir);
     started
 }
 
@@ -46,11 +56,20 @@ async fn serve(config: Arc<DaemonConfig>) -> anyhow::Result<()> {
 async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let exe = std::env::current_exe().context("locating the gantry binary for the workers")?;
-    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, held.clone());
+    let auth = Arc::new(match &config.tokens {
+        Some(path) => Auth::Tokens(Tokens::load(path)?),
+        None => Auth::Open,
+    });
+    let keys = Arc::new(WorkerKeys::open(&config.data_dir)?);
+    let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, held.clone(), keys.clone());
     let service = JobService { store: store.clone(), supervisor: supervisor.clone(), config: config.clone() };
-    let state = AppState { service: service.clone(), metrics: metrics.clone() };
+    let state = AppState { service: service.clone(), metrics: metrics.clone(), auth: auth.clone() };
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let (rest_tls, grpc_tls) = match &config.tls {
+        Some((cert, key)) => (Some(tls::acceptor(cert, key, &[b"http/1.1"])?), Some(tls::acceptor(cert, key, &[b"h2"])?)),
+        None => (None, None),
+    };
     let http_listener =
         tokio::net::TcpListener::bind(config.http).await.with_context(|| format!("binding the REST address {}", config.http))?;
     let grpc_listener =
@@ -59,37 +78,56 @@ async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>)
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr}"))?),
         None => None,
     };
+    let worker_listener = bind_worker_socket(&config.worker_socket())?;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     eprintln!(
-        "gantry daemon: REST on http://{}, gRPC on {}, store {} ({:?}), data in {}, devices {}",
+        "gantry daemon: REST on {scheme}://{}, gRPC on {}{}, store {} ({:?}), data in {}, runs in {}, devices {}, {}",
         http_listener.local_addr()?,
         grpc_listener.local_addr()?,
+        if config.tls.is_some() { " (TLS)" } else { "" },
         redact(&config.database_url),
         store.backend(),
         config.data_dir.display(),
-        config.slots.join(",")
+        config.runs_root.display(),
+        config.slots.join(","),
+        match auth.as_ref() {
+            Auth::Open => "no tokens (every caller acts as an admin)".to_string(),
+            Auth::Tokens(t) => format!("{} tokens", t.len()),
+        }
     );
+    if config.read_roots.is_confined() {
+        let roots: Vec<String> = config.read_roots.dirs().iter().map(|d| d.display().to_string()).collect();
+        eprintln!("gantry daemon: jobs read their files from {} only", roots.join(", "));
+    }
 
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    let limits = Limits {
+        max_connections: config.max_connections,
+        first_byte: config.read_timeout.min(Duration::from_secs(10)),
+        header_read: config.read_timeout,
+        ..Limits::default()
     };
-    let http_task = tokio::spawn(
-        axum::serve(http_listener, http::router(state.clone(), metrics_listener.is_none()))
-            .with_graceful_shutdown(until_stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let drain = Duration::from_secs(5);
+    let rest = http::router(state.clone(), metrics_listener.is_none());
+    let http_task =
+        tokio::spawn(listen::serve(Listener::Tcp(http_listener), rest, Protocol::Http1, rest_tls, limits, stop_rx.clone(), drain));
     let metrics_task = metrics_listener.map(|l| {
-        tokio::spawn(
-            axum::serve(l, http::metrics_router(state.clone())).with_graceful_shutdown(until_stopped(stop_rx.clone())).into_future(),
-        )
+        let router = http::metrics_router(state.clone());
+        tokio::spawn(listen::serve(Listener::Tcp(l), router, Protocol::Http1, None, limits, stop_rx.clone(), drain))
     });
-    let grpc = Grpc { service, metrics };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(JobServiceServer::new(grpc.clone()))
-            .add_service(WorkerServiceServer::new(grpc))
-            .serve_with_incoming_shutdown(incoming, until_stopped(stop_rx.clone())),
-    );
+    let grpc = Grpc { service, metrics, auth, keys };
+    let jobs = tonic::service::Routes::new(JobServiceServer::new(grpc.clone()).max_decoding_message_size(crate::grpc::JOB_MESSAGE_LIMIT));
+    let grpc_task =
+        tokio::spawn(listen::serve(Listener::Tcp(grpc_listener), jobs, Protocol::Http2, grpc_tls, limits, stop_rx.clone(), drain));
+    let workers = tonic::service::Routes::new(WorkerServiceServer::new(grpc).max_decoding_message_size(crate::grpc::WORKER_MESSAGE_LIMIT));
+    let worker_task = tokio::spawn(listen::serve(
+        Listener::Unix(worker_listener, config.worker_socket()),
+        workers,
+        Protocol::Http2,
+        None,
+        limits,
+        stop_rx.clone(),
+        drain,
+    ));
     let keeper = {
         let (held, store, stop) = (held.clone(), store.clone(), stop_rx.clone());
         tokio::spawn(async move { held.keep(store, stop).await })
@@ -109,18 +147,39 @@ async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>)
         None => supervisor_task.await,
     };
     // Open streams (a `gantry logs -f`, say) would hold a graceful shutdown open for as long as
-    // they last: the listeners get a few seconds to finish their requests, no more.
-    let drain = Duration::from_secs(5);
-    let _ = tokio::time::timeout(drain, http_task).await;
+    // they last: the listeners give their connections a few seconds to finish, no more.
+    let _ = http_task.await;
     if let Some(t) = metrics_task {
-        let _ = tokio::time::timeout(drain, t).await;
+        let _ = t.await;
     }
-    let _ = tokio::time::timeout(drain, grpc_task).await;
+    let _ = grpc_task.await;
+    let _ = worker_task.await;
     let _ = keeper.await;
     match supervised {
         Ok(r) => r.context("supervising jobs"),
         Err(e) => anyhow::bail!("the supervisor task failed: {e}"),
     }
+}
+
+/// The workers' socket: a stale one (left by a daemon that was killed) is replaced; its directory
+/// (the data directory, which only the daemon's user should be able to enter) guards who may
+/// connect, and each call carries its job attempt's secret besides.
+fn bind_worker_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    // A Unix socket's path has room for 107 bytes.
+    if path.as_os_str().len() > 100 {
+        anyhow::bail!(
+            "the data directory's path is too long for the workers' socket {} ({} bytes; a socket path has at most 100 here): \
+             choose a shorter --data-dir",
+            path.display(),
+            path.as_os_str().len()
+        );
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("binding the workers' socket {}", path.display()))
 }
 
 async fn shutdown_signal() {

@@ -27,8 +27,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => client::status(a),
         Command::Logs(a) => client::logs(a),
         Command::Cancel(a) => client::cancel(a),
+        Command::Delete(a) => client::delete(a),
+        Command::Token(a) => token(a),
         Command::Devices(a) => devices::devices(a),
         Command::Kernels(a) => devices::kernels(a),
+    }
+}
+
+/// `gantry token new`.
+fn token(a: crate::cli::TokenArgs) -> anyhow::Result<()> {
+    match a.command {
+        crate::cli::TokenCommand::New { user, role, append } => {
+            let (secret, entry) = crate::auth::new_token(&user, role, append.as_deref())?;
+            println!("{secret}");
+            println!();
+            print!("{entry}");
+            match append {
+                Some(f) => {
+                    eprintln!("the entry was appended to {}; give {user} the secret (first line): it is stored nowhere", f.display())
+                }
+                None => eprintln!("add the entry to the daemon's tokens file; give {user} the secret (first line): it is stored nowhere"),
+            }
+            Ok(())
+        }
     }
 }
 

@@ -62,7 +62,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         }
         // The daemon's own way of starting a rank; kept in this process group, so a Ctrl-C here
         // stops every rank.
-        let child = match process::spawn_rank(&process::RankCommand { exe: &exe, args, log: &log_path, detach: false }) {
+        let child = match process::spawn_rank(&process::RankCommand { exe: &exe, args, log: &log_path, detach: false, env: Vec::new() }) {
             Ok(c) => c,
             Err(e) => {
                 // The ranks already started would otherwise wait for rank 0 until the rendezvous

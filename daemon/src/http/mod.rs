@@ -11,35 +11,43 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{Auth, Caller};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::service::JobService;
 
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// The largest request body `POST /v1/jobs` takes.
-const SUBMIT_LIMIT_BYTES: usize = 2 << 20;
+/// The largest request body any route takes (`POST /v1/jobs`'s spec).
+const BODY_LIMIT_BYTES: usize = 2 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
     pub service: JobService,
     pub metrics: Metrics,
+    pub auth: std::sync::Arc<Auth>,
 }
 
 /// The REST routes; `/metrics` too unless it has a listener of its own.
 pub fn router(state: AppState, with_metrics: bool) -> Router {
-    let mut r = Router::new()
+    // The job API needs a token (on a daemon with `--tokens`); the probes, /metrics and the API's
+    // own description stay open.
+    let api = Router::new()
         .route("/v1/jobs", post(submit).get(list))
-        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}", get(job).delete(delete))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/metrics", get(metrics))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/logs", get(logs::logs))
         .route("/v1/devices", get(devices))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut r = Router::new()
+        .merge(api)
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready));
@@ -54,8 +62,42 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         let message = format!("{method} is not allowed on {} (see /v1/openapi.json)", uri.path());
         api_error(StatusCode::METHOD_NOT_ALLOWED, gantry_api::ErrorCode::BadRequest, message)
     })
+    .layer(axum::middleware::from_fn(refuse_large_bodies))
     .layer(axum::middleware::from_fn_with_state(state.clone(), track))
     .with_state(state)
+}
+
+/// Who is calling: the token's user, or 401 in the API's shape.
+async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("?"));
+    match s.auth.caller(header) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => {
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            resp
+        }
+    }
+}
+
+/// A body declared larger than any route takes is refused before it is read (413, in the API's
+/// shape); the connection's lingering close lets the client read the answer.
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > BODY_LIMIT_BYTES as u64 => too_large(),
+        _ => next.run(req).await,
+    }
+}
+
+fn too_large() -> Response {
+    let message = format!("the request body is larger than the {} MiB the API takes", BODY_LIMIT_BYTES >> 20);
+    let mut resp = api_error(StatusCode::PAYLOAD_TOO_LARGE, gantry_api::ErrorCode::BadRequest, message);
+    resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    resp
 }
 
 /// An error in the API's shape with a status of its own (for the statuses `Error` has no code
@@ -79,6 +121,8 @@ impl IntoResponse for Error {
             Conflict => StatusCode::CONFLICT,
             Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
         };
         if status.is_server_error() {
             tracing::warn!("{self}");
@@ -101,38 +145,34 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn submit(State(s): State<AppState>, body: axum::body::Body) -> ApiResult<Response> {
-    let body = match read_limited(body, SUBMIT_LIMIT_BYTES).await? {
-        Some(b) => b,
-        None => {
-            let message = format!("the spec is larger than the {} MiB the API takes", SUBMIT_LIMIT_BYTES >> 20);
-            return Ok(api_error(StatusCode::PAYLOAD_TOO_LARGE, gantry_api::ErrorCode::BadRequest, message));
-        }
-    };
+async fn submit(State(s): State<AppState>, Extension(caller): Extension<Caller>, body: axum::body::Body) -> ApiResult<Response> {
+    let Some(body) = read_limited(body, BODY_LIMIT_BYTES, s.service.config.read_timeout).await? else { return Ok(too_large()) };
     let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest("the body is not UTF-8 JSON".into()))?;
-    let job = s.service.submit(text).await?;
+    let job = s.service.submit(&caller, text).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)).into_response())
 }
 
-/// The request body if it is at most `limit` bytes; `None` if it is larger. The rest of a body
-/// too large is read and dropped (up to 16 times the limit) before the answer goes: a server
-/// that answers and closes with the body unread resets the connection, and the client may then
-/// lose the answer and see only "connection reset".
-async fn read_limited(body: axum::body::Body, limit: usize) -> ApiResult<Option<Bytes>> {
+/// The request body if it is at most `limit` bytes; `None` as soon as it is larger (the rest is
+/// left to the connection's lingering close). A body that takes longer than `timeout` to arrive
+/// (`--read-timeout`) is refused: a client that opens a request and trickles its body would
+/// otherwise hold a connection forever.
+async fn read_limited(body: axum::body::Body, limit: usize, timeout: std::time::Duration) -> ApiResult<Option<Bytes>> {
     use futures::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
-        seen += chunk.len();
-        if seen <= limit {
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                return Ok(None);
+            }
             buf.extend_from_slice(&chunk);
-        } else if seen > 16 * limit {
-            break;
         }
-    }
-    Ok((seen <= limit).then(|| Bytes::from(buf)))
+        Ok(Some(Bytes::from(buf)))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| Error::BadRequest(format!("the request body did not arrive within {}s", timeout.as_secs())))?
 }
 
 #[derive(Deserialize)]
@@ -159,8 +199,21 @@ async fn job(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rej
     Ok(Json(s.service.get(job_id(id)?).await?))
 }
 
-async fn cancel(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.service.cancel(job_id(id)?).await?))
+async fn cancel(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.service.cancel(&caller, job_id(id)?).await?))
+}
+
+async fn delete(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Response> {
+    s.service.delete(&caller, job_id(id)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
@@ -211,10 +264,11 @@ mod tests {
     use std::collections::BTreeSet;
 
     /// The routes `router` serves, as (method, path); the document must describe exactly these.
-    const ROUTES: [(&str, &str); 12] = [
+    const ROUTES: [(&str, &str); 13] = [
         ("post", "/v1/jobs"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{id}"),
+        ("delete", "/v1/jobs/{id}"),
         ("post", "/v1/jobs/{id}/cancel"),
         ("get", "/v1/jobs/{id}/metrics"),
         ("get", "/v1/jobs/{id}/events"),
@@ -239,9 +293,18 @@ mod tests {
         let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
         assert_eq!(documented, served);
         let job = &doc["components"]["schemas"]["Job"]["properties"];
-        for field in ["id", "state", "reason", "spec", "placement", "restarts", "step", "checkpoint_step"] {
+        for field in ["id", "state", "reason", "spec", "placement", "restarts", "step", "checkpoint_step", "owner", "memory_estimate"] {
             assert!(job.get(field).is_some(), "Job.{field} is documented");
         }
+        // Every error code the API can answer is documented.
+        let codes: BTreeSet<String> =
+            doc["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+        use gantry_api::ErrorCode::*;
+        for code in [BadRequest, InvalidSpec, NotFound, Conflict, Unavailable, Internal, Unauthorized, Forbidden] {
+            let name = serde_json::to_value(code).unwrap().as_str().unwrap().to_string();
+            assert!(codes.contains(&name), "ErrorCode {name} is documented");
+        }
+        assert!(!doc["info"]["description"].as_str().unwrap().contains("empty body"), "errors have the API's shape everywhere");
         let spec = serde_json::to_string(&doc["components"]["schemas"]).unwrap();
         for key in ["max_restarts", "global_batch_size", "micro_batch_size", "devices", "every"] {
             assert!(spec.contains(&format!("\"{key}\"")), "spec key {key} is documented");

@@ -1,15 +1,22 @@
 //! The job service: what REST and gRPC both call. No HTTP, gRPC or SQL types here.
 
-use std::path::{Path, PathBuf};
+mod admission;
+
+use std::path::Path;
 use std::sync::Arc;
 
-use gantry_api::{DeviceInfo, Job, JobEvent, JobPage, JobSpec, JobState, LogLine, SpecError, StepMetrics};
+use gantry_api::{DeviceInfo, Job, JobEvent, JobPage, JobSpec, JobState, LogLine, StepMetrics};
 
-use crate::config::{fits_node, slot_kind, DaemonConfig};
+use crate::auth::Caller;
+use crate::config::{slot_kind, DaemonConfig};
 use crate::error::{Error, Result};
 use crate::store::jobs::Change;
 use crate::store::Store;
 use crate::supervisor::Supervisor;
+
+/// A page of `GET /v1/jobs` is cut after about this many bytes of JSON (each job carries its
+/// spec), whatever its `limit`.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct JobService {
@@ -19,62 +26,25 @@ pub struct JobService {
 }
 
 impl JobService {
-    /// Validates a spec (JSON, the REST body's schema) and queues the job. An invalid spec is
-    /// refused with the field at fault, before anything is stored.
-    pub async fn submit(&self, spec_json: &str) -> Result<Job> {
+    /// Validates a spec (JSON, the REST body's schema) and queues the job, owned by the caller. An
+    /// invalid spec, or one that could never run here, is refused with the field at fault, before
+    /// anything is stored.
+    pub async fn submit(&self, caller: &Caller, spec_json: &str) -> Result<Job> {
         let mut spec = JobSpec::from_json(spec_json)?;
-        self.check_runnable(&mut spec)?;
-        let row = self.store.create_job(&spec, &self.config.runs_root()).await?;
+        // Reading the model's config, its tokenizer and its weights' index is file work: off the
+        // async runtime.
+        let config = self.config.clone();
+        let (spec, estimate) = tokio::task::spawn_blocking(move || admission::check_runnable(&config, &mut spec).map(|e| (spec, e)))
+            .await
+            .map_err(|e| Error::Internal(format!("checking the spec: {e}")))??;
+        let row = self.store.create_job_as(&spec, &self.config.runs_root, caller.user.as_deref(), Some(&estimate)).await?;
         self.supervisor.wake();
         Ok(row.job)
     }
 
-    /// What the schema cannot say: the files exist, the node has the devices, this build can run
-    /// the layout. Relative paths are taken from the daemon's working directory and stored
-    /// absolute, since workers run elsewhere.
-    fn check_runnable(&self, spec: &mut JobSpec) -> Result<()> {
-        let cwd = std::env::current_dir().map_err(Error::io("."))?;
-        let abs = |p: &str| -> String { absolute(&cwd, p).to_string_lossy().into_owned() };
-        spec.model.path = abs(&spec.model.path);
-        spec.data.train = abs(&spec.data.train);
-        if let Some(t) = &spec.data.tokenizer {
-            spec.data.tokenizer = Some(abs(t));
-        }
-        if !Path::new(&spec.model.path).join("config.json").is_file() {
-            return Err(SpecError::new("model.path", format!("{} holds no config.json", spec.model.path)).into());
-        }
-        // What the model's config rules out would fail every attempt of the job, each restart
-        // included: refused here instead.
-        let model = gantry_engine::models::ModelConfig::from_dir(Path::new(&spec.model.path))
-            .map_err(|e| SpecError::new("model.path", format!("{}: {e}", spec.model.path)))?;
-        if spec.data.seq_len > model.max_positions {
-            return Err(SpecError::new(
-                "data.seq_len",
-                format!("{} exceeds the model's {} positions ({})", spec.data.seq_len, model.max_positions, spec.model.path),
-            )
-            .into());
-        }
-        if !Path::new(&spec.data.train).is_file() {
-            return Err(SpecError::new("data.train", format!("{} is not a file on the daemon's machine", spec.data.train)).into());
-        }
-        if let Some(t) = &spec.data.tokenizer {
-            if !Path::new(t).is_file() {
-                return Err(SpecError::new("data.tokenizer", format!("{t} is not a file")).into());
-            }
-        }
-        fits_node(&spec.resources.devices, &self.config.slots).map_err(|m| SpecError::new("resources.devices", m))?;
-        // What the trainer cannot run is refused here, with the field to change, rather than
-        // accepted and failed by its workers.
-        gantry_engine::train::check_layout(spec).map_err(|e| match e {
-            gantry_engine::Error::Unsupported { field, message } => SpecError::new(&field, message),
-            other => SpecError::new("resources.devices", other.to_string()),
-        })?;
-        Ok(())
-    }
-
-    /// The job a worker's report is about, if the worker can belong to it: the job exists, the
-    /// rank is one of its ranks and the attempt is not from the future. (Reports of an earlier
-    /// attempt are taken: they describe steps that were trained.)
+    /// The job a worker's report is about, if the worker can belong to it: the job exists and has
+    /// not ended, the rank is one of its ranks and the attempt is not from the future. (Reports of
+    /// an earlier attempt are taken: they describe steps that were trained.)
     pub async fn check_worker(&self, w: &gantry_api::proto::WorkerId) -> Result<Job> {
         let row = self.store.job_row(w.job_id).await?;
         let job = row.job;
@@ -83,6 +53,9 @@ impl JobService {
         }
         if w.attempt > row.attempt {
             return Err(Error::BadRequest(format!("job {} is at attempt {}, not {}", job.id, row.attempt, w.attempt)));
+        }
+        if job.state.is_final() {
+            return Err(Error::BadRequest(format!("job {} has ended ({}): it takes no more reports", job.id, job.state)));
         }
         Ok(job)
     }
@@ -97,25 +70,35 @@ impl JobService {
         self.store.job(id).await
     }
 
+    /// A page of jobs, newest first: at most `limit` (1 to 1000, 50 by default) and about
+    /// `PAGE_BYTES` of JSON; `next_after` continues it.
     pub async fn list(&self, state: Option<&str>, after: Option<i64>, limit: Option<u32>) -> Result<JobPage> {
         let state: Option<JobState> = state.filter(|s| !s.is_empty()).map(str::parse).transpose().map_err(Error::BadRequest)?;
-        self.store.list_jobs(state, after, limit.unwrap_or(50)).await
+        let limit = limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::BadRequest(format!("limit must be 1 to 1000, not {limit}")));
+        }
+        let mut page = self.store.list_jobs(state, after, limit).await?;
+        cut_page(&mut page, PAGE_BYTES);
+        Ok(page)
     }
 
     /// Cancels a job in any non-final state: the state is recorded first, then every rank is
-    /// stopped.
+    /// stopped. A user may cancel its own jobs; an admin any.
     ///
     /// The supervisor may move the job between reading its state and the conditional update
     /// (queued → scheduled → running, running → restarting): the cancel then tries again from
     /// the new state, and fails only once the job has ended.
-    pub async fn cancel(&self, id: i64) -> Result<Job> {
+    pub async fn cancel(&self, caller: &Caller, id: i64) -> Result<Job> {
         let mut tries = 0;
         loop {
             let job = self.store.job(id).await?;
+            caller.check_may_change(id, job.owner.as_deref(), "cancel")?;
             if job.state.is_final() {
                 return Err(Error::IllegalTransition { id, from: job.state, to: JobState::Cancelled });
             }
-            match self.store.transition(id, JobState::Cancelled, "cancelled by request", Change::default()).await {
+            let by = caller.user.as_deref().map_or(String::new(), |u| format!(" by {u}"));
+            match self.store.transition(id, JobState::Cancelled, &format!("cancelled by request{by}"), Change::default()).await {
                 Ok(row) => {
                     self.supervisor.stop_job(id);
                     return Ok(row.job);
@@ -126,9 +109,62 @@ impl JobService {
         }
     }
 
+    /// Deletes a job that has ended: its rows and its run directory. The directory is first moved
+    /// aside (one rename), the rows deleted, then the directory removed: a failure between leaves
+    /// the job as it was (the directory is moved back) or only a directory to remove, never rows
+    /// without their run.
+    pub async fn delete(&self, caller: &Caller, id: i64) -> Result<()> {
+        let job = self.store.job(id).await?;
+        caller.check_may_change(id, job.owner.as_deref(), "delete")?;
+        if !job.state.is_final() {
+            return Err(Error::Conflict(format!("job {id} is {}: cancel it first, then delete it once it has ended", job.state)));
+        }
+        if self.supervisor.is_live(id) {
+            return Err(Error::Conflict(format!("job {id}'s workers are still stopping; try again in a few seconds")));
+        }
+        let run_dir = Path::new(&job.run_dir).to_path_buf();
+        // Only a directory of this daemon's runs is removed: a run_dir that points elsewhere (an
+        // older layout, a hand edit) is left where it is.
+        let runs = self.config.data_dir.join("runs");
+        let ours = !job.run_dir.is_empty() && run_dir.starts_with(&runs) && !job.run_dir.contains("/../");
+        let aside = run_dir.with_file_name(format!(".deleting-job-{id}-{}", crate::store::now_ms()));
+        let moved = ours && run_dir.exists() && {
+            std::fs::rename(&run_dir, &aside).map_err(Error::io(&run_dir))?;
+            true
+        };
+        match self.store.delete_job(id).await {
+            Ok(true) => {}
+            result => {
+                if moved {
+                    let _ = std::fs::rename(&aside, &run_dir);
+                }
+                return match result {
+                    Ok(_) => Err(Error::Conflict(format!("job {id} changed while it was being deleted; try again"))),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        self.supervisor.forget_job(id);
+        if moved {
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&aside).map_err(Error::io(&aside)))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            if let Err(e) = removed {
+                tracing::warn!(job_id = id, "the job is deleted but its run directory could not be removed: {e}");
+            }
+        } else if !ours {
+            tracing::info!(
+                job_id = id,
+                "the job is deleted; its run directory {} lies outside this daemon's runs and is left",
+                job.run_dir
+            );
+        }
+        Ok(())
+    }
+
     pub async fn metrics(&self, id: i64, rank: Option<u32>, after_step: Option<i64>, limit: Option<u32>) -> Result<Vec<StepMetrics>> {
         self.store.job_row(id).await?;
-        self.store.metrics(id, rank, after_step.unwrap_or(0), limit.unwrap_or(10_000).min(100_000)).await
+        self.store.metrics(id, rank, after_step.unwrap_or(0), limit.unwrap_or(10_000).clamp(1, 100_000)).await
     }
 
     pub async fn events(&self, id: i64) -> Result<Vec<JobEvent>> {
@@ -137,7 +173,7 @@ impl JobService {
 
     pub async fn logs(&self, id: i64, rank: Option<u32>, after_offset: Option<i64>, limit: Option<u32>) -> Result<Vec<LogLine>> {
         self.store.job_row(id).await?;
-        self.store.logs(id, rank, after_offset.unwrap_or(-1), limit.unwrap_or(10_000).min(100_000)).await
+        self.store.logs(id, rank, after_offset.unwrap_or(-1), limit.unwrap_or(10_000).clamp(1, 100_000)).await
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>> {
@@ -157,11 +193,54 @@ impl JobService {
     }
 }
 
-fn absolute(cwd: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        cwd.join(p)
+/// Ends `page` before the job that takes its JSON past `max_bytes` (it keeps at least one job);
+/// `next_after` then continues from the last job kept.
+fn cut_page(page: &mut JobPage, max_bytes: usize) {
+    let mut bytes = 0;
+    let over = page.jobs.iter().position(|j| {
+        bytes += serde_json::to_vec(j).map_or(0, |v| v.len());
+        bytes > max_bytes
+    });
+    if let Some(n) = over.map(|i| i.max(1)).filter(|n| *n < page.jobs.len()) {
+        page.jobs.truncate(n);
+        page.next_after = page.jobs.last().map(|j| j.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_ends_before_it_outgrows_its_bytes_and_says_where_to_go_on() {
+        let spec = JobSpec::from_toml("[model]\npath = \"m\"\n[data]\ntrain = \"t.bin\"", &[]).unwrap();
+        let job = |id: i64| Job {
+            id,
+            name: "n".repeat(256),
+            state: JobState::Queued,
+            reason: String::new(),
+            spec: spec.clone(),
+            devices: 1,
+            placement: Vec::new(),
+            restarts: 0,
+            run_dir: String::new(),
+            step: None,
+            checkpoint_step: None,
+            created_ms: 0,
+            updated_ms: 0,
+            owner: None,
+            memory_estimate: None,
+        };
+        let one = serde_json::to_vec(&job(1)).unwrap().len();
+        let mut page = JobPage { jobs: (0..100).rev().map(job).collect(), next_after: Some(0) };
+        cut_page(&mut page, 10 * one + one / 2);
+        assert_eq!(page.jobs.len(), 10);
+        assert_eq!(page.next_after, Some(90), "the next page starts after the last job kept");
+        let mut small = JobPage { jobs: (0..3).map(job).collect(), next_after: None };
+        cut_page(&mut small, 1 << 20);
+        assert_eq!((small.jobs.len(), small.next_after), (3, None), "a page under the bound is left whole");
+        let mut huge = JobPage { jobs: (0..3).map(job).collect(), next_after: None };
+        cut_page(&mut huge, 10);
+        assert_eq!((huge.jobs.len(), huge.next_after), (1, Some(0)), "at least one job a page");
     }
 }

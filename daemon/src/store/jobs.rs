@@ -2,15 +2,15 @@
 
 use std::path::Path;
 
-use gantry_api::{Job, JobEvent, JobPage, JobSpec, JobState};
+use gantry_api::{Job, JobEvent, JobPage, JobSpec, JobState, MemoryEstimate};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{now_ms, Store};
 use crate::error::{Error, Result};
 
-const JOB_COLUMNS: &str =
-    "id, name, spec, state, reason, devices, placement, restarts, attempt, run_dir, step, checkpoint_step, created_ms, updated_ms";
+const JOB_COLUMNS: &str = "id, name, spec, state, reason, devices, placement, restarts, attempt, run_dir, step, checkpoint_step, \
+     created_ms, updated_ms, owner, memory_estimate";
 
 /// A job row with the supervisor's bookkeeping that the API does not show.
 #[derive(Clone, Debug)]
@@ -45,6 +45,10 @@ fn job_from_row(r: &AnyRow) -> Result<JobRow> {
     let spec: JobSpec = serde_json::from_str(&spec_json).map_err(|e| Error::Store(format!("stored spec does not parse: {e}")))?;
     let state: String = r.try_get("state")?;
     let placement: String = r.try_get("placement")?;
+    let estimate: Option<String> = r.try_get("memory_estimate")?;
+    let memory_estimate = estimate
+        .map(|e| serde_json::from_str(&e).map_err(|e| Error::Store(format!("stored memory estimate does not parse: {e}"))))
+        .transpose()?;
     Ok(JobRow {
         job: Job {
             id: r.try_get("id")?,
@@ -60,6 +64,8 @@ fn job_from_row(r: &AnyRow) -> Result<JobRow> {
             checkpoint_step: r.try_get("checkpoint_step")?,
             created_ms: r.try_get("created_ms")?,
             updated_ms: r.try_get("updated_ms")?,
+            owner: r.try_get("owner")?,
+            memory_estimate,
         },
         attempt: r.try_get::<i64, _>("attempt")? as u32,
     })
@@ -75,7 +81,19 @@ pub struct Change<'a> {
 impl Store {
     /// Stores a new job, `queued`, with its run directory `runs_root/job-<id>`, and records the
     /// event that created it.
+    #[cfg(test)]
     pub async fn create_job(&self, spec: &JobSpec, runs_root: &Path) -> Result<JobRow> {
+        self.create_job_as(spec, runs_root, None, None).await
+    }
+
+    /// As `create_job`, recording who submitted it and its memory estimate.
+    pub async fn create_job_as(
+        &self,
+        spec: &JobSpec,
+        runs_root: &Path,
+        owner: Option<&str>,
+        estimate: Option<&MemoryEstimate>,
+    ) -> Result<JobRow> {
         let name = spec
             .name
             .clone()
@@ -83,8 +101,10 @@ impl Store {
         let spec_json = serde_json::to_string(spec).map_err(|e| Error::Internal(e.to_string()))?;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        let estimate = estimate.map(serde_json::to_string).transpose().map_err(|e| Error::Internal(e.to_string()))?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO jobs (name, spec, state, reason, devices, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING id",
+            "INSERT INTO jobs (name, spec, state, reason, devices, created_ms, updated_ms, owner, memory_estimate) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8) RETURNING id",
         )
         .bind(&name)
         .bind(&spec_json)
@@ -92,6 +112,8 @@ impl Store {
         .bind("waiting for the scheduler")
         .bind(spec.resources.devices.count() as i64)
         .bind(now)
+        .bind(owner)
+        .bind(estimate)
         .fetch_one(&mut *tx)
         .await?;
         let run_dir = runs_root.join(format!("job-{id}"));
@@ -243,6 +265,30 @@ impl Store {
         record_event(&mut tx, id, now, Some(from), to, reason).await?;
         tx.commit().await?;
         self.job_row(id).await
+    }
+
+    /// Removes a job that has ended, with everything recorded about it (events, metrics, logs,
+    /// workers and checkpoints go with it). False if it had not ended (or is gone).
+    pub async fn delete_job(&self, id: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        // Its rows first, then the job: SQLite enforces the cascade only on connections that turned
+        // foreign keys on, and an explicit delete does not depend on that.
+        let finals = [JobState::Succeeded, JobState::Failed, JobState::Cancelled].map(JobState::as_str);
+        let gone = sqlx::query("DELETE FROM jobs WHERE id = $1 AND state IN ($2, $3, $4)")
+            .bind(id)
+            .bind(finals[0])
+            .bind(finals[1])
+            .bind(finals[2])
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if gone == 1 {
+            for table in ["job_events", "step_metrics", "log_lines", "workers", "checkpoints"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE job_id = $1")).bind(id).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(gone == 1)
     }
 
     /// Says why a job waits, without an event (the reason changes as other jobs come and go).

@@ -9,6 +9,7 @@
 //! with their event, so two writers racing on a job cannot both win and no transition goes
 //! unrecorded.
 
+mod identity;
 pub mod jobs;
 mod lease;
 mod records;

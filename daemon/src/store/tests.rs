@@ -39,6 +39,8 @@ both_backends!(
     workers_and_checkpoints_round_trip,
     a_job_that_cannot_be_read_is_failed_and_the_others_go_on,
     the_lease_is_taken_once_and_only_from_the_holder_as_read,
+    owners_and_estimates_round_trip_and_deleting_takes_every_row,
+    the_database_keeps_one_identity_and_knows_its_data_directories,
 );
 
 async fn jobs_are_created_queued_with_an_event(store: Store) {
@@ -273,4 +275,49 @@ async fn the_lease_is_taken_once_and_only_from_the_holder_as_read(store: Store) 
     assert!(store.lease().await.unwrap().is_some(), "only the holder gives it up");
     store.release_lease(&b).await.unwrap();
     assert_eq!(store.lease().await.unwrap(), None);
+}
+
+async fn owners_and_estimates_round_trip_and_deleting_takes_every_row(store: Store) {
+    let estimate = gantry_api::MemoryEstimate {
+        parameters: 4,
+        gradients: 4,
+        optimizer: 8,
+        activations: 100,
+        other: 0,
+        per_rank: 116,
+        ranks: 1,
+        node_bytes: Some(1 << 30),
+    };
+    let row = store.create_job_as(&spec(1), Path::new("/data/runs"), Some("alice"), Some(&estimate)).await.unwrap();
+    let id = row.job.id;
+    assert_eq!(row.job.owner.as_deref(), Some("alice"));
+    assert_eq!(row.job.memory_estimate.as_ref(), Some(&estimate));
+    assert_eq!(store.create_job(&spec(1), Path::new("/data/runs")).await.unwrap().job.owner, None);
+    // A job that has not ended is not deleted.
+    assert!(!store.delete_job(id).await.unwrap());
+    let metric =
+        StepMetrics { rank: 0, step: 1, loss: 1.0, lr: 0.1, grad_norm: 1.0, tokens_per_s: 1.0, mem_bytes: 1, step_ms: 1.0, comm_ms: 0.0 };
+    store.insert_steps(id, &[metric]).await.unwrap();
+    store.insert_logs(id, &[LogLine { rank: 0, offset: 0, at_ms: 0, line: "x".into() }]).await.unwrap();
+    store.record_checkpoint(id, 1, "/data/runs/x/checkpoints/step_1").await.unwrap();
+    store.transition(id, JobState::Cancelled, "by request", Change::default()).await.unwrap();
+    assert!(store.delete_job(id).await.unwrap());
+    assert!(matches!(store.job(id).await, Err(Error::JobNotFound(_))));
+    assert!(store.metrics(id, None, 0, 100).await.unwrap().is_empty());
+    assert!(store.logs(id, None, -1, 100).await.unwrap().is_empty());
+    assert_eq!(store.last_checkpoint(id).await.unwrap(), None);
+    assert!(!store.delete_job(id).await.unwrap(), "deleting again deletes nothing");
+    // The next job's id is new: ids are never reused.
+    let next = store.create_job(&spec(1), Path::new("/data/runs")).await.unwrap().job.id;
+    assert!(next > id + 1);
+}
+
+async fn the_database_keeps_one_identity_and_knows_its_data_directories(store: Store) {
+    let id = store.database_id().await.unwrap();
+    assert_eq!(id.len(), 16);
+    assert_eq!(store.database_id().await.unwrap(), id, "the identity is made once");
+    assert!(store.record_data_dir("aaaa", "host-a", "/a").await.unwrap().is_empty());
+    assert!(store.record_data_dir("aaaa", "host-a", "/a").await.unwrap().is_empty(), "the same directory again");
+    let others = store.record_data_dir("bbbb", "host-b", "/b").await.unwrap();
+    assert_eq!(others, [("aaaa".to_string(), "host-a".to_string(), "/a".to_string())]);
 }

@@ -32,14 +32,22 @@ pub fn this_process(address: &str) -> LeaseHolder {
     let pid = std::process::id();
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
     let pid_ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    let host = Some(read("/proc/sys/kernel/hostname")).filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
     LeaseHolder {
-        host,
+        host: host_name(),
         machine: format!("{} {pid_ns}", read("/proc/sys/kernel/random/boot_id")),
         pid,
         proc_start: process::proc_start(pid).unwrap_or(0),
         address: address.to_string(),
     }
+}
+
+/// This machine's host name, for messages.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn describe(h: &LeaseHolder) -> String {

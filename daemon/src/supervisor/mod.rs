@@ -23,6 +23,7 @@ use gantry_api::{JobState, StepMetrics};
 use nix::sys::signal::Signal;
 use tokio::sync::{watch, Notify};
 
+use crate::auth::worker::WorkerKeys;
 use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -46,6 +47,43 @@ struct Rank {
     registered: bool,
     last_beat: Instant,
     exit: Option<Exit>,
+    /// The step its heartbeats last reported, when that step was first reported, and the longest
+    /// it has taken between two steps (for `stall_limit`).
+    step: i64,
+    step_since: Instant,
+    slowest_step: Duration,
+}
+
+impl Rank {
+    fn new(pid: u32, proc_start: u64, child: Option<Child>, registered: bool) -> Rank {
+        let now = Instant::now();
+        Rank { pid, proc_start, child, registered, last_beat: now, exit: None, step: 0, step_since: now, slowest_step: Duration::ZERO }
+    }
+
+    /// Notes the step a heartbeat reports.
+    fn saw_step(&mut self, step: i64) {
+        if step != self.step {
+            // (The first step also loads the model and data: it does not count as a step time.)
+            if self.step > 0 {
+                self.slowest_step = self.slowest_step.max(self.step_since.elapsed());
+            }
+            self.step = step;
+            self.step_since = Instant::now();
+        }
+    }
+}
+
+/// The least a rank gets to finish a step before it counts as hung, when `--stall-timeout` is not
+/// given: loading a large model, tokenizing a large text, writing the final model all happen
+/// between two heartbeat steps.
+pub const STALL_FLOOR: Duration = Duration::from_secs(600);
+
+/// How long a rank may go without finishing a step while its heartbeats go on: `--stall-timeout`,
+/// else ten times its slowest step so far, at least `STALL_FLOOR`. A rank blocked for good (in an
+/// `open()` of a hung file system, a collective whose peer is stuck) still sends heartbeats from
+/// its reporting thread: only its step says it is stuck.
+pub fn stall_limit(configured: Option<Duration>, slowest_step: Duration) -> Duration {
+    configured.unwrap_or_else(|| (slowest_step * 10).max(STALL_FLOOR))
 }
 
 /// How long a rank's reported failure waits for a rank seen lost (killed, crashed), which would
@@ -57,6 +95,26 @@ const LOST_RANK_GRACE: Duration = Duration::from_secs(2);
 /// otherwise use up the job's whole restart budget in as many rounds.
 fn restart_pause(n: u32) -> Duration {
     Duration::from_secs(1u64 << n.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+/// The last line a rank wrote before it died without an outcome, as `; its log ends: …` (an
+/// allocation that failed says so there before the abort), or nothing.
+fn last_words(run_dir: &Path, rank: u32) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log_path(run_dir, rank)) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(2048))).is_err() || f.read_to_end(&mut tail).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&tail);
+    match text.lines().rev().map(crate::text::clean_line).find(|l| !l.trim().is_empty()) {
+        Some(line) => {
+            let line: String = line.chars().take(300).collect();
+            format!("; its log ends: {line}")
+        }
+        None => String::new(),
+    }
 }
 
 /// Kills ranks this daemon started (and reaps them, so no zombie is left), or signals adopted ones.
@@ -116,6 +174,8 @@ pub struct Supervisor {
     /// This daemon's lease on the database (taken before the supervisor starts, kept by its own
     /// task).
     lease: Arc<lease::Lease>,
+    /// The secrets its workers are started with.
+    keys: Arc<WorkerKeys>,
 }
 
 #[derive(Debug, Default)]
@@ -125,9 +185,17 @@ struct JobSeries {
 }
 
 impl Supervisor {
-    pub fn new(store: Store, config: Arc<DaemonConfig>, metrics: Metrics, exe: PathBuf, lease: Arc<lease::Lease>) -> Arc<Supervisor> {
-        let grpc_url = format!("http://{}", config.grpc);
+    pub fn new(
+        store: Store,
+        config: Arc<DaemonConfig>,
+        metrics: Metrics,
+        exe: PathBuf,
+        lease: Arc<lease::Lease>,
+        keys: Arc<WorkerKeys>,
+    ) -> Arc<Supervisor> {
+        let grpc_url = format!("unix://{}", config.worker_socket().display());
         Arc::new(Supervisor {
+            keys,
             store,
             config,
             metrics,
@@ -263,10 +331,7 @@ impl Supervisor {
                 .fail_or_restart(id, "the job's workers were not all started (the daemon restarted, or starting them failed)".into())
                 .await;
         }
-        let ranks = current
-            .iter()
-            .map(|w| Rank { pid: w.pid, proc_start: w.proc_start, child: None, registered: true, last_beat: Instant::now(), exit: None })
-            .collect();
+        let ranks = current.iter().map(|w| Rank::new(w.pid, w.proc_start, None, true)).collect();
         tracing::info!(job_id = id, "re-adopting {} running ranks", current.len());
         let offsets = self.log_offsets(id, row.job.devices).await?;
         self.go_live(id, row.attempt, row.job.placement.clone(), run_dir, ranks, offsets);
@@ -402,7 +467,11 @@ impl Supervisor {
                         Some(o) => Some((format!("rank {r} failed: {}", o.message), false)),
                         None => Some((
                             match status {
-                                Some(s) => format!("rank {r} exited with {} before reporting an outcome", process::describe_status(s)),
+                                Some(s) => format!(
+                                    "rank {r} exited with {} before reporting an outcome{}",
+                                    process::describe_status(s),
+                                    if process::said_why(s) { last_words(&job.run_dir, r as u32) } else { String::new() }
+                                ),
                                 None => format!("rank {r} (pid {}) ended while the daemon was away, without an outcome", rank.pid),
                             },
                             true,
@@ -412,6 +481,14 @@ impl Supervisor {
                     Some((format!("rank {r} did not register within {:?}", self.config.register_timeout), true))
                 } else if rank.registered && rank.last_beat.elapsed() > self.config.heartbeat_timeout {
                     Some((format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout), true))
+                } else if rank.registered && rank.step_since.elapsed() > stall_limit(self.config.stall_timeout, rank.slowest_step) {
+                    let limit = stall_limit(self.config.stall_timeout, rank.slowest_step);
+                    let at = if rank.step == 0 { "before its first step".to_string() } else { format!("after step {}", rank.step) };
+                    let beating = if rank.last_beat.elapsed() < Duration::from_secs(5) { " though its heartbeats go on" } else { "" };
+                    Some((
+                        format!("rank {r} is hung: it finished no step for {}s ({at}){beating} (see --stall-timeout)", limit.as_secs()),
+                        true,
+                    ))
                 } else {
                     None
                 };
@@ -616,27 +693,37 @@ impl Supervisor {
     async fn launch(&self, id: i64, attempt: u32, placement: Vec<String>) -> Result<()> {
         let row = self.store.job_row(id).await?;
         let run_dir = PathBuf::from(&row.job.run_dir);
+        // A job's first attempt starts from nothing: whatever is in its run directory was not
+        // written by it (a database reset under the same data directory, an id reused), and would
+        // otherwise be resumed from, and its metrics taken for the job's.
+        if attempt == 1 && std::fs::read_dir(&run_dir).is_ok_and(|mut d| d.next().is_some()) {
+            let aside = run_dir.with_file_name(format!("{}.stale-{}", run_dir.file_name().unwrap_or_default().to_string_lossy(), now_ms()));
+            std::fs::rename(&run_dir, &aside).map_err(Error::io(&run_dir))?;
+            tracing::warn!(job_id = id, "the job's run directory held files it did not write: moved to {}", aside.display());
+        }
         for sub in ["logs", "ranks"] {
             std::fs::create_dir_all(run_dir.join(sub)).map_err(Error::io(run_dir.join(sub)))?;
         }
         let spec_json = serde_json::to_string_pretty(&row.job.spec).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(run_dir.join("spec.json"), spec_json).map_err(Error::io(run_dir.join("spec.json")))?;
         let recorded = match self.store.last_checkpoint(id).await? {
+            _ if attempt <= 1 => None,
             Some((step, path)) if Path::new(&path).is_dir() => Some(PathBuf::from(path)).filter(|_| step > 0),
             Some((step, _)) => Some(checkpoint_dir(&run_dir, step as u64)).filter(|p| p.is_dir()),
             None => None,
         };
         // A checkpoint committed on disk whose report never reached the store (the worker died
         // before it was acknowledged) counts too: the worker resumes from the newest intact one
-        // it finds, so it only needs to be told to resume.
-        let resume = recorded.or_else(|| gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop());
+        // it finds, so it only needs to be told to resume. (Only a restart resumes.)
+        let resume = recorded.or_else(|| (attempt > 1).then(|| gantry_engine::checkpoint::committed_checkpoints(&run_dir).pop()).flatten());
         // The worker resumes from the newest intact checkpoint on disk, which may be newer than
         // the one the store heard of (its report was lost with the failed attempt): the store
         // learns of it now, and only the reports after it are dropped, to be made again.
         // (Checked as the worker will check it: a damaged one is passed over.)
         let recorded_step = resume.as_deref().and_then(gantry_engine::checkpoint::checkpoint_step).map(|s| s as i64);
         let skipped = |ck: &Path, e: &gantry_engine::Error| tracing::warn!(job_id = id, "checkpoint {} is damaged: {e}", ck.display());
-        let from = match gantry_engine::checkpoint::newest_intact_checkpoint(&run_dir, 0, skipped) {
+        let newest = if attempt > 1 { gantry_engine::checkpoint::newest_intact_checkpoint(&run_dir, 0, skipped) } else { None };
+        let from = match newest {
             Some((newest, step)) if Some(step as i64) > recorded_step => {
                 self.store.record_checkpoint(id, step as i64, &newest.to_string_lossy()).await?;
                 step as i64
@@ -687,6 +774,7 @@ impl Supervisor {
         let world = placement.len() as u32;
         for rank in 0..world {
             let log = log_path(run_dir, rank);
+            let secret = self.keys.secret(id, attempt);
             let launch = process::Launch {
                 exe: &self.exe,
                 job_id: id,
@@ -699,12 +787,14 @@ impl Supervisor {
                 resume_from: resume,
                 log: &log,
                 device: &placement[rank as usize],
+                secret: &secret,
+                read_roots: self.config.read_roots.dirs(),
             };
             let child = process::spawn(&launch)?;
             let pid = child.id();
             let proc_start = process::proc_start(pid).unwrap_or(0);
             let record = WorkerRecord { job_id: id, rank, attempt, pid, proc_start, started_ms: now_ms() };
-            ranks.push(Rank { pid, proc_start, child: Some(child), registered: false, last_beat: Instant::now(), exit: None });
+            ranks.push(Rank::new(pid, proc_start, Some(child), false));
             self.store.record_worker(&record).await?;
         }
         Ok(())
@@ -752,7 +842,7 @@ impl Supervisor {
             // The supervisor is still starting the job's other ranks (or re-adopting them after a
             // restart): the worker retries.
             None if row.attempt == attempt && row.job.state.holds_devices() => {
-                return Err(Error::Unavailable(format!("job {job_id} is still being started; retry")));
+                return Err(Error::NotYet(format!("job {job_id} is still being started; retry")));
             }
             None => return Err(stale()),
         }
@@ -762,7 +852,7 @@ impl Supervisor {
     /// Records a heartbeat; answers whether the worker should stop.
     /// Whether the worker should stop; `None` if its job is not live here (the caller asks the
     /// store).
-    pub fn heartbeat(&self, job_id: i64, rank: u32, attempt: u32) -> Option<bool> {
+    pub fn heartbeat(&self, job_id: i64, rank: u32, attempt: u32, step: i64) -> Option<bool> {
         let mut live = self.live.lock().expect("live jobs");
         let job = live.get_mut(&job_id)?;
         if job.attempt != attempt {
@@ -772,8 +862,17 @@ impl Supervisor {
         if let Some(r) = job.ranks.get_mut(rank as usize) {
             r.last_beat = Instant::now();
             r.registered = true;
+            r.saw_step(step);
         }
         Some(job.stopping)
+    }
+
+    /// Drops what is kept about a deleted job: its metric series.
+    pub fn forget_job(&self, job_id: i64) {
+        if let Some(s) = self.series.lock().expect("job series").remove(&job_id) {
+            self.metrics.forget_job(job_id, &s.ranks);
+        }
+        self.restart_after.lock().expect("restart pauses").remove(&job_id);
     }
 
     /// Stops every rank of a cancelled job: SIGTERM now, SIGKILL after a grace period.

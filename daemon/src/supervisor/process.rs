@@ -24,6 +24,11 @@ pub struct Launch<'a> {
     pub log: &'a Path,
     /// The device slot this rank was placed on (`cpu:3`, `cuda:1`).
     pub device: &'a str,
+    /// The job attempt's worker secret (handed over in the environment, which other users cannot
+    /// read, unlike the command line).
+    pub secret: &'a str,
+    /// Where the job's files must lie (the worker checks again).
+    pub read_roots: &'a [std::path::PathBuf],
 }
 
 /// How to start one rank: the binary, its arguments, and the log its output is appended to.
@@ -35,6 +40,8 @@ pub struct RankCommand<'a> {
     /// daemon's workers); `false` keeps it in the launcher's group, so a Ctrl-C reaches every rank
     /// (`gantry train`'s local ranks).
     pub detach: bool,
+    /// Environment variables to set for it.
+    pub env: Vec<(&'a str, &'a str)>,
 }
 
 /// Starts one rank: stdin closed, stdout and stderr appended to its log. The daemon's supervisor
@@ -45,6 +52,7 @@ pub fn spawn_rank(c: &RankCommand<'_>) -> Result<Child> {
     let mut cmd = Command::new(c.exe);
     cmd.args(&c.args)
         .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(c.env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
@@ -95,7 +103,12 @@ pub fn spawn(l: &Launch<'_>) -> Result<Child> {
         args.push("--resume-from".into());
         args.push(r.into());
     }
-    spawn_rank(&RankCommand { exe: l.exe, args, log: l.log, detach: true })
+    for root in l.read_roots {
+        args.push("--read-root".into());
+        args.push(root.into());
+    }
+    let env = vec![(crate::auth::worker::SECRET_ENV, l.secret)];
+    spawn_rank(&RankCommand { exe: l.exe, args, log: l.log, detach: true, env })
 }
 
 /// The start time of a process, in clock ticks since boot (field 22 of `/proc/PID/stat`), or
@@ -127,6 +140,17 @@ pub fn signal(pid: u32, start: u64, signal: Signal) {
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(Error::io("127.0.0.1:0"))?;
     Ok(l.local_addr().map_err(Error::io("127.0.0.1:0"))?.port())
+}
+
+/// Whether a process that ended this way may have said why in its output: it aborted (a failed
+/// allocation prints "memory allocation of N bytes failed" first), crashed, or exited with an
+/// error; not when it was killed from outside (SIGKILL, SIGTERM).
+pub fn said_why(s: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    match s.signal() {
+        Some(n) => [Signal::SIGABRT, Signal::SIGSEGV, Signal::SIGBUS, Signal::SIGILL, Signal::SIGFPE].iter().any(|sig| *sig as i32 == n),
+        None => !s.success(),
+    }
 }
 
 /// "signal 9 (SIGKILL)" for a process killed by a signal, else the status as the OS says it.

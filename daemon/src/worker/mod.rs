@@ -68,6 +68,11 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
 }
 
 fn train(a: &WorkerArgs) -> anyhow::Result<()> {
+    let secret = std::env::var(crate::auth::worker::SECRET_ENV)
+        .with_context(|| format!("{} is not set: workers are started by the daemon", crate::auth::worker::SECRET_ENV))?;
+    // Not passed on to anything the worker starts. (No other thread runs yet: changing the
+    // environment is safe only then.)
+    std::env::remove_var(crate::auth::worker::SECRET_ENV);
     let spec_path = a.run_dir.join("spec.json");
     let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let mut spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
@@ -78,8 +83,12 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     let workers = a.world_size.max(1) as usize;
     let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = crate::commands::set_threads(a.threads.or(per_worker))?;
+    // The daemon checked the job's files against its read roots at submission; a link changed
+    // since is caught here, before anything is read.
+    let roots = crate::roots::ReadRoots::new(&a.read_roots).map_err(anyhow::Error::msg)?;
+    crate::roots::check_job(&spec, &roots).map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = WorkerId { job_id: a.job_id, rank: a.rank, attempt: a.attempt };
-    let reporter = reporter::Reporter::start(&a.daemon, id, a.world_size, Duration::from_secs(120))?;
+    let reporter = reporter::Reporter::start(&a.daemon, &secret, id, a.world_size, Duration::from_secs(120))?;
     let comm = if a.world_size > 1 {
         Some(Comm::connect(a.rank as usize, a.world_size as usize, &a.rendezvous, crate::commands::comm_timeout())?)
     } else {

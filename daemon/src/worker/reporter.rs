@@ -38,30 +38,72 @@ pub struct Reporter {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Adds the job attempt's secret to every call.
+#[derive(Clone)]
+pub struct WithSecret(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for WithSecret {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, WithSecret>>;
+
+/// A lazy channel to the daemon: `unix:///path/worker.sock` (the daemon's data directory), or
+/// `http://host:port`.
+pub fn channel(daemon: &str) -> anyhow::Result<Channel> {
+    let timeouts = |e: tonic::transport::Endpoint| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10));
+    match daemon.strip_prefix("unix://") {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            // The URI is not used: every connection goes to the socket.
+            let endpoint = timeouts(tonic::transport::Endpoint::from_static("http://worker.sock"));
+            Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            })))
+        }
+        None => {
+            Ok(timeouts(Channel::from_shared(daemon.to_string()).with_context(|| format!("daemon address `{daemon}`"))?).connect_lazy())
+        }
+    }
+}
+
+/// A client of the daemon's worker service whose calls carry `secret`.
+pub fn client(daemon: &str, secret: &str) -> anyhow::Result<Client> {
+    let value = format!("Bearer {secret}").parse().map_err(|_| anyhow::anyhow!("the worker secret is not ASCII"))?;
+    Ok(WorkerServiceClient::with_interceptor(channel(daemon)?, WithSecret(value)))
+}
+
 impl Reporter {
     /// Connects and registers, retrying for up to `register_timeout` (the daemon may be
     /// restarting), then starts the sending thread with its heartbeat.
-    pub fn start(daemon: &str, id: WorkerId, world_size: u32, register_timeout: Duration) -> anyhow::Result<Reporter> {
+    pub fn start(daemon: &str, secret: &str, id: WorkerId, world_size: u32, register_timeout: Duration) -> anyhow::Result<Reporter> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let endpoint = Channel::from_shared(daemon.to_string())
-            .with_context(|| format!("daemon address `{daemon}`"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10));
         // The lazy channel spawns its connection task on the runtime it is created in.
         let mut client = {
             let _in_runtime = rt.enter();
-            WorkerServiceClient::new(endpoint.connect_lazy())
+            client(daemon, secret)?
         };
-        let deadline = Instant::now() + register_timeout;
+        let started = Instant::now();
+        let deadline = started + register_timeout;
         let req = proto::RegisterRequest { worker: Some(id), pid: std::process::id(), world_size };
         loop {
             match rt.block_on(client.register(req)) {
                 Ok(_) => break,
-                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::NotFound => {
+                Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::Unauthenticated) => {
                     bail!("the daemon refused this worker: {}", s.message())
                 }
                 Err(s) if Instant::now() < deadline => {
-                    tracing::warn!("registering with {daemon}: {}; retrying", s.message());
+                    // The daemon answers "not yet" while it starts the job's other ranks: said
+                    // only if it goes on.
+                    if started.elapsed() > Duration::from_secs(10) {
+                        tracing::warn!("registering with {daemon}: {}; retrying", s.message());
+                    } else {
+                        tracing::debug!("registering with {daemon}: {}; retrying", s.message());
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(s) => bail!("could not register with the daemon at {daemon} within {register_timeout:?}: {}", s.message()),
@@ -114,13 +156,7 @@ impl Reporter {
     }
 }
 
-async fn send_loop(
-    mut client: WorkerServiceClient<Channel>,
-    id: WorkerId,
-    queue: Arc<(Mutex<Queue>, Condvar)>,
-    stop: Arc<AtomicBool>,
-    step: Arc<AtomicI64>,
-) {
+async fn send_loop(mut client: Client, id: WorkerId, queue: Arc<(Mutex<Queue>, Condvar)>, stop: Arc<AtomicBool>, step: Arc<AtomicI64>) {
     let mut last_beat = Instant::now() - Duration::from_secs(60);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -129,6 +165,12 @@ async fn send_loop(
             match client.heartbeat(proto::HeartbeatRequest { worker: Some(id), step: step.load(Ordering::Relaxed) }).await {
                 Ok(r) if r.get_ref().stop => stop.store(true, Ordering::Relaxed),
                 Ok(_) => {}
+                // The daemon does not know this worker's secret (its data directory's key was
+                // replaced): nothing it sends will be taken.
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    tracing::error!("the daemon refuses this worker's secret: {}; stopping", s.message());
+                    stop.store(true, Ordering::Relaxed);
+                }
                 Err(s) => tracing::warn!("heartbeat: {}", s.message()),
             }
         }

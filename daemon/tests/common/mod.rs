@@ -84,6 +84,10 @@ pub struct Daemon {
     heartbeat_timeout: u64,
     /// Extra environment for the daemon (its `GANTRY_*` settings).
     env: Vec<(String, String)>,
+    /// Extra arguments for the daemon.
+    args: Vec<String>,
+    /// The token `get`, `post` and `submit` send, if any.
+    pub token: Option<String>,
     pub client: reqwest::Client,
 }
 
@@ -97,19 +101,45 @@ impl Daemon {
     }
 
     pub async fn start_with_env(database_url: &str, devices: &str, heartbeat_timeout: u64, env: &[(&str, &str)]) -> Daemon {
-        let data_dir = tempfile::tempdir().unwrap();
+        Daemon::start_with_args(database_url, devices, heartbeat_timeout, env, &[]).await
+    }
+
+    /// A daemon with extra arguments (`--tokens FILE`, `--read-roots DIR`, …).
+    pub async fn start_with_args(database_url: &str, devices: &str, heartbeat_timeout: u64, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Daemon::start_in(tempfile::tempdir().unwrap(), database_url, devices, heartbeat_timeout, env, args).await
+    }
+
+    /// A daemon on the data directory `data_dir` (which may hold an earlier daemon's files).
+    pub async fn start_in(
+        data_dir: tempfile::TempDir,
+        database_url: &str,
+        devices: &str,
+        heartbeat_timeout: u64,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         let (http_port, grpc_port) = (free_port(), free_port());
+        // With TLS, the client trusts the daemon's (self-signed) certificate.
+        let cert = args.iter().position(|a| *a == "--tls-cert").map(|i| args[i + 1]);
+        let scheme = if cert.is_some() { "https" } else { "http" };
+        let mut client = reqwest::Client::builder();
+        if let Some(cert) = cert {
+            client = client.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(cert).unwrap()).unwrap());
+        }
+        let client = client.build().unwrap();
         let mut d = Daemon {
             child: None,
             data_dir,
-            http: format!("http://127.0.0.1:{http_port}"),
+            http: format!("{scheme}://127.0.0.1:{http_port}"),
             http_port,
             grpc_port,
             database_url: database_url.to_string(),
             devices: devices.to_string(),
             heartbeat_timeout,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            client: reqwest::Client::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            token: None,
+            client,
         };
         // A port found free can be taken by another test's process before the daemon binds it:
         // the first start then picks other ports. (A restart keeps its ports: workers know them.)
@@ -118,7 +148,7 @@ impl Daemon {
                 return d;
             }
             (d.http_port, d.grpc_port) = (free_port(), free_port());
-            d.http = format!("http://127.0.0.1:{}", d.http_port);
+            d.http = format!("{scheme}://127.0.0.1:{}", d.http_port);
         }
         panic!("the daemon could not bind its ports:\n{}", d.log());
     }
@@ -147,6 +177,7 @@ impl Daemon {
             ])
             .arg("--data-dir")
             .arg(self.data_dir.path())
+            .args(&self.args)
             .env("GANTRY_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -209,25 +240,32 @@ impl Daemon {
         self.spawn().await;
     }
 
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(format!("{}{path}", self.http)).send().await.unwrap();
+    /// A request with this daemon's test token, if it has one.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, format!("{}{path}", self.http));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub async fn send(r: reqwest::RequestBuilder) -> (u16, Value) {
+        let r = r.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Daemon::send(self.request(reqwest::Method::GET, path)).await
+    }
+
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.http))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        Daemon::send(self.request(reqwest::Method::POST, path).header("content-type", "application/json").body(body.to_string())).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        Daemon::send(self.request(reqwest::Method::DELETE, path)).await
     }
 
     pub async fn submit(&self, spec: &Value) -> i64 {
@@ -259,6 +297,13 @@ impl Daemon {
         self.wait_job(id, secs, &format!("became {state}"), |j| j["state"] == state).await
     }
 
+    /// How many of the node's device slots no job holds.
+    pub async fn devices_free(&self) -> usize {
+        let (status, d) = self.get("/v1/devices").await;
+        assert_eq!(status, 200, "{d}");
+        d["devices"].as_array().unwrap().iter().filter(|s| s["job_id"].is_null()).count()
+    }
+
     pub async fn steps(&self, id: i64) -> Vec<Value> {
         let (status, m) = self.get(&format!("/v1/jobs/{id}/metrics")).await;
         assert_eq!(status, 200, "{m}");
@@ -270,8 +315,42 @@ impl Daemon {
         ev["events"].as_array().unwrap().iter().map(|e| e["to"].as_str().unwrap().to_string()).collect()
     }
 
+    /// A job's run directory: `DATA_DIR/runs/<database id>/job-ID`.
     pub fn run_dir(&self, id: i64) -> PathBuf {
-        self.data_dir.path().join("runs").join(format!("job-{id}"))
+        let identity: Value = serde_json::from_str(&std::fs::read_to_string(self.data_dir.path().join("identity.json")).unwrap()).unwrap();
+        self.data_dir.path().join("runs").join(identity["database_id"].as_str().unwrap()).join(format!("job-{id}"))
+    }
+
+    /// A client of the daemon's worker service (its Unix socket), whose calls carry `secret`.
+    pub async fn worker_client(
+        &self,
+        secret: &str,
+    ) -> gantry_api::proto::worker_service_client::WorkerServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+    > {
+        let socket = self.data_dir.path().join("worker.sock");
+        let channel = tonic::transport::Endpoint::from_static("http://worker.sock")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap();
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {secret}").parse().unwrap();
+        gantry_api::proto::worker_service_client::WorkerServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        })
+    }
+
+    /// The secret of a job attempt's workers, as the daemon computes it (HMAC of the job and
+    /// attempt under the data directory's `worker.key`).
+    pub fn worker_secret(&self, job_id: i64, attempt: u32) -> String {
+        use hmac::Mac;
+        let key = std::fs::read(self.data_dir.path().join("worker.key")).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("gantry worker: job {job_id} attempt {attempt}").as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 }
 
