@@ -189,6 +189,9 @@ pub struct WorkerArgs {
     /// A directory the job's files must lie in (repeated; none: anywhere), checked again here.
     #[arg(long = "read-root")]
     pub read_roots: Vec<PathBuf>,
+    /// A file the job may never read (the daemon's own; repeated).
+    #[arg(long = "deny-read")]
+    pub deny_read: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

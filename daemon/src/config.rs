@@ -67,6 +67,8 @@ pub struct DaemonConfig {
     /// This data directory's runs of this database (`DATA_DIR/runs/<database id>`), known once
     /// the store is bound (see `datadir`).
     pub runs_root: PathBuf,
+    /// The database's identity, known once the store is bound.
+    pub database_id: String,
 }
 
 impl DaemonConfig {
@@ -114,19 +116,27 @@ impl DaemonConfig {
             for (flag, a) in [("--http", http), ("--grpc", grpc)] {
                 if !a.ip().is_loopback() {
                     bail!(
-                        "{flag} {a} is not a loopback address and no --tokens file is given: anyone who reaches it could submit,                          cancel and delete jobs; give --tokens FILE (see `gantry token new`), or --insecure to do it anyway"
+                        "{flag} {a} is not a loopback address and no --tokens file is given: anyone who reaches it could submit, cancel and delete jobs; give --tokens FILE (see `gantry token new`), or --insecure to do it anyway"
                     );
                 }
             }
         }
         let roots = if a.read_roots.is_empty() { file.read_roots.unwrap_or_default() } else { a.read_roots.clone() };
         // With tokens, jobs come from users who may not read what the daemon can: by default they
-        // read only from the data directory.
+        // read only from DATA_DIR/inputs.
         let read_roots = match (roots.is_empty(), &tokens) {
             (false, _) => ReadRoots::new(&roots).map_err(anyhow::Error::msg)?,
-            (true, Some(_)) => ReadRoots::new(std::slice::from_ref(&data_dir)).map_err(anyhow::Error::msg)?,
+            (true, Some(_)) => {
+                let inputs = data_dir.join("inputs");
+                std::fs::create_dir_all(&inputs).with_context(|| format!("creating {}", inputs.display()))?;
+                ReadRoots::new(&[inputs]).map_err(anyhow::Error::msg)?
+            }
             (true, None) => ReadRoots::anywhere(),
         };
+        // The daemon's own files, whatever the roots.
+        let own = ["worker.key", "gantry.db", "gantry.db-wal", "gantry.db-shm", "daemon.lock", "identity.json", "worker.sock"];
+        let read_roots =
+            read_roots.deny(own.iter().map(|f| data_dir.join(f)).chain(tokens.clone()).chain(tls.as_ref().map(|(_, key)| key.clone())));
         let max_connections = a.max_connections.or(file.max_connections).unwrap_or(512);
         if max_connections == 0 {
             bail!("--max-connections must be at least 1");
@@ -142,6 +152,7 @@ impl DaemonConfig {
             database_url,
             slots: slots(&devices),
             runs_root: data_dir.join("runs"),
+            database_id: String::new(),
             data_dir,
             heartbeat_timeout: Duration::from_secs(heartbeat),
             metrics_retention: Duration::from_secs(a.metrics_retention.or(file.metrics_retention).unwrap_or(600)),

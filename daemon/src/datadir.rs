@@ -97,8 +97,9 @@ impl DataDir {
         Ok(DataDir { path: path.to_path_buf(), _lock: file })
     }
 
-    /// Binds this directory and `store` to each other; returns the root of this database's runs.
-    pub async fn bind(&self, store: &Store) -> Result<PathBuf> {
+    /// Binds this directory and `store` to each other; returns the root of this database's runs
+    /// and the database's identity.
+    pub async fn bind(&self, store: &Store) -> Result<(PathBuf, String)> {
         let database_id = store.database_id().await?;
         let id_path = self.path.join("identity.json");
         let mut identity: Identity = match std::fs::read_to_string(&id_path) {
@@ -125,12 +126,12 @@ impl DataDir {
             );
         }
         if identity.database_id.as_deref() != Some(database_id.as_str()) {
-            identity.database_id = Some(database_id);
+            identity.database_id = Some(database_id.clone());
             let text = serde_json::to_string_pretty(&identity).map_err(|e| Error::Internal(e.to_string()))?;
             gantry_engine::checkpoint::write_replacing(&id_path, text.as_bytes()).map_err(|e| Error::Internal(e.to_string()))?;
         }
         std::fs::create_dir_all(&runs).map_err(Error::io(&runs))?;
-        Ok(runs)
+        Ok((runs, database_id))
     }
 }
 
@@ -155,9 +156,10 @@ mod tests {
         let data = DataDir::lock(dir.path(), "x").unwrap();
         let (one, _g1) = crate::testing::sqlite_store().await;
         let (two, _g2) = crate::testing::sqlite_store().await;
-        let runs_one = data.bind(&one).await.unwrap();
-        assert_eq!(data.bind(&one).await.unwrap(), runs_one, "the same database, the same runs");
-        let runs_two = data.bind(&two).await.unwrap();
+        let (runs_one, _) = data.bind(&one).await.unwrap();
+        assert_eq!(data.bind(&one).await.unwrap().0, runs_one, "the same database, the same runs");
+        let (runs_two, id_two) = data.bind(&two).await.unwrap();
+        assert_eq!(runs_two.file_name().unwrap().to_str(), Some(id_two.as_str()));
         assert_ne!(runs_one, runs_two);
         assert!(runs_one.starts_with(dir.path().join("runs")) && runs_two.is_dir());
         let identity: Identity = serde_json::from_str(&std::fs::read_to_string(dir.path().join("identity.json")).unwrap()).unwrap();

@@ -159,6 +159,11 @@ async fn tokens_and_roles_decide_who_may_do_what_and_workers_need_their_secret()
     let (status, err) = d.post("/v1/jobs", &outside.to_string()).await;
     assert_eq!((status, err["field"].as_str()), (422, Some("data.train")), "{err}");
     assert!(err["message"].as_str().unwrap().contains("outside the directories this daemon reads"), "{err}");
+    // The daemon's own files are out of reach (the default root is DATA_DIR/inputs).
+    let mut own = spec.clone();
+    own["data"]["train"] = json!(d.data_dir.path().join("worker.key"));
+    let (status, err) = d.post("/v1/jobs", &own.to_string()).await;
+    assert_eq!((status, err["field"].as_str()), (422, Some("data.train")), "{err}");
     let id = d.submit(&spec).await;
     let job = d.wait_job(id, 60, "trained a step", |j| j["step"].as_i64().unwrap_or(0) >= 1).await;
     assert_eq!(job["owner"], "alice");
@@ -206,8 +211,14 @@ async fn tokens_and_roles_decide_who_may_do_what_and_workers_need_their_secret()
     let far = gantry_api::proto::StepMetrics { step: 1 << 40, loss: 1.0, ..Default::default() };
     let refused = own.report_steps(ReportStepsRequest { worker: me, steps: vec![far] }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    let mut tcp = gantry_api::proto::worker_service_client::WorkerServiceClient::connect(d.grpc()).await.unwrap();
-    assert_eq!(tcp.heartbeat(beat()).await.unwrap_err().code(), tonic::Code::Unimplemented);
+    let channel = tonic::transport::Endpoint::from_shared(d.grpc()).unwrap().connect().await.unwrap();
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {alice}").parse().unwrap();
+    let mut tcp =
+        gantry_api::proto::worker_service_client::WorkerServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        });
+    assert_eq!(tcp.heartbeat(beat()).await.unwrap_err().code(), tonic::Code::Unimplemented, "not even with a user's token");
     assert!(d.steps(id).await.iter().all(|s| s["loss"].as_f64().unwrap() < 100.0), "no forged step was stored");
 
     // Alice may not delete a running job; root cancels it; then alice deletes it, with its run.
@@ -221,14 +232,24 @@ async fn tokens_and_roles_decide_who_may_do_what_and_workers_need_their_secret()
     let run_dir = d.run_dir(id);
     assert!(run_dir.is_dir());
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, err) = d.delete(&format!("/v1/jobs/{id}")).await;
-        if status == 204 {
-            break;
-        }
-        assert!(status == 409 && Instant::now() < deadline, "{status} {err}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    while !worker_pids(&d, id).is_empty() {
+        assert!(Instant::now() < deadline, "the cancelled job's worker did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Two deletes at once: one deletes; the other finds it being deleted, or gone.
+    let statuses = loop {
+        let path = format!("/v1/jobs/{id}");
+        let (a, b) = tokio::join!(d.delete(&path), d.delete(&path));
+        let mut statuses = [a.0, b.0];
+        statuses.sort();
+        if statuses != [409, 409] {
+            break statuses;
+        }
+        // (Both found the workers' records not yet cleared.)
+        assert!(Instant::now() < deadline, "{a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(statuses == [204, 404] || statuses == [204, 409], "{statuses:?}");
     assert_eq!(d.get(&format!("/v1/jobs/{id}")).await.0, 404);
     assert!(!run_dir.exists(), "the run directory went with the job");
     assert!(worker_pids(&d, id).is_empty());
@@ -378,6 +399,29 @@ async fn jobs_are_refused_at_submission_when_they_read_outside_the_roots_or_coul
     assert!(m["node_bytes"].as_u64().unwrap() > part("per_rank"), "{m}");
     d.wait_state(id, "succeeded", 60).await;
 
+    // A link swapped once the job is accepted (and again once it runs) changes nothing it reads:
+    // the worker reads the files it checked, and every checkpoint copies the tokenizer checked.
+    let tokenizer = common::repo().join("examples/data/tokenizer.json");
+    std::fs::copy(&tokenizer, at("tokenizer-real.json")).unwrap();
+    std::os::unix::fs::symlink(at("tokenizer-real.json"), at("tokenizer.json")).unwrap();
+    let mut spec = inputs_in(roots.path(), 400);
+    spec["data"]["tokenizer"] = json!(at("tokenizer.json"));
+    spec["checkpoint"] = json!({"every": 100, "keep": 2});
+    let id = d.submit(&spec).await;
+    d.wait_job(id, 60, "trained a step", |j| j["step"].as_i64().unwrap_or(0) >= 1).await;
+    std::fs::remove_file(at("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(&secret, at("tokenizer.json")).unwrap();
+    let job = d.wait_state(id, "succeeded", 120).await;
+    let run = std::path::PathBuf::from(job["run_dir"].as_str().unwrap());
+    let real = std::fs::read(&tokenizer).unwrap();
+    assert_eq!(std::fs::read(run.join("final/tokenizer.json")).unwrap(), real, "the final model has the tokenizer checked");
+    for ck in gantry_engine::checkpoint::committed_checkpoints(&run) {
+        assert_eq!(std::fs::read(ck.join("tokenizer.json")).unwrap(), real, "{}", ck.display());
+    }
+    // A new job naming the swapped link is refused.
+    let (status, err) = d.post("/v1/jobs", &spec.to_string()).await;
+    refused("data.tokenizer", "outside the directories")(status, &err);
+
     // A `.bin` that is really text passes submission (only its reader can tell) and fails in the
     // worker, and the reason quotes no byte of it.
     std::fs::write(at("text.bin"), "hunter2 is the password\n").unwrap();
@@ -436,8 +480,8 @@ async fn oversized_and_silent_requests_get_clear_answers_and_no_connection_stays
         let (status, err) = d.post("/v1/jobs", &spec.to_string()).await;
         assert_eq!((status, err["field"].as_str()), (422, Some("name")), "{err}");
     }
-    // 40 MiB, declared: answered 413 at once; the client reads the answer, not a reset.
-    let big = vec![b' '; 40 << 20];
+    // 100 MiB, declared: answered 413 at once; the client reads the answer, not a reset.
+    let big = vec![b' '; 100 << 20];
     let (status, err) = Daemon::send(d.request(reqwest::Method::POST, "/v1/jobs").body(big)).await;
     assert_eq!((status, err["code"].as_str()), (413, Some("bad_request")), "{err}");
     // 3 MiB sent in chunks, with no length declared.

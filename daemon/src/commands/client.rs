@@ -312,9 +312,10 @@ pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
                     for l in &lines {
                         print_line(l, a.rank.is_none());
                     }
+                    // A page may end early (it is bounded in bytes too): on until one is empty.
                     match lines.last() {
-                        Some(l) if lines.len() == PAGE => after = l.offset,
-                        _ => break,
+                        Some(l) => after = l.offset,
+                        None => break,
                     }
                 }
             }

@@ -37,7 +37,7 @@ async fn serve(mut config: DaemonConfig) -> anyhow::Result<()> {
     lease::acquire(&store, &me).await.context("taking the database's lease")?;
     let held = Arc::new(lease::Lease::new(me));
     let started = async {
-        config.runs_root = data_dir.bind(&store).await.context("binding the data directory to the database")?;
+        (config.runs_root, config.database_id) = data_dir.bind(&store).await.context("binding the data directory to the database")?;
         start(Arc::new(config), store.clone(), held.clone()).await
     }
     .await;
@@ -60,9 +60,9 @@ async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>)
         Some(path) => Auth::Tokens(Tokens::load(path)?),
         None => Auth::Open,
     });
-    let keys = Arc::new(WorkerKeys::open(&config.data_dir)?);
+    let keys = Arc::new(WorkerKeys::open(&config.data_dir, &config.database_id)?);
     let supervisor = Supervisor::new(store.clone(), config.clone(), metrics.clone(), exe, held.clone(), keys.clone());
-    let service = JobService { store: store.clone(), supervisor: supervisor.clone(), config: config.clone() };
+    let service = JobService::new(store.clone(), supervisor.clone(), config.clone());
     let state = AppState { service: service.clone(), metrics: metrics.clone(), auth: auth.clone() };
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -114,8 +114,13 @@ async fn start(config: Arc<DaemonConfig>, store: Store, held: Arc<lease::Lease>)
         let router = http::metrics_router(state.clone());
         tokio::spawn(listen::serve(Listener::Tcp(l), router, Protocol::Http1, None, limits, stop_rx.clone(), drain))
     });
-    let grpc = Grpc { service, metrics, auth, keys };
-    let jobs = tonic::service::Routes::new(JobServiceServer::new(grpc.clone()).max_decoding_message_size(crate::grpc::JOB_MESSAGE_LIMIT));
+    let grpc = Grpc { service, metrics: metrics.clone(), auth: auth.clone(), keys };
+    let jobs = crate::grpc::Gate {
+        inner: tonic::service::Routes::new(JobServiceServer::new(grpc.clone()).max_decoding_message_size(crate::grpc::JOB_MESSAGE_LIMIT)),
+        auth,
+        metrics,
+        limit: (config.read_timeout * 2).max(Duration::from_secs(60)),
+    };
     let grpc_task =
         tokio::spawn(listen::serve(Listener::Tcp(grpc_listener), jobs, Protocol::Http2, grpc_tls, limits, stop_rx.clone(), drain));
     let workers = tonic::service::Routes::new(WorkerServiceServer::new(grpc).max_decoding_message_size(crate::grpc::WORKER_MESSAGE_LIMIT));

@@ -49,6 +49,11 @@ pub async fn logs(
             // (a cancelled one only once its workers are gone and their logs copied).
             let over = match service.get(id).await {
                 Ok(j) => service.logs_complete(&j),
+                // Deleted while followed: nothing more will come.
+                Err(Error::JobNotFound(_)) => {
+                    let _ = tx.send(Ok(Event::default().event("end").data(id.to_string()))).await;
+                    return;
+                }
                 Err(_) => false,
             };
             let ranks: Vec<u32> = match rank {

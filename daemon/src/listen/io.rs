@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How long, and how much, a closing connection reads and drops of what its client still sends.
 const LINGER: Duration = Duration::from_secs(2);
-const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_BYTES: u64 = 1 << 30;
 
 /// When a connection last moved, shared between the stream and its watchdog.
 #[derive(Clone)]

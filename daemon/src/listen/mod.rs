@@ -180,7 +180,7 @@ async fn connection<I, S, B>(
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(limits.ping_every))
                 .keep_alive_timeout(limits.ping_timeout)
-                .max_concurrent_streams(256)
+                .max_concurrent_streams(32)
                 .serve_connection(io, service);
             Box::pin(watcher.watch(conn))
         }

@@ -31,6 +31,8 @@ pub fn check_runnable(config: &DaemonConfig, spec: &mut JobSpec) -> Result<Memor
     if !model_dir.join("config.json").is_file() {
         return Err(SpecError::new("model.path", format!("{} holds no config.json", spec.model.path)).into());
     }
+    // Files read whole here are bounded first: a user-named file must not fill the daemon's memory.
+    not_larger("model.path", &model_dir.join("config.json"), MAX_CONFIG_BYTES)?;
     let model = ModelConfig::from_dir(&model_dir).map_err(|e| SpecError::new("model.path", e.to_string()))?;
     if spec.data.seq_len > model.max_positions {
         return Err(SpecError::new(
@@ -144,11 +146,26 @@ fn gpu_memory(config: &DaemonConfig) -> Option<u64> {
         .and_then(|m| m.into_iter().min())
 }
 
+/// The largest `config.json` and `tokenizer.json` read at submission (real ones are a few KiB
+/// and a few tens of MiB).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
+fn not_larger(field: &str, path: &Path, max: u64) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > max => {
+            Err(SpecError::new(field, format!("{} is larger than the {} MiB a file of its kind may be", path.display(), max >> 20)).into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a tokenizer the way the trainer will; refuses one it cannot use without quoting it.
 fn check_tokenizer(field: &str, path: &Path) -> Result<()> {
     if !path.is_file() {
         return Err(SpecError::new(field, format!("{} is not a file on the daemon's machine", path.display())).into());
     }
+    not_larger(field, path, MAX_TOKENIZER_BYTES)?;
     if gantry_engine::data::load_tokenizer(path).is_err() {
         return Err(SpecError::new(field, format!("{} is not a tokenizer.json the tokenizers library can read", path.display())).into());
     }

@@ -23,6 +23,22 @@ pub struct JobService {
     pub store: Store,
     pub supervisor: Arc<Supervisor>,
     pub config: Arc<DaemonConfig>,
+    /// Submissions being checked at once (each may read a model's config, index and tokenizer).
+    pub admissions: Arc<tokio::sync::Semaphore>,
+    /// Jobs being deleted: a second delete of one waits for none of the first's steps.
+    pub deleting: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+}
+
+impl JobService {
+    pub fn new(store: Store, supervisor: Arc<Supervisor>, config: Arc<DaemonConfig>) -> JobService {
+        JobService {
+            store,
+            supervisor,
+            config,
+            admissions: Arc::new(tokio::sync::Semaphore::new(2)),
+            deleting: Arc::new(std::sync::Mutex::new(Default::default())),
+        }
+    }
 }
 
 impl JobService {
@@ -32,7 +48,8 @@ impl JobService {
     pub async fn submit(&self, caller: &Caller, spec_json: &str) -> Result<Job> {
         let mut spec = JobSpec::from_json(spec_json)?;
         // Reading the model's config, its tokenizer and its weights' index is file work: off the
-        // async runtime.
+        // async runtime, and a few at a time.
+        let _turn = self.admissions.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
         let config = self.config.clone();
         let (spec, estimate) = tokio::task::spawn_blocking(move || admission::check_runnable(&config, &mut spec).map(|e| (spec, e)))
             .await
@@ -114,12 +131,25 @@ impl JobService {
     /// the job as it was (the directory is moved back) or only a directory to remove, never rows
     /// without their run.
     pub async fn delete(&self, caller: &Caller, id: i64) -> Result<()> {
+        if !self.deleting.lock().expect("deleting").insert(id) {
+            return Err(Error::Conflict(format!("job {id} is being deleted")));
+        }
+        let result = self.delete_once(caller, id).await;
+        self.deleting.lock().expect("deleting").remove(&id);
+        result
+    }
+
+    async fn delete_once(&self, caller: &Caller, id: i64) -> Result<()> {
         let job = self.store.job(id).await?;
         caller.check_may_change(id, job.owner.as_deref(), "delete")?;
         if !job.state.is_final() {
             return Err(Error::Conflict(format!("job {id} is {}: cancel it first, then delete it once it has ended", job.state)));
         }
-        if self.supervisor.is_live(id) {
+        // Workers still running write into the run directory: this daemon's (being stopped), or
+        // an earlier daemon's that were cancelled while it was away (told to stop at their next
+        // heartbeat).
+        let running = self.store.workers(id).await?.iter().any(|w| crate::supervisor::process::is_alive(w.pid, w.proc_start));
+        if self.supervisor.is_live(id) || running {
             return Err(Error::Conflict(format!("job {id}'s workers are still stopping; try again in a few seconds")));
         }
         let run_dir = Path::new(&job.run_dir).to_path_buf();
@@ -164,16 +194,27 @@ impl JobService {
 
     pub async fn metrics(&self, id: i64, rank: Option<u32>, after_step: Option<i64>, limit: Option<u32>) -> Result<Vec<StepMetrics>> {
         self.store.job_row(id).await?;
-        self.store.metrics(id, rank, after_step.unwrap_or(0), limit.unwrap_or(10_000).clamp(1, 100_000)).await
+        self.store.metrics(id, rank, after_step.unwrap_or(0), page_limit(limit, 10_000, 100_000)?).await
     }
 
     pub async fn events(&self, id: i64) -> Result<Vec<JobEvent>> {
         self.store.events(id).await
     }
 
+    /// Log lines, at most `limit` (1 to 100,000; 10,000 by default) and about `PAGE_BYTES` of
+    /// text: a reader pages on until a page comes back empty.
     pub async fn logs(&self, id: i64, rank: Option<u32>, after_offset: Option<i64>, limit: Option<u32>) -> Result<Vec<LogLine>> {
         self.store.job_row(id).await?;
-        self.store.logs(id, rank, after_offset.unwrap_or(-1), limit.unwrap_or(10_000).clamp(1, 100_000)).await
+        let limit = page_limit(limit, 10_000, 100_000)?;
+        let mut lines = self.store.logs(id, rank, after_offset.unwrap_or(-1), limit).await?;
+        let mut bytes = 0;
+        if let Some(n) = lines.iter().position(|l| {
+            bytes += l.line.len() + 64;
+            bytes > PAGE_BYTES
+        }) {
+            lines.truncate(n.max(1));
+        }
+        Ok(lines)
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>> {
@@ -190,6 +231,14 @@ impl JobService {
         self.store.insert_steps(job_id, steps).await?;
         self.supervisor.update_step_gauges(job_id, steps);
         Ok(())
+    }
+}
+
+/// A page's `limit`: `default` when not given, 1 to `max` (400 otherwise).
+fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32> {
+    match limit.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(Error::BadRequest(format!("limit must be 1 to {max}, not {n}"))),
     }
 }
 

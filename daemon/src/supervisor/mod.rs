@@ -788,7 +788,7 @@ impl Supervisor {
                 log: &log,
                 device: &placement[rank as usize],
                 secret: &secret,
-                read_roots: self.config.read_roots.dirs(),
+                read_roots: &self.config.read_roots,
             };
             let child = process::spawn(&launch)?;
             let pid = child.id();

@@ -27,8 +27,8 @@ pub struct Launch<'a> {
     /// The job attempt's worker secret (handed over in the environment, which other users cannot
     /// read, unlike the command line).
     pub secret: &'a str,
-    /// Where the job's files must lie (the worker checks again).
-    pub read_roots: &'a [std::path::PathBuf],
+    /// Where the job's files must lie, and what they may never be (the worker checks again).
+    pub read_roots: &'a crate::roots::ReadRoots,
 }
 
 /// How to start one rank: the binary, its arguments, and the log its output is appended to.
@@ -103,9 +103,13 @@ pub fn spawn(l: &Launch<'_>) -> Result<Child> {
         args.push("--resume-from".into());
         args.push(r.into());
     }
-    for root in l.read_roots {
+    for root in l.read_roots.dirs() {
         args.push("--read-root".into());
         args.push(root.into());
+    }
+    for denied in l.read_roots.denied() {
+        args.push("--deny-read".into());
+        args.push(denied.into());
     }
     let env = vec![(crate::auth::worker::SECRET_ENV, l.secret)];
     spawn_rank(&RankCommand { exe: l.exe, args, log: l.log, detach: true, env })

@@ -83,10 +83,17 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     let workers = a.world_size.max(1) as usize;
     let per_worker = spec.resources.threads.or_else(|| std::thread::available_parallelism().ok().map(|n| (n.get() / workers).max(1)));
     let threads = crate::commands::set_threads(a.threads.or(per_worker))?;
-    // The daemon checked the job's files against its read roots at submission; a link changed
-    // since is caught here, before anything is read.
-    let roots = crate::roots::ReadRoots::new(&a.read_roots).map_err(anyhow::Error::msg)?;
-    crate::roots::check_job(&spec, &roots).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The daemon checked the job's files against its read roots at submission. Here each is
+    // opened once and checked where it lies, and the trainer reads the files opened (see
+    // roots::pin): a link changed since submission, or later, reads nothing new.
+    let roots = crate::roots::ReadRoots::new(&a.read_roots).map_err(anyhow::Error::msg)?.deny(a.deny_read.iter().cloned());
+    let _pinned = if roots.is_confined() {
+        let dir = a.run_dir.join(".inputs").join(format!("rank-{}", a.rank));
+        Some(crate::roots::pin_job(&mut spec, &roots, &dir).map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        crate::roots::check_job(&spec, &roots).map_err(|e| anyhow::anyhow!("{e}"))?;
+        None
+    };
     let id = WorkerId { job_id: a.job_id, rank: a.rank, attempt: a.attempt };
     let reporter = reporter::Reporter::start(&a.daemon, &secret, id, a.world_size, Duration::from_secs(120))?;
     let comm = if a.world_size > 1 {

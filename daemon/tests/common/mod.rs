@@ -343,13 +343,15 @@ impl Daemon {
         })
     }
 
-    /// The secret of a job attempt's workers, as the daemon computes it (HMAC of the job and
-    /// attempt under the data directory's `worker.key`).
+    /// The secret of a job attempt's workers, as the daemon computes it (HMAC of the database,
+    /// job and attempt under the data directory's `worker.key`).
     pub fn worker_secret(&self, job_id: i64, attempt: u32) -> String {
         use hmac::Mac;
         let key = std::fs::read(self.data_dir.path().join("worker.key")).unwrap();
+        let identity: Value = serde_json::from_str(&std::fs::read_to_string(self.data_dir.path().join("identity.json")).unwrap()).unwrap();
+        let db = identity["database_id"].as_str().unwrap();
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
-        mac.update(format!("gantry worker: job {job_id} attempt {attempt}").as_bytes());
+        mac.update(format!("gantry worker: database {db} job {job_id} attempt {attempt}").as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
 }

@@ -134,7 +134,13 @@ pub fn load_weights(dir: &Path, config: &ModelConfig, table: &ParamTable, params
             let Some(i) = table.entries().iter().position(|e| e.name == canonical) else {
                 let tied_head = canonical == "lm_head.weight" && config.tie_embeddings;
                 if !tied_head && !is_known_buffer(&name) {
-                    tracing::warn!(file = %path.display(), tensor = %name, "tensor is not a parameter of this model; ignored");
+                    // Named only when it looks like a tensor's name (see `config::kind_of`).
+                    let shown = if name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._".contains(c)) {
+                        name.to_string()
+                    } else {
+                        "(a name that is not a tensor's)".into()
+                    };
+                    tracing::warn!(file = %path.display(), tensor = %shown, "tensor is not a parameter of this model; ignored");
                 }
                 continue;
             };

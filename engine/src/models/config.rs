@@ -266,10 +266,16 @@ impl ModelConfig {
             Arch::Gpt2 => gpt2(&r)?,
             Arch::Llama => llama(&r)?,
         };
-        for key in map.keys() {
-            if !known.contains(&key.as_str()) && !HARMLESS.contains(&key.as_str()) {
-                tracing::warn!(config = %path.display(), key = %key, "config key not known to gantry; it is ignored");
-            }
+        // Keys named only when they look like a config's keys (lower-case identifiers): the log is
+        // read by users who may not read the file (see `kind_of`).
+        let unknown: Vec<&String> = map.keys().filter(|k| !known.contains(&k.as_str()) && !HARMLESS.contains(&k.as_str())).collect();
+        let named = |k: &&&String| k.len() <= 64 && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        for key in unknown.iter().filter(named) {
+            tracing::warn!(config = %path.display(), key = %key, "config key not known to gantry; it is ignored");
+        }
+        let others = unknown.iter().filter(|k| !named(k)).count();
+        if others > 0 {
+            tracing::warn!(config = %path.display(), "{others} other keys not known to gantry are ignored");
         }
         // Dropout is not built: a config that asks for it trains as with dropout 0 (stock GPT-2
         // configs ask for 0.1), which should not go unsaid.
