@@ -128,7 +128,7 @@ pub struct DaemonArgs {
     pub metrics_retention: Option<u64>,
     /// Seconds a rank may go without finishing a step (while its heartbeats go on) before it
     /// counts as hung and its job is restarted [default: 10 times the rank's slowest step so far,
-    /// at least 600].
+    /// at least 600; at least 1800 before its first step, while it loads the model and data].
     #[arg(long, env = "GANTRY_STALL_TIMEOUT")]
     pub stall_timeout: Option<u64>,
     /// A TOML file of `[[token]]` entries (`user`, `role`, `token_sha256`; see `gantry token

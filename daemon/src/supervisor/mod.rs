@@ -74,16 +74,20 @@ impl Rank {
 }
 
 /// The least a rank gets to finish a step before it counts as hung, when `--stall-timeout` is not
-/// given: loading a large model, tokenizing a large text, writing the final model all happen
-/// between two heartbeat steps.
+/// given: writing a checkpoint or the final model happens between two heartbeat steps.
 pub const STALL_FLOOR: Duration = Duration::from_secs(600);
+/// The same before its first step, which also loads the model and the data (tokenizing a large
+/// text corpus can take many minutes).
+pub const FIRST_STEP_FLOOR: Duration = Duration::from_secs(1800);
 
 /// How long a rank may go without finishing a step while its heartbeats go on: `--stall-timeout`,
-/// else ten times its slowest step so far, at least `STALL_FLOOR`. A rank blocked for good (in an
-/// `open()` of a hung file system, a collective whose peer is stuck) still sends heartbeats from
-/// its reporting thread: only its step says it is stuck.
-pub fn stall_limit(configured: Option<Duration>, slowest_step: Duration) -> Duration {
-    configured.unwrap_or_else(|| (slowest_step * 10).max(STALL_FLOOR))
+/// else ten times its slowest step so far, at least `STALL_FLOOR` (`FIRST_STEP_FLOOR` before its
+/// first step). A rank blocked for good (in an `open()` of a hung file system, a collective whose
+/// peer is stuck) still sends heartbeats from its reporting thread: only its step says it is
+/// stuck.
+fn stall_limit(configured: Option<Duration>, rank: &Rank) -> Duration {
+    let floor = if rank.step == 0 { FIRST_STEP_FLOOR } else { STALL_FLOOR };
+    configured.unwrap_or_else(|| (rank.slowest_step * 10).max(floor))
 }
 
 /// How long a rank's reported failure waits for a rank seen lost (killed, crashed), which would
@@ -481,8 +485,8 @@ impl Supervisor {
                     Some((format!("rank {r} did not register within {:?}", self.config.register_timeout), true))
                 } else if rank.registered && rank.last_beat.elapsed() > self.config.heartbeat_timeout {
                     Some((format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout), true))
-                } else if rank.registered && rank.step_since.elapsed() > stall_limit(self.config.stall_timeout, rank.slowest_step) {
-                    let limit = stall_limit(self.config.stall_timeout, rank.slowest_step);
+                } else if rank.registered && rank.step_since.elapsed() > stall_limit(self.config.stall_timeout, rank) {
+                    let limit = stall_limit(self.config.stall_timeout, rank);
                     let at = if rank.step == 0 { "before its first step".to_string() } else { format!("after step {}", rank.step) };
                     let beating = if rank.last_beat.elapsed() < Duration::from_secs(5) { " though its heartbeats go on" } else { "" };
                     Some((
@@ -909,5 +913,24 @@ impl Supervisor {
             self.metrics.loss.with_label_values(&labels).set(s.loss);
             self.metrics.mem_bytes.with_label_values(&labels).set(s.mem_bytes as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_is_hung_after_ten_of_its_slowest_steps_with_floors_for_loading_and_saving() {
+        let mut rank = Rank::new(1, 1, None, true);
+        assert_eq!(stall_limit(None, &rank), FIRST_STEP_FLOOR, "loading the model and data");
+        assert_eq!(stall_limit(Some(Duration::from_secs(3)), &rank), Duration::from_secs(3), "as the operator says");
+        rank.saw_step(1);
+        assert_eq!(stall_limit(None, &rank), STALL_FLOOR);
+        rank.slowest_step = Duration::from_secs(120);
+        assert_eq!(stall_limit(None, &rank), Duration::from_secs(1200), "ten of its slowest steps");
+        rank.step_since -= Duration::from_millis(30);
+        rank.saw_step(2);
+        assert_eq!(rank.slowest_step, Duration::from_secs(120), "a faster step leaves the slowest");
     }
 }
