@@ -252,7 +252,7 @@ pub fn status(a: JobArgs) -> anyhow::Result<()> {
     println!("  progress    step {} of {}", job.step.unwrap_or(0), job.spec.train.steps);
     println!(
         "  devices     {} ({})",
-        devices(&Job { placement: Vec::new(), ..job.clone() }),
+        requested(&job.spec.resources.devices),
         if job.placement.is_empty() { "none held".into() } else { job.placement.join(", ") }
     );
     println!("  restarts    {} of {}", job.restarts, job.spec.restart.max_restarts);
@@ -415,14 +415,19 @@ fn print_line(l: &LogLine, with_rank: bool) {
 /// The slots a job holds (`cpu:0, cpu:1`), or while it holds none what it asks for (`2 cpu`): a
 /// request must not read like a slot's name.
 fn devices(j: &Job) -> String {
-    if !j.placement.is_empty() {
-        return j.placement.join(",");
+    if j.placement.is_empty() {
+        requested(&j.spec.resources.devices)
+    } else {
+        j.placement.join(",")
     }
-    let (n, kind) = match &j.spec.resources.devices {
-        gantry_api::Devices::Cpu(n) => (*n, "cpu"),
-        gantry_api::Devices::Cuda(ids) => (ids.len(), "gpu"),
-    };
-    format!("{n} {kind}")
+}
+
+/// What a job asks for (`2 cpu`, `1 gpu`).
+fn requested(devices: &gantry_api::Devices) -> String {
+    match devices {
+        gantry_api::Devices::Cpu(n) => format!("{n} cpu"),
+        gantry_api::Devices::Cuda(ids) => format!("{} gpu", ids.len()),
+    }
 }
 
 fn age(ms: i64) -> String {

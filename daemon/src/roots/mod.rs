@@ -172,7 +172,8 @@ pub fn check_job(spec: &JobSpec, roots: &ReadRoots) -> Result<(), SpecError> {
     if index.exists() || index.is_symlink() {
         roots.check("model.path", &index)?;
     }
-    for (field, path) in job_files(spec)? {
+    // (The index, checked above, is not checked twice.)
+    for (field, path) in job_files(spec)?.into_iter().filter(|(_, p)| *p != index) {
         roots.check(field, &path)?;
     }
     Ok(())

@@ -462,6 +462,7 @@ impl Supervisor {
                     },
                     None => (!process::is_alive(rank.pid, rank.proc_start)).then_some(None),
                 };
+                let stall = stall_limit(self.config.stall_timeout, rank);
                 let failed = if let Some(status) = exited {
                     match read_outcome(&job.run_dir, r as u32, job.attempt) {
                         Some(o) if o.succeeded => {
@@ -485,12 +486,11 @@ impl Supervisor {
                     Some((format!("rank {r} did not register within {:?}", self.config.register_timeout), true))
                 } else if rank.registered && rank.last_beat.elapsed() > self.config.heartbeat_timeout {
                     Some((format!("rank {r} sent no heartbeat for {:?}", self.config.heartbeat_timeout), true))
-                } else if rank.registered && rank.step_since.elapsed() > stall_limit(self.config.stall_timeout, rank) {
-                    let limit = stall_limit(self.config.stall_timeout, rank);
+                } else if rank.registered && rank.step_since.elapsed() > stall {
                     let at = if rank.step == 0 { "before its first step".to_string() } else { format!("after step {}", rank.step) };
                     let beating = if rank.last_beat.elapsed() < Duration::from_secs(5) { " though its heartbeats go on" } else { "" };
                     Some((
-                        format!("rank {r} is hung: it finished no step for {}s ({at}){beating} (see --stall-timeout)", limit.as_secs()),
+                        format!("rank {r} is hung: it finished no step for {}s ({at}){beating} (see --stall-timeout)", stall.as_secs()),
                         true,
                     ))
                 } else {
