@@ -196,6 +196,44 @@ pub struct DeviceInfo {
     pub job_id: Option<i64>,
 }
 
+/// A committed training checkpoint of a job's run (`RUN_DIR/checkpoints/step_N`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub step: i64,
+    /// The checkpoint directory on the daemon's machine.
+    pub path: String,
+    /// The size of its files.
+    pub bytes: u64,
+    /// When it was committed (its manifest written), in milliseconds since the Unix epoch.
+    pub written_ms: i64,
+}
+
+/// What a job's run has saved: its committed checkpoints, oldest first, and its final model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoints {
+    pub job_id: i64,
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// The Hugging Face directory written when the job succeeded (`RUN_DIR/final`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_model: Option<String>,
+}
+
+/// Who the caller is, as the daemon sees its token, and what it may do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The token's user; absent on a daemon without tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `admin` (acts on any job) or `user` (cancels and deletes its own jobs).
+    pub role: String,
+    /// Whether this daemon asks every job call for a token.
+    pub tokens: bool,
+    /// The daemon's host name.
+    pub node: String,
+    /// The daemon's version.
+    pub version: String,
+}
+
 /// A page of jobs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobPage {

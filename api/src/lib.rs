@@ -5,7 +5,10 @@
 pub mod job;
 pub mod spec;
 
-pub use job::{ApiError, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, MemoryEstimate, StepMetrics};
+pub use job::{
+    ApiError, CheckpointInfo, Checkpoints, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, MemoryEstimate, StepMetrics,
+    WhoAmI,
+};
 pub use spec::{
     CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
     Schedule, SpecError, TrainSpec,

@@ -19,6 +19,7 @@ mod supervisor;
 #[cfg(test)]
 mod testing;
 mod text;
+mod web;
 mod worker;
 
 use clap::Parser;

@@ -7,7 +7,7 @@ pub use auth::Gate;
 use gantry_api::proto::job_service_server::JobService as JobRpc;
 use gantry_api::proto::worker_service_server::WorkerService as WorkerRpc;
 use gantry_api::proto::{self, WorkerId};
-use gantry_api::{ErrorCode, Job, StepMetrics};
+use gantry_api::{ErrorCode, Job, JobSpec, StepMetrics};
 use tonic::{Request, Response, Status};
 
 use std::sync::Arc;
@@ -113,7 +113,10 @@ impl JobRpc for Grpc {
     async fn submit_job(&self, r: Request<proto::SubmitJobRequest>) -> Result<Response<proto::Job>, Status> {
         let res = async {
             let caller = self.caller(&r)?;
-            self.service.submit(&caller, &r.into_inner().spec_json).await.map(job_to_proto)
+            match JobSpec::from_json(&r.into_inner().spec_json) {
+                Ok(spec) => self.service.submit(&caller, spec).await.map(job_to_proto),
+                Err(e) => Err(e.into()),
+            }
         }
         .await;
         self.count("SubmitJob", res)

@@ -44,10 +44,13 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .route("/v1/jobs/{id}/metrics", get(metrics))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/logs", get(logs::logs))
+        .route("/v1/jobs/{id}/checkpoints", get(checkpoints))
         .route("/v1/devices", get(devices))
+        .route("/v1/whoami", get(whoami))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
     let mut r = Router::new()
         .merge(api)
+        .merge(crate::web::router())
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready));
@@ -145,10 +148,24 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn submit(State(s): State<AppState>, Extension(caller): Extension<Caller>, body: axum::body::Body) -> ApiResult<Response> {
+/// `POST /v1/jobs`: the spec as JSON, or as TOML with `Content-Type: application/toml` (the
+/// dashboard's submit form sends what was pasted).
+async fn submit(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let toml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/toml"));
     let Some(body) = read_limited(body, BODY_LIMIT_BYTES, s.service.config.read_timeout).await? else { return Ok(too_large()) };
-    let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest("the body is not UTF-8 JSON".into()))?;
-    let job = s.service.submit(&caller, text).await?;
+    let format = if toml { "TOML" } else { "JSON" };
+    let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest(format!("the body is not UTF-8 {format}")))?;
+    let spec = if toml { gantry_api::JobSpec::from_toml(text, &[])? } else { gantry_api::JobSpec::from_json(text)? };
+    let job = s.service.submit(&caller, spec).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)).into_response())
 }
 
@@ -238,6 +255,24 @@ async fn metrics(
 async fn events(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
     let id = job_id(id)?;
     Ok(Json(json!({ "job_id": id, "events": s.service.events(id).await? })))
+}
+
+async fn checkpoints(
+    State(s): State<AppState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.service.checkpoints(job_id(id)?).await?))
+}
+
+/// Who the token stands for, so the dashboard shows only what its user may do.
+async fn whoami(State(s): State<AppState>, Extension(caller): Extension<Caller>) -> Json<gantry_api::WhoAmI> {
+    Json(gantry_api::WhoAmI {
+        user: caller.user.clone(),
+        role: caller.role.to_string(),
+        tokens: matches!(*s.auth, crate::auth::Auth::Tokens(_)),
+        node: crate::supervisor::lease::host_name(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
 }
 
 async fn devices(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {

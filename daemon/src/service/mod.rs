@@ -5,7 +5,7 @@ mod admission;
 use std::path::Path;
 use std::sync::Arc;
 
-use gantry_api::{DeviceInfo, Job, JobEvent, JobPage, JobSpec, JobState, LogLine, StepMetrics};
+use gantry_api::{CheckpointInfo, Checkpoints, DeviceInfo, Job, JobEvent, JobPage, JobSpec, JobState, LogLine, StepMetrics};
 
 use crate::auth::Caller;
 use crate::config::{slot_kind, DaemonConfig};
@@ -45,8 +45,8 @@ impl JobService {
     /// Validates a spec (JSON, the REST body's schema) and queues the job, owned by the caller. An
     /// invalid spec, or one that could never run here, is refused with the field at fault, before
     /// anything is stored.
-    pub async fn submit(&self, caller: &Caller, spec_json: &str) -> Result<Job> {
-        let mut spec = JobSpec::from_json(spec_json)?;
+    /// Stores a job for `spec` (parsed from the request's JSON or TOML) once it passes admission.
+    pub async fn submit(&self, caller: &Caller, mut spec: JobSpec) -> Result<Job> {
         // Reading the model's config, its tokenizer and its weights' index is file work: off the
         // async runtime, and a few at a time.
         let _turn = self.admissions.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
@@ -197,6 +197,15 @@ impl JobService {
         self.store.metrics(id, rank, after_step.unwrap_or(0), page_limit(limit, 10_000, 100_000)?).await
     }
 
+    /// The committed checkpoints of a job's run and its final model, read from its run directory.
+    pub async fn checkpoints(&self, id: i64) -> Result<Checkpoints> {
+        let job = self.store.job(id).await?;
+        let run_dir = std::path::PathBuf::from(&job.run_dir);
+        tokio::task::spawn_blocking(move || list_checkpoints(id, &run_dir))
+            .await
+            .map_err(|e| Error::Internal(format!("listing checkpoints: {e}")))
+    }
+
     pub async fn events(&self, id: i64) -> Result<Vec<JobEvent>> {
         self.store.events(id).await
     }
@@ -292,4 +301,25 @@ mod tests {
         cut_page(&mut huge, 10);
         assert_eq!((huge.jobs.len(), huge.next_after), (1, Some(0)), "at least one job a page");
     }
+}
+
+/// What `run_dir` holds: committed checkpoints (a half-written one has no manifest and is not
+/// listed) and the final model. A run directory not yet made lists nothing.
+fn list_checkpoints(job_id: i64, run_dir: &Path) -> Checkpoints {
+    use gantry_engine::checkpoint::{checkpoint_step, committed_checkpoints};
+    let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let checkpoints = committed_checkpoints(run_dir)
+        .into_iter()
+        .filter_map(|dir| {
+            let step = checkpoint_step(&dir)? as i64;
+            let files: Vec<std::fs::Metadata> =
+                std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).collect();
+            let bytes = files.iter().map(|m| m.len()).sum();
+            let written_ms = files.iter().filter_map(|m| m.modified().ok()).map(ms).max().unwrap_or(0);
+            Some(CheckpointInfo { step, path: dir.to_string_lossy().into_owned(), bytes, written_ms })
+        })
+        .collect();
+    let final_dir = run_dir.join("final");
+    let final_model = gantry_engine::checkpoint::has_weights(&final_dir).then(|| final_dir.to_string_lossy().into_owned());
+    Checkpoints { job_id, checkpoints, final_model }
 }
