@@ -3,12 +3,14 @@
 //! gRPC services (generated from `proto/gantry.proto`).
 
 pub mod job;
+pub mod responses;
 pub mod spec;
 
 pub use job::{
     ApiError, CheckpointInfo, Checkpoints, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, MemoryEstimate, StepMetrics,
     WhoAmI,
 };
+pub use responses::{DeviceList, JobEvents, JobLogs, JobMetrics};
 pub use spec::{
     CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
     Schedule, SpecError, TrainSpec,

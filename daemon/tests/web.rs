@@ -145,6 +145,10 @@ async fn the_dashboard_shows_jobs_charts_queue_and_devices_and_refuses_a_bad_spe
     assert_eq!((submitted["name"].as_str(), submitted["spec"]["train"]["lr"].as_f64()), (Some("dash-from-browser"), Some(0.002)));
     assert_eq!(seen["submitted_title"], "dash-from-browser · Gantry");
 
+    // The running job's charts grew while the page was open.
+    let live = seen["live_points"].as_array().unwrap();
+    assert!(live[1].as_u64() > live[0].as_u64(), "{live:?}");
+
     // Cancelled from its page.
     assert_eq!(seen["cancelled_badge"], "cancelled");
     assert_eq!(d.job(running).await["state"], "cancelled");

@@ -125,5 +125,62 @@ fn path_error(path: String, message: String) -> SpecError {
     SpecError::new(path, message)
 }
 
+/// The example spec of the REST API's document as TOML (`Content-Type: application/toml`); the
+/// same spec as `example_request`.
+pub const EXAMPLE_TOML: &str = r#"name = "tiny-gpt2"
+
+[model]
+path = "examples/tiny-gpt2/model"
+init = "auto"
+
+[data]
+train = "examples/data/corpus.txt"
+tokenizer = "examples/data/tokenizer.json"
+seq_len = 128
+
+[train]
+steps = 300
+global_batch_size = 16
+micro_batch_size = 8
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 15
+schedule = "cosine"
+
+[resources]
+devices = "cpu:1"
+
+[checkpoint]
+every = 100
+keep = 2
+
+[restart]
+max_restarts = 2
+"#;
+
+/// The example spec of the REST API's document: a request's body, as JSON.
+pub(crate) fn example_request() -> serde_json::Value {
+    serde_json::json!({
+        "name": "tiny-gpt2",
+        "model": {"path": "examples/tiny-gpt2/model", "init": "auto"},
+        "data": {"train": "examples/data/corpus.txt", "tokenizer": "examples/data/tokenizer.json", "seq_len": 128},
+        "train": {"steps": 300, "global_batch_size": 16, "micro_batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 15, "schedule": "cosine"},
+        "resources": {"devices": "cpu:1"},
+        "checkpoint": {"every": 100, "keep": 2},
+        "restart": {"max_restarts": 2}
+    })
+}
+
+/// The same spec as a job stores it (see `Job::spec`): paths absolute, defaults filled in.
+pub(crate) fn example_stored() -> serde_json::Value {
+    let mut spec = example_request();
+    for (section, key) in [("model", "path"), ("data", "train"), ("data", "tokenizer")] {
+        let path = spec[section][key].as_str().map(|p| format!("/srv/gantry/{p}"));
+        spec[section][key] = path.into();
+    }
+    let spec = JobSpec::from_json(&spec.to_string()).expect("the example spec is valid");
+    serde_json::to_value(spec).expect("a spec is JSON")
+}
+
 #[cfg(test)]
 mod tests;

@@ -139,3 +139,13 @@ fn names_and_paths_are_bounded() {
     assert_eq!(err.field, "data.train", "{err}");
     assert!(JobSpec::from_toml(MINIMAL, &[format!("model.path=\"{}\"", "a".repeat(MAX_PATH_BYTES))]).is_ok());
 }
+
+#[test]
+fn the_documented_example_specs_are_valid() {
+    let request = super::example_request();
+    let spec = JobSpec::from_json(&request.to_string()).unwrap();
+    assert_eq!(JobSpec::from_toml(super::EXAMPLE_TOML, &[]).unwrap(), spec, "the TOML example is the JSON one");
+    let stored = super::example_stored();
+    assert_eq!(stored["data"]["train"], "/srv/gantry/examples/data/corpus.txt");
+    assert_eq!(stored["train"]["beta2"], 0.95, "defaults are filled in: {stored}");
+}

@@ -1,10 +1,13 @@
 //! The job spec's sections. Every struct refuses unknown keys; every key but `model.path` and
-//! `data.train` has a default.
+//! `data.train` has a default. The doc comments are the descriptions of the REST API's OpenAPI
+//! schemas; the rules `JobSpec::validate` enforces are stated there too (as bounds where a schema
+//! can say them).
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::SpecError;
 
@@ -13,12 +16,20 @@ pub const MAX_NAME_CHARS: usize = 256;
 /// The longest path a spec may name, in bytes (Linux's `PATH_MAX`).
 pub const MAX_PATH_BYTES: usize = 4096;
 
-/// A training job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A training job: the body of `POST /v1/jobs` (as JSON, or as TOML), the same schema as the
+/// TOML spec files of `gantry train`. Every section and every key refuses unknown keys; every key
+/// but `model.path` and `data.train` has a default, and the sections other than `model` and
+/// `data` may be left out. A value of the wrong type, an unknown key, a missing required key or a
+/// value that breaks a rule below is refused with HTTP 422 and `field` set to the key's dotted
+/// path (`train.learning_rate`, `data.seq_len`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = super::example_request)]
 pub struct JobSpec {
-    /// A human-readable name (defaults to the model directory's name).
+    /// A human-readable name (defaults to the model directory's name): at most 256 characters,
+    /// no control characters. Omitted from the stored spec when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 256)]
     pub name: Option<String>,
     pub model: ModelSpec,
     pub data: DataSpec,
@@ -35,12 +46,13 @@ pub struct JobSpec {
 }
 
 /// What the daemon does when a worker of the job fails.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartSpec {
     /// How many times a failed job is restarted from its last checkpoint before it is marked
     /// failed (0: never).
     #[serde(default = "default_max_restarts")]
+    #[schema(default = default_max_restarts)]
     pub max_restarts: u32,
 }
 
@@ -54,18 +66,26 @@ fn default_max_restarts() -> u32 {
     3
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The model to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A Hugging Face model directory (`config.json`, optionally safetensors weights).
+    /// A Hugging Face model directory (`config.json`, optionally safetensors weights). Must not be
+    /// blank; at most 4096 bytes, no control characters. A relative path is taken from the
+    /// daemon's working directory and stored absolute. On submit the directory must hold
+    /// `config.json` on the daemon's machine, else 422 with field `model.path`.
+    #[schema(pattern = r"\S", max_length = 4096)]
     pub path: String,
     #[serde(default)]
     pub init: ModelInit,
 }
 
-/// Where the initial weights come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the initial weights come from. `auto`: the directory's weights if it has any, else a
+/// seeded random init. `random`: seeded random init (from `train.seed`), ignoring any weights.
+/// `pretrained`: the directory's weights; an error if there are none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = ModelInit::default)]
 pub enum ModelInit {
     /// The directory's weights if it has any, else a seeded random init.
     #[default]
@@ -76,60 +96,94 @@ pub enum ModelInit {
     Pretrained,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The training data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Training tokens: `.bin` (uint16), `.u32` (uint32), or `.txt`/`.jsonl` text.
+    /// Training tokens: `.bin` (uint16), `.u32` (uint32), or `.txt`/`.jsonl` text. Must not be
+    /// blank; at most 4096 bytes, no control characters. A relative path is taken from the
+    /// daemon's working directory and stored absolute. On submit it must be a file on the
+    /// daemon's machine, else 422 with field `data.train`.
+    #[schema(pattern = r"\S", max_length = 4096)]
     pub train: String,
     /// Tokens per training sequence (each window reads `seq_len + 1` tokens).
     #[serde(default = "default_seq_len")]
+    #[schema(default = default_seq_len, minimum = 1)]
     pub seq_len: usize,
-    /// `tokenizer.json` for text data; defaults to the one in the model directory.
+    /// `tokenizer.json` for text data; defaults to the one in the model directory. A relative
+    /// path is taken from the daemon's working directory and stored absolute. When given it must
+    /// be a file on the daemon's machine, else 422 with field `data.tokenizer`. Omitted from the
+    /// stored spec when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 4096)]
     pub tokenizer: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The optimizer (AdamW) and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
+    /// Optimizer steps.
     #[serde(default = "default_steps")]
+    #[schema(default = default_steps, minimum = 1, maximum = 9223372036854775807_i64)]
     pub steps: u64,
-    /// Sequences per optimizer step, across all data-parallel ranks.
+    /// Sequences per optimizer step, across all data-parallel ranks. Must be a multiple of
+    /// `train.micro_batch_size` × `parallel.dp`.
     #[serde(default = "default_global_batch")]
+    #[schema(default = default_global_batch, minimum = 1)]
     pub global_batch_size: usize,
     /// Sequences per forward/backward pass on one rank; defaults to the global batch divided by
-    /// `parallel.dp` (no gradient accumulation).
+    /// `parallel.dp` (no gradient accumulation). Omitted from the stored spec when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
     pub micro_batch_size: Option<usize>,
+    /// The peak learning rate: a positive number (checked as the f32 the optimizer sees).
     #[serde(default = "default_lr")]
+    #[schema(default = default_lr, exclusive_minimum = 0)]
     pub lr: f64,
-    /// The learning rate at the end of the decay; defaults to `lr / 10`.
+    /// The learning rate at the end of the decay; defaults to `lr / 10`. Must lie between 0 and
+    /// `train.lr`. Omitted from the stored spec when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
     pub min_lr: Option<f64>,
+    /// Steps of linear warmup; at most `train.steps`.
     #[serde(default)]
+    #[schema(default = 0, maximum = 9223372036854775807_i64)]
     pub warmup_steps: u64,
     #[serde(default)]
     pub schedule: Schedule,
+    /// Decoupled (AdamW) weight decay; ≥ 0.
     #[serde(default = "default_weight_decay")]
+    #[schema(default = default_weight_decay, minimum = 0)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this; 0 disables clipping.
     #[serde(default = "default_grad_clip")]
+    #[schema(default = default_grad_clip, minimum = 0)]
     pub grad_clip: f64,
+    /// Seed of the random init and the data order.
     #[serde(default = "default_seed")]
+    #[schema(default = default_seed, maximum = 9223372036854775807_i64)]
     pub seed: u64,
     #[serde(default)]
     pub precision: Precision,
+    /// AdamW β1, in [0, 1) (also as an f32).
     #[serde(default = "default_beta1")]
+    #[schema(default = default_beta1, minimum = 0, exclusive_maximum = 1)]
     pub beta1: f64,
+    /// AdamW β2, in [0, 1) (also as an f32).
     #[serde(default = "default_beta2")]
+    #[schema(default = default_beta2, minimum = 0, exclusive_maximum = 1)]
     pub beta2: f64,
+    /// AdamW ε: a positive number representable in f32 (at least about 1.1754944e-38).
     #[serde(default = "default_eps")]
+    #[schema(default = default_eps, exclusive_minimum = 0)]
     pub eps: f64,
 }
 
-/// Learning-rate decay after the warmup.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Learning-rate decay after the warmup (to `train.min_lr`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = Schedule::default)]
 pub enum Schedule {
     #[default]
     Cosine,
@@ -138,8 +192,10 @@ pub enum Schedule {
 }
 
 /// Arithmetic precision of the forward and backward passes (master weights are always fp32).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `bf16` and `fp16` need the CUDA backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = Precision::default)]
 pub enum Precision {
     #[default]
     Fp32,
@@ -147,27 +203,41 @@ pub enum Precision {
     Fp16,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The parallel layout. `dp × tp × pp` must equal the number of devices in `resources.devices`
+/// (else 422 with field `parallel`); a layout this build cannot run is refused on submit with
+/// 422 and field `parallel`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSpec {
+    /// Data-parallel ranks.
     #[serde(default = "one")]
+    #[schema(default = one, minimum = 1)]
     pub dp: usize,
+    /// Tensor-parallel ranks.
     #[serde(default = "one")]
+    #[schema(default = one, minimum = 1)]
     pub tp: usize,
+    /// Pipeline-parallel stages.
     #[serde(default = "one")]
+    #[schema(default = one, minimum = 1)]
     pub pp: usize,
     /// ZeRO stage, 0-3.
     #[serde(default)]
+    #[schema(default = 0, maximum = 3)]
     pub zero: u8,
     /// How GPU ranks exchange gradients and parameters (CPU ranks always use Gantry's own
-    /// socket communicator).
+    /// socket communicator). Omitted from the stored spec when `nccl`.
     #[serde(default, skip_serializing_if = "GpuComm::is_default")]
     pub gpu_comm: GpuComm,
 }
 
-/// The communicator of a multi-GPU job's device buffers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The communicator of a multi-GPU job's device buffers. `nccl`: NCCL, GPU to GPU (NVLink,
+/// PCIe, InfiniBand), the fast path. `host`: staged through host memory over Gantry's socket
+/// communicator; slower, but it needs no NCCL and lets several ranks share one GPU (for tests on
+/// one-GPU machines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = GpuComm::default)]
 pub enum GpuComm {
     /// NCCL, GPU to GPU (NVLink, PCIe, InfiniBand): the fast path.
     #[default]
@@ -183,32 +253,65 @@ impl GpuComm {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// What the job runs on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesSpec {
     #[serde(default)]
     pub devices: Devices,
     /// CPU threads per worker; defaults to the machine's cores divided among the workers.
+    /// Omitted from the stored spec when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
     pub threads: Option<usize>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Periodic Hugging Face snapshots in the run directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSpec {
     /// Save every N optimizer steps; 0 saves only the final model.
     #[serde(default)]
+    #[schema(default = 0, maximum = 9223372036854775807_i64)]
     pub every: u64,
     /// How many checkpoints to retain.
     #[serde(default = "default_keep")]
+    #[schema(default = default_keep, minimum = 1)]
     pub keep: usize,
 }
 
-/// The devices a job runs on: `cpu:N` (N worker processes on CPU) or `cuda:0,1,...`.
+/// The devices a job runs on: `cpu:N` (N worker processes on CPU) or `cuda:0,1,...`. A string on
+/// the wire, described by its `PartialSchema` impl below.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Devices {
     Cpu(usize),
     Cuda(Vec<u32>),
+}
+
+/// What `FromStr` takes, as the schema's pattern (`usize`/`u32` parsing allows a leading `+`).
+const DEVICES_PATTERN: &str = r"^(cpu:\+?0*[1-9][0-9]*|cuda:\s*\+?[0-9]+\s*(,\s*\+?[0-9]+\s*)*)$";
+
+impl utoipa::PartialSchema for Devices {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "The devices a job runs on: `cpu:N` (N ≥ 1 worker processes on CPU) or `cuda:0,1,...` (distinct GPU indices). The \
+                 stored spec always holds the canonical form (`cpu:4`, `cuda:0,1`). On submit the node must have at least that \
+                 many slots of the kind, else 422 with field `resources.devices`.",
+            ))
+            .pattern(Some(DEVICES_PATTERN))
+            .default(Some(serde_json::json!(Devices::default().to_string())))
+            .examples(["cpu:1", "cpu:4", "cuda:0,1"])
+            .into()
+    }
+}
+
+impl ToSchema for Devices {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Devices".into()
+    }
 }
 
 impl Devices {

@@ -5,37 +5,81 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use gantry_api::JobLogs;
 use serde::Deserialize;
-use serde_json::json;
+use utoipa::IntoParams;
 
-use super::{job_id, ApiResult, AppState};
+use super::doc::{BadRequest, Internal, NotFound, Unauthorized, Unavailable};
+use super::jobs::{job_id, query, IdPath, JobId, QueryOf};
+use super::{ApiResult, AppState};
 use crate::error::Error;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
+    /// Only this rank's lines; every rank's by default.
     rank: Option<u32>,
-    /// Only lines after this byte offset (per rank).
+    /// Only lines after this byte offset (compared with each rank's own offsets); every line by
+    /// default. To resume one rank, pass its last `offset` with `rank`.
     after: Option<i64>,
+    /// Lines per page: 10,000 by default, 1 to 100,000 (another value answers 400). A page also
+    /// ends after about 1 MiB of text: page on, passing the last line's `offset` as `after`, until
+    /// a page is empty. Not used with `follow`.
+    #[param(minimum = 1, maximum = 100000, default = 10000)]
     limit: Option<u32>,
+    /// `true`: stream the lines as server-sent events until the job is over.
     #[serde(default)]
+    #[param(default = false)]
     follow: bool,
 }
 
-pub async fn logs(
-    State(s): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-    q: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Response> {
+/// The example stream of the document.
+const SSE_EXAMPLE: &str = "event: log\ndata: {\"rank\":0,\"offset\":0,\"at_ms\":1718000001234,\"line\":\"step 1/300 loss 10.9\"}\n\n\
+                           event: log\ndata: {\"rank\":0,\"offset\":21,\"at_ms\":1718000001734,\"line\":\"step 2/300 loss 10.7\"}\n\n\
+                           event: end\ndata: 42\n\n";
+
+/// Get or follow a job's worker logs
+///
+/// Without `follow` (or with `follow=false`): the stored lines the job's workers wrote to stdout
+/// and stderr, as JSON, ordered by rank and then by byte offset. With `follow=true`: a stream of
+/// server-sent events (`text/event-stream`). Each line is one `event: log` whose `data` is the
+/// LogLine as JSON; the stream starts after `after` (per rank) and sends new lines as the workers
+/// write them (polling every 500 ms), for the given `rank` or for ranks 0 to `devices - 1`. Once
+/// the job is in a final state and every line has been sent, it sends `event: end` whose `data`
+/// is the job id, and closes. Comment lines keep the connection alive while nothing is sent.
+/// `limit` does not apply to the stream. The choice of JSON or stream follows `follow`, not the
+/// Accept header. A job that does not exist answers 404 before any stream starts. Unknown query
+/// parameters are refused with 400 `bad_request`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/logs",
+    tag = "jobs",
+    operation_id = "getJobLogs",
+    params(JobId, LogsQuery),
+    responses(
+        (status = 200, description = "The stored lines as JSON, or with `follow=true` the event stream.", content(
+            (JobLogs = "application/json"),
+            (String = "text/event-stream", example = json!(SSE_EXAMPLE)),
+        )),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = []), ()),
+)]
+pub async fn logs(State(s): State<AppState>, id: IdPath, q: QueryOf<LogsQuery>) -> ApiResult<Response> {
     let id = job_id(id)?;
-    let Query(q) = q.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let q = query(q)?;
     if !q.follow {
         let lines = s.service.logs(id, q.rank, q.after, q.limit).await?;
-        return Ok(Json(json!({ "job_id": id, "lines": lines })).into_response());
+        return Ok(Json(JobLogs { job_id: id, lines }).into_response());
     }
     s.service.get(id).await?;
     let service = s.service.clone();

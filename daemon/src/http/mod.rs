@@ -1,27 +1,29 @@
 //! The REST API (axum): parses requests, calls the job service, maps errors to status codes and
-//! the one JSON error shape. Documented by `openapi.json`, served at `/v1/openapi.json`.
+//! the one JSON error shape. Each route is registered together with its operation in the OpenAPI
+//! document (utoipa's `OpenApiRouter` and `routes!`), so none is served undocumented; the
+//! document, generated from the handlers and the wire types, is served at `/v1/openapi.json`.
 
+mod doc;
+mod jobs;
 mod logs;
 
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Extension;
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::auth::{Auth, Caller};
+use crate::auth::Auth;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::service::JobService;
-
-pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// The largest request body any route takes (`POST /v1/jobs`'s spec).
 const BODY_LIMIT_BYTES: usize = 2 << 20;
@@ -33,29 +35,60 @@ pub struct AppState {
     pub auth: std::sync::Arc<Auth>,
 }
 
+/// The API's routes, each registered with its operation, and the document they make.
+struct Api {
+    /// The job API: needs a token on a daemon with `--tokens`.
+    protected: Router<AppState>,
+    /// The probes and the API's own description.
+    open: Router<AppState>,
+    /// `/metrics`, unless it has a listener of its own (then documented all the same).
+    metrics: Router<AppState>,
+    document: OpenApi,
+}
+
+fn api() -> Api {
+    let (protected, protected_doc) = OpenApiRouter::default()
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::job, jobs::delete))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::metrics))
+        .routes(routes!(jobs::events))
+        .routes(routes!(logs::logs))
+        .routes(routes!(jobs::checkpoints))
+        .routes(routes!(jobs::devices))
+        .routes(routes!(jobs::whoami))
+        .split_for_parts();
+    let (open, open_doc) =
+        OpenApiRouter::default().routes(routes!(openapi)).routes(routes!(healthz)).routes(routes!(ready)).split_for_parts();
+    let (metrics, metrics_doc) = OpenApiRouter::default().routes(routes!(prometheus)).split_for_parts();
+    let mut document = doc::frame();
+    for part in [protected_doc, open_doc, metrics_doc] {
+        document.merge(part);
+    }
+    Api { protected, open, metrics, document }
+}
+
+/// The OpenAPI document of the API that `router` serves.
+#[cfg(test)]
+fn document() -> OpenApi {
+    api().document
+}
+
+/// The document as served, made once per router.
+#[derive(Clone)]
+struct DocumentJson(Bytes);
+
 /// The REST routes; `/metrics` too unless it has a listener of its own.
 pub fn router(state: AppState, with_metrics: bool) -> Router {
-    // The job API needs a token (on a daemon with `--tokens`); the probes, /metrics and the API's
-    // own description stay open.
-    let api = Router::new()
-        .route("/v1/jobs", post(submit).get(list))
-        .route("/v1/jobs/{id}", get(job).delete(delete))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route("/v1/jobs/{id}/metrics", get(metrics))
-        .route("/v1/jobs/{id}/events", get(events))
-        .route("/v1/jobs/{id}/logs", get(logs::logs))
-        .route("/v1/jobs/{id}/checkpoints", get(checkpoints))
-        .route("/v1/devices", get(devices))
-        .route("/v1/whoami", get(whoami))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
+    let api = api();
+    let json = serde_json::to_vec_pretty(&api.document).expect("the OpenAPI document is JSON");
     let mut r = Router::new()
-        .merge(api)
-        .merge(crate::web::router())
-        .route("/v1/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready));
+        .merge(api.protected.layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)))
+        .merge(api.open)
+        // The dashboard's pages are not part of the API: they are left out of its document.
+        .merge(crate::web::router());
     if with_metrics {
-        r = r.route("/metrics", get(prometheus));
+        r = r.merge(api.metrics);
     }
     // Every error a client gets has the API's shape, these too (axum's own are plain text).
     r.fallback(move |uri: axum::http::Uri| async move {
@@ -65,6 +98,7 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         let message = format!("{method} is not allowed on {} (see /v1/openapi.json)", uri.path());
         api_error(StatusCode::METHOD_NOT_ALLOWED, gantry_api::ErrorCode::BadRequest, message)
     })
+    .layer(Extension(DocumentJson(Bytes::from(json))))
     .layer(axum::middleware::from_fn(refuse_large_bodies))
     .layer(axum::middleware::from_fn_with_state(state.clone(), track))
     .with_state(state)
@@ -148,27 +182,6 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-/// `POST /v1/jobs`: the spec as JSON, or as TOML with `Content-Type: application/toml` (the
-/// dashboard's submit form sends what was pasted).
-async fn submit(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
-) -> ApiResult<Response> {
-    let toml = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/toml"));
-    let Some(body) = read_limited(body, BODY_LIMIT_BYTES, s.service.config.read_timeout).await? else { return Ok(too_large()) };
-    let format = if toml { "TOML" } else { "JSON" };
-    let text = std::str::from_utf8(&body).map_err(|_| Error::BadRequest(format!("the body is not UTF-8 {format}")))?;
-    let spec = if toml { gantry_api::JobSpec::from_toml(text, &[])? } else { gantry_api::JobSpec::from_json(text)? };
-    let job = s.service.submit(&caller, spec).await?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(job)).into_response())
-}
-
 /// The request body if it is at most `limit` bytes; `None` as soon as it is larger (the rest is
 /// left to the connection's lingering close). A body that takes longer than `timeout` to arrive
 /// (`--read-timeout`) is refused: a client that opens a request and trickles its body would
@@ -192,97 +205,50 @@ async fn read_limited(body: axum::body::Body, limit: usize, timeout: std::time::
         .map_err(|_| Error::BadRequest(format!("the request body did not arrive within {}s", timeout.as_secs())))?
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    state: Option<String>,
-    after: Option<i64>,
-    limit: Option<u32>,
+/// This API description
+///
+/// This OpenAPI 3.1 document, generated from the daemon's handlers and wire types as it was
+/// built.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "operations",
+    operation_id = "getOpenApi",
+    responses((status = 200, description = "The OpenAPI document.", body = Object, content_type = "application/json")),
+)]
+async fn openapi(Extension(DocumentJson(json)): Extension<DocumentJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], json)
 }
 
-async fn list(
-    State(s): State<AppState>,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<impl IntoResponse> {
-    let Query(q) = q.map_err(|e| Error::BadRequest(e.body_text()))?;
-    Ok(Json(s.service.list(q.state.as_deref(), q.after, q.limit).await?))
+/// Liveness
+///
+/// Answers `ok` while the daemon's HTTP server runs; checks nothing else.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "Alive.", body = String, content_type = "text/plain; charset=utf-8", example = "ok\n")),
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
-fn job_id(p: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<i64> {
-    p.map(|Path(id)| id).map_err(|_| Error::BadRequest("the job id must be an integer".into()))
-}
-
-async fn job(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.service.get(job_id(id)?).await?))
-}
-
-async fn cancel(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.service.cancel(&caller, job_id(id)?).await?))
-}
-
-async fn delete(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<Response> {
-    s.service.delete(&caller, job_id(id)?).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MetricsQuery {
-    rank: Option<u32>,
-    after_step: Option<i64>,
-    limit: Option<u32>,
-}
-
-async fn metrics(
-    State(s): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-    q: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<impl IntoResponse> {
-    let id = job_id(id)?;
-    let Query(q) = q.map_err(|e| Error::BadRequest(e.body_text()))?;
-    let steps = s.service.metrics(id, q.rank, q.after_step, q.limit).await?;
-    Ok(Json(json!({ "job_id": id, "steps": steps })))
-}
-
-async fn events(State(s): State<AppState>, id: Result<Path<i64>, axum::extract::rejection::PathRejection>) -> ApiResult<impl IntoResponse> {
-    let id = job_id(id)?;
-    Ok(Json(json!({ "job_id": id, "events": s.service.events(id).await? })))
-}
-
-async fn checkpoints(
-    State(s): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.service.checkpoints(job_id(id)?).await?))
-}
-
-/// Who the token stands for, so the dashboard shows only what its user may do.
-async fn whoami(State(s): State<AppState>, Extension(caller): Extension<Caller>) -> Json<gantry_api::WhoAmI> {
-    Json(gantry_api::WhoAmI {
-        user: caller.user.clone(),
-        role: caller.role.to_string(),
-        tokens: matches!(*s.auth, crate::auth::Auth::Tokens(_)),
-        node: crate::supervisor::lease::host_name(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    })
-}
-
-async fn devices(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(json!({ "devices": s.service.devices().await? })))
-}
-
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
-}
-
+/// Readiness
+///
+/// Answers `ready` when the database answers a query, else 503 with the error.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready: the database is reachable.", body = String, content_type = "text/plain; charset=utf-8",
+            example = "ready\n"),
+        (status = 503, description = "Not ready: the database query failed.", body = String, content_type = "text/plain; charset=utf-8",
+            example = "not ready: the database is unavailable: pool timed out while waiting for an open connection\n"),
+    ),
+)]
 async fn ready(State(s): State<AppState>) -> Response {
     match s.service.store.ping().await {
         Ok(()) => "ready\n".into_response(),
@@ -290,59 +256,25 @@ async fn ready(State(s): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics
+///
+/// The daemon's Prometheus series (all `gantry_`-prefixed: jobs by state, queue length, busy
+/// devices, per-rank step, step time, loss, throughput and memory of running jobs, worker
+/// restarts, REST requests and their latency, gRPC requests) in the Prometheus text format.
+/// Served on this listener unless the daemon runs with `--metrics ADDR`; then it is served only
+/// at that address, and this path answers 404 here.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "getMetrics",
+    responses((status = 200, description = "The metrics.", body = String, content_type = "text/plain; version=0.0.4",
+        example = "# HELP gantry_queue_length Jobs waiting for devices (queued or restarting)\n# TYPE gantry_queue_length gauge\n\
+                   gantry_queue_length 0\n")),
+)]
 async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    /// The routes `router` serves, as (method, path); the document must describe exactly these.
-    const ROUTES: [(&str, &str); 13] = [
-        ("post", "/v1/jobs"),
-        ("get", "/v1/jobs"),
-        ("get", "/v1/jobs/{id}"),
-        ("delete", "/v1/jobs/{id}"),
-        ("post", "/v1/jobs/{id}/cancel"),
-        ("get", "/v1/jobs/{id}/metrics"),
-        ("get", "/v1/jobs/{id}/events"),
-        ("get", "/v1/jobs/{id}/logs"),
-        ("get", "/v1/devices"),
-        ("get", "/v1/openapi.json"),
-        ("get", "/healthz"),
-        ("get", "/readyz"),
-        ("get", "/metrics"),
-    ];
-
-    #[test]
-    fn the_openapi_document_describes_every_route_and_no_other() {
-        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON");
-        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-        let mut documented = BTreeSet::new();
-        for (path, ops) in doc["paths"].as_object().unwrap() {
-            for method in ops.as_object().unwrap().keys().filter(|k| ["get", "post", "put", "delete", "patch"].contains(&k.as_str())) {
-                documented.insert((method.clone(), path.clone()));
-            }
-        }
-        let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
-        assert_eq!(documented, served);
-        let job = &doc["components"]["schemas"]["Job"]["properties"];
-        for field in ["id", "state", "reason", "spec", "placement", "restarts", "step", "checkpoint_step", "owner", "memory_estimate"] {
-            assert!(job.get(field).is_some(), "Job.{field} is documented");
-        }
-        // Every error code the API can answer is documented.
-        let codes: BTreeSet<String> =
-            doc["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
-        use gantry_api::ErrorCode::*;
-        for code in [BadRequest, InvalidSpec, NotFound, Conflict, Unavailable, Internal, Unauthorized, Forbidden] {
-            let name = serde_json::to_value(code).unwrap().as_str().unwrap().to_string();
-            assert!(codes.contains(&name), "ErrorCode {name} is documented");
-        }
-        assert!(!doc["info"]["description"].as_str().unwrap().contains("empty body"), "errors have the API's shape everywhere");
-        let spec = serde_json::to_string(&doc["components"]["schemas"]).unwrap();
-        for key in ["max_restarts", "global_batch_size", "micro_batch_size", "devices", "every"] {
-            assert!(spec.contains(&format!("\"{key}\"")), "spec key {key} is documented");
-        }
-    }
-}
+mod tests;

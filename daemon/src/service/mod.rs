@@ -265,6 +265,27 @@ fn cut_page(page: &mut JobPage, max_bytes: usize) {
     }
 }
 
+/// What `run_dir` holds: committed checkpoints (a half-written one has no manifest and is not
+/// listed) and the final model. A run directory not yet made lists nothing.
+fn list_checkpoints(job_id: i64, run_dir: &Path) -> Checkpoints {
+    use gantry_engine::checkpoint::{checkpoint_step, committed_checkpoints};
+    let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let checkpoints = committed_checkpoints(run_dir)
+        .into_iter()
+        .filter_map(|dir| {
+            let step = checkpoint_step(&dir)? as i64;
+            let files: Vec<std::fs::Metadata> =
+                std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).collect();
+            let bytes = files.iter().map(|m| m.len()).sum();
+            let written_ms = files.iter().filter_map(|m| m.modified().ok()).map(ms).max().unwrap_or(0);
+            Some(CheckpointInfo { step, path: dir.to_string_lossy().into_owned(), bytes, written_ms })
+        })
+        .collect();
+    let final_dir = run_dir.join("final");
+    let final_model = gantry_engine::checkpoint::has_weights(&final_dir).then(|| final_dir.to_string_lossy().into_owned());
+    Checkpoints { job_id, checkpoints, final_model }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,25 +322,4 @@ mod tests {
         cut_page(&mut huge, 10);
         assert_eq!((huge.jobs.len(), huge.next_after), (1, Some(0)), "at least one job a page");
     }
-}
-
-/// What `run_dir` holds: committed checkpoints (a half-written one has no manifest and is not
-/// listed) and the final model. A run directory not yet made lists nothing.
-fn list_checkpoints(job_id: i64, run_dir: &Path) -> Checkpoints {
-    use gantry_engine::checkpoint::{checkpoint_step, committed_checkpoints};
-    let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let checkpoints = committed_checkpoints(run_dir)
-        .into_iter()
-        .filter_map(|dir| {
-            let step = checkpoint_step(&dir)? as i64;
-            let files: Vec<std::fs::Metadata> =
-                std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).collect();
-            let bytes = files.iter().map(|m| m.len()).sum();
-            let written_ms = files.iter().filter_map(|m| m.modified().ok()).map(ms).max().unwrap_or(0);
-            Some(CheckpointInfo { step, path: dir.to_string_lossy().into_owned(), bytes, written_ms })
-        })
-        .collect();
-    let final_dir = run_dir.join("final");
-    let final_model = gantry_engine::checkpoint::has_weights(&final_dir).then(|| final_dir.to_string_lossy().into_owned());
-    Checkpoints { job_id, checkpoints, final_model }
 }

@@ -28,15 +28,16 @@ const ASSETS: [(&str, Asset); 5] = [
     ("uPlot.min.css", Asset { body: include_bytes!("../../web/vendor/uPlot.min.css"), media_type: "text/css; charset=utf-8" }),
 ];
 
-/// The dashboard's routes, for any router state.
+/// The paths the page answers at: its own, and those of its client-side routes.
+pub const PAGES: [&str; 5] = ["/", "/jobs/{id}", "/queue", "/devices", "/submit"];
+
+/// Where the page's files are served.
+pub const ASSETS_PATH: &str = "/ui/{file}";
+
+/// The dashboard's routes, for any router state. They are not part of the REST API (the page is
+/// a client of it), so the API's OpenAPI document leaves them out.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route("/", get(page))
-        .route("/jobs/{id}", get(page))
-        .route("/queue", get(page))
-        .route("/devices", get(page))
-        .route("/submit", get(page))
-        .route("/ui/{file}", get(asset))
+    PAGES.into_iter().fold(Router::new(), |r, path| r.route(path, get(page))).route(ASSETS_PATH, get(asset))
 }
 
 async fn page() -> Response {
@@ -73,23 +74,35 @@ fn serve(a: &Asset) -> Response {
 
 #[cfg(test)]
 mod tests {
-    /// The page loads exactly the embedded files, from the daemon (no CDN).
+    /// The page loads exactly the embedded files, from the daemon (no CDN); its links lead to
+    /// its own routes.
     #[test]
     fn the_page_loads_only_embedded_files() {
         let index = std::str::from_utf8(super::INDEX.body).unwrap();
-        let mut loaded = Vec::new();
-        for attr in ["src=\"", "href=\""] {
-            for part in index.split(attr).skip(1) {
-                loaded.push(part.split('"').next().unwrap().to_string());
+        let (mut loaded, mut links) = (Vec::new(), Vec::new());
+        for tag in index.split('<').skip(1) {
+            let name = tag.split([' ', '>']).next().unwrap();
+            for attr in ["src=\"", "href=\""] {
+                if let Some((_, rest)) = tag.split_once(attr) {
+                    let url = rest.split('"').next().unwrap().to_string();
+                    if name == "a" {
+                        links.push(url)
+                    } else {
+                        loaded.push(url)
+                    }
+                }
             }
         }
-        assert!(!loaded.is_empty());
+        assert!(!loaded.is_empty() && !links.is_empty());
         for url in &loaded {
             let name = url.strip_prefix("/ui/").unwrap_or_else(|| panic!("{url} is not an embedded file"));
             assert!(super::ASSETS.iter().any(|(n, _)| *n == name), "{url} is not embedded");
         }
         for (name, _) in super::ASSETS {
             assert!(loaded.iter().any(|u| u == &format!("/ui/{name}")), "{name} is embedded but not loaded");
+        }
+        for url in &links {
+            assert!(super::PAGES.contains(&url.as_str()), "{url} is not one of the page's routes");
         }
     }
 }

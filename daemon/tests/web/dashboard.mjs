@@ -103,7 +103,12 @@ async function openDaemon(page, [done, running, queued]) {
   result.submitted_title = await page.title();
 
   // Cancel the running job from its page (the browser's confirm dialog accepted).
+  // Its charts grow while it trains: new steps arrive without a reload.
   await page.goto(`${base}/jobs/${running}`);
+  await page.waitForFunction(() => Number(document.querySelector("#chart-loss")?.dataset.points) > 0);
+  const before = Number(await page.getAttribute("#chart-loss", "data-points"));
+  await page.waitForFunction((n) => Number(document.querySelector("#chart-loss").dataset.points) > n, before);
+  result.live_points = [before, Number(await page.getAttribute("#chart-loss", "data-points"))];
   page.once("dialog", (d) => d.accept());
   await page.click("#cancel");
   await page.waitForFunction(() => document.querySelector("h1 .state")?.textContent === "cancelled");
