@@ -119,7 +119,7 @@ node = dashboard(
               unit="decmbytes"),
         panel(6, "GPU power and temperature (DCGM)", [("DCGM_FI_DEV_POWER_USAGE", "GPU {{gpu}} W"), ("DCGM_FI_DEV_GPU_TEMP", "GPU {{gpu}} °C")],
               0, 16),
-        panel(7, "Throughput of the node's jobs", ["sum by (job) (gantry_job_tokens_per_second)"], 12, 16, legend="job {{job}}"),
+        panel(7, "Throughput of the node's jobs", ["max by (job) (gantry_job_tokens_per_second)"], 12, 16, legend="job {{job}}"),
     ],
 )
 

@@ -208,7 +208,8 @@ pub struct StepMetrics {
     /// Global gradient norm (before clipping); `null` when it is not a finite number.
     #[schema(nullable)]
     pub grad_norm: f64,
-    /// Training throughput of the step.
+    /// The whole job's training throughput at this step (the global batch's tokens over the step
+    /// time): every rank reports the same rate, so do not add ranks up.
     pub tokens_per_s: f64,
     /// Parameters, gradients and optimizer state held by the rank.
     pub mem_bytes: i64,

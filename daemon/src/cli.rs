@@ -146,7 +146,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Directories jobs may read their model, data and tokenizer from (symlinks are followed)
-    /// [default: the data directory with --tokens; anywhere without].
+    /// [default: DATA_DIR/inputs with --tokens; anywhere without].
     #[arg(long, env = "GANTRY_READ_ROOTS", value_delimiter = ',', value_name = "DIR[,DIR...]")]
     pub read_roots: Vec<PathBuf>,
     /// Connections each listener keeps open at once [default: 512].

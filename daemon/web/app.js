@@ -10,17 +10,16 @@ const STATES = ["queued", "scheduled", "running", "restarting", "succeeded", "fa
 // What the page shows, for whoever inspects it (the browser tests read the charts' data here).
 const gantry = (window.gantry = { charts: {}, whoami: null });
 
-// Timers and streams of the view on screen, stopped when the view changes.
+// The view on screen: a number that changes with each view, so that a poll still in flight when
+// the user moved on writes nothing, and its timers, stopped when the view changes.
+let viewId = 0;
 let viewTasks = [];
-function every(ms, fn) {
-  fn();
-  const t = setInterval(fn, ms);
-  viewTasks.push(() => clearInterval(t));
-}
 function stopView() {
+  viewId++;
   viewTasks.forEach((stop) => stop());
   viewTasks = [];
   gantry.charts = {};
+  document.title = "Gantry";
 }
 
 // ---- DOM ----
@@ -102,12 +101,19 @@ async function api(path, opts = {}) {
 // It is kept in this browser's local storage, so the page asks once.
 function askForToken(message) {
   stopView();
+  // A stored token that was refused (revoked, or another daemon's) is forgotten.
+  const refused = localStorage.getItem(TOKEN_KEY) !== null;
+  localStorage.removeItem(TOKEN_KEY);
+  gantry.whoami = null;
+  const why = refused
+    ? `The token was refused: ${message}. Paste a valid one.`
+    : "Paste the secret that `gantry token new` printed for you. This browser keeps it until you sign out.";
   const input = h("input", { type: "password", name: "token", autocomplete: "off", placeholder: "the secret from `gantry token new`" });
   const form = h(
     "form",
     { class: "token-form", id: "token-form", onsubmit: (e) => { e.preventDefault(); localStorage.setItem(TOKEN_KEY, input.value.trim()); route(); } },
     h("h1", {}, "This daemon needs a token"),
-    h("p", { class: "muted" }, message),
+    h("p", { class: "muted", id: "token-why" }, why),
     input,
     h("button", { class: "primary", type: "submit" }, "Sign in"),
   );
@@ -170,32 +176,45 @@ document.addEventListener("click", (e) => {
 });
 window.addEventListener("popstate", route);
 
-// Runs `fn` now and every `ms`; an error is shown above the view instead of stopping it.
+// Runs `fn(current)` now and again `ms` after each run ends (runs never overlap, so a slow
+// daemon is not sent a pile of requests), until the view changes or `fn` returns false.
+// `current()` says whether the view is still on screen. An error is shown above the view
+// instead of stopping it.
 function poll(ms, fn, errorBox) {
-  every(ms, () =>
-    fn()
-      .then(() => errorBox.replaceChildren())
-      .catch((e) => {
-        if (e instanceof Unauthorized) return askForToken(e.message);
-        errorBox.replaceChildren(h("div", { class: "notice error" }, `cannot reach the daemon: ${e.message}`));
-      }),
-  );
+  const mine = viewId;
+  const current = () => mine === viewId;
+  let timer = null;
+  const run = async () => {
+    let again = true;
+    try {
+      again = (await fn(current)) !== false;
+      if (current()) errorBox.replaceChildren();
+    } catch (e) {
+      if (!current()) return;
+      if (e instanceof Unauthorized) return askForToken(e.message);
+      errorBox.replaceChildren(h("div", { class: "notice error" }, `cannot reach the daemon: ${e.message}`));
+    }
+    if (again && current()) timer = setTimeout(run, ms);
+  };
+  viewTasks.push(() => clearTimeout(timer));
+  run();
 }
 
 // ---- jobs ----
 
-// The newest steps of a job: its rate (all ranks' tokens/s at the newest step) and an ETA from
-// the median step time of the last ten steps.
+// The newest steps of a job: its rate (rank 0's tokens/s at the newest step: every rank reports
+// the whole job's rate) and an ETA from the median step time of the last ten steps.
 async function progressOf(job) {
   if (job.step === null || job.step === undefined) return {};
   const r = await api(`/v1/jobs/${job.id}/metrics?after_step=${Math.max(0, job.step - 10)}`);
   const steps = r.steps;
   if (!steps.length) return {};
   const last = steps[steps.length - 1].step;
-  const tokensPerS = steps.filter((s) => s.step === last).reduce((a, s) => a + s.tokens_per_s, 0);
-  const ms = steps.filter((s) => s.rank === 0).map((s) => s.step_ms).sort((a, b) => a - b);
+  const rank0 = steps.filter((s) => s.rank === 0);
+  const tokensPerS = rank0.length ? rank0[rank0.length - 1].tokens_per_s : null;
+  const ms = rank0.map((s) => s.step_ms).sort((a, b) => a - b);
   const median = ms[Math.floor(ms.length / 2)];
-  const eta = FINAL.has(job.state) ? null : ((job.spec.train.steps - last) * median) / 1000;
+  const eta = FINAL.has(job.state) || median === undefined ? null : ((job.spec.train.steps - last) * median) / 1000;
   return { tokensPerS, eta };
 }
 
@@ -241,7 +260,7 @@ async function jobsView() {
           progressCell(j),
           h("td", { class: "num" }, fmtDuration(progress[i].eta)),
           h("td", { class: "num" }, fmtNum(progress[i].tokensPerS)),
-          h("td", {}, j.placement.length ? j.placement.join(", ") : `${j.devices} wanted`),
+          h("td", {}, j.placement.length ? j.placement.join(", ") : FINAL.has(j.state) ? "—" : `${j.devices} wanted`),
           h("td", {}, fmtTime(j.created_ms)),
         ),
       ),
@@ -267,6 +286,7 @@ function makeChart(el, key, title, unit, format) {
     el.dataset.points = String(steps.length);
     el.dataset.ranks = String(ranks.length);
     if (!steps.length) return;
+    el.querySelector(".empty")?.remove();
     if (!chart.plot || ranks.length !== chart.ranks.length) {
       chart.ranks = ranks;
       if (chart.plot) chart.plot.destroy();
@@ -287,7 +307,7 @@ function makeChart(el, key, title, unit, format) {
       chart.plot.setData(data);
     }
   };
-  el.append(h("h3", {}, title), h("div", { class: "plot" }));
+  el.append(h("h3", {}, title), h("p", { class: "muted empty" }, "no steps recorded yet"), h("div", { class: "plot" }));
   gantry.charts[key] = chart;
   return chart;
 }
@@ -302,12 +322,12 @@ async function jobView(id) {
   const checkpoints = h("tbody");
   const spec = h("pre", { id: "spec" });
   const rankSelect = h("select", { id: "log-rank" });
-  const logs = h("pre", { class: "logs", id: "logs" });
+  const logsEl = h("pre", { class: "logs", id: "logs" });
   show(
     title, errors, facts, actions,
     h("h2", {}, "Training"), chartsEl,
     h("h2", {}, "Events"), events,
-    h("h2", {}, "Logs"), h("div", { class: "toolbar" }, h("label", {}, "Rank ", rankSelect), h("span", { class: "muted", id: "log-state" })), logs,
+    h("h2", {}, "Logs"), h("div", { class: "toolbar" }, h("label", {}, "Rank ", rankSelect), h("span", { class: "muted", id: "log-state" })), logsEl,
     h("h2", {}, "Checkpoints"), h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, h("th", { class: "num" }, "step"), h("th", { class: "num" }, "size"), h("th", {}, "written"), h("th", {}, "path"))), checkpoints),
     h("h2", {}, "Spec"), spec,
   );
@@ -325,10 +345,15 @@ async function jobView(id) {
   });
 
   let job = null;
-  let afterStep = 0;
+  // The newest step seen of each rank: ranks report on their own, so one rank's step N may be
+  // stored after another's. Each poll reads from the step of the rank furthest behind.
+  const lastStep = new Map();
   let logRanks = 0;
-  poll(2000, async () => {
+  let finalPolls = 0;
+  const logs = logReader(id, rankSelect, logsEl);
+  poll(2000, async (current) => {
     job = await api(`/v1/jobs/${id}`);
+    if (!current()) return false;
     document.title = `${job.name} · Gantry`;
     title.replaceChildren(`${job.name} `, stateBadge(job.state));
     const done = job.step || 0;
@@ -355,13 +380,16 @@ async function jobView(id) {
       logRanks = Math.max(1, job.devices);
       rankSelect.replaceChildren(...Array.from({ length: logRanks }, (_, r) => h("option", { value: r }, `rank ${r}`)));
     }
-    // The steps recorded since the last poll, page by page.
+    // The steps recorded since the last poll, page by page until a page is empty (a page holds
+    // whole steps only, so a full one may hold fewer rows than the limit).
+    let after = lastStep.size ? Math.min(...lastStep.values()) : 0;
     for (;;) {
-      const page = await api(`/v1/jobs/${id}/metrics?after_step=${afterStep}&limit=10000`);
+      const page = await api(`/v1/jobs/${id}/metrics?after_step=${after}&limit=10000`);
+      if (!current()) return false;
       if (!page.steps.length) break;
       series.forEach((c) => c.add(page.steps));
-      afterStep = page.steps[page.steps.length - 1].step;
-      if (page.steps.length < 10000) break;
+      for (const r of page.steps) lastStep.set(r.rank, Math.max(lastStep.get(r.rank) || 0, r.step));
+      after = page.steps[page.steps.length - 1].step;
     }
     const ev = await api(`/v1/jobs/${id}/events`);
     events.replaceChildren(
@@ -372,8 +400,15 @@ async function jobView(id) {
       h("tr", {}, h("td", { class: "num" }, c.step), h("td", { class: "num" }, fmtBytes(c.bytes)), h("td", {}, fmtTime(c.written_ms)), h("td", {}, c.path)));
     if (ck.final_model) rows.unshift(h("tr", {}, h("td", { class: "num" }, "final"), h("td", {}, ""), h("td", {}, ""), h("td", {}, ck.final_model)));
     checkpoints.replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 4, class: "muted" }, "none yet"))]));
+    await logs.read(current);
+    // A job that has ended changes no more: two more rounds pick up what its ranks reported
+    // last (a stopped worker's log is stored as it exits), then the page stops asking.
+    finalPolls = FINAL.has(job.state) ? finalPolls + 1 : 0;
+    if (finalPolls >= 3) {
+      logs.status("the job is over: every line is here");
+      return false;
+    }
   }, errors);
-  followLogs(id, rankSelect, logs);
 }
 
 async function cancel(job) {
@@ -386,54 +421,43 @@ async function cancel(job) {
   }
 }
 
-// The logs of one rank, followed over the API's server-sent events (read with fetch, which can
-// send the token; EventSource cannot) until the job ends.
-function followLogs(id, rankSelect, pre) {
-  let controller = null;
-  const status = () => document.getElementById("log-state");
-  const start = () => {
-    if (controller) controller.abort();
-    controller = new AbortController();
-    pre.textContent = "";
-    const rank = rankSelect.value || 0;
-    const headers = {};
-    const token = localStorage.getItem(TOKEN_KEY);
-    if (token) headers["Authorization"] = `Bearer ${token}`;
-    status().textContent = "following";
-    const signal = controller.signal;
-    fetch(`/v1/jobs/${id}/logs?follow=true&rank=${rank}`, { headers, signal })
-      .then(async (resp) => {
-        if (!resp.ok) throw new Error(`${resp.status}`);
-        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-        let buf = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buf += value;
-          let cut;
-          while ((cut = buf.indexOf("\n\n")) >= 0) {
-            const block = buf.slice(0, cut);
-            buf = buf.slice(cut + 2);
-            const event = (block.match(/^event: (.*)$/m) || [])[1];
-            const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-            if (event === "log") {
-              const line = JSON.parse(data);
-              const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-              pre.append(line.line + "\n");
-              if (atBottom) pre.scrollTop = pre.scrollHeight;
-            } else if (event === "end") {
-              status().textContent = "the job is over: every line is here";
-            }
-          }
-        }
-      })
-      .catch((e) => {
-        if (!signal.aborted && status()) status().textContent = `stopped: ${e.message}`;
-      });
+// The log of one rank, read a page at a time after the last offset shown (polled with the rest of
+// the job page: a stream held open per tab would use up the browser's six connections to the
+// daemon). The page keeps the newest MAX_LOG_LINES lines.
+const MAX_LOG_LINES = 5000;
+function logReader(id, rankSelect, pre) {
+  let after = null;
+  let lines = [];
+  const status = (text) => {
+    const el = document.getElementById("log-state");
+    if (el) el.textContent = text;
   };
-  rankSelect.addEventListener("change", start);
-  viewTasks.push(() => controller && controller.abort());
-  start();
+  const reader = {
+    status,
+    async read(current) {
+      const rank = rankSelect.value || 0;
+      for (;;) {
+        const page = await api(`/v1/jobs/${id}/logs?rank=${rank}&limit=2000${after === null ? "" : `&after=${after}`}`);
+        if (!current() || String(rank) !== String(rankSelect.value || 0)) return;
+        if (!page.lines.length) break;
+        const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+        lines = lines.concat(page.lines.map((l) => l.line + "\n"));
+        if (lines.length > MAX_LOG_LINES) lines = lines.slice(lines.length - MAX_LOG_LINES);
+        pre.textContent = lines.join("");
+        if (atBottom) pre.scrollTop = pre.scrollHeight;
+        after = page.lines[page.lines.length - 1].offset;
+      }
+      status(lines.length >= MAX_LOG_LINES ? `following (the newest ${MAX_LOG_LINES} lines)` : "following");
+    },
+  };
+  rankSelect.addEventListener("change", () => {
+    after = null;
+    lines = [];
+    pre.textContent = "";
+    const mine = viewId;
+    reader.read(() => mine === viewId).catch(() => {});
+  });
+  return reader;
 }
 
 // ---- queue and devices ----
@@ -466,8 +490,9 @@ async function devicesView() {
   show(h("h1", {}, "Devices"), node, errors,
     h("table", { id: "devices" }, h("thead", {}, h("tr", {}, ["device", "kind", "held by", "owner", "state"].map((c) => h("th", {}, c)))), body));
   poll(3000, async () => {
-    const [devices, running] = await Promise.all([api("/v1/devices"), api("/v1/jobs?limit=1000")]);
-    const byId = new Map(running.jobs.map((j) => [j.id, j]));
+    const devices = await api("/v1/devices");
+    const holders = [...new Set(devices.devices.map((d) => d.job_id).filter((j) => j !== null))];
+    const byId = new Map((await Promise.all(holders.map((j) => api(`/v1/jobs/${j}`).catch(() => null)))).filter(Boolean).map((j) => [j.id, j]));
     const busy = devices.devices.filter((d) => d.job_id !== null).length;
     node.textContent = `Node ${gantry.whoami.node}: ${busy} of ${devices.devices.length} device slots busy.`;
     body.replaceChildren(
@@ -518,10 +543,11 @@ function submitView() {
       if (err instanceof Unauthorized) return askForToken(err.message);
       text.classList.add("invalid");
       const field = err.body && err.body.field;
-      const line = field ? lineOf(body, field) : 0;
+      // A field's key is found in the text; a syntax error says its line itself.
+      const line = field ? lineOf(body, field) : Number((err.message.match(/at line (\d+)/) || [])[1] || 0);
       error.dataset.field = field || "";
       error.replaceChildren(
-        h("div", { class: "field-error" }, field ? h("code", {}, field) : "", field ? ": " : "", err.message, line ? ` (line ${line})` : ""),
+        h("div", { class: "field-error" }, field ? h("code", {}, field) : "", field ? ": " : "", err.message, field && line ? ` (line ${line})` : ""),
       );
       if (line) {
         // Select the line at fault so the user sees where to look.

@@ -29,7 +29,16 @@ impl JobSpec {
     /// Parses a TOML spec, applies `key=value` overrides (TOML literals, or bare strings), and
     /// validates the result.
     pub fn from_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
-        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| SpecError::new("", format!("not valid TOML: {}", e.message())))?;
+        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            // Where: the line and column of the error's start (the message alone does not say).
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {column}")
+            });
+            SpecError::new("", format!("not valid TOML{}: {}", at.unwrap_or_default(), e.message().trim_end()))
+        })?;
         // Overrides retried as plain text, each with the error its literal reading gave.
         let mut as_text: Vec<(&str, SpecError)> = Vec::new();
         loop {

@@ -149,3 +149,10 @@ fn the_documented_example_specs_are_valid() {
     assert_eq!(stored["data"]["train"], "/srv/gantry/examples/data/corpus.txt");
     assert_eq!(stored["train"]["beta2"], 0.95, "defaults are filled in: {stored}");
 }
+
+#[test]
+fn a_toml_syntax_error_names_its_line_and_column() {
+    let err = JobSpec::from_toml("name = \"x\"\n\n[model\npath = \"m\"\n", &[]).unwrap_err();
+    assert_eq!(err.field, "");
+    assert!(err.message.starts_with("not valid TOML at line 3, column "), "{}", err.message);
+}

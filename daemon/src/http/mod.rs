@@ -6,6 +6,7 @@
 mod doc;
 mod jobs;
 mod logs;
+mod origin;
 
 use std::time::Instant;
 
@@ -83,7 +84,11 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     let api = api();
     let json = serde_json::to_vec_pretty(&api.document).expect("the OpenAPI document is JSON");
     let mut r = Router::new()
-        .merge(api.protected.layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)))
+        .merge(
+            api.protected
+                .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), origin::same_origin)),
+        )
         .merge(api.open)
         // The dashboard's pages are not part of the API: they are left out of its document.
         .merge(crate::web::router());

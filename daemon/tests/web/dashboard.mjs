@@ -55,13 +55,17 @@ async function openDaemon(page, [done, running, queued]) {
   result.charts = await page.evaluate(() =>
     Object.fromEntries(Object.entries(window.gantry.charts).map(([k, c]) => {
       const canvas = document.querySelector(`#chart-${k} canvas`);
-      // How much of the chart is drawn: pixels not left transparent.
-      let painted = 0;
+      // How much of the series is drawn: pixels in rank 0's line colour (#2f6fde); the axes and
+      // grid are grey, so a chart with no line has none.
+      let series = 0;
       if (canvas) {
         const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-        for (let i = 3; i < px.length; i += 4) painted += px[i] > 0 ? 1 : 0;
+        for (let i = 0; i < px.length; i += 4) {
+          const near = Math.abs(px[i] - 0x2f) + Math.abs(px[i + 1] - 0x6f) + Math.abs(px[i + 2] - 0xde) < 60;
+          series += near && px[i + 3] > 128 ? 1 : 0;
+        }
       }
-      return [k, { steps: c.data ? c.data[0] : [], values: c.data ? c.data.slice(1) : [], painted, canvas: !!canvas }];
+      return [k, { steps: c.data ? c.data[0] : [], values: c.data ? c.data.slice(1) : [], series_pixels: series, canvas: !!canvas }];
     })),
   );
   result.events = await page.$$eval("#events li", (li) => li.map((l) => l.textContent));
@@ -120,6 +124,11 @@ async function withTokens(page, secret, othersJob, ownJob) {
   await page.waitForSelector("#token-form");
   result.asked = true;
   await page.screenshot({ path: `${out}/token.png`, fullPage: true });
+  // A wrong token is refused and forgotten: the page asks again, saying so.
+  await page.fill("#token-form input", "gantry_not-a-token");
+  await page.click("#token-form button");
+  await page.waitForFunction(() => document.getElementById("token-why")?.textContent.startsWith("The token was refused"));
+  result.refused = (await page.textContent("#token-why")).trim();
   await page.fill("#token-form input", secret);
   await page.click("#token-form button");
   await page.waitForSelector(`#jobs tr[data-job="${ownJob}"]`);
