@@ -539,3 +539,24 @@ async fn a_second_daemon_on_the_same_database_refuses_to_start_naming_the_first(
     assert_eq!(job["restarts"], 0, "{job}");
     assert_eq!(d.event_path(id).await, ["queued", "scheduled", "running", "succeeded"]);
 }
+
+/// A daemon job's run directory has the layout `gantry train` writes (`spec.toml` included), so
+/// `gantry train --resume` continues it: from its newest checkpoint, with the daemon's losses.
+#[tokio::test]
+async fn gantry_train_resumes_a_daemon_jobs_run_directory_with_its_losses() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, "cpu:1").await;
+    let id = d.submit(&tiny_spec(6, 3)).await;
+    d.wait_state(id, "succeeded", 90).await;
+    let run_dir = d.run_dir(id);
+    assert!(run_dir.join("spec.toml").is_file() && !run_dir.join("spec.json").exists());
+    let daemon_losses = losses_on_disk(&run_dir);
+    assert_eq!(daemon_losses.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+
+    let out = Command::new(gantry()).args(["train", "--no-progress", "--resume"]).arg(&run_dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("step_00000003"), "resumed from the checkpoint of step 3: {stderr}");
+    let resumed = losses_on_disk(&run_dir);
+    assert_eq!(resumed, daemon_losses, "steps 4-6 again, with the same losses");
+}

@@ -23,6 +23,13 @@ fn check(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The check's summary line (`deploy/check: N checks passed, M failed`). Not simply the last
+/// line: stderr follows stdout in `check`'s text, and the first run says on stderr that it installs
+/// the tools.
+fn summary(out: &str) -> &str {
+    out.lines().rev().find(|l| l.starts_with("deploy/check: ") && l.contains(" checks passed, ")).unwrap_or_default()
+}
+
 fn fail_lines(out: &str) -> Vec<&str> {
     out.lines().filter(|l| l.starts_with("FAIL")).collect()
 }
@@ -118,7 +125,7 @@ fn deploy_files_pass_the_offline_check() {
     for flag in ["--http", "--grpc", "--devices", "--tokens", "--data-dir", "--config", "--metrics", "--tls-cert"] {
         assert!(flags.split(' ').any(|f| f == flag), "{flag} is not among the flags checked: {flags}");
     }
-    let last = out.lines().last().unwrap_or_default();
+    let last = summary(&out);
     assert!(last.starts_with("deploy/check: ") && last.ends_with(" checks passed, 0 failed"), "{last}");
 }
 
@@ -135,7 +142,7 @@ fn deploy_check_names_an_unknown_daemon_flag_in_the_compose_file() {
     let fails = fail_lines(&out);
     assert_eq!(fails.len(), 1, "{out}");
     assert!(fails[0].contains("daemon flags: `gantry daemon` has no flag --grcp"), "{out}");
-    assert!(out.lines().last().unwrap_or_default().ends_with(" checks passed, 1 failed"), "{out}");
+    assert!(summary(&out).ends_with(" checks passed, 1 failed"), "{out}");
 }
 
 #[test]

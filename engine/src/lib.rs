@@ -20,6 +20,7 @@ pub mod optim;
 pub mod parallel;
 pub mod params;
 pub mod rng;
+pub mod run_dir;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -42,9 +42,10 @@ fn model_dir(source: &Path) -> anyhow::Result<PathBuf> {
     if source.join("config.json").is_file() {
         return Ok(source.to_path_buf());
     }
-    let final_dir = source.join("final");
+    let run = gantry_engine::run_dir::RunDir::new(source);
+    let final_dir = run.final_model();
     let has_final = final_dir.join("config.json").is_file();
-    if !has_final && !source.join("checkpoints").is_dir() {
+    if !has_final && !run.checkpoints().is_dir() {
         bail!("{} is neither a model directory nor a run directory", source.display());
     }
     let final_step = if has_final { final_step(&final_dir) } else { None };

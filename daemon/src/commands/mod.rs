@@ -85,7 +85,7 @@ pub fn comm_timeout() -> std::time::Duration {
 /// Loads the newest checkpoint of `run_dir` that passes its checksums (a damaged one is reported
 /// and the one before it used); returns the checkpoints kept, oldest first.
 pub fn resume_newest(trainer: &mut gantry_engine::train::Trainer, run_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let dir = run_dir.join("checkpoints");
+    let dir = gantry_engine::run_dir::RunDir::new(run_dir).checkpoints();
     if !dir.is_dir() {
         anyhow::bail!("{} has no checkpoints to resume from", run_dir.display());
     }

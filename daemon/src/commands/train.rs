@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use gantry_api::JobSpec;
 use gantry_engine::comm::Comm;
+use gantry_engine::run_dir::RunDir;
 use gantry_engine::train::{StepReport, Trainer};
 
 use crate::cli::TrainArgs;
@@ -20,7 +21,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     // A new run reads its spec from the file given; a resumed one from its run directory, where
     // the spec was stored with absolute paths.
     let (spec_path, run_dir) = match (&a.resume, &a.spec) {
-        (Some(dir), _) => (dir.join("spec.toml"), dir.clone()),
+        (Some(dir), _) => (RunDir::new(dir).spec(), dir.clone()),
         (None, Some(spec)) => (spec.clone(), a.run_dir.clone().unwrap_or_else(|| default_run_dir(spec))),
         (None, None) => bail!("give a spec, or --resume RUN_DIR"),
     };
@@ -45,12 +46,13 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     if a.resume.is_none() {
         keep_earlier_run(&run_dir)?;
     }
-    let logs = run_dir.join("logs");
+    let run = RunDir::new(&run_dir);
+    let logs = run.logs();
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let exe = std::env::current_exe()?;
     let mut children: Vec<(usize, std::process::Child)> = Vec::new();
     for rank in 1..world {
-        let log_path = logs.join(format!("rank-{rank}.log"));
+        let log_path = run.log(rank as u32);
         let mut args: Vec<OsString> = vec!["train".into()];
         match &a.resume {
             Some(dir) => args.extend(["--resume".into(), dir.into()]),
@@ -144,7 +146,8 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         keep_earlier_run(&run_dir)?;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    gantry_engine::checkpoint::write_replacing(&run_dir.join("spec.toml"), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
+    let run = RunDir::new(&run_dir);
+    gantry_engine::checkpoint::write_replacing(&run.spec(), spec.to_toml()?.as_bytes()).context("writing the run's spec")?;
     let steps = spec.train.steps;
     eprintln!(
         "gantry train: {} parameters, {} tokens of data, {steps} steps × {} sequences × {} tokens, {threads} threads → {}",
@@ -154,7 +157,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         spec.data.seq_len,
         run_dir.display()
     );
-    let metrics_path = run_dir.join("metrics.jsonl");
+    let metrics_path = run.metrics();
     let mut metrics = super::open_metrics(&metrics_path, trainer.step)?;
     let interactive = progress::interactive() && !a.no_progress;
     let pb = progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
@@ -177,7 +180,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         }
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
-            let dir = run_dir.join("checkpoints").join(format!("step_{:08}", r.step));
+            let dir = run.checkpoint(r.step);
             if let Some(o) = trainer.start_checkpoint(&dir)? {
                 super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
             }
@@ -189,7 +192,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
     }
     pb.finish_and_clear();
-    let final_dir = run_dir.join("final");
+    let final_dir = run.final_model();
     trainer.save_final(&final_dir)?;
     if let (Some(f), Some(l)) = (first, last) {
         eprintln!(
@@ -228,11 +231,11 @@ fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow:
         let r = super::on_pool(|| trainer.train_step())?;
         trainer.poll_checkpoint()?;
         if every > 0 && r.step % every == 0 && r.step < spec.train.steps {
-            trainer.start_checkpoint(&run_dir.join("checkpoints").join(format!("step_{:08}", r.step)))?;
+            trainer.start_checkpoint(&RunDir::new(run_dir).checkpoint(r.step))?;
         }
     }
     trainer.finish_checkpoint()?;
-    trainer.save_final(&run_dir.join("final"))?;
+    trainer.save_final(&RunDir::new(run_dir).final_model())?;
     Ok(())
 }
 
@@ -261,8 +264,7 @@ fn warn_if_data_order_changes(stored: &str, spec: &JobSpec) {
 /// later checkpoints and final model would outlive the new run's, and a later `--resume` or
 /// `export` would pick them): the earlier run is moved aside to `DIR.N`, and nothing is lost.
 fn keep_earlier_run(run_dir: &Path) -> anyhow::Result<()> {
-    let holds_a_run = ["spec.toml", "metrics.jsonl", "final"].iter().any(|f| run_dir.join(f).exists())
-        || !gantry_engine::checkpoint::committed_checkpoints(run_dir).is_empty();
+    let holds_a_run = RunDir::new(run_dir).holds_a_run() || !gantry_engine::checkpoint::committed_checkpoints(run_dir).is_empty();
     if !holds_a_run {
         return Ok(());
     }

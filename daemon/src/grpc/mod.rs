@@ -300,7 +300,7 @@ impl WorkerRpc for Grpc {
             let inside = std::path::Path::new(&q.path)
                 .canonicalize()
                 .ok()
-                .zip(std::path::Path::new(&job.run_dir).join("checkpoints").canonicalize().ok())
+                .zip(gantry_engine::run_dir::RunDir::new(&job.run_dir).checkpoints().canonicalize().ok())
                 .is_some_and(|(p, root)| p.starts_with(root));
             if !inside {
                 return Err(Error::BadRequest(format!("{} is not a checkpoint of job {}'s run", q.path, job.id)));

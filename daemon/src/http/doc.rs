@@ -58,7 +58,8 @@ pub fn frame() -> OpenApi {
     components.schemas.extend(schemas);
     OpenApiBuilder::new()
         .info(info)
-        .servers(Some([ServerBuilder::new().url("http://127.0.0.1:8080").build()]))
+        // Relative: the document is right on whatever address (and scheme) it was fetched from.
+        .servers(Some([ServerBuilder::new().url("/").description(Some("the daemon that served this document")).build()]))
         .tags(Some(tags()))
         .components(Some(components))
         .build()

@@ -281,7 +281,7 @@ fn list_checkpoints(job_id: i64, run_dir: &Path) -> Checkpoints {
             Some(CheckpointInfo { step, path: dir.to_string_lossy().into_owned(), bytes, written_ms })
         })
         .collect();
-    let final_dir = run_dir.join("final");
+    let final_dir = gantry_engine::run_dir::RunDir::new(run_dir).final_model();
     let final_model = gantry_engine::checkpoint::has_weights(&final_dir).then(|| final_dir.to_string_lossy().into_owned());
     Checkpoints { job_id, checkpoints, final_model }
 }

@@ -29,7 +29,8 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::store::jobs::{Change, JobRow};
 use crate::store::{now_ms, Store, WorkerRecord};
-use crate::worker::{checkpoint_dir, log_path, read_outcome};
+use crate::worker::read_outcome;
+use gantry_engine::run_dir::RunDir;
 use placement::{Decision, Waiting};
 
 /// How a rank ended.
@@ -105,7 +106,7 @@ fn restart_pause(n: u32) -> Duration {
 /// allocation that failed says so there before the abort), or nothing.
 fn last_words(run_dir: &Path, rank: u32) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(log_path(run_dir, rank)) else { return String::new() };
+    let Ok(mut f) = std::fs::File::open(RunDir::new(run_dir).log(rank)) else { return String::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut tail = Vec::new();
     if f.seek(SeekFrom::Start(len.saturating_sub(2048))).is_err() || f.read_to_end(&mut tail).is_err() {
@@ -369,7 +370,7 @@ impl Supervisor {
             .enumerate()
             .map(|(rank, offset)| {
                 let rank = rank as u32;
-                tokio::spawn(logs::tail(self.store.clone(), id, rank, log_path(&run_dir, rank), offset, rx.clone()))
+                tokio::spawn(logs::tail(self.store.clone(), id, rank, RunDir::new(&run_dir).log(rank), offset, rx.clone()))
             })
             .collect();
         let job = LiveJob {
@@ -608,7 +609,7 @@ impl Supervisor {
     /// Stores every step a finished job wrote to its metrics file (a step whose report was lost
     /// in flight is recorded now; those already stored are skipped).
     async fn backfill_metrics(&self, id: i64, run_dir: &Path) -> Result<()> {
-        let path = run_dir.join("metrics.jsonl");
+        let path = RunDir::new(run_dir).metrics();
         let Ok(text) = tokio::fs::read_to_string(&path).await else { return Ok(()) };
         let steps: Vec<StepMetrics> = text
             .lines()
@@ -705,15 +706,17 @@ impl Supervisor {
             std::fs::rename(&run_dir, &aside).map_err(Error::io(&run_dir))?;
             tracing::warn!(job_id = id, "the job's run directory held files it did not write: moved to {}", aside.display());
         }
-        for sub in ["logs", "ranks"] {
-            std::fs::create_dir_all(run_dir.join(sub)).map_err(Error::io(run_dir.join(sub)))?;
+        let run = RunDir::new(&run_dir);
+        for sub in [run.logs(), run.outcomes()] {
+            std::fs::create_dir_all(&sub).map_err(Error::io(&sub))?;
         }
-        let spec_json = serde_json::to_string_pretty(&row.job.spec).map_err(|e| Error::Internal(e.to_string()))?;
-        std::fs::write(run_dir.join("spec.json"), spec_json).map_err(Error::io(run_dir.join("spec.json")))?;
+        // The same file `gantry train` writes: `gantry train --resume` continues a daemon's run.
+        let spec_toml = row.job.spec.to_toml().map_err(|e| Error::Internal(format!("writing the spec as TOML: {e}")))?;
+        gantry_engine::checkpoint::write_replacing(&run.spec(), spec_toml.as_bytes()).map_err(|e| Error::Internal(e.to_string()))?;
         let recorded = match self.store.last_checkpoint(id).await? {
             _ if attempt <= 1 => None,
             Some((step, path)) if Path::new(&path).is_dir() => Some(PathBuf::from(path)).filter(|_| step > 0),
-            Some((step, _)) => Some(checkpoint_dir(&run_dir, step as u64)).filter(|p| p.is_dir()),
+            Some((step, _)) => Some(RunDir::new(&run_dir).checkpoint(step as u64)).filter(|p| p.is_dir()),
             None => None,
         };
         // A checkpoint committed on disk whose report never reached the store (the worker died
@@ -777,7 +780,7 @@ impl Supervisor {
     ) -> Result<()> {
         let world = placement.len() as u32;
         for rank in 0..world {
-            let log = log_path(run_dir, rank);
+            let log = RunDir::new(run_dir).log(rank);
             let secret = self.keys.secret(id, attempt);
             let launch = process::Launch {
                 exe: &self.exe,

@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use gantry_api::proto::WorkerId;
 use gantry_api::{JobSpec, StepMetrics};
 use gantry_engine::comm::Comm;
+use gantry_engine::run_dir::RunDir;
 use gantry_engine::train::Trainer;
 use serde::{Deserialize, Serialize};
 
@@ -29,22 +30,23 @@ pub struct RankOutcome {
     pub message: String,
 }
 
-pub fn outcome_path(run_dir: &Path, rank: u32) -> PathBuf {
-    run_dir.join("ranks").join(format!("rank-{rank}.json"))
-}
-
-pub fn log_path(run_dir: &Path, rank: u32) -> PathBuf {
-    run_dir.join("logs").join(format!("rank-{rank}.log"))
-}
-
-pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
-    run_dir.join("checkpoints").join(format!("step_{step:08}"))
-}
-
 /// Reads the outcome a rank wrote for `attempt`, if it wrote one.
 pub fn read_outcome(run_dir: &Path, rank: u32, attempt: u32) -> Option<RankOutcome> {
-    let text = std::fs::read_to_string(outcome_path(run_dir, rank)).ok()?;
+    let text = std::fs::read_to_string(RunDir::new(run_dir).outcome(rank)).ok()?;
     serde_json::from_str::<RankOutcome>(&text).ok().filter(|o| o.attempt == attempt)
+}
+
+/// The job's spec as the daemon stored it in the run directory: `spec.toml`, or the `spec.json`
+/// of a job started by an earlier daemon.
+fn read_job_spec(run: &RunDir) -> anyhow::Result<JobSpec> {
+    let toml_path = run.spec();
+    if toml_path.exists() || !run.legacy_spec_json().exists() {
+        let text = std::fs::read_to_string(&toml_path).with_context(|| format!("reading {}", toml_path.display()))?;
+        return JobSpec::from_toml(&text, &[]).map_err(|e| anyhow::anyhow!("{}: {e}", toml_path.display()));
+    }
+    let json_path = run.legacy_spec_json();
+    let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
+    JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", json_path.display()))
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
@@ -57,7 +59,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             Err(e) => format!("{e:#}"),
         },
     };
-    let path = outcome_path(&a.run_dir, a.rank);
+    let path = RunDir::new(&a.run_dir).outcome(a.rank);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -73,9 +75,8 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     // Not passed on to anything the worker starts. (No other thread runs yet: changing the
     // environment is safe only then.)
     std::env::remove_var(crate::auth::worker::SECRET_ENV);
-    let spec_path = a.run_dir.join("spec.json");
-    let text = std::fs::read_to_string(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
-    let mut spec = JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec_path.display()))?;
+    let run = RunDir::new(&a.run_dir);
+    let mut spec = read_job_spec(&run)?;
     if let Some(gpu) = a.device.as_deref().and_then(|d| d.strip_prefix("cuda:")) {
         let ordinal: u32 = gpu.parse().with_context(|| format!("--device {gpu:?}: not a GPU index"))?;
         spec.resources.devices = gantry_api::Devices::Cuda(vec![ordinal]);
@@ -132,7 +133,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     );
     // Rank 0 keeps the run's own record; every rank reports its steps to the daemon. A restarted
     // attempt repeats the steps after its checkpoint: the failed attempt's lines for them go.
-    let metrics_path = a.run_dir.join("metrics.jsonl");
+    let metrics_path = run.metrics();
     let mut metrics = if lead { Some(crate::commands::open_metrics(&metrics_path, trainer.step)?) } else { None };
     while trainer.step < steps {
         if reporter.stop.load(Ordering::Relaxed) {
@@ -173,7 +174,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
         }
         let every = spec.checkpoint.every;
         if every > 0 && r.step % every == 0 && r.step < steps {
-            if let Some(o) = trainer.start_checkpoint(&checkpoint_dir(&a.run_dir, r.step))? {
+            if let Some(o) = trainer.start_checkpoint(&run.checkpoint(r.step))? {
                 done(o, &mut kept)?;
             }
         }
@@ -184,8 +185,8 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
         }
     }
-    trainer.save_final(&a.run_dir.join("final"))?;
-    eprintln!("finished {steps} steps; model in {}", a.run_dir.join("final").display());
+    trainer.save_final(&run.final_model())?;
+    eprintln!("finished {steps} steps; model in {}", run.final_model().display());
     // The daemon may be restarting: give it time to come back for the last reports. The run is
     // done either way (its model is written), so it is not failed for want of them: the daemon
     // reads rank 0's steps from metrics.jsonl when it sees the job end.

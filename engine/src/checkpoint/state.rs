@@ -206,7 +206,7 @@ pub fn is_training_checkpoint(dir: &Path) -> bool {
 /// The committed checkpoints of a run directory (`RUN_DIR/checkpoints/step_*` with a manifest),
 /// oldest first. Their files are not checked here (`verify_checkpoint` does that).
 pub fn committed_checkpoints(run_dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut all: Vec<std::path::PathBuf> = std::fs::read_dir(run_dir.join("checkpoints"))
+    let mut all: Vec<std::path::PathBuf> = std::fs::read_dir(crate::run_dir::RunDir::new(run_dir).checkpoints())
         .map(|d| {
             d.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")))
