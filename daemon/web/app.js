@@ -432,24 +432,32 @@ function logReader(id, rankSelect, pre) {
     const el = document.getElementById("log-state");
     if (el) el.textContent = text;
   };
+  // Reads run one after another: the poll's and one a change of rank starts would otherwise
+  // append the same lines twice.
+  let queue = Promise.resolve();
   const reader = {
     status,
-    async read(current) {
-      const rank = rankSelect.value || 0;
-      for (;;) {
-        const page = await api(`/v1/jobs/${id}/logs?rank=${rank}&limit=2000${after === null ? "" : `&after=${after}`}`);
-        if (!current() || String(rank) !== String(rankSelect.value || 0)) return;
-        if (!page.lines.length) break;
-        const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-        lines = lines.concat(page.lines.map((l) => l.line + "\n"));
-        if (lines.length > MAX_LOG_LINES) lines = lines.slice(lines.length - MAX_LOG_LINES);
-        pre.textContent = lines.join("");
-        if (atBottom) pre.scrollTop = pre.scrollHeight;
-        after = page.lines[page.lines.length - 1].offset;
-      }
-      status(lines.length >= MAX_LOG_LINES ? `following (the newest ${MAX_LOG_LINES} lines)` : "following");
+    read(current) {
+      // (An earlier read's failure is the earlier caller's to report.)
+      queue = queue.catch(() => {}).then(() => readPages(current));
+      return queue;
     },
   };
+  async function readPages(current) {
+    const rank = rankSelect.value || 0;
+    for (;;) {
+      const page = await api(`/v1/jobs/${id}/logs?rank=${rank}&limit=2000${after === null ? "" : `&after=${after}`}`);
+      if (!current() || String(rank) !== String(rankSelect.value || 0)) return;
+      if (!page.lines.length) break;
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      lines = lines.concat(page.lines.map((l) => l.line + "\n"));
+      if (lines.length > MAX_LOG_LINES) lines = lines.slice(lines.length - MAX_LOG_LINES);
+      pre.textContent = lines.join("");
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+      after = page.lines[page.lines.length - 1].offset;
+    }
+    status(lines.length >= MAX_LOG_LINES ? `following (the newest ${MAX_LOG_LINES} lines)` : "following");
+  }
   rankSelect.addEventListener("change", () => {
     after = null;
     lines = [];

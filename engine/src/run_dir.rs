@@ -74,9 +74,11 @@ impl RunDir {
         self.outcomes().join(format!("rank-{rank}.json"))
     }
 
-    /// Whether the directory holds a run (its spec, its metrics or its final model).
+    /// Whether the directory holds a run: its spec, its metrics, its final model or a committed
+    /// checkpoint.
     pub fn holds_a_run(&self) -> bool {
         [self.spec(), self.legacy_spec_json(), self.metrics(), self.final_model()].iter().any(|p| p.exists())
+            || !crate::checkpoint::committed_checkpoints(&self.root).is_empty()
     }
 }
 

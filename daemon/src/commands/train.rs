@@ -264,8 +264,7 @@ fn warn_if_data_order_changes(stored: &str, spec: &JobSpec) {
 /// later checkpoints and final model would outlive the new run's, and a later `--resume` or
 /// `export` would pick them): the earlier run is moved aside to `DIR.N`, and nothing is lost.
 fn keep_earlier_run(run_dir: &Path) -> anyhow::Result<()> {
-    let holds_a_run = RunDir::new(run_dir).holds_a_run() || !gantry_engine::checkpoint::committed_checkpoints(run_dir).is_empty();
-    if !holds_a_run {
+    if !RunDir::new(run_dir).holds_a_run() {
         return Ok(());
     }
     let name = run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
