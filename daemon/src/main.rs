@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod config;
 mod datadir;
+mod engine_config;
 mod error;
 mod grpc;
 mod http;

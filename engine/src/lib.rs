@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod comm;
+pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use gantry_api::ModelInit;
 use gantry_engine::checkpoint::save_hf_dir;
+use gantry_engine::config::ModelInit;
 use gantry_engine::train::load_model;
 
 fn fixture(name: &str) -> PathBuf {

@@ -10,41 +10,33 @@
 
 mod common;
 
-use common::{example_spec, gpu_count, rendezvous};
+use common::{example_config, gpu_count, rendezvous};
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use gantry_api::{Devices, JobSpec};
 use gantry_engine::comm::Comm;
+use gantry_engine::config::{Devices, GpuComm, ParallelPlan, Precision, TrainConfig};
 use gantry_engine::train::{StepReport, Trainer};
 
-/// The example spec for `ranks` ranks, each with its GPU (`gpus[rank]`), at a global batch of 8.
-fn spec(ranks: usize, precision: &str, zero: u8, gpu_comm: &str) -> (JobSpec, PathBuf) {
-    let (mut s, root) = example_spec(&[
-        "train.steps=10".into(),
-        "train.warmup_steps=2".into(),
-        "train.global_batch_size=8".into(),
-        "train.micro_batch_size=2".into(),
-        format!("resources.devices=\"cpu:{ranks}\""),
-        format!("parallel.dp={ranks}"),
-        format!("parallel.zero={zero}"),
-        format!("parallel.gpu_comm=\"{gpu_comm}\""),
-        format!("train.precision=\"{precision}\""),
-        "checkpoint.every=0".into(),
-    ]);
-    // As a daemon worker's spec: the rank's own GPU (set below, per rank).
-    s.resources.devices = Devices::Cuda(vec![0]);
-    (s, root)
+/// The example run for `ranks` ranks, each with its GPU (set per rank by `on_ranks`), at a global
+/// batch of 8.
+fn spec(ranks: usize, precision: &str, zero: u8, gpu_comm: &str) -> TrainConfig {
+    let mut c = example_config(10);
+    c.optim.global_batch = 8;
+    c.precision = match precision {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        _ => Precision::Fp16,
+    };
+    let gpu_comm = if gpu_comm == "host" { GpuComm::Host } else { GpuComm::Nccl };
+    let plan = ParallelPlan { gpu_comm, ..ParallelPlan::data_parallel(ranks, zero) };
+    // As a daemon worker's config: the rank's own GPU.
+    c.with_plan(plan, Devices::Cuda(vec![0]), Some(2))
 }
 
 /// Runs `f` on each of `ranks` trainers (rank r on GPU `gpus[r]`), one thread each; returns each
 /// rank's result.
-fn on_ranks<R: Send + 'static>(
-    (spec, root): (JobSpec, PathBuf),
-    gpus: &[u32],
-    f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static,
-) -> Vec<R> {
+fn on_ranks<R: Send + 'static>(spec: TrainConfig, gpus: &[u32], f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static) -> Vec<R> {
     let ranks = gpus.len();
     let rv = rendezvous();
     let f = std::sync::Arc::new(f);
@@ -52,11 +44,11 @@ fn on_ranks<R: Send + 'static>(
         .iter()
         .enumerate()
         .map(|(rank, &gpu)| {
-            let (mut spec, root, rv, f) = (spec.clone(), root.clone(), rv.clone(), f.clone());
-            spec.resources.devices = Devices::Cuda(vec![gpu]);
+            let (mut spec, rv, f) = (spec.clone(), rv.clone(), f.clone());
+            spec.devices = Devices::Cuda(vec![gpu]);
             std::thread::spawn(move || {
                 let comm = (ranks > 1).then(|| Comm::connect(rank, ranks, &rv, Duration::from_secs(120)).unwrap());
-                let mut t = Trainer::with_comm(spec, &root, comm).unwrap();
+                let mut t = Trainer::with_comm(spec, comm).unwrap();
                 f(&mut t)
             })
         })
@@ -161,9 +153,8 @@ fn one_rank_over_nccl_gives_the_plain_gpu_run() {
         return;
     }
     let plain = on_ranks(spec(1, "bf16", 0, "nccl"), &[0], |t| steps(t, 10)).remove(0);
-    let (s, root) = spec(1, "bf16", 0, "nccl");
     let comm = Comm::connect(0, 1, &rendezvous(), Duration::from_secs(60)).unwrap();
-    let mut t = Trainer::with_comm(s, &root, Some(comm)).unwrap();
+    let mut t = Trainer::with_comm(spec(1, "bf16", 0, "nccl"), Some(comm)).unwrap();
     let grouped = steps(&mut t, 10);
     for (a, b) in plain.iter().zip(&grouped) {
         for (x, y, what) in [(a.loss, b.loss, "loss"), (a.grad_norm, b.grad_norm, "gradient norm")] {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{example_spec, gpu};
+use common::{example_config, gpu};
 
 use gantry_engine::cuda::GpuTrainer;
 use gantry_engine::models::{Model, ModelConfig};
@@ -141,27 +141,24 @@ fn training_losses_match_the_cpu_in_every_precision() {
 fn the_trainer_on_a_gpu_follows_the_cpu_run() {
     let Some(g) = gpu() else { return };
     drop(g);
+    use gantry_engine::config::{Devices, ModelInit, Precision};
     use gantry_engine::train::{load_model, Trainer};
-    let spec = |devices: &str, precision: &str| {
-        example_spec(&[
-            "train.steps=10".into(),
-            "train.warmup_steps=2".into(),
-            format!("resources.devices={devices}"),
-            format!("train.precision={precision}"),
-            "checkpoint.every=0".into(),
-        ])
+    let spec = |devices: Devices, precision: Precision| {
+        let mut c = example_config(10);
+        (c.devices, c.precision) = (devices, precision);
+        c
     };
-    let run = |(s, root): (gantry_api::JobSpec, std::path::PathBuf)| {
-        let mut t = Trainer::new(s, &root).unwrap();
+    let run = |c| {
+        let mut t = Trainer::new(c).unwrap();
         let losses: Vec<f64> = (0..10).map(|_| t.train_step().unwrap().loss).collect();
         let dir = tempfile::tempdir().unwrap();
         t.save_final(dir.path()).unwrap();
-        let (m, params) = load_model(dir.path(), gantry_api::ModelInit::Pretrained, 0).unwrap();
+        let (m, params) = load_model(dir.path(), ModelInit::Pretrained, 0).unwrap();
         (losses, m, params, dir)
     };
-    let (cpu, m, cpu_params, _d1) = run(spec("cpu:1", "fp32"));
-    for (precision, tol) in [("fp32", 3e-3), ("bf16", 3e-2)] {
-        let (gpu, _, gpu_params, _d2) = run(spec("cuda:0", precision));
+    let (cpu, m, cpu_params, _d1) = run(spec(Devices::Cpu(1), Precision::Fp32));
+    for (precision, tol) in [(Precision::Fp32, 3e-3), (Precision::Bf16, 3e-2)] {
+        let (gpu, _, gpu_params, _d2) = run(spec(Devices::Cuda(vec![0]), precision));
         for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
             assert!((c - g).abs() <= tol * c, "{precision} step {}: GPU {g} vs CPU {c}", i + 1);
         }
@@ -180,18 +177,14 @@ fn the_trainer_on_a_gpu_follows_the_cpu_run() {
 fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
     let Some(g) = gpu() else { return };
     drop(g);
+    use gantry_engine::config::{Devices, Precision};
     use gantry_engine::train::Trainer;
-    for precision in ["fp32", "bf16", "fp16"] {
-        let (spec, root) = example_spec(&[
-            "train.steps=8".into(),
-            "train.warmup_steps=2".into(),
-            "resources.devices=cuda:0".into(),
-            format!("train.precision={precision}"),
-            "checkpoint.every=3".into(),
-        ]);
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        let mut spec = example_config(8);
+        (spec.devices, spec.precision, spec.checkpoint_every) = (Devices::Cuda(vec![0]), precision, 3);
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("step_3");
-        let mut t = Trainer::new(spec.clone(), &root).unwrap();
+        let mut t = Trainer::new(spec.clone()).unwrap();
         let mut full = Vec::new();
         for step in 1..=8 {
             full.push(t.train_step().unwrap().loss);
@@ -201,7 +194,7 @@ fn a_gpu_checkpoint_taken_beside_training_resumes_exactly() {
         }
         let o = t.finish_checkpoint().unwrap().expect("the checkpoint was written");
         o.result.unwrap();
-        let mut r = Trainer::new(spec, &root).unwrap();
+        let mut r = Trainer::new(spec).unwrap();
         r.resume(&ck).unwrap();
         assert_eq!(r.step, 3);
         let resumed: Vec<f64> = (4..=8).map(|_| r.train_step().unwrap().loss).collect();

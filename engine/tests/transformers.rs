@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use gantry_api::ModelInit;
+use gantry_engine::config::ModelInit;
 use gantry_engine::optim::{clip_grad_norm, AdamW};
 use gantry_engine::params::ParamBuffers;
 use gantry_engine::train::{evaluate, load_model};

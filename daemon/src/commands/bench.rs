@@ -2,7 +2,7 @@ use gantry_engine::models::{presets::config_for, Model};
 use gantry_engine::train::bench;
 use serde_json::json;
 
-use gantry_api::Precision;
+use gantry_engine::config::Precision;
 
 use crate::cli::{BenchArgs, BenchWhat};
 

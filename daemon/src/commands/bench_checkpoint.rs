@@ -48,7 +48,7 @@ pub fn run(a: CheckpointBenchArgs) -> anyhow::Result<()> {
         &[],
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut trainer = Trainer::new(spec, std::path::Path::new(""))?;
+    let mut trainer = Trainer::new(crate::engine_config::train_config(&spec))?;
     let state_bytes = 12 * trainer.model.table.len() as u64;
     eprintln!(
         "bench checkpoint {}: {} parameters ({:.2} GB of weights and optimizer state), {threads} threads",

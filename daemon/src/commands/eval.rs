@@ -1,5 +1,5 @@
 use anyhow::Context;
-use gantry_api::ModelInit;
+use gantry_engine::config::ModelInit;
 use gantry_engine::data::{check_vocab, load_tokens};
 use gantry_engine::train::{evaluate, load_model};
 

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use gantry_api::ModelInit;
 use gantry_engine::checkpoint::{
     final_step, is_training_checkpoint, load_checkpoint_params, newest_intact_checkpoint, save_hf_dir_sharded, verify_checkpoint,
 };
+use gantry_engine::config::ModelInit;
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::train::load_model;
 

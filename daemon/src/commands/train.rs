@@ -33,7 +33,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let base = spec_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let spec = absolute_paths(spec, &base)?;
     // A layout the trainer cannot run is refused before any rank starts.
-    gantry_engine::train::check_layout(&spec)?;
+    gantry_engine::train::check_layout(&crate::engine_config::train_config(&spec))?;
     let world = spec.resources.devices.count();
     if world == 1 {
         return train_rank(&a, spec, run_dir, None);
@@ -136,7 +136,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     let started = Instant::now();
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
-    let mut trainer = Trainer::with_comm(spec.clone(), Path::new(""), comm)?;
+    let mut trainer = Trainer::with_comm(crate::engine_config::train_config(&spec), comm)?;
     let mut saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
     if trainer.dp_rank() != 0 {
         return follow_rank(&mut trainer, &run_dir, &spec);

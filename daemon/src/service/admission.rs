@@ -80,7 +80,8 @@ pub fn check_runnable(config: &DaemonConfig, spec: &mut JobSpec) -> Result<Memor
     fits_node(&spec.resources.devices, &config.slots).map_err(|m| SpecError::new("resources.devices", m))?;
     // What the trainer cannot run is refused here, with the field to change, rather than
     // accepted and failed by its workers.
-    gantry_engine::train::check_layout(spec).map_err(|e| match e {
+    let run = crate::engine_config::train_config(spec);
+    gantry_engine::train::check_layout(&run).map_err(|e| match e {
         gantry_engine::Error::Unsupported { field, message } => SpecError::new(&field, message),
         other => SpecError::new("resources.devices", other.to_string()),
     })?;
@@ -90,7 +91,8 @@ pub fn check_runnable(config: &DaemonConfig, spec: &mut JobSpec) -> Result<Memor
 
 /// The per-rank estimate, refused if the job's ranks cannot fit the node's memory.
 fn check_memory(config: &DaemonConfig, spec: &JobSpec, model: &ModelConfig, text_bytes: u64) -> Result<MemoryEstimate> {
-    let plan = estimate_memory(spec, model, text_bytes).map_err(|e| SpecError::new("model.path", e.to_string()))?;
+    let run = crate::engine_config::train_config(spec);
+    let plan = estimate_memory(&run, model, text_bytes).map_err(|e| SpecError::new("model.path", e.to_string()))?;
     // CPU ranks share the host's memory; each GPU rank has a GPU of its own.
     let (ranks, node) = match &spec.resources.devices {
         Devices::Cpu(n) => (*n as u32, config.host_memory),
@@ -116,7 +118,7 @@ fn check_memory(config: &DaemonConfig, spec: &JobSpec, model: &ModelConfig, text
                 Devices::Cuda(_) => format!("exceeds the {} of this node's GPU", human_bytes(node)),
             };
             return Err(SpecError::new(
-                plan.field_to_change(spec),
+                plan.field_to_change(&run.plan),
                 format!(
                     "each rank would need about {} (parameters {}, gradients {}, optimizer state {}, activations {}, other {}), which {on}: \
                      the job could only run out of memory",

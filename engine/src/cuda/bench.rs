@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use gantry_api::Precision;
+use crate::config::Precision;
 use gantry_kernels::cuda::Gpu;
 
 use super::{gpu_trainer, StartState};
@@ -73,11 +73,7 @@ pub fn bench_gpu(
     let tokens_per_s = tokens as f64 / (step_ms / 1e3);
     let flops = model.flops_per_token(seq) * tokens_per_s;
     let (free, total) = ctx.mem_get_info().unwrap_or((0, 0));
-    let tag = match precision {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-        Precision::Fp16 => "fp16",
-    };
+    let tag = precision.name();
     Ok(BenchResult {
         params: model.table.len(),
         batch,

@@ -568,7 +568,7 @@ where
 
 /// A trainer in `precision` on `gpu` (see [`GpuTrainer::with_state`]).
 pub fn gpu_trainer(
-    precision: gantry_api::Precision,
+    precision: crate::config::Precision,
     gpu: Gpu,
     model: &Model,
     start: StartState<'_>,
@@ -576,7 +576,7 @@ pub fn gpu_trainer(
     seq: usize,
     optim: AdamW,
 ) -> Result<Box<dyn GpuStepper>> {
-    use gantry_api::Precision;
+    use crate::config::Precision;
     use gantry_kernels::cuda::half::{bf16, f16};
     Ok(match precision {
         Precision::Fp32 => Box::new(GpuTrainer::<f32>::with_state(gpu, model, start, batch, seq, optim)?),

@@ -2,7 +2,7 @@
 
 mod schedule;
 
-pub use schedule::LrSchedule;
+pub use schedule::{LrSchedule, Schedule};
 
 use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
 use gantry_kernels::cpu::vec::{scale, sum_squares};

@@ -1,6 +1,13 @@
 //! Linear warmup, then cosine or linear decay to `min_lr` (or constant).
 
-use gantry_api::Schedule;
+/// Learning-rate decay after the warmup (to `min_lr`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LrSchedule {

@@ -6,7 +6,7 @@
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use gantry_api::Precision;
+    use crate::config::Precision;
 
     use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! says), the activation buffers of one micro-batch (`Model::activation_bytes`, the same lengths
 //! the model allocates), and the host copy asynchronous checkpoints write from.
 
-use gantry_api::{Devices, JobSpec, Precision};
+use crate::config::{ParallelPlan, Precision, TrainConfig};
 
 use crate::models::{Model, ModelConfig};
 use crate::Result;
@@ -31,11 +31,11 @@ impl MemoryPlan {
     /// The term that weighs most, as the spec key that shrinks it: `train.micro_batch_size` for
     /// activations, `parallel.zero` for the state (when a higher stage would shard more of it),
     /// else the model itself (`model.path`).
-    pub fn field_to_change(&self, spec: &JobSpec) -> &'static str {
+    pub fn field_to_change(&self, plan: &ParallelPlan) -> &'static str {
         let state = self.parameters + self.gradients + self.optimizer;
         if self.activations > state {
             "train.micro_batch_size"
-        } else if spec.parallel.dp > 1 && spec.parallel.zero < 3 {
+        } else if plan.dp > 1 && plan.zero < 3 {
             "parallel.zero"
         } else {
             "model.path"
@@ -43,12 +43,12 @@ impl MemoryPlan {
     }
 }
 
-/// The memory one rank of `spec` holds training `config`. `text_bytes` is the size of the
+/// The memory one rank of the run `run` holds training `config`. `text_bytes` is the size of the
 /// training data when it is text (it is tokenized into memory; token files are mapped and read
 /// through the page cache, which the kernel can always reclaim).
-pub fn estimate_memory(spec: &JobSpec, config: &ModelConfig, text_bytes: u64) -> Result<MemoryPlan> {
-    let dp = spec.parallel.dp.max(1) as u64;
-    let zero = if dp > 1 { spec.parallel.zero } else { 0 };
+pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64) -> Result<MemoryPlan> {
+    let dp = run.plan.dp.max(1) as u64;
+    let zero = if dp > 1 { run.plan.zero } else { 0 };
     // The same chunking the trainer uses (see `Trainer::with_comm`): ZeRO-2/3 keep about two
     // chunks whole at a time (the one in use and the next, prefetched).
     let probe = Model::new(config.clone())?;
@@ -64,17 +64,17 @@ pub fn estimate_memory(spec: &JobSpec, config: &ModelConfig, text_bytes: u64) ->
     let parameters = 4 * if zero >= 3 { shard + working } else { n };
     let gradients = 4 * if zero >= 2 { shard + working } else { n };
     let optimizer = 8 * if zero >= 1 { shard } else { n };
-    let activations = probe.activation_bytes(spec.micro_batch_size(), spec.data.seq_len);
-    let on_gpu = matches!(spec.resources.devices, Devices::Cuda(_));
+    let activations = probe.activation_bytes(run.optim.micro_batch, run.data.seq_len);
+    let on_gpu = run.on_gpu();
     // A GPU rank keeps a 16-bit working copy beside the f32 masters; a CPU rank 0 under DDP keeps
     // a host copy of the parameters and moments for the checkpoint writer.
     let copy = if on_gpu {
-        if spec.train.precision == Precision::Fp32 {
+        if run.precision == Precision::Fp32 {
             0
         } else {
             2 * n
         }
-    } else if spec.checkpoint.every > 0 && zero == 0 {
+    } else if run.checkpoint_every > 0 && zero == 0 {
         4 * 3 * n
     } else {
         0
@@ -104,8 +104,14 @@ pub fn human_bytes(b: u64) -> String {
 mod tests {
     use super::*;
 
-    fn spec(extra: &str) -> JobSpec {
-        JobSpec::from_toml(&format!("[model]\npath = \"m\"\n[data]\ntrain = \"t.bin\"\nseq_len = 32\n{extra}"), &[]).unwrap()
+    use crate::config::Devices;
+
+    /// A run at sequence length 32 with a global batch of `global` over `dp` CPU ranks.
+    fn run(global: usize, dp: usize, zero: u8) -> TrainConfig {
+        let mut c = TrainConfig::new("m", "t.bin");
+        c.data.seq_len = 32;
+        c.optim.global_batch = global;
+        c.with_plan(ParallelPlan::data_parallel(dp, zero), Devices::Cpu(dp), None)
     }
 
     fn tiny() -> ModelConfig {
@@ -132,11 +138,8 @@ mod tests {
     #[test]
     fn zero_stages_shard_what_they_say() {
         let n = 4 * Model::new(tiny()).unwrap().table.len() as u64;
-        let at = |zero: u8| {
-            let s = spec(&format!("[train]\nglobal_batch_size = 4\n[parallel]\ndp = 4\nzero = {zero}\n[resources]\ndevices = \"cpu:4\""));
-            estimate_memory(&s, &tiny(), 0).unwrap()
-        };
-        let one = estimate_memory(&spec("[train]\nglobal_batch_size = 1"), &tiny(), 0).unwrap();
+        let at = |zero: u8| estimate_memory(&run(4, 4, zero), &tiny(), 0).unwrap();
+        let one = estimate_memory(&run(1, 1, 0), &tiny(), 0).unwrap();
         assert_eq!((one.parameters, one.gradients, one.optimizer, one.other), (n, n, 2 * n, 0));
         assert_eq!(at(0).optimizer, 2 * n);
         assert_eq!(at(1).optimizer, 2 * n / 4, "ZeRO-1 shards the moments");
@@ -145,9 +148,9 @@ mod tests {
         assert!(at(3).parameters < n, "ZeRO-3 shards the parameters too");
         assert!(at(3).per_rank() < at(2).per_rank() && at(2).per_rank() < at(1).per_rank() && at(1).per_rank() < at(0).per_rank());
         // Every rank of dp = 4 runs a micro-batch of 1: a quarter of one rank's batch of 4.
-        let whole = estimate_memory(&spec("[train]\nglobal_batch_size = 4"), &tiny(), 0).unwrap();
+        let whole = estimate_memory(&run(4, 1, 0), &tiny(), 0).unwrap();
         assert!(at(0).activations < whole.activations);
-        assert_eq!(at(0).field_to_change(&spec("[parallel]\ndp = 1")), "model.path");
+        assert_eq!(at(0).field_to_change(&ParallelPlan::default()), "model.path");
     }
 
     #[test]
@@ -155,15 +158,15 @@ mod tests {
         let json = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 8192}"#;
         let config = ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
-        let plan = estimate_memory(&spec("[train]\nglobal_batch_size = 1"), &config, 0).unwrap();
+        let plan = estimate_memory(&run(1, 1, 0), &config, 0).unwrap();
         // 70.6 B parameters × 16 bytes of state.
         let params = plan.parameters / 4;
         assert!((70_000_000_000..71_000_000_000).contains(&params), "{params}");
         assert!(plan.per_rank() > 1 << 40, "{}", human_bytes(plan.per_rank()));
-        assert_eq!(plan.field_to_change(&spec("")), "model.path");
+        assert_eq!(plan.field_to_change(&ParallelPlan::default()), "model.path");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         // A batch whose buffers could not even be sized saturates rather than wraps.
-        let absurd = spec(&format!("[train]\nglobal_batch_size = {}", i64::MAX));
+        let absurd = run(i64::MAX as usize, 1, 0);
         assert_eq!(estimate_memory(&absurd, &config, 0).unwrap().per_rank(), u64::MAX);
         assert_eq!(human_bytes(12), "12 B");
     }

@@ -2,11 +2,11 @@
 //! every rank with parameters and moments untouched, and the run stops after
 //! `MAX_NONFINITE_STEPS_IN_A_ROW` of them, under every ZeRO stage.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_api::JobSpec;
+use crate::config::{Devices, ParallelPlan, TrainConfig};
 
 use super::{StepReport, Trainer, MAX_NONFINITE_STEPS_IN_A_ROW};
 use crate::comm::Comm;
@@ -27,28 +27,13 @@ fn write_model_and_data(dir: &Path) {
     std::fs::write(dir.join("tokens.bin"), tokens).unwrap();
 }
 
-/// A job on `dp` CPU ranks under ZeRO stage `zero`: 2 sequences per micro-batch, 4 per step.
-fn spec(dp: usize, zero: u8) -> JobSpec {
-    let text = format!(
-        r#"
-[model]
-path = "model"
-[data]
-train = "tokens.bin"
-seq_len = 8
-[train]
-steps = 50
-global_batch_size = 4
-micro_batch_size = 2
-lr = 1e-3
-[parallel]
-dp = {dp}
-zero = {zero}
-[resources]
-devices = "cpu:{dp}"
-"#
-    );
-    JobSpec::from_toml(&text, &[]).unwrap()
+/// A run of the model and data in `dir` on `dp` CPU ranks under ZeRO stage `zero`: 2 sequences
+/// per micro-batch, 4 per step.
+fn config(dir: &Path, dp: usize, zero: u8) -> TrainConfig {
+    let mut c = TrainConfig::new(dir.join("model"), dir.join("tokens.bin"));
+    c.data.seq_len = 8;
+    (c.optim.steps, c.optim.global_batch, c.optim.lr, c.optim.min_lr) = (50, 4, 1e-3, 1e-4);
+    c.with_plan(ParallelPlan::data_parallel(dp, zero), Devices::Cpu(dp), Some(2))
 }
 
 /// The bits of this rank's parameters (the parts it updates: all of them without ZeRO, its
@@ -132,7 +117,7 @@ fn assert_stopped(err: &Error, step: u64) {
 fn non_finite_gradients_skip_the_update_and_eight_in_a_row_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     write_model_and_data(dir.path());
-    let mut t = Trainer::new(spec(1, 0), dir.path()).unwrap();
+    let mut t = Trainer::new(config(dir.path(), 1, 0)).unwrap();
     let r = t.train_step().unwrap();
     assert!(!r.skipped && r.grad_norm.is_finite(), "{r:?}");
     // A few bad steps, then the parameter mended: the next step updates, and the count of
@@ -160,15 +145,15 @@ fn free_addr() -> String {
 }
 
 /// Runs `f` on each rank of a dp = 2 job (threads of this process); their results in rank order.
-fn on_two_ranks<R: Send + 'static>(spec: JobSpec, base: PathBuf, f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static) -> Vec<R> {
+fn on_two_ranks<R: Send + 'static>(config: TrainConfig, f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static) -> Vec<R> {
     let addr = free_addr();
     let f = Arc::new(f);
     let handles: Vec<_> = (0..2)
         .map(|rank| {
-            let (spec, base, addr, f) = (spec.clone(), base.clone(), addr.clone(), f.clone());
+            let (config, addr, f) = (config.clone(), addr.clone(), f.clone());
             std::thread::spawn(move || {
                 let comm = Comm::connect(rank, 2, &addr, Duration::from_secs(30)).unwrap();
-                let mut t = Trainer::with_comm(spec, &base, Some(comm)).unwrap();
+                let mut t = Trainer::with_comm(config, Some(comm)).unwrap();
                 f(&mut t)
             })
         })
@@ -184,7 +169,7 @@ fn every_zero_stage_skips_on_every_rank_and_stops_together() {
     let dir = tempfile::tempdir().unwrap();
     write_model_and_data(dir.path());
     for zero in 0..=3u8 {
-        let ranks = on_two_ranks(spec(2, zero), dir.path().to_path_buf(), diverge);
+        let ranks = on_two_ranks(config(dir.path(), 2, zero), diverge);
         for (rank, (err, step)) in ranks.iter().enumerate() {
             assert_eq!(*step, 1 + u64::from(MAX_NONFINITE_STEPS_IN_A_ROW), "ZeRO-{zero} rank {rank}");
             assert_stopped(err, *step);

@@ -1,14 +1,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use gantry_api::{Devices, GpuComm, JobSpec, ModelInit, Precision};
 use serde::Serialize;
 
 use crate::checkpoint::{
     checkpoint_loss_scale, commit_checkpoint, has_weights, load_training_checkpoint, load_weights, partial_dir, record_sums, replace_dir,
     save_hf_config, save_hf_dir, save_training_checkpoint, shard_name, write_rank_shard, LossScaleState, TrainingState,
 };
-use crate::comm::{Comm, DeviceMesh};
+use crate::comm::Comm;
+use crate::config::{Devices, GpuComm, ModelInit, Precision, TrainConfig};
 use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
 use crate::models::{Activations, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
@@ -162,25 +162,22 @@ fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
-/// Checks that the trainer can run `spec`'s layout (devices, precision, parallelism) before
+/// Checks that the trainer can run `config`'s layout (devices, precision, parallelism) before
 /// anything starts: `gantry train` calls it before it starts ranks, the daemon when a job is
-/// submitted, and every rank again. The error names the field to change.
-pub fn check_layout(spec: &JobSpec) -> Result<()> {
-    crate::device::check_supported(&spec.resources.devices)?;
+/// submitted, and every rank again. The error names the job spec's field to change.
+pub fn check_layout(config: &TrainConfig) -> Result<()> {
+    crate::device::check_supported(&config.devices)?;
     let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
-    let on_gpu = matches!(spec.resources.devices, Devices::Cuda(_));
-    if !on_gpu && spec.train.precision != Precision::Fp32 {
+    let on_gpu = config.on_gpu();
+    if !on_gpu && config.precision != Precision::Fp32 {
         return unsupported(
             "train.precision",
-            format!(
-                "{} needs a GPU (resources.devices = \"cuda:N\"); CPU training runs in fp32",
-                format!("{:?}", spec.train.precision).to_lowercase()
-            ),
+            format!("{} needs a GPU (resources.devices = \"cuda:N\"); CPU training runs in fp32", config.precision.name()),
         );
     }
-    let p = &spec.parallel;
-    if p.tp != 1 || p.pp != 1 {
-        return unsupported("parallel", "tensor and pipeline parallelism are not built yet: tp and pp must be 1".into());
+    let p = &config.plan;
+    if p.tp != 1 || p.pp != 1 || p.sp != 1 {
+        return unsupported("parallel", "tensor, pipeline and sequence parallelism are not built yet: tp, pp and sp must be 1".into());
     }
     if p.zero > 3 {
         return unsupported("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
@@ -214,7 +211,7 @@ struct InFlight {
 /// One rank's training state and loop.
 #[derive(Debug)]
 pub struct Trainer {
-    pub spec: JobSpec,
+    pub config: TrainConfig,
     pub model: Model,
     pub buffers: ParamBuffers,
     acts: Activations,
@@ -241,21 +238,20 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Loads the model, its weights and the data of `spec`, with paths relative to `base`, for a
-    /// job on one rank.
-    pub fn new(spec: JobSpec, base: &Path) -> Result<Trainer> {
-        Self::with_comm(spec, base, None)
+    /// Loads the model, its weights and the data of `config` for a run on one rank.
+    pub fn new(config: TrainConfig) -> Result<Trainer> {
+        Self::with_comm(config, None)
     }
 
-    /// As `new`, for one rank of a job on `comm.world()` ranks (`parallel.dp` of them).
-    pub fn with_comm(spec: JobSpec, base: &Path, comm: Option<Comm>) -> Result<Trainer> {
-        check_layout(&spec)?;
+    /// As `new`, for one rank of a run on `comm.world()` ranks (`plan.dp` of them).
+    pub fn with_comm(config: TrainConfig, comm: Option<Comm>) -> Result<Trainer> {
+        check_layout(&config)?;
         let unsupported = |field: &str, message: String| Err(Error::Unsupported { field: field.into(), message });
         let world = comm.as_ref().map_or(1, Comm::world);
         let rank = comm.as_ref().map_or(0, Comm::rank);
         // `gantry train` hands every rank the job's GPU list (rank r takes the r-th); a daemon
         // worker's spec names only its own GPU.
-        let gpu_ordinal = match &spec.resources.devices {
+        let gpu_ordinal = match &config.devices {
             Devices::Cuda(ids) if ids.len() == world => ids.get(rank).map(|&i| i as usize),
             Devices::Cuda(ids) if ids.len() == 1 => Some(ids[0] as usize),
             Devices::Cuda(ids) => {
@@ -266,7 +262,7 @@ impl Trainer {
             }
             Devices::Cpu(_) => None,
         };
-        let p = &spec.parallel;
+        let p = config.plan;
         if p.dp != world {
             return unsupported("parallel.dp", format!("parallel.dp = {} but the job runs on {world} ranks", p.dp));
         }
@@ -275,12 +271,12 @@ impl Trainer {
             None => None,
         };
         let mut comm = comm;
-        if let (Some(g), Some(c), GpuComm::Nccl) = (&mut gpu, &mut comm, spec.parallel.gpu_comm) {
+        if let (Some(g), Some(c), GpuComm::Nccl) = (&mut gpu, &mut comm, p.gpu_comm) {
             let timeout = c.timeout();
             g.connect_nccl(c, timeout)?;
         }
-        let model_dir = base.join(&spec.model.path);
-        let (mut model, params) = load_model(&model_dir, spec.model.init, spec.train.seed)?;
+        let model_dir = config.model.path.clone();
+        let (mut model, params) = load_model(&model_dir, config.model.init, config.seed)?;
         let dp = match comm {
             Some(c) => {
                 // Chunks are the unit of communication and sharding: about 1/32 of the model each
@@ -288,29 +284,28 @@ impl Trainer {
                 // gathers a small part at a time.
                 let chunk = (model.table.len() / 32).max(1 << 12);
                 model = Model::with_chunks(model.config.clone(), chunk)?;
-                Some(DataParallel::new(c, &DeviceMesh::new(world, p.dp, 1, 1, 1)?, p.zero, &model.table)?)
+                Some(DataParallel::new(c, &p.mesh(world)?, p.zero, &model.table)?)
             }
             None => None,
         };
-        let data_path = base.join(&spec.data.train);
-        let tokenizer = match &spec.data.tokenizer {
-            Some(t) => {
+        let data_path = config.data.train.clone();
+        let tokenizer = match &config.data.tokenizer {
+            Some(path) => {
                 // Checked now even for token data (which does not need it): every checkpoint and
                 // the final model copy it, and a missing one would fail them all, late.
-                let path = base.join(t);
-                crate::data::load_tokenizer(&path)?;
-                Some(path)
+                crate::data::load_tokenizer(path)?;
+                Some(path.clone())
             }
             None => Some(model_dir.join("tokenizer.json")).filter(|p| p.is_file()),
         };
         let tokens = load_tokens(&data_path, tokenizer.as_deref())?;
         check_vocab(&tokens, model.config.vocab, &data_path)?;
-        let seq = spec.data.seq_len;
-        let sampler = Sampler::new(tokens.len(), seq, spec.train.seed).ok_or_else(|| Error::Data {
+        let seq = config.data.seq_len;
+        let sampler = Sampler::new(tokens.len(), seq, config.seed).ok_or_else(|| Error::Data {
             path: data_path.clone(),
             message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
         })?;
-        let acts = model.activations(spec.micro_batch_size(), seq)?;
+        let acts = model.activations(config.optim.micro_batch, seq)?;
         let pieces = dp.as_ref().map_or_else(|| std::iter::once(0..model.table.len()).collect(), |d| d.pieces());
         let mut buffers = ParamBuffers::sharded(&model.table, pieces);
         buffers.params = params;
@@ -322,12 +317,12 @@ impl Trainer {
         // (ZeRO gathers into fresh buffers instead).
         let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0);
         // (A GPU job copies into page-locked memory instead.)
-        let snapshot = (spec.checkpoint.every > 0 && lead && gpu.is_none()).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
-        let t = &spec.train;
-        let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr(), warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
+        let snapshot = (config.checkpoint_every > 0 && lead && gpu.is_none()).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
+        let t = &config.optim;
+        let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps: t.steps, kind: t.schedule };
         let optim = AdamW { beta1: t.beta1 as f32, beta2: t.beta2 as f32, eps: t.eps as f32, weight_decay: t.weight_decay as f32 };
         Ok(Trainer {
-            spec,
+            config,
             model,
             buffers,
             acts,
@@ -359,7 +354,7 @@ impl Trainer {
     /// Puts this rank's micro-batch `k` of the current step into `self.batch`: the rank takes its
     /// slice of the global batch, the same windows whatever the layout.
     fn fill_micro_batch(&mut self, k: usize) {
-        let (global, micro) = (self.spec.train.global_batch_size, self.spec.micro_batch_size());
+        let (global, micro) = (self.config.optim.global_batch, self.config.optim.micro_batch);
         let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
         let first = rank * (global / ranks) + k * micro;
         self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
@@ -371,9 +366,9 @@ impl Trainer {
             return self.train_step_gpu();
         }
         let start = Instant::now();
-        let (global, seq) = (self.spec.train.global_batch_size, self.spec.data.seq_len);
+        let (global, seq) = (self.config.optim.global_batch, self.config.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
-        let accumulation = self.spec.accumulation_steps();
+        let accumulation = self.config.accumulation_steps();
         // Under ZeRO-2/3 the gradient buffer is already zero: its chunks were released.
         if self.dp.as_ref().is_none_or(|d| d.zero() < 2) {
             gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
@@ -399,7 +394,7 @@ impl Trainer {
         // instead, which a checkpoint would have to record.)
         self.step += 1;
         let lr = self.schedule.at(self.step);
-        let clip = self.spec.train.grad_clip;
+        let clip = self.config.optim.grad_clip;
         // A gradient norm that is not finite means a NaN or infinite gradient: AdamW would write
         // NaN into every parameter and both moments, so the update is skipped (on every rank
         // alike: they hold the same norm, see `DataParallel::clip`).
@@ -462,9 +457,9 @@ impl Trainer {
     #[cfg(feature = "cuda")]
     fn train_step_gpu(&mut self) -> Result<StepReport> {
         let start = Instant::now();
-        let (global, micro, seq) = (self.spec.train.global_batch_size, self.spec.micro_batch_size(), self.spec.data.seq_len);
-        let mut batches = Vec::with_capacity(self.spec.accumulation_steps());
-        for k in 0..self.spec.accumulation_steps() {
+        let (global, micro, seq) = (self.config.optim.global_batch, self.config.optim.micro_batch, self.config.data.seq_len);
+        let mut batches = Vec::with_capacity(self.config.accumulation_steps());
+        for k in 0..self.config.accumulation_steps() {
             self.fill_micro_batch(k);
             batches.push(self.batch.clone());
         }
@@ -474,7 +469,7 @@ impl Trainer {
         let gpu = self.gpu.as_mut().expect("called for GPU jobs only");
         let steps_before = self.step - 1;
         let r = gpu.step(
-            self.spec.train.precision,
+            self.config.precision,
             &self.model,
             &self.buffers,
             steps_before,
@@ -483,7 +478,7 @@ impl Trainer {
             self.optim,
             &refs,
             lr as f32,
-            self.spec.train.grad_clip,
+            self.config.optim.grad_clip,
             self.dp.as_mut(),
         )?;
         let comm = self.dp.as_mut().map(DataParallel::take_comm_time).unwrap_or_default();
@@ -834,14 +829,14 @@ impl Trainer {
         // Only an fp16 run on a GPU scales its loss: any other run (one resumed with another
         // precision or device included) neither uses nor records a scale the checkpoint has.
         self.resumed_loss_scale =
-            (self.gpu.is_some() && self.spec.train.precision == Precision::Fp16).then(|| checkpoint_loss_scale(dir)).flatten();
+            (self.gpu.is_some() && self.config.precision == Precision::Fp16).then(|| checkpoint_loss_scale(dir)).flatten();
         if let Some(dp) = &mut self.dp {
             dp.setup(&mut self.buffers.params);
         }
-        if self.step > self.spec.train.steps {
+        if self.step > self.config.optim.steps {
             return Err(Error::Config {
                 path: dir.into(),
-                message: format!("the checkpoint is at step {}, past train.steps = {}", self.step, self.spec.train.steps),
+                message: format!("the checkpoint is at step {}, past train.steps = {}", self.step, self.config.optim.steps),
             });
         }
         Ok(())
