@@ -193,35 +193,6 @@ pub struct JobEvent {
     pub reason: String,
 }
 
-/// One optimizer step of one rank.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct StepMetrics {
-    pub rank: u32,
-    /// The optimizer step.
-    pub step: i64,
-    /// Training loss of the step; `null` when it is not a finite number (a diverged step: JSON
-    /// has no NaN).
-    #[schema(nullable)]
-    pub loss: f64,
-    /// Learning rate of the step.
-    pub lr: f64,
-    /// Global gradient norm (before clipping); `null` when it is not a finite number.
-    #[schema(nullable)]
-    pub grad_norm: f64,
-    /// The whole job's training throughput at this step (the global batch's tokens over the step
-    /// time): every rank reports the same rate, so do not add ranks up.
-    pub tokens_per_s: f64,
-    /// Parameters, gradients and optimizer state held by the rank.
-    pub mem_bytes: i64,
-    /// Duration of the step in milliseconds.
-    pub step_ms: f64,
-    /// Time the rank spent communicating (all-reduce, all-gather) during the step, in
-    /// milliseconds; 0 on one rank.
-    #[serde(default)]
-    #[schema(required = true)]
-    pub comm_ms: f64,
-}
-
 /// One line a worker wrote to its stdout or stderr.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"rank": 0, "offset": 0, "at_ms": 1718000001234_i64, "line": "step 1/300 loss 10.9"}))]

@@ -5,16 +5,17 @@
 pub mod job;
 pub mod responses;
 pub mod spec;
+pub mod step;
 
 pub use job::{
-    ApiError, CheckpointInfo, Checkpoints, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, MemoryEstimate, StepMetrics,
-    WhoAmI,
+    ApiError, CheckpointInfo, Checkpoints, DeviceInfo, ErrorCode, Job, JobEvent, JobPage, JobState, LogLine, MemoryEstimate, WhoAmI,
 };
 pub use responses::{DeviceList, JobEvents, JobLogs, JobMetrics};
 pub use spec::{
     CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
     Schedule, SpecError, TrainSpec,
 };
+pub use step::StepMetrics;
 
 /// The gRPC messages and services (`gantry.v1`).
 #[allow(clippy::all, missing_docs)]

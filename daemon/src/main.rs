@@ -15,6 +15,7 @@ mod metrics;
 mod progress;
 mod roots;
 mod service;
+mod step_record;
 mod store;
 mod supervisor;
 #[cfg(test)]

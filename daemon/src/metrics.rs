@@ -17,6 +17,13 @@ pub struct Metrics {
     pub tokens_per_second: GaugeVec,
     pub loss: GaugeVec,
     pub mem_bytes: GaugeVec,
+    pub grad_comm_seconds: GaugeVec,
+    pub grad_comm_waited_seconds: GaugeVec,
+    pub mfu: GaugeVec,
+    /// Steps whose update was skipped (non-finite gradients, fp16 overflow), each counted once.
+    pub skipped_steps: IntCounterVec,
+    /// Tokens trained, counted once per step from rank 0's reports (every rank reports the job's).
+    pub tokens: IntCounterVec,
     pub worker_restarts: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_latency: HistogramVec,
@@ -53,6 +60,29 @@ impl Metrics {
                 Opts::new("gantry_job_memory_bytes", "Parameters, gradients and optimizer state held by the rank"),
                 &per_rank
             )),
+            grad_comm_seconds: reg!(GaugeVec::new(
+                Opts::new("gantry_job_grad_comm_seconds", "Of the communication time, the gradient collectives of the last step"),
+                &per_rank
+            )),
+            grad_comm_waited_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "gantry_job_grad_comm_waited_seconds",
+                    "Of the gradient collectives' time, the part training waited for after backward (the rest overlapped it)"
+                ),
+                &per_rank
+            )),
+            mfu: reg!(GaugeVec::new(
+                Opts::new(
+                    "gantry_job_mfu",
+                    "Model FLOP utilisation of the last step: model FLOP/s over the devices' peak (absent when the peak is unknown)"
+                ),
+                &per_rank
+            )),
+            skipped_steps: reg!(IntCounterVec::new(
+                Opts::new("gantry_job_skipped_steps_total", "Steps whose update was skipped (non-finite gradients or fp16 overflow)"),
+                &per_rank
+            )),
+            tokens: reg!(IntCounterVec::new(Opts::new("gantry_job_tokens_total", "Tokens the job trained on"), &["job"])),
             worker_restarts: reg!(IntCounterVec::new(
                 Opts::new("gantry_worker_restarts_total", "Jobs restarted after a worker failure"),
                 &["job"]
@@ -81,11 +111,22 @@ impl Metrics {
         for rank in ranks {
             let labels = [job.as_str(), &rank.to_string()];
             let _ = self.step.remove_label_values(&labels);
-            for g in [&self.step_seconds, &self.comm_seconds, &self.tokens_per_second, &self.loss, &self.mem_bytes] {
+            for g in [
+                &self.step_seconds,
+                &self.comm_seconds,
+                &self.tokens_per_second,
+                &self.loss,
+                &self.mem_bytes,
+                &self.grad_comm_seconds,
+                &self.grad_comm_waited_seconds,
+                &self.mfu,
+            ] {
                 let _ = g.remove_label_values(&labels);
             }
+            let _ = self.skipped_steps.remove_label_values(&labels);
         }
         let _ = self.worker_restarts.remove_label_values(&[&job]);
+        let _ = self.tokens.remove_label_values(&[&job]);
     }
 
     pub fn render(&self) -> String {

@@ -101,6 +101,11 @@ async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metric
     for s in &steps {
         assert_eq!(s["loss"].as_f64().unwrap(), on_disk[&s["step"].as_i64().unwrap()], "stored loss equals the worker's own record");
         assert!(s["tokens_per_s"].as_f64().unwrap() > 0.0 && s["mem_bytes"].as_i64().unwrap() > 0 && s["lr"].as_f64().unwrap() > 0.0);
+        // The whole step record reaches the store: a global batch of 4 sequences of 64 tokens,
+        // no update skipped, one rank (no gradient collectives), no MFU on a CPU.
+        assert_eq!((s["tokens"].as_i64(), s["skipped"].as_bool(), s["rank"].as_i64()), (Some(256), Some(false), Some(0)), "{s}");
+        assert_eq!((s["grad_comm_ms"].as_f64(), s["grad_comm_waited_ms"].as_f64()), (Some(0.0), Some(0.0)), "{s}");
+        assert!(s["mfu"].is_null(), "{s}");
     }
     assert!(steps[11]["loss"].as_f64().unwrap() < steps[0]["loss"].as_f64().unwrap());
     assert!(d.run_dir(first).join("final/model.safetensors").is_file());
@@ -120,6 +125,11 @@ async fn a_job_runs_to_succeeded_with_its_metrics_in_the_store_and_on_the_metric
     assert_eq!(series("gantry_job_step"), Some(12.0), "{metrics}");
     assert_eq!(series("gantry_job_loss"), Some(steps[11]["loss"].as_f64().unwrap()));
     assert!(series("gantry_job_tokens_per_second").unwrap() > 0.0);
+    assert_eq!(series("gantry_job_skipped_steps_total"), Some(0.0), "{metrics}");
+    assert_eq!(series("gantry_job_grad_comm_seconds"), Some(0.0), "{metrics}");
+    assert_eq!(series("gantry_job_mfu"), None, "a CPU's peak is not known: {metrics}");
+    let tokens = format!("gantry_job_tokens_total{{job=\"{first}\"}} {}", 12 * 256);
+    assert!(metrics.lines().any(|l| l == tokens), "{tokens} in {metrics}");
     assert!(metrics.contains("gantry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 2"), "{metrics}");
     assert!(metrics.contains("gantry_grpc_requests_total{code=\"ok\",method=\"ReportSteps\"}"), "{metrics}");
 

@@ -165,7 +165,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     let mut last = None;
     while trainer.step < steps {
         let r = super::on_pool(|| trainer.train_step())?;
-        writeln!(metrics, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
+        writeln!(metrics, "{}", serde_json::to_string(&crate::step_record::step_metrics(0, &r))?).context("writing metrics.jsonl")?;
         let skipped = if r.skipped { " (update skipped)" } else { "" };
         let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
         if interactive {

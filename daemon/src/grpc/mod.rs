@@ -171,7 +171,7 @@ impl JobRpc for Grpc {
             self.service
                 .metrics(r.into_inner().id, None, None, None)
                 .await
-                .map(|steps| proto::MetricsResponse { steps: steps.iter().map(crate::worker::reporter::to_proto).collect() })
+                .map(|steps| proto::MetricsResponse { steps: steps.iter().map(proto::StepMetrics::from).collect() })
         }
         .await;
         self.count("GetMetrics", res)
@@ -241,17 +241,8 @@ impl WorkerRpc for Grpc {
             let steps: Vec<StepMetrics> = q
                 .steps
                 .into_iter()
-                .map(|s| StepMetrics {
-                    rank: w.rank,
-                    step: s.step,
-                    loss: s.loss,
-                    lr: s.lr,
-                    grad_norm: s.grad_norm,
-                    tokens_per_s: s.tokens_per_s,
-                    mem_bytes: s.mem_bytes,
-                    step_ms: s.step_ms,
-                    comm_ms: s.comm_ms,
-                })
+                // The rank is the authenticated worker's, whatever the message says.
+                .map(|s| StepMetrics { rank: w.rank, ..StepMetrics::from(s) })
                 .collect();
             self.service.record_steps(w.job_id, &steps).await?;
             Ok(proto::Ack {})

@@ -31,8 +31,9 @@ impl Store {
         let mut new = 0;
         for s in steps {
             new += sqlx::query(
-                "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id, rank, step) DO NOTHING",
+                "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms, \
+                 skipped, tokens, grad_comm_ms, grad_comm_waited_ms, mfu) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (job_id, rank, step) DO NOTHING",
             )
             .bind(job_id)
             .bind(i64::from(s.rank))
@@ -44,6 +45,12 @@ impl Store {
             .bind(s.mem_bytes)
             .bind(s.step_ms)
             .bind(s.comm_ms)
+            .bind(i64::from(s.skipped))
+            .bind(s.tokens)
+            .bind(s.grad_comm_ms)
+            .bind(s.grad_comm_waited_ms)
+            // The Any driver cannot bind a typed NULL: an unknown MFU travels as NaN (NULL in SQLite).
+            .bind(s.mfu.unwrap_or(f64::NAN))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -97,7 +104,8 @@ impl Store {
         up_to: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StepMetrics>> {
-        let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms";
+        let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms, skipped, tokens, grad_comm_ms, \
+                    grad_comm_waited_ms, mfu";
         let one_rank =
             format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 AND step <= $4 ORDER BY step LIMIT $5");
         let all_ranks =
@@ -121,6 +129,11 @@ impl Store {
                     mem_bytes: r.try_get("mem_bytes")?,
                     step_ms: real("step_ms")?,
                     comm_ms: real("comm_ms")?,
+                    skipped: r.try_get::<i64, _>("skipped")? != 0,
+                    tokens: r.try_get("tokens")?,
+                    grad_comm_ms: real("grad_comm_ms")?,
+                    grad_comm_waited_ms: real("grad_comm_waited_ms")?,
+                    mfu: Some(real("mfu")?).filter(|m| m.is_finite()),
                 })
             })
             .collect()

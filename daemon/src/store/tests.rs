@@ -130,6 +130,12 @@ fn step(rank: u32, step: i64) -> StepMetrics {
         mem_bytes: 1 << 20,
         step_ms: 12.5,
         comm_ms: 1.5,
+        // Every field of the record is stored: odd steps were skipped, and report an MFU.
+        skipped: step % 2 == 1,
+        tokens: 4096,
+        grad_comm_ms: 1.25,
+        grad_comm_waited_ms: 0.25,
+        mfu: (step % 2 == 1).then_some(0.4 + step as f64 * 1e-3),
     }
 }
 
@@ -142,7 +148,7 @@ async fn step_reports_and_log_lines_are_stored_once(store: Store) {
     assert_eq!(store.insert_steps(id, &resent).await.unwrap(), 3);
     let series = store.metrics(id, None, 0, 1000).await.unwrap();
     assert_eq!(series.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
-    assert_eq!(series[2], step(0, 3));
+    assert_eq!((series[2].clone(), series[3].clone()), (step(0, 3), step(0, 4)));
     assert_eq!(store.metrics(id, Some(0), 6, 1000).await.unwrap().len(), 2);
     assert_eq!(store.metrics(id, Some(1), 0, 1000).await.unwrap().len(), 0);
     assert_eq!(store.job(id).await.unwrap().step, Some(8));
@@ -295,9 +301,7 @@ async fn owners_and_estimates_round_trip_and_deleting_takes_every_row(store: Sto
     assert_eq!(store.create_job(&spec(1), Path::new("/data/runs")).await.unwrap().job.owner, None);
     // A job that has not ended is not deleted.
     assert!(!store.delete_job(id).await.unwrap());
-    let metric =
-        StepMetrics { rank: 0, step: 1, loss: 1.0, lr: 0.1, grad_norm: 1.0, tokens_per_s: 1.0, mem_bytes: 1, step_ms: 1.0, comm_ms: 0.0 };
-    store.insert_steps(id, &[metric]).await.unwrap();
+    store.insert_steps(id, &[step(0, 1)]).await.unwrap();
     store.insert_logs(id, &[LogLine { rank: 0, offset: 0, at_ms: 0, line: "x".into() }]).await.unwrap();
     store.record_checkpoint(id, 1, "/data/runs/x/checkpoints/step_1").await.unwrap();
     store.transition(id, JobState::Cancelled, "by request", Change::default()).await.unwrap();

@@ -186,6 +186,9 @@ pub struct Supervisor {
 #[derive(Debug, Default)]
 struct JobSeries {
     ranks: BTreeSet<u32>,
+    /// The newest step counted into each rank's counters: a step reported again (a resend, or
+    /// an attempt repeating the steps after its checkpoint) is not counted twice.
+    counted: std::collections::BTreeMap<u32, i64>,
     ended: Option<Instant>,
 }
 
@@ -613,20 +616,9 @@ impl Supervisor {
         let Ok(text) = tokio::fs::read_to_string(&path).await else { return Ok(()) };
         let steps: Vec<StepMetrics> = text
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| StepMetrics {
-                rank: 0,
-                step: v["step"].as_i64().unwrap_or(0),
-                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
-                lr: v["lr"].as_f64().unwrap_or(0.0),
-                // JSON has no NaN or infinity (a diverged loss, an fp16 step skipped for overflow):
-                // they were written as null.
-                grad_norm: v["grad_norm"].as_f64().unwrap_or(f64::NAN),
-                tokens_per_s: v["tokens_per_s"].as_f64().unwrap_or(0.0),
-                mem_bytes: v["mem_bytes"].as_i64().unwrap_or(0),
-                step_ms: v["step_ms"].as_f64().unwrap_or(0.0),
-                comm_ms: v["comm_ms"].as_f64().unwrap_or(0.0),
-            })
+            // The file holds the records as they were sent (rank 0's), with NaN as null.
+            .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
+            .map(|s| StepMetrics { rank: 0, ..s })
             .filter(|s| s.step > 0)
             .collect();
         for chunk in steps.chunks(500) {
@@ -915,6 +907,22 @@ impl Supervisor {
             self.metrics.tokens_per_second.with_label_values(&labels).set(s.tokens_per_s);
             self.metrics.loss.with_label_values(&labels).set(s.loss);
             self.metrics.mem_bytes.with_label_values(&labels).set(s.mem_bytes as f64);
+            self.metrics.grad_comm_seconds.with_label_values(&labels).set(s.grad_comm_ms / 1e3);
+            self.metrics.grad_comm_waited_seconds.with_label_values(&labels).set(s.grad_comm_waited_ms / 1e3);
+            match s.mfu {
+                Some(mfu) => self.metrics.mfu.with_label_values(&labels).set(mfu),
+                None => {
+                    let _ = self.metrics.mfu.remove_label_values(&labels);
+                }
+            }
+            let counted = tracked.counted.entry(s.rank).or_insert(0);
+            if s.step > *counted {
+                *counted = s.step;
+                self.metrics.skipped_steps.with_label_values(&labels).inc_by(u64::from(s.skipped));
+                if s.rank == 0 {
+                    self.metrics.tokens.with_label_values(&[job.as_str()]).inc_by(s.tokens.max(0) as u64);
+                }
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use gantry_api::proto::WorkerId;
-use gantry_api::{JobSpec, StepMetrics};
+use gantry_api::JobSpec;
 use gantry_engine::comm::Comm;
 use gantry_engine::run_dir::RunDir;
 use gantry_engine::train::Trainer;
@@ -140,8 +140,9 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
             bail!("stopped at step {} at the daemon's request", trainer.step);
         }
         let r = crate::commands::on_pool(|| trainer.train_step())?;
+        let record = crate::step_record::step_metrics(a.rank, &r);
         if let Some(f) = &mut metrics {
-            writeln!(f, "{}", serde_json::to_string(&r)?).context("writing metrics.jsonl")?;
+            writeln!(f, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
         }
         if r.step == 1 || r.step % 10 == 0 || r.step == steps || r.skipped {
             let skipped = if r.skipped { " (update skipped)" } else { "" };
@@ -150,17 +151,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
                 r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
             );
         }
-        reporter.step(StepMetrics {
-            rank: a.rank,
-            step: r.step as i64,
-            loss: r.loss,
-            lr: r.lr,
-            grad_norm: r.grad_norm,
-            tokens_per_s: r.tokens_per_s,
-            mem_bytes: r.mem_bytes as i64,
-            step_ms: r.step_ms,
-            comm_ms: r.comm_ms,
-        });
+        reporter.step(record);
         let keep = spec.checkpoint.keep;
         let done = |o: gantry_engine::train::CheckpointOutcome, kept: &mut Vec<PathBuf>| -> anyhow::Result<()> {
             let (step, dir) = (o.step, o.dir.clone());

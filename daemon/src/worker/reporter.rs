@@ -200,7 +200,7 @@ async fn send_loop(mut client: Client, id: WorkerId, queue: Arc<(Mutex<Queue>, C
             return;
         }
         let sent = if !batch.is_empty() {
-            let steps = batch.iter().map(to_proto).collect();
+            let steps = batch.iter().map(proto::StepMetrics::from).collect();
             client.report_steps(proto::ReportStepsRequest { worker: Some(id), steps }).await.map(|_| batch.len())
         } else if let Some((step, path)) = checkpoint {
             client.checkpoint_committed(proto::CheckpointRequest { worker: Some(id), step, path }).await.map(|_| 1)
@@ -231,19 +231,5 @@ async fn send_loop(mut client: Client, id: WorkerId, queue: Arc<(Mutex<Queue>, C
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
-    }
-}
-
-pub fn to_proto(m: &StepMetrics) -> proto::StepMetrics {
-    proto::StepMetrics {
-        rank: m.rank,
-        step: m.step,
-        loss: m.loss,
-        lr: m.lr,
-        grad_norm: m.grad_norm,
-        tokens_per_s: m.tokens_per_s,
-        mem_bytes: m.mem_bytes,
-        step_ms: m.step_ms,
-        comm_ms: m.comm_ms,
     }
 }

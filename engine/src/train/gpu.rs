@@ -25,6 +25,8 @@ mod imp {
     /// the host buffers (so a resumed run starts from the checkpoint it loaded).
     pub struct OnGpu {
         ordinal: usize,
+        /// The device's name (for its peak FLOP/s).
+        name: String,
         device: Option<gantry_kernels::cuda::Gpu>,
         stepper: Option<Box<dyn GpuStepper>>,
         /// Whether the host buffers hold the GPU's current state.
@@ -43,7 +45,13 @@ mod imp {
         pub fn open(ordinal: usize) -> Result<Self> {
             let device = gantry_kernels::cuda::Gpu::open(ordinal)
                 .map_err(|e| crate::Error::Device(format!("resources.devices = \"cuda:{ordinal}\": {e}")))?;
-            Ok(OnGpu { ordinal, device: Some(device), stepper: None, host_current: true, nccl: None })
+            let name = device.context().name().unwrap_or_default();
+            Ok(OnGpu { ordinal, name, device: Some(device), stepper: None, host_current: true, nccl: None })
+        }
+
+        /// The GPU's dense peak FLOP/s at `precision`, when it is one we know.
+        pub fn peak_flops(&self, precision: Precision) -> Option<f64> {
+            crate::cuda::peak_flops(&self.name, precision)
         }
 
         /// Joins the NCCL communicator of `tcp`'s world on this GPU (every rank calls it, before
@@ -182,6 +190,10 @@ mod imp {
         }
 
         pub fn loss_scale(&self) -> Option<crate::checkpoint::LossScaleState> {
+            match *self {}
+        }
+
+        pub fn peak_flops(&self, _precision: crate::config::Precision) -> Option<f64> {
             match *self {}
         }
     }

@@ -120,6 +120,7 @@ fn non_finite_gradients_skip_the_update_and_eight_in_a_row_stop_the_run() {
     let mut t = Trainer::new(config(dir.path(), 1, 0)).unwrap();
     let r = t.train_step().unwrap();
     assert!(!r.skipped && r.grad_norm.is_finite(), "{r:?}");
+    assert_eq!((r.mfu, t.peak_flops()), (None, None), "a CPU's peak is not known");
     // A few bad steps, then the parameter mended: the next step updates, and the count of
     // non-finite steps in a row starts over.
     let (at, good) = poison(&mut t);

@@ -43,7 +43,17 @@ pub struct StepReport {
     /// backward (the rest was hidden behind backward).
     pub grad_comm_ms: f64,
     pub grad_comm_waited_ms: f64,
+    /// Tokens the step trained on, across the job (the global batch).
     pub tokens: u64,
+    /// Model FLOP utilisation: the model's FLOPs per second (6 per parameter per token plus
+    /// attention, forward and backward) over the peak of the job's devices, when their peak is
+    /// known (the GPUs Gantry has a data sheet for; not CPUs).
+    pub mfu: Option<f64>,
+}
+
+/// Model FLOPs per second over the devices' peak, at `tokens_per_s` with `flops_per_token`.
+fn mfu(flops_per_token: f64, tokens_per_s: f64, peak_flops: Option<f64>) -> Option<f64> {
+    peak_flops.filter(|p| *p > 0.0).map(|p| flops_per_token * tokens_per_s / p)
 }
 
 /// Builds the model of `dir` and its initial parameters as `init` asks.
@@ -346,6 +356,14 @@ impl Trainer {
         self.tokens.len()
     }
 
+    /// The dense peak FLOP/s of the job's devices, when known: a GPU's from its data sheet, times
+    /// the ranks (each has a GPU of the same kind). A CPU's is not known reliably (its clock and
+    /// vector units vary with load and model), so CPU runs report no MFU.
+    pub fn peak_flops(&self) -> Option<f64> {
+        let world = self.dp.as_ref().map_or(1, DataParallel::size) as f64;
+        self.gpu.as_ref().and_then(|g| g.peak_flops(self.config.precision)).map(|p| p * world)
+    }
+
     /// This rank's position in the dp group (0 on one rank): rank 0 writes the run's files.
     pub fn dp_rank(&self) -> usize {
         self.dp.as_ref().map_or(0, DataParallel::rank)
@@ -450,6 +468,7 @@ impl Trainer {
             grad_comm_ms: ms(comm[2]),
             grad_comm_waited_ms: ms(comm[3]),
             tokens,
+            mfu: mfu(self.model.flops_per_token(seq), tokens as f64 / secs, self.peak_flops()),
         })
     }
 
@@ -508,6 +527,7 @@ impl Trainer {
             grad_comm_ms: ms(comm[2]),
             grad_comm_waited_ms: ms(comm[3]),
             tokens,
+            mfu: mfu(self.model.flops_per_token(seq), tokens as f64 / secs, self.peak_flops()),
         })
     }
 
@@ -840,5 +860,19 @@ impl Trainer {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mfu;
+
+    #[test]
+    fn mfu_is_the_model_flops_over_the_known_peak() {
+        // 1 GFLOP per token at 100k tokens/s on a 1 PFLOP/s device: a tenth of its peak.
+        let got = mfu(1e9, 1e5, Some(1e15)).unwrap();
+        assert!((got - 0.1).abs() < 1e-12, "{got}");
+        assert_eq!(mfu(1e9, 1e5, None), None, "no peak, no MFU");
+        assert_eq!(mfu(1e9, 1e5, Some(0.0)), None, "a zero peak is not a peak");
     }
 }

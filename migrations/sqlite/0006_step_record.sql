@@ -1,0 +1,8 @@
+-- The whole step record (skipped is 0 or 1: sqlx's Any driver reads no SQLite BOOLEAN) reaches the store: whether the update was skipped, the tokens trained,
+-- the gradient collectives' time (and the part training waited for), and MFU (NULL when the
+-- devices' peak is not known). The times take NULL as the other metric columns do (a NaN).
+ALTER TABLE step_metrics ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE step_metrics ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE step_metrics ADD COLUMN grad_comm_ms REAL DEFAULT 0;
+ALTER TABLE step_metrics ADD COLUMN grad_comm_waited_ms REAL DEFAULT 0;
+ALTER TABLE step_metrics ADD COLUMN mfu REAL;
