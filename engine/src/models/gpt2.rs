@@ -7,9 +7,10 @@ use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 
 use super::hooks::{span, Params};
+use super::sliced::{add_positions, embed_in_slices};
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{two_mut, LayerNorm, Linear, LmHead, WeightLayout};
-use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder};
+use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
 use crate::Result;
 
 #[derive(Debug)]
@@ -34,6 +35,10 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     head: LmHead,
+    /// The token embedding's and the head's slices (`ParamTable::slices`): under data
+    /// parallelism a large one spans several chunks and runs a slice at a time.
+    wte_slices: Vec<std::ops::Range<usize>>,
+    head_slices: Vec<std::ops::Range<usize>>,
 }
 
 /// Saved activations (layer-major stacks) and backward scratch for one batch shape.
@@ -91,7 +96,7 @@ impl Acts {
 }
 
 impl Gpt2 {
-    pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Gpt2) {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking) -> (ParamTable, Gpt2) {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
         let std = cfg.initializer_range;
         // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
@@ -120,7 +125,7 @@ impl Gpt2 {
         let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
         let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
         let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
-        let t = b.build(chunk_elems);
+        let t = b.build(chunking);
         let lin = |w: usize, bias: usize, d_in: usize, d_out: usize| Linear {
             weight: t.at(w),
             bias: Some(t.at(bias)),
@@ -151,6 +156,8 @@ impl Gpt2 {
             blocks,
             ln_f: ln(lnf_w, lnf_b),
             head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
+            wte_slices: t.slices(t.at(wte)),
+            head_slices: t.slices(t.at(head.unwrap_or(wte))),
         };
         (t, model)
     }
@@ -179,7 +186,7 @@ impl Gpt2 {
             n * c,                // dres
             n * c,                // dc
             n * inner.max(3 * c), // dbig
-            self.head.scratch_len(n),
+            if self.head_slices.len() > 1 { n * self.head.vocab } else { self.head.scratch_len(n) },
         ]
     }
 
@@ -221,8 +228,13 @@ impl Gpt2 {
     fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, inner) = (n * c, self.inner);
-        pa.need(&[self.wte.range(), self.wpe.range()])?;
-        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
+        if self.wte_slices.len() > 1 {
+            embed_in_slices(pa, &self.wte_slices, self.wte, Some(self.wpe.range()), &mut a.res[..nc], &inputs[..n], c)?;
+            add_positions(&mut a.res[..nc], self.wpe.get(pa.get()), seq, c);
+        } else {
+            pa.need(&[self.wte.range(), self.wpe.range()])?;
+            embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
+        }
         for (l, blk) in self.blocks.iter().enumerate() {
             pa.need(&[self.block_ranges[l].clone()])?;
             let p = pa.get();
@@ -248,7 +260,12 @@ impl Gpt2 {
             blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        pa.need(&[span([self.ln_f.weight.range(), self.ln_f.bias.range()]), self.head.weight.range()])?;
+        let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
+        if self.head_slices.len() > 1 {
+            pa.need(&[ln_f])?;
+        } else {
+            pa.need(&[ln_f, self.head.weight.range()])?;
+        }
         let p = pa.get();
         self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
         Ok(())
@@ -269,45 +286,60 @@ impl Gpt2 {
         self.forward(pa, a, b, seq, inputs)?;
         let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
         let nc = n * c;
+        let untied = self.head.weight != self.wte;
+        let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
+        let (h, t, dh) = (&a.lnf[..nc], &targets[..n], &mut a.dc[..nc]);
+        let loss = if self.head_slices.len() > 1 {
+            let loss = self.head.loss_in_slices(pa, &self.head_slices, h, t, &mut a.logits, Some((&mut *g, dh, scale)), untied)?;
+            pa.need(std::slice::from_ref(&ln_f))?;
+            loss
+        } else {
+            let loss = self.head.loss(pa.get(), h, t, &mut a.logits, Some((&mut *g, dh, scale)));
+            if untied {
+                pa.grads_ready(g, self.head.weight.range())?;
+            }
+            loss
+        };
         let p = pa.get();
-        let loss = self.head.loss(p, &a.lnf[..nc], &targets[..n], &mut a.logits, Some((g, &mut a.dc[..nc], scale)));
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
         let l_all = self.blocks.len();
         self.ln_f.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.lnf_stats.0[..n], &a.lnf_stats.1[..n]);
-        pa.grads_ready(g, span([self.ln_f.weight.range(), self.ln_f.bias.range()]))?;
-        if self.head.weight != self.wte {
-            pa.grads_ready(g, self.head.weight.range())?;
-        }
+        pa.grads_ready(g, ln_f)?;
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             pa.need(&[self.block_ranges[l].clone()])?;
-            let p = pa.get();
-            // MLP: the GELU output is recomputed rather than stored per layer.
+            // MLP: the GELU output is recomputed rather than stored per layer. Each weight's
+            // gradient is announced final as soon as it is (ZeRO-2/3 send it off at once).
             let fc = layer(&a.fc, l, cap * inner, n * inner);
             let gelu = &mut a.gelu[..n * inner];
             gelu_forward(gelu, fc);
             let dbig = &mut a.dbig[..n * inner];
-            blk.fc_proj.backward(p, g, (gelu, inner), (dres, c), Some((dbig, inner, Overwrite)), n);
+            blk.fc_proj.backward(pa.get(), g, (gelu, inner), (dres, c), Some((dbig, inner, Overwrite)), n);
+            pa.grads_ready(g, blk.fc_proj.range())?;
             gelu_backward_inplace(dbig, fc);
             let ln2 = layer(&a.ln2, l, cap * c, nc);
             let dc = &mut a.dc[..nc];
-            blk.fc.backward(p, g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
+            blk.fc.backward(pa.get(), g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
+            pa.grads_ready(g, blk.fc.range())?;
             let mid = layer(&a.mid, l, cap * c, nc);
             let (mean, rstd) = (layer(&a.ln2_stats.0, l, cap, n), layer(&a.ln2_stats.1, l, cap, n));
-            blk.ln2.backward(p, g, dres, dc, mid, mean, rstd);
+            blk.ln2.backward(pa.get(), g, dres, dc, mid, mean, rstd);
+            pa.grads_ready(g, span([blk.ln2.weight.range(), blk.ln2.bias.range()]))?;
             // Attention.
             let att = layer(&a.att, l, cap * c, nc);
-            blk.c_proj.backward(p, g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
+            blk.c_proj.backward(pa.get(), g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
+            pa.grads_ready(g, blk.c_proj.range())?;
             let qkv = layer(&a.qkv, l, cap * 3 * c, n * 3 * c);
             let lse = layer(&a.lse, l, cap * self.heads, n * self.heads);
             let dqkv = &mut a.dbig[..n * 3 * c];
             attention_backward(self.shape(b, seq), qkv, att, lse, dc, dqkv);
             let ln1 = layer(&a.ln1, l, cap * c, nc);
-            blk.c_attn.backward(p, g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
+            blk.c_attn.backward(pa.get(), g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
+            pa.grads_ready(g, blk.c_attn.range())?;
             let x = layer(&a.res, l, cap * c, nc);
             let (mean, rstd) = (layer(&a.ln1_stats.0, l, cap, n), layer(&a.ln1_stats.1, l, cap, n));
-            blk.ln1.backward(p, g, dres, dc, x, mean, rstd);
-            pa.grads_ready(g, self.block_ranges[l].clone())?;
+            blk.ln1.backward(pa.get(), g, dres, dc, x, mean, rstd);
+            pa.grads_ready(g, span([blk.ln1.weight.range(), blk.ln1.bias.range()]))?;
         }
         let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
         embedding_backward(dwte, Some(dwpe), dres, &inputs[..n], seq, c);

@@ -7,7 +7,7 @@ use std::ops::Range;
 use crate::Result;
 
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
-/// tensors.
+/// tensors, or whole-row slices of a tensor split across chunks (`ParamTable::slices`).
 pub trait ParamHooks {
     /// The parameters in `ranges` are about to be read (together: all of them stay needed until
     /// the next call).

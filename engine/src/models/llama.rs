@@ -8,9 +8,10 @@ use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 use gantry_kernels::cpu::rope::{rope_apply, RopeTable};
 
 use super::hooks::{span, Params};
+use super::sliced::embed_in_slices;
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
-use crate::params::{Init, ParamRef, ParamTable, ParamTableBuilder};
+use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
 use crate::Result;
 
 #[derive(Debug)]
@@ -46,6 +47,10 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     head: LmHead,
+    /// The token embedding's and the head's slices (`ParamTable::slices`): under data
+    /// parallelism a large one spans several chunks and runs a slice at a time.
+    wte_slices: Vec<std::ops::Range<usize>>,
+    head_slices: Vec<std::ops::Range<usize>>,
     rope: RopeTable,
 }
 
@@ -109,7 +114,7 @@ impl Acts {
 }
 
 impl Llama {
-    pub fn new(cfg: &ModelConfig, chunk_elems: usize) -> (ParamTable, Llama) {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking) -> (ParamTable, Llama) {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let std = cfg.initializer_range;
@@ -137,7 +142,7 @@ impl Llama {
         }
         let norm = b.add("model.norm.weight", &[c], Init::Ones);
         let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], w));
-        let t = b.build(chunk_elems);
+        let t = b.build(chunking);
         let lin = |(wi, bi, d_in, d_out): (usize, Option<usize>, usize, usize)| Linear {
             weight: t.at(wi),
             bias: bi.map(|i| t.at(i)),
@@ -170,6 +175,8 @@ impl Llama {
             blocks,
             norm: rms(norm),
             head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
+            wte_slices: t.slices(t.at(wte)),
+            head_slices: t.slices(t.at(head.unwrap_or(wte))),
             rope: RopeTable::new(cfg.max_positions, d, cfg.rope_theta),
         };
         (t, model)
@@ -205,7 +212,7 @@ impl Llama {
             n * w,              // dqkv
             n * inner,          // da
             n * inner,          // db
-            self.head.scratch_len(n),
+            if self.head_slices.len() > 1 { n * self.head.vocab } else { self.head.scratch_len(n) },
         ]
     }
 
@@ -251,8 +258,12 @@ impl Llama {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        pa.need(&[self.wte.range()])?;
-        embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
+        if self.wte_slices.len() > 1 {
+            embed_in_slices(pa, &self.wte_slices, self.wte, None, &mut a.res[..nc], &inputs[..n], c)?;
+        } else {
+            pa.need(&[self.wte.range()])?;
+            embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
+        }
         for (l, blk) in self.blocks.iter().enumerate() {
             pa.need(&[blk.range()])?;
             let p = pa.get();
@@ -281,7 +292,11 @@ impl Llama {
             blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
         }
         let l = self.blocks.len();
-        pa.need(&[self.norm.weight.range(), self.head.weight.range()])?;
+        if self.head_slices.len() > 1 {
+            pa.need(&[self.norm.weight.range()])?;
+        } else {
+            pa.need(&[self.norm.weight.range(), self.head.weight.range()])?;
+        }
         self.norm.forward(pa.get(), layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
         Ok(())
     }
@@ -299,49 +314,65 @@ impl Llama {
         scale: f32,
     ) -> Result<f64> {
         self.forward(pa, a, b, seq, inputs)?;
-        let p = pa.get();
         let (c, n, cap) = (self.c, b * seq, a.n);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        let loss = self.head.loss(p, &a.nf[..nc], &targets[..n], &mut a.logits, Some((g, &mut a.dc[..nc], scale)));
+        let untied = self.head.weight != self.wte;
+        let (h, t, dh) = (&a.nf[..nc], &targets[..n], &mut a.dc[..nc]);
+        let loss = if self.head_slices.len() > 1 {
+            let loss = self.head.loss_in_slices(pa, &self.head_slices, h, t, &mut a.logits, Some((&mut *g, dh, scale)), untied)?;
+            pa.need(&[self.norm.weight.range()])?;
+            loss
+        } else {
+            let loss = self.head.loss(pa.get(), h, t, &mut a.logits, Some((&mut *g, dh, scale)));
+            if untied {
+                pa.grads_ready(g, self.head.weight.range())?;
+            }
+            loss
+        };
+        let p = pa.get();
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
         let l_all = self.blocks.len();
         self.norm.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.nf_rstd[..n]);
         pa.grads_ready(g, self.norm.weight.range())?;
-        if self.head.weight != self.wte {
-            pa.grads_ready(g, self.head.weight.range())?;
-        }
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             pa.need(&[blk.range()])?;
-            let p = pa.get();
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let gate = layer(&a.gate, l, cap * inner, n * inner);
             let up = layer(&a.up, l, cap * inner, n * inner);
             let act = &mut a.act[..n * inner];
             swiglu_forward(act, gate, up);
             let (da, db) = (&mut a.da[..n * inner], &mut a.db[..n * inner]);
-            blk.down.backward(p, g, (act, inner), (dres, c), Some((da, inner, Overwrite)), n);
+            // Each weight's gradient is announced final as soon as it is, so that under ZeRO-2/3
+            // it leaves this rank while the rest of the block is still running backward.
+            blk.down.backward(pa.get(), g, (act, inner), (dres, c), Some((da, inner, Overwrite)), n);
+            pa.grads_ready(g, blk.down.range())?;
             swiglu_backward(da, db, gate, up);
             let n2 = layer(&a.n2, l, cap * c, nc);
             let dc = &mut a.dc[..nc];
-            blk.gate.backward(p, g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
-            blk.up.backward(p, g, (n2, c), (db, inner), Some((dc, c, Add)), n);
-            blk.norm2.backward(p, g, dres, dc, layer(&a.mid, l, cap * c, nc), layer(&a.n2_rstd, l, cap, n));
+            blk.gate.backward(pa.get(), g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
+            pa.grads_ready(g, blk.gate.range())?;
+            blk.up.backward(pa.get(), g, (n2, c), (db, inner), Some((dc, c, Add)), n);
+            pa.grads_ready(g, blk.up.range())?;
+            blk.norm2.backward(pa.get(), g, dres, dc, layer(&a.mid, l, cap * c, nc), layer(&a.n2_rstd, l, cap, n));
+            pa.grads_ready(g, blk.norm2.weight.range())?;
             // Attention.
             let att = layer(&a.att, l, cap * hd, n * hd);
             let datt = &mut a.datt[..n * hd];
-            blk.o.backward(p, g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
+            blk.o.backward(pa.get(), g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
+            pa.grads_ready(g, blk.o.range())?;
             let qkv = layer(&a.qkv, l, cap * w, n * w);
             let dqkv = &mut a.dqkv[..n * w];
             attention_backward(self.shape(b, seq), qkv, att, layer(&a.lse, l, cap * self.heads, n * self.heads), datt, dqkv);
             rope_apply(dqkv, w, self.heads + self.kv_heads, seq, &self.rope, true);
             let n1 = layer(&a.n1, l, cap * c, nc);
-            blk.q.backward(p, g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
-            blk.k.backward(p, g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
-            blk.v.backward(p, g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
-            blk.norm1.backward(p, g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
-            pa.grads_ready(g, blk.range())?;
+            blk.q.backward(pa.get(), g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
+            blk.k.backward(pa.get(), g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
+            blk.v.backward(pa.get(), g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
+            pa.grads_ready(g, span([blk.q.range(), blk.k.range(), blk.v.range()]))?;
+            blk.norm1.backward(pa.get(), g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
+            pa.grads_ready(g, blk.norm1.weight.range())?;
         }
         embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
         pa.grads_ready(g, self.wte.range())?;

@@ -10,11 +10,12 @@ mod gpt2;
 pub mod hooks;
 mod llama;
 pub mod presets;
+mod sliced;
 
 pub use config::{Arch, ModelConfig};
 
 use crate::nn::LmHead;
-use crate::params::ParamTable;
+use crate::params::{Chunking, ParamTable};
 use crate::{Error, Result};
 
 /// A causal language model.
@@ -73,19 +74,20 @@ impl Activations {
 
 impl Model {
     pub fn new(config: ModelConfig) -> Result<Model> {
-        Self::with_chunks(config, crate::params::DEFAULT_CHUNK_ELEMS)
+        Self::with_chunks(config, Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS))
     }
 
-    /// As `new`, with the parameter table's chunks holding about `chunk_elems` elements (at least
-    /// the largest tensor): the unit of DDP buckets and ZeRO shards.
-    pub fn with_chunks(config: ModelConfig, chunk_elems: usize) -> Result<Model> {
+    /// As `new`, with the parameter table cut into chunks as `chunking` says: the unit of DDP
+    /// buckets and ZeRO shards. A model whose embedding or head is split across chunks runs it a
+    /// vocabulary slice at a time.
+    pub fn with_chunks(config: ModelConfig, chunking: Chunking) -> Result<Model> {
         let (table, kind) = match config.arch {
             Arch::Gpt2 => {
-                let (t, m) = gpt2::Gpt2::new(&config, chunk_elems);
+                let (t, m) = gpt2::Gpt2::new(&config, chunking);
                 (t, Kind::Gpt2(m))
             }
             Arch::Llama => {
-                let (t, m) = llama::Llama::new(&config, chunk_elems);
+                let (t, m) = llama::Llama::new(&config, chunking);
                 (t, Kind::Llama(m))
             }
         };

@@ -1,7 +1,7 @@
 //! Whole-model gradient checks by finite differences, on tiny random GPT-2 and LLaMA models.
 
 use super::*;
-use crate::params::ParamTable;
+use crate::params::{Chunking, ParamTable};
 
 fn config(json: &str) -> ModelConfig {
     ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
@@ -105,7 +105,7 @@ fn hooks_cover_every_parameter_and_final_gradients_do_not_change() {
             "num_attention_heads":2,"num_key_value_heads":2,"max_position_embeddings":8}"#,
     ];
     for json in configs {
-        let model = Model::with_chunks(config(json), 64).unwrap();
+        let model = Model::with_chunks(config(json), Chunking::split(64)).unwrap();
         let table = &model.table;
         assert!(table.chunks().len() > 3, "small chunks for the test");
         let mut params = vec![0.0f32; table.len()];
@@ -134,6 +134,45 @@ fn hooks_cover_every_parameter_and_final_gradients_do_not_change() {
             needed[r.clone()].iter_mut().for_each(|n| *n = true);
         }
         assert!(needed.iter().all(|n| *n), "{json}: every parameter is announced before use");
+    }
+}
+
+/// A model whose embedding and head span several chunks runs them one vocabulary slice at a
+/// time (as under data parallelism): the same loss and gradients as one whole, up to the order
+/// of the head's sums. GPT-2 tied and untied, LLaMA untied and tied.
+#[test]
+fn a_vocabulary_split_across_chunks_gives_the_whole_models_loss_and_gradients() {
+    let configs = [
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":37,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8}"#,
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":37,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":8,"tie_word_embeddings":false}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":37,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":8}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":37,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":8,"tie_word_embeddings":true}"#,
+    ];
+    for json in configs {
+        let whole = Model::new(config(json)).unwrap();
+        let sliced = Model::with_chunks(config(json), Chunking::split(64)).unwrap();
+        let embed = sliced.table.entries().iter().find(|e| e.name.ends_with("wte.weight") || e.name.ends_with("embed_tokens.weight"));
+        assert!(embed.unwrap().chunks.len() >= 4, "{json}: 37 rows of 8 over chunks of 64 elements");
+        let mut params = vec![0.0f32; whole.table.len()];
+        whole.table.init(&mut params, 11);
+        assert_eq!(
+            whole.table.entries().iter().map(|e| e.at).collect::<Vec<_>>(),
+            sliced.table.entries().iter().map(|e| e.at).collect::<Vec<_>>()
+        );
+        let windows: Vec<u32> = (0..3 * 7).map(|i| (i * 11 % 37) as u32).collect();
+        let run = |m: &Model| {
+            let mut acts = m.activations(3, 6).unwrap();
+            let mut grads = vec![0.0f32; m.table.len()];
+            let loss = m.forward_backward(&params, &mut grads, &mut acts, &windows, 0.05).unwrap();
+            (loss, grads)
+        };
+        let ((l1, g1), (l2, g2)) = (run(&whole), run(&sliced));
+        assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{json}: loss {l2} against {l1}");
+        let worst = g1.iter().zip(&g2).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let scale = g1.iter().map(|g| g.abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5 * scale, "{json}: gradients differ by {worst} (largest {scale})");
     }
 }
 

@@ -2,12 +2,18 @@
 //!
 //! Logits are computed a block of rows at a time; each block is turned into loss and logit
 //! gradient in place, and immediately folded into the head's weight gradient and the hidden
-//! states' gradient. The `[rows, vocab]` logits never exist whole (200 MB for GPT-2 at B4 T256).
+//! states' gradient. The `[rows, vocab]` logits never exist whole (200 MB for GPT-2 at B4 T256),
+//! except when the head runs one vocabulary slice at a time (`loss_in_slices`, for a head split
+//! across chunks under data parallelism).
 
 use gantry_kernels::cpu::loss::softmax_xent;
 use gantry_kernels::cpu::matmul::{matmul, Accumulate, MatMut, MatRef, Threads};
 
+use std::ops::Range;
+
+use crate::models::hooks::Params;
 use crate::params::ParamRef;
+use crate::Result;
 
 /// Floats in one block of logits (32 MiB), unless that is fewer than [`MIN_BLOCK_ROWS`] rows.
 /// Larger blocks sweep the head's weight gradient fewer times; 8 MiB blocks measured slower on
@@ -85,6 +91,55 @@ impl LmHead {
             r0 += r;
         }
         total
+    }
+
+    /// As `loss`, one vocabulary slice at a time: `slices` are ranges of the flat buffer holding
+    /// whole rows of the weight, in order (`ParamTable::slices`), and each slice's parameters
+    /// are asked of `pa` just before it is read, so that ZeRO-3 holds one slice of the head
+    /// gathered (and the one prefetched), not the whole. The logits of all rows exist at once
+    /// (`logits`: `[rows, vocab]`), since the softmax needs every slice's before any gradient.
+    /// With `announce`, each slice's weight gradient is announced final as soon as it is (not
+    /// for a head tied to the embedding, to whose gradient the embedding adds later).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_in_slices(
+        &self,
+        pa: &mut dyn Params,
+        slices: &[Range<usize>],
+        h: &[f32],
+        targets: &[u32],
+        logits: &mut [f32],
+        backward: Option<(&mut [f32], &mut [f32], f32)>,
+        announce: bool,
+    ) -> Result<f64> {
+        let (rows, c, v) = (targets.len(), self.hidden, self.vocab);
+        let hm = MatRef::new(&h[..rows * c], rows, c);
+        let logits = &mut logits[..rows * v];
+        // The slice's first vocabulary row and its row count.
+        let rows_of = |s: &Range<usize>| ((s.start - self.weight.offset) / c, s.len() / c);
+        for s in slices {
+            pa.need(std::slice::from_ref(s))?;
+            let (v0, vn) = rows_of(s);
+            let w = MatRef::new(&pa.get()[s.clone()], vn, c);
+            matmul(MatMut::strided(&mut logits[v0..], rows, vn, v, 1), hm, w.t(), Accumulate::Overwrite, Threads::Pool);
+        }
+        let total = softmax_xent(logits, targets, v, backward.as_ref().map(|b| b.2));
+        if let Some((grads, dh, _)) = backward {
+            // Backward runs the slices in reverse, so that ZeRO-3's prefetch (downwards once
+            // gradients flow) has the next one on its way.
+            for (i, s) in slices.iter().enumerate().rev() {
+                pa.need(std::slice::from_ref(s))?;
+                let (v0, vn) = rows_of(s);
+                let dl = MatRef::strided(&logits[v0..], rows, vn, v, 1);
+                let w = MatRef::new(&pa.get()[s.clone()], vn, c);
+                let acc = if i + 1 == slices.len() { Accumulate::Overwrite } else { Accumulate::Add };
+                matmul(MatMut::new(&mut dh[..rows * c], rows, c), dl, w, acc, Threads::Pool);
+                matmul(MatMut::new(&mut grads[s.clone()], vn, c), dl.t(), hm, Accumulate::Add, Threads::Pool);
+                if announce {
+                    pa.grads_ready(grads, s.clone())?;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// Full logits `[rows, vocab]` (for inference and tests).

@@ -26,6 +26,15 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The weight and its bias (declared together: one contiguous range).
+    pub fn range(&self) -> std::ops::Range<usize> {
+        let w = self.weight.range();
+        match self.bias {
+            Some(b) => w.start.min(b.offset)..w.end.max(b.offset + b.len),
+            None => w,
+        }
+    }
+
     /// The weight as an `[in, out]` view.
     fn w<'a>(&self, params: &'a [f32]) -> MatRef<'a> {
         let w = self.weight.get(params);

@@ -62,9 +62,18 @@ pub struct DataParallel {
     /// The gradient collectives alone: busy time, and the part training waited for after backward.
     grad_busy: Duration,
     grad_exposed: Duration,
-    /// Peak resident bytes of the parameter and gradient buffers seen at the hooks.
-    pub peak_params: u64,
-    pub peak_grads: u64,
+    /// Bytes of gradient copies allowed in flight at once (two of the largest chunk): backward
+    /// waits for the oldest collective beyond that, so a burst of final gradients (a whole
+    /// embedding) never holds more than that in copies.
+    inflight_cap: u64,
+    /// Resident bytes of the parameter and gradient buffers when last measured (each changes
+    /// only at the hooks and in the step: releases, gathers, the model's writes before
+    /// `grads_ready`).
+    params_bytes: u64,
+    grads_bytes: u64,
+    /// The most bytes held at once since last taken: parameters and gradients resident, copies
+    /// in flight, the chunk being prefetched and any gather buffer.
+    peak: u64,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -95,6 +104,7 @@ impl DataParallel {
             at += p.len();
         }
         let grad_shard = if zero >= 2 { vec![0.0; at] } else { Vec::new() };
+        let max_chunk = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         Ok(DataParallel {
             comm: AsyncComm::new(comm)?,
             group,
@@ -114,8 +124,10 @@ impl DataParallel {
             exposed: Duration::ZERO,
             grad_busy: Duration::ZERO,
             grad_exposed: Duration::ZERO,
-            peak_params: 0,
-            peak_grads: 0,
+            inflight_cap: 2 * 4 * max_chunk as u64,
+            params_bytes: 0,
+            grads_bytes: 0,
+            peak: 0,
         })
     }
 
@@ -148,6 +160,7 @@ impl DataParallel {
                 self.release_chunk(params, c);
             }
         }
+        self.measure(Some(params), None);
     }
 
     /// Before each micro-batch's forward and backward.
@@ -188,20 +201,39 @@ impl DataParallel {
                     }
                 }
             };
-            self.comm_busy += busy;
-            self.grad_busy += busy;
-            self.inflight_bytes -= 4 * self.chunks[c].len() as u64;
-            if self.zero >= 2 {
-                // The job handed back only this rank's summed piece.
-                let at = self.piece_at[c];
-                for (d, s) in self.grad_shard[at..at + buf.len()].iter_mut().zip(&buf) {
-                    *d += *s;
-                }
-            } else {
-                grads[self.chunks[c].clone()].copy_from_slice(&buf);
-            }
+            self.apply(grads, c, buf, busy);
         }
         Ok(())
+    }
+
+    /// Waits for the oldest gradient collectives until `bytes` more fit under the cap on copies
+    /// in flight.
+    fn make_room(&mut self, grads: &mut [f32], bytes: u64) -> Result<()> {
+        while !self.inflight.is_empty() && self.inflight_bytes + bytes > self.inflight_cap {
+            let (c, pending) = self.inflight.remove(0);
+            let start = Instant::now();
+            let (buf, busy) = pending.wait()?;
+            self.exposed += start.elapsed();
+            self.grad_exposed += start.elapsed();
+            self.apply(grads, c, buf, busy);
+        }
+        Ok(())
+    }
+
+    /// Puts chunk `c`'s finished collective in place.
+    fn apply(&mut self, grads: &mut [f32], c: usize, buf: Vec<f32>, busy: Duration) {
+        self.comm_busy += busy;
+        self.grad_busy += busy;
+        self.inflight_bytes -= 4 * self.chunks[c].len() as u64;
+        if self.zero >= 2 {
+            // The job handed back only this rank's summed piece.
+            let at = self.piece_at[c];
+            for (d, s) in self.grad_shard[at..at + buf.len()].iter_mut().zip(&buf) {
+                *d += *s;
+            }
+        } else {
+            grads[self.chunks[c].clone()].copy_from_slice(&buf);
+        }
     }
 
     /// The chunks `range` overlaps.
@@ -433,13 +465,22 @@ impl DataParallel {
         Ok(())
     }
 
-    fn record_residency(&mut self, params: Option<&[f32]>, grads: Option<&[f32]>) {
+    /// Measures what is resident of the parameters (ZeRO-3 releases them) and of the gradients
+    /// (ZeRO-2/3 release them); the others are whole.
+    fn measure(&mut self, params: Option<&[f32]>, grads: Option<&[f32]>) {
         if let Some(p) = params {
-            self.peak_params = self.peak_params.max(pages::resident_bytes(p));
+            self.params_bytes = if self.zero >= 3 { pages::resident_bytes(p) } else { 4 * p.len() as u64 };
         }
         if let Some(g) = grads {
-            self.peak_grads = self.peak_grads.max(pages::resident_bytes(g));
+            self.grads_bytes = if self.zero >= 2 { pages::resident_bytes(g) } else { 4 * g.len() as u64 };
         }
+    }
+
+    /// Records what is held now, with `transient` bytes of a buffer about to be dropped.
+    fn record(&mut self, transient: u64) {
+        let prefetch = self.prefetch.as_ref().map_or(0, |(c, _)| 4 * self.chunks[*c].len() as u64);
+        let now = self.params_bytes + self.grads_bytes + self.inflight_bytes + prefetch + transient;
+        self.peak = self.peak.max(now);
     }
 
     /// Communication time since the last call: all collectives (busy on the communication
@@ -453,13 +494,14 @@ impl DataParallel {
         ]
     }
 
-    /// Peak resident bytes of parameters and gradients since the last call.
-    pub fn take_peaks(&mut self, params: &[f32], grads: &[f32]) -> (u64, u64) {
-        self.record_residency(Some(params), Some(grads));
-        let r = (self.peak_params, self.peak_grads);
-        self.peak_params = 0;
-        self.peak_grads = 0;
-        r
+    /// The most bytes of parameters, gradients and communication buffers held at once since the
+    /// last call (measured at the hooks, where they change, and now).
+    pub fn take_peak(&mut self, params: &[f32], grads: &[f32]) -> u64 {
+        self.measure(Some(params), Some(grads));
+        self.record(0);
+        let peak = self.peak;
+        self.peak = 0;
+        peak
     }
 }
 
@@ -502,6 +544,9 @@ impl ParamHooks for DataParallel {
             self.exposed += start.elapsed();
             params[chunk].copy_from_slice(&buf);
             self.gathered[c] = true;
+            // The gathered chunk and its receive buffer both exist at this moment.
+            self.measure(Some(params), None);
+            self.record(4 * buf.len() as u64);
         }
         // Prefetch the next chunk in the direction the model is going: up the table in forward,
         // down in backward (which has begun once a gradient was announced final).
@@ -513,7 +558,8 @@ impl ParamHooks for DataParallel {
         if self.prefetch.is_none() && next < self.chunks.len() && !self.gathered[next] {
             self.prefetch = Some((next, self.submit_gather(self.own_part(params, next))));
         }
-        self.record_residency(Some(params), None);
+        self.measure(Some(params), None);
+        self.record(0);
         Ok(())
     }
 
@@ -532,15 +578,17 @@ impl ParamHooks for DataParallel {
             if self.missing[c] != 0 || !self.communicate {
                 continue;
             }
+            self.make_room(grads, 4 * chunk.len() as u64)?;
             let copy = grads[chunk.clone()].to_vec();
             self.inflight_bytes += 4 * chunk.len() as u64;
+            // The copy and the chunk's gradients both exist at this moment: measure here.
+            self.measure(None, Some(grads));
+            self.record(0);
             let g = self.group.clone();
             let pending = if self.zero >= 2 {
-                // The copy and the chunk's pages both exist at this moment: measure here.
-                let resident = pages::resident_bytes(grads) + self.inflight_bytes;
-                self.peak_grads = self.peak_grads.max(resident);
                 // The rank keeps only its summed piece: the chunk's gradient pages go back.
                 pages::release(grads, chunk.clone());
+                self.measure(None, Some(grads));
                 let piece = &self.pieces[c];
                 let local = piece.start - chunk.start..piece.end - chunk.start;
                 self.comm.submit(move |comm| {
@@ -549,9 +597,6 @@ impl ParamHooks for DataParallel {
                     Ok(buf[local].to_vec())
                 })
             } else {
-                // Without ZeRO-2 the gradient buffer stays whole: no need to ask mincore.
-                let resident = 4 * grads.len() as u64 + self.inflight_bytes;
-                self.peak_grads = self.peak_grads.max(resident);
                 self.comm.submit(move |comm| {
                     let mut buf = copy;
                     comm.all_reduce(&g, &mut buf, ReduceOp::Sum)?;

@@ -7,7 +7,7 @@
 
 mod table;
 
-pub use table::{Chunk, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
+pub use table::{data_parallel_chunking, Chunk, Chunking, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
 
 /// The training state of one rank: parameters and gradients in the table's layout, and the AdamW
 /// moments of the part of the table this rank updates (`shard`: all of it, or under ZeRO its

@@ -49,22 +49,21 @@ impl MemoryPlan {
 pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64) -> Result<MemoryPlan> {
     let dp = run.plan.dp.max(1) as u64;
     let zero = if dp > 1 { run.plan.zero } else { 0 };
-    // The same chunking the trainer uses (see `Trainer::with_comm`): ZeRO-2/3 keep about two
-    // chunks whole at a time (the one in use and the next, prefetched).
+    // The same chunking the trainer uses (see `Trainer::with_comm`). ZeRO-3 keeps a block's
+    // parameters gathered (about a layer's share of the model), the chunk prefetched and a
+    // receive buffer; ZeRO-2/3 keep a tensor's gradients until it is final and two chunks of
+    // them in flight (see `DataParallel`).
     let probe = Model::new(config.clone())?;
     let n = probe.table.len() as u64;
-    let chunk = if dp > 1 {
-        let model = Model::with_chunks(config.clone(), (probe.table.len() / 32).max(1 << 12))?;
-        model.table.chunks().iter().map(|c| c.range.len() as u64).max().unwrap_or(0)
-    } else {
-        n
-    };
-    let working = (2 * chunk).min(n);
+    let model =
+        if dp > 1 { Model::with_chunks(config.clone(), crate::params::data_parallel_chunking(probe.table.len(), zero))? } else { probe };
+    let chunk = model.table.chunks().iter().map(|c| c.range.len() as u64).max().unwrap_or(0);
+    let block = n / config.layers.max(1) as u64;
     let shard = n.div_ceil(dp);
-    let parameters = 4 * if zero >= 3 { shard + working } else { n };
-    let gradients = 4 * if zero >= 2 { shard + working } else { n };
+    let parameters = 4 * if zero >= 3 { (shard + block + 2 * chunk).min(n) } else { n };
+    let gradients = 4 * if zero >= 2 { (shard + 3 * chunk).min(n) } else { n };
     let optimizer = 8 * if zero >= 1 { shard } else { n };
-    let activations = probe.activation_bytes(run.optim.micro_batch, run.data.seq_len);
+    let activations = model.activation_bytes(run.optim.micro_batch, run.data.seq_len);
     let on_gpu = run.on_gpu();
     // A GPU rank keeps a 16-bit working copy beside the f32 masters; a CPU rank 0 under DDP keeps
     // a host copy of the parameters and moments for the checkpoint writer.
@@ -116,7 +115,7 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         let json =
-            r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}"#;
+            r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 96, "n_embd": 32, "n_layer": 8, "n_head": 4, "n_positions": 64}"#;
         ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
     }
 

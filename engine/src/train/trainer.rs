@@ -289,11 +289,9 @@ impl Trainer {
         let (mut model, params) = load_model(&model_dir, config.model.init, config.seed)?;
         let dp = match comm {
             Some(c) => {
-                // Chunks are the unit of communication and sharding: about 1/32 of the model each
-                // (at least 4 Ki elements), so that backward has chunks to overlap with and ZeRO-3
-                // gathers a small part at a time.
-                let chunk = (model.table.len() / 32).max(1 << 12);
-                model = Model::with_chunks(model.config.clone(), chunk)?;
+                // Chunks are the unit of communication and sharding (see the function).
+                let chunking = crate::params::data_parallel_chunking(model.table.len(), p.zero);
+                model = Model::with_chunks(model.config.clone(), chunking)?;
                 Some(DataParallel::new(c, &p.mesh(world)?, p.zero, &model.table)?)
             }
             None => None,
@@ -421,7 +419,7 @@ impl Trainer {
                 loss_sum = dp.sum(loss_sum)?;
                 let b = &mut self.buffers;
                 let norm = dp.clip(&mut b.grads, clip)?;
-                let (peak_params, peak_grads) = dp.take_peaks(&b.params, &b.grads);
+                let peak = dp.take_peak(&b.params, &b.grads);
                 if norm.is_finite() {
                     dp.optimizer_step(
                         &self.optim,
@@ -436,10 +434,12 @@ impl Trainer {
                 } else {
                     dp.skip_step(&mut b.params)?;
                 }
-                let (peak_params2, _) = dp.take_peaks(&b.params, &b.grads);
+                // Peak of parameters, gradients and communication buffers in backward, or
+                // during the update, plus the shards that are always there.
+                let peak = peak.max(dp.take_peak(&b.params, &b.grads));
                 let moments = 4 * (b.m.len() + b.v.len()) as u64;
                 let shard_grads = 4 * dp.grad_shard.len() as u64;
-                (norm, peak_params.max(peak_params2) + peak_grads + shard_grads + moments, dp.take_comm_time())
+                (norm, peak + shard_grads + moments, dp.take_comm_time())
             }
             None => {
                 let norm = clip_grad_norm(&mut self.buffers.grads, clip);
