@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use gantry_api::JobSpec;
 use gantry_engine::comm::Comm;
 use gantry_engine::run_dir::RunDir;
-use gantry_engine::train::{StepReport, Trainer};
+use gantry_engine::train::{run_to_end, KeptCheckpoints, RunEvents, StepReport, Trainer};
 
 use crate::cli::TrainArgs;
 use crate::progress;
@@ -137,7 +137,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     // Everything that can reject the job (model, weights, data) is checked before the run
     // directory is created, so a bad spec leaves nothing behind.
     let mut trainer = Trainer::with_comm(crate::engine_config::train_config(&spec), comm)?;
-    let mut saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
+    let saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
     if trainer.dp_rank() != 0 {
         return follow_rank(&mut trainer, &run_dir, &spec);
     }
@@ -157,44 +157,19 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
         spec.data.seq_len,
         run_dir.display()
     );
-    let metrics_path = run.metrics();
-    let mut metrics = super::open_metrics(&metrics_path, trainer.step)?;
     let interactive = progress::interactive() && !a.no_progress;
-    let pb = progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive);
-    let mut first: Option<StepReport> = None;
-    let mut last = None;
-    while trainer.step < steps {
-        let r = super::on_pool(|| trainer.train_step())?;
-        writeln!(metrics, "{}", serde_json::to_string(&crate::step_record::step_metrics(0, &r))?).context("writing metrics.jsonl")?;
-        let skipped = if r.skipped { " (update skipped)" } else { "" };
-        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
-        if interactive {
-            pb.set_message(msg);
-            pb.set_position(r.step);
-        } else if r.step == 1 || r.step % 10 == 0 || r.step == steps || r.skipped {
-            let eta = started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
-            eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
-        }
-        if let Some(o) = trainer.poll_checkpoint()? {
-            super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
-        }
-        let every = spec.checkpoint.every;
-        if every > 0 && r.step % every == 0 && r.step < steps {
-            let dir = run.checkpoint(r.step);
-            if let Some(o) = trainer.start_checkpoint(&dir)? {
-                super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
-            }
-        }
-        first.get_or_insert_with(|| r.clone());
-        last = Some(r);
-    }
-    if let Some(o) = trainer.finish_checkpoint()? {
-        super::checkpoint_done(o, &mut saved, spec.checkpoint.keep)?;
-    }
-    pb.finish_and_clear();
+    let mut lead = Lead {
+        metrics: super::open_metrics(&run.metrics(), trainer.step)?,
+        progress: progress::bar(steps, "step {pos}/{len} [{bar:30}] {msg} ETA {eta}", interactive),
+        interactive,
+        steps,
+        started,
+    };
+    let mut kept = KeptCheckpoints::new(saved, spec.checkpoint.keep);
+    let ends = run_to_end(&mut trainer, &run, steps, spec.checkpoint.every, &mut kept, &mut lead);
+    lead.progress.finish_and_clear();
     let final_dir = run.final_model();
-    trainer.save_final(&final_dir)?;
-    if let (Some(f), Some(l)) = (first, last) {
+    if let Some((f, l)) = ends? {
         eprintln!(
             "done in {:.1}s: loss {:.4} → {:.4} ({:+.1}%), model in {}",
             started.elapsed().as_secs_f64(),
@@ -223,19 +198,51 @@ fn absolute_paths(mut spec: JobSpec, base: &Path) -> anyhow::Result<JobSpec> {
     Ok(spec)
 }
 
-/// A rank other than 0: trains in step with rank 0 and takes part in its checkpoints, writing
-/// nothing itself.
-fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow::Result<()> {
-    let every = spec.checkpoint.every;
-    while trainer.step < spec.train.steps {
-        let r = super::on_pool(|| trainer.train_step())?;
-        trainer.poll_checkpoint()?;
-        if every > 0 && r.step % every == 0 && r.step < spec.train.steps {
-            trainer.start_checkpoint(&RunDir::new(run_dir).checkpoint(r.step))?;
+/// Rank 0 of `gantry train`: the run's metrics file, and progress on the terminal (a bar) or
+/// in the log (a line every ten steps).
+struct Lead {
+    metrics: std::fs::File,
+    progress: indicatif::ProgressBar,
+    interactive: bool,
+    steps: u64,
+    started: Instant,
+}
+
+impl RunEvents for Lead {
+    type Error = anyhow::Error;
+
+    fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
+        let record = crate::step_record::step_metrics(0, r);
+        writeln!(self.metrics, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
+        let skipped = if r.skipped { " (update skipped)" } else { "" };
+        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
+        let steps = self.steps;
+        if self.interactive {
+            self.progress.set_message(msg);
+            self.progress.set_position(r.step);
+        } else if r.step == 1 || r.step.is_multiple_of(10) || r.step == steps || r.skipped {
+            let eta = self.started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
+            eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
         }
+        Ok(())
     }
-    trainer.finish_checkpoint()?;
-    trainer.save_final(&RunDir::new(run_dir).final_model())?;
+}
+
+/// A rank other than 0 of `gantry train`: trains in step with rank 0 and takes part in its
+/// checkpoints and final gather, writing nothing itself.
+struct Follower;
+
+impl RunEvents for Follower {
+    type Error = anyhow::Error;
+
+    fn step(&mut self, _: &StepReport) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+fn follow_rank(trainer: &mut Trainer, run_dir: &Path, spec: &JobSpec) -> anyhow::Result<()> {
+    let mut kept = KeptCheckpoints::new(Vec::new(), spec.checkpoint.keep);
+    run_to_end(trainer, &RunDir::new(run_dir), spec.train.steps, spec.checkpoint.every, &mut kept, &mut Follower)?;
     Ok(())
 }
 

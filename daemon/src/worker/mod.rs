@@ -17,7 +17,7 @@ use gantry_api::proto::WorkerId;
 use gantry_api::JobSpec;
 use gantry_engine::comm::Comm;
 use gantry_engine::run_dir::RunDir;
-use gantry_engine::train::Trainer;
+use gantry_engine::train::{run_to_end, KeptCheckpoints, RunEvents, StepReport, Trainer};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::WorkerArgs;
@@ -47,6 +47,49 @@ fn read_job_spec(run: &RunDir) -> anyhow::Result<JobSpec> {
     let json_path = run.legacy_spec_json();
     let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
     JobSpec::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", json_path.display()))
+}
+
+/// A worker's side of the run: rank 0 keeps the run's own record (`metrics.jsonl`); every rank
+/// logs its progress, reports each step and each committed checkpoint to the daemon, and stops
+/// when the daemon asks.
+struct Reports<'a> {
+    reporter: &'a reporter::Reporter,
+    metrics: Option<std::fs::File>,
+    rank: u32,
+    steps: u64,
+}
+
+impl RunEvents for Reports<'_> {
+    type Error = anyhow::Error;
+
+    fn before_step(&mut self, step: u64) -> anyhow::Result<()> {
+        if self.reporter.stop.load(Ordering::Relaxed) {
+            bail!("stopped at step {step} at the daemon's request");
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
+        let record = crate::step_record::step_metrics(self.rank, r);
+        if let Some(f) = &mut self.metrics {
+            writeln!(f, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
+        }
+        let steps = self.steps;
+        if r.step == 1 || r.step.is_multiple_of(10) || r.step == steps || r.skipped {
+            let skipped = if r.skipped { " (update skipped)" } else { "" };
+            eprintln!(
+                "step {}/{steps} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}",
+                r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
+            );
+        }
+        self.reporter.step(record);
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, step: u64, dir: &Path) -> anyhow::Result<()> {
+        self.reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
+        Ok(())
+    }
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
@@ -133,50 +176,10 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
     );
     // Rank 0 keeps the run's own record; every rank reports its steps to the daemon. A restarted
     // attempt repeats the steps after its checkpoint: the failed attempt's lines for them go.
-    let metrics_path = run.metrics();
-    let mut metrics = if lead { Some(crate::commands::open_metrics(&metrics_path, trainer.step)?) } else { None };
-    while trainer.step < steps {
-        if reporter.stop.load(Ordering::Relaxed) {
-            bail!("stopped at step {} at the daemon's request", trainer.step);
-        }
-        let r = crate::commands::on_pool(|| trainer.train_step())?;
-        let record = crate::step_record::step_metrics(a.rank, &r);
-        if let Some(f) = &mut metrics {
-            writeln!(f, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
-        }
-        if r.step == 1 || r.step % 10 == 0 || r.step == steps || r.skipped {
-            let skipped = if r.skipped { " (update skipped)" } else { "" };
-            eprintln!(
-                "step {}/{steps} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}",
-                r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
-            );
-        }
-        reporter.step(record);
-        let keep = spec.checkpoint.keep;
-        let done = |o: gantry_engine::train::CheckpointOutcome, kept: &mut Vec<PathBuf>| -> anyhow::Result<()> {
-            let (step, dir) = (o.step, o.dir.clone());
-            if crate::commands::checkpoint_done(o, kept, keep)? {
-                reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
-            }
-            Ok(())
-        };
-        if let Some(o) = trainer.poll_checkpoint()? {
-            done(o, &mut kept)?;
-        }
-        let every = spec.checkpoint.every;
-        if every > 0 && r.step % every == 0 && r.step < steps {
-            if let Some(o) = trainer.start_checkpoint(&run.checkpoint(r.step))? {
-                done(o, &mut kept)?;
-            }
-        }
-    }
-    if let Some(o) = trainer.finish_checkpoint()? {
-        let (step, dir) = (o.step, o.dir.clone());
-        if crate::commands::checkpoint_done(o, &mut kept, spec.checkpoint.keep)? {
-            reporter.checkpoint(step as i64, dir.to_string_lossy().into_owned());
-        }
-    }
-    trainer.save_final(&run.final_model())?;
+    let metrics = if lead { Some(crate::commands::open_metrics(&run.metrics(), trainer.step)?) } else { None };
+    let mut events = Reports { reporter: &reporter, metrics, rank: a.rank, steps };
+    let mut kept = KeptCheckpoints::new(kept, spec.checkpoint.keep);
+    run_to_end(&mut trainer, &run, steps, spec.checkpoint.every, &mut kept, &mut events)?;
     eprintln!("finished {steps} steps; model in {}", run.final_model().display());
     // The daemon may be restarting: give it time to come back for the last reports. The run is
     // done either way (its model is written), so it is not failed for want of them: the daemon

@@ -1,16 +1,21 @@
-//! The trainer: one rank's training loop over a job spec.
+//! Training one rank: the trainer's step (`trainer.rs`), its checkpoints (`checkpointing.rs`),
+//! and the run loop every rank of `gantry train` and every daemon worker runs (`run.rs`).
 
 pub(crate) mod bench;
+mod checkpointing;
 mod eval;
 mod gpu;
 mod memory;
 mod nonfinite;
+mod run;
 #[cfg(test)]
 mod tests;
 mod trainer;
 
 pub use bench::{bench, BenchResult};
+pub use checkpointing::CheckpointOutcome;
 pub use eval::{evaluate, EvalResult};
 pub use memory::{estimate_memory, human_bytes, MemoryPlan};
 pub use nonfinite::MAX_NONFINITE_STEPS_IN_A_ROW;
-pub use trainer::{check_layout, load_model, CheckpointOutcome, StepReport, Trainer};
+pub use run::{on_pool, run_to_end, KeptCheckpoints, RunEvents};
+pub use trainer::{check_layout, load_model, StepReport, Trainer};
