@@ -43,6 +43,16 @@ fn spec(dir: &Path, fixture: &str, steps: u64) -> PathBuf {
     path
 }
 
+/// The tensors of a run's `final/model.safetensors`.
+fn final_weights(run_dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(run_dir.join("final/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        .collect()
+}
+
 struct Step {
     loss: f64,
     mem_bytes: u64,
@@ -87,6 +97,16 @@ fn dp_2_and_4_with_every_zero_stage_give_the_losses_of_one_rank() {
                     assert!(rel <= 1e-4, "{fixture} dp={ranks} zero={zero} step {}: {} vs {} ({rel:e})", i + 1, b.loss, a.loss);
                 }
                 mem.insert((ranks, zero), got[0].mem_bytes);
+                // The final model too (under ZeRO-3 gathered from the ranks' pieces).
+                let (want, have) = (
+                    final_weights(&dir.path().join(format!("{fixture}-1"))),
+                    final_weights(&dir.path().join(format!("{fixture}-{ranks}-{zero}"))),
+                );
+                assert_eq!(want.keys().collect::<Vec<_>>(), have.keys().collect::<Vec<_>>());
+                for (name, w) in &want {
+                    let worst = w.iter().zip(&have[name]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(worst <= 1e-3, "{fixture} dp={ranks} zero={zero}: final {name} differs by {worst}");
+                }
             }
         }
         eprintln!("{fixture}: one rank {} bytes; (dp, zero) -> bytes {mem:?}", one[0].mem_bytes);

@@ -334,7 +334,7 @@ impl DataParallel {
     }
 
     /// ZeRO-3: keeps only this rank's pieces of the parameters (after any prefetch has landed).
-    fn release_gathered(&mut self, params: &mut [f32]) -> Result<()> {
+    pub fn release_gathered(&mut self, params: &mut [f32]) -> Result<()> {
         self.drain_prefetch()?;
         for c in 0..self.chunks.len() {
             if self.gathered[c] {
@@ -435,10 +435,19 @@ impl DataParallel {
         self.pieces.iter().flat_map(|p| full[p.clone()].iter().copied()).collect()
     }
 
-    /// ZeRO-3: the full parameters (every rank calls it).
-    pub fn full_params(&mut self, params: &[f32]) -> Result<Vec<f32>> {
-        let own = self.own_pieces(params);
-        self.gather_pieces(&own, params.len())
+    /// ZeRO-3: gathers every chunk of the parameters, in place into `params` with `keep` (the
+    /// rank that writes the final model), or taking part without keeping them, one chunk at a
+    /// time (the others). Every rank calls it; `release_gathered` gives the memory back.
+    pub fn gather_params(&mut self, params: &mut [f32], keep: bool) -> Result<()> {
+        self.drain_prefetch()?;
+        for c in 0..self.chunks.len() {
+            let full = self.gather_chunk(&self.own_part(params, c))?;
+            if keep {
+                params[self.chunks[c].clone()].copy_from_slice(&full);
+                self.gathered[c] = true;
+            }
+        }
+        Ok(())
     }
 
     /// Chunk `c` with only this rank's piece filled in (the released rest is not read: reading it

@@ -372,31 +372,37 @@ impl Trainer {
     /// parameters); rank 0 writes and gets `true`.
     pub fn save_final(&mut self, dir: &Path) -> Result<bool> {
         self.sync_host()?;
-        let full = match &mut self.dp {
-            Some(dp) if dp.zero() >= 3 => Some(dp.full_params(&self.buffers.params)?),
-            _ => None,
-        };
-        if self.dp_rank() != 0 {
+        let lead = self.dp_rank() == 0;
+        // ZeRO-3: rank 0 gathers the model into its own parameter buffer (the others take part a
+        // chunk at a time) and gives it back once written, so no rank holds a second copy.
+        let zero3 = self.dp.as_ref().is_some_and(|d| d.zero() >= 3);
+        if let (true, Some(dp)) = (zero3, &mut self.dp) {
+            dp.gather_params(&mut self.buffers.params, lead)?;
+        }
+        if !lead {
             return Ok(false);
         }
+        let written = self.write_final(dir);
+        if let (true, Some(dp)) = (zero3, &mut self.dp) {
+            dp.release_gathered(&mut self.buffers.params)?;
+        }
+        written?;
+        Ok(true)
+    }
+
+    /// Rank 0's part of `save_final`, from the whole parameters in the host buffer.
+    fn write_final(&self, dir: &Path) -> Result<()> {
         // Written beside `dir` and put in place whole: a crash or a full disk never leaves a
         // `final/` with a config but no weights, which export would take for the model.
         let tmp = partial_dir(dir);
         let _ = std::fs::remove_dir_all(&tmp);
-        let written = save_hf_dir(
-            &tmp,
-            &self.model.config,
-            &self.model.table,
-            full.as_deref().unwrap_or(&self.buffers.params),
-            self.tokenizer.as_deref(),
-        )
-        .and_then(|()| crate::checkpoint::write_final_step(&tmp, self.step))
-        .and_then(|()| replace_dir(&tmp, dir));
+        let written = save_hf_dir(&tmp, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
+            .and_then(|()| crate::checkpoint::write_final_step(&tmp, self.step))
+            .and_then(|()| replace_dir(&tmp, dir));
         if written.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        written?;
-        Ok(true)
+        written
     }
 
     /// Continues from a training checkpoint: the following steps are those the run that wrote it
