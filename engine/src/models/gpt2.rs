@@ -226,8 +226,15 @@ impl Gpt2 {
 
     /// Runs the blocks and the final norm for `b` sequences; leaves `a.lnf` ready for the head.
     fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
-        let (nc, inner) = (n * c, self.inner);
+        self.embed(pa, a, b, seq, inputs)?;
+        self.blocks_forward(pa, a, b, seq, 0..self.blocks.len())?;
+        self.final_norm(pa, a, b, seq)
+    }
+
+    /// The batch's token embedding: the residual stream before block 0.
+    pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
+        let (c, n) = (self.c, b * seq);
+        let nc = n * c;
         if self.wte_slices.len() > 1 {
             embed_in_slices(pa, &self.wte_slices, self.wte, Some(self.wpe.range()), &mut a.res[..nc], &inputs[..n], c)?;
             add_positions(&mut a.res[..nc], self.wpe.get(pa.get()), seq, c);
@@ -235,7 +242,16 @@ impl Gpt2 {
             pa.need(&[self.wte.range(), self.wpe.range()])?;
             embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
         }
-        for (l, blk) in self.blocks.iter().enumerate() {
+        Ok(())
+    }
+
+    /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
+    /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
+    pub fn blocks_forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, range: std::ops::Range<usize>) -> Result<()> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, inner) = (n * c, self.inner);
+        for l in range {
+            let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
             let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
@@ -259,6 +275,13 @@ impl Gpt2 {
             out.copy_from_slice(mid);
             blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
         }
+        Ok(())
+    }
+
+    /// The final norm after the last block: the head's input.
+    pub fn final_norm(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize) -> Result<()> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let nc = n * c;
         let l = self.blocks.len();
         let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
         if self.head_slices.len() > 1 {
@@ -284,7 +307,26 @@ impl Gpt2 {
         scale: f32,
     ) -> Result<f64> {
         self.forward(pa, a, b, seq, inputs)?;
-        let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
+        let loss = self.head_backward(pa, g, a, b, seq, targets, scale)?;
+        self.blocks_backward(pa, g, a, b, seq, 0..self.blocks.len())?;
+        self.embed_backward(pa, g, a, b, seq, inputs)?;
+        Ok(loss)
+    }
+
+    /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
+    /// and the loss's gradient at the residual stream after the last block (in `a`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_backward(
+        &self,
+        pa: &mut dyn Params,
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        targets: &[u32],
+        scale: f32,
+    ) -> Result<f64> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
         let nc = n * c;
         let untied = self.head.weight != self.wte;
         let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
@@ -306,7 +348,26 @@ impl Gpt2 {
         let l_all = self.blocks.len();
         self.ln_f.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.lnf_stats.0[..n], &a.lnf_stats.1[..n]);
         pa.grads_ready(g, ln_f)?;
-        for (l, blk) in self.blocks.iter().enumerate().rev() {
+        Ok(loss)
+    }
+
+    /// Blocks `range` backward, the last first: from the gradient at the residual stream after
+    /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
+    /// saved.
+    pub fn blocks_backward(
+        &self,
+        pa: &mut dyn Params,
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
+        let nc = n * c;
+        let dres = &mut a.dres[..nc];
+        for l in range.rev() {
+            let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
             // MLP: the GELU output is recomputed rather than stored per layer. Each weight's
             // gradient is announced final as soon as it is (ZeRO-2/3 send it off at once).
@@ -341,11 +402,19 @@ impl Gpt2 {
             blk.ln1.backward(pa.get(), g, dres, dc, x, mean, rstd);
             pa.grads_ready(g, span([blk.ln1.weight.range(), blk.ln1.bias.range()]))?;
         }
+        Ok(())
+    }
+
+    /// The token embedding's gradient, from the residual stream's before block 0.
+    pub fn embed_backward(&self, pa: &mut dyn Params, g: &mut [f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
+        let (c, n) = (self.c, b * seq);
+        let nc = n * c;
+        let dres = &a.dres[..nc];
         let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
         embedding_backward(dwte, Some(dwpe), dres, &inputs[..n], seq, c);
         pa.grads_ready(g, self.wpe.range())?;
         pa.grads_ready(g, self.wte.range())?;
-        Ok(loss)
+        Ok(())
     }
 
     /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the

@@ -255,16 +255,32 @@ impl Llama {
     }
 
     fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
-        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
-        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        self.embed(pa, a, b, seq, inputs)?;
+        self.blocks_forward(pa, a, b, seq, 0..self.blocks.len())?;
+        self.final_norm(pa, a, b, seq)
+    }
+
+    /// The batch's token embedding: the residual stream before block 0.
+    pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
+        let (c, n) = (self.c, b * seq);
+        let nc = n * c;
         if self.wte_slices.len() > 1 {
             embed_in_slices(pa, &self.wte_slices, self.wte, None, &mut a.res[..nc], &inputs[..n], c)?;
         } else {
             pa.need(&[self.wte.range()])?;
             embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
         }
-        for (l, blk) in self.blocks.iter().enumerate() {
+        Ok(())
+    }
+
+    /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
+    /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
+    pub fn blocks_forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, range: std::ops::Range<usize>) -> Result<()> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        for l in range {
+            let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
             let p = pa.get();
             let x = layer(&a.res, l, cap * c, nc);
@@ -291,6 +307,13 @@ impl Llama {
             out.copy_from_slice(mid);
             blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
         }
+        Ok(())
+    }
+
+    /// The final norm after the last block: the head's input.
+    pub fn final_norm(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize) -> Result<()> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let nc = n * c;
         let l = self.blocks.len();
         if self.head_slices.len() > 1 {
             pa.need(&[self.norm.weight.range()])?;
@@ -314,9 +337,27 @@ impl Llama {
         scale: f32,
     ) -> Result<f64> {
         self.forward(pa, a, b, seq, inputs)?;
+        let loss = self.head_backward(pa, g, a, b, seq, targets, scale)?;
+        self.blocks_backward(pa, g, a, b, seq, 0..self.blocks.len())?;
+        self.embed_backward(pa, g, a, b, seq, inputs)?;
+        Ok(loss)
+    }
+
+    /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
+    /// and the loss's gradient at the residual stream after the last block (in `a`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_backward(
+        &self,
+        pa: &mut dyn Params,
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        targets: &[u32],
+        scale: f32,
+    ) -> Result<f64> {
         let (c, n, cap) = (self.c, b * seq, a.n);
-        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
-        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        let nc = n * c;
         let untied = self.head.weight != self.wte;
         let (h, t, dh) = (&a.nf[..nc], &targets[..n], &mut a.dc[..nc]);
         let loss = if self.head_slices.len() > 1 {
@@ -336,7 +377,27 @@ impl Llama {
         let l_all = self.blocks.len();
         self.norm.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.nf_rstd[..n]);
         pa.grads_ready(g, self.norm.weight.range())?;
-        for (l, blk) in self.blocks.iter().enumerate().rev() {
+        Ok(loss)
+    }
+
+    /// Blocks `range` backward, the last first: from the gradient at the residual stream after
+    /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
+    /// saved.
+    pub fn blocks_backward(
+        &self,
+        pa: &mut dyn Params,
+        g: &mut [f32],
+        a: &mut Acts,
+        b: usize,
+        seq: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        let dres = &mut a.dres[..nc];
+        for l in range.rev() {
+            let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let gate = layer(&a.gate, l, cap * inner, n * inner);
@@ -374,9 +435,17 @@ impl Llama {
             blk.norm1.backward(pa.get(), g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
             pa.grads_ready(g, blk.norm1.weight.range())?;
         }
+        Ok(())
+    }
+
+    /// The token embedding's gradient, from the residual stream's before block 0.
+    pub fn embed_backward(&self, pa: &mut dyn Params, g: &mut [f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
+        let (c, n) = (self.c, b * seq);
+        let nc = n * c;
+        let dres = &a.dres[..nc];
         embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
         pa.grads_ready(g, self.wte.range())?;
-        Ok(loss)
+        Ok(())
     }
 
     /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the

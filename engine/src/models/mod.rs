@@ -39,6 +39,8 @@ pub struct Activations {
     seq: usize,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// Sequences of the micro-batch loaded last (by `load`).
+    loaded: usize,
     kind: ActsKind,
 }
 
@@ -59,7 +61,8 @@ impl Activations {
 
     /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets; returns `b`.
     fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
-        split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs, &mut self.targets)
+        self.loaded = split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs, &mut self.targets)?;
+        Ok(self.loaded)
     }
 
     /// Bytes held: the float buffers and the token ids.
@@ -133,7 +136,7 @@ impl Model {
             Kind::Llama(m) => ActsKind::Llama(m.acts(batch, seq)),
         };
         let n = batch * seq;
-        Ok(Activations { batch, seq, inputs: vec![0; n], targets: vec![0; n], kind })
+        Ok(Activations { batch, seq, inputs: vec![0; n], targets: vec![0; n], loaded: 0, kind })
     }
 
     /// Forward and backward over `windows` (`[b, seq+1]` tokens): accumulates `grad_scale ×
@@ -179,6 +182,89 @@ impl Model {
             (Kind::Llama(m), ActsKind::Llama(a)) => m.forward_backward(pa, grads, a, b, seq, inputs, targets, grad_scale),
             _ => unreachable!("activations belong to the model that made them"),
         }
+    }
+
+    /// Pipeline stages and activation checkpointing run a micro-batch through the model a part at
+    /// a time: `embed`, `forward_blocks` over consecutive block ranges, `head_backward`,
+    /// `backward_blocks` over the same ranges in reverse, `embed_backward`. Together they compute
+    /// exactly what `forward_backward` does. A micro-batch's saved activations are its own
+    /// `Activations`, so several micro-batches can be between forward and backward at once.
+    pub fn embed(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<()> {
+        let b = acts.load(windows, self.config.vocab)?;
+        let (mut pa, seq, inputs) = (params, acts.seq, &acts.inputs);
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.embed(&mut pa, a, b, seq, inputs),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.embed(&mut pa, a, b, seq, inputs),
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    }
+
+    /// Blocks `range` forward for the micro-batch `embed` loaded into `acts` (see `embed`).
+    pub fn forward_blocks(&self, params: &[f32], acts: &mut Activations, range: std::ops::Range<usize>) -> Result<()> {
+        let (b, seq) = self.loaded(acts, &range)?;
+        let mut pa = params;
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.blocks_forward(&mut pa, a, b, seq, range),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.blocks_forward(&mut pa, a, b, seq, range),
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    }
+
+    /// The final norm and the head, forward and backward, after every block ran forward: returns
+    /// the summed loss and accumulates `grad_scale ×` the head's gradients (see `embed`).
+    pub fn head_backward(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations, grad_scale: f32) -> Result<f64> {
+        let (b, seq) = self.loaded(acts, &(0..0))?;
+        let (mut pa, targets) = (params, &acts.targets);
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => {
+                m.final_norm(&mut pa, a, b, seq)?;
+                m.head_backward(&mut pa, grads, a, b, seq, targets, grad_scale)
+            }
+            (Kind::Llama(m), ActsKind::Llama(a)) => {
+                m.final_norm(&mut pa, a, b, seq)?;
+                m.head_backward(&mut pa, grads, a, b, seq, targets, grad_scale)
+            }
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    }
+
+    /// Blocks `range` backward (see `embed`).
+    pub fn backward_blocks(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations, range: std::ops::Range<usize>) -> Result<()> {
+        let (b, seq) = self.loaded(acts, &range)?;
+        let mut pa = params;
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.blocks_backward(&mut pa, grads, a, b, seq, range),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.blocks_backward(&mut pa, grads, a, b, seq, range),
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    }
+
+    /// The token embedding's gradient, after every block ran backward (see `embed`).
+    pub fn embed_backward(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations) -> Result<()> {
+        let (b, seq) = self.loaded(acts, &(0..0))?;
+        let (mut pa, inputs) = (params, &acts.inputs);
+        match (&self.kind, &mut acts.kind) {
+            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.embed_backward(&mut pa, grads, a, b, seq, inputs),
+            (Kind::Llama(m), ActsKind::Llama(a)) => m.embed_backward(&mut pa, grads, a, b, seq, inputs),
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    }
+
+    /// The micro-batch `acts` holds (sequences, length), checking `range` names blocks.
+    fn loaded(&self, acts: &Activations, range: &std::ops::Range<usize>) -> Result<(usize, usize)> {
+        if acts.loaded == 0 {
+            return Err(Error::Unsupported {
+                field: "blocks".into(),
+                message: "no micro-batch was embedded into these activations".into(),
+            });
+        }
+        if range.start > range.end || range.end > self.config.layers {
+            return Err(Error::Unsupported {
+                field: "blocks".into(),
+                message: format!("blocks {range:?} of a model of {} blocks", self.config.layers),
+            });
+        }
+        Ok((acts.loaded, acts.seq))
     }
 
     /// Summed loss (nats) over `windows`, forward only.

@@ -137,6 +137,62 @@ fn hooks_cover_every_parameter_and_final_gradients_do_not_change() {
     }
 }
 
+/// A micro-batch run a block range at a time (blocks 0..k then k..L forward, the ranges in
+/// reverse backward), with two micro-batches between forward and backward at once, gives exactly
+/// the loss and gradients `forward_backward` gives each: what pipeline stages and 1F1B rely on.
+#[test]
+fn block_ranges_with_two_micro_batches_in_flight_give_the_whole_models_loss_and_gradients() {
+    let configs = [
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":23,"n_embd":8,"n_layer":3,"n_head":2,"n_positions":8}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":23,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":3,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":8}"#,
+    ];
+    for json in configs {
+        let model = Model::new(config(json)).unwrap();
+        let layers = model.config.layers;
+        let mut params = vec![0.0f32; model.table.len()];
+        model.table.init(&mut params, 4);
+        let windows: [Vec<u32>; 2] =
+            [(0..2 * 6).map(|i| (i * 5 % 23) as u32).collect(), (0..2 * 6).map(|i| ((i * 7 + 3) % 23) as u32).collect()];
+        let whole: Vec<(f64, Vec<f32>)> = windows
+            .iter()
+            .map(|w| {
+                let mut acts = model.activations(2, 5).unwrap();
+                let mut grads = vec![0.0f32; model.table.len()];
+                let loss = model.forward_backward(&params, &mut grads, &mut acts, w, 0.1).unwrap();
+                (loss, grads)
+            })
+            .collect();
+        for k in 0..=layers {
+            let mut acts = [model.activations(2, 5).unwrap(), model.activations(2, 5).unwrap()];
+            let mut grads = [vec![0.0f32; model.table.len()], vec![0.0f32; model.table.len()]];
+            for i in 0..2 {
+                model.embed(&params, &mut acts[i], &windows[i]).unwrap();
+                model.forward_blocks(&params, &mut acts[i], 0..k).unwrap();
+            }
+            let mut losses = [0.0; 2];
+            for i in 0..2 {
+                model.forward_blocks(&params, &mut acts[i], k..layers).unwrap();
+                losses[i] = model.head_backward(&params, &mut grads[i], &mut acts[i], 0.1).unwrap();
+            }
+            for i in [1, 0] {
+                model.backward_blocks(&params, &mut grads[i], &mut acts[i], k..layers).unwrap();
+            }
+            for i in 0..2 {
+                model.backward_blocks(&params, &mut grads[i], &mut acts[i], 0..k).unwrap();
+                model.embed_backward(&params, &mut grads[i], &mut acts[i]).unwrap();
+                assert_eq!(losses[i], whole[i].0, "{json}: k = {k}, micro-batch {i}: loss");
+                assert!(grads[i] == whole[i].1, "{json}: k = {k}, micro-batch {i}: gradients differ");
+            }
+        }
+        let mut acts = model.activations(2, 5).unwrap();
+        assert!(model.forward_blocks(&params, &mut acts, 0..1).is_err(), "nothing embedded yet");
+        model.embed(&params, &mut acts, &windows[0]).unwrap();
+        let err = model.forward_blocks(&params, &mut acts, 0..layers + 1).unwrap_err().to_string();
+        assert!(err.contains("of a model of 3 blocks"), "{err}");
+    }
+}
+
 /// A model whose embedding and head span several chunks runs them one vocabulary slice at a
 /// time (as under data parallelism): the same loss and gradients as one whole, up to the order
 /// of the head's sums. GPT-2 tied and untied, LLaMA untied and tied.
