@@ -24,14 +24,16 @@ pub struct StepMetrics {
     pub step: i64,
     /// Training loss of the step; `null` when it is not a finite number (a diverged step: JSON
     /// has no NaN).
-    #[serde(deserialize_with = "nan_if_null")]
-    #[schema(nullable)]
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    #[schema(nullable, required = true)]
     pub loss: f64,
     /// Learning rate of the step.
+    #[serde(default)]
+    #[schema(required = true)]
     pub lr: f64,
     /// Global gradient norm (before clipping); `null` when it is not a finite number.
-    #[serde(deserialize_with = "nan_if_null")]
-    #[schema(nullable)]
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    #[schema(nullable, required = true)]
     pub grad_norm: f64,
     /// The update was skipped: the gradients were not finite, or fp16's overflowed at its loss
     /// scale. The step still counts (its data and learning rate are used up).
@@ -44,11 +46,17 @@ pub struct StepMetrics {
     pub tokens: i64,
     /// The whole job's training throughput at this step (the global batch's tokens over the step
     /// time): every rank reports the same rate, so do not add ranks up.
+    #[serde(default)]
+    #[schema(required = true)]
     pub tokens_per_s: f64,
     /// Bytes the rank holds that grow with the model: parameters, gradients and optimizer state,
     /// in whatever shards, gathered chunks and buffers the layout keeps.
+    #[serde(default)]
+    #[schema(required = true)]
     pub mem_bytes: i64,
     /// Duration of the step in milliseconds.
+    #[serde(default)]
+    #[schema(required = true)]
     pub step_ms: f64,
     /// Time the rank spent communicating (all-reduce, all-gather) during the step, in
     /// milliseconds; 0 on one rank.
@@ -69,6 +77,11 @@ pub struct StepMetrics {
     #[serde(default)]
     #[schema(required = true, nullable)]
     pub mfu: Option<f64>,
+}
+
+/// A loss or norm a line leaves out: not known.
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// JSON has no NaN or infinity: serde_json writes them as `null`, read back as NaN.
@@ -162,5 +175,11 @@ mod tests {
         let old = r#"{"step":4,"loss":3.0,"lr":0.001,"grad_norm":1.0,"tokens_per_s":10.0,"mem_bytes":64,"step_ms":5.0}"#;
         let back: StepMetrics = serde_json::from_str(old).unwrap();
         assert_eq!((back.rank, back.step, back.skipped, back.tokens, back.mfu), (0, 4, false, 0, None));
+        // A line that says little (hand-written, or cut short) still reads: what it leaves out is
+        // zero, or not known for the loss and the norm.
+        let bare: StepMetrics = serde_json::from_str(r#"{"step":2,"loss":2.5}"#).unwrap();
+        assert_eq!((bare.step, bare.loss, bare.lr, bare.mem_bytes), (2, 2.5, 0.0, 0));
+        assert!(bare.grad_norm.is_nan());
+        assert!(serde_json::from_str::<StepMetrics>(r#"{"loss":2.5}"#).is_err(), "a line without its step is not a step");
     }
 }

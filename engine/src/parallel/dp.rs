@@ -54,8 +54,10 @@ pub struct DataParallel {
     /// ZeRO-3: which chunks are gathered now, and the one being prefetched.
     gathered: Vec<bool>,
     prefetch: Option<(usize, Pending<Vec<f32>>)>,
-    /// Whether the current micro-batch's backward has begun.
-    in_backward: bool,
+    /// ZeRO-3: whether the model is going down the table (backward), judged from the first chunk
+    /// of its last two requests.
+    descending: bool,
+    last_first: Option<usize>,
     /// Communication-thread busy time and the part the trainer waited for, since last taken.
     comm_busy: Duration,
     exposed: Duration,
@@ -119,7 +121,8 @@ impl DataParallel {
             inflight_bytes: 0,
             grad_shard,
             prefetch: None,
-            in_backward: false,
+            descending: false,
+            last_first: None,
             comm_busy: Duration::ZERO,
             exposed: Duration::ZERO,
             grad_busy: Duration::ZERO,
@@ -166,7 +169,8 @@ impl DataParallel {
     /// Before each micro-batch's forward and backward.
     pub fn begin_micro_batch(&mut self, last: bool) {
         self.communicate = last || self.zero >= 2;
-        self.in_backward = false;
+        self.descending = false;
+        self.last_first = None;
         for (m, c) in self.missing.iter_mut().zip(&self.chunks) {
             *m = c.len();
         }
@@ -466,6 +470,14 @@ impl DataParallel {
         self.gathered[c] = false;
     }
 
+    /// Puts gathered chunk `c` in place, and counts it with its receive buffer (both exist now).
+    fn install(&mut self, params: &mut [f32], c: usize, buf: &[f32]) {
+        params[self.chunks[c].clone()].copy_from_slice(buf);
+        self.gathered[c] = true;
+        self.measure(Some(params), None);
+        self.record(4 * buf.len() as u64);
+    }
+
     fn drain_prefetch(&mut self) -> Result<()> {
         if let Some((_, p)) = self.prefetch.take() {
             let (_, busy) = p.wait()?;
@@ -528,38 +540,39 @@ impl ParamHooks for DataParallel {
                 self.release_chunk(params, c);
             }
         }
+        // The prefetched chunk first, wherever it lies among those wanted (in backward it is the
+        // top chunk of the block below). One not wanted after all is waited for (every rank runs
+        // the collective alike) and dropped.
+        if let Some((pc, p)) = self.prefetch.take() {
+            let start = Instant::now();
+            let (buf, busy) = p.wait()?;
+            self.comm_busy += busy;
+            self.exposed += start.elapsed();
+            if want.binary_search(&pc).is_ok() && !self.gathered[pc] {
+                self.install(params, pc, &buf);
+            }
+        }
         for &c in &want {
             if self.gathered[c] {
                 continue;
             }
-            let chunk = self.chunks[c].clone();
             let start = Instant::now();
-            let buf = match self.prefetch.take() {
-                Some((pc, p)) if pc == c => {
-                    let (b, busy) = p.wait()?;
-                    self.comm_busy += busy;
-                    b
-                }
-                other => {
-                    if let Some((_, p)) = other {
-                        let (_, busy) = p.wait()?;
-                        self.comm_busy += busy;
-                    }
-                    let (b, busy) = self.submit_gather(self.own_part(params, c)).wait()?;
-                    self.comm_busy += busy;
-                    b
-                }
-            };
+            let (buf, busy) = self.submit_gather(self.own_part(params, c)).wait()?;
+            self.comm_busy += busy;
             self.exposed += start.elapsed();
-            params[chunk].copy_from_slice(&buf);
-            self.gathered[c] = true;
-            // The gathered chunk and its receive buffer both exist at this moment.
-            self.measure(Some(params), None);
-            self.record(4 * buf.len() as u64);
+            self.install(params, c, &buf);
         }
-        // Prefetch the next chunk in the direction the model is going: up the table in forward,
-        // down in backward (which has begun once a gradient was announced final).
-        let next = match (self.in_backward, want.first(), want.last()) {
+        // Prefetch the next chunk in the direction the model is going: up the table while it asks
+        // for higher chunks (forward, the head's slices in forward), down while it asks for lower
+        // ones (backward, and the slices of a head tied to the embedding, which announce no
+        // gradient on the way).
+        if let (Some(&f), Some(p)) = (want.first(), self.last_first) {
+            if f != p {
+                self.descending = f < p;
+            }
+        }
+        self.last_first = want.first().copied().or(self.last_first);
+        let next = match (self.descending, want.first(), want.last()) {
             (false, _, Some(&l)) => l + 1,
             (true, Some(&f), _) => f.wrapping_sub(1),
             _ => usize::MAX,
@@ -573,7 +586,6 @@ impl ParamHooks for DataParallel {
     }
 
     fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
-        self.in_backward = true;
         self.collect(grads, false)?;
         for c in self.chunks_of(&range) {
             let chunk = self.chunks[c].clone();

@@ -107,8 +107,15 @@ struct InFlight {
 impl Trainer {
     /// Writes the current model as a Hugging Face directory (from the host copy: call after
     /// `save_final` when training on a GPU; a checkpoint copies the GPU's state into memory of
-    /// its own, not into the host buffers).
+    /// its own, not into the host buffers). Refused under ZeRO-3, where the host buffer holds only
+    /// this rank's pieces: `save_final` gathers them.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        if self.dp.as_ref().is_some_and(|d| d.zero() >= 3) {
+            return Err(Error::Unsupported {
+                field: "parallel.zero".into(),
+                message: "under ZeRO-3 a rank holds only its pieces of the model: write it with save_final".into(),
+            });
+        }
         save_hf_dir(dir, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
     }
 
