@@ -24,6 +24,18 @@ pub fn step_metrics(rank: u32, r: &StepReport) -> StepMetrics {
     }
 }
 
+/// The step's figures as the progress bar and the log show them.
+pub fn summary(r: &StepReport) -> String {
+    let skipped = if r.skipped { " (update skipped)" } else { "" };
+    format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s)
+}
+
+/// Whether a log without a progress bar shows step `step` of `steps`: the first, every tenth,
+/// the last, and any whose update was skipped.
+pub fn logged(r: &StepReport, steps: u64) -> bool {
+    r.step == 1 || r.step.is_multiple_of(10) || r.step == steps || r.skipped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,13 +214,12 @@ impl RunEvents for Lead {
     fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
         let record = crate::step_record::step_metrics(0, r);
         writeln!(self.metrics, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
-        let skipped = if r.skipped { " (update skipped)" } else { "" };
-        let msg = format!("loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}", r.loss, r.lr, r.grad_norm, r.tokens_per_s);
+        let msg = crate::step_record::summary(r);
         let steps = self.steps;
         if self.interactive {
             self.progress.set_message(msg);
             self.progress.set_position(r.step);
-        } else if r.step == 1 || r.step.is_multiple_of(10) || r.step == steps || r.skipped {
+        } else if crate::step_record::logged(r, steps) {
             let eta = self.started.elapsed().as_secs_f64() / r.step as f64 * (steps - r.step) as f64;
             eprintln!("step {}/{steps} {msg} ETA {eta:.0}s", r.step);
         }

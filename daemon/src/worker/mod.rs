@@ -74,13 +74,8 @@ impl RunEvents for Reports<'_> {
         if let Some(f) = &mut self.metrics {
             writeln!(f, "{}", serde_json::to_string(&record)?).context("writing metrics.jsonl")?;
         }
-        let steps = self.steps;
-        if r.step == 1 || r.step.is_multiple_of(10) || r.step == steps || r.skipped {
-            let skipped = if r.skipped { " (update skipped)" } else { "" };
-            eprintln!(
-                "step {}/{steps} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{skipped}",
-                r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
-            );
+        if crate::step_record::logged(r, self.steps) {
+            eprintln!("step {}/{} {}", r.step, self.steps, crate::step_record::summary(r));
         }
         self.reporter.step(record);
         Ok(())

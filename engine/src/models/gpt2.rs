@@ -3,11 +3,11 @@
 
 use gantry_kernels::cpu::activation::{gelu_backward_inplace, gelu_forward};
 use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
-use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
+use gantry_kernels::cpu::embedding::embedding_backward;
 use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 
 use super::hooks::{span, Params};
-use super::sliced::{add_positions, embed_in_slices};
+use super::sliced::{add_positions, embed_in_slices, head_loss, head_scratch_len, need_final_norm};
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{two_mut, LayerNorm, Linear, LmHead, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
@@ -186,7 +186,7 @@ impl Gpt2 {
             n * c,                // dres
             n * c,                // dc
             n * inner.max(3 * c), // dbig
-            if self.head_slices.len() > 1 { n * self.head.vocab } else { self.head.scratch_len(n) },
+            head_scratch_len(&self.head, &self.head_slices, n),
         ]
     }
 
@@ -235,13 +235,8 @@ impl Gpt2 {
     pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n) = (self.c, b * seq);
         let nc = n * c;
-        if self.wte_slices.len() > 1 {
-            embed_in_slices(pa, &self.wte_slices, self.wte, Some(self.wpe.range()), &mut a.res[..nc], &inputs[..n], c)?;
-            add_positions(&mut a.res[..nc], self.wpe.get(pa.get()), seq, c);
-        } else {
-            pa.need(&[self.wte.range(), self.wpe.range()])?;
-            embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), Some(self.wpe.get(pa.get())), seq, c);
-        }
+        embed_in_slices(pa, &self.wte_slices, self.wte, Some(self.wpe.range()), &mut a.res[..nc], &inputs[..n], c)?;
+        add_positions(&mut a.res[..nc], self.wpe.get(pa.get()), seq, c);
         Ok(())
     }
 
@@ -284,11 +279,7 @@ impl Gpt2 {
         let nc = n * c;
         let l = self.blocks.len();
         let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
-        if self.head_slices.len() > 1 {
-            pa.need(&[ln_f])?;
-        } else {
-            pa.need(&[ln_f, self.head.weight.range()])?;
-        }
+        need_final_norm(pa, &self.head, &self.head_slices, ln_f)?;
         let p = pa.get();
         self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
         Ok(())
@@ -331,17 +322,7 @@ impl Gpt2 {
         let untied = self.head.weight != self.wte;
         let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
         let (h, t, dh) = (&a.lnf[..nc], &targets[..n], &mut a.dc[..nc]);
-        let loss = if self.head_slices.len() > 1 {
-            let loss = self.head.loss_in_slices(pa, &self.head_slices, h, t, &mut a.logits, Some((&mut *g, dh, scale)), untied)?;
-            pa.need(std::slice::from_ref(&ln_f))?;
-            loss
-        } else {
-            let loss = self.head.loss(pa.get(), h, t, &mut a.logits, Some((&mut *g, dh, scale)));
-            if untied {
-                pa.grads_ready(g, self.head.weight.range())?;
-            }
-            loss
-        };
+        let loss = head_loss(pa, &self.head, &self.head_slices, untied, h, t, &mut a.logits, g, dh, scale, ln_f.clone())?;
         let p = pa.get();
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);

@@ -3,12 +3,12 @@
 
 use gantry_kernels::cpu::activation::{swiglu_backward, swiglu_forward};
 use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
-use gantry_kernels::cpu::embedding::{embedding_backward, embedding_forward};
+use gantry_kernels::cpu::embedding::embedding_backward;
 use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
 use gantry_kernels::cpu::rope::{rope_apply, RopeTable};
 
 use super::hooks::{span, Params};
-use super::sliced::embed_in_slices;
+use super::sliced::{embed_in_slices, head_loss, head_scratch_len, need_final_norm};
 use super::{layer, layer_mut, ModelConfig};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
@@ -212,7 +212,7 @@ impl Llama {
             n * w,              // dqkv
             n * inner,          // da
             n * inner,          // db
-            if self.head_slices.len() > 1 { n * self.head.vocab } else { self.head.scratch_len(n) },
+            head_scratch_len(&self.head, &self.head_slices, n),
         ]
     }
 
@@ -264,12 +264,7 @@ impl Llama {
     pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
         let (c, n) = (self.c, b * seq);
         let nc = n * c;
-        if self.wte_slices.len() > 1 {
-            embed_in_slices(pa, &self.wte_slices, self.wte, None, &mut a.res[..nc], &inputs[..n], c)?;
-        } else {
-            pa.need(&[self.wte.range()])?;
-            embedding_forward(&mut a.res[..nc], &inputs[..n], self.wte.get(pa.get()), None, seq, c);
-        }
+        embed_in_slices(pa, &self.wte_slices, self.wte, None, &mut a.res[..nc], &inputs[..n], c)?;
         Ok(())
     }
 
@@ -315,11 +310,7 @@ impl Llama {
         let (c, n, cap) = (self.c, b * seq, a.n);
         let nc = n * c;
         let l = self.blocks.len();
-        if self.head_slices.len() > 1 {
-            pa.need(&[self.norm.weight.range()])?;
-        } else {
-            pa.need(&[self.norm.weight.range(), self.head.weight.range()])?;
-        }
+        need_final_norm(pa, &self.head, &self.head_slices, self.norm.weight.range())?;
         self.norm.forward(pa.get(), layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
         Ok(())
     }
@@ -360,17 +351,7 @@ impl Llama {
         let nc = n * c;
         let untied = self.head.weight != self.wte;
         let (h, t, dh) = (&a.nf[..nc], &targets[..n], &mut a.dc[..nc]);
-        let loss = if self.head_slices.len() > 1 {
-            let loss = self.head.loss_in_slices(pa, &self.head_slices, h, t, &mut a.logits, Some((&mut *g, dh, scale)), untied)?;
-            pa.need(&[self.norm.weight.range()])?;
-            loss
-        } else {
-            let loss = self.head.loss(pa.get(), h, t, &mut a.logits, Some((&mut *g, dh, scale)));
-            if untied {
-                pa.grads_ready(g, self.head.weight.range())?;
-            }
-            loss
-        };
+        let loss = head_loss(pa, &self.head, &self.head_slices, untied, h, t, &mut a.logits, g, dh, scale, self.norm.weight.range())?;
         let p = pa.get();
         let dres = &mut a.dres[..nc];
         dres.fill(0.0);
