@@ -365,20 +365,6 @@ impl DataParallel {
         })
     }
 
-    /// The whole of a buffer this rank holds in pieces (ZeRO moments, ZeRO-3 parameters), for
-    /// checkpoints and the final model. Every rank must call it.
-    pub fn gather_pieces(&mut self, shard: &[f32], len: usize) -> Result<Vec<f32>> {
-        let mut full = vec![0.0; len];
-        for (c, piece) in self.pieces.clone().into_iter().enumerate() {
-            let at = self.piece_at[c];
-            full[piece.clone()].copy_from_slice(&shard[at..at + piece.len()]);
-            let chunk = self.chunks[c].clone();
-            let whole = self.gather_chunk(&full[chunk.clone()])?;
-            full[chunk].copy_from_slice(&whole);
-        }
-        Ok(full)
-    }
-
     /// The chunks of the flat buffer: the units of communication and sharding.
     pub fn chunks(&self) -> &[Range<usize>] {
         &self.chunks
@@ -465,16 +451,23 @@ impl DataParallel {
 
     fn release_chunk(&mut self, params: &mut [f32], c: usize) {
         let (chunk, piece) = (self.chunks[c].clone(), self.pieces[c].clone());
+        let held = pages::resident_bytes(&params[chunk.clone()]);
         pages::release(params, chunk.start..piece.start);
         pages::release(params, piece.end..chunk.end);
         self.gathered[c] = false;
+        let left = pages::resident_bytes(&params[chunk]);
+        self.params_bytes = self.params_bytes.saturating_sub(held.saturating_sub(left));
     }
 
     /// Puts gathered chunk `c` in place, and counts it with its receive buffer (both exist now).
     fn install(&mut self, params: &mut [f32], c: usize, buf: &[f32]) {
-        params[self.chunks[c].clone()].copy_from_slice(buf);
+        let chunk = self.chunks[c].clone();
+        // Only this chunk's pages change: count those that become resident, rather than asking
+        // mincore about the whole buffer for every chunk (`need_params` measures it all once).
+        let before = pages::resident_bytes(&params[chunk.clone()]);
+        params[chunk.clone()].copy_from_slice(buf);
         self.gathered[c] = true;
-        self.measure(Some(params), None);
+        self.params_bytes += pages::resident_bytes(&params[chunk]).saturating_sub(before);
         self.record(4 * buf.len() as u64);
     }
 
@@ -607,9 +600,12 @@ impl ParamHooks for DataParallel {
             self.record(0);
             let g = self.group.clone();
             let pending = if self.zero >= 2 {
-                // The rank keeps only its summed piece: the chunk's gradient pages go back.
+                // The rank keeps only its summed piece: the chunk's gradient pages go back (what
+                // they held leaves the count; the whole buffer was just measured).
+                let held = pages::resident_bytes(&grads[chunk.clone()]);
                 pages::release(grads, chunk.clone());
-                self.measure(None, Some(grads));
+                let left = pages::resident_bytes(&grads[chunk.clone()]);
+                self.grads_bytes = self.grads_bytes.saturating_sub(held.saturating_sub(left));
                 let piece = &self.pieces[c];
                 let local = piece.start - chunk.start..piece.end - chunk.start;
                 self.comm.submit(move |comm| {
