@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use gantry_engine::backend::{Cpu, Ids, Weights};
 use gantry_engine::nn::LmHead;
 use gantry_engine::params::ParamRef;
 
@@ -19,7 +20,10 @@ fn main() {
         let mut times = Vec::new();
         for _ in 0..6 {
             let t = Instant::now();
-            rayon::join(|| head.loss(&params, &h, &targets, &mut scratch, Some((&mut grads, &mut dh, 1.0 / rows as f32))), || ());
+            let (p, ids, mut losses) =
+                (Weights::<Cpu> { w: &params, master: &params }, Ids::<Cpu> { host: &targets, dev: &(), at: 0 }, 0.0);
+            let grad = Some((&mut grads[..], &mut dh[..], 1.0 / rows as f32));
+            rayon::join(|| head.loss(&Cpu, p, &h, ids, &mut scratch, &mut losses, grad).unwrap(), || ());
             times.push(t.elapsed().as_secs_f64());
         }
         times.sort_by(|a, b| a.total_cmp(b));

@@ -1,12 +1,14 @@
 //! Gantry's training engine.
 //!
 //! Models (`models/`) are built from Hugging Face configs and run explicit forward and backward
-//! passes over layers in `nn/`; their parameters, gradients and optimizer state live in flat
+//! passes over layers in `nn/`, each written once over the operations of `backend/` (the CPU
+//! kernels, or the CUDA ones); their parameters, gradients and optimizer state live in flat
 //! buffers described by a [`params::ParamTable`] whose chunks are the unit later sharded by ZeRO
 //! and moved by Gemini. `train/` holds the trainer, `data/` the token pipeline, `optim/` AdamW
 //! and the learning-rate schedule, `checkpoint/` Hugging Face loading and export, `comm/` the
 //! collectives between ranks (TCP), `parallel/` data parallelism and ZeRO over the chunks.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;

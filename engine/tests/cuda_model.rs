@@ -1,5 +1,6 @@
-//! Whole models on the GPU against the CPU model (feature `cuda`): the loss and every gradient of
-//! one forward/backward, and the losses of several training steps in f32, bf16 and fp16. Without a
+//! The one model on the CUDA backend against the CPU backend (feature `cuda`): the loss and every
+//! gradient of one forward/backward, block ranges with two micro-batches in flight, and the losses
+//! of several training steps in f32, bf16 and fp16. Without a
 //! GPU each test says it was skipped and passes, unless `GANTRY_REQUIRE_GPU=1`.
 //!
 //! Tolerances: f32 matmuls run on TF32 tensor cores (10-bit mantissas, as PyTorch with
@@ -11,6 +12,7 @@ mod common;
 
 use common::{example_config, gpu};
 
+use gantry_engine::backend::{Cuda, Weights};
 use gantry_engine::cuda::GpuTrainer;
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::optim::{clip_grad_norm, AdamW};
@@ -81,6 +83,57 @@ fn gpt2_loss_and_gradients_match_the_cpu() {
 fn llama_gqa_loss_and_gradients_match_the_cpu() {
     let Some(g) = gpu() else { return };
     one_pass_matches(&llama_gqa(), g);
+}
+
+/// The one model on the CUDA backend a part at a time, as pipeline stages will run it: two
+/// micro-batches embedded and run forward over blocks 0..1 then 1..2 (both alive at once), then
+/// each backward over the same ranges in reverse, accumulating into one gradient buffer. The loss
+/// and gradients are those of two whole `forward_backward_on` passes, exactly (the same kernels
+/// in the same order).
+fn block_ranges_match_whole_passes(m: &Model, g: Gpu) {
+    let (batch, seq) = (2, 24);
+    let (params, w1) = params_and_windows(m, batch, seq, 5);
+    let (_, w2) = params_and_windows(m, batch, seq, 6);
+    let scale = 0.01;
+    let be = Cuda::<f32>::new(g);
+    let s = be.gpu().stream().clone();
+    let p = s.clone_htod(&params).unwrap();
+    let weights = || Weights::<Cuda<f32>> { w: &p, master: &p };
+    let mut whole_grads = s.alloc_zeros::<f32>(params.len()).unwrap();
+    let mut acts = m.activations_on(&be, batch, seq).unwrap();
+    let mut want = 0.0;
+    for w in [&w1, &w2] {
+        want += m.forward_backward_on(&be, &mut weights(), &mut whole_grads, &mut acts, w, scale).unwrap();
+    }
+    let mut grads = s.alloc_zeros::<f32>(params.len()).unwrap();
+    let (mut a1, mut a2) = (m.activations_on(&be, batch, seq).unwrap(), m.activations_on(&be, batch, seq).unwrap());
+    let layers = m.config.layers;
+    m.embed_on(&be, &mut weights(), &mut a1, &w1).unwrap();
+    m.embed_on(&be, &mut weights(), &mut a2, &w2).unwrap();
+    for a in [&mut a1, &mut a2] {
+        m.forward_blocks_on(&be, &mut weights(), a, 0..1).unwrap();
+        m.forward_blocks_on(&be, &mut weights(), a, 1..layers).unwrap();
+    }
+    let mut got = 0.0;
+    for a in [&mut a1, &mut a2] {
+        got += m.head_backward_on(&be, &mut weights(), &mut grads, a, scale).unwrap();
+        m.backward_blocks_on(&be, &mut weights(), &mut grads, a, 1..layers).unwrap();
+        m.backward_blocks_on(&be, &mut weights(), &mut grads, a, 0..1).unwrap();
+        m.embed_backward_on(&be, &mut weights(), &mut grads, a).unwrap();
+    }
+    assert_eq!(got, want, "summed loss of the block ranges");
+    let (got_g, want_g) = (s.clone_dtoh(&grads).unwrap(), s.clone_dtoh(&whole_grads).unwrap());
+    for e in m.table.entries() {
+        assert_eq!(&got_g[e.at.range()], &want_g[e.at.range()], "{}", e.name);
+    }
+}
+
+#[test]
+fn block_ranges_on_the_gpu_match_whole_passes() {
+    for m in [gpt2(), llama_gqa()] {
+        let Some(g) = gpu() else { return };
+        block_ranges_match_whole_passes(&m, g);
+    }
 }
 
 /// Per-step losses of `steps` steps on the CPU (f32) and on the GPU in precision `T`.

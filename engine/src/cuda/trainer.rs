@@ -9,15 +9,14 @@ use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use std::sync::Arc;
 
 use gantry_kernels::cuda::cudarc::driver::sys::CUevent_flags;
-use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, PinnedHostSlice};
+use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use gantry_kernels::cuda::ops::{self, Storage};
 use gantry_kernels::cuda::Gpu;
 
-use super::acts::GpuActs;
 use super::dp::GpuDp;
-use super::model::GpuModel;
+use crate::backend::{Cuda, Weights};
 use crate::checkpoint::LossScaleState;
-use crate::models::Model;
+use crate::models::{Activations, Model};
 use crate::optim::AdamW;
 use crate::params::ParamTable;
 use crate::{Error, Result};
@@ -149,11 +148,14 @@ impl<'a> StartState<'a> {
     }
 }
 
-pub struct GpuTrainer<T: Storage> {
-    gpu: Gpu,
-    model: GpuModel,
+pub struct GpuTrainer<T: Storage>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    be: Cuda<T>,
+    /// The one model, run on the CUDA backend.
+    model: Model,
     table: ParamTable,
-    vocab: usize,
     master: CudaSlice<f32>,
     /// The working copy (`None` for f32, which reads the masters).
     work: Option<CudaSlice<T>>,
@@ -163,7 +165,7 @@ pub struct GpuTrainer<T: Storage> {
     piece_at: Vec<usize>,
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
-    acts: GpuActs<T>,
+    acts: Activations<Cuda<T>>,
     optim: AdamW,
     scaler: Option<LossScale>,
     /// The stream that copies state to the host beside training, and the host buffers of the
@@ -174,7 +176,10 @@ pub struct GpuTrainer<T: Storage> {
     copy_done: Option<CudaEvent>,
 }
 
-impl<T: Storage> std::fmt::Debug for GpuTrainer<T> {
+impl<T: Storage> std::fmt::Debug for GpuTrainer<T>
+where
+    CudaBlasLT: Matmul<T>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuTrainer").field("precision", &T::SUFFIX).field("params", &self.master.len()).finish()
     }
@@ -216,18 +221,19 @@ where
                 ),
             });
         }
-        let gm = GpuModel::new(&gpu, model)?;
-        let acts = GpuActs::new(&gpu, &gm, batch, seq)?;
+        let be = Cuda::<T>::new(gpu);
+        let acts = model.activations_on(&be, batch, seq)?;
+        let gpu = be.gpu();
         let s = gpu.stream().clone();
         let n = params.len();
         let master = s.clone_htod(params).map_err(dev("uploading parameters"))?;
-        // By type, not by kernel suffix: `params_view` reinterprets the masters as `T` when
-        // there is no working copy, which is sound only for f32 itself.
+        // By type, not by kernel suffix: `weights` reads the masters as `T` when there is no
+        // working copy, which holds only for f32 itself.
         let work = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
             None
         } else {
             let mut w = s.alloc_zeros::<T>(n).map_err(dev("allocating the working copy"))?;
-            ops::cast_from_f32(&gpu, &mut w, &master)?;
+            ops::cast_from_f32(gpu, &mut w, &master)?;
             Some(w)
         };
         let zeros = |n| s.alloc_zeros::<f32>(n).map_err(dev("allocating gradients and optimizer state"));
@@ -240,10 +246,9 @@ where
         };
         Ok(GpuTrainer {
             scaler: (T::SUFFIX == "f16").then(|| loss_scale.map_or_else(LossScale::new, LossScale::from_state)),
-            gpu,
-            model: gm,
+            be,
+            model: model.clone(),
             table: model.table.clone(),
-            vocab: model.config.vocab,
             master,
             work,
             grads,
@@ -293,23 +298,15 @@ where
             });
         }
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
-        ops::zero(&self.gpu, &mut self.grads)?;
+        ops::zero(self.be.gpu(), &mut self.grads)?;
         let mut total = 0.0;
         for mb in micro_batches {
-            let b = self.acts.load(&self.gpu, mb, self.vocab)?;
-            let p = params_view(&self.work, &self.master);
-            total += self.model.forward_backward(
-                &self.gpu,
-                &p,
-                &self.master.as_view(),
-                &mut self.grads,
-                &mut self.acts,
-                b,
-                loss_scale / global_tokens as f32,
-            )?;
+            let mut p = weights(&self.work, &self.master);
+            total +=
+                self.model.forward_backward_on(&self.be, &mut p, &mut self.grads, &mut self.acts, mb, loss_scale / global_tokens as f32)?;
         }
         if let Some(d) = &mut dp {
-            d.reduce_grads(&self.gpu, &mut self.grads)?;
+            d.reduce_grads(self.be.gpu(), &mut self.grads)?;
             total = d.sum(total)?;
         }
         let loss = total / global_tokens as f64;
@@ -319,7 +316,7 @@ where
         // non-finite partial sum makes its owner's sum non-finite too, so the agreed result is
         // the same, for one pass instead of one per piece.
         if let Some(scaler) = &mut self.scaler {
-            let mut overflow = ops::unscale_check(&self.gpu, &mut self.grads, 1.0 / loss_scale)?;
+            let mut overflow = ops::unscale_check(self.be.gpu(), &mut self.grads, 1.0 / loss_scale)?;
             if let (Some(d), true) = (&mut dp, sharded) {
                 overflow = d.sum(f64::from(u8::from(overflow)))? > 0.0;
             }
@@ -328,7 +325,7 @@ where
                 return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, nonfinite, loss_scale: scaler.scale });
             }
         }
-        let mut squares = ops::sum_squares_pieces(&self.gpu, &self.grads, &self.pieces)?;
+        let mut squares = ops::sum_squares_pieces(self.be.gpu(), &self.grads, &self.pieces)?;
         if let (Some(d), true) = (&mut dp, sharded) {
             squares = d.sum(squares)?;
         }
@@ -349,11 +346,11 @@ where
         if grad_clip > 0.0 {
             let coef = grad_clip / (norm + 1e-6);
             if coef < 1.0 {
-                ops::scale(&self.gpu, &mut self.grads, coef as f32)?;
+                ops::scale(self.be.gpu(), &mut self.grads, coef as f32)?;
             }
         }
         if let Some(done) = self.copy_done.take() {
-            self.gpu.stream().wait(&done).map_err(dev("waiting for the state copy"))?;
+            self.be.gpu().stream().wait(&done).map_err(dev("waiting for the state copy"))?;
         }
         let hp = AdamWStep {
             lr,
@@ -377,16 +374,16 @@ where
                     // The working copy is written in the same pass, unless the parameters are
                     // gathered afterwards (then it is cast from them once, below).
                     (Some(wk), false) => {
-                        ops::adamw_update_copy(&self.gpu, &mut p, &mut wk.slice_mut(lo..hi), &g, &mut m, &mut v, &hp, e.decay)?
+                        ops::adamw_update_copy(self.be.gpu(), &mut p, &mut wk.slice_mut(lo..hi), &g, &mut m, &mut v, &hp, e.decay)?
                     }
-                    _ => ops::adamw_update(&self.gpu, &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
+                    _ => ops::adamw_update(self.be.gpu(), &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
                 }
             }
         }
         if let (Some(d), true) = (&mut dp, sharded) {
-            d.gather_params(&self.gpu, &mut self.master)?;
+            d.gather_params(self.be.gpu(), &mut self.master)?;
             if let Some(wk) = &mut self.work {
-                ops::cast_from_f32(&self.gpu, wk, &self.master)?;
+                ops::cast_from_f32(self.be.gpu(), wk, &self.master)?;
             }
         }
         Ok(GpuStep { loss, grad_norm: norm, skipped: false, nonfinite: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
@@ -394,20 +391,18 @@ where
 
     /// Mean loss per token over `windows`, forward only.
     pub fn loss(&mut self, windows: &[u32]) -> Result<f64> {
-        let b = self.acts.load(&self.gpu, windows, self.vocab)?;
-        let p = params_view(&self.work, &self.master);
-        let total = self.model.loss(&self.gpu, &p, &self.master.as_view(), &mut self.grads, &mut self.acts, b)?;
-        Ok(total / (b * self.acts.seq()) as f64)
+        let total = self.model.loss_on(&self.be, weights(&self.work, &self.master), &mut self.acts, windows)?;
+        Ok(total / (windows.len() / (self.acts.seq() + 1) * self.acts.seq()) as f64)
     }
 
     /// The f32 gradients of the last step (before clipping if none applied), on the host.
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
-        self.gpu.stream().clone_dtoh(&self.grads).map_err(dev("copying gradients to the host"))
+        self.be.gpu().stream().clone_dtoh(&self.grads).map_err(dev("copying gradients to the host"))
     }
 
     /// Copies the masters and AdamW's moments into host buffers of the table's size.
     pub fn download_state(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
-        let s = self.gpu.stream();
+        let s = self.be.gpu().stream();
         s.memcpy_dtoh(&self.master, params).map_err(dev("copying parameters to the host"))?;
         s.memcpy_dtoh(&self.m, m).map_err(dev("copying optimizer state to the host"))?;
         s.memcpy_dtoh(&self.v, v).map_err(dev("copying optimizer state to the host"))?;
@@ -421,7 +416,7 @@ where
     ///
     /// The ordering is explicit, with events: buffers are not event-tracked (see `Gpu::open`).
     pub fn begin_download(&mut self) -> Result<HostState> {
-        let ctx = self.gpu.context().clone();
+        let ctx = self.be.gpu().context().clone();
         let stream = match &self.copy_stream {
             Some(s) => s.clone(),
             None => {
@@ -448,7 +443,7 @@ where
         hs.copied = None;
         let queued = (|| {
             // The copy starts after everything queued so far (the last update) ...
-            let updated = self.gpu.stream().record_event(None).map_err(dev("recording an event"))?;
+            let updated = self.be.gpu().stream().record_event(None).map_err(dev("recording an event"))?;
             stream.wait(&updated).map_err(dev("ordering the copy stream"))?;
             stream.memcpy_dtoh(&self.master, &mut hs.params).map_err(dev("copying parameters to the host"))?;
             stream.memcpy_dtoh(&self.m, &mut hs.m).map_err(dev("copying optimizer state to the host"))?;
@@ -478,21 +473,23 @@ where
 
     /// The f32 master parameters, on the host (for checkpoints and export).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
-        self.gpu.stream().clone_dtoh(&self.master).map_err(dev("copying parameters to the host"))
+        self.be.gpu().stream().clone_dtoh(&self.master).map_err(dev("copying parameters to the host"))
     }
 
     /// Forward and backward over `windows` without an update, accumulating `grad_scale ×
     /// ∂loss/∂params` into the (zeroed) gradients: the summed loss. For comparisons with the CPU
     /// model's `forward_backward`.
     pub fn forward_backward(&mut self, windows: &[u32], grad_scale: f32) -> Result<f64> {
-        let b = self.acts.load(&self.gpu, windows, self.vocab)?;
-        ops::zero(&self.gpu, &mut self.grads)?;
-        let p = params_view(&self.work, &self.master);
-        self.model.forward_backward(&self.gpu, &p, &self.master.as_view(), &mut self.grads, &mut self.acts, b, grad_scale)
+        ops::zero(self.be.gpu(), &mut self.grads)?;
+        let mut p = weights(&self.work, &self.master);
+        self.model.forward_backward_on(&self.be, &mut p, &mut self.grads, &mut self.acts, windows, grad_scale)
     }
 }
 
-impl<T: Storage> Drop for GpuTrainer<T> {
+impl<T: Storage> Drop for GpuTrainer<T>
+where
+    CudaBlasLT: Matmul<T>,
+{
     fn drop(&mut self) {
         // A copy to the host may still be reading the buffers about to be freed (buffers are not
         // event-tracked; see `Gpu::open`).
@@ -502,17 +499,18 @@ impl<T: Storage> Drop for GpuTrainer<T> {
     }
 }
 
-/// The parameters in the working precision: the 16-bit copy, or for f32 the masters themselves.
-fn params_view<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaSlice<f32>) -> CudaView<'a, T> {
-    match work {
-        Some(w) => w.as_view(),
-        None => {
-            assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>(), "no working copy, so the precision is f32");
-            // SAFETY: T is f32 (asserted above; `GpuTrainer::new` leaves `work` None only then),
-            // so this reinterprets f32 as f32.
-            unsafe { master.transmute::<T>(master.len()) }.expect("an f32 view of the f32 masters")
-        }
-    }
+/// The parameters as the model reads them: the matmul operands in the working precision (the
+/// 16-bit copy, or for f32 the masters themselves) and the f32 masters.
+fn weights<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaSlice<f32>) -> Weights<'a, Cuda<T>>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    let w = match work {
+        Some(w) => w,
+        // `GpuTrainer::new` leaves `work` None only for f32, where the masters are the operands.
+        None => (master as &dyn std::any::Any).downcast_ref::<CudaSlice<T>>().expect("no working copy, so the precision is f32"),
+    };
+    Weights { w, master }
 }
 
 /// A GPU trainer of any precision, for callers that pick the precision at run time.
@@ -550,7 +548,7 @@ where
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(self.gpu.synchronize()?)
+        Ok(self.be.gpu().synchronize()?)
     }
 
     fn begin_download(&mut self) -> Result<HostState> {

@@ -1,19 +1,19 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, GELU (tanh) MLP, biases
-//! everywhere, head tied to the token embedding unless the config unties it.
+//! everywhere, head tied to the token embedding unless the config unties it. Written once, over
+//! either backend (`crate::backend`).
 
-use gantry_kernels::cpu::activation::{gelu_backward_inplace, gelu_forward};
-use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
-use gantry_kernels::cpu::embedding::embedding_backward;
-use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
+use gantry_kernels::cpu::attention::AttnShape;
 
 use super::hooks::{span, Params};
-use super::sliced::{add_positions, embed_in_slices, head_loss, head_scratch_len, need_final_norm};
-use super::{layer, layer_mut, ModelConfig};
-use crate::nn::{two_mut, LayerNorm, Linear, LmHead, WeightLayout};
+use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
+use super::{at, at_mut, Batch, Hidden, ModelConfig};
+use crate::backend::Accumulate::{Add, Overwrite};
+use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
+use crate::nn::{LayerNorm, Linear, LmHead, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
 use crate::Result;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Block {
     ln1: LayerNorm,
     c_attn: Linear,
@@ -23,7 +23,7 @@ struct Block {
     fc_proj: Linear,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Gpt2 {
     /// Each block's parameters in the flat buffer (one contiguous span per block).
     block_ranges: Vec<std::ops::Range<usize>>,
@@ -41,30 +41,31 @@ pub struct Gpt2 {
     head_slices: Vec<std::ops::Range<usize>>,
 }
 
-/// Saved activations (layer-major stacks) and backward scratch for one batch shape.
-#[derive(Debug)]
-pub struct Acts {
+/// Saved activations (layer-major stacks) and backward scratch for one batch shape, on backend
+/// `B`; norm statistics and the attention's log-sum-exp in f32.
+pub struct Acts<B: Backend> {
     n: usize,
-    res: Vec<f32>,
-    mid: Vec<f32>,
-    ln1: Vec<f32>,
-    ln1_stats: (Vec<f32>, Vec<f32>),
-    qkv: Vec<f32>,
-    att: Vec<f32>,
-    lse: Vec<f32>,
-    ln2: Vec<f32>,
-    ln2_stats: (Vec<f32>, Vec<f32>),
-    fc: Vec<f32>,
-    gelu: Vec<f32>,
-    lnf: Vec<f32>,
-    lnf_stats: (Vec<f32>, Vec<f32>),
-    dres: Vec<f32>,
-    dc: Vec<f32>,
-    dbig: Vec<f32>,
-    logits: Vec<f32>,
+    res: B::ActBuf,
+    mid: B::ActBuf,
+    ln1: B::ActBuf,
+    ln1_stats: (B::F32Buf, B::F32Buf),
+    qkv: B::ActBuf,
+    att: B::ActBuf,
+    lse: B::F32Buf,
+    ln2: B::ActBuf,
+    ln2_stats: (B::F32Buf, B::F32Buf),
+    fc: B::ActBuf,
+    gelu: B::ActBuf,
+    lnf: B::ActBuf,
+    lnf_stats: (B::F32Buf, B::F32Buf),
+    dres: B::ActBuf,
+    dc: B::ActBuf,
+    dbig: B::ActBuf,
+    logits: B::ActBuf,
+    losses: B::Losses,
 }
 
-impl Acts {
+impl Acts<Cpu> {
     /// Floats held (for the test that `acts_elems` tells the truth).
     pub fn elems(&self) -> usize {
         [
@@ -195,214 +196,222 @@ impl Gpt2 {
         self.acts_lens(batch, seq).iter().sum()
     }
 
-    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
-        let mut lens = self.acts_lens(batch, seq).into_iter().map(|len| vec![0.0f32; len]);
-        let mut z = || lens.next().expect("one length per buffer");
-        Acts {
+    pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> Result<Acts<B>> {
+        let lens = self.acts_lens(batch, seq);
+        let t = |i: usize| be.alloc(lens[i]);
+        let f = |i: usize| be.alloc_f32(lens[i]);
+        Ok(Acts {
             n: batch * seq,
-            res: z(),
-            mid: z(),
-            ln1: z(),
-            ln1_stats: (z(), z()),
-            qkv: z(),
-            att: z(),
-            lse: z(),
-            ln2: z(),
-            ln2_stats: (z(), z()),
-            fc: z(),
-            gelu: z(),
-            lnf: z(),
-            lnf_stats: (z(), z()),
-            dres: z(),
-            dc: z(),
-            dbig: z(),
-            logits: z(),
-        }
+            res: t(0)?,
+            mid: t(1)?,
+            ln1: t(2)?,
+            ln1_stats: (f(3)?, f(4)?),
+            qkv: t(5)?,
+            att: t(6)?,
+            lse: f(7)?,
+            ln2: t(8)?,
+            ln2_stats: (f(9)?, f(10)?),
+            fc: t(11)?,
+            gelu: t(12)?,
+            lnf: t(13)?,
+            lnf_stats: (f(14)?, f(15)?),
+            dres: t(16)?,
+            dc: t(17)?,
+            dbig: t(18)?,
+            logits: t(19)?,
+            losses: be.losses(batch * seq)?,
+        })
     }
 
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
         AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.c / self.heads }
     }
 
-    /// Runs the blocks and the final norm for `b` sequences; leaves `a.lnf` ready for the head.
-    fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        self.embed(pa, a, b, seq, inputs)?;
-        self.blocks_forward(pa, a, b, seq, 0..self.blocks.len())?;
-        self.final_norm(pa, a, b, seq)
+    /// Runs the blocks and the final norm for the batch; leaves `a.lnf` ready for the head.
+    fn forward<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        self.embed(be, pa, a, x)?;
+        self.blocks_forward(be, pa, a, x, 0..self.blocks.len())?;
+        self.final_norm(be, pa, a, x)
     }
 
     /// The batch's token embedding: the residual stream before block 0.
-    pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n) = (self.c, b * seq);
-        let nc = n * c;
-        embed_in_slices(pa, &self.wte_slices, self.wte, Some(self.wpe.range()), &mut a.res[..nc], &inputs[..n], c)?;
-        add_positions(&mut a.res[..nc], self.wpe.get(pa.get()), seq, c);
-        Ok(())
+    pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        embed(be, pa, &self.wte_slices, self.wte, Some(self.wpe), B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
     /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
-    pub fn blocks_forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, range: std::ops::Range<usize>) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+    pub fn blocks_forward<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let (c, n, cap) = (self.c, x.rows(), a.n);
         let (nc, inner) = (n * c, self.inner);
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
             let p = pa.get();
-            let x = layer(&a.res, l, cap * c, nc);
-            let ln1 = layer_mut(&mut a.ln1, l, cap * c, nc);
-            let (mean, rstd) = (layer_mut(&mut a.ln1_stats.0, l, cap, n), layer_mut(&mut a.ln1_stats.1, l, cap, n));
-            blk.ln1.forward(p, x, ln1, mean, rstd);
-            let qkv = layer_mut(&mut a.qkv, l, cap * 3 * c, n * 3 * c);
-            blk.c_attn.forward(p, ln1, c, qkv, 3 * c, n, Overwrite);
-            let att = layer_mut(&mut a.att, l, cap * c, nc);
-            attention_forward(self.shape(b, seq), qkv, att, layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads));
-            let mid = layer_mut(&mut a.mid, l, cap * c, nc);
-            mid.copy_from_slice(x);
-            blk.c_proj.forward(p, att, c, mid, c, n, Add);
-            let ln2 = layer_mut(&mut a.ln2, l, cap * c, nc);
-            let (mean, rstd) = (layer_mut(&mut a.ln2_stats.0, l, cap, n), layer_mut(&mut a.ln2_stats.1, l, cap, n));
-            blk.ln2.forward(p, mid, ln2, mean, rstd);
-            let fc = layer_mut(&mut a.fc, l, cap * inner, n * inner);
-            blk.fc.forward(p, ln2, c, fc, inner, n, Overwrite);
-            gelu_forward(&mut a.gelu[..n * inner], fc);
-            let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
-            out.copy_from_slice(mid);
-            blk.fc_proj.forward(p, &a.gelu[..n * inner], inner, out, c, n, Add);
+            let lc = l * cap * c;
+            let res = B::act(&a.res);
+            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln1_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln1_stats.1), l, cap, n));
+            blk.ln1.forward(be, p, at(res, l, cap * c, nc), at_mut(B::act_mut(&mut a.ln1), l, cap * c, nc), mean, rstd)?;
+            let ln1 = Mat::new(B::act(&a.ln1), lc, n, c);
+            blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.qkv), l * cap * 3 * c, n, 3 * c), Overwrite)?;
+            let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
+            be.attention_forward(
+                self.shape(x.b, x.seq),
+                at(B::act(&a.qkv), l, cap * 3 * c, n * 3 * c),
+                at_mut(B::act_mut(&mut a.att), l, cap * c, nc),
+                lse,
+            )?;
+            be.copy(at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
+            blk.c_proj.forward(be, p, Mat::new(B::act(&a.att), lc, n, c), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
+            let mid = at(B::act(&a.mid), l, cap * c, nc);
+            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln2_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln2_stats.1), l, cap, n));
+            blk.ln2.forward(be, p, mid.clone(), at_mut(B::act_mut(&mut a.ln2), l, cap * c, nc), mean, rstd)?;
+            let ln2 = Mat::new(B::act(&a.ln2), lc, n, c);
+            blk.fc.forward(be, p, ln2, MatMut::new(B::act_mut(&mut a.fc), l * cap * inner, n, inner), Overwrite)?;
+            be.gelu_forward(SpanMut::at(B::act_mut(&mut a.gelu), 0, n * inner), at(B::act(&a.fc), l, cap * inner, n * inner))?;
+            let res = B::act_mut(&mut a.res);
+            be.copy(at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
+            blk.fc_proj.forward(be, p, Mat::new(B::act(&a.gelu), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
         }
         Ok(())
     }
 
     /// The final norm after the last block: the head's input.
-    pub fn final_norm(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+    pub fn final_norm<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        let (c, n, cap) = (self.c, x.rows(), a.n);
         let nc = n * c;
         let l = self.blocks.len();
-        let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
-        need_final_norm(pa, &self.head, &self.head_slices, ln_f)?;
-        let p = pa.get();
-        self.ln_f.forward(p, layer(&a.res, l, cap * c, nc), &mut a.lnf[..nc], &mut a.lnf_stats.0[..n], &mut a.lnf_stats.1[..n]);
-        Ok(())
+        need_final_norm(pa, &self.head, &self.head_slices, self.ln_f.range())?;
+        let (mean, rstd) = (SpanMut::at(B::f32s_mut(&mut a.lnf_stats.0), 0, n), SpanMut::at(B::f32s_mut(&mut a.lnf_stats.1), 0, n));
+        self.ln_f.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, nc), SpanMut::at(B::act_mut(&mut a.lnf), 0, nc), mean, rstd)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_backward(
+    pub fn forward_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-        targets: &[u32],
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        self.forward(pa, a, b, seq, inputs)?;
-        let loss = self.head_backward(pa, g, a, b, seq, targets, scale)?;
-        self.blocks_backward(pa, g, a, b, seq, 0..self.blocks.len())?;
-        self.embed_backward(pa, g, a, b, seq, inputs)?;
+        self.forward(be, pa, a, x)?;
+        let loss = self.head_backward(be, pa, g, a, x, scale)?;
+        self.blocks_backward(be, pa, g, a, x, 0..self.blocks.len())?;
+        self.embed_backward(be, pa, g, a, x)?;
         Ok(loss)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
     /// and the loss's gradient at the residual stream after the last block (in `a`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn head_backward(
+    pub fn head_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        targets: &[u32],
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (c, n, cap) = (self.c, x.rows(), a.n);
         let nc = n * c;
         let untied = self.head.weight != self.wte;
-        let ln_f = span([self.ln_f.weight.range(), self.ln_f.bias.range()]);
-        let (h, t, dh) = (&a.lnf[..nc], &targets[..n], &mut a.dc[..nc]);
-        let loss = head_loss(pa, &self.head, &self.head_slices, untied, h, t, &mut a.logits, g, dh, scale, ln_f.clone())?;
-        let p = pa.get();
-        let dres = &mut a.dres[..nc];
-        dres.fill(0.0);
+        let (h, dh, logits) = (B::act(&a.lnf), B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
+        head_loss(be, pa, &self.head, &self.head_slices, untied, h, x.targets, logits, &mut a.losses, g, dh, scale, self.ln_f.range())?;
+        let loss = be.loss_sum(&mut a.losses, n)?;
+        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nc))?;
         let l_all = self.blocks.len();
-        self.ln_f.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.lnf_stats.0[..n], &a.lnf_stats.1[..n]);
-        pa.grads_ready(g, ln_f)?;
+        let (dout, xs) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l_all, cap * c, nc));
+        let (mean, rstd) = (at(B::f32s(&a.lnf_stats.0), 0, n, n), at(B::f32s(&a.lnf_stats.1), 0, n, n));
+        self.ln_f.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dout, xs, mean, rstd)?;
+        pa.grads_ready(g, self.ln_f.range())?;
         Ok(loss)
     }
 
     /// Blocks `range` backward, the last first: from the gradient at the residual stream after
     /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
     /// saved.
-    pub fn blocks_backward(
+    pub fn blocks_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap, inner) = (self.c, b * seq, a.n, self.inner);
-        let nc = n * c;
-        let dres = &mut a.dres[..nc];
+        let (c, n, cap, inner) = (self.c, x.rows(), a.n, self.inner);
+        let (nc, ni) = (n * c, n * inner);
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
+            let lc = l * cap * c;
             // MLP: the GELU output is recomputed rather than stored per layer. Each weight's
             // gradient is announced final as soon as it is (ZeRO-2/3 send it off at once).
-            let fc = layer(&a.fc, l, cap * inner, n * inner);
-            let gelu = &mut a.gelu[..n * inner];
-            gelu_forward(gelu, fc);
-            let dbig = &mut a.dbig[..n * inner];
-            blk.fc_proj.backward(pa.get(), g, (gelu, inner), (dres, c), Some((dbig, inner, Overwrite)), n);
+            let fc = at(B::act(&a.fc), l, cap * inner, ni);
+            be.gelu_forward(SpanMut::at(B::act_mut(&mut a.gelu), 0, ni), fc.clone())?;
+            let (gelu, dres) = (Mat::new(B::act(&a.gelu), 0, n, inner), Mat::new(B::act(&a.dres), 0, n, c));
+            blk.fc_proj.backward(be, pa.get(), g, gelu, dres, Some((MatMut::new(B::act_mut(&mut a.dbig), 0, n, inner), Overwrite)))?;
             pa.grads_ready(g, blk.fc_proj.range())?;
-            gelu_backward_inplace(dbig, fc);
-            let ln2 = layer(&a.ln2, l, cap * c, nc);
-            let dc = &mut a.dc[..nc];
-            blk.fc.backward(pa.get(), g, (ln2, c), (dbig, inner), Some((dc, c, Overwrite)), n);
+            be.gelu_backward_inplace(SpanMut::at(B::act_mut(&mut a.dbig), 0, ni), fc)?;
+            let (ln2, dbig) = (Mat::new(B::act(&a.ln2), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, inner));
+            blk.fc.backward(be, pa.get(), g, ln2, dbig, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.fc.range())?;
-            let mid = layer(&a.mid, l, cap * c, nc);
-            let (mean, rstd) = (layer(&a.ln2_stats.0, l, cap, n), layer(&a.ln2_stats.1, l, cap, n));
-            blk.ln2.backward(pa.get(), g, dres, dc, mid, mean, rstd);
-            pa.grads_ready(g, span([blk.ln2.weight.range(), blk.ln2.bias.range()]))?;
+            let (dc, mid) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc));
+            let (mean, rstd) = (at(B::f32s(&a.ln2_stats.0), l, cap, n), at(B::f32s(&a.ln2_stats.1), l, cap, n));
+            blk.ln2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, mean, rstd)?;
+            pa.grads_ready(g, blk.ln2.range())?;
             // Attention.
-            let att = layer(&a.att, l, cap * c, nc);
-            blk.c_proj.backward(pa.get(), g, (att, c), (dres, c), Some((dc, c, Overwrite)), n);
+            let (att, dres) = (Mat::new(B::act(&a.att), lc, n, c), Mat::new(B::act(&a.dres), 0, n, c));
+            blk.c_proj.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.c_proj.range())?;
-            let qkv = layer(&a.qkv, l, cap * 3 * c, n * 3 * c);
-            let lse = layer(&a.lse, l, cap * self.heads, n * self.heads);
-            let dqkv = &mut a.dbig[..n * 3 * c];
-            attention_backward(self.shape(b, seq), qkv, att, lse, dc, dqkv);
-            let ln1 = layer(&a.ln1, l, cap * c, nc);
-            blk.c_attn.backward(pa.get(), g, (ln1, c), (dqkv, 3 * c), Some((dc, c, Overwrite)), n);
+            let qkv = at(B::act(&a.qkv), l, cap * 3 * c, n * 3 * c);
+            let lse = at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads);
+            let (att, dc) = (at(B::act(&a.att), l, cap * c, nc), at(B::act(&a.dc), 0, nc, nc));
+            be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * c))?;
+            let (ln1, dqkv) = (Mat::new(B::act(&a.ln1), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * c));
+            blk.c_attn.backward(be, pa.get(), g, ln1, dqkv, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.c_attn.range())?;
-            let x = layer(&a.res, l, cap * c, nc);
-            let (mean, rstd) = (layer(&a.ln1_stats.0, l, cap, n), layer(&a.ln1_stats.1, l, cap, n));
-            blk.ln1.backward(pa.get(), g, dres, dc, x, mean, rstd);
-            pa.grads_ready(g, span([blk.ln1.weight.range(), blk.ln1.bias.range()]))?;
+            let (dc, xs) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc));
+            let (mean, rstd) = (at(B::f32s(&a.ln1_stats.0), l, cap, n), at(B::f32s(&a.ln1_stats.1), l, cap, n));
+            blk.ln1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, mean, rstd)?;
+            pa.grads_ready(g, blk.ln1.range())?;
         }
         Ok(())
     }
 
-    /// The token embedding's gradient, from the residual stream's before block 0.
-    pub fn embed_backward(&self, pa: &mut dyn Params, g: &mut [f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n) = (self.c, b * seq);
-        let nc = n * c;
-        let dres = &a.dres[..nc];
-        let (dwte, dwpe) = two_mut(g, self.wte, self.wpe);
-        embedding_backward(dwte, Some(dwpe), dres, &inputs[..n], seq, c);
+    /// The token and position embeddings' gradients, from the residual stream's before block 0.
+    pub fn embed_backward<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
+    ) -> Result<()> {
+        let nc = x.rows() * self.c;
+        be.embedding_backward(g, self.wte.range(), Some(self.wpe.range()), at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wpe.range())?;
-        pa.grads_ready(g, self.wte.range())?;
-        Ok(())
+        pa.grads_ready(g, self.wte.range())
     }
 
-    /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
-    /// head, and the head's scratch.
-    pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
-        let mut all = p;
-        self.forward(&mut all, a, b, seq, inputs).expect("reading a whole buffer cannot fail");
-        (&a.lnf[..b * seq * self.c], self.head, &mut a.logits)
+    /// Forward only: the final hidden states (`[b·seq, hidden]`, after the last norm) in `a`,
+    /// with the head and the buffers it runs on.
+    pub fn hidden<'a, B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        a: &'a mut Acts<B>,
+        x: &Batch<'_, B>,
+    ) -> Result<Hidden<'a, B>> {
+        self.forward(be, pa, a, x)?;
+        Ok((B::act(&a.lnf), self.head, B::act_mut(&mut a.logits), &mut a.losses))
     }
 }

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use crate::backend::{Backend, Cpu, Weights};
 use crate::Result;
 
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
@@ -29,21 +30,36 @@ pub struct NoHooks;
 
 impl ParamHooks for NoHooks {}
 
-/// What a model sees of its parameters: read access announced before each use, and a place to
-/// say which gradients are final.
-pub trait Params {
+/// What a model sees of its parameters, on backend `B`: read access announced before each use,
+/// and a place to say which gradients are final.
+pub trait Params<B: Backend = Cpu> {
     fn need(&mut self, ranges: &[Range<usize>]) -> Result<()>;
-    fn get(&self) -> &[f32];
-    fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()>;
+    fn get(&self) -> Weights<'_, B>;
+    fn grads_ready(&mut self, grads: &mut B::F32, range: Range<usize>) -> Result<()>;
 }
 
-impl Params for &[f32] {
+/// Parameters that are all present, with no one to tell.
+impl<B: Backend> Params<B> for Weights<'_, B> {
     fn need(&mut self, _: &[Range<usize>]) -> Result<()> {
         Ok(())
     }
 
-    fn get(&self) -> &[f32] {
-        self
+    fn get(&self) -> Weights<'_, B> {
+        *self
+    }
+
+    fn grads_ready(&mut self, _: &mut B::F32, _: Range<usize>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Params<Cpu> for &[f32] {
+    fn need(&mut self, _: &[Range<usize>]) -> Result<()> {
+        Ok(())
+    }
+
+    fn get(&self) -> Weights<'_, Cpu> {
+        Weights { w: self, master: self }
     }
 
     fn grads_ready(&mut self, _: &mut [f32], _: Range<usize>) -> Result<()> {
@@ -57,13 +73,13 @@ pub struct Hooked<'a> {
     pub hooks: &'a mut dyn ParamHooks,
 }
 
-impl Params for Hooked<'_> {
+impl Params<Cpu> for Hooked<'_> {
     fn need(&mut self, ranges: &[Range<usize>]) -> Result<()> {
         self.hooks.need_params(self.params, ranges)
     }
 
-    fn get(&self) -> &[f32] {
-        self.params
+    fn get(&self) -> Weights<'_, Cpu> {
+        Weights { w: self.params, master: self.params }
     }
 
     fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {

@@ -1,20 +1,20 @@
 //! LLaMA family (`LlamaForCausalLM`): RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query
-//! attention, optional explicit `head_dim`, tied or untied head.
+//! attention, optional explicit `head_dim`, tied or untied head. Written once, over either
+//! backend (`crate::backend`).
 
-use gantry_kernels::cpu::activation::{swiglu_backward, swiglu_forward};
-use gantry_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
-use gantry_kernels::cpu::embedding::embedding_backward;
-use gantry_kernels::cpu::matmul::Accumulate::{Add, Overwrite};
-use gantry_kernels::cpu::rope::{rope_apply, RopeTable};
+use gantry_kernels::cpu::attention::AttnShape;
+use gantry_kernels::cpu::rope::RopeTable;
 
 use super::hooks::{span, Params};
-use super::sliced::{embed_in_slices, head_loss, head_scratch_len, need_final_norm};
-use super::{layer, layer_mut, ModelConfig};
+use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
+use super::{at, at_mut, Batch, Hidden, ModelConfig};
+use crate::backend::Accumulate::{Add, Overwrite};
+use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
 use crate::Result;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Block {
     norm1: RmsNorm,
     q: Linear,
@@ -36,7 +36,7 @@ impl Block {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Llama {
     c: usize,
     heads: usize,
@@ -54,34 +54,36 @@ pub struct Llama {
     rope: RopeTable,
 }
 
-/// Saved activations (layer-major stacks) and backward scratch for one batch shape.
-#[derive(Debug)]
-pub struct Acts {
+/// Saved activations (layer-major stacks) and backward scratch for one batch shape, on backend
+/// `B`; norm statistics and the attention's log-sum-exp in f32.
+pub struct Acts<B: Backend> {
     n: usize,
-    res: Vec<f32>,
-    mid: Vec<f32>,
-    n1: Vec<f32>,
-    n1_rstd: Vec<f32>,
-    qkv: Vec<f32>,
-    att: Vec<f32>,
-    lse: Vec<f32>,
-    n2: Vec<f32>,
-    n2_rstd: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    act: Vec<f32>,
-    nf: Vec<f32>,
-    nf_rstd: Vec<f32>,
-    dres: Vec<f32>,
-    dc: Vec<f32>,
-    datt: Vec<f32>,
-    dqkv: Vec<f32>,
-    da: Vec<f32>,
-    db: Vec<f32>,
-    logits: Vec<f32>,
+    res: B::ActBuf,
+    mid: B::ActBuf,
+    n1: B::ActBuf,
+    n1_rstd: B::F32Buf,
+    qkv: B::ActBuf,
+    att: B::ActBuf,
+    lse: B::F32Buf,
+    n2: B::ActBuf,
+    n2_rstd: B::F32Buf,
+    gate: B::ActBuf,
+    up: B::ActBuf,
+    act: B::ActBuf,
+    nf: B::ActBuf,
+    nf_rstd: B::F32Buf,
+    dres: B::ActBuf,
+    dc: B::ActBuf,
+    datt: B::ActBuf,
+    dqkv: B::ActBuf,
+    da: B::ActBuf,
+    db: B::ActBuf,
+    logits: B::ActBuf,
+    losses: B::Losses,
+    rope: B::Rope,
 }
 
-impl Acts {
+impl Acts<Cpu> {
     /// Floats held (for the test that `acts_elems` tells the truth).
     pub fn elems(&self) -> usize {
         [
@@ -221,142 +223,174 @@ impl Llama {
         self.acts_lens(batch, seq).iter().sum()
     }
 
-    pub fn acts(&self, batch: usize, seq: usize) -> Acts {
-        let mut lens = self.acts_lens(batch, seq).into_iter().map(|len| vec![0.0f32; len]);
-        let mut z = || lens.next().expect("one length per buffer");
-        Acts {
+    pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> Result<Acts<B>> {
+        let lens = self.acts_lens(batch, seq);
+        let t = |i: usize| be.alloc(lens[i]);
+        let f = |i: usize| be.alloc_f32(lens[i]);
+        Ok(Acts {
             n: batch * seq,
-            res: z(),
-            mid: z(),
-            n1: z(),
-            n1_rstd: z(),
-            qkv: z(),
-            att: z(),
-            lse: z(),
-            n2: z(),
-            n2_rstd: z(),
-            gate: z(),
-            up: z(),
-            act: z(),
-            nf: z(),
-            nf_rstd: z(),
-            dres: z(),
-            dc: z(),
-            datt: z(),
-            dqkv: z(),
-            da: z(),
-            db: z(),
-            logits: z(),
-        }
+            res: t(0)?,
+            mid: t(1)?,
+            n1: t(2)?,
+            n1_rstd: f(3)?,
+            qkv: t(4)?,
+            att: t(5)?,
+            lse: f(6)?,
+            n2: t(7)?,
+            n2_rstd: f(8)?,
+            gate: t(9)?,
+            up: t(10)?,
+            act: t(11)?,
+            nf: t(12)?,
+            nf_rstd: f(13)?,
+            dres: t(14)?,
+            dc: t(15)?,
+            datt: t(16)?,
+            dqkv: t(17)?,
+            da: t(18)?,
+            db: t(19)?,
+            logits: t(20)?,
+            losses: be.losses(batch * seq)?,
+            rope: be.upload_rope(&self.rope)?,
+        })
     }
 
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
         AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim }
     }
 
-    fn forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        self.embed(pa, a, b, seq, inputs)?;
-        self.blocks_forward(pa, a, b, seq, 0..self.blocks.len())?;
-        self.final_norm(pa, a, b, seq)
+    fn forward<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        self.embed(be, pa, a, x)?;
+        self.blocks_forward(be, pa, a, x, 0..self.blocks.len())?;
+        self.final_norm(be, pa, a, x)
     }
 
     /// The batch's token embedding: the residual stream before block 0.
-    pub fn embed(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n) = (self.c, b * seq);
-        let nc = n * c;
-        embed_in_slices(pa, &self.wte_slices, self.wte, None, &mut a.res[..nc], &inputs[..n], c)?;
-        Ok(())
+    pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        embed(be, pa, &self.wte_slices, self.wte, None, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
     /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
-    pub fn blocks_forward(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize, range: std::ops::Range<usize>) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+    pub fn blocks_forward<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let (c, n, cap, seq) = (self.c, x.rows(), a.n, x.seq);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
             let p = pa.get();
-            let x = layer(&a.res, l, cap * c, nc);
-            let n1 = layer_mut(&mut a.n1, l, cap * c, nc);
-            blk.norm1.forward(p, x, n1, layer_mut(&mut a.n1_rstd, l, cap, n));
-            let qkv = layer_mut(&mut a.qkv, l, cap * w, n * w);
-            blk.q.forward(p, n1, c, qkv, w, n, Overwrite);
-            blk.k.forward(p, n1, c, &mut qkv[q_off..], w, n, Overwrite);
-            blk.v.forward(p, n1, c, &mut qkv[v_off..], w, n, Overwrite);
-            rope_apply(qkv, w, self.heads + self.kv_heads, seq, &self.rope, false);
-            let att = layer_mut(&mut a.att, l, cap * hd, n * hd);
-            attention_forward(self.shape(b, seq), qkv, att, layer_mut(&mut a.lse, l, cap * self.heads, n * self.heads));
-            let mid = layer_mut(&mut a.mid, l, cap * c, nc);
-            mid.copy_from_slice(x);
-            blk.o.forward(p, att, hd, mid, c, n, Add);
-            let n2 = layer_mut(&mut a.n2, l, cap * c, nc);
-            blk.norm2.forward(p, mid, n2, layer_mut(&mut a.n2_rstd, l, cap, n));
-            let gate = layer_mut(&mut a.gate, l, cap * inner, n * inner);
-            blk.gate.forward(p, n2, c, gate, inner, n, Overwrite);
-            let up = layer_mut(&mut a.up, l, cap * inner, n * inner);
-            blk.up.forward(p, n2, c, up, inner, n, Overwrite);
-            swiglu_forward(&mut a.act[..n * inner], gate, up);
-            let out = layer_mut(&mut a.res, l + 1, cap * c, nc);
-            out.copy_from_slice(mid);
-            blk.down.forward(p, &a.act[..n * inner], inner, out, c, n, Add);
+            let (lc, lw, lhd, li) = (l * cap * c, l * cap * w, l * cap * hd, l * cap * inner);
+            let res = B::act(&a.res);
+            blk.norm1.forward(
+                be,
+                p,
+                at(res, l, cap * c, nc),
+                at_mut(B::act_mut(&mut a.n1), l, cap * c, nc),
+                at_mut(B::f32s_mut(&mut a.n1_rstd), l, cap, n),
+            )?;
+            let n1 = Mat::new(B::act(&a.n1), lc, n, c);
+            let qkv = B::act_mut(&mut a.qkv);
+            blk.q.forward(be, p, n1, MatMut::strided(&mut *qkv, lw, n, hd, w), Overwrite)?;
+            blk.k.forward(be, p, n1, MatMut::strided(&mut *qkv, lw + q_off, n, v_off - q_off, w), Overwrite)?;
+            blk.v.forward(be, p, n1, MatMut::strided(&mut *qkv, lw + v_off, n, w - v_off, w), Overwrite)?;
+            be.rope_apply(SpanMut::at(&mut *qkv, lw, n * w), w, self.heads + self.kv_heads, seq, &self.rope, &a.rope, false)?;
+            let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
+            be.attention_forward(
+                self.shape(x.b, seq),
+                at(B::act(&a.qkv), l, cap * w, n * w),
+                at_mut(B::act_mut(&mut a.att), l, cap * hd, n * hd),
+                lse,
+            )?;
+            be.copy(at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
+            blk.o.forward(be, p, Mat::new(B::act(&a.att), lhd, n, hd), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
+            let mid = at(B::act(&a.mid), l, cap * c, nc);
+            blk.norm2.forward(
+                be,
+                p,
+                mid.clone(),
+                at_mut(B::act_mut(&mut a.n2), l, cap * c, nc),
+                at_mut(B::f32s_mut(&mut a.n2_rstd), l, cap, n),
+            )?;
+            let n2 = Mat::new(B::act(&a.n2), lc, n, c);
+            blk.gate.forward(be, p, n2, MatMut::new(B::act_mut(&mut a.gate), li, n, inner), Overwrite)?;
+            blk.up.forward(be, p, n2, MatMut::new(B::act_mut(&mut a.up), li, n, inner), Overwrite)?;
+            let (gate, up) = (at(B::act(&a.gate), l, cap * inner, n * inner), at(B::act(&a.up), l, cap * inner, n * inner));
+            be.swiglu_forward(SpanMut::at(B::act_mut(&mut a.act), 0, n * inner), gate, up)?;
+            let res = B::act_mut(&mut a.res);
+            be.copy(at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
+            blk.down.forward(be, p, Mat::new(B::act(&a.act), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
         }
         Ok(())
     }
 
     /// The final norm after the last block: the head's input.
-    pub fn final_norm(&self, pa: &mut dyn Params, a: &mut Acts, b: usize, seq: usize) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
-        let nc = n * c;
+    pub fn final_norm<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
+        let (c, n, cap) = (self.c, x.rows(), a.n);
         let l = self.blocks.len();
         need_final_norm(pa, &self.head, &self.head_slices, self.norm.weight.range())?;
-        self.norm.forward(pa.get(), layer(&a.res, l, cap * c, nc), &mut a.nf[..nc], &mut a.nf_rstd[..n]);
-        Ok(())
+        let (out, rstd) = (SpanMut::at(B::act_mut(&mut a.nf), 0, n * c), SpanMut::at(B::f32s_mut(&mut a.nf_rstd), 0, n));
+        self.norm.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, n * c), out, rstd)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_backward(
+    pub fn forward_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-        targets: &[u32],
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        self.forward(pa, a, b, seq, inputs)?;
-        let loss = self.head_backward(pa, g, a, b, seq, targets, scale)?;
-        self.blocks_backward(pa, g, a, b, seq, 0..self.blocks.len())?;
-        self.embed_backward(pa, g, a, b, seq, inputs)?;
+        self.forward(be, pa, a, x)?;
+        let loss = self.head_backward(be, pa, g, a, x, scale)?;
+        self.blocks_backward(be, pa, g, a, x, 0..self.blocks.len())?;
+        self.embed_backward(be, pa, g, a, x)?;
         Ok(loss)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
     /// and the loss's gradient at the residual stream after the last block (in `a`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn head_backward(
+    pub fn head_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
-        targets: &[u32],
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (c, n, cap) = (self.c, x.rows(), a.n);
         let nc = n * c;
         let untied = self.head.weight != self.wte;
-        let (h, t, dh) = (&a.nf[..nc], &targets[..n], &mut a.dc[..nc]);
-        let loss = head_loss(pa, &self.head, &self.head_slices, untied, h, t, &mut a.logits, g, dh, scale, self.norm.weight.range())?;
-        let p = pa.get();
-        let dres = &mut a.dres[..nc];
-        dres.fill(0.0);
+        let (h, dh, logits) = (B::act(&a.nf), B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
+        head_loss(
+            be,
+            pa,
+            &self.head,
+            &self.head_slices,
+            untied,
+            h,
+            x.targets,
+            logits,
+            &mut a.losses,
+            g,
+            dh,
+            scale,
+            self.norm.weight.range(),
+        )?;
+        let loss = be.loss_sum(&mut a.losses, n)?;
+        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nc))?;
         let l_all = self.blocks.len();
-        self.norm.backward(p, g, dres, &a.dc[..nc], layer(&a.res, l_all, cap * c, nc), &a.nf_rstd[..n]);
+        let (dout, xs, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l_all, cap * c, nc), at(B::f32s(&a.nf_rstd), 0, n, n));
+        self.norm.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dout, xs, rstd)?;
         pa.grads_ready(g, self.norm.weight.range())?;
         Ok(loss)
     }
@@ -364,76 +398,96 @@ impl Llama {
     /// Blocks `range` backward, the last first: from the gradient at the residual stream after
     /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
     /// saved.
-    pub fn blocks_backward(
+    pub fn blocks_backward<B: Backend>(
         &self,
-        pa: &mut dyn Params,
-        g: &mut [f32],
-        a: &mut Acts,
-        b: usize,
-        seq: usize,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap) = (self.c, b * seq, a.n);
+        let (c, n, cap, seq) = (self.c, x.rows(), a.n, x.seq);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        let dres = &mut a.dres[..nc];
+        let ni = n * inner;
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
+            let lc = l * cap * c;
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
-            let gate = layer(&a.gate, l, cap * inner, n * inner);
-            let up = layer(&a.up, l, cap * inner, n * inner);
-            let act = &mut a.act[..n * inner];
-            swiglu_forward(act, gate, up);
-            let (da, db) = (&mut a.da[..n * inner], &mut a.db[..n * inner]);
+            let (gate, up) = (at(B::act(&a.gate), l, cap * inner, ni), at(B::act(&a.up), l, cap * inner, ni));
+            be.swiglu_forward(SpanMut::at(B::act_mut(&mut a.act), 0, ni), gate.clone(), up.clone())?;
+            let dres = Mat::new(B::act(&a.dres), 0, n, c);
             // Each weight's gradient is announced final as soon as it is, so that under ZeRO-2/3
             // it leaves this rank while the rest of the block is still running backward.
-            blk.down.backward(pa.get(), g, (act, inner), (dres, c), Some((da, inner, Overwrite)), n);
+            let act = Mat::new(B::act(&a.act), 0, n, inner);
+            blk.down.backward(be, pa.get(), g, act, dres, Some((MatMut::new(B::act_mut(&mut a.da), 0, n, inner), Overwrite)))?;
             pa.grads_ready(g, blk.down.range())?;
-            swiglu_backward(da, db, gate, up);
-            let n2 = layer(&a.n2, l, cap * c, nc);
-            let dc = &mut a.dc[..nc];
-            blk.gate.backward(pa.get(), g, (n2, c), (da, inner), Some((dc, c, Overwrite)), n);
+            be.swiglu_backward(SpanMut::at(B::act_mut(&mut a.da), 0, ni), SpanMut::at(B::act_mut(&mut a.db), 0, ni), gate, up)?;
+            let n2 = Mat::new(B::act(&a.n2), lc, n, c);
+            let (da, db) = (Mat::new(B::act(&a.da), 0, n, inner), Mat::new(B::act(&a.db), 0, n, inner));
+            blk.gate.backward(be, pa.get(), g, n2, da, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.gate.range())?;
-            blk.up.backward(pa.get(), g, (n2, c), (db, inner), Some((dc, c, Add)), n);
+            blk.up.backward(be, pa.get(), g, n2, db, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Add)))?;
             pa.grads_ready(g, blk.up.range())?;
-            blk.norm2.backward(pa.get(), g, dres, dc, layer(&a.mid, l, cap * c, nc), layer(&a.n2_rstd, l, cap, n));
+            let (dc, mid, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc), at(B::f32s(&a.n2_rstd), l, cap, n));
+            blk.norm2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, rstd)?;
             pa.grads_ready(g, blk.norm2.weight.range())?;
             // Attention.
-            let att = layer(&a.att, l, cap * hd, n * hd);
-            let datt = &mut a.datt[..n * hd];
-            blk.o.backward(pa.get(), g, (att, hd), (dres, c), Some((datt, hd, Overwrite)), n);
+            let att = Mat::new(B::act(&a.att), l * cap * hd, n, hd);
+            let dres = Mat::new(B::act(&a.dres), 0, n, c);
+            blk.o.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.datt), 0, n, hd), Overwrite)))?;
             pa.grads_ready(g, blk.o.range())?;
-            let qkv = layer(&a.qkv, l, cap * w, n * w);
-            let dqkv = &mut a.dqkv[..n * w];
-            attention_backward(self.shape(b, seq), qkv, att, layer(&a.lse, l, cap * self.heads, n * self.heads), datt, dqkv);
-            rope_apply(dqkv, w, self.heads + self.kv_heads, seq, &self.rope, true);
-            let n1 = layer(&a.n1, l, cap * c, nc);
-            blk.q.backward(pa.get(), g, (n1, c), (dqkv, w), Some((dc, c, Overwrite)), n);
-            blk.k.backward(pa.get(), g, (n1, c), (&dqkv[q_off..], w), Some((dc, c, Add)), n);
-            blk.v.backward(pa.get(), g, (n1, c), (&dqkv[v_off..], w), Some((dc, c, Add)), n);
+            let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
+            let (att, datt) = (at(B::act(&a.att), l, cap * hd, n * hd), at(B::act(&a.datt), 0, n * hd, n * hd));
+            be.attention_backward(self.shape(x.b, seq), qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w))?;
+            be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), w, self.heads + self.kv_heads, seq, &self.rope, &a.rope, true)?;
+            let n1 = Mat::new(B::act(&a.n1), lc, n, c);
+            let dqkv = B::act(&a.dqkv);
+            let dc = B::act_mut(&mut a.dc);
+            blk.q.backward(be, pa.get(), g, n1, Mat::strided(dqkv, 0, n, hd, w), Some((MatMut::new(&mut *dc, 0, n, c), Overwrite)))?;
+            blk.k.backward(
+                be,
+                pa.get(),
+                g,
+                n1,
+                Mat::strided(dqkv, q_off, n, v_off - q_off, w),
+                Some((MatMut::new(&mut *dc, 0, n, c), Add)),
+            )?;
+            blk.v.backward(be, pa.get(), g, n1, Mat::strided(dqkv, v_off, n, w - v_off, w), Some((MatMut::new(&mut *dc, 0, n, c), Add)))?;
             pa.grads_ready(g, span([blk.q.range(), blk.k.range(), blk.v.range()]))?;
-            blk.norm1.backward(pa.get(), g, dres, dc, layer(&a.res, l, cap * c, nc), layer(&a.n1_rstd, l, cap, n));
+            let (dc, xs, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc), at(B::f32s(&a.n1_rstd), l, cap, n));
+            blk.norm1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, rstd)?;
             pa.grads_ready(g, blk.norm1.weight.range())?;
         }
         Ok(())
     }
 
     /// The token embedding's gradient, from the residual stream's before block 0.
-    pub fn embed_backward(&self, pa: &mut dyn Params, g: &mut [f32], a: &mut Acts, b: usize, seq: usize, inputs: &[u32]) -> Result<()> {
-        let (c, n) = (self.c, b * seq);
-        let nc = n * c;
-        let dres = &a.dres[..nc];
-        embedding_backward(self.wte.get_mut(g), None, dres, &inputs[..n], seq, c);
-        pa.grads_ready(g, self.wte.range())?;
-        Ok(())
+    pub fn embed_backward<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        g: &mut B::F32,
+        a: &mut Acts<B>,
+        x: &Batch<'_, B>,
+    ) -> Result<()> {
+        let nc = x.rows() * self.c;
+        be.embedding_backward(g, self.wte.range(), None, at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
+        pa.grads_ready(g, self.wte.range())
     }
 
-    /// Runs the blocks: the final hidden states (`[b·seq, hidden]`, after the last norm), the
-    /// head, and the head's scratch.
-    pub fn hidden<'a>(&self, p: &[f32], a: &'a mut Acts, b: usize, seq: usize, inputs: &[u32]) -> (&'a [f32], LmHead, &'a mut [f32]) {
-        let mut all = p;
-        self.forward(&mut all, a, b, seq, inputs).expect("reading a whole buffer cannot fail");
-        (&a.nf[..b * seq * self.c], self.head, &mut a.logits)
+    /// Forward only: the final hidden states (`[b·seq, hidden]`, after the last norm) in `a`,
+    /// with the head and the buffers it runs on.
+    pub fn hidden<'a, B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        a: &'a mut Acts<B>,
+        x: &Batch<'_, B>,
+    ) -> Result<Hidden<'a, B>> {
+        self.forward(be, pa, a, x)?;
+        Ok((B::act(&a.nf), self.head, B::act_mut(&mut a.logits), &mut a.losses))
     }
 }

@@ -1,9 +1,10 @@
-//! Transformer language models with explicit forward and backward passes.
+//! Transformer language models with explicit forward and backward passes, each written once
+//! over the two backends (`crate::backend`).
 //!
 //! A model is its config, its [`ParamTable`] (the Hugging Face parameter names and shapes, so
 //! loading and export are a copy) and its layers. Activations live in buffers sized once for a
-//! batch shape and reused every step. Models know nothing of parallelism: the parallel wrappers
-//! drive them from outside.
+//! batch shape and reused every step, on the backend that runs them. Models know nothing of
+//! parallelism: the parallel wrappers drive them from outside, through the parameter hooks.
 
 pub mod config;
 mod gpt2;
@@ -14,43 +15,73 @@ mod sliced;
 
 pub use config::{Arch, ModelConfig};
 
-use crate::nn::LmHead;
+use std::ops::Range;
+
+use crate::backend::{Backend, Cpu, Ids, Span, SpanMut, Weights};
 use crate::params::{Chunking, ParamTable};
 use crate::{Error, Result};
 
 /// A causal language model.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Model {
     pub config: ModelConfig,
     pub table: ParamTable,
     kind: Kind,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Kind {
     Gpt2(gpt2::Gpt2),
     Llama(llama::Llama),
 }
 
-/// Activation buffers for one batch shape, reused every step.
-#[derive(Debug)]
-pub struct Activations {
+/// Activation buffers for one batch shape on backend `B`, reused every step: one micro-batch's
+/// saved activations (several can be alive at once, each its own value).
+pub struct Activations<B: Backend = Cpu> {
     batch: usize,
     seq: usize,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The inputs and targets where the backend's kernels read them.
+    dev_inputs: B::Tokens,
+    dev_targets: B::Tokens,
     /// Sequences of the micro-batch loaded last (by `load`).
     loaded: usize,
-    kind: ActsKind,
+    kind: ActsKind<B>,
 }
 
-#[derive(Debug)]
-enum ActsKind {
-    Gpt2(gpt2::Acts),
-    Llama(llama::Acts),
+impl<B: Backend> std::fmt::Debug for Activations<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activations").field("batch", &self.batch).field("seq", &self.seq).field("loaded", &self.loaded).finish()
+    }
 }
 
-impl Activations {
+enum ActsKind<B: Backend> {
+    Gpt2(gpt2::Acts<B>),
+    Llama(llama::Acts<B>),
+}
+
+/// What a forward pass leaves for the head: the final hidden states, the head, and the buffers
+/// it runs on (its logits scratch and the rows' losses).
+type Hidden<'a, B> = (&'a <B as Backend>::Act, crate::nn::LmHead, &'a mut <B as Backend>::Act, &'a mut <B as Backend>::Losses);
+
+/// A loaded micro-batch as the layers see it.
+pub(crate) struct Batch<'a, B: Backend> {
+    /// Sequences, and tokens per sequence.
+    pub b: usize,
+    pub seq: usize,
+    pub inputs: Ids<'a, B>,
+    pub targets: Ids<'a, B>,
+}
+
+impl<B: Backend> Batch<'_, B> {
+    /// Rows of activations: one per token.
+    pub fn rows(&self) -> usize {
+        self.b * self.seq
+    }
+}
+
+impl<B: Backend> Activations<B> {
     pub fn batch(&self) -> usize {
         self.batch
     }
@@ -59,12 +90,30 @@ impl Activations {
         self.seq
     }
 
-    /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets; returns `b`.
-    fn load(&mut self, windows: &[u32], vocab: usize) -> Result<usize> {
+    /// Splits `windows` (`[b, seq+1]` tokens) into inputs and targets, on the host and the
+    /// backend; returns `b`.
+    fn load(&mut self, be: &B, windows: &[u32], vocab: usize) -> Result<usize> {
         self.loaded = split_windows(windows, self.seq, self.batch, vocab, &mut self.inputs, &mut self.targets)?;
+        let n = self.loaded * self.seq;
+        be.load_tokens(&mut self.dev_inputs, &self.inputs[..n])?;
+        be.load_tokens(&mut self.dev_targets, &self.targets[..n])?;
         Ok(self.loaded)
     }
 
+    /// The loaded micro-batch and the activations, borrowed apart.
+    fn split(&mut self) -> (Batch<'_, B>, &mut ActsKind<B>) {
+        let n = self.loaded * self.seq;
+        let batch = Batch {
+            b: self.loaded,
+            seq: self.seq,
+            inputs: Ids { host: &self.inputs[..n], dev: &self.dev_inputs, at: 0 },
+            targets: Ids { host: &self.targets[..n], dev: &self.dev_targets, at: 0 },
+        };
+        (batch, &mut self.kind)
+    }
+}
+
+impl Activations<Cpu> {
     /// Bytes held: the float buffers and the token ids.
     pub fn bytes(&self) -> u64 {
         let floats = match &self.kind {
@@ -73,6 +122,17 @@ impl Activations {
         };
         4 * (floats + self.inputs.len() + self.targets.len()) as u64
     }
+}
+
+/// Runs `$body` with `$m` the architecture's model and `$a` its activations.
+macro_rules! with_arch {
+    ($kind:expr, $acts:expr, |$m:ident, $a:ident| $body:expr) => {
+        match ($kind, $acts) {
+            (Kind::Gpt2($m), ActsKind::Gpt2($a)) => $body,
+            (Kind::Llama($m), ActsKind::Llama($a)) => $body,
+            _ => unreachable!("activations belong to the model that made them"),
+        }
+    };
 }
 
 impl Model {
@@ -120,8 +180,13 @@ impl Model {
         4 * (floats + 2 * batch * seq) as u64
     }
 
-    /// Buffers for batches of up to `batch` sequences of `seq` tokens.
+    /// Buffers on the CPU for batches of up to `batch` sequences of `seq` tokens.
     pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations> {
+        self.activations_on(&Cpu, batch, seq)
+    }
+
+    /// Buffers on backend `be` for batches of up to `batch` sequences of `seq` tokens.
+    pub fn activations_on<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> Result<Activations<B>> {
         if seq == 0 || batch == 0 {
             return Err(Error::Unsupported { field: "data.seq_len".into(), message: "batch and sequence length must be positive".into() });
         }
@@ -132,11 +197,20 @@ impl Model {
             });
         }
         let kind = match &self.kind {
-            Kind::Gpt2(m) => ActsKind::Gpt2(m.acts(batch, seq)),
-            Kind::Llama(m) => ActsKind::Llama(m.acts(batch, seq)),
+            Kind::Gpt2(m) => ActsKind::Gpt2(m.acts(be, batch, seq)?),
+            Kind::Llama(m) => ActsKind::Llama(m.acts(be, batch, seq)?),
         };
         let n = batch * seq;
-        Ok(Activations { batch, seq, inputs: vec![0; n], targets: vec![0; n], loaded: 0, kind })
+        Ok(Activations {
+            batch,
+            seq,
+            inputs: vec![0; n],
+            targets: vec![0; n],
+            dev_inputs: be.alloc_tokens(n)?,
+            dev_targets: be.alloc_tokens(n)?,
+            loaded: 0,
+            kind,
+        })
     }
 
     /// Forward and backward over `windows` (`[b, seq+1]` tokens): accumulates `grad_scale ×
@@ -150,7 +224,7 @@ impl Model {
         grad_scale: f32,
     ) -> Result<f64> {
         let mut view = params;
-        self.run_forward_backward(&mut view, grads, acts, windows, grad_scale)
+        self.forward_backward_on(&Cpu, &mut view, grads, acts, windows, grad_scale)
     }
 
     /// As `forward_backward`, telling `hooks` which parameters are about to be read and which
@@ -164,24 +238,23 @@ impl Model {
         grad_scale: f32,
         hooks: &mut dyn hooks::ParamHooks,
     ) -> Result<f64> {
-        self.run_forward_backward(&mut hooks::Hooked { params, hooks }, grads, acts, windows, grad_scale)
+        self.forward_backward_on(&Cpu, &mut hooks::Hooked { params, hooks }, grads, acts, windows, grad_scale)
     }
 
-    fn run_forward_backward(
+    /// Forward and backward on backend `be`, the parameters read through `pa` (its hooks told of
+    /// every use), the gradients (f32, the table's layout) accumulated into `grads`.
+    pub fn forward_backward_on<B: Backend>(
         &self,
-        pa: &mut dyn hooks::Params,
-        grads: &mut [f32],
-        acts: &mut Activations,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        grads: &mut B::F32,
+        acts: &mut Activations<B>,
         windows: &[u32],
         grad_scale: f32,
     ) -> Result<f64> {
-        let b = acts.load(windows, self.config.vocab)?;
-        let (seq, inputs, targets) = (acts.seq, &acts.inputs, &acts.targets);
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.forward_backward(pa, grads, a, b, seq, inputs, targets, grad_scale),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.forward_backward(pa, grads, a, b, seq, inputs, targets, grad_scale),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+        acts.load(be, windows, self.config.vocab)?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| m.forward_backward(be, pa, grads, a, &x, grad_scale))
     }
 
     /// Pipeline stages and activation checkpointing run a micro-batch through the model a part at
@@ -190,68 +263,92 @@ impl Model {
     /// exactly what `forward_backward` does. A micro-batch's saved activations are its own
     /// `Activations`, so several micro-batches can be between forward and backward at once.
     pub fn embed(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<()> {
-        let b = acts.load(windows, self.config.vocab)?;
-        let (mut pa, seq, inputs) = (params, acts.seq, &acts.inputs);
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.embed(&mut pa, a, b, seq, inputs),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.embed(&mut pa, a, b, seq, inputs),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+        self.embed_on(&Cpu, &mut { params }, acts, windows)
+    }
+
+    /// `embed` on backend `be`.
+    pub fn embed_on<B: Backend>(&self, be: &B, pa: &mut dyn hooks::Params<B>, acts: &mut Activations<B>, windows: &[u32]) -> Result<()> {
+        acts.load(be, windows, self.config.vocab)?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| m.embed(be, pa, a, &x))
     }
 
     /// Blocks `range` forward for the micro-batch `embed` loaded into `acts` (see `embed`).
-    pub fn forward_blocks(&self, params: &[f32], acts: &mut Activations, range: std::ops::Range<usize>) -> Result<()> {
-        let (b, seq) = self.loaded(acts, &range)?;
-        let mut pa = params;
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.blocks_forward(&mut pa, a, b, seq, range),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.blocks_forward(&mut pa, a, b, seq, range),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+    pub fn forward_blocks(&self, params: &[f32], acts: &mut Activations, range: Range<usize>) -> Result<()> {
+        self.forward_blocks_on(&Cpu, &mut { params }, acts, range)
+    }
+
+    pub fn forward_blocks_on<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        acts: &mut Activations<B>,
+        range: Range<usize>,
+    ) -> Result<()> {
+        self.check_loaded(acts, &range)?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| m.blocks_forward(be, pa, a, &x, range))
     }
 
     /// The final norm and the head, forward and backward, after every block ran forward: returns
     /// the summed loss and accumulates `grad_scale ×` the head's gradients (see `embed`).
     pub fn head_backward(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations, grad_scale: f32) -> Result<f64> {
-        let (b, seq) = self.loaded(acts, &(0..0))?;
-        let (mut pa, targets) = (params, &acts.targets);
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => {
-                m.final_norm(&mut pa, a, b, seq)?;
-                m.head_backward(&mut pa, grads, a, b, seq, targets, grad_scale)
-            }
-            (Kind::Llama(m), ActsKind::Llama(a)) => {
-                m.final_norm(&mut pa, a, b, seq)?;
-                m.head_backward(&mut pa, grads, a, b, seq, targets, grad_scale)
-            }
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+        self.head_backward_on(&Cpu, &mut { params }, grads, acts, grad_scale)
+    }
+
+    pub fn head_backward_on<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        grads: &mut B::F32,
+        acts: &mut Activations<B>,
+        grad_scale: f32,
+    ) -> Result<f64> {
+        self.check_loaded(acts, &(0..0))?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| {
+            m.final_norm(be, pa, a, &x)?;
+            m.head_backward(be, pa, grads, a, &x, grad_scale)
+        })
     }
 
     /// Blocks `range` backward (see `embed`).
-    pub fn backward_blocks(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations, range: std::ops::Range<usize>) -> Result<()> {
-        let (b, seq) = self.loaded(acts, &range)?;
-        let mut pa = params;
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.blocks_backward(&mut pa, grads, a, b, seq, range),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.blocks_backward(&mut pa, grads, a, b, seq, range),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+    pub fn backward_blocks(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations, range: Range<usize>) -> Result<()> {
+        self.backward_blocks_on(&Cpu, &mut { params }, grads, acts, range)
+    }
+
+    pub fn backward_blocks_on<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        grads: &mut B::F32,
+        acts: &mut Activations<B>,
+        range: Range<usize>,
+    ) -> Result<()> {
+        self.check_loaded(acts, &range)?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| m.blocks_backward(be, pa, grads, a, &x, range))
     }
 
     /// The token embedding's gradient, after every block ran backward (see `embed`).
     pub fn embed_backward(&self, params: &[f32], grads: &mut [f32], acts: &mut Activations) -> Result<()> {
-        let (b, seq) = self.loaded(acts, &(0..0))?;
-        let (mut pa, inputs) = (params, &acts.inputs);
-        match (&self.kind, &mut acts.kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.embed_backward(&mut pa, grads, a, b, seq, inputs),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.embed_backward(&mut pa, grads, a, b, seq, inputs),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
+        self.embed_backward_on(&Cpu, &mut { params }, grads, acts)
     }
 
-    /// The micro-batch `acts` holds (sequences, length), checking `range` names blocks.
-    fn loaded(&self, acts: &Activations, range: &std::ops::Range<usize>) -> Result<(usize, usize)> {
+    pub fn embed_backward_on<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        grads: &mut B::F32,
+        acts: &mut Activations<B>,
+    ) -> Result<()> {
+        self.check_loaded(acts, &(0..0))?;
+        let (x, kind) = acts.split();
+        with_arch!(&self.kind, kind, |m, a| m.embed_backward(be, pa, grads, a, &x))
+    }
+
+    /// Checks that `acts` holds a micro-batch and `range` names blocks.
+    fn check_loaded<B: Backend>(&self, acts: &Activations<B>, range: &Range<usize>) -> Result<()> {
         if acts.loaded == 0 {
             return Err(Error::Unsupported {
                 field: "blocks".into(),
@@ -264,42 +361,36 @@ impl Model {
                 message: format!("blocks {range:?} of a model of {} blocks", self.config.layers),
             });
         }
-        Ok((acts.loaded, acts.seq))
+        Ok(())
     }
 
     /// Summed loss (nats) over `windows`, forward only.
     pub fn loss(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<f64> {
-        let b = acts.load(windows, self.config.vocab)?;
-        let Activations { seq, inputs, targets, kind, .. } = acts;
-        let (h, head, scratch) = self.hidden(params, kind, b, *seq, inputs);
-        Ok(head.loss(params, h, &targets[..b * *seq], scratch, None))
+        self.loss_on(&Cpu, Weights { w: params, master: params }, acts, windows)
+    }
+
+    /// `loss` on backend `be`.
+    pub fn loss_on<B: Backend>(&self, be: &B, p: Weights<'_, B>, acts: &mut Activations<B>, windows: &[u32]) -> Result<f64> {
+        acts.load(be, windows, self.config.vocab)?;
+        let (x, kind) = acts.split();
+        let rows = x.rows();
+        let mut pa = p;
+        let (h, head, scratch, losses) = with_arch!(&self.kind, kind, |m, a| m.hidden(be, &mut pa, a, &x))?;
+        head.loss(be, p, h, x.targets, scratch, losses, None)?;
+        be.loss_sum(losses, rows)
     }
 
     /// Logits `[b, seq, vocab]` for `windows` (`[b, seq+1]` tokens; the last token of each window
     /// is not read).
     pub fn logits(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<Vec<f32>> {
-        let b = acts.load(windows, self.config.vocab)?;
-        let Activations { seq, inputs, kind, .. } = acts;
-        let (h, head, _) = self.hidden(params, kind, b, *seq, inputs);
-        let mut out = vec![0.0; b * *seq * self.config.vocab];
-        head.logits(params, h, b * *seq, &mut out);
+        acts.load(&Cpu, windows, self.config.vocab)?;
+        let (x, kind) = acts.split();
+        let rows = x.rows();
+        let mut pa = params;
+        let (h, head, _, _) = with_arch!(&self.kind, kind, |m, a| m.hidden(&Cpu, &mut pa, a, &x))?;
+        let mut out = vec![0.0; rows * self.config.vocab];
+        head.logits(&Cpu, Weights { w: params, master: params }, h, rows, &mut out)?;
         Ok(out)
-    }
-
-    /// Runs the blocks: the final hidden states, the head, and the head's scratch.
-    fn hidden<'a>(
-        &self,
-        params: &[f32],
-        kind: &'a mut ActsKind,
-        b: usize,
-        seq: usize,
-        inputs: &[u32],
-    ) -> (&'a [f32], LmHead, &'a mut [f32]) {
-        match (&self.kind, kind) {
-            (Kind::Gpt2(m), ActsKind::Gpt2(a)) => m.hidden(params, a, b, seq, inputs),
-            (Kind::Llama(m), ActsKind::Llama(a)) => m.hidden(params, a, b, seq, inputs),
-            _ => unreachable!("activations belong to the model that made them"),
-        }
     }
 
     /// Model FLOPs per trained token at sequence length `seq`.
@@ -310,7 +401,7 @@ impl Model {
 
 /// Splits `windows` (`[b, seq+1]` tokens, `b` from 1 to `max_batch`) into `inputs` and `targets`
 /// (`[b, seq]` each, the targets shifted by one); returns `b`. Refuses a ragged batch and tokens
-/// outside the vocabulary, naming them. (The GPU model loads its batches through this too.)
+/// outside the vocabulary, naming them.
 pub(crate) fn split_windows(
     windows: &[u32],
     seq: usize,
@@ -342,13 +433,13 @@ pub(crate) fn split_windows(
 
 /// The `l`-th of a layer-major stack of buffers, each `stride` long, first `len` elements.
 #[inline]
-fn layer(buf: &[f32], l: usize, stride: usize, len: usize) -> &[f32] {
-    &buf[l * stride..l * stride + len]
+fn at<X: ?Sized>(buf: &X, l: usize, stride: usize, len: usize) -> Span<'_, X> {
+    Span::at(buf, l * stride, len)
 }
 
 #[inline]
-fn layer_mut(buf: &mut [f32], l: usize, stride: usize, len: usize) -> &mut [f32] {
-    &mut buf[l * stride..l * stride + len]
+fn at_mut<X: ?Sized>(buf: &mut X, l: usize, stride: usize, len: usize) -> SpanMut<'_, X> {
+    SpanMut::at(buf, l * stride, len)
 }
 
 #[cfg(test)]

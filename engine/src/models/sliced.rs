@@ -4,54 +4,51 @@
 //! (`ParamTable::slices`), and a chunk is gathered only while it is read. The embedding's forward
 //! asks for one slice, copies the rows of the tokens it holds, and moves on; the head runs a
 //! slice at a time too (`LmHead::loss_in_slices`). So no rank ever gathers the whole vocabulary
-//! (a quarter of a 34M-parameter LLaMA with 16k tokens). Both models call these, whole or sliced.
+//! (a quarter of a 34M-parameter LLaMA with 16k tokens). Both models call these, whole or sliced,
+//! on either backend.
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::hooks::Params;
+use crate::backend::{Backend, Ids, Span, SpanMut};
 use crate::nn::LmHead;
 use crate::params::ParamRef;
 use crate::Result;
 
-/// Writes the embedding rows of `tokens` into `out` (`[tokens, c]`), one slice of `wte` at a
-/// time; `also` stays needed throughout (GPT-2's position table, added by the caller after).
-/// The same values as `embedding_forward`: each row is a copy (positions are added after, as
-/// the kernel adds them after its copy). A whole embedding is one slice.
-pub fn embed_in_slices(
-    pa: &mut dyn Params,
+/// Writes the embedding of `tokens` into `out` (`[tokens, c]` from its start): the token rows
+/// (`wte`) plus, when given, the position rows (`wpe`). A table split into several slices is
+/// read one slice at a time, `wpe` needed throughout; the rows come out as the whole-table
+/// kernel writes them (each a copy, the positions added after).
+#[allow(clippy::too_many_arguments)]
+pub fn embed<B: Backend>(
+    be: &B,
+    pa: &mut dyn Params<B>,
     slices: &[Range<usize>],
     wte: ParamRef,
-    also: Option<Range<usize>>,
-    out: &mut [f32],
-    tokens: &[u32],
+    wpe: Option<ParamRef>,
+    out: &mut B::Act,
+    tokens: Ids<'_, B>,
+    seq: usize,
     c: usize,
 ) -> Result<()> {
-    for s in slices {
-        let want: Vec<Range<usize>> = std::iter::once(s.clone()).chain(also.clone()).collect();
+    let nc = tokens.host.len() * c;
+    if slices.len() <= 1 {
+        let want: Vec<Range<usize>> = std::iter::once(wte.range()).chain(wpe.map(|p| p.range())).collect();
         pa.need(&want)?;
-        let rows = (s.start - wte.offset) / c..(s.end - wte.offset) / c;
         let p = pa.get();
-        out.par_chunks_mut(c).zip(tokens.par_iter()).for_each(|(o, &t)| {
-            let t = t as usize;
-            if rows.contains(&t) {
-                o.copy_from_slice(&p[wte.offset + t * c..][..c]);
-            }
-        });
+        let wpe = wpe.map(|r| Span::new(p.master, r.range()));
+        return be.embedding_forward(SpanMut::new(out, 0..nc), tokens, Span::new(p.master, wte.range()), wpe, seq, c);
+    }
+    for s in slices {
+        let want: Vec<Range<usize>> = std::iter::once(s.clone()).chain(wpe.map(|p| p.range())).collect();
+        pa.need(&want)?;
+        let first = (s.start - wte.offset) / c;
+        be.embedding_rows(SpanMut::new(&mut *out, 0..nc), tokens, Span::new(pa.get().master, s.clone()), first, c)?;
+    }
+    if let Some(wpe) = wpe {
+        be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, wpe.range()), seq, c)?;
     }
     Ok(())
-}
-
-/// Adds the position rows (`wpe`, `[positions, c]`) to `out` (`[b·seq, c]`), as
-/// `embedding_forward` does after its copy.
-pub fn add_positions(out: &mut [f32], wpe: &[f32], seq: usize, c: usize) {
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-        let p = &wpe[(r % seq) * c..][..c];
-        for i in 0..c {
-            o[i] += p[i];
-        }
-    });
 }
 
 /// Floats of the head's scratch for `rows` rows: a block of rows' logits, or all rows' when the
@@ -66,7 +63,7 @@ pub fn head_scratch_len(head: &LmHead, slices: &[Range<usize>], rows: usize) -> 
 
 /// Asks for the final norm `norm` before it runs, with the head when the head is whole (it is
 /// read next, without asking again); a sliced head asks for its slices itself.
-pub fn need_final_norm(pa: &mut dyn Params, head: &LmHead, slices: &[Range<usize>], norm: Range<usize>) -> Result<()> {
+pub fn need_final_norm<B: Backend>(pa: &mut dyn Params<B>, head: &LmHead, slices: &[Range<usize>], norm: Range<usize>) -> Result<()> {
     if slices.len() > 1 {
         pa.need(&[norm])
     } else {
@@ -74,32 +71,34 @@ pub fn need_final_norm(pa: &mut dyn Params, head: &LmHead, slices: &[Range<usize
     }
 }
 
-/// The head's summed loss over `h` (the final norm's output) against `targets`: accumulates
-/// `scale ×` its weight gradient into `g` and writes the hidden states' gradient into `dh`. The
-/// head's gradient is announced final unless it is tied to the embedding (`untied` false: the
-/// embedding adds to it later), and `norm` is asked for again, for the final norm's backward.
+/// The head's loss over `h` (the final norm's output) against `targets`, the rows' losses
+/// collected in `losses`: accumulates `scale ×` its weight gradient into `g` and writes the
+/// hidden states' gradient into `dh`. The head's gradient is announced final unless it is tied
+/// to the embedding (`untied` false: the embedding adds to it later), and `norm` is asked for
+/// again, for the final norm's backward.
 #[allow(clippy::too_many_arguments)]
-pub fn head_loss(
-    pa: &mut dyn Params,
+pub fn head_loss<B: Backend>(
+    be: &B,
+    pa: &mut dyn Params<B>,
     head: &LmHead,
     slices: &[Range<usize>],
     untied: bool,
-    h: &[f32],
-    targets: &[u32],
-    logits: &mut [f32],
-    g: &mut [f32],
-    dh: &mut [f32],
+    h: &B::Act,
+    targets: Ids<'_, B>,
+    logits: &mut B::Act,
+    losses: &mut B::Losses,
+    g: &mut B::F32,
+    dh: &mut B::Act,
     scale: f32,
     norm: Range<usize>,
-) -> Result<f64> {
+) -> Result<()> {
     if slices.len() > 1 {
-        let loss = head.loss_in_slices(pa, slices, h, targets, logits, Some((g, dh, scale)), untied)?;
-        pa.need(&[norm])?;
-        return Ok(loss);
+        head.loss_in_slices(be, pa, slices, h, targets, logits, losses, Some((g, dh, scale)), untied)?;
+        return pa.need(&[norm]);
     }
-    let loss = head.loss(pa.get(), h, targets, logits, Some((&mut *g, dh, scale)));
+    head.loss(be, pa.get(), h, targets, logits, losses, Some((&mut *g, dh, scale)))?;
     if untied {
         pa.grads_ready(g, head.weight.range())?;
     }
-    Ok(loss)
+    Ok(())
 }

@@ -6,11 +6,9 @@
 //! except when the head runs one vocabulary slice at a time (`loss_in_slices`, for a head split
 //! across chunks under data parallelism).
 
-use gantry_kernels::cpu::loss::softmax_xent;
-use gantry_kernels::cpu::matmul::{matmul, Accumulate, MatMut, MatRef, Threads};
-
 use std::ops::Range;
 
+use crate::backend::{Accumulate, Backend, Ids, Mat, MatMut, Weights};
 use crate::models::hooks::Params;
 use crate::params::ParamRef;
 use crate::Result;
@@ -53,44 +51,45 @@ impl LmHead {
         rows.max(1).min(self.max_block_rows()) * self.vocab
     }
 
-    fn w<'a>(&self, params: &'a [f32]) -> MatRef<'a> {
-        MatRef::new(self.weight.get(params), self.vocab, self.hidden)
+    fn w<'a, B: Backend>(&self, p: Weights<'a, B>) -> Mat<'a, B::Act> {
+        Mat::new(p.w, self.weight.offset, self.vocab, self.hidden)
     }
 
-    /// Summed cross-entropy of `h` (`[rows, hidden]`) against `targets`. With `backward =
-    /// Some((grads, dh, scale))`, the loss gradient (times `scale`) is accumulated into the weight's
-    /// gradient and written into `dh`.
-    pub fn loss(
+    /// Cross-entropy of `h` (`[rows, hidden]` from the start of the buffer) against `targets`,
+    /// the rows' losses collected in `losses`. With `backward = Some((g, dh, scale))`, the loss
+    /// gradient (times `scale`) is accumulated into the weight's gradient in `g` and written into
+    /// `dh`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss<B: Backend>(
         &self,
-        params: &[f32],
-        h: &[f32],
-        targets: &[u32],
-        scratch: &mut [f32],
-        mut backward: Option<(&mut [f32], &mut [f32], f32)>,
-    ) -> f64 {
-        let rows = targets.len();
+        be: &B,
+        p: Weights<'_, B>,
+        h: &B::Act,
+        targets: Ids<'_, B>,
+        scratch: &mut B::Act,
+        losses: &mut B::Losses,
+        mut backward: Option<(&mut B::F32, &mut B::Act, f32)>,
+    ) -> Result<()> {
+        let rows = targets.host.len();
         let (c, v) = (self.hidden, self.vocab);
         let block = self.block_rows(rows);
-        debug_assert!(block * v <= scratch.len(), "head scratch sized for fewer rows");
-        let mut total = 0.0;
         let mut r0 = 0;
         while r0 < rows {
             let r = block.min(rows - r0);
-            let hb = MatRef::new(&h[r0 * c..(r0 + r) * c], r, c);
-            let logits = &mut scratch[..r * v];
-            matmul(MatMut::new(logits, r, v), hb, self.w(params).t(), Accumulate::Overwrite, Threads::Pool);
+            let hb = Mat::new(h, r0 * c, r, c);
+            be.matmul(MatMut::new(&mut *scratch, 0, r, v), hb, self.w(p).t(), Accumulate::Overwrite)?;
             let scale = backward.as_ref().map(|b| b.2);
-            total += softmax_xent(logits, &targets[r0..r0 + r], v, scale);
-            if let Some((grads, dh, _)) = backward.as_mut() {
-                let dl = MatRef::new(logits, r, v);
-                matmul(MatMut::new(&mut dh[r0 * c..(r0 + r) * c], r, c), dl, self.w(params), Accumulate::Overwrite, Threads::Pool);
-                // dlᵀ as a strided view: measured faster than transposing the block first
+            be.softmax_xent(MatMut::new(&mut *scratch, 0, r, v), targets.rows(r0..r0 + r), scale, losses)?;
+            if let Some((g, dh, _)) = backward.as_mut() {
+                let dl = Mat::new(&*scratch, 0, r, v);
+                be.matmul(MatMut::new(&mut **dh, r0 * c, r, c), dl, self.w(p), Accumulate::Overwrite)?;
+                // dlᵀ as a strided view: measured faster on CPU than transposing the block first
                 // (`kernels/examples/head_parts.rs`: 21 ms against 10 + 17 ms at 1024 × 8192).
-                matmul(MatMut::new(self.weight.get_mut(grads), v, c), dl.t(), hb, Accumulate::Add, Threads::Pool);
+                be.matmul_grad(MatMut::new(&mut **g, self.weight.offset, v, c), dl.t(), hb)?;
             }
             r0 += r;
         }
-        total
+        Ok(())
     }
 
     /// As `loss`, one vocabulary slice at a time: `slices` are ranges of the flat buffer holding
@@ -101,62 +100,58 @@ impl LmHead {
     /// With `announce`, each slice's weight gradient is announced final as soon as it is (not
     /// for a head tied to the embedding, to whose gradient the embedding adds later).
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_in_slices(
+    pub fn loss_in_slices<B: Backend>(
         &self,
-        pa: &mut dyn Params,
+        be: &B,
+        pa: &mut dyn Params<B>,
         slices: &[Range<usize>],
-        h: &[f32],
-        targets: &[u32],
-        logits: &mut [f32],
-        backward: Option<(&mut [f32], &mut [f32], f32)>,
+        h: &B::Act,
+        targets: Ids<'_, B>,
+        logits: &mut B::Act,
+        losses: &mut B::Losses,
+        backward: Option<(&mut B::F32, &mut B::Act, f32)>,
         announce: bool,
-    ) -> Result<f64> {
-        let (rows, c, v) = (targets.len(), self.hidden, self.vocab);
-        let hm = MatRef::new(&h[..rows * c], rows, c);
-        let logits = &mut logits[..rows * v];
+    ) -> Result<()> {
+        let (rows, c, v) = (targets.host.len(), self.hidden, self.vocab);
+        let hm = Mat::new(h, 0, rows, c);
         // The slice's first vocabulary row and its row count.
         let rows_of = |s: &Range<usize>| ((s.start - self.weight.offset) / c, s.len() / c);
         for s in slices {
             pa.need(std::slice::from_ref(s))?;
             let (v0, vn) = rows_of(s);
-            let w = MatRef::new(&pa.get()[s.clone()], vn, c);
-            matmul(MatMut::strided(&mut logits[v0..], rows, vn, v, 1), hm, w.t(), Accumulate::Overwrite, Threads::Pool);
+            let w = Mat::new(pa.get().w, s.start, vn, c);
+            be.matmul(MatMut::strided(&mut *logits, v0, rows, vn, v), hm, w.t(), Accumulate::Overwrite)?;
         }
-        let total = softmax_xent(logits, targets, v, backward.as_ref().map(|b| b.2));
-        if let Some((grads, dh, _)) = backward {
+        be.softmax_xent(MatMut::new(&mut *logits, 0, rows, v), targets, backward.as_ref().map(|b| b.2), losses)?;
+        if let Some((g, dh, _)) = backward {
             // Backward runs the slices in reverse, so that ZeRO-3's prefetch (downwards once
             // gradients flow) has the next one on its way.
             for (i, s) in slices.iter().enumerate().rev() {
                 pa.need(std::slice::from_ref(s))?;
                 let (v0, vn) = rows_of(s);
-                let dl = MatRef::strided(&logits[v0..], rows, vn, v, 1);
-                let w = MatRef::new(&pa.get()[s.clone()], vn, c);
+                let dl = Mat::strided(&*logits, v0, rows, vn, v);
+                let w = Mat::new(pa.get().w, s.start, vn, c);
                 let acc = if i + 1 == slices.len() { Accumulate::Overwrite } else { Accumulate::Add };
-                matmul(MatMut::new(&mut dh[..rows * c], rows, c), dl, w, acc, Threads::Pool);
-                matmul(MatMut::new(&mut grads[s.clone()], vn, c), dl.t(), hm, Accumulate::Add, Threads::Pool);
+                be.matmul(MatMut::new(&mut *dh, 0, rows, c), dl, w, acc)?;
+                be.matmul_grad(MatMut::new(&mut *g, s.start, vn, c), dl.t(), hm)?;
                 if announce {
-                    pa.grads_ready(grads, s.clone())?;
+                    pa.grads_ready(g, s.clone())?;
                 }
             }
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Full logits `[rows, vocab]` (for inference and tests).
-    pub fn logits(&self, params: &[f32], h: &[f32], rows: usize, out: &mut [f32]) {
-        matmul(
-            MatMut::new(out, rows, self.vocab),
-            MatRef::new(h, rows, self.hidden),
-            self.w(params).t(),
-            Accumulate::Overwrite,
-            Threads::Pool,
-        );
+    pub fn logits<B: Backend>(&self, be: &B, p: Weights<'_, B>, h: &B::Act, rows: usize, out: &mut B::Act) -> Result<()> {
+        be.matmul(MatMut::new(out, 0, rows, self.vocab), Mat::new(h, 0, rows, self.hidden), self.w(p).t(), Accumulate::Overwrite)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Cpu;
     use crate::rng::Rng;
 
     #[test]
@@ -182,7 +177,11 @@ mod tests {
         let scale = 1.0 / rows as f32;
         let mut scratch = vec![0.0; head.scratch_len(rows)];
         let (mut grads, mut dh) = (vec![0.0; params.len()], vec![0.0; h.len()]);
-        let loss = head.loss(&params, &h, &targets, &mut scratch, Some((&mut grads, &mut dh, scale)));
+        let targets_ids = Ids::<Cpu> { host: &targets, dev: &(), at: 0 };
+        let p = Weights::<Cpu> { w: &params, master: &params };
+        let mut losses = 0.0;
+        head.loss(&Cpu, p, &h, targets_ids, &mut scratch, &mut losses, Some((&mut grads, &mut dh, scale))).unwrap();
+        let loss = Cpu.loss_sum(&mut losses, rows).unwrap();
 
         // Whole logits in f64.
         let (mut want_loss, mut want_dh, mut want_dw) = (0.0f64, vec![0.0f64; h.len()], vec![0.0f64; params.len()]);

@@ -1,9 +1,8 @@
 //! `y = x · W + b` over rows, with the weight read in place in its checkpoint layout.
 
-use gantry_kernels::cpu::matmul::{matmul, Accumulate, MatMut, MatRef, Threads};
-use gantry_kernels::cpu::vec::add_col_sums_strided;
-
+use crate::backend::{Accumulate, Backend, Mat, MatMut, Span, SpanMut, Weights};
 use crate::params::ParamRef;
+use crate::Result;
 
 /// How a checkpoint stores the weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,62 +35,53 @@ impl Linear {
     }
 
     /// The weight as an `[in, out]` view.
-    fn w<'a>(&self, params: &'a [f32]) -> MatRef<'a> {
-        let w = self.weight.get(params);
+    fn w<'a, B: Backend>(&self, p: Weights<'a, B>) -> Mat<'a, B::Act> {
         match self.layout {
-            WeightLayout::OutIn => MatRef::new(w, self.d_out, self.d_in).t(),
-            WeightLayout::InOut => MatRef::new(w, self.d_in, self.d_out),
+            WeightLayout::OutIn => Mat::new(p.w, self.weight.offset, self.d_out, self.d_in).t(),
+            WeightLayout::InOut => Mat::new(p.w, self.weight.offset, self.d_in, self.d_out),
         }
     }
 
-    /// `y (+)= x · W + b` for `rows` rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, params: &[f32], x: &[f32], x_stride: usize, y: &mut [f32], y_stride: usize, rows: usize, acc: Accumulate) {
+    /// `y (+)= x · W + b` over the rows of `x` (`[rows, in]`) into `y` (`[rows, out]`); either may
+    /// be a column block of a wider buffer.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: Weights<'_, B>,
+        x: Mat<'_, B::Act>,
+        mut y: MatMut<'_, B::Act>,
+        acc: Accumulate,
+    ) -> Result<()> {
         let mut acc = acc;
         if let Some(b) = self.bias {
-            let b = b.get(params);
-            for r in 0..rows {
-                let row = &mut y[r * y_stride..r * y_stride + self.d_out];
-                if acc == Accumulate::Add {
-                    row.iter_mut().zip(b).for_each(|(o, b)| *o += *b);
-                } else {
-                    row.copy_from_slice(b);
-                }
-            }
+            be.add_bias(y.reborrow(), Span::new(p.master, b.range()), acc)?;
             acc = Accumulate::Add;
         }
-        let xv = MatRef::strided(x, rows, self.d_in, x_stride, 1);
-        let yv = MatMut::strided(y, rows, self.d_out, y_stride, 1);
-        matmul(yv, xv, self.w(params), acc, Threads::Pool);
+        be.matmul(y, x, self.w(p), acc)
     }
 
-    /// Accumulates the weight and bias gradients from the output gradient `dy` and the saved
-    /// input `x`, and writes (or adds) the input gradient into `dx` when asked.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    /// Accumulates the weight and bias gradients (into `g`) from the output gradient `dy` and the
+    /// saved input `x`, and writes (or adds) the input gradient into `dx` when asked.
+    pub fn backward<B: Backend>(
         &self,
-        params: &[f32],
-        grads: &mut [f32],
-        x: (&[f32], usize),
-        dy: (&[f32], usize),
-        dx: Option<(&mut [f32], usize, Accumulate)>,
-        rows: usize,
-    ) {
-        let xv = MatRef::strided(x.0, rows, self.d_in, x.1, 1);
-        let dyv = MatRef::strided(dy.0, rows, self.d_out, dy.1, 1);
-        {
-            let dw = self.weight.get_mut(grads);
-            match self.layout {
-                WeightLayout::OutIn => matmul(MatMut::new(dw, self.d_out, self.d_in), dyv.t(), xv, Accumulate::Add, Threads::Pool),
-                WeightLayout::InOut => matmul(MatMut::new(dw, self.d_in, self.d_out), xv.t(), dyv, Accumulate::Add, Threads::Pool),
-            }
+        be: &B,
+        p: Weights<'_, B>,
+        g: &mut B::F32,
+        x: Mat<'_, B::Act>,
+        dy: Mat<'_, B::Act>,
+        dx: Option<(MatMut<'_, B::Act>, Accumulate)>,
+    ) -> Result<()> {
+        let off = self.weight.offset;
+        match self.layout {
+            WeightLayout::OutIn => be.matmul_grad(MatMut::new(&mut *g, off, self.d_out, self.d_in), dy.t(), x)?,
+            WeightLayout::InOut => be.matmul_grad(MatMut::new(&mut *g, off, self.d_in, self.d_out), x.t(), dy)?,
         }
         if let Some(b) = self.bias {
-            add_col_sums_strided(b.get_mut(grads), dy.0, rows, self.d_out, dy.1);
+            be.bias_grad(SpanMut::new(g, b.range()), dy)?;
         }
-        if let Some((dx, stride, acc)) = dx {
-            let dxv = MatMut::strided(dx, rows, self.d_in, stride, 1);
-            matmul(dxv, dyv, self.w(params).t(), acc, Threads::Pool);
+        if let Some((dx, acc)) = dx {
+            be.matmul(dx, dy, self.w(p).t(), acc)?;
         }
+        Ok(())
     }
 }

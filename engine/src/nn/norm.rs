@@ -1,9 +1,8 @@
 //! LayerNorm and RMSNorm layers over the last dimension.
 
-use gantry_kernels::cpu::norm;
-
-use super::two_mut;
+use crate::backend::{Backend, Span, SpanMut, Weights};
 use crate::params::ParamRef;
+use crate::Result;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LayerNorm {
@@ -13,15 +12,38 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn forward(&self, params: &[f32], x: &[f32], out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
-        norm::layernorm_forward(out, mean, rstd, x, self.weight.get(params), self.bias.get(params), self.eps);
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: Weights<'_, B>,
+        x: Span<'_, B::Act>,
+        out: SpanMut<'_, B::Act>,
+        mean: SpanMut<'_, B::F32>,
+        rstd: SpanMut<'_, B::F32>,
+    ) -> Result<()> {
+        be.layernorm_forward(out, mean, rstd, x, Span::new(p.master, self.weight.range()), Span::new(p.master, self.bias.range()), self.eps)
     }
 
-    /// `dx += …`; weight and bias gradients accumulate.
+    /// `dx += …`; weight and bias gradients accumulate into `g`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, params: &[f32], grads: &mut [f32], dx: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32]) {
-        let (dw, db) = two_mut(grads, self.weight, self.bias);
-        norm::layernorm_backward(dx, dw, db, dout, x, mean, rstd, self.weight.get(params));
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: Weights<'_, B>,
+        g: &mut B::F32,
+        dx: SpanMut<'_, B::Act>,
+        dout: Span<'_, B::Act>,
+        x: Span<'_, B::Act>,
+        mean: Span<'_, B::F32>,
+        rstd: Span<'_, B::F32>,
+    ) -> Result<()> {
+        be.layernorm_backward(dx, g, self.weight.range(), self.bias.range(), dout, x, mean, rstd, Span::new(p.master, self.weight.range()))
+    }
+
+    /// The weight and the bias (declared together: one contiguous range).
+    pub fn range(&self) -> std::ops::Range<usize> {
+        crate::models::hooks::span([self.weight.range(), self.bias.range()])
     }
 }
 
@@ -32,12 +54,29 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward(&self, params: &[f32], x: &[f32], out: &mut [f32], rstd: &mut [f32]) {
-        norm::rmsnorm_forward(out, rstd, x, self.weight.get(params), self.eps);
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: Weights<'_, B>,
+        x: Span<'_, B::Act>,
+        out: SpanMut<'_, B::Act>,
+        rstd: SpanMut<'_, B::F32>,
+    ) -> Result<()> {
+        be.rmsnorm_forward(out, rstd, x, Span::new(p.master, self.weight.range()), self.eps)
     }
 
-    /// `dx += …`; the weight gradient accumulates.
-    pub fn backward(&self, params: &[f32], grads: &mut [f32], dx: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32]) {
-        norm::rmsnorm_backward(dx, self.weight.get_mut(grads), dout, x, rstd, self.weight.get(params));
+    /// `dx += …`; the weight's gradient accumulates into `g`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: Weights<'_, B>,
+        g: &mut B::F32,
+        dx: SpanMut<'_, B::Act>,
+        dout: Span<'_, B::Act>,
+        x: Span<'_, B::Act>,
+        rstd: Span<'_, B::F32>,
+    ) -> Result<()> {
+        be.rmsnorm_backward(dx, SpanMut::new(g, self.weight.range()), dout, x, rstd, Span::new(p.master, self.weight.range()))
     }
 }
