@@ -2,15 +2,15 @@
 
 use std::ops::Range;
 
+use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
 use gantry_kernels::cpu::attention::AttnShape;
 use gantry_kernels::cpu::matmul::{self, Accumulate, Threads};
 use gantry_kernels::cpu::rope::RopeTable;
-use gantry_kernels::cpu::vec::add_col_sums_strided;
-use gantry_kernels::cpu::{activation, attention, embedding, loss, norm, rope};
+use gantry_kernels::cpu::{activation, attention, embedding, loss, norm, rope, vec};
 use rayon::prelude::*;
 
 use super::{Backend, Ids, Mat, MatMut, Span, SpanMut};
-use crate::Result;
+use crate::{Error, Result};
 
 /// The CPU: every buffer is host memory, the working precision is f32.
 #[derive(Clone, Copy, Debug, Default)]
@@ -111,7 +111,7 @@ impl Backend for Cpu {
     }
 
     fn bias_grad(&self, db: SpanMut<'_, [f32]>, dy: Mat<'_, [f32]>) -> Result<()> {
-        add_col_sums_strided(w(db), &dy.buf[dy.offset..], dy.rows, dy.cols, dy.rs);
+        vec::add_col_sums_strided(w(db), &dy.buf[dy.offset..], dy.rows, dy.cols, dy.rs);
         Ok(())
     }
 
@@ -299,6 +299,41 @@ impl Backend for Cpu {
         debug_assert_eq!(logits.rs, logits.cols, "logits are packed");
         let (at, len, vocab) = (logits.offset, logits.rows * logits.cols, logits.cols);
         *losses += loss::softmax_xent(&mut logits.buf[at..at + len], targets.host, vocab, grad_scale);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &[f32], pieces: &[Range<usize>]) -> Result<f64> {
+        Ok(match pieces {
+            [one] => vec::sum_squares(&x[one.clone()]),
+            _ => pieces.iter().map(|p| vec::sum_squares(&x[p.clone()])).sum(),
+        })
+    }
+
+    fn scale(&self, x: SpanMut<'_, [f32]>, s: f32) -> Result<()> {
+        vec::scale(w(x), s);
+        Ok(())
+    }
+
+    fn unscale_check(&self, g: SpanMut<'_, [f32]>, inv_scale: f32) -> Result<bool> {
+        let g = w(g);
+        vec::scale(g, inv_scale);
+        Ok(g.iter().any(|x| !x.is_finite()))
+    }
+
+    fn adamw(
+        &self,
+        p: SpanMut<'_, [f32]>,
+        work: Option<SpanMut<'_, [f32]>>,
+        g: Span<'_, [f32]>,
+        m: SpanMut<'_, [f32]>,
+        v: SpanMut<'_, [f32]>,
+        hp: &AdamWStep,
+        decay: bool,
+    ) -> Result<()> {
+        if work.is_some() {
+            return Err(Error::Device("the CPU computes in f32 and keeps no working copy of the parameters".into()));
+        }
+        adamw_update(w(p), r(&g), w(m), w(v), hp, decay);
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ mod imp {
     use std::ops::Range;
     use std::sync::Mutex;
 
+    use gantry_kernels::cpu::adamw::AdamWStep;
     use gantry_kernels::cpu::attention::AttnShape;
     use gantry_kernels::cpu::rope::RopeTable;
     use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
@@ -404,6 +405,36 @@ mod imp {
                 vocab,
                 grad_scale,
             )?;
+            Ok(())
+        }
+
+        fn sum_squares(&self, x: &CudaSlice<f32>, pieces: &[Range<usize>]) -> Result<f64> {
+            Ok(ops::sum_squares_pieces(&self.gpu, x, pieces)?)
+        }
+
+        fn scale(&self, x: SpanMut<'_, CudaSlice<f32>>, s: f32) -> Result<()> {
+            ops::scale(&self.gpu, &mut w(x), s)?;
+            Ok(())
+        }
+
+        fn unscale_check(&self, g: SpanMut<'_, CudaSlice<f32>>, inv_scale: f32) -> Result<bool> {
+            Ok(ops::unscale_check(&self.gpu, &mut w(g), inv_scale)?)
+        }
+
+        fn adamw(
+            &self,
+            p: SpanMut<'_, CudaSlice<f32>>,
+            work: Option<SpanMut<'_, CudaSlice<T>>>,
+            g: Span<'_, CudaSlice<f32>>,
+            m: SpanMut<'_, CudaSlice<f32>>,
+            v: SpanMut<'_, CudaSlice<f32>>,
+            hp: &AdamWStep,
+            decay: bool,
+        ) -> Result<()> {
+            match work {
+                Some(wk) => ops::adamw_update_copy(&self.gpu, &mut w(p), &mut w(wk), &r(&g), &mut w(m), &mut w(v), hp, decay)?,
+                None => ops::adamw_update(&self.gpu, &mut w(p), &r(&g), &mut w(m), &mut w(v), hp, decay)?,
+            }
             Ok(())
         }
     }

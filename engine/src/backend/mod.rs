@@ -21,6 +21,7 @@ mod view;
 use std::borrow::BorrowMut;
 use std::ops::Range;
 
+pub use gantry_kernels::cpu::adamw::AdamWStep;
 use gantry_kernels::cpu::attention::AttnShape;
 pub use gantry_kernels::cpu::matmul::Accumulate;
 use gantry_kernels::cpu::rope::RopeTable;
@@ -267,5 +268,26 @@ pub trait Backend: Sized {
         targets: Ids<'_, Self>,
         grad_scale: Option<f32>,
         losses: &mut Self::Losses,
+    ) -> Result<()>;
+
+    /// The sum of squares of `x` over `pieces` (ranges of it), in f64: a gradient norm over what
+    /// this rank owns.
+    fn sum_squares(&self, x: &Self::F32, pieces: &[Range<usize>]) -> Result<f64>;
+    /// `x *= s`.
+    fn scale(&self, x: SpanMut<'_, Self::F32>, s: f32) -> Result<()>;
+    /// `g *= inv_scale`, and whether any element is not finite (fp16's loss-scale check).
+    fn unscale_check(&self, g: SpanMut<'_, Self::F32>, inv_scale: f32) -> Result<bool>;
+    /// Fused AdamW on one range: parameters `p` (f32), gradients `g`, moments `m` and `v`;
+    /// with `work`, the updated parameters are also written there in the working precision.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        p: SpanMut<'_, Self::F32>,
+        work: Option<SpanMut<'_, Self::Act>>,
+        g: Span<'_, Self::F32>,
+        m: SpanMut<'_, Self::F32>,
+        v: SpanMut<'_, Self::F32>,
+        hp: &AdamWStep,
+        decay: bool,
     ) -> Result<()>;
 }

@@ -11,6 +11,7 @@ mod bench;
 mod dp;
 mod trainer;
 
+pub use crate::train::update::LossScale;
 pub use bench::{bench_gpu, peak_flops};
 pub use dp::GpuDp;
-pub use trainer::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, LossScale, StartState};
+pub use trainer::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, StartState};

@@ -1,10 +1,10 @@
 //! One GPU's training state and step: f32 master parameters, gradients and AdamW moments on the
-//! device; the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves);
-//! global-norm clipping; fp16's dynamic loss scaling.
+//! device; the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves).
+//! The step runs the one model on the CUDA backend and ends in the update the CPU trainer uses
+//! too (`train::update`: fp16's loss scaling, clipping, the non-finite skip, AdamW).
 
 use std::ops::Range;
 
-use gantry_kernels::cpu::adamw::AdamWStep;
 use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use std::sync::Arc;
 
@@ -19,56 +19,8 @@ use crate::checkpoint::LossScaleState;
 use crate::models::{Activations, Model};
 use crate::optim::AdamW;
 use crate::params::ParamTable;
+use crate::train::update::{self, LossScale, Summed, Update};
 use crate::{Error, Result};
-
-/// fp16's dynamic loss scale, as PyTorch's `GradScaler`: the loss gradient is multiplied by
-/// `scale`; a step whose gradients overflow is skipped and the scale halved; after `interval`
-/// good steps in a row it doubles.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LossScale {
-    pub scale: f32,
-    pub interval: u32,
-    good: u32,
-}
-
-impl LossScale {
-    pub fn new() -> Self {
-        LossScale { scale: 65536.0, interval: 2000, good: 0 }
-    }
-
-    /// Records a step's outcome; returns whether the step may be applied.
-    pub fn update(&mut self, overflowed: bool) -> bool {
-        if overflowed {
-            self.scale = (self.scale * 0.5).max(1.0);
-            self.good = 0;
-            return false;
-        }
-        self.good += 1;
-        if self.good >= self.interval {
-            self.scale = (self.scale * 2.0).min(f32::MAX / 2.0);
-            self.good = 0;
-        }
-        true
-    }
-}
-
-impl LossScale {
-    /// What a checkpoint records.
-    pub fn state(&self) -> LossScaleState {
-        LossScaleState { scale: self.scale, good_steps: self.good }
-    }
-
-    /// The scale a checkpoint recorded.
-    pub fn from_state(s: LossScaleState) -> Self {
-        LossScale { scale: s.scale, good: s.good_steps, ..LossScale::new() }
-    }
-}
-
-impl Default for LossScale {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -160,9 +112,8 @@ where
     /// The working copy (`None` for f32, which reads the masters).
     work: Option<CudaSlice<T>>,
     grads: CudaSlice<f32>,
-    /// The parts of the flat buffer this rank updates, and where each starts in `m` and `v`.
+    /// The parts of the flat buffer this rank updates (`m` and `v` hold them concatenated).
     pieces: Vec<Range<usize>>,
-    piece_at: Vec<usize>,
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
     acts: Activations<Cuda<T>>,
@@ -203,12 +154,7 @@ where
     pub fn with_state(gpu: Gpu, model: &Model, start: StartState<'_>, batch: usize, seq: usize, optim: AdamW) -> Result<Self> {
         let StartState { params, moments, loss_scale, pieces } = start;
         let pieces = pieces.map_or_else(|| std::iter::once(0..params.len()).collect(), <[_]>::to_vec);
-        let mut piece_at = Vec::with_capacity(pieces.len());
-        let mut shard = 0;
-        for p in &pieces {
-            piece_at.push(shard);
-            shard += p.len();
-        }
+        let shard: usize = pieces.iter().map(|p| p.len()).sum();
         let outside = pieces.iter().any(|p| p.start > p.end || p.end > params.len());
         if params.len() != model.table.len() || outside || moments.is_some_and(|(m, v)| m.len() != shard || v.len() != shard) {
             return Err(Error::Unsupported {
@@ -253,7 +199,6 @@ where
             work,
             grads,
             pieces,
-            piece_at,
             m,
             v,
             acts,
@@ -310,75 +255,27 @@ where
             total = d.sum(total)?;
         }
         let loss = total / global_tokens as f64;
-        // Under ZeRO-1 only this rank's pieces hold summed gradients (the rest is scratch, holding
-        // this rank's own or partial sums): the norm reads the pieces, and the group agrees on it
-        // and on overflow. The overflow check reads the whole buffer, scratch included: a
-        // non-finite partial sum makes its owner's sum non-finite too, so the agreed result is
-        // the same, for one pass instead of one per piece.
-        if let Some(scaler) = &mut self.scaler {
-            let mut overflow = ops::unscale_check(self.be.gpu(), &mut self.grads, 1.0 / loss_scale)?;
-            if let (Some(d), true) = (&mut dp, sharded) {
-                overflow = d.sum(f64::from(u8::from(overflow)))? > 0.0;
-            }
-            if !scaler.update(overflow) {
-                let nonfinite = loss_scale <= 1.0;
-                return Ok(GpuStep { loss, grad_norm: f64::INFINITY, skipped: true, nonfinite, loss_scale: scaler.scale });
-            }
-        }
-        let mut squares = ops::sum_squares_pieces(self.be.gpu(), &self.grads, &self.pieces)?;
-        if let (Some(d), true) = (&mut dp, sharded) {
-            squares = d.sum(squares)?;
-        }
-        let norm = squares.sqrt();
-        // A NaN or infinite gradient (fp32 and bf16 have no loss scale to catch it): AdamW would
-        // write NaN into every parameter and both moments, so the update is skipped, as on CPU.
-        // Every rank skips alike: under ZeRO-1 the norm is the group's sum, under ZeRO-0 every
-        // rank sums the same all-reduced gradients. (The squares are summed in f32, so a finite
-        // gradient beyond about 1e19 makes the norm infinite too: such a step is skipped as well,
-        // where clipping's factor of 0 used to zero its gradients.)
-        //
-        // fp16's non-finite gradients never get here: the overflow check above skipped their step
-        // already. One with a gradient beyond 1e19 is skipped here, once; the loss scale counted
-        // it as a good step, which only moves its next doubling one step earlier.
-        if !norm.is_finite() {
-            return Ok(GpuStep { loss, grad_norm: norm, skipped: true, nonfinite: true, loss_scale: self.scaler.map_or(1.0, |s| s.scale) });
-        }
-        if grad_clip > 0.0 {
-            let coef = grad_clip / (norm + 1e-6);
-            if coef < 1.0 {
-                ops::scale(self.be.gpu(), &mut self.grads, coef as f32)?;
-            }
-        }
+        // The optimizer update overwrites what a state copy may still be reading (see
+        // `begin_download`): it waits for the copy (on the device; the host goes on).
         if let Some(done) = self.copy_done.take() {
             self.be.gpu().stream().wait(&done).map_err(dev("waiting for the state copy"))?;
         }
-        let hp = AdamWStep {
-            lr,
-            beta1: self.optim.beta1,
-            beta2: self.optim.beta2,
-            eps: self.optim.eps,
-            weight_decay: self.optim.weight_decay,
-            step,
+        // The update both backends share. Under ZeRO-1 only this rank's pieces hold summed
+        // gradients (the rest is scratch, holding this rank's own or partial sums): the norm and
+        // the fp16 overflow check read the pieces, and the group agrees on both.
+        let u = Update { optim: &self.optim, table: &self.table, pieces: &self.pieces, lr, step, max_norm: grad_clip };
+        let summed = Summed::Full { grads: &mut self.grads, norm: &self.pieces };
+        // The working copy is written in the same pass, unless the parameters are gathered
+        // afterwards (then it is cast from them once, below).
+        let work = if sharded { None } else { self.work.as_mut() };
+        let outcome = {
+            let mut sum = |x: f64| dp.as_mut().map_or(Ok(x), |d| d.sum(x));
+            let group: Option<&mut dyn FnMut(f64) -> Result<f64>> = if sharded { Some(&mut sum) } else { None };
+            update::apply(&self.be, &u, &mut self.master, work, summed, &mut self.m, &mut self.v, group, self.scaler.as_mut())?
         };
-        for e in self.table.entries() {
-            let r = e.at.range();
-            for (piece, &at) in self.pieces.iter().zip(&self.piece_at) {
-                let (lo, hi) = (r.start.max(piece.start), r.end.min(piece.end));
-                if lo >= hi {
-                    continue;
-                }
-                let local = at + (lo - piece.start)..at + (hi - piece.start);
-                let (mut p, g, mut m, mut v) =
-                    (self.master.slice_mut(lo..hi), self.grads.slice(lo..hi), self.m.slice_mut(local.clone()), self.v.slice_mut(local));
-                match (&mut self.work, sharded) {
-                    // The working copy is written in the same pass, unless the parameters are
-                    // gathered afterwards (then it is cast from them once, below).
-                    (Some(wk), false) => {
-                        ops::adamw_update_copy(self.be.gpu(), &mut p, &mut wk.slice_mut(lo..hi), &g, &mut m, &mut v, &hp, e.decay)?
-                    }
-                    _ => ops::adamw_update(self.be.gpu(), &mut p, &g, &mut m, &mut v, &hp, e.decay)?,
-                }
-            }
+        let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
+        if outcome.skipped {
+            return Ok(GpuStep { loss, grad_norm: outcome.grad_norm, skipped: true, nonfinite: outcome.nonfinite, loss_scale });
         }
         if let (Some(d), true) = (&mut dp, sharded) {
             d.gather_params(self.be.gpu(), &mut self.master)?;
@@ -386,7 +283,7 @@ where
                 ops::cast_from_f32(self.be.gpu(), wk, &self.master)?;
             }
         }
-        Ok(GpuStep { loss, grad_norm: norm, skipped: false, nonfinite: false, loss_scale: self.scaler.map_or(1.0, |s| s.scale) })
+        Ok(GpuStep { loss, grad_norm: outcome.grad_norm, skipped: false, nonfinite: false, loss_scale })
     }
 
     /// Mean loss per token over `windows`, forward only.

@@ -404,13 +404,7 @@ impl Gpt2 {
 
     /// Forward only: the final hidden states (`[b·seq, hidden]`, after the last norm) in `a`,
     /// with the head and the buffers it runs on.
-    pub fn hidden<'a, B: Backend>(
-        &self,
-        be: &B,
-        pa: &mut dyn Params<B>,
-        a: &'a mut Acts<B>,
-        x: &Batch<'_, B>,
-    ) -> Result<Hidden<'a, B>> {
+    pub fn hidden<'a, B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &'a mut Acts<B>, x: &Batch<'_, B>) -> Result<Hidden<'a, B>> {
         self.forward(be, pa, a, x)?;
         Ok((B::act(&a.lnf), self.head, B::act_mut(&mut a.logits), &mut a.losses))
     }

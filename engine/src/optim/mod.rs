@@ -4,12 +4,13 @@ mod schedule;
 
 pub use schedule::{LrSchedule, Schedule};
 
-use gantry_kernels::cpu::adamw::{adamw_update, AdamWStep};
-use gantry_kernels::cpu::vec::{scale, sum_squares};
+use gantry_kernels::cpu::adamw::AdamWStep;
 
 use std::ops::Range;
 
+use crate::backend::{Backend, Cpu, Span, SpanMut};
 use crate::params::{ParamBuffers, ParamTable};
+use crate::Result;
 
 /// AdamW's constant hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -45,6 +46,27 @@ impl AdamW {
         lr: f32,
         step: u32,
     ) {
+        self.update_on(&Cpu, table, pieces, params, None, grads, m, v, lr, step)
+            .expect("the CPU update keeps no working copy, so cannot fail")
+    }
+
+    /// The update on backend `be`, each tensor's part of each piece where the piece lives (the
+    /// one AdamW of both backends): `params` are the f32 masters, and `work`, when the backend
+    /// computes in 16 bits, their working copy, written in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_on<B: Backend>(
+        &self,
+        be: &B,
+        table: &ParamTable,
+        pieces: &[Range<usize>],
+        params: &mut B::F32,
+        mut work: Option<&mut B::Act>,
+        grads: Grads<'_, B::F32>,
+        m: &mut B::F32,
+        v: &mut B::F32,
+        lr: f32,
+        step: u32,
+    ) -> Result<()> {
         let hp = AdamWStep { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step };
         let mut at = 0;
         for piece in pieces {
@@ -56,28 +78,45 @@ impl AdamW {
                 }
                 let s = at + lo - piece.start..at + hi - piece.start;
                 let g = match grads {
-                    Grads::Full(g) => &g[lo..hi],
-                    Grads::Pieces(g) => &g[s.clone()],
+                    Grads::Full(g) => Span::new(g, lo..hi),
+                    Grads::Pieces(g) => Span::new(g, s.clone()),
                 };
-                adamw_update(&mut params[lo..hi], g, &mut m[s.clone()], &mut v[s], &hp, e.decay);
+                let wk = work.as_deref_mut().map(|w| SpanMut::new(w, lo..hi));
+                be.adamw(
+                    SpanMut::new(&mut *params, lo..hi),
+                    wk,
+                    g,
+                    SpanMut::new(&mut *m, s.clone()),
+                    SpanMut::new(&mut *v, s),
+                    &hp,
+                    e.decay,
+                )?;
             }
             at += piece.len();
         }
+        Ok(())
     }
 }
 
 /// Where an update finds its gradients.
-#[derive(Clone, Copy, Debug)]
-pub enum Grads<'a> {
+pub enum Grads<'a, X: ?Sized = [f32]> {
     /// The whole flat buffer.
-    Full(&'a [f32]),
+    Full(&'a X),
     /// Only the updated pieces, concatenated like the moments (ZeRO-2 and 3).
-    Pieces(&'a [f32]),
+    Pieces(&'a X),
 }
+
+impl<X: ?Sized> Clone for Grads<'_, X> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<X: ?Sized> Copy for Grads<'_, X> {}
 
 /// The global L2 norm of `grads`.
 pub fn grad_norm(grads: &[f32]) -> f64 {
-    sum_squares(grads).sqrt()
+    gantry_kernels::cpu::vec::sum_squares(grads).sqrt()
 }
 
 /// Scales `grads` so their global norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`
@@ -87,12 +126,32 @@ pub fn grad_norm(grads: &[f32]) -> f64 {
 /// gradients usable (an infinite norm's factor of 0 would turn infinities into NaN), and the
 /// caller skips the update instead (see `train::MAX_NONFINITE_STEPS_IN_A_ROW`).
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
-    let norm = grad_norm(grads);
+    let all = 0..grads.len();
+    clip_on(&Cpu, grads, &[all], None, max_norm).expect("the CPU's norm and scaling cannot fail")
+}
+
+/// The one clipping of both backends: the norm of `grads` over `spans` (the parts this rank
+/// owns), their squares summed across the group by `group` when the parts differ between ranks,
+/// and those parts scaled as `clip_grad_norm` says. Every rank of a group gets the same norm.
+pub fn clip_on<B: Backend>(
+    be: &B,
+    grads: &mut B::F32,
+    spans: &[Range<usize>],
+    group: Option<&mut dyn FnMut(f64) -> Result<f64>>,
+    max_norm: f64,
+) -> Result<f64> {
+    let mut squares = be.sum_squares(grads, spans)?;
+    if let Some(sum) = group {
+        squares = sum(squares)?;
+    }
+    let norm = squares.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            scale(grads, coef as f32);
+            for s in spans {
+                be.scale(SpanMut::new(&mut *grads, s.clone()), coef as f32)?;
+            }
         }
     }
-    norm
+    Ok(norm)
 }

@@ -23,12 +23,9 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use gantry_kernels::cpu::vec::{scale, sum_squares};
-
 use super::pages;
 use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
 use crate::models::hooks::ParamHooks;
-use crate::optim::{AdamW, Grads};
 use crate::params::ParamTable;
 use crate::{Error, Result};
 
@@ -261,44 +258,20 @@ impl DataParallel {
         Ok(v)
     }
 
-    /// The global gradient norm, and the gradients this rank updates with scaled to clip it at
-    /// `max_norm` (0 disables clipping), as `torch.nn.utils.clip_grad_norm_` does.
-    ///
-    /// Every rank gets the same norm: under ZeRO-0 and 1 each computes it from the same summed
-    /// gradients (the all-reduce leaves the same bits on every rank), under ZeRO-2 and 3 from the
-    /// group's sum. So when it is not finite every rank skips the update alike (`skip_step`);
-    /// nothing is scaled then (see `optim::clip_grad_norm`).
-    pub fn clip(&mut self, grads: &mut [f32], max_norm: f64) -> Result<f64> {
-        let norm = if self.zero >= 2 { self.sum(sum_squares(&self.grad_shard))?.sqrt() } else { sum_squares(grads).sqrt() };
-        if max_norm > 0.0 && norm.is_finite() {
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                if self.zero >= 2 {
-                    scale(&mut self.grad_shard, coef as f32);
-                } else {
-                    scale(grads, coef as f32);
-                }
-            }
-        }
-        Ok(norm)
+    /// Where this rank's summed gradients are for the update (`train::update::apply`), and the
+    /// ranges its norm covers: the whole buffer under ZeRO-0 and 1, where every rank holds the
+    /// same sums (the all-reduce leaves the same bits on every rank), so the norm needs no
+    /// communication; this rank's summed pieces (`grad_shard`) under ZeRO-2 and 3, whose squares
+    /// the group adds (`sum`). Either way every rank gets the same norm, so when it is not finite
+    /// every rank skips the update alike (`skip_step`).
+    pub fn sums_are_sharded(&self) -> bool {
+        self.zero >= 2
     }
 
-    /// AdamW on this rank's pieces (moments `m`, `v` concatenated in piece order), then whatever
-    /// brings every rank the parameters it needs next.
-    #[allow(clippy::too_many_arguments)]
-    pub fn optimizer_step(
-        &mut self,
-        optim: &AdamW,
-        table: &ParamTable,
-        params: &mut [f32],
-        grads: &mut [f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        lr: f32,
-        step: u32,
-    ) -> Result<()> {
-        let grads = if self.zero >= 2 { Grads::Pieces(&self.grad_shard) } else { Grads::Full(grads) };
-        optim.update_pieces(table, &self.pieces(), params, grads, m, v, lr, step);
+    /// After this rank's update of its pieces: whatever brings every rank the parameters it
+    /// needs next (each chunk gathered from its owners under ZeRO-1 and 2; under ZeRO-3 the
+    /// gathered copies, stale now, are released).
+    pub fn after_update(&mut self, params: &mut [f32]) -> Result<()> {
         match self.zero {
             1 | 2 => {
                 for c in 0..self.chunks.len() {
@@ -307,7 +280,6 @@ impl DataParallel {
                     params[chunk].copy_from_slice(&full);
                 }
             }
-            // Gathered copies are stale now: keep only the updated pieces.
             3 => self.release_gathered(params)?,
             _ => {}
         }
@@ -315,8 +287,8 @@ impl DataParallel {
         Ok(())
     }
 
-    /// In place of `optimizer_step` for a step whose gradient norm is not finite (every rank
-    /// calls one or the other alike, see `clip`): the parameters and moments stay as they are,
+    /// In place of `after_update` for a step whose gradient norm is not finite (every rank
+    /// calls one or the other alike, see `sums_are_sharded`): the parameters and moments stay as they are,
     /// and the group is left as after an update, ready for the next step. Nothing is gathered:
     /// every rank's parameters are those it had, which are the group's.
     pub fn skip_step(&mut self, params: &mut [f32]) -> Result<()> {

@@ -3,12 +3,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::Cpu;
 use crate::checkpoint::{has_weights, load_weights, LossScaleState};
 use crate::comm::Comm;
 use crate::config::{Devices, GpuComm, ModelInit, Precision, TrainConfig};
 use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
 use crate::models::{Activations, Model, ModelConfig};
-use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::optim::{AdamW, LrSchedule};
 use crate::parallel::DataParallel;
 use crate::params::ParamBuffers;
 use crate::{Error, Result};
@@ -16,6 +17,7 @@ use crate::{Error, Result};
 use super::checkpointing::{PendingCheckpoint, Snapshot};
 use super::gpu::OnGpu;
 use super::nonfinite::{NonFiniteSteps, StepOutcome};
+use super::update::{self, Summed, Update};
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -320,45 +322,55 @@ impl Trainer {
         // instead, which a checkpoint would have to record.)
         self.step += 1;
         let lr = self.schedule.at(self.step);
-        let clip = self.config.optim.grad_clip;
-        // A gradient norm that is not finite means a NaN or infinite gradient: AdamW would write
-        // NaN into every parameter and both moments, so the update is skipped (on every rank
-        // alike: they hold the same norm, see `DataParallel::clip`).
-        let (grad_norm, mem_bytes, comm) = match &mut self.dp {
+        // The one update of both backends: clipping, the skip of a step whose gradients are not
+        // finite (on every rank alike: they hold the same norm, see
+        // `DataParallel::sums_are_sharded`), AdamW over this rank's pieces.
+        let b = &mut self.buffers;
+        let u = Update {
+            optim: &self.optim,
+            table: &self.model.table,
+            pieces: &b.pieces,
+            lr: lr as f32,
+            step: self.step as u32,
+            max_norm: self.config.optim.grad_clip,
+        };
+        let (outcome, mem_bytes, comm) = match &mut self.dp {
             Some(dp) => {
                 loss_sum = dp.sum(loss_sum)?;
-                let b = &mut self.buffers;
-                let norm = dp.clip(&mut b.grads, clip)?;
                 let peak = dp.take_peak(&b.params, &b.grads);
-                if norm.is_finite() {
-                    dp.optimizer_step(
-                        &self.optim,
-                        &self.model.table,
-                        &mut b.params,
-                        &mut b.grads,
-                        &mut b.m,
-                        &mut b.v,
-                        lr as f32,
-                        self.step as u32,
-                    )?;
+                let whole = std::slice::from_ref(&(0..b.grads.len())).to_vec();
+                let mut shard = std::mem::take(&mut dp.grad_shard);
+                let outcome = if dp.sums_are_sharded() {
+                    let len = shard.len();
+                    let mut sum = |x: f64| dp.sum(x);
+                    let summed = Summed::Pieces { grads: &mut shard[..], len };
+                    update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, Some(&mut sum), None)
                 } else {
+                    let summed = Summed::Full { grads: &mut b.grads[..], norm: &whole[..] };
+                    update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, None, None)
+                };
+                dp.grad_shard = shard;
+                let outcome = outcome?;
+                if outcome.skipped {
                     dp.skip_step(&mut b.params)?;
+                } else {
+                    dp.after_update(&mut b.params)?;
                 }
                 // Peak of parameters, gradients and communication buffers in backward, or
                 // during the update, plus the shards that are always there.
                 let peak = peak.max(dp.take_peak(&b.params, &b.grads));
                 let moments = 4 * (b.m.len() + b.v.len()) as u64;
                 let shard_grads = 4 * dp.grad_shard.len() as u64;
-                (norm, peak + shard_grads + moments, dp.take_comm_time())
+                (outcome, peak + shard_grads + moments, dp.take_comm_time())
             }
             None => {
-                let norm = clip_grad_norm(&mut self.buffers.grads, clip);
-                if norm.is_finite() {
-                    self.optim.step(&self.model.table, &mut self.buffers, lr as f32, self.step as u32);
-                }
-                (norm, self.buffers.bytes(), Default::default())
+                let whole = std::slice::from_ref(&(0..b.grads.len())).to_vec();
+                let summed = Summed::Full { grads: &mut b.grads[..], norm: &whole[..] };
+                let outcome = update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, None, None)?;
+                (outcome, b.bytes(), Default::default())
             }
         };
+        let grad_norm = outcome.grad_norm;
         let skipped = !grad_norm.is_finite();
         let lead = self.dp_rank() == 0;
         self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
