@@ -50,6 +50,20 @@ fn run_world(world: usize) {
                 nc.all_gather(&mut d).unwrap();
                 assert_eq!(s.clone_dtoh(&d).unwrap(), sum, "all_gather after reduce_scatter = all_reduce");
 
+                // Deferred, as a trainer overlaps backward: chunks handed over one at a time while
+                // the compute stream goes on writing the rest of the buffer (here: the second half,
+                // written after the first half's all-reduce was queued) are summed as a whole
+                // all-reduce would, once `wait_deferred` returns.
+                let half = n / 2;
+                let mut d = s.clone_htod(&input(rank, n)).unwrap();
+                nc.defer(&s).unwrap();
+                nc.all_reduce(&mut d.slice_mut(..half), ReduceOp::Sum).unwrap();
+                s.memcpy_htod(&input(rank, n)[half..], &mut d.slice_mut(half..)).unwrap();
+                nc.all_reduce(&mut d.slice_mut(half..), ReduceOp::Sum).unwrap();
+                assert_eq!(nc.wait_deferred().unwrap(), 2, "two collectives were queued");
+                assert_eq!(s.clone_dtoh(&d).unwrap(), sum, "deferred all_reduce of two halves");
+                assert_eq!(nc.wait_deferred().unwrap(), 0, "and nothing is deferred after");
+
                 // Chunk by chunk, as the data-parallel trainer shards its gradients: each chunk
                 // is split into its own (uneven, sometimes empty) shards.
                 let chunks = [0..10, 10..10, 10..517, 517..n];

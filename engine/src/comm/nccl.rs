@@ -28,7 +28,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gantry_kernels::cuda::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut};
 use gantry_kernels::cuda::cudarc::nccl::{result, sys};
 use gantry_kernels::cuda::ops::{In, Out};
 use gantry_kernels::cuda::Gpu;
@@ -44,6 +44,17 @@ pub struct NcclComm {
     world: usize,
     timeout: Duration,
     aborted: bool,
+    /// Between `defer` and `wait_deferred`: the stream the data is written on (collectives
+    /// queued on `stream`, a side stream, each after what that stream has queued so far), and the
+    /// collectives queued since, to wait for.
+    deferred: Option<Deferred>,
+    /// The side stream deferred collectives run on, made on first use.
+    side: Option<Arc<CudaStream>>,
+}
+
+struct Deferred {
+    compute: Arc<CudaStream>,
+    queued: Vec<(String, CudaEvent)>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not race;
@@ -118,7 +129,7 @@ impl NcclComm {
         };
         // NCCL's later calls on this thread find the GPU current.
         gpu.context().bind_to_thread().map_err(|e| Error::Device(format!("binding the GPU: {e}")))?;
-        Ok(NcclComm { comm, stream: gpu.stream().clone(), rank, world, timeout, aborted: false })
+        Ok(NcclComm { comm, stream: gpu.stream().clone(), rank, world, timeout, aborted: false, deferred: None, side: None })
     }
 
     /// The communicator of `group` (a set of this world's ranks, as `DeviceMesh::group` gives):
@@ -144,7 +155,16 @@ impl NcclComm {
         }
         // SAFETY: initialised by the successful call above.
         let comm = unsafe { comm.assume_init() };
-        Ok(NcclComm { comm, stream: self.stream.clone(), rank: group.me, world: group.size(), timeout: self.timeout, aborted: false })
+        Ok(NcclComm {
+            comm,
+            stream: self.stream.clone(),
+            rank: group.me,
+            world: group.size(),
+            timeout: self.timeout,
+            aborted: false,
+            deferred: None,
+            side: None,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -169,9 +189,15 @@ impl NcclComm {
     }
 
     /// Runs `launch` (which queues NCCL calls on the stream) and waits for the stream, polling
-    /// NCCL's asynchronous error; aborts the communicator past the timeout.
+    /// NCCL's asynchronous error; aborts the communicator past the timeout. Deferred (see
+    /// `defer`), the collective is queued after the compute stream's work and not waited for.
     fn run(&mut self, what: &str, launch: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
         self.live()?;
+        let dev = |e: gantry_kernels::cuda::cudarc::driver::DriverError| Error::Device(format!("{what}: ordering the streams: {e}"));
+        if let Some(d) = &self.deferred {
+            let written = d.compute.record_event(None).map_err(dev)?;
+            self.stream.wait(&written).map_err(dev)?;
+        }
         if let Err(e) = launch(self) {
             // SAFETY: a communicator whose enqueue failed is not used again.
             unsafe { sys::ncclCommAbort(self.comm) };
@@ -179,6 +205,16 @@ impl NcclComm {
             return Err(e);
         }
         let event = self.stream.record_event(None).map_err(|e| Error::Device(format!("recording an event: {e}")))?;
+        if let Some(d) = &mut self.deferred {
+            d.queued.push((what.to_string(), event));
+            return Ok(());
+        }
+        self.wait_for(what, &event)
+    }
+
+    /// Polls `event` (the end of a collective) until it completes, NCCL reports an error, or the
+    /// timeout passes (then the communicator is aborted).
+    fn wait_for(&mut self, what: &str, event: &CudaEvent) -> Result<()> {
         let start = Instant::now();
         loop {
             match event.try_is_complete() {
@@ -203,6 +239,38 @@ impl NcclComm {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
+    }
+
+    /// From now until `wait_deferred`, collectives are queued on a side stream of their own, each
+    /// after the work `compute` has queued when it is called, and return at once: a trainer
+    /// hands over each chunk of gradients as backward finishes it and goes on computing. The
+    /// buffers handed over must not be written until `wait_deferred` returns.
+    pub fn defer(&mut self, compute: &Arc<CudaStream>) -> Result<()> {
+        self.live()?;
+        if self.deferred.is_some() {
+            return Err(Error::Comm { rank: None, message: "collectives are already being deferred".into() });
+        }
+        let side = match &self.side {
+            Some(s) if Arc::ptr_eq(s.context(), compute.context()) => s.clone(),
+            _ => compute.fork().map_err(|e| Error::Device(format!("creating the communication stream: {e}")))?,
+        };
+        self.side = Some(side.clone());
+        self.stream = side;
+        self.deferred = Some(Deferred { compute: compute.clone(), queued: Vec::new() });
+        Ok(())
+    }
+
+    /// Waits for every collective queued since `defer` (bounded by the timeout as ever), and
+    /// queues later ones on the compute stream again, waiting for each. Returns how many there
+    /// were.
+    pub fn wait_deferred(&mut self) -> Result<usize> {
+        let Some(d) = self.deferred.take() else { return Ok(0) };
+        self.stream = d.compute.clone();
+        let n = d.queued.len();
+        for (what, event) in &d.queued {
+            self.wait_for(what, event)?;
+        }
+        Ok(n)
     }
 
     fn group<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {

@@ -13,15 +13,26 @@
 //! dp group's socket communicator (`"host"`); the scalars (loss, gradient norm, fp16 overflow) go
 //! over the socket communicator either way, in f64, so they are the same bits on every rank.
 //!
-//! Not built yet: overlapping the gradient collectives with backward (as the CPU ranks do), and
-//! ZeRO-2/3, which need the GPU model to announce finished gradients and to ask for parameters.
+//! Over NCCL the gradient collectives overlap backward, as on the CPU ranks: the one model
+//! announces each gradient final through the same hooks on both backends, and `GradOverlap`
+//! queues each chunk's all-reduce (ZeRO-0) or reduce-scatter (ZeRO-1) on a side stream as soon as
+//! the chunk is complete, while backward goes on on the compute stream. The host-staged path
+//! (`"host"`) communicates the whole buffer after backward.
+//!
+//! Not built yet: ZeRO-2/3 on GPUs, which need the gradients and parameters held per chunk on
+//! the device (one allocation per chunk, released as the CPU ranks release pages).
 
+use std::ops::Range;
 use std::time::Instant;
 
+use gantry_kernels::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul};
 use gantry_kernels::cuda::cudarc::driver::CudaSlice;
+use gantry_kernels::cuda::ops::Storage;
 use gantry_kernels::cuda::Gpu;
 
+use crate::backend::{Cuda, Weights};
 use crate::comm::{NcclComm, ReduceOp};
+use crate::models::hooks::Params;
 use crate::parallel::DataParallel;
 use crate::{Error, Result};
 
@@ -75,6 +86,31 @@ impl GpuDp<'_> {
         Ok(())
     }
 
+    /// Whether the gradient collectives can overlap backward (over NCCL).
+    pub fn overlaps(&self) -> bool {
+        self.nccl.is_some()
+    }
+
+    /// The model's parameter hooks for the last micro-batch's backward: each chunk's collective
+    /// queued as soon as its gradients are final. `finish` waits for them, in place of
+    /// `reduce_grads`.
+    pub fn overlap<'b, T: Storage>(&'b mut self, gpu: &Gpu, weights: Weights<'b, Cuda<T>>) -> Result<GradOverlap<'b, T>>
+    where
+        CudaBlasLT: Matmul<T>,
+    {
+        let sharded = self.dp.zero() >= 1;
+        let chunks = self.dp.chunks();
+        let missing = chunks.iter().map(|c| c.len()).collect();
+        let nccl = self.nccl.as_deref_mut().ok_or_else(|| Error::Comm { rank: None, message: "overlap needs NCCL".into() })?;
+        nccl.defer(gpu.stream())?;
+        Ok(GradOverlap { weights, nccl, chunks, missing, sharded, started: Instant::now() })
+    }
+
+    /// Counts the time `finish` waited for the overlapped gradient collectives.
+    pub fn record_overlap(&mut self, waited: std::time::Duration) {
+        self.dp.record_comm(waited, true);
+    }
+
     /// ZeRO-1, after this rank updated its pieces of `params`: every chunk gathered from the
     /// pieces' owners.
     pub fn gather_params(&mut self, gpu: &Gpu, params: &mut CudaSlice<f32>) -> Result<()> {
@@ -88,6 +124,88 @@ impl GpuDp<'_> {
             }
         }
         self.dp.record_comm(start.elapsed(), false);
+        Ok(())
+    }
+}
+
+/// The hooks of a GPU rank's last backward of a step (see `GpuDp::overlap`): parameters are all
+/// present (ZeRO-0 and 1); a chunk whose gradients are all final is summed across the group on
+/// NCCL's side stream while backward computes the next.
+pub struct GradOverlap<'a, T: Storage>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    weights: Weights<'a, Cuda<T>>,
+    nccl: &'a mut NcclComm,
+    chunks: &'a [Range<usize>],
+    /// Elements of each chunk whose gradients are not final yet.
+    missing: Vec<usize>,
+    /// ZeRO-1: reduce-scatter (each rank's pieces get the sums) instead of all-reduce.
+    sharded: bool,
+    started: Instant,
+}
+
+impl<T: Storage> GradOverlap<'_, T>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    /// After backward: waits for every queued collective, and returns how long the wait took
+    /// (the communication backward did not hide). Every gradient must have been announced.
+    pub fn finish(self) -> Result<std::time::Duration> {
+        let start = Instant::now();
+        let complete = self.missing.iter().all(|m| *m == 0);
+        let queued = self.nccl.wait_deferred()?;
+        if !complete {
+            return Err(Error::Comm { rank: None, message: "the model did not announce every final gradient".into() });
+        }
+        tracing::trace!(collectives = queued, backward_ms = self.started.elapsed().as_secs_f64() * 1e3, "gradient collectives overlapped");
+        Ok(start.elapsed())
+    }
+}
+
+impl<T: Storage> Drop for GradOverlap<'_, T>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    /// A backward that failed part way: its queued collectives are waited for (or time out) so
+    /// the gradient buffer is not freed under them and the communicator leaves deferred mode.
+    fn drop(&mut self) {
+        let _ = self.nccl.wait_deferred();
+    }
+}
+
+impl<T: Storage> Params<Cuda<T>> for GradOverlap<'_, T>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    fn need(&mut self, _: &[Range<usize>]) -> Result<()> {
+        Ok(())
+    }
+
+    fn get(&self) -> Weights<'_, Cuda<T>> {
+        self.weights
+    }
+
+    fn grads_ready(&mut self, grads: &mut CudaSlice<f32>, range: Range<usize>) -> Result<()> {
+        let first = self.chunks.partition_point(|c| c.end <= range.start);
+        for c in first..self.chunks.len() {
+            let chunk = self.chunks[c].clone();
+            if chunk.start >= range.end {
+                break;
+            }
+            let overlap = range.end.min(chunk.end).saturating_sub(range.start.max(chunk.start));
+            self.missing[c] = self.missing[c]
+                .checked_sub(overlap)
+                .ok_or_else(|| Error::Comm { rank: None, message: format!("the gradients of {range:?} were announced final twice") })?;
+            if self.missing[c] != 0 || overlap == 0 {
+                continue;
+            }
+            if self.sharded {
+                self.nccl.reduce_scatter_chunks(grads, std::slice::from_ref(&chunk))?;
+            } else {
+                self.nccl.all_reduce(&mut grads.slice_mut(chunk), ReduceOp::Sum)?;
+            }
+        }
         Ok(())
     }
 }

@@ -245,13 +245,28 @@ where
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
         ops::zero(self.be.gpu(), &mut self.grads)?;
         let mut total = 0.0;
-        for mb in micro_batches {
-            let mut p = weights(&self.work, &self.master);
-            total +=
-                self.model.forward_backward_on(&self.be, &mut p, &mut self.grads, &mut self.acts, mb, loss_scale / global_tokens as f32)?;
+        // Over NCCL the last micro-batch's backward hands each chunk of gradients to its
+        // collective as soon as it is final (`GpuDp::overlap`); otherwise the whole buffer is
+        // communicated after backward.
+        let overlapped = dp.as_ref().is_some_and(GpuDp::overlaps);
+        let grad_scale = loss_scale / global_tokens as f32;
+        for (i, mb) in micro_batches.iter().enumerate() {
+            let w = weights(&self.work, &self.master);
+            total += match &mut dp {
+                Some(d) if overlapped && i + 1 == micro_batches.len() => {
+                    let mut hooks = d.overlap(self.be.gpu(), w)?;
+                    let loss = self.model.forward_backward_on(&self.be, &mut hooks, &mut self.grads, &mut self.acts, mb, grad_scale)?;
+                    let waited = hooks.finish()?;
+                    d.record_overlap(waited);
+                    loss
+                }
+                _ => self.model.forward_backward_on(&self.be, &mut { w }, &mut self.grads, &mut self.acts, mb, grad_scale)?,
+            };
         }
         if let Some(d) = &mut dp {
-            d.reduce_grads(self.be.gpu(), &mut self.grads)?;
+            if !overlapped {
+                d.reduce_grads(self.be.gpu(), &mut self.grads)?;
+            }
             total = d.sum(total)?;
         }
         let loss = total / global_tokens as f64;
