@@ -326,6 +326,16 @@ fn gradient_norm_and_overflow_check() {
     bad[123_456] = f32::INFINITY;
     let mut bd = up::<f32>(&g, &bad);
     assert!(ops::unscale_check(&g, &mut bd, 0.5).unwrap(), "an infinite gradient is reported");
+    // Over pieces: only they are unscaled, and only their overflow counts.
+    let pieces = [10..100_000, 500_000..600_000];
+    let mut pd = up::<f32>(&g, &bad);
+    assert!(!ops::unscale_check_pieces(&g, &mut pd, &pieces, 0.25).unwrap(), "the infinity lies outside the pieces");
+    let got = down(&g, &pd);
+    let want: Vec<f32> = bad.iter().enumerate().map(|(i, v)| if pieces.iter().any(|p| p.contains(&i)) { v * 0.25 } else { *v }).collect();
+    assert_eq!(got[..1000], want[..1000]);
+    assert_eq!(got[500_000..500_100], want[500_000..500_100]);
+    let mut pd = up::<f32>(&g, &bad);
+    assert!(ops::unscale_check_pieces(&g, &mut pd, &[0..10, 100_000..200_000], 0.5).unwrap(), "the piece holding it reports it");
 }
 
 fn attention<T: Host>(g: &Gpu, s: AttnShape, tol_fwd: f32, tol_bwd: f32) {

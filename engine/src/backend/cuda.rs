@@ -115,6 +115,10 @@ mod imp {
         type Rope = GpuRopeTable;
         type Losses = CudaSlice<f32>;
 
+        /// 64 M elements (256 MiB of f32-sized logits): a GPU's weight-gradient GEMM wants
+        /// thousands of rows, and the memory is there.
+        const HEAD_BLOCK_FLOATS: usize = 1 << 26;
+
         fn describe(&self) -> String {
             let name = self.gpu.context().name().unwrap_or_else(|_| "unknown GPU".into());
             format!("cuda:{} ({name}, {})", self.gpu.context().ordinal(), T::SUFFIX)
@@ -417,8 +421,8 @@ mod imp {
             Ok(())
         }
 
-        fn unscale_check(&self, g: SpanMut<'_, CudaSlice<f32>>, inv_scale: f32) -> Result<bool> {
-            Ok(ops::unscale_check(&self.gpu, &mut w(g), inv_scale)?)
+        fn unscale_check(&self, g: &mut CudaSlice<f32>, pieces: &[Range<usize>], inv_scale: f32) -> Result<bool> {
+            Ok(ops::unscale_check_pieces(&self.gpu, g, pieces, inv_scale)?)
         }
 
         fn adamw(

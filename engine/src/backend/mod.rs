@@ -88,6 +88,10 @@ pub trait Backend: Sized {
     /// Where the head's per-row losses collect until `loss_sum` reads them.
     type Losses: Send;
 
+    /// Elements of one block of the head's logits: the head runs a block of rows at a time, and
+    /// larger blocks sweep its weight gradient fewer times.
+    const HEAD_BLOCK_FLOATS: usize;
+
     /// "cpu", or the GPU and its precision.
     fn describe(&self) -> String;
 
@@ -275,8 +279,9 @@ pub trait Backend: Sized {
     fn sum_squares(&self, x: &Self::F32, pieces: &[Range<usize>]) -> Result<f64>;
     /// `x *= s`.
     fn scale(&self, x: SpanMut<'_, Self::F32>, s: f32) -> Result<()>;
-    /// `g *= inv_scale`, and whether any element is not finite (fp16's loss-scale check).
-    fn unscale_check(&self, g: SpanMut<'_, Self::F32>, inv_scale: f32) -> Result<bool>;
+    /// `g *= inv_scale` over `pieces` (ranges of `g`), and whether any of their elements is not
+    /// finite (fp16's loss-scale check of the sums this rank owns).
+    fn unscale_check(&self, g: &mut Self::F32, pieces: &[Range<usize>], inv_scale: f32) -> Result<bool>;
     /// Fused AdamW on one range: parameters `p` (f32), gradients `g`, moments `m` and `v`;
     /// with `work`, the updated parameters are also written there in the working precision.
     #[allow(clippy::too_many_arguments)]

@@ -215,6 +215,9 @@ impl NcclComm {
     /// Polls `event` (the end of a collective) until it completes, NCCL reports an error, or the
     /// timeout passes (then the communicator is aborted).
     fn wait_for(&mut self, what: &str, event: &CudaEvent) -> Result<()> {
+        // An aborted communicator is freed: nothing may ask NCCL about it again (and its
+        // collectives were ended by the abort).
+        self.live()?;
         let start = Instant::now();
         loop {
             match event.try_is_complete() {

@@ -163,9 +163,10 @@ impl Gpt2 {
         (t, model)
     }
 
-    /// The length of each activation buffer for `batch` sequences of `seq` tokens, in the order
-    /// `acts` allocates them (so memory is known before anything is allocated).
-    fn acts_lens(&self, batch: usize, seq: usize) -> [usize; 20] {
+    /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
+    /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
+    /// known before anything is allocated).
+    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 20] {
         let (n, c, l, inner) = (batch * seq, self.c, self.blocks.len(), self.inner);
         [
             (l + 1) * n * c,      // res
@@ -187,17 +188,18 @@ impl Gpt2 {
             n * c,                // dres
             n * c,                // dc
             n * inner.max(3 * c), // dbig
-            head_scratch_len(&self.head, &self.head_slices, n),
+            head_scratch_len(&self.head, &self.head_slices, n, block_floats),
         ]
     }
 
-    /// Floats of activations and backward scratch for `batch` sequences of `seq` tokens.
+    /// Floats of activations and backward scratch on the CPU for `batch` sequences of `seq`
+    /// tokens.
     pub fn acts_elems(&self, batch: usize, seq: usize) -> usize {
-        self.acts_lens(batch, seq).iter().sum()
+        self.acts_lens(batch, seq, Cpu::HEAD_BLOCK_FLOATS).iter().sum()
     }
 
     pub fn acts<B: Backend>(&self, be: &B, batch: usize, seq: usize) -> Result<Acts<B>> {
-        let lens = self.acts_lens(batch, seq);
+        let lens = self.acts_lens(batch, seq, B::HEAD_BLOCK_FLOATS);
         let t = |i: usize| be.alloc(lens[i]);
         let f = |i: usize| be.alloc_f32(lens[i]);
         Ok(Acts {

@@ -51,13 +51,13 @@ pub fn embed<B: Backend>(
     Ok(())
 }
 
-/// Floats of the head's scratch for `rows` rows: a block of rows' logits, or all rows' when the
-/// head runs a slice at a time.
-pub fn head_scratch_len(head: &LmHead, slices: &[Range<usize>], rows: usize) -> usize {
+/// Elements of the head's scratch for `rows` rows in blocks of `block_floats`: a block of rows'
+/// logits, or all rows' when the head runs a slice at a time.
+pub fn head_scratch_len(head: &LmHead, slices: &[Range<usize>], rows: usize, block_floats: usize) -> usize {
     if slices.len() > 1 {
         rows * head.vocab
     } else {
-        head.scratch_len(rows)
+        head.scratch_len_in(rows, block_floats)
     }
 }
 

@@ -8,15 +8,10 @@
 
 use std::ops::Range;
 
-use crate::backend::{Accumulate, Backend, Ids, Mat, MatMut, Weights};
+use crate::backend::{Accumulate, Backend, Cpu, Ids, Mat, MatMut, Weights};
 use crate::models::hooks::Params;
 use crate::params::ParamRef;
 use crate::Result;
-
-/// Floats in one block of logits (32 MiB), unless that is fewer than [`MIN_BLOCK_ROWS`] rows.
-/// Larger blocks sweep the head's weight gradient fewer times; 8 MiB blocks measured slower on
-/// the `gpt2-tiny` bench, 64 MiB ones no faster.
-const BLOCK_FLOATS: usize = 1 << 23;
 
 /// Rows per block at least: the weight gradient's GEMM has the block's rows as its inner
 /// dimension and slows down below a few hundred.
@@ -31,24 +26,35 @@ pub struct LmHead {
 }
 
 impl LmHead {
-    /// The most rows one block may hold (whatever the batch).
-    fn max_block_rows(&self) -> usize {
-        (BLOCK_FLOATS / self.vocab).max(MIN_BLOCK_ROWS)
+    /// The most rows one block may hold (whatever the batch), for blocks of `block_floats`
+    /// (`Backend::HEAD_BLOCK_FLOATS`).
+    fn max_block_rows(&self, block_floats: usize) -> usize {
+        (block_floats / self.vocab).max(MIN_BLOCK_ROWS)
+    }
+
+    /// Rows per logits block for `rows` rows on the CPU (see `block_rows_in`).
+    pub fn block_rows(&self, rows: usize) -> usize {
+        self.block_rows_in(rows, Cpu::HEAD_BLOCK_FLOATS)
     }
 
     /// Rows per logits block for `rows` rows: never more than `min(rows, max_block_rows)`, so
     /// scratch sized for a larger batch always fits a smaller one.
-    pub fn block_rows(&self, rows: usize) -> usize {
+    pub fn block_rows_in(&self, rows: usize, block_floats: usize) -> usize {
         let rows = rows.max(1);
         // Equal blocks: a short last block would run its weight-gradient product (whose inner
         // dimension is the block's row count) at a fraction of the GEMM's speed.
-        let blocks = rows.div_ceil(self.max_block_rows());
+        let blocks = rows.div_ceil(self.max_block_rows(block_floats));
         rows.div_ceil(blocks)
     }
 
-    /// Scratch floats the head needs for up to `rows` rows: one logits block.
+    /// Scratch floats the head needs on the CPU for up to `rows` rows (see `scratch_len_in`).
     pub fn scratch_len(&self, rows: usize) -> usize {
-        rows.max(1).min(self.max_block_rows()) * self.vocab
+        self.scratch_len_in(rows, Cpu::HEAD_BLOCK_FLOATS)
+    }
+
+    /// Scratch elements the head needs for up to `rows` rows: one logits block.
+    pub fn scratch_len_in(&self, rows: usize, block_floats: usize) -> usize {
+        rows.max(1).min(self.max_block_rows(block_floats)) * self.vocab
     }
 
     fn w<'a, B: Backend>(&self, p: Weights<'a, B>) -> Mat<'a, B::Act> {
@@ -72,7 +78,7 @@ impl LmHead {
     ) -> Result<()> {
         let rows = targets.host.len();
         let (c, v) = (self.hidden, self.vocab);
-        let block = self.block_rows(rows);
+        let block = self.block_rows_in(rows, B::HEAD_BLOCK_FLOATS);
         let mut r0 = 0;
         while r0 < rows {
             let r = block.min(rows - r0);
@@ -151,7 +157,6 @@ impl LmHead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Cpu;
     use crate::rng::Rng;
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{Backend, SpanMut};
+use crate::backend::Backend;
 use crate::checkpoint::LossScaleState;
 use crate::optim::{clip_on, AdamW, Grads};
 use crate::params::ParamTable;
@@ -117,10 +117,7 @@ pub fn apply<B: Backend>(
     if let Some(scaler) = scaler {
         // The parts this rank's norm covers: between them, the group's ranks check every sum.
         let scale = scaler.scale;
-        let mut overflow = false;
-        for s in &norm_spans {
-            overflow |= be.unscale_check(SpanMut::new(&mut *buf, s.clone()), 1.0 / scale)?;
-        }
+        let mut overflow = be.unscale_check(buf, &norm_spans, 1.0 / scale)?;
         if let Some(sum) = group.as_deref_mut() {
             overflow = sum(f64::from(u8::from(overflow)))? > 0.0;
         }

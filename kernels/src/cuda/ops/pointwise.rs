@@ -156,15 +156,27 @@ pub fn sum_squares_pieces(gpu: &Gpu, x: &impl In<f32>, pieces: &[std::ops::Range
 /// Loss scaling: `g *= inv_scale`; returns whether any element is not finite (the step must
 /// then be skipped).
 pub fn unscale_check(gpu: &Gpu, g: &mut impl Out<f32>, inv_scale: f32) -> Result<bool> {
+    let n = g.view_mut().len();
+    unscale_check_pieces(gpu, g, std::slice::from_ref(&(0..n)), inv_scale)
+}
+
+/// As [`unscale_check`] over `pieces` (ranges of `g`), with one overflow flag and one read back
+/// for all of them: a ZeRO rank's check of the sums it owns.
+pub fn unscale_check_pieces(gpu: &Gpu, g: &mut impl Out<f32>, pieces: &[std::ops::Range<usize>], inv_scale: f32) -> Result<bool> {
     let mut g = g.view_mut();
-    let n = g.len();
+    if let Some(p) = pieces.iter().find(|p| p.start > p.end || p.end > g.len()) {
+        return Err(Error::Shape(format!("unscale_check: piece {p:?} lies outside {} elements", g.len())));
+    }
     let mut flag = gpu.stream().alloc_zeros::<i32>(1).map_err(|e| Error::cuda("allocating the overflow flag", e))?;
     let f = gpu.function("elementwise", "unscale_check_f32")?;
-    let n64 = n as u64;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut g).arg(&inv_scale).arg(&mut flag).arg(&n64);
-    // SAFETY: n elements of g; one flag.
-    launched("unscale_check_f32", unsafe { b.launch(elementwise(n)) }.map(|_| ()))?;
+    for p in pieces.iter().filter(|p| !p.is_empty()) {
+        let mut gp = g.slice_mut(p.clone());
+        let n64 = p.len() as u64;
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(&mut gp).arg(&inv_scale).arg(&mut flag).arg(&n64);
+        // SAFETY: p.len() elements of the piece's view; one flag.
+        launched("unscale_check_f32", unsafe { b.launch(elementwise(p.len())) }.map(|_| ()))?;
+    }
     let host = gpu.stream().clone_dtoh(&flag).map_err(|e| Error::cuda("reading the overflow flag", e))?;
     Ok(host[0] != 0)
 }
