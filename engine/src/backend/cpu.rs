@@ -317,6 +317,15 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn zero_f32(&self, x: SpanMut<'_, [f32]>) -> Result<()> {
+        vec::zero(w(x));
+        Ok(())
+    }
+
+    fn f32_as_act<'a>(&self, x: &'a [f32]) -> Option<&'a [f32]> {
+        Some(x)
+    }
+
     fn unscale_check(&self, g: &mut [f32], pieces: &[Range<usize>], inv_scale: f32) -> Result<bool> {
         let mut overflow = false;
         for p in pieces {

@@ -421,6 +421,15 @@ mod imp {
             Ok(())
         }
 
+        fn zero_f32(&self, x: SpanMut<'_, CudaSlice<f32>>) -> Result<()> {
+            ops::zero(&self.gpu, &mut w(x))?;
+            Ok(())
+        }
+
+        fn f32_as_act<'a>(&self, x: &'a CudaSlice<f32>) -> Option<&'a CudaSlice<T>> {
+            (x as &dyn std::any::Any).downcast_ref::<CudaSlice<T>>()
+        }
+
         fn unscale_check(&self, g: &mut CudaSlice<f32>, pieces: &[Range<usize>], inv_scale: f32) -> Result<bool> {
             Ok(ops::unscale_check_pieces(&self.gpu, g, pieces, inv_scale)?)
         }

@@ -279,6 +279,10 @@ pub trait Backend: Sized {
     fn sum_squares(&self, x: &Self::F32, pieces: &[Range<usize>]) -> Result<f64>;
     /// `x *= s`.
     fn scale(&self, x: SpanMut<'_, Self::F32>, s: f32) -> Result<()>;
+    fn zero_f32(&self, x: SpanMut<'_, Self::F32>) -> Result<()>;
+    /// The f32 masters read as the matmul operands, when the backend computes in f32 (`None`
+    /// in 16 bits, where the operands are a working copy).
+    fn f32_as_act<'a>(&self, x: &'a Self::F32) -> Option<&'a Self::Act>;
     /// `g *= inv_scale` over `pieces` (ranges of `g`), and whether any of their elements is not
     /// finite (fp16's loss-scale check of the sums this rank owns).
     fn unscale_check(&self, g: &mut Self::F32, pieces: &[Range<usize>], inv_scale: f32) -> Result<bool>;

@@ -30,10 +30,16 @@ use gantry_kernels::cuda::cudarc::driver::CudaSlice;
 use gantry_kernels::cuda::ops::Storage;
 use gantry_kernels::cuda::Gpu;
 
+use gantry_kernels::cuda::cudarc::driver::CudaEvent;
+use gantry_kernels::cuda::ops;
+
 use crate::backend::{Cuda, Weights};
 use crate::comm::{NcclComm, ReduceOp};
 use crate::models::hooks::Params;
+use crate::models::{Activations, Model};
 use crate::parallel::DataParallel;
+use crate::train::step::{Layout, State};
+use crate::train::update::{self, LossScale, Outcome, Summed, Update};
 use crate::{Error, Result};
 
 /// One step's view of a GPU rank's dp group: the group (scalars, layout, host-staged bulk data),
@@ -205,6 +211,101 @@ where
             } else {
                 self.nccl.all_reduce(&mut grads.slice_mut(chunk), ReduceOp::Sum)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// A GPU rank's layout for the one step (`train::step`): its dp group when it has one, and the
+/// state copy to the host that the update, which overwrites the state, must wait for.
+pub struct GpuLayout<'a> {
+    pub dp: Option<GpuDp<'a>>,
+    /// Recorded on the copy stream after a download (see `GpuTrainer::begin_download`).
+    pub copy_done: Option<CudaEvent>,
+}
+
+impl GpuLayout<'_> {
+    /// ZeRO-1: the rank holds the group's sums and the moments of its pieces only.
+    fn sharded(&self) -> bool {
+        self.dp.as_ref().is_some_and(|d| d.zero() >= 1)
+    }
+}
+
+impl<T: Storage> Layout<Cuda<T>> for GpuLayout<'_>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    /// Over NCCL the last micro-batch's backward hands each chunk of gradients to its collective
+    /// as soon as it is final (`GpuDp::overlap`); otherwise the whole buffer is communicated
+    /// after backward.
+    fn forward_backward(
+        &mut self,
+        be: &Cuda<T>,
+        model: &Model,
+        st: &mut State<'_, Cuda<T>>,
+        acts: &mut Activations<Cuda<T>>,
+        windows: &[u32],
+        scale: f32,
+        k: usize,
+        n: usize,
+    ) -> Result<f64> {
+        let last = k + 1 == n;
+        let w = State::weights(be, st.params, st.work.as_deref())?;
+        match &mut self.dp {
+            Some(d) if d.overlaps() && last => {
+                let mut hooks = d.overlap(be.gpu(), w)?;
+                let loss = model.forward_backward_on(be, &mut hooks, st.grads, acts, windows, scale)?;
+                let waited = hooks.finish()?;
+                d.record_overlap(waited);
+                Ok(loss)
+            }
+            dp => {
+                let loss = model.forward_backward_on(be, &mut { w }, st.grads, acts, windows, scale)?;
+                if let (Some(d), true) = (dp, last) {
+                    d.reduce_grads(be.gpu(), st.grads)?;
+                }
+                Ok(loss)
+            }
+        }
+    }
+
+    fn sum(&mut self, x: f64) -> Result<f64> {
+        match &mut self.dp {
+            Some(d) => d.sum(x),
+            None => Ok(x),
+        }
+    }
+
+    /// Under ZeRO-1 only this rank's pieces hold summed gradients (the rest is scratch, holding
+    /// this rank's own or partial sums): the norm and fp16's overflow check read the pieces, and
+    /// the group agrees on both. The working copy is written in the same pass, unless the
+    /// parameters are gathered afterwards (then it is cast from them once, in `after_update`).
+    fn update(&mut self, be: &Cuda<T>, u: &Update<'_>, st: &mut State<'_, Cuda<T>>, scaler: Option<&mut LossScale>) -> Result<Outcome> {
+        if let Some(done) = self.copy_done.take() {
+            be.gpu().stream().wait(&done).map_err(|e| Error::Device(format!("waiting for the state copy: {e}")))?;
+        }
+        let sharded = self.sharded();
+        let summed = Summed::Full { grads: &mut *st.grads, norm: st.pieces };
+        let work = if sharded { None } else { st.work.as_deref_mut() };
+        let mut sum = |x: f64| match &mut self.dp {
+            Some(d) => d.sum(x),
+            None => Ok(x),
+        };
+        let group: Option<&mut dyn FnMut(f64) -> Result<f64>> = if sharded { Some(&mut sum) } else { None };
+        update::apply(be, u, st.params, work, summed, st.m, st.v, group, scaler)
+    }
+
+    /// ZeRO-1, after this rank updated its pieces: every chunk gathered from its owners, and the
+    /// working copy cast from the result.
+    fn after_update(&mut self, be: &Cuda<T>, st: &mut State<'_, Cuda<T>>, applied: bool) -> Result<()> {
+        if !applied || !self.sharded() {
+            return Ok(());
+        }
+        if let Some(d) = &mut self.dp {
+            d.gather_params(be.gpu(), st.params)?;
+        }
+        if let Some(wk) = st.work.as_deref_mut() {
+            ops::cast_from_f32(be.gpu(), wk, &*st.params)?;
         }
         Ok(())
     }

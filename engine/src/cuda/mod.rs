@@ -1,6 +1,7 @@
-//! Training on GPUs (feature `cuda`): a trainer with fp32 master weights and optimizer state and
-//! the activations in the working precision (f32, bf16, or f16 with dynamic loss scaling); one GPU
-//! per rank, with data parallelism and ZeRO-1 across the ranks of a dp group (see `dp`).
+//! Training on GPUs (feature `cuda`): a rank's state on its GPU (`state`: fp32 master weights and
+//! optimizer state, the activations in the working precision: f32, bf16, or f16 with dynamic loss
+//! scaling), and what data parallelism over NCCL adds to the one step (`dp`: overlapped
+//! all-reduce, ZeRO-1).
 //!
 //! The model is the one model of `models/`, run on the CUDA backend (`backend::Cuda`): the same
 //! layers over the same [`ParamTable`](crate::params::ParamTable), whose flat buffer is uploaded
@@ -9,9 +10,9 @@
 
 mod bench;
 mod dp;
-mod trainer;
+mod state;
 
 pub use crate::train::update::LossScale;
 pub use bench::{bench_gpu, peak_flops};
-pub use dp::GpuDp;
-pub use trainer::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, StartState};
+pub use dp::{GpuDp, GpuLayout};
+pub use state::{gpu_trainer, GpuStep, GpuStepper, GpuTrainer, HostState, StartState};

@@ -24,9 +24,13 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::pages;
+use crate::backend::Cpu;
 use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
-use crate::models::hooks::ParamHooks;
+use crate::models::hooks::{Hooked, ParamHooks};
+use crate::models::{Activations, Model};
 use crate::params::ParamTable;
+use crate::train::step::{Layout, State};
+use crate::train::update::{self, LossScale, Outcome, Summed, Update};
 use crate::{Error, Result};
 
 pub struct DataParallel {
@@ -73,6 +77,8 @@ pub struct DataParallel {
     /// The most bytes held at once since last taken: parameters and gradients resident, copies
     /// in flight, the chunk being prefetched and any gather buffer.
     peak: u64,
+    /// The most held in the last step's backward or update (see `take_step_peak`).
+    step_peak: u64,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -128,6 +134,7 @@ impl DataParallel {
             params_bytes: 0,
             grads_bytes: 0,
             peak: 0,
+            step_peak: 0,
         })
     }
 
@@ -258,20 +265,10 @@ impl DataParallel {
         Ok(v)
     }
 
-    /// Where this rank's summed gradients are for the update (`train::update::apply`), and the
-    /// ranges its norm covers: the whole buffer under ZeRO-0 and 1, where every rank holds the
-    /// same sums (the all-reduce leaves the same bits on every rank), so the norm needs no
-    /// communication; this rank's summed pieces (`grad_shard`) under ZeRO-2 and 3, whose squares
-    /// the group adds (`sum`). Either way every rank gets the same norm, so when it is not finite
-    /// every rank skips the update alike (`skip_step`).
-    pub fn sums_are_sharded(&self) -> bool {
-        self.zero >= 2
-    }
-
     /// After this rank's update of its pieces: whatever brings every rank the parameters it
     /// needs next (each chunk gathered from its owners under ZeRO-1 and 2; under ZeRO-3 the
     /// gathered copies, stale now, are released).
-    pub fn after_update(&mut self, params: &mut [f32]) -> Result<()> {
+    pub fn bring_back_params(&mut self, params: &mut [f32]) -> Result<()> {
         match self.zero {
             1 | 2 => {
                 for c in 0..self.chunks.len() {
@@ -287,8 +284,8 @@ impl DataParallel {
         Ok(())
     }
 
-    /// In place of `after_update` for a step whose gradient norm is not finite (every rank
-    /// calls one or the other alike, see `sums_are_sharded`): the parameters and moments stay as they are,
+    /// In place of `bring_back_params` for a step whose gradient norm is not finite (every rank
+    /// calls one or the other alike, see `update`): the parameters and moments stay as they are,
     /// and the group is left as after an update, ready for the next step. Nothing is gathered:
     /// every rank's parameters are those it had, which are the group's.
     pub fn skip_step(&mut self, params: &mut [f32]) -> Result<()> {
@@ -480,6 +477,12 @@ impl DataParallel {
         ]
     }
 
+    /// The most bytes of parameters, gradients and communication buffers held at once in the
+    /// last step (its backward, or its update).
+    pub fn take_step_peak(&mut self) -> u64 {
+        std::mem::take(&mut self.step_peak)
+    }
+
     /// The most bytes of parameters, gradients and communication buffers held at once since the
     /// last call (measured at the hooks, where they change, and now).
     pub fn take_peak(&mut self, params: &[f32], grads: &[f32]) -> u64 {
@@ -594,6 +597,68 @@ impl ParamHooks for DataParallel {
             };
             self.inflight.push((c, pending));
         }
+        Ok(())
+    }
+}
+
+/// Data parallelism and ZeRO as a step's layout on CPU ranks (see `train::step`).
+impl Layout<Cpu> for DataParallel {
+    fn grads_start_zero(&self) -> bool {
+        // Under ZeRO-2/3 the gradient buffer is already zero: its chunks were released.
+        self.zero >= 2
+    }
+
+    fn forward_backward(
+        &mut self,
+        _: &Cpu,
+        model: &Model,
+        st: &mut State<'_, Cpu>,
+        acts: &mut Activations,
+        windows: &[u32],
+        scale: f32,
+        k: usize,
+        n: usize,
+    ) -> Result<f64> {
+        self.begin_micro_batch(k + 1 == n);
+        let loss = model.forward_backward_on(&Cpu, &mut Hooked { params: st.params, hooks: self }, st.grads, acts, windows, scale)?;
+        self.end_micro_batch(st.grads)?;
+        Ok(loss)
+    }
+
+    fn sum(&mut self, x: f64) -> Result<f64> {
+        DataParallel::sum(self, x)
+    }
+
+    /// Under ZeRO-0 and 1 every rank holds the same summed gradients (the all-reduce leaves the
+    /// same bits on every rank), so the norm needs no communication; under ZeRO-2 and 3 the rank
+    /// holds its summed pieces (`grad_shard`), whose squares the group adds. Either way every rank
+    /// gets the same norm, and skips a step alike.
+    fn update(&mut self, be: &Cpu, u: &Update<'_>, st: &mut State<'_, Cpu>, scaler: Option<&mut LossScale>) -> Result<Outcome> {
+        self.step_peak = self.take_peak(st.params, st.grads);
+        let mut shard = std::mem::take(&mut self.grad_shard);
+        let outcome = if self.zero >= 2 {
+            let len = shard.len();
+            let mut sum = |x: f64| DataParallel::sum(self, x);
+            let summed = Summed::Pieces { grads: &mut shard[..], len };
+            update::apply(be, u, st.params, None, summed, st.m, st.v, Some(&mut sum), scaler)
+        } else {
+            let whole = std::iter::once(0..st.len).collect::<Vec<_>>();
+            let summed = Summed::Full { grads: &mut *st.grads, norm: &whole };
+            update::apply(be, u, st.params, None, summed, st.m, st.v, None, scaler)
+        };
+        self.grad_shard = shard;
+        outcome
+    }
+
+    fn after_update(&mut self, _: &Cpu, st: &mut State<'_, Cpu>, applied: bool) -> Result<()> {
+        if applied {
+            self.bring_back_params(st.params)?;
+        } else {
+            self.skip_step(st.params)?;
+        }
+        // Peak of parameters, gradients and communication buffers in backward, or during the
+        // update.
+        self.step_peak = self.step_peak.max(self.take_peak(st.params, st.grads));
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ mod gpu;
 mod memory;
 mod nonfinite;
 mod run;
+pub mod step;
 #[cfg(test)]
 mod tests;
 mod trainer;

@@ -17,7 +17,8 @@ use crate::{Error, Result};
 use super::checkpointing::{PendingCheckpoint, Snapshot};
 use super::gpu::OnGpu;
 use super::nonfinite::{NonFiniteSteps, StepOutcome};
-use super::update::{self, Summed, Update};
+use super::step::{self, Alone, Layout, State};
+use super::update::Update;
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -296,25 +297,12 @@ impl Trainer {
         let start = Instant::now();
         let (global, seq) = (self.config.optim.global_batch, self.config.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
-        let accumulation = self.config.accumulation_steps();
-        // Under ZeRO-2/3 the gradient buffer is already zero: its chunks were released.
-        if self.dp.as_ref().is_none_or(|d| d.zero() < 2) {
-            gantry_kernels::cpu::vec::zero(&mut self.buffers.grads);
-        }
-        let mut loss_sum = 0.0;
-        for k in 0..accumulation {
+        let mut batches = Vec::with_capacity(self.config.accumulation_steps());
+        for k in 0..self.config.accumulation_steps() {
             self.fill_micro_batch(k);
-            let b = &mut self.buffers;
-            loss_sum += match &mut self.dp {
-                Some(dp) => {
-                    dp.begin_micro_batch(k + 1 == accumulation);
-                    let loss = self.model.forward_backward_hooked(&mut b.params, &mut b.grads, &mut self.acts, &self.batch, scale, dp)?;
-                    dp.end_micro_batch(&mut b.grads)?;
-                    loss
-                }
-                None => self.model.forward_backward(&b.params, &mut b.grads, &mut self.acts, &self.batch, scale)?,
-            };
+            batches.push(self.batch.clone());
         }
+        let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
         // A skipped step (below) still uses up its number, as an fp16 step skipped for overflow
         // does on a GPU (see `GpuTrainer::step`): the data, the learning rate and AdamW's bias
         // corrections all follow the step number, so a run resumed from a checkpoint takes the
@@ -322,9 +310,7 @@ impl Trainer {
         // instead, which a checkpoint would have to record.)
         self.step += 1;
         let lr = self.schedule.at(self.step);
-        // The one update of both backends: clipping, the skip of a step whose gradients are not
-        // finite (on every rank alike: they hold the same norm, see
-        // `DataParallel::sums_are_sharded`), AdamW over this rank's pieces.
+        let table_len = self.model.table.len();
         let b = &mut self.buffers;
         let u = Update {
             optim: &self.optim,
@@ -334,41 +320,30 @@ impl Trainer {
             step: self.step as u32,
             max_norm: self.config.optim.grad_clip,
         };
-        let (outcome, mem_bytes, comm) = match &mut self.dp {
+        let mut st = State {
+            params: &mut b.params[..],
+            work: None,
+            grads: &mut b.grads[..],
+            m: &mut b.m[..],
+            v: &mut b.v[..],
+            pieces: &b.pieces,
+            len: table_len,
+        };
+        // The one step of both backends (`train::step`), with this rank's layout.
+        let mut alone = Alone;
+        let layout: &mut dyn Layout<Cpu> = match &mut self.dp {
+            Some(dp) => dp,
+            None => &mut alone,
+        };
+        let (loss_sum, outcome) = step::step(&Cpu, &self.model, layout, &mut st, &mut self.acts, &refs, scale, &u, None)?;
+        let (mem_bytes, comm) = match &mut self.dp {
             Some(dp) => {
-                loss_sum = dp.sum(loss_sum)?;
-                let peak = dp.take_peak(&b.params, &b.grads);
-                let whole = std::slice::from_ref(&(0..b.grads.len())).to_vec();
-                let mut shard = std::mem::take(&mut dp.grad_shard);
-                let outcome = if dp.sums_are_sharded() {
-                    let len = shard.len();
-                    let mut sum = |x: f64| dp.sum(x);
-                    let summed = Summed::Pieces { grads: &mut shard[..], len };
-                    update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, Some(&mut sum), None)
-                } else {
-                    let summed = Summed::Full { grads: &mut b.grads[..], norm: &whole[..] };
-                    update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, None, None)
-                };
-                dp.grad_shard = shard;
-                let outcome = outcome?;
-                if outcome.skipped {
-                    dp.skip_step(&mut b.params)?;
-                } else {
-                    dp.after_update(&mut b.params)?;
-                }
-                // Peak of parameters, gradients and communication buffers in backward, or
-                // during the update, plus the shards that are always there.
-                let peak = peak.max(dp.take_peak(&b.params, &b.grads));
+                // The most held in backward or the update, plus the shards always there.
                 let moments = 4 * (b.m.len() + b.v.len()) as u64;
                 let shard_grads = 4 * dp.grad_shard.len() as u64;
-                (outcome, peak + shard_grads + moments, dp.take_comm_time())
+                (dp.take_step_peak() + shard_grads + moments, dp.take_comm_time())
             }
-            None => {
-                let whole = std::slice::from_ref(&(0..b.grads.len())).to_vec();
-                let summed = Summed::Full { grads: &mut b.grads[..], norm: &whole[..] };
-                let outcome = update::apply(&Cpu, &u, &mut b.params, None, summed, &mut b.m, &mut b.v, None, None)?;
-                (outcome, b.bytes(), Default::default())
-            }
+            None => (b.bytes(), Default::default()),
         };
         let grad_norm = outcome.grad_norm;
         let skipped = !grad_norm.is_finite();

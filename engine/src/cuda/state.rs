@@ -1,7 +1,7 @@
-//! One GPU's training state and step: f32 master parameters, gradients and AdamW moments on the
-//! device; the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves).
-//! The step runs the one model on the CUDA backend and ends in the update the CPU trainer uses
-//! too (`train::update`: fp16's loss scaling, clipping, the non-finite skip, AdamW).
+//! One GPU's training state: f32 master parameters, gradients and AdamW moments on the device,
+//! the parameters' working copy in `T` (bf16 or f16; f32 reads the masters themselves), fp16's
+//! loss scale, and the asynchronous copies of the state to the host for checkpoints. Its step is
+//! the one step of both backends (`train::step`, with `GpuLayout` for the dp group).
 
 use std::ops::Range;
 
@@ -13,13 +13,14 @@ use gantry_kernels::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, Pin
 use gantry_kernels::cuda::ops::{self, Storage};
 use gantry_kernels::cuda::Gpu;
 
-use super::dp::GpuDp;
-use crate::backend::{Cuda, Weights};
+use super::dp::{GpuDp, GpuLayout};
+use crate::backend::Cuda;
 use crate::checkpoint::LossScaleState;
 use crate::models::{Activations, Model};
 use crate::optim::AdamW;
 use crate::params::ParamTable;
-use crate::train::update::{self, LossScale, Summed, Update};
+use crate::train::step::{self, State};
+use crate::train::update::{LossScale, Outcome, Update};
 use crate::{Error, Result};
 
 /// What one optimizer step did.
@@ -228,82 +229,44 @@ where
     /// numbers the uninterrupted one would have used. A skipped step (an fp16 overflow, or
     /// gradients that are not finite) still uses up its number (PyTorch's `GradScaler` would not
     /// advance Adam's count there; numbering by step keeps resume exact instead).
-    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, mut dp: Option<GpuDp<'_>>) -> Result<GpuStep> {
+    pub fn step(&mut self, micro_batches: &[&[u32]], lr: f32, grad_clip: f64, step: u32, dp: Option<GpuDp<'_>>) -> Result<GpuStep> {
         let w = self.acts.seq() + 1;
         let tokens: usize = micro_batches.iter().map(|mb| mb.len() / w * (w - 1)).sum();
         if tokens == 0 {
             return Err(Error::Unsupported { field: "batch".into(), message: "a step needs at least one window".into() });
         }
         let global_tokens = tokens * dp.as_ref().map_or(1, GpuDp::size);
-        let sharded = dp.as_ref().is_some_and(|d| d.zero() >= 1);
-        if !sharded && self.m.len() != self.master.len() {
+        if dp.as_ref().is_none_or(|d| d.zero() == 0) && self.m.len() != self.master.len() {
             return Err(Error::Unsupported {
                 field: "parallel.zero".into(),
                 message: "this GPU trainer holds a ZeRO shard of the optimizer state: its steps need the dp group".into(),
             });
         }
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
-        ops::zero(self.be.gpu(), &mut self.grads)?;
-        let mut total = 0.0;
-        // Over NCCL the last micro-batch's backward hands each chunk of gradients to its
-        // collective as soon as it is final (`GpuDp::overlap`); otherwise the whole buffer is
-        // communicated after backward.
-        let overlapped = dp.as_ref().is_some_and(GpuDp::overlaps);
-        let grad_scale = loss_scale / global_tokens as f32;
-        for (i, mb) in micro_batches.iter().enumerate() {
-            let w = weights(&self.work, &self.master);
-            total += match &mut dp {
-                Some(d) if overlapped && i + 1 == micro_batches.len() => {
-                    let mut hooks = d.overlap(self.be.gpu(), w)?;
-                    let loss = self.model.forward_backward_on(&self.be, &mut hooks, &mut self.grads, &mut self.acts, mb, grad_scale)?;
-                    let waited = hooks.finish()?;
-                    d.record_overlap(waited);
-                    loss
-                }
-                _ => self.model.forward_backward_on(&self.be, &mut { w }, &mut self.grads, &mut self.acts, mb, grad_scale)?,
-            };
-        }
-        if let Some(d) = &mut dp {
-            if !overlapped {
-                d.reduce_grads(self.be.gpu(), &mut self.grads)?;
-            }
-            total = d.sum(total)?;
-        }
-        let loss = total / global_tokens as f64;
-        // The optimizer update overwrites what a state copy may still be reading (see
-        // `begin_download`): it waits for the copy (on the device; the host goes on).
-        if let Some(done) = self.copy_done.take() {
-            self.be.gpu().stream().wait(&done).map_err(dev("waiting for the state copy"))?;
-        }
-        // The update both backends share. Under ZeRO-1 only this rank's pieces hold summed
-        // gradients (the rest is scratch, holding this rank's own or partial sums): the norm and
-        // the fp16 overflow check read the pieces, and the group agrees on both.
+        // The one step of both backends (`train::step`), with this GPU's layout: its dp group,
+        // and the state copy the update must wait for (see `begin_download`).
         let u = Update { optim: &self.optim, table: &self.table, pieces: &self.pieces, lr, step, max_norm: grad_clip };
-        let summed = Summed::Full { grads: &mut self.grads, norm: &self.pieces };
-        // The working copy is written in the same pass, unless the parameters are gathered
-        // afterwards (then it is cast from them once, below).
-        let work = if sharded { None } else { self.work.as_mut() };
-        let outcome = {
-            let mut sum = |x: f64| dp.as_mut().map_or(Ok(x), |d| d.sum(x));
-            let group: Option<&mut dyn FnMut(f64) -> Result<f64>> = if sharded { Some(&mut sum) } else { None };
-            update::apply(&self.be, &u, &mut self.master, work, summed, &mut self.m, &mut self.v, group, self.scaler.as_mut())?
+        let mut layout = GpuLayout { dp, copy_done: self.copy_done.take() };
+        let mut st = State {
+            params: &mut self.master,
+            work: self.work.as_mut(),
+            grads: &mut self.grads,
+            m: &mut self.m,
+            v: &mut self.v,
+            pieces: &self.pieces,
+            len: self.table.len(),
         };
+        let grad_scale = loss_scale / global_tokens as f32;
+        let (total, outcome) =
+            step::step(&self.be, &self.model, &mut layout, &mut st, &mut self.acts, micro_batches, grad_scale, &u, self.scaler.as_mut())?;
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
-        if outcome.skipped {
-            return Ok(GpuStep { loss, grad_norm: outcome.grad_norm, skipped: true, nonfinite: outcome.nonfinite, loss_scale });
-        }
-        if let (Some(d), true) = (&mut dp, sharded) {
-            d.gather_params(self.be.gpu(), &mut self.master)?;
-            if let Some(wk) = &mut self.work {
-                ops::cast_from_f32(self.be.gpu(), wk, &self.master)?;
-            }
-        }
-        Ok(GpuStep { loss, grad_norm: outcome.grad_norm, skipped: false, nonfinite: false, loss_scale })
+        let Outcome { grad_norm, skipped, nonfinite } = outcome;
+        Ok(GpuStep { loss: total / global_tokens as f64, grad_norm, skipped, nonfinite, loss_scale })
     }
 
     /// Mean loss per token over `windows`, forward only.
     pub fn loss(&mut self, windows: &[u32]) -> Result<f64> {
-        let total = self.model.loss_on(&self.be, weights(&self.work, &self.master), &mut self.acts, windows)?;
+        let total = self.model.loss_on(&self.be, State::weights(&self.be, &self.master, self.work.as_ref())?, &mut self.acts, windows)?;
         Ok(total / (windows.len() / (self.acts.seq() + 1) * self.acts.seq()) as f64)
     }
 
@@ -393,7 +356,7 @@ where
     /// model's `forward_backward`.
     pub fn forward_backward(&mut self, windows: &[u32], grad_scale: f32) -> Result<f64> {
         ops::zero(self.be.gpu(), &mut self.grads)?;
-        let mut p = weights(&self.work, &self.master);
+        let mut p = State::weights(&self.be, &self.master, self.work.as_ref())?;
         self.model.forward_backward_on(&self.be, &mut p, &mut self.grads, &mut self.acts, windows, grad_scale)
     }
 }
@@ -409,20 +372,6 @@ where
             let _ = s.synchronize();
         }
     }
-}
-
-/// The parameters as the model reads them: the matmul operands in the working precision (the
-/// 16-bit copy, or for f32 the masters themselves) and the f32 masters.
-fn weights<'a, T: Storage>(work: &'a Option<CudaSlice<T>>, master: &'a CudaSlice<f32>) -> Weights<'a, Cuda<T>>
-where
-    CudaBlasLT: Matmul<T>,
-{
-    let w = match work {
-        Some(w) => w,
-        // `GpuTrainer::new` leaves `work` None only for f32, where the masters are the operands.
-        None => (master as &dyn std::any::Any).downcast_ref::<CudaSlice<T>>().expect("no working copy, so the precision is f32"),
-    };
-    Weights { w, master }
 }
 
 /// A GPU trainer of any precision, for callers that pick the precision at run time.
