@@ -37,7 +37,7 @@ use crate::backend::{Cuda, Weights};
 use crate::comm::{NcclComm, ReduceOp};
 use crate::models::hooks::Params;
 use crate::models::{Activations, Model};
-use crate::parallel::DataParallel;
+use crate::parallel::{DataParallel, FinalGrads};
 use crate::train::step::{Layout, State};
 use crate::train::update::{self, LossScale, Outcome, Summed, Update};
 use crate::{Error, Result};
@@ -105,11 +105,10 @@ impl GpuDp<'_> {
         CudaBlasLT: Matmul<T>,
     {
         let sharded = self.dp.zero() >= 1;
-        let chunks = self.dp.chunks();
-        let missing = chunks.iter().map(|c| c.len()).collect();
+        let finals = FinalGrads::new(self.dp.chunks().to_vec());
         let nccl = self.nccl.as_deref_mut().ok_or_else(|| Error::Comm { rank: None, message: "overlap needs NCCL".into() })?;
         nccl.defer(gpu.stream())?;
-        Ok(GradOverlap { weights, nccl, chunks, missing, sharded, started: Instant::now() })
+        Ok(GradOverlap { weights, nccl, finals, sharded, started: Instant::now() })
     }
 
     /// Counts the time `finish` waited for the overlapped gradient collectives.
@@ -143,9 +142,8 @@ where
 {
     weights: Weights<'a, Cuda<T>>,
     nccl: &'a mut NcclComm,
-    chunks: &'a [Range<usize>],
-    /// Elements of each chunk whose gradients are not final yet.
-    missing: Vec<usize>,
+    /// Which chunks this backward has finished.
+    finals: FinalGrads,
     /// ZeRO-1: reduce-scatter (each rank's pieces get the sums) instead of all-reduce.
     sharded: bool,
     started: Instant,
@@ -159,11 +157,8 @@ where
     /// (the communication backward did not hide). Every gradient must have been announced.
     pub fn finish(self) -> Result<std::time::Duration> {
         let start = Instant::now();
-        let complete = self.missing.iter().all(|m| *m == 0);
         let queued = self.nccl.wait_deferred()?;
-        if !complete {
-            return Err(Error::Comm { rank: None, message: "the model did not announce every final gradient".into() });
-        }
+        self.finals.check_all_final()?;
         tracing::trace!(collectives = queued, backward_ms = self.started.elapsed().as_secs_f64() * 1e3, "gradient collectives overlapped");
         Ok(start.elapsed())
     }
@@ -193,19 +188,8 @@ where
     }
 
     fn grads_ready(&mut self, grads: &mut CudaSlice<f32>, range: Range<usize>) -> Result<()> {
-        let first = self.chunks.partition_point(|c| c.end <= range.start);
-        for c in first..self.chunks.len() {
-            let chunk = self.chunks[c].clone();
-            if chunk.start >= range.end {
-                break;
-            }
-            let overlap = range.end.min(chunk.end).saturating_sub(range.start.max(chunk.start));
-            self.missing[c] = self.missing[c]
-                .checked_sub(overlap)
-                .ok_or_else(|| Error::Comm { rank: None, message: format!("the gradients of {range:?} were announced final twice") })?;
-            if self.missing[c] != 0 || overlap == 0 {
-                continue;
-            }
+        for c in self.finals.announce(&range)? {
+            let chunk = self.finals.chunks()[c].clone();
             if self.sharded {
                 self.nccl.reduce_scatter_chunks(grads, std::slice::from_ref(&chunk))?;
             } else {

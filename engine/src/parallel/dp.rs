@@ -24,6 +24,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::pages;
+use super::FinalGrads;
 use crate::backend::Cpu;
 use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
 use crate::models::hooks::{Hooked, ParamHooks};
@@ -42,8 +43,8 @@ pub struct DataParallel {
     pieces: Vec<Range<usize>>,
     /// Where each piece starts in the rank's shard arrays (moments, ZeRO-2/3 gradients).
     piece_at: Vec<usize>,
-    /// Elements of each chunk whose gradients are not final yet in this backward.
-    missing: Vec<usize>,
+    /// Which chunks this backward has finished.
+    finals: FinalGrads,
     /// Whether this backward's gradients are communicated (the last micro-batch, or every one
     /// under ZeRO-2/3).
     communicate: bool,
@@ -114,7 +115,7 @@ impl DataParallel {
             comm: AsyncComm::new(comm)?,
             group,
             zero,
-            missing: chunks.iter().map(|c| c.len()).collect(),
+            finals: FinalGrads::new(chunks.clone()),
             gathered: vec![true; chunks.len()],
             chunks,
             pieces,
@@ -175,9 +176,7 @@ impl DataParallel {
         self.communicate = last || self.zero >= 2;
         self.descending = false;
         self.last_first = None;
-        for (m, c) in self.missing.iter_mut().zip(&self.chunks) {
-            *m = c.len();
-        }
+        self.finals.reset();
     }
 
     /// After each micro-batch's backward: waits for its communication and puts the results in
@@ -187,10 +186,7 @@ impl DataParallel {
         self.collect(grads, true)?;
         self.exposed += start.elapsed();
         self.grad_exposed += start.elapsed();
-        if self.missing.iter().any(|m| *m != 0) {
-            return Err(Error::Comm { rank: None, message: "the model did not announce every final gradient".into() });
-        }
-        Ok(())
+        self.finals.check_all_final()
     }
 
     /// Applies finished gradient collectives in order: all of them (`block`), or those already
@@ -246,9 +242,7 @@ impl DataParallel {
 
     /// The chunks `range` overlaps.
     fn chunks_of(&self, range: &Range<usize>) -> Range<usize> {
-        let first = self.chunks.partition_point(|c| c.end <= range.start);
-        let last = self.chunks.partition_point(|c| c.start < range.end);
-        first..last.max(first)
+        self.finals.chunks_of(range)
     }
 
     /// The group's sum of a per-rank value.
@@ -555,18 +549,11 @@ impl ParamHooks for DataParallel {
 
     fn grads_ready(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
         self.collect(grads, false)?;
-        for c in self.chunks_of(&range) {
+        for c in self.finals.announce(&range)? {
+            if !self.communicate {
+                continue;
+            }
             let chunk = self.chunks[c].clone();
-            let overlap = range.end.min(chunk.end).saturating_sub(range.start.max(chunk.start));
-            if overlap == 0 {
-                continue;
-            }
-            self.missing[c] = self.missing[c]
-                .checked_sub(overlap)
-                .ok_or_else(|| Error::Comm { rank: None, message: format!("the gradients of {range:?} were announced final twice") })?;
-            if self.missing[c] != 0 || !self.communicate {
-                continue;
-            }
             self.make_room(grads, 4 * chunk.len() as u64)?;
             let copy = grads[chunk.clone()].to_vec();
             self.inflight_bytes += 4 * chunk.len() as u64;

@@ -5,6 +5,8 @@
 //! optimizer state (1), the gradients (2) and the parameters (3) by chunk.
 
 mod dp;
+mod final_grads;
 pub mod pages;
 
 pub use dp::DataParallel;
+pub use final_grads::FinalGrads;
