@@ -16,7 +16,7 @@ use gantry_engine::backend::{Cuda, Weights};
 use gantry_engine::cuda::GpuTrainer;
 use gantry_engine::models::{Model, ModelConfig};
 use gantry_engine::optim::{clip_grad_norm, AdamW};
-use gantry_engine::params::ParamBuffers;
+use gantry_engine::params::{Chunking, ParamBuffers};
 use gantry_engine::rng::Rng;
 use gantry_kernels::cuda::half::{bf16, f16};
 use gantry_kernels::cuda::ops::Storage;
@@ -125,6 +125,44 @@ fn block_ranges_match_whole_passes(m: &Model, g: Gpu) {
     let (got_g, want_g) = (s.clone_dtoh(&grads).unwrap(), s.clone_dtoh(&whole_grads).unwrap());
     for e in m.table.entries() {
         assert_eq!(&got_g[e.at.range()], &want_g[e.at.range()], "{}", e.name);
+    }
+}
+
+/// Under ZeRO-3 chunking the token embedding and the head are cut into slices of whole rows and
+/// run a slice at a time (`models/sliced.rs`); on the CUDA backend that is the `embedding_rows`,
+/// `add_positions` kernels and the sliced head. Loss and gradients match the CPU's.
+#[test]
+fn sliced_embedding_and_head_on_the_gpu_match_the_cpu() {
+    for json in [
+        r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":211,"n_embd":64,"n_layer":2,"n_head":4,"n_positions":64}"#,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":211,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"max_position_embeddings":64,"tie_word_embeddings":false}"#,
+    ] {
+        let Some(g) = gpu() else { return };
+        let config = ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
+        let m = Model::with_chunks(config, Chunking { elems: 2048, split_large: true }).unwrap();
+        let wte = m.table.entries().iter().find(|e| e.name.ends_with("wte.weight") || e.name.ends_with("embed_tokens.weight")).unwrap();
+        assert!(m.table.slices(wte.at).len() > 1, "the embedding must be cut into slices");
+        let (batch, seq) = (2, 24);
+        let (params, windows) = params_and_windows(&m, batch, seq, 8);
+        let scale = 1.0 / (batch * seq) as f32;
+        let mut acts = m.activations(batch, seq).unwrap();
+        let mut grads = vec![0.0; params.len()];
+        let want = m.forward_backward(&params, &mut grads, &mut acts, &windows, scale).unwrap();
+        let be = Cuda::<f32>::new(g);
+        let s = be.gpu().stream().clone();
+        let p = s.clone_htod(&params).unwrap();
+        let mut gd = s.alloc_zeros::<f32>(params.len()).unwrap();
+        let mut acts_gpu = m.activations_on(&be, batch, seq).unwrap();
+        let got = m.forward_backward_on(&be, &mut Weights::<Cuda<f32>> { w: &p, master: &p }, &mut gd, &mut acts_gpu, &windows, scale).unwrap();
+        assert!((got - want).abs() < 2e-3 * want.abs(), "{:?}: loss {got} vs CPU {want}", m.config.arch);
+        let got_g = s.clone_dtoh(&gd).unwrap();
+        for e in m.table.entries() {
+            let (gg, wg) = (&got_g[e.at.range()], &grads[e.at.range()]);
+            let top = wg.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-6);
+            let worst = gg.iter().zip(wg).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst <= 2e-2 * top, "{}: gradients differ by {worst} (largest {top})", e.name);
+        }
     }
 }
 

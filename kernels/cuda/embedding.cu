@@ -23,6 +23,42 @@ __device__ void embedding_fwd_impl(T* out, const u32* tokens, const float* wte, 
     }
 FOR_TYPES(EMBEDDING_FWD)
 
+// A slice of the token table (vocabulary rows first..first + table_rows, split across chunks under
+// ZeRO-3): out[r, :] = table[tokens[r] - first, :] for the rows whose token it holds; the other rows
+// are left alone (another slice writes them).
+template <typename T>
+__device__ void embedding_rows_impl(T* out, const u32* tokens, const float* table, u32 first, u32 table_rows, u32 rows, u32 c) {
+    FOR_EACH(idx, (u64)rows * c) {
+        u64 r = idx / c;
+        u32 col = (u32)(idx % c);
+        u32 t = tokens[r];
+        if (t >= first && t - first < table_rows) out[idx] = store<T>(table[(u64)(t - first) * c + col]);
+    }
+}
+
+#define EMBEDDING_ROWS(T, S) \
+    extern "C" __global__ void embedding_rows_##S(T* out, const u32* tokens, const float* table, u32 first, u32 table_rows, u32 rows, u32 c) { \
+        embedding_rows_impl<T>(out, tokens, table, first, table_rows, rows, c); \
+    }
+FOR_TYPES(EMBEDDING_ROWS)
+
+// out[r, :] += wpe[r % seq, :]: the positions added after a sliced token embedding (the sum rounds
+// once, as the whole-table kernel's does).
+template <typename T>
+__device__ void add_positions_impl(T* out, const float* wpe, u32 rows, u32 seq, u32 c) {
+    FOR_EACH(idx, (u64)rows * c) {
+        u64 r = idx / c;
+        u32 col = (u32)(idx % c);
+        out[idx] = store<T>(load(out[idx]) + wpe[(u64)(r % seq) * c + col]);
+    }
+}
+
+#define ADD_POSITIONS(T, S) \
+    extern "C" __global__ void add_positions_##S(T* out, const float* wpe, u32 rows, u32 seq, u32 c) { \
+        add_positions_impl<T>(out, wpe, rows, seq, c); \
+    }
+FOR_TYPES(ADD_POSITIONS)
+
 // dwte[v, :] += sum of dout[r, :] over the rows r with token v. Grid (vocab, ceil(c / blockDim.x)):
 // the vocabulary goes on x, since grid y stops at 65535 (LLaMA 3's vocabulary is 128256).
 template <typename T>

@@ -248,6 +248,14 @@ fn embedding_matches_cpu() {
     let mut out = up::<f32>(&g, &vec![0.0; tokens.len() * c]);
     ops::embedding_forward(&g, &mut out, &td, &wted, Some(&wped.as_view()), seq, c).unwrap();
     assert_close(&down(&g, &out), &want, 1e-6);
+    // The same from table slices (as ZeRO-3 runs a table split across chunks): rows 0..4, 4..9
+    // and 9..50, then the positions; every output row is written by exactly one slice.
+    let mut sliced = up::<f32>(&g, &vec![f32::NAN; tokens.len() * c]);
+    for rows in [0..4, 4..9, 9..vocab] {
+        ops::embedding_rows(&g, &mut sliced, &td, &wted.slice(rows.start * c..rows.end * c), rows.start, c).unwrap();
+    }
+    ops::add_positions(&g, &mut sliced, &wped, seq, c).unwrap();
+    assert_close(&down(&g, &sliced), &want, 1e-6);
 
     let dout = seeded(tokens.len() * c, 13, 1.0);
     let (mut dwte, mut dwpe) = (vec![0.25; vocab * c], vec![0.5; seq * c]);

@@ -55,7 +55,7 @@ fn launched() -> Vec<(&'static str, String)> {
             names.push(("norm", format!("{k}_{t}")));
         }
         names.push(("rope", format!("rope_{t}")));
-        for k in ["embedding_fwd", "embedding_bwd_wte", "embedding_bwd_wpe"] {
+        for k in ["embedding_fwd", "embedding_rows", "add_positions", "embedding_bwd_wte", "embedding_bwd_wpe"] {
             names.push(("embedding", format!("{k}_{t}")));
         }
         names.push(("cross_entropy", format!("softmax_xent_{t}")));

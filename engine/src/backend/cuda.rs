@@ -94,15 +94,6 @@ mod imp {
         }
     }
 
-    /// The GPU's embedding and head kernels read whole tables; a table split across ZeRO-3
-    /// chunks has no kernel yet.
-    fn sliced_tables() -> Error {
-        Error::Unsupported {
-            field: "parallel.zero".into(),
-            message: "an embedding split across ZeRO-3 chunks has no CUDA kernel yet: use zero = 2 or less on GPUs".into(),
-        }
-    }
-
     impl<T: Storage> Backend for Cuda<T>
     where
         CudaBlasLT: Matmul<T>,
@@ -360,17 +351,20 @@ mod imp {
 
         fn embedding_rows(
             &self,
-            _: SpanMut<'_, CudaSlice<T>>,
-            _: Ids<'_, Self>,
-            _: Span<'_, CudaSlice<f32>>,
-            _: usize,
-            _: usize,
+            out: SpanMut<'_, CudaSlice<T>>,
+            tokens: Ids<'_, Self>,
+            table: Span<'_, CudaSlice<f32>>,
+            first: usize,
+            c: usize,
         ) -> Result<()> {
-            Err(sliced_tables())
+            let ids = tokens.dev.slice(tokens.at..tokens.at + tokens.host.len());
+            ops::embedding_rows(&self.gpu, &mut w(out), &ids, &r(&table), first, c)?;
+            Ok(())
         }
 
-        fn add_positions(&self, _: SpanMut<'_, CudaSlice<T>>, _: Span<'_, CudaSlice<f32>>, _: usize, _: usize) -> Result<()> {
-            Err(sliced_tables())
+        fn add_positions(&self, out: SpanMut<'_, CudaSlice<T>>, wpe: Span<'_, CudaSlice<f32>>, seq: usize, c: usize) -> Result<()> {
+            ops::add_positions(&self.gpu, &mut w(out), &r(&wpe), seq, c)?;
+            Ok(())
         }
 
         fn embedding_backward(

@@ -88,6 +88,52 @@ pub fn embedding_forward<T: Storage>(
     launched(&name, unsafe { b.launch(elementwise(rows * c)) }.map(|_| ()))
 }
 
+/// Rows of a slice of the token table: `out[r] = table[tokens[r] - first]` for the rows whose
+/// token lies in `first..first + table.len() / c`; the others are left as they are.
+pub fn embedding_rows<T: Storage>(
+    gpu: &Gpu,
+    out: &mut impl Out<T>,
+    tokens: &impl In<u32>,
+    table: &impl In<f32>,
+    first: usize,
+    c: usize,
+) -> Result<()> {
+    let mut out = out.view_mut();
+    let tokens = tokens.view();
+    let table = table.view();
+    let rows = tokens.len();
+    check_len("embedding out", out.len(), rows * c)?;
+    if c == 0 || !table.len().is_multiple_of(c) {
+        return Err(Error::Shape(format!("a table slice of {} elements is not whole rows of {c}", table.len())));
+    }
+    let name = format!("embedding_rows_{}", T::SUFFIX);
+    let f = gpu.function("embedding", &name)?;
+    let (first32, table_rows32, rows32, c32) =
+        (u32_of("first row", first)?, u32_of("table rows", table.len() / c)?, u32_of("rows", rows)?, u32_of("width", c)?);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut out).arg(&tokens).arg(&table).arg(&first32).arg(&table_rows32).arg(&rows32).arg(&c32);
+    // SAFETY: rows*c outputs checked above; table rows read only for tokens inside the slice.
+    launched(&name, unsafe { b.launch(elementwise(rows * c)) }.map(|_| ()))
+}
+
+/// `out[r] += wpe[r % seq]`, rows of width `c`.
+pub fn add_positions<T: Storage>(gpu: &Gpu, out: &mut impl Out<T>, wpe: &impl In<f32>, seq: usize, c: usize) -> Result<()> {
+    let mut out = out.view_mut();
+    let wpe = wpe.view();
+    if c == 0 || !out.len().is_multiple_of(c) {
+        return Err(Error::Shape(format!("{} activations are not whole rows of {c}", out.len())));
+    }
+    let rows = out.len() / c;
+    check_len("position table", wpe.len(), seq.min(rows) * c)?;
+    let name = format!("add_positions_{}", T::SUFFIX);
+    let f = gpu.function("embedding", &name)?;
+    let (rows32, seq32, c32) = (u32_of("rows", rows)?, u32_of("sequence", seq)?, u32_of("width", c)?);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&mut out).arg(&wpe).arg(&rows32).arg(&seq32).arg(&c32);
+    // SAFETY: rows*c elements of out; wpe rows below min(seq, rows), checked above.
+    launched(&name, unsafe { b.launch(elementwise(rows * c)) }.map(|_| ()))
+}
+
 /// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. `tokens` are the host copy: the
 /// rows are bucketed by token here (a counting sort) so the device sums each vocabulary row in
 /// row order, with no atomics.
