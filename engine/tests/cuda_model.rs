@@ -154,7 +154,8 @@ fn sliced_embedding_and_head_on_the_gpu_match_the_cpu() {
         let p = s.clone_htod(&params).unwrap();
         let mut gd = s.alloc_zeros::<f32>(params.len()).unwrap();
         let mut acts_gpu = m.activations_on(&be, batch, seq).unwrap();
-        let got = m.forward_backward_on(&be, &mut Weights::<Cuda<f32>> { w: &p, master: &p }, &mut gd, &mut acts_gpu, &windows, scale).unwrap();
+        let got =
+            m.forward_backward_on(&be, &mut Weights::<Cuda<f32>> { w: &p, master: &p }, &mut gd, &mut acts_gpu, &windows, scale).unwrap();
         assert!((got - want).abs() < 2e-3 * want.abs(), "{:?}: loss {got} vs CPU {want}", m.config.arch);
         let got_g = s.clone_dtoh(&gd).unwrap();
         for e in m.table.entries() {
