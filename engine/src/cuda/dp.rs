@@ -204,8 +204,9 @@ where
 /// state copy to the host that the update, which overwrites the state, must wait for.
 pub struct GpuLayout<'a> {
     pub dp: Option<GpuDp<'a>>,
-    /// Recorded on the copy stream after a download (see `GpuTrainer::begin_download`).
-    pub copy_done: Option<CudaEvent>,
+    /// Recorded on the copy stream after a download (see `GpuTrainer::begin_download`); taken
+    /// only by the update, so a step that fails before it leaves the event for the next one.
+    pub copy_done: &'a mut Option<CudaEvent>,
 }
 
 impl GpuLayout<'_> {

@@ -174,8 +174,8 @@ where
         let s = gpu.stream().clone();
         let n = params.len();
         let master = s.clone_htod(params).map_err(dev("uploading parameters"))?;
-        // By type, not by kernel suffix: `weights` reads the masters as `T` when there is no
-        // working copy, which holds only for f32 itself.
+        // By type, not by kernel suffix: `State::weights` reads the masters as `T` when there is
+        // no working copy, which holds only for f32 itself.
         let work = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
             None
         } else {
@@ -246,7 +246,7 @@ where
         // The one step of both backends (`train::step`), with this GPU's layout: its dp group,
         // and the state copy the update must wait for (see `begin_download`).
         let u = Update { optim: &self.optim, table: &self.table, pieces: &self.pieces, lr, step, max_norm: grad_clip };
-        let mut layout = GpuLayout { dp, copy_done: self.copy_done.take() };
+        let mut layout = GpuLayout { dp, copy_done: &mut self.copy_done };
         let mut st = State {
             params: &mut self.master,
             work: self.work.as_mut(),
@@ -326,7 +326,7 @@ where
             // The reader of `hs` waits for the copy (a blocking wait: the writer thread sleeps) ...
             let copied = stream.record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(dev("recording an event"))?;
             hs.copied = Some(copied);
-            // ... and the next update starts after it (see `step`).
+            // ... and the next update starts after it (see `GpuLayout::update`).
             self.copy_done = Some(stream.record_event(None).map_err(dev("recording an event"))?);
             Ok(())
         })();

@@ -1,5 +1,5 @@
-//! Training one rank: the trainer's step (`trainer.rs`) ending in the update both backends share
-//! (`update.rs`), its checkpoints (`checkpointing.rs`), and the run loop every rank of `gantry train` and every daemon worker runs (`run.rs`).
+//! Training one rank: the trainer (`trainer.rs`), the one step of both backends (`step.rs`) and its
+//! update (`update.rs`), its checkpoints (`checkpointing.rs`), and the run loop every rank of `gantry train` and every daemon worker runs (`run.rs`).
 
 pub(crate) mod bench;
 mod checkpointing;

@@ -1,9 +1,9 @@
 //! One training step, the same on both backends: zero the gradients, forward and backward over
 //! the rank's micro-batches, the group's loss, the update (`update.rs`), and what brings every
 //! rank the parameters it needs next. What a parallel layout adds (the hooks the model runs
-//! with, the collectives, the gathers) comes from a [`Layout`]: no layout at all ([`Alone`]),
-//! data parallelism and ZeRO over sockets (`parallel::DataParallel`), or over NCCL on GPUs
-//! (`cuda::GpuDp`).
+//! with, the collectives, the gathers) comes from a [`Layout`]: one CPU rank on its own
+//! ([`Alone`]), data parallelism and ZeRO over sockets (`parallel::DataParallel`), or a GPU rank,
+//! alone or in a dp group over NCCL or host memory (`cuda::GpuLayout`).
 
 use std::ops::Range;
 

@@ -308,8 +308,9 @@ impl Trainer {
         // corrections all follow the step number, so a run resumed from a checkpoint takes the
         // steps the uninterrupted run took. (PyTorch's `GradScaler` leaves Adam's count behind
         // instead, which a checkpoint would have to record.)
-        self.step += 1;
-        let lr = self.schedule.at(self.step);
+        // The number is taken once the step has run: a step that fails leaves it as it was.
+        let number = self.step + 1;
+        let lr = self.schedule.at(number);
         let table_len = self.model.table.len();
         let b = &mut self.buffers;
         let u = Update {
@@ -317,7 +318,7 @@ impl Trainer {
             table: &self.model.table,
             pieces: &b.pieces,
             lr: lr as f32,
-            step: self.step as u32,
+            step: number as u32,
             max_norm: self.config.optim.grad_clip,
         };
         let mut st = State {
@@ -336,6 +337,7 @@ impl Trainer {
             None => &mut alone,
         };
         let (loss_sum, outcome) = step::step(&Cpu, &self.model, layout, &mut st, &mut self.acts, &refs, scale, &u, None)?;
+        self.step = number;
         let (mem_bytes, comm) = match &mut self.dp {
             Some(dp) => {
                 // The most held in backward or the update, plus the shards always there.
