@@ -306,10 +306,8 @@ impl Backend for Cpu {
     }
 
     fn sum_squares(&self, x: &[f32], pieces: &[Range<usize>]) -> Result<f64> {
-        Ok(match pieces {
-            [one] => vec::sum_squares(&x[one.clone()]),
-            _ => pieces.iter().map(|p| vec::sum_squares(&x[p.clone()])).sum(),
-        })
+        // Summed in f64: one piece gives `vec::sum_squares` of it, bit for bit (adding to zero).
+        Ok(pieces.iter().map(|p| vec::sum_squares(&x[p.clone()])).sum())
     }
 
     fn scale(&self, x: SpanMut<'_, [f32]>, s: f32) -> Result<()> {

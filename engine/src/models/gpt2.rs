@@ -229,13 +229,6 @@ impl Gpt2 {
         AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.c / self.heads }
     }
 
-    /// Runs the blocks and the final norm for the batch; leaves `a.lnf` ready for the head.
-    fn forward<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        self.embed(be, pa, a, x)?;
-        self.blocks_forward(be, pa, a, x, 0..self.blocks.len())?;
-        self.final_norm(be, pa, a, x)
-    }
-
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
         embed(be, pa, &self.wte_slices, self.wte, Some(self.wpe), B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
@@ -293,22 +286,6 @@ impl Gpt2 {
         need_final_norm(pa, &self.head, &self.head_slices, self.ln_f.range())?;
         let (mean, rstd) = (SpanMut::at(B::f32s_mut(&mut a.lnf_stats.0), 0, n), SpanMut::at(B::f32s_mut(&mut a.lnf_stats.1), 0, n));
         self.ln_f.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, nc), SpanMut::at(B::act_mut(&mut a.lnf), 0, nc), mean, rstd)
-    }
-
-    pub fn forward_backward<B: Backend>(
-        &self,
-        be: &B,
-        pa: &mut dyn Params<B>,
-        g: &mut B::F32,
-        a: &mut Acts<B>,
-        x: &Batch<'_, B>,
-        scale: f32,
-    ) -> Result<f64> {
-        self.forward(be, pa, a, x)?;
-        let loss = self.head_backward(be, pa, g, a, x, scale)?;
-        self.blocks_backward(be, pa, g, a, x, 0..self.blocks.len())?;
-        self.embed_backward(be, pa, g, a, x)?;
-        Ok(loss)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
@@ -404,10 +381,9 @@ impl Gpt2 {
         pa.grads_ready(g, self.wte.range())
     }
 
-    /// Forward only: the final hidden states (`[b·seq, hidden]`, after the last norm) in `a`,
-    /// with the head and the buffers it runs on.
-    pub fn hidden<'a, B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &'a mut Acts<B>, x: &Batch<'_, B>) -> Result<Hidden<'a, B>> {
-        self.forward(be, pa, a, x)?;
-        Ok((B::act(&a.lnf), self.head, B::act_mut(&mut a.logits), &mut a.losses))
+    /// After `final_norm`: the final hidden states (`[b·seq, hidden]`), the head, and the
+    /// buffers it runs on.
+    pub fn head_input<'a, B: Backend>(&self, a: &'a mut Acts<B>) -> Hidden<'a, B> {
+        (B::act(&a.lnf), self.head, B::act_mut(&mut a.logits), &mut a.losses)
     }
 }

@@ -261,12 +261,6 @@ impl Llama {
         AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim }
     }
 
-    fn forward<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        self.embed(be, pa, a, x)?;
-        self.blocks_forward(be, pa, a, x, 0..self.blocks.len())?;
-        self.final_norm(be, pa, a, x)
-    }
-
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
         embed(be, pa, &self.wte_slices, self.wte, None, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
@@ -340,22 +334,6 @@ impl Llama {
         need_final_norm(pa, &self.head, &self.head_slices, self.norm.weight.range())?;
         let (out, rstd) = (SpanMut::at(B::act_mut(&mut a.nf), 0, n * c), SpanMut::at(B::f32s_mut(&mut a.nf_rstd), 0, n));
         self.norm.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, n * c), out, rstd)
-    }
-
-    pub fn forward_backward<B: Backend>(
-        &self,
-        be: &B,
-        pa: &mut dyn Params<B>,
-        g: &mut B::F32,
-        a: &mut Acts<B>,
-        x: &Batch<'_, B>,
-        scale: f32,
-    ) -> Result<f64> {
-        self.forward(be, pa, a, x)?;
-        let loss = self.head_backward(be, pa, g, a, x, scale)?;
-        self.blocks_backward(be, pa, g, a, x, 0..self.blocks.len())?;
-        self.embed_backward(be, pa, g, a, x)?;
-        Ok(loss)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
@@ -480,10 +458,9 @@ impl Llama {
         pa.grads_ready(g, self.wte.range())
     }
 
-    /// Forward only: the final hidden states (`[b·seq, hidden]`, after the last norm) in `a`,
-    /// with the head and the buffers it runs on.
-    pub fn hidden<'a, B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &'a mut Acts<B>, x: &Batch<'_, B>) -> Result<Hidden<'a, B>> {
-        self.forward(be, pa, a, x)?;
-        Ok((B::act(&a.nf), self.head, B::act_mut(&mut a.logits), &mut a.losses))
+    /// After `final_norm`: the final hidden states (`[b·seq, hidden]`), the head, and the
+    /// buffers it runs on.
+    pub fn head_input<'a, B: Backend>(&self, a: &'a mut Acts<B>) -> Hidden<'a, B> {
+        (B::act(&a.nf), self.head, B::act_mut(&mut a.logits), &mut a.losses)
     }
 }

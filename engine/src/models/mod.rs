@@ -254,7 +254,33 @@ impl Model {
     ) -> Result<f64> {
         acts.load(be, windows, self.config.vocab)?;
         let (x, kind) = acts.split();
-        with_arch!(&self.kind, kind, |m, a| m.forward_backward(be, pa, grads, a, &x, grad_scale))
+        let all = 0..self.config.layers;
+        with_arch!(&self.kind, kind, |m, a| {
+            m.embed(be, pa, a, &x)?;
+            m.blocks_forward(be, pa, a, &x, all.clone())?;
+            m.final_norm(be, pa, a, &x)?;
+            let loss = m.head_backward(be, pa, grads, a, &x, grad_scale)?;
+            m.blocks_backward(be, pa, grads, a, &x, all)?;
+            m.embed_backward(be, pa, grads, a, &x)?;
+            Ok(loss)
+        })
+    }
+
+    /// Forward only over the loaded micro-batch: what the head needs.
+    fn forward_to_head<'a, B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn hooks::Params<B>,
+        kind: &'a mut ActsKind<B>,
+        x: &Batch<'_, B>,
+    ) -> Result<Hidden<'a, B>> {
+        let all = 0..self.config.layers;
+        with_arch!(&self.kind, kind, |m, a| {
+            m.embed(be, pa, a, x)?;
+            m.blocks_forward(be, pa, a, x, all)?;
+            m.final_norm(be, pa, a, x)?;
+            Ok(m.head_input(a))
+        })
     }
 
     /// Pipeline stages and activation checkpointing run a micro-batch through the model a part at
@@ -375,7 +401,7 @@ impl Model {
         let (x, kind) = acts.split();
         let rows = x.rows();
         let mut pa = p;
-        let (h, head, scratch, losses) = with_arch!(&self.kind, kind, |m, a| m.hidden(be, &mut pa, a, &x))?;
+        let (h, head, scratch, losses) = self.forward_to_head(be, &mut pa, kind, &x)?;
         head.loss(be, p, h, x.targets, scratch, losses, None)?;
         be.loss_sum(losses, rows)
     }
@@ -387,7 +413,7 @@ impl Model {
         let (x, kind) = acts.split();
         let rows = x.rows();
         let mut pa = params;
-        let (h, head, _, _) = with_arch!(&self.kind, kind, |m, a| m.hidden(&Cpu, &mut pa, a, &x))?;
+        let (h, head, _, _) = self.forward_to_head(&Cpu, &mut pa, kind, &x)?;
         let mut out = vec![0.0; rows * self.config.vocab];
         head.logits(&Cpu, Weights { w: params, master: params }, h, rows, &mut out)?;
         Ok(out)

@@ -143,7 +143,8 @@ pub struct Trainer {
     pub(super) schedule: LrSchedule,
     pub(super) optim: AdamW,
     pub(super) tokenizer: Option<PathBuf>,
-    pub(super) batch: Vec<u32>,
+    /// This step's micro-batches (see `take_micro_batches`).
+    batches: Vec<Vec<u32>>,
     /// The dp group and ZeRO, when the job runs on more than one rank.
     pub(super) dp: Option<DataParallel>,
     /// Rank 0's checkpoint being written in the background, if any, and the host copy for the
@@ -252,7 +253,7 @@ impl Trainer {
             schedule,
             optim,
             tokenizer,
-            batch: Vec::new(),
+            batches: Vec::new(),
             dp,
             pending: None,
             snapshot,
@@ -280,13 +281,19 @@ impl Trainer {
         self.dp.as_ref().map_or(0, DataParallel::rank)
     }
 
-    /// Puts this rank's micro-batch `k` of the current step into `self.batch`: the rank takes its
-    /// slice of the global batch, the same windows whatever the layout.
-    fn fill_micro_batch(&mut self, k: usize) {
+    /// Puts this rank's micro-batches of the current step into `self.batches` (their buffers
+    /// reused from step to step) and hands them out: the rank takes its slice of the global
+    /// batch, the same windows whatever the layout. (Give them back with `self.batches = …`.)
+    fn take_micro_batches(&mut self) -> Vec<Vec<u32>> {
         let (global, micro) = (self.config.optim.global_batch, self.config.optim.micro_batch);
         let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
-        let first = rank * (global / ranks) + k * micro;
-        self.sampler.fill(&self.tokens, self.step, global, first..first + micro, &mut self.batch);
+        let mut batches = std::mem::take(&mut self.batches);
+        batches.resize_with(self.config.accumulation_steps(), Vec::new);
+        for (k, b) in batches.iter_mut().enumerate() {
+            let first = rank * (global / ranks) + k * micro;
+            self.sampler.fill(&self.tokens, self.step, global, first..first + micro, b);
+        }
+        batches
     }
 
     /// Runs one optimizer step (all its micro-batches; on several ranks, this rank's share).
@@ -297,11 +304,7 @@ impl Trainer {
         let start = Instant::now();
         let (global, seq) = (self.config.optim.global_batch, self.config.data.seq_len);
         let scale = 1.0 / (global * seq) as f32;
-        let mut batches = Vec::with_capacity(self.config.accumulation_steps());
-        for k in 0..self.config.accumulation_steps() {
-            self.fill_micro_batch(k);
-            batches.push(self.batch.clone());
-        }
+        let batches = self.take_micro_batches();
         let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
         // A skipped step (below) still uses up its number, as an fp16 step skipped for overflow
         // does on a GPU (see `GpuTrainer::step`): the data, the learning rate and AdamW's bias
@@ -337,6 +340,7 @@ impl Trainer {
             None => &mut alone,
         };
         let (loss_sum, outcome) = step::step(&Cpu, &self.model, layout, &mut st, &mut self.acts, &refs, scale, &u, None)?;
+        self.batches = batches;
         self.step = number;
         let (mem_bytes, comm) = match &mut self.dp {
             Some(dp) => {
@@ -376,11 +380,7 @@ impl Trainer {
     fn train_step_gpu(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let (global, micro, seq) = (self.config.optim.global_batch, self.config.optim.micro_batch, self.config.data.seq_len);
-        let mut batches = Vec::with_capacity(self.config.accumulation_steps());
-        for k in 0..self.config.accumulation_steps() {
-            self.fill_micro_batch(k);
-            batches.push(self.batch.clone());
-        }
+        let batches = self.take_micro_batches();
         let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
         self.step += 1;
         let lr = self.schedule.at(self.step);
@@ -399,6 +399,7 @@ impl Trainer {
             self.config.optim.grad_clip,
             self.dp.as_mut(),
         )?;
+        self.batches = batches;
         let comm = self.dp.as_mut().map(DataParallel::take_comm_time).unwrap_or_default();
         // The GPU trainer skipped the update itself (on every rank alike); only the steps a lower
         // loss scale cannot rescue count towards stopping the run.
