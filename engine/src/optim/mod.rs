@@ -30,24 +30,8 @@ impl AdamW {
     /// optimizer state); a tensor cut by a piece's edges is updated in the part inside it.
     pub fn step(&self, table: &ParamTable, buf: &mut ParamBuffers, lr: f32, step: u32) {
         let ParamBuffers { params, grads, pieces, m, v } = buf;
-        self.update_pieces(table, pieces, params, Grads::Full(grads), m, v, lr, step);
-    }
-
-    /// The update of `pieces` of the flat buffer, whose moments `m` and `v` hold concatenated.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_pieces(
-        &self,
-        table: &ParamTable,
-        pieces: &[Range<usize>],
-        params: &mut [f32],
-        grads: Grads<'_>,
-        m: &mut [f32],
-        v: &mut [f32],
-        lr: f32,
-        step: u32,
-    ) {
-        self.update_on(&Cpu, table, pieces, params, None, grads, m, v, lr, step)
-            .expect("the CPU update keeps no working copy, so cannot fail")
+        self.update_on(&Cpu, table, pieces, params, None, Grads::Full(grads), m, v, lr, step)
+            .expect("the CPU update keeps no working copy, so cannot fail");
     }
 
     /// The update on backend `be`, each tensor's part of each piece where the piece lives (the
@@ -113,11 +97,6 @@ impl<X: ?Sized> Clone for Grads<'_, X> {
 }
 
 impl<X: ?Sized> Copy for Grads<'_, X> {}
-
-/// The global L2 norm of `grads`.
-pub fn grad_norm(grads: &[f32]) -> f64 {
-    gantry_kernels::cpu::vec::sum_squares(grads).sqrt()
-}
 
 /// Scales `grads` so their global norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`
 /// does, with its 1e-6 guard); returns the norm before clipping. `max_norm = 0` disables it.
