@@ -13,7 +13,7 @@ pub use job::{
 pub use responses::{DeviceList, JobEvents, JobLogs, JobMetrics};
 pub use spec::{
     CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
-    Schedule, SpecError, TrainSpec,
+    Schedule, SpMode, SpecError, TpMode, TrainSpec,
 };
 pub use step::StepMetrics;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use gantry_api as api;
 use gantry_engine::config::{
-    DataConfig, Devices, GpuComm, ModelInit, ModelSource, OptimConfig, ParallelPlan, Precision, Schedule, TrainConfig,
+    DataConfig, Devices, GpuComm, ModelInit, ModelSource, OptimConfig, ParallelPlan, Precision, Schedule, SpMode, TpMode, TrainConfig,
 };
 
 /// The run `spec` describes. Paths are taken as the spec holds them: the callers have made them
@@ -62,13 +62,22 @@ pub fn precision(p: api::Precision) -> Precision {
     }
 }
 
-/// The spec has no `sp` key yet: sequence parallelism is not built, so its axis is 1.
 pub fn plan(p: &api::ParallelSpec) -> ParallelPlan {
     ParallelPlan {
         dp: p.dp,
         tp: p.tp,
+        tp_mode: match p.tp_mode {
+            api::TpMode::OneD => TpMode::OneD,
+            api::TpMode::TwoD => TpMode::TwoD,
+        },
         pp: p.pp,
-        sp: 1,
+        sp: p.sp,
+        sp_mode: match p.sp_mode {
+            api::SpMode::None => SpMode::None,
+            api::SpMode::SplitGather => SpMode::SplitGather,
+            api::SpMode::AllToAll => SpMode::AllToAll,
+            api::SpMode::RingAttn => SpMode::RingAttn,
+        },
         zero: p.zero,
         gpu_comm: match p.gpu_comm {
             api::GpuComm::Nccl => GpuComm::Nccl,
@@ -145,7 +154,7 @@ every = 11
         assert_eq!((o.lr, o.min_lr, o.weight_decay, o.grad_clip), (2e-3, 1e-5, 0.05, 0.5));
         assert_eq!((o.beta1, o.beta2, o.eps, o.schedule), (0.8, 0.99, 1e-6, Schedule::Linear));
         assert_eq!((c.seed, c.precision, c.checkpoint_every), (9, Precision::Bf16, 11));
-        assert_eq!(c.plan, ParallelPlan { dp: 2, tp: 1, pp: 1, sp: 1, zero: 3, gpu_comm: GpuComm::Host });
+        assert_eq!(c.plan, ParallelPlan { dp: 2, zero: 3, gpu_comm: GpuComm::Host, ..ParallelPlan::default() });
         assert_eq!(c.devices, Devices::Cuda(vec![3, 5]));
         assert_eq!(c.accumulation_steps(), 4);
     }

@@ -231,3 +231,67 @@ fn resuming_with_a_different_data_order_is_warned_about() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("different train.seed") && stderr.contains("data order"), "{stderr}");
 }
+
+fn set_layout(dp: usize, tp: usize) -> Vec<String> {
+    vec![
+        "--set".into(),
+        format!("resources.devices=\"cpu:{}\"", dp * tp),
+        "--set".into(),
+        format!("parallel.dp={dp}"),
+        "--set".into(),
+        format!("parallel.tp={tp}"),
+        // A lower rate than the other tests: gradients that are rounding noise (GPT-2's key
+        // bias) take AdamW steps of about the rate, differently under each order of summation.
+        "--set".into(),
+        "train.lr=1e-3".into(),
+    ]
+}
+
+/// A tp = 2 checkpoint resumes at tp = 1, tp = 4 and dp = 2, and a dp = 2 one at tp = 2, with the
+/// losses of the uninterrupted one-device run; checkpoints and the final model hold the whole
+/// model's tensors (Hugging Face's shapes), whatever the layout that wrote them.
+#[test]
+fn a_tensor_parallel_checkpoint_resumes_under_another_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 30);
+    let whole = dir.path().join("whole");
+    let mut args: Vec<String> = vec![spec.to_string_lossy().into(), "--run-dir".into(), whole.to_string_lossy().into()];
+    args.extend(set_layout(1, 1));
+    train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let want = losses(&whole);
+    let tensors = |file: &Path| -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let bytes = std::fs::read(file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                (n, (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+            })
+            .collect()
+    };
+    let want_final = tensors(&whole.join("final/model.safetensors"));
+    for (from, to) in [((1usize, 2usize), (1usize, 1usize)), ((1, 2), (1, 4)), ((1, 2), (2, 1)), ((2, 1), (1, 2))] {
+        let run = dir.path().join(format!("{from:?}-{to:?}"));
+        let mut args: Vec<String> = vec![spec.to_string_lossy().into(), "--run-dir".into(), run.to_string_lossy().into()];
+        args.extend(set_layout(from.0, from.1));
+        train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        // The checkpoint and the final model hold whole tensors, as the one-device run's.
+        let ck = tensors(&run.join("checkpoints/step_00000010/model.safetensors"));
+        let fin = tensors(&run.join("final/model.safetensors"));
+        for (name, (shape, w)) in &want_final {
+            assert_eq!(&ck[name].0, shape, "{from:?}: checkpoint {name}");
+            assert_eq!(&fin[name].0, shape, "{from:?}: final {name}");
+            let worst = w.iter().zip(&fin[name].1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-3, "{from:?}: final {name} differs by {worst}");
+        }
+        std::fs::remove_dir_all(run.join("checkpoints/step_00000020")).unwrap();
+        let mut args: Vec<String> = vec!["--resume".into(), run.to_string_lossy().into()];
+        args.extend(set_layout(to.0, to.1));
+        train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let got = losses(&run);
+        assert_eq!(got.len(), 30);
+        for ((s, a), (_, b)) in want.iter().zip(&got) {
+            assert!((a - b).abs() / a <= 1e-4, "{from:?} -> {to:?} step {s}: {b} vs {a}");
+        }
+    }
+}

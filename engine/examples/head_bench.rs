@@ -11,7 +11,7 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
     for (name, rows, vocab, hidden) in [("gpt2-tiny B8 T256", 2048, 8192, 256), ("gpt2 B4 T256", 1024, 50257, 768)] {
-        let head = LmHead { weight: ParamRef { offset: 0, len: vocab * hidden }, vocab, hidden };
+        let head = LmHead::whole(ParamRef { offset: 0, len: vocab * hidden }, vocab, hidden);
         let params: Vec<f32> = (0..vocab * hidden).map(|i| ((i * 7919) % 1000) as f32 * 1e-4 - 0.05).collect();
         let h: Vec<f32> = (0..rows * hidden).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
         let targets: Vec<u32> = (0..rows).map(|r| ((r * 31) % vocab) as u32).collect();

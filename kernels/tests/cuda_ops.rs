@@ -259,12 +259,16 @@ fn embedding_matches_cpu() {
 
     let dout = seeded(tokens.len() * c, 13, 1.0);
     let (mut dwte, mut dwpe) = (vec![0.25; vocab * c], vec![0.5; seq * c]);
-    embedding::embedding_backward(&mut dwte, Some(&mut dwpe), &dout, &tokens, seq, c);
+    embedding::embedding_backward(&mut dwte, Some(&mut dwpe), &dout, &tokens, 0, seq, c);
     let (mut dwted, mut dwped) = (up::<f32>(&g, &vec![0.25; vocab * c]), up::<f32>(&g, &vec![0.5; seq * c]));
-    ops::embedding_backward(&g, &mut dwted, Some(&mut dwped.as_view_mut()), &up::<f32>(&g, &dout), &tokens, seq, c).unwrap();
+    ops::embedding_backward(&g, &mut dwted, Some(&mut dwped.as_view_mut()), &up::<f32>(&g, &dout), &tokens, 0, seq, c).unwrap();
     assert_close(&down(&g, &dwted), &dwte, 1e-5);
     assert_close(&down(&g, &dwped), &dwpe, 1e-5);
-    let bad = ops::embedding_backward(&g, &mut dwted, None, &up::<f32>(&g, &dout), &[vocab as u32; 36], seq, c).unwrap_err();
+    // A vocabulary-parallel slice (rows 9..50): only its own tokens' rows, as the whole table's.
+    let mut slice = up::<f32>(&g, &vec![0.25; (vocab - 9) * c]);
+    ops::embedding_backward(&g, &mut slice, None, &up::<f32>(&g, &dout), &tokens, 9, seq, c).unwrap();
+    assert_close(&down(&g, &slice), &dwte[9 * c..], 1e-5);
+    let bad = ops::embedding_backward(&g, &mut dwted, None, &up::<f32>(&g, &dout), &[vocab as u32; 36], 0, seq, c).unwrap_err();
     assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");
 }
 

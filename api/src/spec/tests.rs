@@ -70,6 +70,32 @@ fn relations_between_fields_are_checked() {
     assert!(!err.message.contains("string"), "the literal's own error: {err}");
 }
 
+/// The parallel layout's keys: what a layout cannot be is refused naming the field and why.
+#[test]
+fn parallel_layouts_are_checked_by_field() {
+    let with = |sets: &[&str]| JobSpec::from_toml(MINIMAL, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let ok = with(&["resources.devices=cpu:8", "parallel.tp=2", "parallel.dp=2", "parallel.sp=2", "parallel.sp_mode=all_to_all"]).unwrap();
+    assert_eq!((ok.parallel.tp, ok.parallel.sp, ok.parallel.sp_mode), (2, 2, SpMode::AllToAll));
+    assert_eq!(with(&["resources.devices=cpu:4", "parallel.tp=4", "parallel.tp_mode=\"2d\""]).unwrap().parallel.tp_mode, TpMode::TwoD);
+    let cases: [(&[&str], &str, &str); 7] = [
+        (&["resources.devices=cpu:2", "parallel.tp=2", "parallel.tp_mode=\"2d\""], "parallel.tp_mode", "not 2"),
+        (&["resources.devices=cpu:2", "parallel.dp=2", "parallel.sp_mode=split_gather"], "parallel.sp_mode", "tp > 1"),
+        (&["resources.devices=cpu:2", "parallel.sp=2"], "parallel.sp_mode", "all_to_all"),
+        (&["parallel.sp_mode=ring_attn"], "parallel.sp", "sp > 1"),
+        (&["resources.devices=cpu:2", "parallel.tp=2", "parallel.sp=2", "parallel.sp_mode=ring_attn"], "parallel", "dp × tp × pp × sp = 4"),
+        (&["parallel.sp=0"], "parallel.sp", "at least 1"),
+        (&["parallel.tp_mode=\"3d\""], "parallel.tp_mode", ""),
+    ];
+    for (sets, field, says) in cases {
+        let err = with(sets).unwrap_err();
+        assert_eq!(err.field, field, "{sets:?}: {err}");
+        assert!(err.message.contains(says), "{sets:?}: {err}");
+    }
+    // The defaults stay out of a stored spec, as before these keys existed.
+    let text = JobSpec::from_toml(MINIMAL, &[]).unwrap().to_toml().unwrap();
+    assert!(!text.lines().any(|l| l.starts_with("sp") || l.starts_with("tp_mode")), "{text}");
+}
+
 #[test]
 fn overrides_parse_literals_and_bare_strings() {
     let s = JobSpec::from_toml(

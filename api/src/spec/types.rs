@@ -203,9 +203,9 @@ pub enum Precision {
     Fp16,
 }
 
-/// The parallel layout. `dp × tp × pp` must equal the number of devices in `resources.devices`
-/// (else 422 with field `parallel`); a layout this build cannot run is refused on submit with
-/// 422 and field `parallel`.
+/// The parallel layout. `dp × tp × pp × sp` must equal the number of devices in
+/// `resources.devices` (else 422 with field `parallel`); a layout this build cannot run, or that
+/// the model cannot be cut into, is refused on submit with 422 naming the field to change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSpec {
@@ -213,10 +213,24 @@ pub struct ParallelSpec {
     #[serde(default = "one")]
     #[schema(default = one, minimum = 1)]
     pub dp: usize,
-    /// Tensor-parallel ranks.
+    /// Tensor-parallel ranks: the model's layers are cut across them (attention heads, MLP
+    /// columns and the vocabulary; see docs/parallel.md).
     #[serde(default = "one")]
     #[schema(default = one, minimum = 1)]
     pub tp: usize,
+    /// How tensor parallelism cuts the layers: `1d` (Megatron: column- and row-parallel
+    /// linears) or `2d` (weights and activations on a q × q grid; `tp` must be a square).
+    #[serde(default, skip_serializing_if = "TpMode::is_default")]
+    pub tp_mode: TpMode,
+    /// Sequence-parallel ranks (their own axis, for `sp_mode = "all_to_all"` or `"ring_attn"`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schema(default = one, minimum = 1)]
+    pub sp: usize,
+    /// How the sequence is split: `none`, `split_gather` (Megatron's sequence parallelism, inside
+    /// the tp group: needs `tp > 1`), `all_to_all` (DeepSpeed Ulysses, over `sp`) or `ring_attn`
+    /// (ring attention, over `sp`).
+    #[serde(default, skip_serializing_if = "SpMode::is_default")]
+    pub sp_mode: SpMode,
     /// Pipeline-parallel stages.
     #[serde(default = "one")]
     #[schema(default = one, minimum = 1)]
@@ -251,6 +265,69 @@ impl GpuComm {
     fn is_default(&self) -> bool {
         *self == GpuComm::default()
     }
+}
+
+/// How tensor parallelism cuts the layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(default = TpMode::default)]
+pub enum TpMode {
+    /// Megatron's layout: column-parallel then row-parallel linears, one all-reduce per block half.
+    #[default]
+    #[serde(rename = "1d")]
+    OneD,
+    /// ColossalAI's 2D layout: weights and activations on a q × q grid (tp = q²).
+    #[serde(rename = "2d")]
+    TwoD,
+}
+
+impl TpMode {
+    fn is_default(&self) -> bool {
+        *self == TpMode::default()
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TpMode::OneD => "1d",
+            TpMode::TwoD => "2d",
+        }
+    }
+}
+
+/// How the sequence is split across ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(default = SpMode::default)]
+pub enum SpMode {
+    /// The whole sequence on every rank.
+    #[default]
+    None,
+    /// Megatron's sequence parallelism inside the tp group: norms and residuals on a sequence
+    /// shard, all-gathered before a column-parallel linear, reduce-scattered after a row-parallel one.
+    SplitGather,
+    /// DeepSpeed Ulysses over the sp axis: an all-to-all turns the sequence shard into a head
+    /// shard around attention, and back.
+    AllToAll,
+    /// Ring attention over the sp axis: key/value blocks travel around the ring.
+    RingAttn,
+}
+
+impl SpMode {
+    fn is_default(&self) -> bool {
+        *self == SpMode::default()
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SpMode::None => "none",
+            SpMode::SplitGather => "split_gather",
+            SpMode::AllToAll => "all_to_all",
+            SpMode::RingAttn => "ring_attn",
+        }
+    }
+}
+
+fn is_one(x: &usize) -> bool {
+    *x == 1
 }
 
 /// What the job runs on.
@@ -404,7 +481,7 @@ impl Default for TrainSpec {
 
 impl Default for ParallelSpec {
     fn default() -> Self {
-        ParallelSpec { dp: 1, tp: 1, pp: 1, zero: 0, gpu_comm: GpuComm::Nccl }
+        ParallelSpec { dp: 1, tp: 1, tp_mode: TpMode::OneD, sp: 1, sp_mode: SpMode::None, pp: 1, zero: 0, gpu_comm: GpuComm::Nccl }
     }
 }
 
@@ -514,10 +591,43 @@ impl JobSpec {
             return e("train.micro_batch_size", "must be at least 1".into());
         }
         let p = &self.parallel;
-        for (name, v) in [("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp)] {
+        for (name, v) in [("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.sp", p.sp)] {
             if v == 0 {
                 return e(name, "must be at least 1".into());
             }
+        }
+        if p.tp_mode == TpMode::TwoD {
+            let q = (p.tp as f64).sqrt().round() as usize;
+            if q < 2 || q * q != p.tp {
+                return e(
+                    "parallel.tp_mode",
+                    format!("\"2d\" lays tp ranks out on a q × q grid: parallel.tp must be 4, 9, 16, …, not {}", p.tp),
+                );
+            }
+        }
+        match p.sp_mode {
+            SpMode::SplitGather if p.tp == 1 => {
+                return e("parallel.sp_mode", "\"split_gather\" splits the sequence inside the tp group: it needs parallel.tp > 1".into())
+            }
+            SpMode::SplitGather if p.sp != 1 => {
+                return e(
+                    "parallel.sp",
+                    "\"split_gather\" runs inside the tp group and has no axis of its own: parallel.sp must be 1".into(),
+                )
+            }
+            SpMode::AllToAll | SpMode::RingAttn if p.sp == 1 => {
+                return e(
+                    "parallel.sp",
+                    format!("sp_mode \"{}\" splits the sequence over parallel.sp ranks: it needs parallel.sp > 1", p.sp_mode.name()),
+                )
+            }
+            SpMode::None if p.sp != 1 => {
+                return e(
+                    "parallel.sp_mode",
+                    format!("parallel.sp = {} needs a way to split the sequence: \"all_to_all\" or \"ring_attn\"", p.sp),
+                )
+            }
+            _ => {}
         }
         if p.zero > 3 {
             return e("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
@@ -570,12 +680,12 @@ impl JobSpec {
         if !(t.eps.is_finite() && (t.eps as f32) >= f32::MIN_POSITIVE) {
             return e("train.eps", format!("must be a positive number representable in f32, got {}", t.eps));
         }
-        let world = p.dp.checked_mul(p.tp).and_then(|w| w.checked_mul(p.pp)).unwrap_or(usize::MAX);
+        let world = p.dp.checked_mul(p.tp).and_then(|w| w.checked_mul(p.pp)).and_then(|w| w.checked_mul(p.sp)).unwrap_or(usize::MAX);
         if world != self.resources.devices.count() {
             return e(
                 "parallel",
                 format!(
-                    "dp × tp × pp = {world} but resources.devices = \"{}\" has {} devices",
+                    "dp × tp × pp × sp = {world} but resources.devices = \"{}\" has {} devices",
                     self.resources.devices,
                     self.resources.devices.count()
                 ),

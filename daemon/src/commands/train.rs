@@ -33,7 +33,10 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let base = spec_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let spec = absolute_paths(spec, &base)?;
     // A layout the trainer cannot run is refused before any rank starts.
-    gantry_engine::train::check_layout(&crate::engine_config::train_config(&spec))?;
+    let config = crate::engine_config::train_config(&spec);
+    gantry_engine::train::check_layout(&config)?;
+    let model = gantry_engine::models::ModelConfig::from_dir(&config.model.path)?;
+    gantry_engine::train::check_model_layout(&config, &model)?;
     let world = spec.resources.devices.count();
     if world == 1 {
         return train_rank(&a, spec, run_dir, None);
@@ -138,7 +141,7 @@ fn train_rank(a: &TrainArgs, spec: JobSpec, run_dir: PathBuf, comm: Option<Comm>
     // directory is created, so a bad spec leaves nothing behind.
     let mut trainer = Trainer::with_comm(crate::engine_config::train_config(&spec), comm)?;
     let saved = if a.resume.is_some() { super::resume_newest(&mut trainer, &run_dir)? } else { Vec::new() };
-    if trainer.dp_rank() != 0 {
+    if !trainer.is_lead() {
         return follow_rank(&mut trainer, &run_dir, &spec);
     }
     // (A job on several ranks did this before it started them: their logs go in the run dir.)

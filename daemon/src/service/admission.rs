@@ -85,6 +85,10 @@ pub fn check_runnable(config: &DaemonConfig, spec: &mut JobSpec) -> Result<Memor
         gantry_engine::Error::Unsupported { field, message } => SpecError::new(&field, message),
         other => SpecError::new("resources.devices", other.to_string()),
     })?;
+    gantry_engine::train::check_model_layout(&run, &model).map_err(|e| match e {
+        gantry_engine::Error::Unsupported { field, message } => SpecError::new(&field, message),
+        other => SpecError::new("model.path", other.to_string()),
+    })?;
     let text_bytes = if text { std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0) } else { 0 };
     check_memory(config, spec, &model, text_bytes)
 }

@@ -141,7 +141,7 @@ fn train(a: &WorkerArgs) -> anyhow::Result<()> {
         None
     };
     let mut trainer = Trainer::with_comm(crate::engine_config::train_config(&spec), comm)?;
-    let lead = trainer.dp_rank() == 0;
+    let lead = trainer.is_lead();
     // The checkpoints this run keeps, oldest first: when resuming, those up to the one resumed
     // from (a newer one it could not load is no part of this run's history, and rotating it
     // would race with the writer that rewrites its step).

@@ -282,6 +282,7 @@ impl Backend for Cpu {
         &self,
         g: &mut [f32],
         wte: Range<usize>,
+        first: usize,
         wpe: Option<Range<usize>>,
         dout: Span<'_, [f32]>,
         tokens: Ids<'_, Self>,
@@ -291,9 +292,9 @@ impl Backend for Cpu {
         match wpe {
             Some(wpe) => {
                 let (dwte, dwpe) = two_mut(g, wte, wpe);
-                embedding::embedding_backward(dwte, Some(dwpe), r(&dout), tokens.host, seq, c);
+                embedding::embedding_backward(dwte, Some(dwpe), r(&dout), tokens.host, first, seq, c);
             }
-            None => embedding::embedding_backward(&mut g[wte], None, r(&dout), tokens.host, seq, c),
+            None => embedding::embedding_backward(&mut g[wte], None, r(&dout), tokens.host, first, seq, c),
         }
         Ok(())
     }
@@ -302,6 +303,29 @@ impl Backend for Cpu {
         debug_assert_eq!(logits.rs, logits.cols, "logits are packed");
         let (at, len, vocab) = (logits.offset, logits.rows * logits.cols, logits.cols);
         *losses += loss::softmax_xent(&mut logits.buf[at..at + len], targets.host, vocab, grad_scale);
+        Ok(())
+    }
+
+    fn xent_stats(&self, logits: MatMut<'_, [f32]>, targets: Ids<'_, Self>, first: usize, stats: SpanMut<'_, [f32]>) -> Result<()> {
+        debug_assert_eq!(logits.rs, logits.cols, "logits are packed");
+        let (at, len, vocab) = (logits.offset, logits.rows * logits.cols, logits.cols);
+        loss::xent_stats(&mut logits.buf[at..at + len], targets.host, vocab, first, w(stats));
+        Ok(())
+    }
+
+    fn xent_finish(
+        &self,
+        logits: MatMut<'_, [f32]>,
+        targets: Ids<'_, Self>,
+        first: usize,
+        local: Span<'_, [f32]>,
+        global: Span<'_, [f32]>,
+        grad_scale: Option<f32>,
+        losses: &mut f64,
+    ) -> Result<()> {
+        debug_assert_eq!(logits.rs, logits.cols, "logits are packed");
+        let (at, len, vocab) = (logits.offset, logits.rows * logits.cols, logits.cols);
+        *losses += loss::xent_finish(&mut logits.buf[at..at + len], targets.host, vocab, first, r(&local), r(&global), grad_scale);
         Ok(())
     }
 

@@ -75,6 +75,12 @@ mod imp {
     }
 
     /// Runs `f` on two disjoint ranges of `g` at once.
+    /// The vocabulary-parallel head on GPUs: `train::check_layout` refuses tensor parallelism on
+    /// GPU ranks before anything runs, so reaching this is a bug.
+    fn tensor_parallel_not_built() -> Error {
+        Error::Unsupported { field: "parallel.tp".into(), message: "tensor parallelism on GPUs is not built yet".into() }
+    }
+
     fn with_two<R>(
         g: &mut CudaSlice<f32>,
         a: Range<usize>,
@@ -371,6 +377,7 @@ mod imp {
             &self,
             g: &mut CudaSlice<f32>,
             wte: Range<usize>,
+            first: usize,
             wpe: Option<Range<usize>>,
             dout: Span<'_, CudaSlice<T>>,
             tokens: Ids<'_, Self>,
@@ -380,10 +387,27 @@ mod imp {
             let dout = r(&dout);
             match wpe {
                 Some(wpe) => with_two(g, wte, wpe, |dwte, dwpe| {
-                    Ok(ops::embedding_backward(&self.gpu, dwte, Some(dwpe), &dout, tokens.host, seq, c)?)
+                    Ok(ops::embedding_backward(&self.gpu, dwte, Some(dwpe), &dout, tokens.host, first, seq, c)?)
                 }),
-                None => Ok(ops::embedding_backward(&self.gpu, &mut g.slice_mut(wte), None, &dout, tokens.host, seq, c)?),
+                None => Ok(ops::embedding_backward(&self.gpu, &mut g.slice_mut(wte), None, &dout, tokens.host, first, seq, c)?),
             }
+        }
+
+        fn xent_stats(&self, _: MatMut<'_, CudaSlice<T>>, _: Ids<'_, Self>, _: usize, _: SpanMut<'_, CudaSlice<f32>>) -> Result<()> {
+            Err(tensor_parallel_not_built())
+        }
+
+        fn xent_finish(
+            &self,
+            _: MatMut<'_, CudaSlice<T>>,
+            _: Ids<'_, Self>,
+            _: usize,
+            _: Span<'_, CudaSlice<f32>>,
+            _: Span<'_, CudaSlice<f32>>,
+            _: Option<f32>,
+            _: &mut CudaSlice<f32>,
+        ) -> Result<()> {
+            Err(tensor_parallel_not_built())
         }
 
         fn softmax_xent(

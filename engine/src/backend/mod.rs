@@ -251,12 +251,15 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// `out[r] += wpe[r % seq]`.
     fn add_positions(&self, out: SpanMut<'_, Self::Act>, wpe: Span<'_, Self::F32>, seq: usize, c: usize) -> Result<()>;
-    /// Accumulates the token (and position) tables' gradients, ranges of `g`.
+    /// Accumulates the token (and position) tables' gradients, ranges of `g`. `wte` holds
+    /// vocabulary rows `first..` (all of them, or a rank's slice of a vocabulary-parallel table):
+    /// the rows of tokens outside it are another rank's.
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
         g: &mut Self::F32,
         wte: Range<usize>,
+        first: usize,
         wpe: Option<Range<usize>>,
         dout: Span<'_, Self::Act>,
         tokens: Ids<'_, Self>,
@@ -270,6 +273,26 @@ pub trait Backend: Sized {
         &self,
         logits: MatMut<'_, Self::Act>,
         targets: Ids<'_, Self>,
+        grad_scale: Option<f32>,
+        losses: &mut Self::Losses,
+    ) -> Result<()>;
+
+    /// Vocabulary-parallel cross-entropy, first half: `logits` are this rank's vocabulary rows
+    /// `first..first + cols` of each row's logits; each row's statistics (max, sum of
+    /// exponentials, the target's logit if held: `kernels::cpu::loss::XENT_STATS` floats) go to
+    /// `stats`, and the rows are left for `xent_finish`.
+    fn xent_stats(&self, logits: MatMut<'_, Self::Act>, targets: Ids<'_, Self>, first: usize, stats: SpanMut<'_, Self::F32>) -> Result<()>;
+    /// Second half, once the group's statistics (`global`) are combined from every rank's
+    /// (`local`: this rank's): the rows' losses go to `losses`, and with `grad_scale` the rows
+    /// become this rank's part of `scale · (softmax − onehot)`.
+    #[allow(clippy::too_many_arguments)]
+    fn xent_finish(
+        &self,
+        logits: MatMut<'_, Self::Act>,
+        targets: Ids<'_, Self>,
+        first: usize,
+        local: Span<'_, Self::F32>,
+        global: Span<'_, Self::F32>,
         grad_scale: Option<f32>,
         losses: &mut Self::Losses,
     ) -> Result<()>;

@@ -10,7 +10,7 @@ mod plan;
 
 use std::path::PathBuf;
 
-pub use plan::{GpuComm, ParallelPlan};
+pub use plan::{GpuComm, ParallelPlan, SpMode, TpMode};
 
 pub use crate::device::Devices;
 pub use crate::optim::Schedule;

@@ -11,10 +11,14 @@ pub struct ParallelPlan {
     pub dp: usize,
     /// Tensor-parallel ranks.
     pub tp: usize,
+    /// How tensor parallelism cuts the layers.
+    pub tp_mode: TpMode,
     /// Pipeline stages.
     pub pp: usize,
     /// Sequence-parallel ranks.
     pub sp: usize,
+    /// How the sequence is split.
+    pub sp_mode: SpMode,
     /// ZeRO stage over the dp axis: 0 (plain data parallelism) to 3.
     pub zero: u8,
     /// The communicator of GPU ranks' device buffers.
@@ -23,7 +27,7 @@ pub struct ParallelPlan {
 
 impl Default for ParallelPlan {
     fn default() -> Self {
-        ParallelPlan { dp: 1, tp: 1, pp: 1, sp: 1, zero: 0, gpu_comm: GpuComm::Nccl }
+        ParallelPlan { dp: 1, tp: 1, tp_mode: TpMode::OneD, pp: 1, sp: 1, sp_mode: SpMode::None, zero: 0, gpu_comm: GpuComm::Nccl }
     }
 }
 
@@ -42,6 +46,38 @@ impl ParallelPlan {
     /// mismatch if the axes do not multiply to it.
     pub fn mesh(&self, world: usize) -> Result<DeviceMesh> {
         DeviceMesh::new(world, self.dp, self.pp, self.sp, self.tp)
+    }
+}
+
+/// How tensor parallelism cuts the layers (`parallel.tp_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TpMode {
+    /// Megatron's column- and row-parallel linears.
+    #[default]
+    OneD,
+    /// Weights and activations on a q × q grid.
+    TwoD,
+}
+
+/// How the sequence is split across ranks (`parallel.sp_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpMode {
+    #[default]
+    None,
+    SplitGather,
+    AllToAll,
+    RingAttn,
+}
+
+impl SpMode {
+    /// The spec's name of the mode.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SpMode::None => "none",
+            SpMode::SplitGather => "split_gather",
+            SpMode::AllToAll => "all_to_all",
+            SpMode::RingAttn => "ring_attn",
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 
 use gantry_kernels::cpu::attention::AttnShape;
 
-use super::hooks::{span, Params};
+use super::hooks::{span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
-use super::{at, at_mut, Batch, Hidden, ModelConfig};
+use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
 use crate::nn::{LayerNorm, Linear, LmHead, WeightLayout};
@@ -28,9 +28,15 @@ pub struct Gpt2 {
     /// Each block's parameters in the flat buffer (one contiguous span per block).
     block_ranges: Vec<std::ops::Range<usize>>,
     c: usize,
+    /// The attention heads and MLP width this rank runs (all of them, or its tensor-parallel
+    /// part: see `models::tp`), and the heads' width.
     heads: usize,
+    head_dim: usize,
     inner: usize,
+    tp: TpRank,
     wte: ParamRef,
+    /// The first vocabulary row of `wte` (0, or this rank's part of a vocabulary-parallel one).
+    vocab_first: usize,
     wpe: ParamRef,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
@@ -97,85 +103,105 @@ impl Acts<Cpu> {
 }
 
 impl Gpt2 {
-    pub fn new(cfg: &ModelConfig, chunking: Chunking) -> (ParamTable, Gpt2) {
+    /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
+    /// their global names and shapes, with the part this rank holds.
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank) -> Result<(ParamTable, Gpt2)> {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
         let std = cfg.initializer_range;
         // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
         let proj_std = std / (2.0 * l as f32).sqrt();
+        let d = c / cfg.heads;
+        // This rank's heads (as features of each of q, k and v), MLP columns and vocabulary rows.
+        let heads = tp.heads(cfg.heads)?;
+        let attn = heads.start * d..heads.end * d;
+        let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
-        let wte = b.add("transformer.wte.weight", &[v, c], Init::Normal { std });
+        let wte = b.add_sharded("transformer.wte.weight", &[v, c], tp.rows(0, v), Init::Normal { std });
         let wpe = b.add("transformer.wpe.weight", &[cfg.max_positions, c], Init::Normal { std });
         let mut idx = Vec::new();
         for i in 0..l {
             let p = format!("transformer.h.{i}.");
+            // Conv1D weights are `[in, out]`: column-parallel layers cut dimension 1, row-parallel
+            // ones dimension 0.
             idx.push([
                 b.add(format!("{p}ln_1.weight"), &[c], Init::Ones),
                 b.add(format!("{p}ln_1.bias"), &[c], Init::Zeros),
-                b.add(format!("{p}attn.c_attn.weight"), &[c, 3 * c], Init::Normal { std }),
-                b.add(format!("{p}attn.c_attn.bias"), &[3 * c], Init::Zeros),
-                b.add(format!("{p}attn.c_proj.weight"), &[c, c], Init::Normal { std: proj_std }),
+                b.add_sharded(format!("{p}attn.c_attn.weight"), &[c, 3 * c], tp.blocks(1, 3, attn.clone()), Init::Normal { std }),
+                b.add_sharded(format!("{p}attn.c_attn.bias"), &[3 * c], tp.blocks(0, 3, attn.clone()), Init::Zeros),
+                b.add_sharded(format!("{p}attn.c_proj.weight"), &[c, c], tp.blocks(0, 1, attn.clone()), Init::Normal { std: proj_std }),
                 b.add(format!("{p}attn.c_proj.bias"), &[c], Init::Zeros),
                 b.add(format!("{p}ln_2.weight"), &[c], Init::Ones),
                 b.add(format!("{p}ln_2.bias"), &[c], Init::Zeros),
-                b.add(format!("{p}mlp.c_fc.weight"), &[c, inner], Init::Normal { std }),
-                b.add(format!("{p}mlp.c_fc.bias"), &[inner], Init::Zeros),
-                b.add(format!("{p}mlp.c_proj.weight"), &[inner, c], Init::Normal { std: proj_std }),
+                b.add_sharded(format!("{p}mlp.c_fc.weight"), &[c, inner], tp.rows(1, inner), Init::Normal { std }),
+                b.add_sharded(format!("{p}mlp.c_fc.bias"), &[inner], tp.rows(0, inner), Init::Zeros),
+                b.add_sharded(format!("{p}mlp.c_proj.weight"), &[inner, c], tp.rows(0, inner), Init::Normal { std: proj_std }),
                 b.add(format!("{p}mlp.c_proj.bias"), &[c], Init::Zeros),
             ]);
         }
         let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
         let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
-        let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], Init::Normal { std }));
+        let head = (!cfg.tie_embeddings).then(|| b.add_sharded("lm_head.weight", &[v, c], tp.rows(0, v), Init::Normal { std }));
         let t = b.build(chunking);
-        let lin = |w: usize, bias: usize, d_in: usize, d_out: usize| Linear {
+        let lin = |w: usize, bias: usize, d_in: usize, d_out: usize, row_parallel: bool| Linear {
             weight: t.at(w),
             bias: Some(t.at(bias)),
             d_in,
             d_out,
             layout: WeightLayout::InOut,
+            partial: row_parallel && !tp.lead(),
         };
         let ln = |w: usize, bias: usize| LayerNorm { weight: t.at(w), bias: t.at(bias), eps: cfg.norm_eps };
+        let (aw, mw) = (attn.len(), mlp.len());
         let blocks = idx
             .iter()
             .map(|i| Block {
                 ln1: ln(i[0], i[1]),
-                c_attn: lin(i[2], i[3], c, 3 * c),
-                c_proj: lin(i[4], i[5], c, c),
+                c_attn: lin(i[2], i[3], c, 3 * aw, false),
+                c_proj: lin(i[4], i[5], aw, c, true),
                 ln2: ln(i[6], i[7]),
-                fc: lin(i[8], i[9], c, inner),
-                fc_proj: lin(i[10], i[11], inner, c),
+                fc: lin(i[8], i[9], c, mw, false),
+                fc_proj: lin(i[10], i[11], mw, c, true),
             })
             .collect();
         let block_ranges = idx.iter().map(|i| span(i.iter().map(|k| t.at(*k).range()))).collect();
+        let head_ref = t.at(head.unwrap_or(wte));
         let model = Gpt2 {
             block_ranges,
             c,
-            heads: cfg.heads,
-            inner,
+            heads: heads.len(),
+            head_dim: d,
+            inner: mw,
+            tp,
             wte: t.at(wte),
+            vocab_first: vocab.start,
             wpe: t.at(wpe),
             blocks,
             ln_f: ln(lnf_w, lnf_b),
-            head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
+            head: LmHead { weight: head_ref, vocab: vocab.len(), hidden: c, first: vocab.start, total: v },
             wte_slices: t.slices(t.at(wte)),
-            head_slices: t.slices(t.at(head.unwrap_or(wte))),
+            head_slices: t.slices(head_ref),
         };
-        (t, model)
+        Ok((t, model))
+    }
+
+    /// The width of the attention this rank runs: its heads' features.
+    fn attn(&self) -> usize {
+        self.heads * self.head_dim
     }
 
     /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
     /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
     /// known before anything is allocated).
     fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 20] {
-        let (n, c, l, inner) = (batch * seq, self.c, self.blocks.len(), self.inner);
+        let (n, c, l, inner, a) = (batch * seq, self.c, self.blocks.len(), self.inner, self.attn());
         [
             (l + 1) * n * c,      // res
             l * n * c,            // mid
             l * n * c,            // ln1
             l * n,                // ln1 mean
             l * n,                // ln1 rstd
-            l * n * 3 * c,        // qkv
-            l * n * c,            // att
+            l * n * 3 * a,        // qkv
+            l * n * a,            // att
             l * n * self.heads,   // lse
             l * n * c,            // ln2
             l * n,                // ln2 mean
@@ -186,8 +212,8 @@ impl Gpt2 {
             n,                    // lnf mean
             n,                    // lnf rstd
             n * c,                // dres
-            n * c,                // dc
-            n * inner.max(3 * c), // dbig
+            n * c.max(a),         // dc
+            n * inner.max(3 * a), // dbig
             head_scratch_len(&self.head, &self.head_slices, n, block_floats),
         ]
     }
@@ -226,12 +252,13 @@ impl Gpt2 {
     }
 
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.c / self.heads }
+        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.head_dim }
     }
 
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        embed(be, pa, &self.wte_slices, self.wte, Some(self.wpe), B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
+        let (tp, first) = (self.tp, self.vocab_first);
+        embed(be, pa, tp, &self.wte_slices, self.wte, first, Some(self.wpe), B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
@@ -244,8 +271,8 @@ impl Gpt2 {
         x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap) = (self.c, x.rows(), a.n);
-        let (nc, inner) = (n * c, self.inner);
+        let (c, n, cap, tp) = (self.c, x.rows(), a.n, self.tp);
+        let (nc, inner, aw) = (n * c, self.inner, self.attn());
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -255,16 +282,20 @@ impl Gpt2 {
             let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln1_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln1_stats.1), l, cap, n));
             blk.ln1.forward(be, p, at(res, l, cap * c, nc), at_mut(B::act_mut(&mut a.ln1), l, cap * c, nc), mean, rstd)?;
             let ln1 = Mat::new(B::act(&a.ln1), lc, n, c);
-            blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.qkv), l * cap * 3 * c, n, 3 * c), Overwrite)?;
+            blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.qkv), l * cap * 3 * aw, n, 3 * aw), Overwrite)?;
             let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
             be.attention_forward(
                 self.shape(x.b, x.seq),
-                at(B::act(&a.qkv), l, cap * 3 * c, n * 3 * c),
-                at_mut(B::act_mut(&mut a.att), l, cap * c, nc),
+                at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw),
+                at_mut(B::act_mut(&mut a.att), l, cap * aw, n * aw),
                 lse,
             )?;
-            be.copy(at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
-            blk.c_proj.forward(be, p, Mat::new(B::act(&a.att), lc, n, c), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
+            // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
+            residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
+            let att = Mat::new(B::act(&a.att), l * cap * aw, n, aw);
+            blk.c_proj.forward(be, p, att, MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
+            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc))?;
+            let p = pa.get();
             let mid = at(B::act(&a.mid), l, cap * c, nc);
             let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln2_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln2_stats.1), l, cap, n));
             blk.ln2.forward(be, p, mid.clone(), at_mut(B::act_mut(&mut a.ln2), l, cap * c, nc), mean, rstd)?;
@@ -272,8 +303,9 @@ impl Gpt2 {
             blk.fc.forward(be, p, ln2, MatMut::new(B::act_mut(&mut a.fc), l * cap * inner, n, inner), Overwrite)?;
             be.gelu_forward(SpanMut::at(B::act_mut(&mut a.gelu), 0, n * inner), at(B::act(&a.fc), l, cap * inner, n * inner))?;
             let res = B::act_mut(&mut a.res);
-            be.copy(at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
+            residual(be, tp, at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
             blk.fc_proj.forward(be, p, Mat::new(B::act(&a.gelu), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
+            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.res), l + 1, cap * c, nc))?;
         }
         Ok(())
     }
@@ -303,7 +335,8 @@ impl Gpt2 {
         let nc = n * c;
         let untied = self.head.weight != self.wte;
         let (h, dh, logits) = (B::act(&a.lnf), B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
-        head_loss(be, pa, &self.head, &self.head_slices, untied, h, x.targets, logits, &mut a.losses, g, dh, scale, self.ln_f.range())?;
+        let (head, slices) = (&self.head, &self.head_slices);
+        head_loss(be, pa, self.tp, head, slices, untied, h, x.targets, logits, &mut a.losses, g, dh, scale, self.ln_f.range())?;
         let loss = be.loss_sum(&mut a.losses, n)?;
         be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nc))?;
         let l_all = self.blocks.len();
@@ -326,8 +359,8 @@ impl Gpt2 {
         x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap, inner) = (self.c, x.rows(), a.n, self.inner);
-        let (nc, ni) = (n * c, n * inner);
+        let (c, n, cap, inner, tp) = (self.c, x.rows(), a.n, self.inner, self.tp);
+        let (nc, ni, aw) = (n * c, n * inner, self.attn());
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -343,21 +376,23 @@ impl Gpt2 {
             let (ln2, dbig) = (Mat::new(B::act(&a.ln2), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, inner));
             blk.fc.backward(be, pa.get(), g, ln2, dbig, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.fc.range())?;
+            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
             let (dc, mid) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc));
             let (mean, rstd) = (at(B::f32s(&a.ln2_stats.0), l, cap, n), at(B::f32s(&a.ln2_stats.1), l, cap, n));
             blk.ln2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, mean, rstd)?;
             pa.grads_ready(g, blk.ln2.range())?;
             // Attention.
-            let (att, dres) = (Mat::new(B::act(&a.att), lc, n, c), Mat::new(B::act(&a.dres), 0, n, c));
-            blk.c_proj.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
+            let (att, dres) = (Mat::new(B::act(&a.att), l * cap * aw, n, aw), Mat::new(B::act(&a.dres), 0, n, c));
+            blk.c_proj.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, aw), Overwrite)))?;
             pa.grads_ready(g, blk.c_proj.range())?;
-            let qkv = at(B::act(&a.qkv), l, cap * 3 * c, n * 3 * c);
+            let qkv = at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw);
             let lse = at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads);
-            let (att, dc) = (at(B::act(&a.att), l, cap * c, nc), at(B::act(&a.dc), 0, nc, nc));
-            be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * c))?;
-            let (ln1, dqkv) = (Mat::new(B::act(&a.ln1), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * c));
+            let (att, dc) = (at(B::act(&a.att), l, cap * aw, n * aw), at(B::act(&a.dc), 0, n * aw, n * aw));
+            be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw))?;
+            let (ln1, dqkv) = (Mat::new(B::act(&a.ln1), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
             blk.c_attn.backward(be, pa.get(), g, ln1, dqkv, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.c_attn.range())?;
+            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
             let (dc, xs) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc));
             let (mean, rstd) = (at(B::f32s(&a.ln1_stats.0), l, cap, n), at(B::f32s(&a.ln1_stats.1), l, cap, n));
             blk.ln1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, mean, rstd)?;
@@ -376,7 +411,8 @@ impl Gpt2 {
         x: &Batch<'_, B>,
     ) -> Result<()> {
         let nc = x.rows() * self.c;
-        be.embedding_backward(g, self.wte.range(), Some(self.wpe.range()), at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
+        let (wte, first, dres) = (self.wte.range(), self.vocab_first, at(B::act(&a.dres), 0, nc, nc));
+        be.embedding_backward(g, wte, first, Some(self.wpe.range()), dres, x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wpe.range())?;
         pa.grads_ready(g, self.wte.range())
     }
@@ -385,5 +421,16 @@ impl Gpt2 {
     /// buffers it runs on.
     pub fn head_input<'a, B: Backend>(&self, a: &'a mut Acts<B>) -> Hidden<'a, B> {
         (B::act(&a.lnf), self.head, B::act_mut(&mut a.logits), &mut a.losses)
+    }
+}
+
+/// The residual stream `x` into `out`, where a row-parallel layer adds its output next: on the
+/// lead rank of a tensor-parallel group (or a whole model), zeros on the others, so that the
+/// group's sum holds it once.
+pub(super) fn residual<B: Backend>(be: &B, tp: TpRank, out: SpanMut<'_, B::Act>, x: crate::backend::Span<'_, B::Act>) -> Result<()> {
+    if tp.lead() {
+        be.copy(out, x)
+    } else {
+        be.zero(out)
     }
 }

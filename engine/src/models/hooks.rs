@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
-use crate::backend::{Backend, Cpu, Weights};
-use crate::Result;
+use super::TpRank;
+use crate::backend::{Backend, Cpu, SpanMut, Weights};
+use crate::{Error, Result};
 
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
 /// tensors, or whole-row slices of a tensor split across chunks (`ParamTable::slices`).
@@ -36,6 +37,64 @@ pub trait Params<B: Backend = Cpu> {
     fn need(&mut self, ranges: &[Range<usize>]) -> Result<()>;
     fn get(&self) -> Weights<'_, B>;
     fn grads_ready(&mut self, grads: &mut B::F32, range: Range<usize>) -> Result<()>;
+    /// The tensor-parallel group of a model cut across ranks (`None` for a whole model).
+    fn tensor_group(&mut self) -> Option<&mut dyn TensorGroup<B>> {
+        None
+    }
+}
+
+/// The collectives a model cut across tensor-parallel ranks runs inside its layers: the model
+/// says when (after a row-parallel layer, before a column-parallel one's input gradient is
+/// used, around the vocabulary-parallel head), the layout says how (`parallel::TensorParallel`
+/// over sockets on CPU ranks).
+pub trait TensorGroup<B: Backend> {
+    /// Every rank's `x` becomes the sum of all ranks' `x` (the same bits on each).
+    fn all_reduce(&mut self, x: SpanMut<'_, B::Act>) -> Result<()>;
+    /// The vocabulary-parallel cross-entropy's statistics of `rows` rows: `stats` holds this
+    /// rank's (`rows × kernels::cpu::loss::XENT_STATS` floats) and then room for as many, which
+    /// get the whole vocabulary's (`kernels::cpu::loss::xent_combine` of every rank's, in rank
+    /// order).
+    fn combine_xent(&mut self, stats: &mut B::F32, rows: usize) -> Result<()>;
+}
+
+/// `inner`'s parameters, read by a rank of a tensor-parallel group.
+pub struct WithGroup<'a, B: Backend> {
+    pub inner: &'a mut dyn Params<B>,
+    pub group: &'a mut dyn TensorGroup<B>,
+}
+
+impl<B: Backend> Params<B> for WithGroup<'_, B> {
+    fn need(&mut self, ranges: &[Range<usize>]) -> Result<()> {
+        self.inner.need(ranges)
+    }
+
+    fn get(&self) -> Weights<'_, B> {
+        self.inner.get()
+    }
+
+    fn grads_ready(&mut self, grads: &mut B::F32, range: Range<usize>) -> Result<()> {
+        self.inner.grads_ready(grads, range)
+    }
+
+    fn tensor_group(&mut self) -> Option<&mut dyn TensorGroup<B>> {
+        Some(&mut *self.group)
+    }
+}
+
+/// The group of a model cut across `tp.size` ranks (an error if the layout gave none).
+pub fn group_of<B: Backend>(pa: &mut dyn Params<B>, tp: TpRank) -> Result<&mut dyn TensorGroup<B>> {
+    pa.tensor_group().ok_or_else(|| Error::Unsupported {
+        field: "parallel.tp".into(),
+        message: format!("a model cut across {} tensor-parallel ranks ran without its group", tp.size),
+    })
+}
+
+/// Sums `x` over the tensor-parallel group of a model cut across ranks (nothing for a whole one).
+pub fn tp_sum<B: Backend>(pa: &mut dyn Params<B>, tp: TpRank, x: SpanMut<'_, B::Act>) -> Result<()> {
+    if tp.size == 1 {
+        return Ok(());
+    }
+    group_of(pa, tp)?.all_reduce(x)
 }
 
 /// Parameters that are all present, with no one to tell.

@@ -5,13 +5,14 @@
 use gantry_kernels::cpu::attention::AttnShape;
 use gantry_kernels::cpu::rope::RopeTable;
 
-use super::hooks::{span, Params};
+use super::gpt2::residual;
+use super::hooks::{span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
-use super::{at, at_mut, Batch, Hidden, ModelConfig};
+use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
-use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
+use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder, Shard};
 use crate::Result;
 
 #[derive(Clone, Debug)]
@@ -39,11 +40,16 @@ impl Block {
 #[derive(Clone, Debug)]
 pub struct Llama {
     c: usize,
+    /// The query and key/value heads and the MLP width this rank runs (all of them, or its
+    /// tensor-parallel part: see `models::tp`).
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     inner: usize,
+    tp: TpRank,
     wte: ParamRef,
+    /// The first vocabulary row of `wte` (0, or this rank's part of a vocabulary-parallel one).
+    vocab_first: usize,
     blocks: Vec<Block>,
     norm: RmsNorm,
     head: LmHead,
@@ -116,41 +122,55 @@ impl Acts<Cpu> {
 }
 
 impl Llama {
-    pub fn new(cfg: &ModelConfig, chunking: Chunking) -> (ParamTable, Llama) {
+    /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
+    /// their global names and shapes, with the part this rank holds.
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank) -> Result<(ParamTable, Llama)> {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let std = cfg.initializer_range;
         let w = Init::Normal { std };
+        // This rank's query heads, key/value heads, MLP columns and vocabulary rows, as features.
+        let (heads, kv) = (tp.heads(h)?, tp.kv_heads(h, kvh)?);
+        let (q_feat, kv_feat) = (heads.start * d..heads.end * d, kv.start * d..kv.end * d);
+        let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
-        let wte = b.add("model.embed_tokens.weight", &[v, c], w);
+        let wte = b.add_sharded("model.embed_tokens.weight", &[v, c], tp.rows(0, v), w);
         let mut idx = Vec::new();
+        // `torch.nn.Linear` weights are `[out, in]`: column-parallel layers cut dimension 0 (and
+        // their bias), row-parallel ones dimension 1 (their bias is whole).
+        let col = |r: &std::ops::Range<usize>| (!tp.is_whole()).then(|| Shard::rows(0, r.clone()));
+        let row = |r: &std::ops::Range<usize>| (!tp.is_whole()).then(|| Shard::rows(1, r.clone()));
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}.");
-            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
-                let wi = b.add(format!("{p}{name}.weight"), &[out, inp], w);
-                let bi = bias.then(|| b.add(format!("{p}{name}.bias"), &[out], Init::Zeros));
-                (wi, bi, inp, out)
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool, shard: Option<Shard>, local: (usize, usize)| {
+                let wi = b.add_sharded(format!("{p}{name}.weight"), &[out, inp], shard.clone(), w);
+                let bias_shard = shard.filter(|s| s.axis == 0);
+                let bi = bias.then(|| b.add_sharded(format!("{p}{name}.bias"), &[out], bias_shard, Init::Zeros));
+                let row_parallel = local.1 != inp;
+                (wi, bi, local.1, local.0, row_parallel)
             };
-            let q = lin("self_attn.q_proj", h * d, c, cfg.attention_bias);
-            let k = lin("self_attn.k_proj", kvh * d, c, cfg.attention_bias);
-            let vv = lin("self_attn.v_proj", kvh * d, c, cfg.attention_bias);
-            let o = lin("self_attn.o_proj", c, h * d, cfg.attention_bias);
-            let gate = lin("mlp.gate_proj", inner, c, cfg.mlp_bias);
-            let up = lin("mlp.up_proj", inner, c, cfg.mlp_bias);
-            let down = lin("mlp.down_proj", c, inner, cfg.mlp_bias);
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            let q = lin("self_attn.q_proj", h * d, c, ab, col(&q_feat), (q_feat.len(), c));
+            let k = lin("self_attn.k_proj", kvh * d, c, ab, col(&kv_feat), (kv_feat.len(), c));
+            let vv = lin("self_attn.v_proj", kvh * d, c, ab, col(&kv_feat), (kv_feat.len(), c));
+            let o = lin("self_attn.o_proj", c, h * d, ab, row(&q_feat), (c, q_feat.len()));
+            let gate = lin("mlp.gate_proj", inner, c, mb, col(&mlp), (mlp.len(), c));
+            let up = lin("mlp.up_proj", inner, c, mb, col(&mlp), (mlp.len(), c));
+            let down = lin("mlp.down_proj", c, inner, mb, row(&mlp), (c, mlp.len()));
             let n1 = b.add(format!("{p}input_layernorm.weight"), &[c], Init::Ones);
             let n2 = b.add(format!("{p}post_attention_layernorm.weight"), &[c], Init::Ones);
             idx.push((n1, q, k, vv, o, n2, gate, up, down));
         }
         let norm = b.add("model.norm.weight", &[c], Init::Ones);
-        let head = (!cfg.tie_embeddings).then(|| b.add("lm_head.weight", &[v, c], w));
+        let head = (!cfg.tie_embeddings).then(|| b.add_sharded("lm_head.weight", &[v, c], tp.rows(0, v), w));
         let t = b.build(chunking);
-        let lin = |(wi, bi, d_in, d_out): (usize, Option<usize>, usize, usize)| Linear {
+        let lin = |(wi, bi, d_in, d_out, row_parallel): (usize, Option<usize>, usize, usize, bool)| Linear {
             weight: t.at(wi),
             bias: bi.map(|i| t.at(i)),
             d_in,
             d_out,
             layout: WeightLayout::OutIn,
+            partial: row_parallel && !tp.lead(),
         };
         let rms = |i: usize| RmsNorm { weight: t.at(i), eps: cfg.norm_eps };
         let blocks = idx
@@ -167,21 +187,24 @@ impl Llama {
                 down: lin(down),
             })
             .collect();
+        let head_ref = t.at(head.unwrap_or(wte));
         let model = Llama {
             c,
-            heads: h,
-            kv_heads: kvh,
+            heads: heads.len(),
+            kv_heads: kv.len(),
             head_dim: d,
-            inner,
+            inner: mlp.len(),
+            tp,
             wte: t.at(wte),
+            vocab_first: vocab.start,
             blocks,
             norm: rms(norm),
-            head: LmHead { weight: t.at(head.unwrap_or(wte)), vocab: v, hidden: c },
+            head: LmHead { weight: head_ref, vocab: vocab.len(), hidden: c, first: vocab.start, total: v },
             wte_slices: t.slices(t.at(wte)),
-            head_slices: t.slices(t.at(head.unwrap_or(wte))),
+            head_slices: t.slices(head_ref),
             rope: RopeTable::new(cfg.max_positions, d, cfg.rope_theta),
         };
-        (t, model)
+        Ok((t, model))
     }
 
     fn qkv_width(&self) -> usize {
@@ -263,7 +286,8 @@ impl Llama {
 
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        embed(be, pa, &self.wte_slices, self.wte, None, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
+        let (tp, first) = (self.tp, self.vocab_first);
+        embed(be, pa, tp, &self.wte_slices, self.wte, first, None, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
@@ -276,7 +300,7 @@ impl Llama {
         x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap, seq) = (self.c, x.rows(), a.n, x.seq);
+        let (c, n, cap, seq, tp) = (self.c, x.rows(), a.n, x.seq, self.tp);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         for l in range {
@@ -305,8 +329,11 @@ impl Llama {
                 at_mut(B::act_mut(&mut a.att), l, cap * hd, n * hd),
                 lse,
             )?;
-            be.copy(at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
+            // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
+            residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
             blk.o.forward(be, p, Mat::new(B::act(&a.att), lhd, n, hd), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
+            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc))?;
+            let p = pa.get();
             let mid = at(B::act(&a.mid), l, cap * c, nc);
             blk.norm2.forward(
                 be,
@@ -321,8 +348,9 @@ impl Llama {
             let (gate, up) = (at(B::act(&a.gate), l, cap * inner, n * inner), at(B::act(&a.up), l, cap * inner, n * inner));
             be.swiglu_forward(SpanMut::at(B::act_mut(&mut a.act), 0, n * inner), gate, up)?;
             let res = B::act_mut(&mut a.res);
-            be.copy(at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
+            residual(be, tp, at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
             blk.down.forward(be, p, Mat::new(B::act(&a.act), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
+            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.res), l + 1, cap * c, nc))?;
         }
         Ok(())
     }
@@ -354,6 +382,7 @@ impl Llama {
         head_loss(
             be,
             pa,
+            self.tp,
             &self.head,
             &self.head_slices,
             untied,
@@ -387,7 +416,7 @@ impl Llama {
         x: &Batch<'_, B>,
         range: std::ops::Range<usize>,
     ) -> Result<()> {
-        let (c, n, cap, seq) = (self.c, x.rows(), a.n, x.seq);
+        let (c, n, cap, seq, tp) = (self.c, x.rows(), a.n, x.seq, self.tp);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         let ni = n * inner;
@@ -411,6 +440,7 @@ impl Llama {
             pa.grads_ready(g, blk.gate.range())?;
             blk.up.backward(be, pa.get(), g, n2, db, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Add)))?;
             pa.grads_ready(g, blk.up.range())?;
+            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
             let (dc, mid, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc), at(B::f32s(&a.n2_rstd), l, cap, n));
             blk.norm2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, rstd)?;
             pa.grads_ready(g, blk.norm2.weight.range())?;
@@ -437,6 +467,7 @@ impl Llama {
             )?;
             blk.v.backward(be, pa.get(), g, n1, Mat::strided(dqkv, v_off, n, w - v_off, w), Some((MatMut::new(&mut *dc, 0, n, c), Add)))?;
             pa.grads_ready(g, span([blk.q.range(), blk.k.range(), blk.v.range()]))?;
+            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
             let (dc, xs, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc), at(B::f32s(&a.n1_rstd), l, cap, n));
             blk.norm1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, rstd)?;
             pa.grads_ready(g, blk.norm1.weight.range())?;
@@ -454,7 +485,7 @@ impl Llama {
         x: &Batch<'_, B>,
     ) -> Result<()> {
         let nc = x.rows() * self.c;
-        be.embedding_backward(g, self.wte.range(), None, at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
+        be.embedding_backward(g, self.wte.range(), self.vocab_first, None, at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wte.range())
     }
 

@@ -12,8 +12,10 @@ pub mod hooks;
 mod llama;
 pub mod presets;
 mod sliced;
+mod tp;
 
 pub use config::{Arch, ModelConfig};
+pub use tp::TpRank;
 
 use std::ops::Range;
 
@@ -26,6 +28,8 @@ use crate::{Error, Result};
 pub struct Model {
     pub config: ModelConfig,
     pub table: ParamTable,
+    /// The part of the model this rank holds (`TpRank::WHOLE`: all of it).
+    pub tp: TpRank,
     kind: Kind,
 }
 
@@ -144,17 +148,57 @@ impl Model {
     /// buckets and ZeRO shards. A model whose embedding or head is split across chunks runs it a
     /// vocabulary slice at a time.
     pub fn with_chunks(config: ModelConfig, chunking: Chunking) -> Result<Model> {
+        Self::with_layout(config, chunking, TpRank::WHOLE)
+    }
+
+    /// Rank `tp.rank`'s part of the model cut across `tp.size` tensor-parallel ranks (see
+    /// `models::tp`); an error naming `parallel.tp` if the model does not divide so.
+    pub fn with_layout(config: ModelConfig, chunking: Chunking, tp: TpRank) -> Result<Model> {
+        if tp.size == 0 || tp.rank >= tp.size {
+            return Err(Error::Unsupported {
+                field: "parallel.tp".into(),
+                message: format!("rank {} of {} tensor-parallel ranks", tp.rank, tp.size),
+            });
+        }
+        if config.vocab < tp.size || config.intermediate < tp.size {
+            return Err(Error::Unsupported {
+                field: "parallel.tp".into(),
+                message: format!(
+                    "a vocabulary of {} and an MLP width of {} cannot be cut across {} ranks",
+                    config.vocab, config.intermediate, tp.size
+                ),
+            });
+        }
         let (table, kind) = match config.arch {
             Arch::Gpt2 => {
-                let (t, m) = gpt2::Gpt2::new(&config, chunking);
+                let (t, m) = gpt2::Gpt2::new(&config, chunking, tp)?;
                 (t, Kind::Gpt2(m))
             }
             Arch::Llama => {
-                let (t, m) = llama::Llama::new(&config, chunking);
+                let (t, m) = llama::Llama::new(&config, chunking, tp)?;
                 (t, Kind::Llama(m))
             }
         };
-        Ok(Model { config, table, kind })
+        Ok(Model { config, table, tp, kind })
+    }
+
+    /// The parameter table of the whole model (this one's, if it is whole): the layout
+    /// checkpoints and exports hold the parameters in.
+    pub fn whole_table(&self) -> Result<ParamTable> {
+        if self.tp.is_whole() {
+            return Ok(self.table.clone());
+        }
+        Ok(Self::with_chunks(self.config.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS))?.table)
+    }
+
+    /// The tables of every rank of this model's tensor-parallel group, in rank order.
+    pub fn group_tables(&self) -> Result<Vec<ParamTable>> {
+        (0..self.tp.size)
+            .map(|rank| {
+                Ok(Self::with_layout(self.config.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), TpRank { rank, ..self.tp })?
+                    .table)
+            })
+            .collect()
     }
 
     /// The bytes `activations(batch, seq)` would allocate, computed without allocating them;

@@ -9,7 +9,8 @@
 
 use std::ops::Range;
 
-use super::hooks::Params;
+use super::hooks::{tp_sum, Params};
+use super::TpRank;
 use crate::backend::{Backend, Ids, Span, SpanMut};
 use crate::nn::LmHead;
 use crate::params::ParamRef;
@@ -18,13 +19,18 @@ use crate::Result;
 /// Writes the embedding of `tokens` into `out` (`[tokens, c]` from its start): the token rows
 /// (`wte`) plus, when given, the position rows (`wpe`). A table split into several slices is
 /// read one slice at a time, `wpe` needed throughout; the rows come out as the whole-table
-/// kernel writes them (each a copy, the positions added after).
+/// kernel writes them (each a copy, the positions added after). On a rank of a
+/// vocabulary-parallel model (`tp`), `wte` holds vocabulary rows `first..`: each rank writes the
+/// rows of its tokens into zeros and the group sums them (adding zeros: the same bits as the
+/// whole table's).
 #[allow(clippy::too_many_arguments)]
 pub fn embed<B: Backend>(
     be: &B,
     pa: &mut dyn Params<B>,
+    tp: TpRank,
     slices: &[Range<usize>],
     wte: ParamRef,
+    first: usize,
     wpe: Option<ParamRef>,
     out: &mut B::Act,
     tokens: Ids<'_, B>,
@@ -32,6 +38,17 @@ pub fn embed<B: Backend>(
     c: usize,
 ) -> Result<()> {
     let nc = tokens.host.len() * c;
+    if !tp.is_whole() {
+        let want: Vec<Range<usize>> = std::iter::once(wte.range()).chain(wpe.map(|p| p.range())).collect();
+        pa.need(&want)?;
+        be.zero(SpanMut::new(&mut *out, 0..nc))?;
+        be.embedding_rows(SpanMut::new(&mut *out, 0..nc), tokens, Span::new(pa.get().master, wte.range()), first, c)?;
+        tp_sum(pa, tp, SpanMut::new(&mut *out, 0..nc))?;
+        if let Some(wpe) = wpe {
+            be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, wpe.range()), seq, c)?;
+        }
+        return Ok(());
+    }
     if slices.len() <= 1 {
         let want: Vec<Range<usize>> = std::iter::once(wte.range()).chain(wpe.map(|p| p.range())).collect();
         pa.need(&want)?;
@@ -75,11 +92,13 @@ pub fn need_final_norm<B: Backend>(pa: &mut dyn Params<B>, head: &LmHead, slices
 /// collected in `losses`: accumulates `scale ×` its weight gradient into `g` and writes the
 /// hidden states' gradient into `dh`. The head's gradient is announced final unless it is tied
 /// to the embedding (`untied` false: the embedding adds to it later), and `norm` is asked for
-/// again, for the final norm's backward.
+/// again, for the final norm's backward. A vocabulary-parallel head (on a rank of `tp`) runs
+/// `LmHead::loss_vocab_parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn head_loss<B: Backend>(
     be: &B,
     pa: &mut dyn Params<B>,
+    tp: TpRank,
     head: &LmHead,
     slices: &[Range<usize>],
     untied: bool,
@@ -92,6 +111,13 @@ pub fn head_loss<B: Backend>(
     scale: f32,
     norm: Range<usize>,
 ) -> Result<()> {
+    if head.is_vocab_parallel() {
+        head.loss_vocab_parallel(be, pa, tp, h, targets, logits, losses, Some((&mut *g, dh, scale)))?;
+        if untied {
+            pa.grads_ready(g, head.weight.range())?;
+        }
+        return Ok(());
+    }
     if slices.len() > 1 {
         head.loss_in_slices(be, pa, slices, h, targets, logits, losses, Some((g, dh, scale)), untied)?;
         return pa.need(&[norm]);

@@ -8,8 +8,11 @@
 
 use std::ops::Range;
 
-use crate::backend::{Accumulate, Backend, Cpu, Ids, Mat, MatMut, Weights};
-use crate::models::hooks::Params;
+use gantry_kernels::cpu::loss::XENT_STATS;
+
+use crate::backend::{Accumulate, Backend, Cpu, Ids, Mat, MatMut, Span, SpanMut, Weights};
+use crate::models::hooks::{group_of, Params};
+use crate::models::TpRank;
 use crate::params::ParamRef;
 use crate::Result;
 
@@ -21,15 +24,30 @@ const MIN_BLOCK_ROWS: usize = 256;
 pub struct LmHead {
     /// `[vocab, hidden]` (`lm_head.weight`, or the tied token embedding).
     pub weight: ParamRef,
+    /// The vocabulary rows this head holds: `first..first + vocab` of `total` (all of them, or
+    /// a tensor-parallel rank's part).
     pub vocab: usize,
     pub hidden: usize,
+    pub first: usize,
+    pub total: usize,
 }
 
 impl LmHead {
+    /// A head over the whole vocabulary.
+    pub fn whole(weight: ParamRef, vocab: usize, hidden: usize) -> LmHead {
+        LmHead { weight, vocab, hidden, first: 0, total: vocab }
+    }
+
+    /// Whether the head holds a tensor-parallel rank's part of the vocabulary.
+    pub fn is_vocab_parallel(&self) -> bool {
+        self.vocab != self.total
+    }
+
     /// The most rows one block may hold (whatever the batch), for blocks of `block_floats`
-    /// (`Backend::HEAD_BLOCK_FLOATS`).
+    /// (`Backend::HEAD_BLOCK_FLOATS`). From the whole vocabulary, so that every rank of a
+    /// vocabulary-parallel head cuts the rows alike (their collectives pair up).
     fn max_block_rows(&self, block_floats: usize) -> usize {
-        (block_floats / self.vocab).max(MIN_BLOCK_ROWS)
+        (block_floats / self.total).max(MIN_BLOCK_ROWS)
     }
 
     /// Rows per logits block for `rows` rows on the CPU (see `block_rows_in`).
@@ -98,6 +116,60 @@ impl LmHead {
         Ok(())
     }
 
+    /// As `loss`, for one rank's part of a vocabulary-parallel head (rows `first..first + vocab`
+    /// of the vocabulary, on each of `tp.size` ranks). A block's logits exist only for this
+    /// rank's rows: the softmax's max and sum over the whole vocabulary are combined from every
+    /// rank's (`TensorGroup::combine_xent`: a few floats per row), and the hidden states' gradient,
+    /// each rank's partial sum, is summed over the group at the end. No rank ever holds the
+    /// whole vocabulary's logits; every rank gets the same loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_vocab_parallel<B: Backend>(
+        &self,
+        be: &B,
+        pa: &mut dyn Params<B>,
+        tp: TpRank,
+        h: &B::Act,
+        targets: Ids<'_, B>,
+        scratch: &mut B::Act,
+        losses: &mut B::Losses,
+        mut backward: Option<(&mut B::F32, &mut B::Act, f32)>,
+    ) -> Result<()> {
+        let rows = targets.host.len();
+        let (c, v) = (self.hidden, self.vocab);
+        let block = self.block_rows_in(rows, B::HEAD_BLOCK_FLOATS);
+        // This rank's statistics of a block's rows, then the group's.
+        let mut stats = be.alloc_f32(2 * XENT_STATS * block)?;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r = block.min(rows - r0);
+            let (hb, t, n) = (Mat::new(h, r0 * c, r, c), targets.rows(r0..r0 + r), r * XENT_STATS);
+            be.matmul(MatMut::new(&mut *scratch, 0, r, v), hb, self.w(pa.get()).t(), Accumulate::Overwrite)?;
+            let st = B::f32s_mut(&mut stats);
+            be.xent_stats(MatMut::new(&mut *scratch, 0, r, v), t, self.first, SpanMut::new(&mut *st, 0..n))?;
+            group_of(pa, tp)?.combine_xent(st, r)?;
+            let scale = backward.as_ref().map(|b| b.2);
+            be.xent_finish(
+                MatMut::new(&mut *scratch, 0, r, v),
+                t,
+                self.first,
+                Span::new(st, 0..n),
+                Span::new(st, n..2 * n),
+                scale,
+                losses,
+            )?;
+            if let Some((g, dh, _)) = backward.as_mut() {
+                let dl = Mat::new(&*scratch, 0, r, v);
+                be.matmul(MatMut::new(&mut **dh, r0 * c, r, c), dl, self.w(pa.get()), Accumulate::Overwrite)?;
+                be.matmul_grad(MatMut::new(&mut **g, self.weight.offset, v, c), dl.t(), hb)?;
+            }
+            r0 += r;
+        }
+        if let Some((_, dh, _)) = backward {
+            group_of(pa, tp)?.all_reduce(SpanMut::new(dh, 0..rows * c))?;
+        }
+        Ok(())
+    }
+
     /// As `loss`, one vocabulary slice at a time: `slices` are ranges of the flat buffer holding
     /// whole rows of the weight, in order (`ParamTable::slices`), and each slice's parameters
     /// are asked of `pa` just before it is read, so that ZeRO-3 holds one slice of the head
@@ -161,7 +233,7 @@ mod tests {
 
     #[test]
     fn scratch_for_a_large_batch_fits_every_smaller_one() {
-        let head = LmHead { weight: ParamRef { offset: 0, len: 8192 * 4 }, vocab: 8192, hidden: 4 };
+        let head = LmHead::whole(ParamRef { offset: 0, len: 8192 * 4 }, 8192, 4);
         let cap = head.scratch_len(1280);
         for rows in 1..=1280 {
             assert!(head.block_rows(rows) * 8192 <= cap, "{rows} rows");
@@ -173,7 +245,7 @@ mod tests {
     #[test]
     fn blocked_loss_and_gradients_match_whole_logits() {
         let (rows, vocab, hidden) = (600, 40000, 4);
-        let head = LmHead { weight: ParamRef { offset: 0, len: vocab * hidden }, vocab, hidden };
+        let head = LmHead::whole(ParamRef { offset: 0, len: vocab * hidden }, vocab, hidden);
         assert!(head.block_rows(rows) < rows, "the test must cover several blocks");
         let mut rng = Rng::new(1, 2);
         let params: Vec<f32> = (0..vocab * hidden).map(|_| rng.normal() as f32).collect();

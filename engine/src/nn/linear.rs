@@ -22,6 +22,10 @@ pub struct Linear {
     pub d_in: usize,
     pub d_out: usize,
     pub layout: WeightLayout,
+    /// A row-parallel layer on a rank other than the lead (`models::TpRank`): its output is a
+    /// partial sum the group adds up, so the bias, which the lead adds, is left out of its
+    /// forward (its gradient is still every rank's, the output gradient being the same on each).
+    pub partial: bool,
 }
 
 impl Linear {
@@ -53,7 +57,7 @@ impl Linear {
         acc: Accumulate,
     ) -> Result<()> {
         let mut acc = acc;
-        if let Some(b) = self.bias {
+        if let Some(b) = self.bias.filter(|_| !self.partial) {
             be.add_bias(y.reborrow(), Span::new(p.master, b.range()), acc)?;
             acc = Accumulate::Add;
         }

@@ -21,13 +21,14 @@
 //! gradients are not finite is skipped (`skip_step`).
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pages;
-use super::FinalGrads;
+use super::{FinalGrads, TensorParallel};
 use crate::backend::Cpu;
-use crate::comm::{shard_range, AsyncComm, Axis, Comm, DeviceMesh, Group, Pending, ReduceOp};
-use crate::models::hooks::{Hooked, ParamHooks};
+use crate::comm::{shard_range, AsyncComm, Axis, DeviceMesh, Group, Pending, ReduceOp};
+use crate::models::hooks::{Hooked, ParamHooks, WithGroup};
 use crate::models::{Activations, Model};
 use crate::params::ParamTable;
 use crate::train::step::{Layout, State};
@@ -35,9 +36,12 @@ use crate::train::update::{self, LossScale, Outcome, Summed, Update};
 use crate::{Error, Result};
 
 pub struct DataParallel {
-    comm: AsyncComm,
+    comm: Arc<AsyncComm>,
     group: Group,
     zero: u8,
+    /// The tp group of a tp × dp job (ZeRO 0 or 1): each dp rank's model is a part of the
+    /// whole, and the dp group holds the replicas of the same part.
+    tp: Option<TensorParallel>,
     chunks: Vec<Range<usize>>,
     /// This rank's piece of each chunk (absolute ranges of the flat buffer).
     pieces: Vec<Range<usize>>,
@@ -89,7 +93,9 @@ impl std::fmt::Debug for DataParallel {
 }
 
 impl DataParallel {
-    pub fn new(comm: Comm, mesh: &DeviceMesh, zero: u8, table: &ParamTable) -> Result<DataParallel> {
+    /// The dp group of `comm`'s rank in `mesh`, over `table` (this rank's model), at ZeRO stage
+    /// `zero`; `tp` is the rank's tp group when the model is cut across one.
+    pub fn new(comm: Arc<AsyncComm>, mesh: &DeviceMesh, zero: u8, table: &ParamTable, tp: Option<TensorParallel>) -> Result<DataParallel> {
         if zero > 3 {
             return Err(Error::Unsupported { field: "parallel.zero".into(), message: format!("ZeRO stage {zero} does not exist") });
         }
@@ -112,9 +118,10 @@ impl DataParallel {
         let grad_shard = if zero >= 2 { vec![0.0; at] } else { Vec::new() };
         let max_chunk = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         Ok(DataParallel {
-            comm: AsyncComm::new(comm)?,
+            comm,
             group,
             zero,
+            tp,
             finals: FinalGrads::new(chunks.clone()),
             gathered: vec![true; chunks.len()],
             chunks,
@@ -137,6 +144,11 @@ impl DataParallel {
             peak: 0,
             step_peak: 0,
         })
+    }
+
+    /// The rank's tp group, when its model is cut across one.
+    pub fn tensor_parallel(&mut self) -> Option<&mut TensorParallel> {
+        self.tp.as_mut()
     }
 
     /// This rank's position in the dp group.
@@ -607,7 +619,15 @@ impl Layout<Cpu> for DataParallel {
         n: usize,
     ) -> Result<f64> {
         self.begin_micro_batch(k + 1 == n);
-        let loss = model.forward_backward_on(&Cpu, &mut Hooked { params: st.params, hooks: self }, st.grads, acts, windows, scale)?;
+        // The tp group is lent to the model beside the hooks (both are this wrapper's).
+        let mut tp = self.tp.take();
+        let mut hooked = Hooked { params: st.params, hooks: self };
+        let loss = match &mut tp {
+            Some(group) => model.forward_backward_on(&Cpu, &mut WithGroup { inner: &mut hooked, group }, st.grads, acts, windows, scale),
+            None => model.forward_backward_on(&Cpu, &mut hooked, st.grads, acts, windows, scale),
+        };
+        self.tp = tp;
+        let loss = loss?;
         self.end_micro_batch(st.grads)?;
         Ok(loss)
     }
@@ -627,6 +647,13 @@ impl Layout<Cpu> for DataParallel {
             let len = shard.len();
             let mut sum = |x: f64| DataParallel::sum(self, x);
             let summed = Summed::Pieces { grads: &mut shard[..], len };
+            update::apply(be, u, st.params, None, summed, st.m, st.v, Some(&mut sum), scaler)
+        } else if let Some(tp) = &mut self.tp {
+            // Every dp rank holds the same sums; the tp group adds its ranks' squares.
+            tp.reduce_shared(st.grads)?;
+            let norm = tp.norm_spans().to_vec();
+            let summed = Summed::Full { grads: &mut *st.grads, norm: &norm };
+            let mut sum = |x: f64| tp.sum(x);
             update::apply(be, u, st.params, None, summed, st.m, st.v, Some(&mut sum), scaler)
         } else {
             let whole = std::iter::once(0..st.len).collect::<Vec<_>>();

@@ -5,8 +5,10 @@
 //! *chunks* (contiguous ranges holding whole tensors), the unit that DDP buckets, ZeRO shards,
 //! Gemini placement and checkpoint shards are made of.
 
+mod shard;
 mod table;
 
+pub use shard::{assemble, cut, Shard};
 pub use table::{data_parallel_chunking, Chunk, Chunking, Init, ParamEntry, ParamRef, ParamTable, ParamTableBuilder, DEFAULT_CHUNK_ELEMS};
 
 /// The training state of one rank: parameters and gradients in the table's layout, and the AdamW

@@ -1,5 +1,6 @@
 use std::ops::Range;
 
+use super::Shard;
 use crate::rng::Rng;
 
 /// Where one parameter lives in the flat buffers.
@@ -37,7 +38,13 @@ pub enum Init {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamEntry {
     pub name: String,
+    /// The shape this rank holds: the global one, or its shard's.
     pub shape: Vec<usize>,
+    /// The whole tensor's shape (as the checkpoint stores it).
+    pub global_shape: Vec<usize>,
+    /// The part of the global tensor this rank holds, when the tensor is cut across
+    /// tensor-parallel ranks (`None`: the whole tensor, as every rank holds it).
+    pub shard: Option<Shard>,
     pub at: ParamRef,
     pub init: Init,
     /// Whether weight decay applies: matrices yes, norms and biases no.
@@ -107,7 +114,7 @@ pub fn data_parallel_chunking(elems: usize, zero: u8) -> Chunking {
 /// Collects parameters in the order a model declares them.
 #[derive(Clone, Debug, Default)]
 pub struct ParamTableBuilder {
-    pending: Vec<(String, Vec<usize>, Init)>,
+    pending: Vec<(String, Vec<usize>, Option<Shard>, Init)>,
 }
 
 impl ParamTableBuilder {
@@ -118,7 +125,13 @@ impl ParamTableBuilder {
     /// Declares a parameter; its [`ParamRef`] is known once the table is built, so the builder
     /// returns the index to look it up by.
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> usize {
-        self.pending.push((name.into(), shape.to_vec(), init));
+        self.add_sharded(name, shape, None, init)
+    }
+
+    /// Declares a parameter of global shape `shape` of which this rank holds `shard` (all of it
+    /// when `None`).
+    pub fn add_sharded(&mut self, name: impl Into<String>, shape: &[usize], shard: Option<Shard>, init: Init) -> usize {
+        self.pending.push((name.into(), shape.to_vec(), shard, init));
         self.pending.len() - 1
     }
 
@@ -135,7 +148,8 @@ impl ParamTableBuilder {
         // Whether the last chunk takes more tensors (not after the pieces of a split one).
         let mut open = false;
         let mut offset = 0;
-        for (i, (name, shape, init)) in self.pending.into_iter().enumerate() {
+        for (i, (name, global_shape, shard, init)) in self.pending.into_iter().enumerate() {
+            let shape = shard.as_ref().map_or_else(|| global_shape.clone(), |s| s.local_shape(&global_shape));
             let len: usize = shape.iter().product();
             let first = chunks.len();
             if len > cap && chunking.split_large {
@@ -162,7 +176,7 @@ impl ParamTableBuilder {
             }
             let decay = shape.len() >= 2;
             let held = first.min(chunks.len() - 1)..chunks.len();
-            entries.push(ParamEntry { name, shape, at: ParamRef { offset, len }, init, decay, chunks: held });
+            entries.push(ParamEntry { name, shape, global_shape, shard, at: ParamRef { offset, len }, init, decay, chunks: held });
             offset += len;
         }
         ParamTable { entries, chunks, len: offset }
@@ -211,7 +225,8 @@ impl ParamTable {
     }
 
     /// Fills `params` with the seeded initial values. Each parameter draws from its own stream
-    /// (keyed by its index), so the values do not depend on the thread count or the layout.
+    /// (keyed by its index), so the values do not depend on the thread count or the layout: a
+    /// shard draws the whole tensor and keeps its part.
     pub fn init(&self, params: &mut [f32], seed: u64) {
         use rayon::prelude::*;
         let mut slices: Vec<(&ParamEntry, &mut [f32])> = Vec::with_capacity(self.entries.len());
@@ -226,8 +241,14 @@ impl ParamTable {
             Init::Zeros => out.fill(0.0),
             Init::Normal { std } => {
                 let mut rng = Rng::new(seed, i as u64);
-                for v in out.iter_mut() {
-                    *v = (rng.normal() * std as f64) as f32;
+                let mut draw = |out: &mut [f32]| out.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
+                match &e.shard {
+                    Some(s) => {
+                        let mut whole = vec![0.0; e.global_shape.iter().product()];
+                        draw(&mut whole);
+                        s.take(&e.global_shape, &whole, out);
+                    }
+                    None => draw(out),
                 }
             }
         });

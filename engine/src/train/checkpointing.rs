@@ -10,6 +10,7 @@ use crate::checkpoint::{
 };
 use crate::config::Precision;
 use crate::parallel::DataParallel;
+use crate::params::ParamBuffers;
 use crate::{Error, Result};
 
 use super::gpu::HostState;
@@ -110,6 +111,12 @@ impl Trainer {
     /// its own, not into the host buffers). Refused under ZeRO-3, where the host buffer holds only
     /// this rank's pieces: `save_final` gathers them.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        if !self.model.tp.is_whole() {
+            return Err(Error::Unsupported {
+                field: "parallel.tp".into(),
+                message: "under tensor parallelism a rank holds only its part of the model: write it with save_final".into(),
+            });
+        }
         if self.dp.as_ref().is_some_and(|d| d.zero() >= 3) {
             return Err(Error::Unsupported {
                 field: "parallel.zero".into(),
@@ -133,7 +140,7 @@ impl Trainer {
         let waiting = Instant::now();
         while let Some(writing) = self.checkpoint_in_flight(waiting.elapsed() > CHECKPOINT_WAIT)? {
             if writing.gave_up {
-                if self.dp_rank() == 0 {
+                if self.is_lead() {
                     eprintln!(
                         "warning: the checkpoint of step {} is skipped: the one of step {} is still being written",
                         self.step, writing.step
@@ -153,6 +160,20 @@ impl Trainer {
             if self.dp_rank() != 0 {
                 return Ok(previous);
             }
+            // Under tensor parallelism the tp group puts the whole state together on its lead,
+            // laid out as the whole model's (so it resumes under any layout).
+            let whole = match super::trainer::tp_group(&mut self.dp, &mut self.tp) {
+                Some(tp) => {
+                    let (b, lead) = (&self.buffers, tp.rank() == 0);
+                    let (params, m, v) = (tp.assemble(&b.params, lead)?, tp.assemble(&b.m, lead)?, tp.assemble(&b.v, lead)?);
+                    let table = tp.whole_table().clone();
+                    match (params, m, v) {
+                        (Some(params), Some(m), Some(v)) => Some((params, m, v, table)),
+                        _ => return Ok(previous),
+                    }
+                }
+                None => None,
+            };
             let mut snapshot = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
             // On a GPU the state is copied by a stream of its own while the next step computes,
             // and the writer waits for the copy; on CPU the host buffers are copied here.
@@ -160,7 +181,10 @@ impl Trainer {
                 Some(g) => g.begin_download()?,
                 None => None,
             };
-            if snapshot.gpu.is_none() {
+            let mut table = table;
+            if let Some((params, m, v, whole_table)) = whole {
+                (snapshot.params, snapshot.m, snapshot.v, table) = (params, m, v, whole_table);
+            } else if snapshot.gpu.is_none() {
                 snapshot.copy_from(&self.buffers.params, &self.buffers.m, &self.buffers.v);
             }
             let thread = std::thread::Builder::new()
@@ -379,7 +403,18 @@ impl Trainer {
     /// parameters); rank 0 writes and gets `true`.
     pub fn save_final(&mut self, dir: &Path) -> Result<bool> {
         self.sync_host()?;
-        let lead = self.dp_rank() == 0;
+        if !self.model.tp.is_whole() {
+            // The tp group of dp rank 0 puts the whole model together on its lead.
+            if self.dp_rank() != 0 {
+                return Ok(false);
+            }
+            let tp = super::trainer::tp_group(&mut self.dp, &mut self.tp).expect("a model cut across ranks has its tp group");
+            let (lead, table) = (tp.rank() == 0, tp.whole_table().clone());
+            let Some(params) = tp.assemble(&self.buffers.params, lead)? else { return Ok(false) };
+            self.write_final(dir, &table, &params)?;
+            return Ok(true);
+        }
+        let lead = self.is_lead();
         // ZeRO-3: rank 0 gathers the model into its own parameter buffer (the others take part a
         // chunk at a time) and gives it back once written, so no rank holds a second copy.
         let zero3 = self.dp.as_ref().is_some_and(|d| d.zero() >= 3);
@@ -389,7 +424,7 @@ impl Trainer {
         if !lead {
             return Ok(false);
         }
-        let written = self.write_final(dir);
+        let written = self.write_final(dir, &self.model.table, &self.buffers.params);
         if let (true, Some(dp)) = (zero3, &mut self.dp) {
             dp.release_gathered(&mut self.buffers.params)?;
         }
@@ -397,13 +432,13 @@ impl Trainer {
         Ok(true)
     }
 
-    /// Rank 0's part of `save_final`, from the whole parameters in the host buffer.
-    fn write_final(&self, dir: &Path) -> Result<()> {
+    /// Rank 0's part of `save_final`, from the whole parameters (`params`, laid out by `table`).
+    fn write_final(&self, dir: &Path, table: &crate::params::ParamTable, params: &[f32]) -> Result<()> {
         // Written beside `dir` and put in place whole: a crash or a full disk never leaves a
         // `final/` with a config but no weights, which export would take for the model.
         let tmp = partial_dir(dir);
         let _ = std::fs::remove_dir_all(&tmp);
-        let written = save_hf_dir(&tmp, &self.model.config, &self.model.table, &self.buffers.params, self.tokenizer.as_deref())
+        let written = save_hf_dir(&tmp, &self.model.config, table, params, self.tokenizer.as_deref())
             .and_then(|()| crate::checkpoint::write_final_step(&tmp, self.step))
             .and_then(|()| replace_dir(&tmp, dir));
         if written.is_err() {
@@ -415,7 +450,27 @@ impl Trainer {
     /// Continues from a training checkpoint: the following steps are those the run that wrote it
     /// would have taken (the data order depends only on the seed and the step).
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
-        self.step = load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?;
+        self.step = if self.model.tp.is_whole() {
+            load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?
+        } else {
+            // Checkpoints hold the whole model's state: this rank takes its part of it.
+            let whole = self.model.whole_table()?;
+            let mut all = ParamBuffers::zeros(&whole);
+            let step = load_training_checkpoint(dir, &self.model.config, &whole, &mut all)?;
+            let t = &self.model.table;
+            let b = &mut self.buffers;
+            t.take_shards(&whole, &all.params, &mut b.params);
+            let (mut m, mut v) = (vec![0.0; t.len()], vec![0.0; t.len()]);
+            t.take_shards(&whole, &all.m, &mut m);
+            t.take_shards(&whole, &all.v, &mut v);
+            let mut at = 0;
+            for piece in b.pieces.clone() {
+                b.m[at..at + piece.len()].copy_from_slice(&m[piece.clone()]);
+                b.v[at..at + piece.len()].copy_from_slice(&v[piece.clone()]);
+                at += piece.len();
+            }
+            step
+        };
         // The GPU state is rebuilt from the loaded buffers at the next step.
         if let Some(g) = &mut self.gpu {
             g.reset();

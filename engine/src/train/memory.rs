@@ -53,10 +53,16 @@ pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64)
     // parameters gathered (about a layer's share of the model), the chunk prefetched and a
     // receive buffer; ZeRO-2/3 keep a tensor's gradients until it is final and two chunks of
     // them in flight (see `DataParallel`).
-    let probe = Model::new(config.clone())?;
+    // Under tensor parallelism, rank 0's part of the model (the largest, cuts being uneven by
+    // at most a row).
+    let tp = crate::models::TpRank { rank: 0, size: run.plan.tp.max(1) };
+    let probe = Model::with_layout(config.clone(), crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp)?;
     let n = probe.table.len() as u64;
-    let model =
-        if dp > 1 { Model::with_chunks(config.clone(), crate::params::data_parallel_chunking(probe.table.len(), zero))? } else { probe };
+    let model = if dp > 1 {
+        Model::with_layout(config.clone(), crate::params::data_parallel_chunking(probe.table.len(), zero), tp)?
+    } else {
+        probe
+    };
     let chunk = model.table.chunks().iter().map(|c| c.range.len() as u64).max().unwrap_or(0);
     let block = n / config.layers.max(1) as u64;
     let shard = n.div_ceil(dp);

@@ -11,6 +11,8 @@ mod run;
 pub mod step;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tp_tests;
 mod trainer;
 pub mod update;
 
@@ -20,4 +22,4 @@ pub use eval::{evaluate, EvalResult};
 pub use memory::{estimate_memory, human_bytes, MemoryPlan};
 pub use nonfinite::MAX_NONFINITE_STEPS_IN_A_ROW;
 pub use run::{on_pool, run_to_end, KeptCheckpoints, RunEvents};
-pub use trainer::{check_layout, load_model, StepReport, Trainer};
+pub use trainer::{check_layout, check_model_layout, load_model, StepReport, Trainer};

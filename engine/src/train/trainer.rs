@@ -5,13 +5,13 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::checkpoint::{has_weights, load_weights, LossScaleState};
-use crate::comm::Comm;
-use crate::config::{Devices, GpuComm, ModelInit, Precision, TrainConfig};
+use crate::comm::{AsyncComm, Comm};
+use crate::config::{Devices, GpuComm, ModelInit, Precision, SpMode, TpMode, TrainConfig};
 use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
-use crate::models::{Activations, Model, ModelConfig};
+use crate::models::{Activations, Model, ModelConfig, TpRank};
 use crate::optim::{AdamW, LrSchedule};
-use crate::parallel::DataParallel;
-use crate::params::ParamBuffers;
+use crate::parallel::{DataParallel, TensorParallel};
+use crate::params::{Chunking, ParamBuffers};
 use crate::{Error, Result};
 
 use super::checkpointing::{PendingCheckpoint, Snapshot};
@@ -109,8 +109,33 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
         );
     }
     let p = &config.plan;
-    if p.tp != 1 || p.pp != 1 || p.sp != 1 {
-        return unsupported("parallel", "tensor, pipeline and sequence parallelism are not built yet: tp, pp and sp must be 1".into());
+    if p.pp != 1 {
+        return unsupported("parallel.pp", "pipeline parallelism is not built yet: parallel.pp must be 1".into());
+    }
+    if p.sp_mode != SpMode::None || p.sp != 1 {
+        return unsupported(
+            "parallel.sp_mode",
+            format!("sequence parallelism (\"{}\") is not built yet: use sp_mode = \"none\" and sp = 1", p.sp_mode.name()),
+        );
+    }
+    if p.tp_mode == TpMode::TwoD {
+        return unsupported("parallel.tp_mode", "the 2d tensor-parallel layout is not built yet: use tp_mode = \"1d\"".into());
+    }
+    if p.tp > 1 && on_gpu {
+        return unsupported("parallel.tp", "tensor parallelism on GPUs is not built yet: use CPU ranks, or parallel.tp = 1".into());
+    }
+    if p.tp > 1 && p.zero >= 2 {
+        return unsupported(
+            "parallel.zero",
+            format!("ZeRO-{} with tensor parallelism is not built yet: use parallel.zero = 0 or 1 with parallel.tp > 1", p.zero),
+        );
+    }
+    if p.tp > 1 && p.zero >= 1 && config.checkpoint_every > 0 {
+        return unsupported(
+            "checkpoint.every",
+            "checkpoints of ZeRO with tensor parallelism are not built yet: use parallel.zero = 0 with parallel.tp > 1, or checkpoint.every = 0"
+                .into(),
+        );
     }
     if p.zero > 3 {
         return unsupported("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
@@ -130,6 +155,26 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// The tp group, inside the dp group or on its own (borrowed apart from the other fields).
+pub(super) fn tp_group<'a>(dp: &'a mut Option<DataParallel>, tp: &'a mut Option<TensorParallel>) -> Option<&'a mut TensorParallel> {
+    match dp {
+        Some(dp) => dp.tensor_parallel(),
+        None => tp.as_mut(),
+    }
+}
+
+/// Checks that `model` can be cut as `config`'s layout asks (its heads, key/value heads,
+/// vocabulary and MLP over the tp ranks), naming `parallel.tp` if not: `gantry train` and the
+/// daemon call it before starting ranks.
+pub fn check_model_layout(config: &TrainConfig, model: &ModelConfig) -> Result<()> {
+    let tp = config.plan.tp;
+    if tp > 1 {
+        // Every rank's part is checked alike: rank 0's stands for them all.
+        Model::with_layout(model.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), TpRank { rank: 0, size: tp })?;
+    }
+    Ok(())
+}
+
 /// One rank's training state and its optimizer step. Checkpointing (start, poll, commit,
 /// resume, the final model) is in `checkpointing.rs`; the loop over steps in `run.rs`.
 #[derive(Debug)]
@@ -145,8 +190,11 @@ pub struct Trainer {
     pub(super) tokenizer: Option<PathBuf>,
     /// This step's micro-batches (see `take_micro_batches`).
     batches: Vec<Vec<u32>>,
-    /// The dp group and ZeRO, when the job runs on more than one rank.
+    /// The dp group and ZeRO, when the job has more than one dp rank (with the tp group inside
+    /// when the model is cut across one too).
     pub(super) dp: Option<DataParallel>,
+    /// The tp group of a job with tensor parallelism and no dp group.
+    pub(super) tp: Option<TensorParallel>,
     /// Rank 0's checkpoint being written in the background, if any, and the host copy for the
     /// next one.
     pub(super) pending: Option<PendingCheckpoint>,
@@ -187,9 +235,11 @@ impl Trainer {
             Devices::Cpu(_) => None,
         };
         let p = config.plan;
-        if p.dp != world {
-            return unsupported("parallel.dp", format!("parallel.dp = {} but the job runs on {world} ranks", p.dp));
+        if p.world() != Some(world) {
+            return unsupported("parallel", format!("parallel.dp × parallel.tp = {} × {} but the job runs on {world} ranks", p.dp, p.tp));
         }
+        let mesh = p.mesh(world)?;
+        let tp_rank = TpRank { rank: mesh.coords(rank)[3], size: p.tp };
         let mut gpu = match gpu_ordinal {
             Some(ordinal) => Some(open_gpu(ordinal)?),
             None => None,
@@ -200,15 +250,28 @@ impl Trainer {
             g.connect_nccl(c, timeout)?;
         }
         let model_dir = config.model.path.clone();
-        let (mut model, params) = load_model(&model_dir, config.model.init, config.seed)?;
-        let dp = match comm {
-            Some(c) => {
-                // Chunks are the unit of communication and sharding (see the function).
-                let chunking = crate::params::data_parallel_chunking(model.table.len(), p.zero);
-                model = Model::with_chunks(model.config.clone(), chunking)?;
-                Some(DataParallel::new(c, &p.mesh(world)?, p.zero, &model.table)?)
-            }
-            None => None,
+        let (mut model, mut params) = load_model(&model_dir, config.model.init, config.seed)?;
+        if !tp_rank.is_whole() {
+            // This rank's part of the whole model just loaded.
+            let part = Model::with_layout(model.config.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp_rank)?;
+            let mut mine = vec![0.0; part.table.len()];
+            part.table.take_shards(&model.table, &params, &mut mine);
+            (model, params) = (part, mine);
+        }
+        let comm = comm.map(|c| AsyncComm::new(c).map(std::sync::Arc::new)).transpose()?;
+        if p.dp > 1 {
+            // Chunks are the unit of communication and sharding (see the function); they do not
+            // move any parameter.
+            let chunking = crate::params::data_parallel_chunking(model.table.len(), p.zero);
+            model = Model::with_layout(model.config.clone(), chunking, tp_rank)?;
+        }
+        let mut tp = match &comm {
+            Some(c) if p.tp > 1 => Some(TensorParallel::new(c.clone(), &mesh, &model)?),
+            _ => None,
+        };
+        let dp = match &comm {
+            Some(c) if p.dp > 1 => Some(DataParallel::new(c.clone(), &mesh, p.zero, &model.table, tp.take())?),
+            _ => None,
         };
         let data_path = config.data.train.clone();
         let tokenizer = match &config.data.tokenizer {
@@ -236,8 +299,8 @@ impl Trainer {
             d.setup(&mut buffers.params);
         }
         // Rank 0 of a job that saves checkpoints keeps a host copy for the asynchronous writer
-        // (ZeRO gathers into fresh buffers instead).
-        let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0);
+        // (ZeRO, and tensor parallelism, gather into fresh buffers instead).
+        let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0) && tp_rank.is_whole();
         // (A GPU job copies into page-locked memory instead.)
         let snapshot = (config.checkpoint_every > 0 && lead && gpu.is_none()).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
         let t = &config.optim;
@@ -255,6 +318,7 @@ impl Trainer {
             tokenizer,
             batches: Vec::new(),
             dp,
+            tp,
             pending: None,
             snapshot,
             gpu,
@@ -276,9 +340,20 @@ impl Trainer {
         self.gpu.as_ref().and_then(|g| g.peak_flops(self.config.precision)).map(|p| p * world)
     }
 
-    /// This rank's position in the dp group (0 on one rank): rank 0 writes the run's files.
+    /// This rank's position in the dp group (0 on one rank).
     pub fn dp_rank(&self) -> usize {
         self.dp.as_ref().map_or(0, DataParallel::rank)
+    }
+
+    /// The rank's tp group, when the model is cut across one.
+    pub fn tensor_parallel(&mut self) -> Option<&mut TensorParallel> {
+        tp_group(&mut self.dp, &mut self.tp)
+    }
+
+    /// Whether this rank writes the run's files (metrics, checkpoints, the final model): rank 0
+    /// of the dp group and of the tp group.
+    pub fn is_lead(&self) -> bool {
+        self.dp_rank() == 0 && self.model.tp.lead()
     }
 
     /// Puts this rank's micro-batches of the current step into `self.batches` (their buffers
@@ -335,14 +410,15 @@ impl Trainer {
         };
         // The one step of both backends (`train::step`), with this rank's layout.
         let mut alone = Alone;
-        let layout: &mut dyn Layout<Cpu> = match &mut self.dp {
-            Some(dp) => dp,
-            None => &mut alone,
+        let layout: &mut dyn Layout<Cpu> = match (&mut self.dp, &mut self.tp) {
+            (Some(dp), _) => dp,
+            (None, Some(tp)) => tp,
+            (None, None) => &mut alone,
         };
         let (loss_sum, outcome) = step::step(&Cpu, &self.model, layout, &mut st, &mut self.acts, &refs, scale, &u, None)?;
         self.batches = batches;
         self.step = number;
-        let (mem_bytes, comm) = match &mut self.dp {
+        let (mem_bytes, mut comm) = match &mut self.dp {
             Some(dp) => {
                 // The most held in backward or the update, plus the shards always there.
                 let moments = 4 * (b.m.len() + b.v.len()) as u64;
@@ -351,9 +427,15 @@ impl Trainer {
             }
             None => (b.bytes(), Default::default()),
         };
+        // The tp group's collectives run inside the layers: all of their time is waited for.
+        if let Some(tp) = self.tensor_parallel() {
+            let t = tp.take_comm_time();
+            comm[0] += t;
+            comm[1] += t;
+        }
         let grad_norm = outcome.grad_norm;
         let skipped = !grad_norm.is_finite();
-        let lead = self.dp_rank() == 0;
+        let lead = self.is_lead();
         self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
         let secs = start.elapsed().as_secs_f64();
         let tokens = (global * seq) as u64;
@@ -408,7 +490,7 @@ impl Trainer {
             (true, false) => StepOutcome::ScaleOverflow,
             (true, true) => StepOutcome::NonFinite,
         };
-        let lead = self.dp_rank() == 0;
+        let lead = self.is_lead();
         self.nonfinite.record(self.step, outcome, lead)?;
         let gpu = self.gpu.as_ref().expect("called for GPU jobs only");
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;

@@ -134,9 +134,10 @@ pub fn add_positions<T: Storage>(gpu: &Gpu, out: &mut impl Out<T>, wpe: &impl In
     launched(&name, unsafe { b.launch(elementwise(rows * c)) }.map(|_| ()))
 }
 
-/// `dwte[tokens[r]] += dout[r]` and `dwpe[r % seq] += dout[r]`. `tokens` are the host copy: the
-/// rows are bucketed by token here (a counting sort) so the device sums each vocabulary row in
-/// row order, with no atomics.
+/// `dwte[tokens[r] - first] += dout[r]` for the tokens among `dwte`'s rows (vocabulary rows
+/// `first..`; the others belong to another rank's slice of the table) and `dwpe[r % seq] +=
+/// dout[r]`. `tokens` are the host copy: the rows are bucketed by token here (a counting sort) so
+/// the device sums each vocabulary row in row order, with no atomics.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_backward<T: Storage>(
     gpu: &Gpu,
@@ -144,6 +145,7 @@ pub fn embedding_backward<T: Storage>(
     dwpe: Option<&mut CudaViewMut<'_, f32>>,
     dout: &impl In<T>,
     tokens: &[u32],
+    first: usize,
     seq: usize,
     c: usize,
 ) -> Result<()> {
@@ -152,10 +154,13 @@ pub fn embedding_backward<T: Storage>(
     let vocab = dwte.len() / c;
     let rows = tokens.len();
     check_len("embedding dout", dout.len(), rows * c)?;
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Shape(format!("token {bad} is outside the vocabulary of {vocab}")));
+    if first == 0 {
+        // The whole table: a token past its end is a bug upstream, not another rank's row.
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Shape(format!("token {bad} is outside the vocabulary of {vocab}")));
+        }
     }
-    let (starts, order) = crate::cpu::embedding::bucket_by_token(tokens, vocab);
+    let (starts, order) = crate::cpu::embedding::bucket_by_token(tokens, first, vocab);
     let to_u32 = |v: Vec<usize>| -> Result<Vec<u32>> { v.into_iter().map(|x| u32_of("embedding rows", x)).collect() };
     let (starts, order) = (to_u32(starts)?, to_u32(order)?);
     let s = gpu.stream();
