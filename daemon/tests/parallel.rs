@@ -59,13 +59,19 @@ struct Step {
 }
 
 fn train(spec: &Path, run_dir: &Path, ranks: usize, zero: u8) -> Vec<Step> {
+    train_layout(spec, run_dir, ranks, 1, zero)
+}
+
+/// As `train`, on `dp × tp` ranks.
+fn train_layout(spec: &Path, run_dir: &Path, dp: usize, tp: usize, zero: u8) -> Vec<Step> {
+    let ranks = dp * tp;
     let out = Command::new(gantry())
         .arg("train")
         .arg(spec)
         .arg("--run-dir")
         .arg(run_dir)
-        .args(["--no-progress", "--set", &format!("resources.devices=\"cpu:{ranks}\""), "--set", &format!("parallel.dp={ranks}")])
-        .args(["--set", &format!("parallel.zero={zero}")])
+        .args(["--no-progress", "--set", &format!("resources.devices=\"cpu:{ranks}\""), "--set", &format!("parallel.dp={dp}")])
+        .args(["--set", &format!("parallel.zero={zero}"), "--set", &format!("parallel.tp={tp}")])
         .output()
         .unwrap();
     assert!(out.status.success(), "dp={ranks} zero={zero}: {}", String::from_utf8_lossy(&out.stderr));
@@ -151,9 +157,10 @@ fn each_zero_stage_holds_less_and_zero_3_at_dp_4_at_most_30_percent() {
 /// vocabulary of 16384; seq 64, micro-batch 2, global batch 8): one rank's `mem_bytes` at ZeRO-3
 /// is at most 0.55× of one device's at dp=2 and 0.32× at dp=4 (the shards alone are 0.50× and
 /// 0.25×), with one device's losses. The embedding and head (a quarter of the model each) run a
-/// vocabulary slice at a time, so no rank gathers either whole.
+/// vocabulary slice at a time, so no rank gathers either whole. At tp = 2 a rank holds at most
+/// 0.55× of one device's model state.
 #[test]
-fn zero_3_on_a_34m_llama_holds_little_more_than_its_shards() {
+fn zero_3_and_tp_2_on_a_34m_llama_hold_little_more_than_their_shards() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("llama-34m");
     std::fs::create_dir_all(&model).unwrap();
@@ -198,6 +205,15 @@ fn zero_3_on_a_34m_llama_holds_little_more_than_its_shards() {
         assert!(ratio <= most, "ZeRO-3 at dp={ranks} holds {ratio:.3}× of one device's model state (at most {most})");
         assert!(ratio >= 1.0 / ranks as f64, "the shards alone are 1/{ranks}: {ratio:.3} cannot be");
     }
+    // Tensor parallelism cuts the model itself: at tp = 2 each rank holds about half of the
+    // parameters, gradients and moments (the norms are whole on both), with one device's losses.
+    let got = train_layout(&spec, &dir.path().join("tp2"), 1, 2, 0);
+    for (a, b) in one.iter().zip(&got) {
+        assert!((a.loss - b.loss).abs() <= 1e-4 * a.loss, "tp=2: loss {} against {}", b.loss, a.loss);
+    }
+    let ratio = got.iter().map(|s| s.mem_bytes).max().unwrap() as f64 / one[0].mem_bytes as f64;
+    eprintln!("tp=2: {ratio:.3}× of one device's model state");
+    assert!((0.5..=0.55).contains(&ratio), "tp=2 holds {ratio:.3}× of one device's model state (at most 0.55)");
 }
 
 /// `gantry train` of a long run on `ranks` local ranks, once it has trained 3 steps: the launcher

@@ -139,3 +139,34 @@ fn the_ranks_parts_make_the_whole_model() {
     let worst = finals[0].iter().zip(&finals[1]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "final models differ by {worst}");
 }
+
+/// What a layout cannot do is refused before anything runs, naming the field to change.
+#[test]
+fn layouts_that_cannot_run_are_refused_by_field() {
+    use crate::config::{SpMode, TpMode};
+    use crate::models::ModelConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_tokens(dir.path());
+    let gpt2 = ModelConfig::from_dir(&fixture("gpt2")).unwrap();
+    let field = |e: crate::Error| match e {
+        crate::Error::Unsupported { field, message } => (field, message),
+        other => panic!("{other}"),
+    };
+    // 4 heads over 3 ranks.
+    let (f, m) = field(super::check_model_layout(&config(&fixture("gpt2"), &data, 1, 3, 0), &gpt2).unwrap_err());
+    assert_eq!(f, "parallel.tp");
+    assert!(m.contains("4 attention heads"), "{m}");
+    super::check_model_layout(&config(&fixture("gpt2"), &data, 1, 4, 0), &gpt2).unwrap();
+    let mut c = config(&fixture("gpt2"), &data, 2, 2, 2);
+    assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "parallel.zero");
+    c.plan.zero = 1;
+    c.checkpoint_every = 5;
+    assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "checkpoint.every");
+    c.checkpoint_every = 0;
+    super::check_layout(&c).unwrap();
+    c.plan.tp_mode = TpMode::TwoD;
+    assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "parallel.tp_mode");
+    c.plan.tp_mode = TpMode::OneD;
+    c.plan.sp_mode = SpMode::SplitGather;
+    assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "parallel.sp_mode");
+}
