@@ -329,6 +329,16 @@ pub struct BenchArgs {
     /// fp32, bf16 or fp16 (GPU only; the CPU trains in fp32).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
+    /// Cut the model across this many tensor-parallel ranks (CPU ranks: threads of this process
+    /// over loopback sockets), and report the step's communication share and each rank's memory.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Sequence-parallel ranks (with --sp-mode; not built yet).
+    #[arg(long, default_value_t = 1)]
+    pub sp: usize,
+    /// How the sequence is split: none, split_gather, all_to_all or ring_attn (not built yet).
+    #[arg(long, default_value = "none")]
+    pub sp_mode: String,
 }
 
 #[derive(Debug, Args)]

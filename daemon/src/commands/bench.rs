@@ -32,8 +32,24 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if gpu.is_none() && precision != Precision::Fp32 {
         anyhow::bail!("--precision {}: the CPU trains in fp32 (use --device cuda:N)", a.precision);
     }
+    match a.sp_mode.as_str() {
+        "none" if a.sp == 1 => {}
+        "none" | "split_gather" | "all_to_all" | "ring_attn" => {
+            anyhow::bail!("--sp {} --sp-mode {}: sequence parallelism is not built yet", a.sp, a.sp_mode)
+        }
+        m => anyhow::bail!("--sp-mode {m:?}: expected none, split_gather, all_to_all or ring_attn"),
+    }
+    if a.tp == 0 {
+        anyhow::bail!("--tp must be at least 1");
+    }
     let threads = super::set_threads(a.threads)?;
     let config = config_for(&name)?;
+    if a.tp > 1 {
+        if gpu.is_some() {
+            anyhow::bail!("--tp {}: tensor parallelism on GPUs is not built yet (use --device cpu)", a.tp);
+        }
+        return bench_tensor_parallel(config, &name, &a, batch, seq_len, threads);
+    }
     let model = Model::new(config)?;
     if let Some(ordinal) = gpu {
         return bench_on_gpu(&model, &name, ordinal, precision, &a, batch, seq_len);
@@ -78,4 +94,34 @@ fn bench_on_gpu(
 #[cfg(not(feature = "cuda"))]
 fn bench_on_gpu(_: &Model, _: &str, _: usize, _: Precision, _: &BenchArgs, _: usize, _: usize) -> anyhow::Result<()> {
     Err(gantry_kernels::Error::NotBuilt.into())
+}
+
+/// `--tp N`: the model cut across N CPU ranks, with what the layout costs.
+fn bench_tensor_parallel(
+    config: gantry_engine::models::ModelConfig,
+    name: &str,
+    a: &BenchArgs,
+    batch: usize,
+    seq_len: usize,
+    threads: usize,
+) -> anyhow::Result<()> {
+    eprintln!("bench {name}: tp = {}, batch {batch} × seq {seq_len}, {threads} threads shared by the ranks", a.tp);
+    let warmup = a.warmup;
+    let r = super::on_pool(|| {
+        gantry_engine::train::bench_tensor_parallel(&config, a.tp, batch, seq_len, a.warmup, a.steps, a.seed, move |i, ms| {
+            let tag = if i < warmup { " (warmup)" } else { "" };
+            eprintln!("step {:>3}: {ms:>9.1} ms{tag}", i + 1);
+        })
+    })?;
+    eprintln!(
+        "tp = {}: {:.1}% of the step in the tp group's collectives; a rank holds {:.3}× of one device's model state",
+        r.tp,
+        100.0 * r.comm_share,
+        r.mem_bytes as f64 / r.whole_mem_bytes as f64
+    );
+    let mut out = serde_json::to_value(&r)?;
+    out["model"] = json!(name);
+    out["peak_rss_bytes"] = json!(super::peak_rss_bytes());
+    println!("{out}");
+    Ok(())
 }

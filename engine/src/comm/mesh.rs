@@ -71,6 +71,23 @@ impl DeviceMesh {
     }
 }
 
+impl DeviceMesh {
+    /// The ranks that differ from `rank` only along `axes` (data parallelism's gradients are
+    /// summed over dp × sp, whose ranks hold the same parameters), in rank order.
+    pub fn group_over(&self, axes: &[Axis], rank: usize) -> Group {
+        let free: Vec<usize> = axes.iter().map(|a| Self::index(*a)).collect();
+        let mine = self.coords(rank);
+        let ranks: Vec<usize> = (0..self.world)
+            .filter(|&r| {
+                let c = self.coords(r);
+                (0..4).all(|i| free.contains(&i) || c[i] == mine[i])
+            })
+            .collect();
+        let me = ranks.iter().position(|&r| r == rank).expect("a rank is in its own group");
+        Group { ranks, me }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +102,9 @@ mod tests {
             assert_eq!(m.rank_of(m.coords(r)), r);
         }
         assert!(DeviceMesh::new(8, 3, 1, 1, 2).unwrap_err().to_string().contains("does not make the world of 8"));
+        // dp 2 × sp 2 × tp 2: rank 5 is (dp 1, sp 0, tp 1); over dp and sp with tp 1.
+        let m = DeviceMesh::new(8, 2, 1, 2, 2).unwrap();
+        assert_eq!(m.group_over(&[Axis::Dp, Axis::Sp], 5), Group { ranks: vec![1, 3, 5, 7], me: 2 });
+        assert_eq!(m.group_over(&[Axis::Dp], 5), m.group(Axis::Dp, 5));
     }
 }

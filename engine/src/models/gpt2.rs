@@ -4,8 +4,9 @@
 
 use gantry_kernels::cpu::attention::AttnShape;
 
-use super::hooks::{span, tp_sum, Params};
+use super::hooks::{seq_group_of, span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
+use super::sp::{HeadGroups, SpRank};
 use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
@@ -34,6 +35,8 @@ pub struct Gpt2 {
     head_dim: usize,
     inner: usize,
     tp: TpRank,
+    /// The part of each sequence this rank runs (see `models::sp`).
+    sp: SpRank,
     wte: ParamRef,
     /// The first vocabulary row of `wte` (0, or this rank's part of a vocabulary-parallel one).
     vocab_first: usize,
@@ -68,6 +71,12 @@ pub struct Acts<B: Backend> {
     dc: B::ActBuf,
     dbig: B::ActBuf,
     logits: B::ActBuf,
+    /// Sequence parallelism: each layer's attention output over whole sequences for this rank's
+    /// heads, and backward's scratch for it and the QKV gradient in that layout (empty
+    /// otherwise; `qkv` and `lse` then hold whole sequences for this rank's heads too).
+    att_full: B::ActBuf,
+    datt_full: B::ActBuf,
+    dqkv_full: B::ActBuf,
     losses: B::Losses,
 }
 
@@ -95,6 +104,9 @@ impl Acts<Cpu> {
             &self.dc,
             &self.dbig,
             &self.logits,
+            &self.att_full,
+            &self.datt_full,
+            &self.dqkv_full,
         ]
         .iter()
         .map(|v| v.len())
@@ -105,7 +117,7 @@ impl Acts<Cpu> {
 impl Gpt2 {
     /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
     /// their global names and shapes, with the part this rank holds.
-    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank) -> Result<(ParamTable, Gpt2)> {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<(ParamTable, Gpt2)> {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
         let std = cfg.initializer_range;
         // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
@@ -113,6 +125,7 @@ impl Gpt2 {
         let d = c / cfg.heads;
         // This rank's heads (as features of each of q, k and v), MLP columns and vocabulary rows.
         let heads = tp.heads(cfg.heads)?;
+        sp.check_heads(heads.len(), heads.len())?;
         let attn = heads.start * d..heads.end * d;
         let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
@@ -172,6 +185,7 @@ impl Gpt2 {
             head_dim: d,
             inner: mw,
             tp,
+            sp,
             wte: t.at(wte),
             vocab_first: vocab.start,
             wpe: t.at(wpe),
@@ -192,8 +206,9 @@ impl Gpt2 {
     /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
     /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
     /// known before anything is allocated).
-    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 20] {
+    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 23] {
         let (n, c, l, inner, a) = (batch * seq, self.c, self.blocks.len(), self.inner, self.attn());
+        let sp = usize::from(!self.sp.is_whole());
         [
             (l + 1) * n * c,      // res
             l * n * c,            // mid
@@ -215,6 +230,9 @@ impl Gpt2 {
             n * c.max(a),         // dc
             n * inner.max(3 * a), // dbig
             head_scratch_len(&self.head, &self.head_slices, n, block_floats),
+            sp * l * n * a, // att_full
+            sp * n * a,     // datt_full
+            sp * n * 3 * a, // dqkv_full
         ]
     }
 
@@ -247,18 +265,32 @@ impl Gpt2 {
             dc: t(17)?,
             dbig: t(18)?,
             logits: t(19)?,
+            att_full: t(20)?,
+            datt_full: t(21)?,
+            dqkv_full: t(22)?,
             losses: be.losses(batch * seq)?,
         })
     }
 
+    /// Attention's shape for `b` sequences of `seq` tokens (this rank's part of each): whole
+    /// sequences, for this rank's heads.
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.heads, dim: self.head_dim }
+        let (n, h) = (self.sp.size, self.heads / self.sp.size);
+        AttnShape { batch: b, seq: seq * n, heads: h, kv_heads: h, dim: self.head_dim }
+    }
+
+    /// Sequence parallelism: the columns of each rank's head group in a fused QKV row, and in an
+    /// attention output row.
+    fn head_groups(&self) -> (HeadGroups, HeadGroups) {
+        let (a, n) = (self.attn(), self.sp.size);
+        (HeadGroups { parts: vec![(0, a / n), (a, a / n), (2 * a, a / n)] }, HeadGroups { parts: vec![(0, a / n)] })
     }
 
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        let (tp, first) = (self.tp, self.vocab_first);
-        embed(be, pa, tp, &self.wte_slices, self.wte, first, Some(self.wpe), B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
+        let (tp, first, pos0) = (self.tp, self.vocab_first, self.sp.rank * x.seq);
+        let wpe = Some((self.wpe, pos0));
+        embed(be, pa, tp, &self.wte_slices, self.wte, first, wpe, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
@@ -273,6 +305,7 @@ impl Gpt2 {
     ) -> Result<()> {
         let (c, n, cap, tp) = (self.c, x.rows(), a.n, self.tp);
         let (nc, inner, aw) = (n * c, self.inner, self.attn());
+        let ulysses = !self.sp.is_whole();
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -282,14 +315,27 @@ impl Gpt2 {
             let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln1_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln1_stats.1), l, cap, n));
             blk.ln1.forward(be, p, at(res, l, cap * c, nc), at_mut(B::act_mut(&mut a.ln1), l, cap * c, nc), mean, rstd)?;
             let ln1 = Mat::new(B::act(&a.ln1), lc, n, c);
-            blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.qkv), l * cap * 3 * aw, n, 3 * aw), Overwrite)?;
+            if ulysses {
+                // This rank's tokens with every head into scratch; the all-to-all fills the
+                // layer's QKV with whole sequences for this rank's heads.
+                blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.dbig), 0, n, 3 * aw), Overwrite)?;
+                let (groups, local) = (self.head_groups().0, Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
+                seq_group_of(pa)?.seq_to_heads(local, x.b, &groups, at_mut(B::act_mut(&mut a.qkv), l, cap * 3 * aw, n * 3 * aw))?;
+            } else {
+                blk.c_attn.forward(be, p, ln1, MatMut::new(B::act_mut(&mut a.qkv), l * cap * 3 * aw, n, 3 * aw), Overwrite)?;
+            }
             let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
-            be.attention_forward(
-                self.shape(x.b, x.seq),
-                at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw),
-                at_mut(B::act_mut(&mut a.att), l, cap * aw, n * aw),
-                lse,
-            )?;
+            let att = if ulysses {
+                at_mut(B::act_mut(&mut a.att_full), l, cap * aw, n * aw)
+            } else {
+                at_mut(B::act_mut(&mut a.att), l, cap * aw, n * aw)
+            };
+            be.attention_forward(self.shape(x.b, x.seq), at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw), att, lse)?;
+            if ulysses {
+                let (groups, full) = (self.head_groups().1, at(B::act(&a.att_full), l, cap * aw, n * aw));
+                seq_group_of(pa)?.heads_to_seq(full, x.b, &groups, MatMut::new(B::act_mut(&mut a.att), l * cap * aw, n, aw))?;
+            }
+            let p = pa.get();
             // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
             residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
             let att = Mat::new(B::act(&a.att), l * cap * aw, n, aw);
@@ -361,6 +407,7 @@ impl Gpt2 {
     ) -> Result<()> {
         let (c, n, cap, inner, tp) = (self.c, x.rows(), a.n, self.inner, self.tp);
         let (nc, ni, aw) = (n * c, n * inner, self.attn());
+        let ulysses = !self.sp.is_whole();
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -387,8 +434,29 @@ impl Gpt2 {
             pa.grads_ready(g, blk.c_proj.range())?;
             let qkv = at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw);
             let lse = at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads);
-            let (att, dc) = (at(B::act(&a.att), l, cap * aw, n * aw), at(B::act(&a.dc), 0, n * aw, n * aw));
-            be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw))?;
+            if ulysses {
+                // The output's gradient to whole sequences for this rank's heads, attention's
+                // backward there, and the QKV gradient back to this rank's tokens.
+                let groups = self.head_groups();
+                let datt = Mat::new(B::act(&a.dc), 0, n, aw);
+                seq_group_of(pa)?.seq_to_heads(datt, x.b, &groups.1, SpanMut::at(B::act_mut(&mut a.datt_full), 0, n * aw))?;
+                let (qkv, lse) =
+                    (at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
+                let (att, datt) = (at(B::act(&a.att_full), l, cap * aw, n * aw), at(B::act(&a.datt_full), 0, n * aw, n * aw));
+                be.attention_backward(
+                    self.shape(x.b, x.seq),
+                    qkv,
+                    att,
+                    lse,
+                    datt,
+                    SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * 3 * aw),
+                )?;
+                let full = at(B::act(&a.dqkv_full), 0, n * 3 * aw, n * 3 * aw);
+                seq_group_of(pa)?.heads_to_seq(full, x.b, &groups.0, MatMut::new(B::act_mut(&mut a.dbig), 0, n, 3 * aw))?;
+            } else {
+                let (att, dc) = (at(B::act(&a.att), l, cap * aw, n * aw), at(B::act(&a.dc), 0, n * aw, n * aw));
+                be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw))?;
+            }
             let (ln1, dqkv) = (Mat::new(B::act(&a.ln1), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
             blk.c_attn.backward(be, pa.get(), g, ln1, dqkv, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.c_attn.range())?;
@@ -412,7 +480,9 @@ impl Gpt2 {
     ) -> Result<()> {
         let nc = x.rows() * self.c;
         let (wte, first, dres) = (self.wte.range(), self.vocab_first, at(B::act(&a.dres), 0, nc, nc));
-        be.embedding_backward(g, wte, first, Some(self.wpe.range()), dres, x.inputs, x.seq, self.c)?;
+        // This rank's positions of the table (its part of each sequence).
+        let wpe = self.wpe.offset + self.sp.rank * x.seq * self.c..self.wpe.offset + self.wpe.len;
+        be.embedding_backward(g, wte, first, Some(wpe), dres, x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wpe.range())?;
         pa.grads_ready(g, self.wte.range())
     }

@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
+use super::sp::HeadGroups;
 use super::TpRank;
-use crate::backend::{Backend, Cpu, SpanMut, Weights};
+use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut, Weights};
 use crate::{Error, Result};
 
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
@@ -41,6 +42,25 @@ pub trait Params<B: Backend = Cpu> {
     fn tensor_group(&mut self) -> Option<&mut dyn TensorGroup<B>> {
         None
     }
+
+    /// The sequence-parallel group of a model that runs a part of each sequence (`None` for
+    /// whole sequences).
+    fn sequence_group(&mut self) -> Option<&mut dyn SequenceGroup<B>> {
+        None
+    }
+}
+
+/// The all-to-alls of sequence parallelism (DeepSpeed Ulysses) around attention: the model says
+/// which columns make a rank's head group, the layout moves them (`parallel::SequenceParallel`
+/// on CPU ranks).
+pub trait SequenceGroup<B: Backend> {
+    /// `local` (`[b·t, cols]`: this rank's `t` consecutive tokens of each of `b` sequences, with
+    /// every head's columns) becomes `full` (`[b·t·n, groups.width()]`: every rank's tokens, the
+    /// whole sequences in order, with the columns of this rank's head group).
+    fn seq_to_heads(&mut self, local: Mat<'_, B::Act>, b: usize, groups: &HeadGroups, full: SpanMut<'_, B::Act>) -> Result<()>;
+    /// The reverse: `full` (this rank's head group, whole sequences) back into the columns of
+    /// every head group of this rank's tokens in `local`.
+    fn heads_to_seq(&mut self, full: Span<'_, B::Act>, b: usize, groups: &HeadGroups, local: MatMut<'_, B::Act>) -> Result<()>;
 }
 
 /// The collectives a model cut across tensor-parallel ranks runs inside its layers: the model
@@ -57,10 +77,11 @@ pub trait TensorGroup<B: Backend> {
     fn combine_xent(&mut self, stats: &mut B::F32, rows: usize) -> Result<()>;
 }
 
-/// `inner`'s parameters, read by a rank of a tensor-parallel group.
+/// `inner`'s parameters, read by a rank of a tensor- or sequence-parallel group (or both).
 pub struct WithGroup<'a, B: Backend> {
     pub inner: &'a mut dyn Params<B>,
-    pub group: &'a mut dyn TensorGroup<B>,
+    pub tp: Option<&'a mut dyn TensorGroup<B>>,
+    pub sp: Option<&'a mut dyn SequenceGroup<B>>,
 }
 
 impl<B: Backend> Params<B> for WithGroup<'_, B> {
@@ -77,8 +98,27 @@ impl<B: Backend> Params<B> for WithGroup<'_, B> {
     }
 
     fn tensor_group(&mut self) -> Option<&mut dyn TensorGroup<B>> {
-        Some(&mut *self.group)
+        match &mut self.tp {
+            Some(g) => Some(&mut **g),
+            None => None,
+        }
     }
+
+    fn sequence_group(&mut self) -> Option<&mut dyn SequenceGroup<B>> {
+        match &mut self.sp {
+            Some(g) => Some(&mut **g),
+            None => None,
+        }
+    }
+}
+
+/// The sequence-parallel group of a model that runs a part of each sequence (an error if the
+/// layout gave none).
+pub fn seq_group_of<B: Backend>(pa: &mut dyn Params<B>) -> Result<&mut dyn SequenceGroup<B>> {
+    pa.sequence_group().ok_or_else(|| Error::Unsupported {
+        field: "parallel.sp".into(),
+        message: "a model running a part of each sequence ran without its sequence-parallel group".into(),
+    })
 }
 
 /// The group of a model cut across `tp.size` ranks (an error if the layout gave none).

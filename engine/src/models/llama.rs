@@ -6,8 +6,9 @@ use gantry_kernels::cpu::attention::AttnShape;
 use gantry_kernels::cpu::rope::RopeTable;
 
 use super::gpt2::residual;
-use super::hooks::{span, tp_sum, Params};
+use super::hooks::{seq_group_of, span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
+use super::sp::{HeadGroups, SpRank};
 use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
@@ -47,6 +48,8 @@ pub struct Llama {
     head_dim: usize,
     inner: usize,
     tp: TpRank,
+    /// The part of each sequence this rank runs (see `models::sp`).
+    sp: SpRank,
     wte: ParamRef,
     /// The first vocabulary row of `wte` (0, or this rank's part of a vocabulary-parallel one).
     vocab_first: usize,
@@ -85,6 +88,12 @@ pub struct Acts<B: Backend> {
     da: B::ActBuf,
     db: B::ActBuf,
     logits: B::ActBuf,
+    /// Sequence parallelism: each layer's attention output over whole sequences for this rank's
+    /// heads, and backward's scratch for it and the QKV gradient in that layout (empty
+    /// otherwise; `qkv` and `lse` then hold whole sequences for this rank's heads too).
+    att_full: B::ActBuf,
+    datt_full: B::ActBuf,
+    dqkv_full: B::ActBuf,
     losses: B::Losses,
     rope: B::Rope,
 }
@@ -114,6 +123,9 @@ impl Acts<Cpu> {
             &self.da,
             &self.db,
             &self.logits,
+            &self.att_full,
+            &self.datt_full,
+            &self.dqkv_full,
         ]
         .iter()
         .map(|v| v.len())
@@ -124,13 +136,14 @@ impl Acts<Cpu> {
 impl Llama {
     /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
     /// their global names and shapes, with the part this rank holds.
-    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank) -> Result<(ParamTable, Llama)> {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<(ParamTable, Llama)> {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let std = cfg.initializer_range;
         let w = Init::Normal { std };
         // This rank's query heads, key/value heads, MLP columns and vocabulary rows, as features.
         let (heads, kv) = (tp.heads(h)?, tp.kv_heads(h, kvh)?);
+        sp.check_heads(heads.len(), kv.len())?;
         let (q_feat, kv_feat) = (heads.start * d..heads.end * d, kv.start * d..kv.end * d);
         let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
@@ -195,6 +208,7 @@ impl Llama {
             head_dim: d,
             inner: mlp.len(),
             tp,
+            sp,
             wte: t.at(wte),
             vocab_first: vocab.start,
             blocks,
@@ -214,9 +228,10 @@ impl Llama {
     /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
     /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
     /// known before anything is allocated).
-    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 21] {
+    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 24] {
         let (n, c, l) = (batch * seq, self.c, self.blocks.len());
         let (w, hd, inner) = (self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let sp = usize::from(!self.sp.is_whole());
         [
             (l + 1) * n * c,    // res
             l * n * c,          // mid
@@ -239,6 +254,9 @@ impl Llama {
             n * inner,          // da
             n * inner,          // db
             head_scratch_len(&self.head, &self.head_slices, n, block_floats),
+            sp * l * n * hd, // att_full
+            sp * n * hd,     // datt_full
+            sp * n * w,      // dqkv_full
         ]
     }
 
@@ -275,13 +293,29 @@ impl Llama {
             da: t(18)?,
             db: t(19)?,
             logits: t(20)?,
+            att_full: t(21)?,
+            datt_full: t(22)?,
+            dqkv_full: t(23)?,
             losses: be.losses(batch * seq)?,
             rope: be.upload_rope(&self.rope)?,
         })
     }
 
+    /// Attention's shape for `b` sequences of `seq` tokens (this rank's part of each): whole
+    /// sequences, for this rank's heads (all of them, its tensor-parallel part, or under
+    /// sequence parallelism its share).
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        AttnShape { batch: b, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim }
+        let n = self.sp.size;
+        AttnShape { batch: b, seq: seq * n, heads: self.heads / n, kv_heads: self.kv_heads / n, dim: self.head_dim }
+    }
+
+    /// Sequence parallelism: the columns of each rank's head group in a fused QKV row, and in an
+    /// attention output row.
+    fn head_groups(&self) -> (HeadGroups, HeadGroups) {
+        let (n, d) = (self.sp.size, self.head_dim);
+        let (hq, hkv) = (self.heads * d, self.kv_heads * d);
+        let qkv = HeadGroups { parts: vec![(0, hq / n), (hq, hkv / n), (hq + hkv, hkv / n)] };
+        (qkv, HeadGroups { parts: vec![(0, hq / n)] })
     }
 
     /// The batch's token embedding: the residual stream before block 0.
@@ -303,6 +337,7 @@ impl Llama {
         let (c, n, cap, seq, tp) = (self.c, x.rows(), a.n, x.seq, self.tp);
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
+        let ulysses = !self.sp.is_whole();
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
@@ -317,18 +352,38 @@ impl Llama {
                 at_mut(B::f32s_mut(&mut a.n1_rstd), l, cap, n),
             )?;
             let n1 = Mat::new(B::act(&a.n1), lc, n, c);
-            let qkv = B::act_mut(&mut a.qkv);
-            blk.q.forward(be, p, n1, MatMut::strided(&mut *qkv, lw, n, hd, w), Overwrite)?;
-            blk.k.forward(be, p, n1, MatMut::strided(&mut *qkv, lw + q_off, n, v_off - q_off, w), Overwrite)?;
-            blk.v.forward(be, p, n1, MatMut::strided(&mut *qkv, lw + v_off, n, w - v_off, w), Overwrite)?;
-            be.rope_apply(SpanMut::at(&mut *qkv, lw, n * w), w, self.heads + self.kv_heads, seq, &self.rope, &a.rope, false)?;
+            // The projections write this rank's tokens with every head; under sequence
+            // parallelism into scratch, from which the all-to-all fills the layer's QKV with
+            // whole sequences for this rank's heads.
+            let (qkv, at0) = if ulysses { (B::act_mut(&mut a.dqkv), 0) } else { (B::act_mut(&mut a.qkv), lw) };
+            blk.q.forward(be, p, n1, MatMut::strided(&mut *qkv, at0, n, hd, w), Overwrite)?;
+            blk.k.forward(be, p, n1, MatMut::strided(&mut *qkv, at0 + q_off, n, v_off - q_off, w), Overwrite)?;
+            blk.v.forward(be, p, n1, MatMut::strided(&mut *qkv, at0 + v_off, n, w - v_off, w), Overwrite)?;
+            if ulysses {
+                let groups = &self.head_groups().0;
+                seq_group_of(pa)?.seq_to_heads(
+                    Mat::new(B::act(&a.dqkv), 0, n, w),
+                    x.b,
+                    groups,
+                    at_mut(B::act_mut(&mut a.qkv), l, cap * w, n * w),
+                )?;
+            }
+            let s = self.shape(x.b, seq);
+            let (sw, sheads) = (w / self.sp.size, s.heads + s.kv_heads);
+            be.rope_apply(SpanMut::at(B::act_mut(&mut a.qkv), lw, n * w), sw, sheads, s.seq, &self.rope, &a.rope, false)?;
             let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
-            be.attention_forward(
-                self.shape(x.b, seq),
-                at(B::act(&a.qkv), l, cap * w, n * w),
-                at_mut(B::act_mut(&mut a.att), l, cap * hd, n * hd),
-                lse,
-            )?;
+            let att = if ulysses {
+                at_mut(B::act_mut(&mut a.att_full), l, cap * hd, n * hd)
+            } else {
+                at_mut(B::act_mut(&mut a.att), l, cap * hd, n * hd)
+            };
+            be.attention_forward(s, at(B::act(&a.qkv), l, cap * w, n * w), att, lse)?;
+            if ulysses {
+                let groups = &self.head_groups().1;
+                let full = at(B::act(&a.att_full), l, cap * hd, n * hd);
+                seq_group_of(pa)?.heads_to_seq(full, x.b, groups, MatMut::new(B::act_mut(&mut a.att), lhd, n, hd))?;
+            }
+            let p = pa.get();
             // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
             residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
             blk.o.forward(be, p, Mat::new(B::act(&a.att), lhd, n, hd), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
@@ -420,6 +475,7 @@ impl Llama {
         let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         let ni = n * inner;
+        let ulysses = !self.sp.is_whole();
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
@@ -449,10 +505,26 @@ impl Llama {
             let dres = Mat::new(B::act(&a.dres), 0, n, c);
             blk.o.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.datt), 0, n, hd), Overwrite)))?;
             pa.grads_ready(g, blk.o.range())?;
-            let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
-            let (att, datt) = (at(B::act(&a.att), l, cap * hd, n * hd), at(B::act(&a.datt), 0, n * hd, n * hd));
-            be.attention_backward(self.shape(x.b, seq), qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w))?;
-            be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), w, self.heads + self.kv_heads, seq, &self.rope, &a.rope, true)?;
+            let s = self.shape(x.b, seq);
+            let (sw, sheads) = (w / self.sp.size, s.heads + s.kv_heads);
+            if ulysses {
+                // The output's gradient to whole sequences for this rank's heads, attention's
+                // backward there, and the QKV gradient back to this rank's tokens.
+                let groups = self.head_groups();
+                let datt = Mat::new(B::act(&a.datt), 0, n, hd);
+                seq_group_of(pa)?.seq_to_heads(datt, x.b, &groups.1, SpanMut::at(B::act_mut(&mut a.datt_full), 0, n * hd))?;
+                let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
+                let (att, datt) = (at(B::act(&a.att_full), l, cap * hd, n * hd), at(B::act(&a.datt_full), 0, n * hd, n * hd));
+                be.attention_backward(s, qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * w))?;
+                be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * w), sw, sheads, s.seq, &self.rope, &a.rope, true)?;
+                let full = at(B::act(&a.dqkv_full), 0, n * w, n * w);
+                seq_group_of(pa)?.heads_to_seq(full, x.b, &groups.0, MatMut::new(B::act_mut(&mut a.dqkv), 0, n, w))?;
+            } else {
+                let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
+                let (att, datt) = (at(B::act(&a.att), l, cap * hd, n * hd), at(B::act(&a.datt), 0, n * hd, n * hd));
+                be.attention_backward(s, qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w))?;
+                be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), sw, sheads, s.seq, &self.rope, &a.rope, true)?;
+            }
             let n1 = Mat::new(B::act(&a.n1), lc, n, c);
             let dqkv = B::act(&a.dqkv);
             let dc = B::act_mut(&mut a.dc);

@@ -12,9 +12,11 @@ pub mod hooks;
 mod llama;
 pub mod presets;
 mod sliced;
+mod sp;
 mod tp;
 
 pub use config::{Arch, ModelConfig};
+pub use sp::{HeadGroups, SpRank};
 pub use tp::TpRank;
 
 use std::ops::Range;
@@ -30,6 +32,8 @@ pub struct Model {
     pub table: ParamTable,
     /// The part of the model this rank holds (`TpRank::WHOLE`: all of it).
     pub tp: TpRank,
+    /// The part of each sequence this rank runs (`SpRank::WHOLE`: all of it).
+    pub sp: SpRank,
     kind: Kind,
 }
 
@@ -154,6 +158,18 @@ impl Model {
     /// Rank `tp.rank`'s part of the model cut across `tp.size` tensor-parallel ranks (see
     /// `models::tp`); an error naming `parallel.tp` if the model does not divide so.
     pub fn with_layout(config: ModelConfig, chunking: Chunking, tp: TpRank) -> Result<Model> {
+        Self::with_parallel(config, chunking, tp, SpRank::WHOLE)
+    }
+
+    /// As `with_layout`, on rank `sp.rank` of a sequence-parallel group of `sp.size` (each rank
+    /// runs `1/sp.size` of every sequence: see `models::sp`).
+    pub fn with_parallel(config: ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<Model> {
+        if sp.size == 0 || sp.rank >= sp.size {
+            return Err(Error::Unsupported {
+                field: "parallel.sp".into(),
+                message: format!("rank {} of {} sequence-parallel ranks", sp.rank, sp.size),
+            });
+        }
         if tp.size == 0 || tp.rank >= tp.size {
             return Err(Error::Unsupported {
                 field: "parallel.tp".into(),
@@ -171,15 +187,15 @@ impl Model {
         }
         let (table, kind) = match config.arch {
             Arch::Gpt2 => {
-                let (t, m) = gpt2::Gpt2::new(&config, chunking, tp)?;
+                let (t, m) = gpt2::Gpt2::new(&config, chunking, tp, sp)?;
                 (t, Kind::Gpt2(m))
             }
             Arch::Llama => {
-                let (t, m) = llama::Llama::new(&config, chunking, tp)?;
+                let (t, m) = llama::Llama::new(&config, chunking, tp, sp)?;
                 (t, Kind::Llama(m))
             }
         };
-        Ok(Model { config, table, tp, kind })
+        Ok(Model { config, table, tp, sp, kind })
     }
 
     /// The parameter table of the whole model (this one's, if it is whole): the layout

@@ -22,7 +22,8 @@ use crate::Result;
 /// kernel writes them (each a copy, the positions added after). On a rank of a
 /// vocabulary-parallel model (`tp`), `wte` holds vocabulary rows `first..`: each rank writes the
 /// rows of its tokens into zeros and the group sums them (adding zeros: the same bits as the
-/// whole table's).
+/// whole table's). `wpe` comes with the first position of the rows (a sequence-parallel rank's
+/// part of each sequence starts past 0).
 #[allow(clippy::too_many_arguments)]
 pub fn embed<B: Backend>(
     be: &B,
@@ -31,21 +32,26 @@ pub fn embed<B: Backend>(
     slices: &[Range<usize>],
     wte: ParamRef,
     first: usize,
-    wpe: Option<ParamRef>,
+    wpe: Option<(ParamRef, usize)>,
     out: &mut B::Act,
     tokens: Ids<'_, B>,
     seq: usize,
     c: usize,
 ) -> Result<()> {
     let nc = tokens.host.len() * c;
+    // The whole table is needed (asked for); the rows read start at the first position.
+    let (wpe, positions) = match wpe {
+        Some((p, pos0)) => (Some(p), Some(p.offset + pos0 * c..p.offset + p.len)),
+        None => (None, None),
+    };
     if !tp.is_whole() {
         let want: Vec<Range<usize>> = std::iter::once(wte.range()).chain(wpe.map(|p| p.range())).collect();
         pa.need(&want)?;
         be.zero(SpanMut::new(&mut *out, 0..nc))?;
         be.embedding_rows(SpanMut::new(&mut *out, 0..nc), tokens, Span::new(pa.get().master, wte.range()), first, c)?;
         tp_sum(pa, tp, SpanMut::new(&mut *out, 0..nc))?;
-        if let Some(wpe) = wpe {
-            be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, wpe.range()), seq, c)?;
+        if let Some(positions) = positions {
+            be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, positions), seq, c)?;
         }
         return Ok(());
     }
@@ -53,7 +59,7 @@ pub fn embed<B: Backend>(
         let want: Vec<Range<usize>> = std::iter::once(wte.range()).chain(wpe.map(|p| p.range())).collect();
         pa.need(&want)?;
         let p = pa.get();
-        let wpe = wpe.map(|r| Span::new(p.master, r.range()));
+        let wpe = positions.map(|r| Span::new(p.master, r));
         return be.embedding_forward(SpanMut::new(out, 0..nc), tokens, Span::new(p.master, wte.range()), wpe, seq, c);
     }
     for s in slices {
@@ -62,8 +68,8 @@ pub fn embed<B: Backend>(
         let first = (s.start - wte.offset) / c;
         be.embedding_rows(SpanMut::new(&mut *out, 0..nc), tokens, Span::new(pa.get().master, s.clone()), first, c)?;
     }
-    if let Some(wpe) = wpe {
-        be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, wpe.range()), seq, c)?;
+    if let Some(positions) = positions {
+        be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, positions), seq, c)?;
     }
     Ok(())
 }

@@ -25,10 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pages;
-use super::{FinalGrads, TensorParallel};
+use super::{FinalGrads, SequenceParallel, TensorParallel};
 use crate::backend::Cpu;
-use crate::comm::{shard_range, AsyncComm, Axis, DeviceMesh, Group, Pending, ReduceOp};
-use crate::models::hooks::{Hooked, ParamHooks, WithGroup};
+use crate::comm::{shard_range, AsyncComm, Group, Pending, ReduceOp};
+use crate::models::hooks::{Hooked, ParamHooks, SequenceGroup, TensorGroup, WithGroup};
 use crate::models::{Activations, Model};
 use crate::params::ParamTable;
 use crate::train::step::{Layout, State};
@@ -42,6 +42,9 @@ pub struct DataParallel {
     /// The tp group of a tp × dp job (ZeRO 0 or 1): each dp rank's model is a part of the
     /// whole, and the dp group holds the replicas of the same part.
     tp: Option<TensorParallel>,
+    /// The sp group of a job with sequence parallelism: the dp group spans dp × sp (every rank
+    /// of it holds the same parameters, with the gradients of its own tokens).
+    sp: Option<SequenceParallel>,
     chunks: Vec<Range<usize>>,
     /// This rank's piece of each chunk (absolute ranges of the flat buffer).
     pieces: Vec<Range<usize>>,
@@ -93,13 +96,21 @@ impl std::fmt::Debug for DataParallel {
 }
 
 impl DataParallel {
-    /// The dp group of `comm`'s rank in `mesh`, over `table` (this rank's model), at ZeRO stage
-    /// `zero`; `tp` is the rank's tp group when the model is cut across one.
-    pub fn new(comm: Arc<AsyncComm>, mesh: &DeviceMesh, zero: u8, table: &ParamTable, tp: Option<TensorParallel>) -> Result<DataParallel> {
+    /// Data parallelism over `group` (the ranks holding the same parameters: the mesh's dp
+    /// axis, times its sp axis), over `table` (this rank's model), at ZeRO stage `zero`; `tp` is
+    /// the rank's tp group when the model is cut across one, `sp` its sp group when it runs a
+    /// part of each sequence.
+    pub fn new(
+        comm: Arc<AsyncComm>,
+        group: Group,
+        zero: u8,
+        table: &ParamTable,
+        tp: Option<TensorParallel>,
+        sp: Option<SequenceParallel>,
+    ) -> Result<DataParallel> {
         if zero > 3 {
             return Err(Error::Unsupported { field: "parallel.zero".into(), message: format!("ZeRO stage {zero} does not exist") });
         }
-        let group = mesh.group(Axis::Dp, comm.rank());
         let (n, me) = (group.size(), group.me);
         let chunks: Vec<Range<usize>> = table.chunks().iter().map(|c| c.range.clone()).collect();
         let pieces: Vec<Range<usize>> = chunks
@@ -122,6 +133,7 @@ impl DataParallel {
             group,
             zero,
             tp,
+            sp,
             finals: FinalGrads::new(chunks.clone()),
             gathered: vec![true; chunks.len()],
             chunks,
@@ -149,6 +161,11 @@ impl DataParallel {
     /// The rank's tp group, when its model is cut across one.
     pub fn tensor_parallel(&mut self) -> Option<&mut TensorParallel> {
         self.tp.as_mut()
+    }
+
+    /// The rank's sp group, when it runs a part of each sequence.
+    pub fn sequence_parallel(&mut self) -> Option<&mut SequenceParallel> {
+        self.sp.as_mut()
     }
 
     /// This rank's position in the dp group.
@@ -619,14 +636,17 @@ impl Layout<Cpu> for DataParallel {
         n: usize,
     ) -> Result<f64> {
         self.begin_micro_batch(k + 1 == n);
-        // The tp group is lent to the model beside the hooks (both are this wrapper's).
-        let mut tp = self.tp.take();
+        // The tp and sp groups are lent to the model beside the hooks (all are this wrapper's).
+        let (mut tp, mut sp) = (self.tp.take(), self.sp.take());
         let mut hooked = Hooked { params: st.params, hooks: self };
-        let loss = match &mut tp {
-            Some(group) => model.forward_backward_on(&Cpu, &mut WithGroup { inner: &mut hooked, group }, st.grads, acts, windows, scale),
-            None => model.forward_backward_on(&Cpu, &mut hooked, st.grads, acts, windows, scale),
+        let loss = if tp.is_some() || sp.is_some() {
+            let tp = tp.as_mut().map(|g| g as &mut dyn TensorGroup<Cpu>);
+            let sp = sp.as_mut().map(|g| g as &mut dyn SequenceGroup<Cpu>);
+            model.forward_backward_on(&Cpu, &mut WithGroup { inner: &mut hooked, tp, sp }, st.grads, acts, windows, scale)
+        } else {
+            model.forward_backward_on(&Cpu, &mut hooked, st.grads, acts, windows, scale)
         };
-        self.tp = tp;
+        (self.tp, self.sp) = (tp, sp);
         let loss = loss?;
         self.end_micro_batch(st.grads)?;
         Ok(loss)

@@ -4,13 +4,16 @@
 //! parallelism sums gradient chunks across the dp group while backward goes on, ZeRO shards the
 //! optimizer state (1), the gradients (2) and the parameters (3) by chunk. Tensor parallelism
 //! cuts the model itself (`models::TpRank` says which part a rank holds); its collectives inside
-//! the layers run over the tp group here (`tensor.rs`).
+//! the layers run over the tp group here (`tensor.rs`). Sequence parallelism gives each rank a
+//! part of every sequence; the all-to-alls around attention run here too (`sequence.rs`).
 
 mod dp;
 mod final_grads;
 pub mod pages;
+mod sequence;
 mod tensor;
 
 pub use dp::DataParallel;
 pub use final_grads::FinalGrads;
+pub use sequence::SequenceParallel;
 pub use tensor::TensorParallel;

@@ -112,6 +112,11 @@ impl TensorParallel {
         r
     }
 
+    /// Bytes this rank has sent so far (over every group of its communicator).
+    pub fn traffic(&mut self) -> Result<u64> {
+        self.comm.run(|c| Ok(c.traffic().0))
+    }
+
     /// The group's sum of a per-rank value, in f64.
     pub fn sum(&mut self, x: f64) -> Result<f64> {
         self.run(move |c, g| {
@@ -215,7 +220,7 @@ impl Layout<Cpu> for TensorParallel {
         _: usize,
     ) -> Result<f64> {
         let mut w = State::weights(be, st.params, None)?;
-        model.forward_backward_on(be, &mut WithGroup { inner: &mut w, group: self }, st.grads, acts, windows, scale)
+        model.forward_backward_on(be, &mut WithGroup { inner: &mut w, tp: Some(self), sp: None }, st.grads, acts, windows, scale)
     }
 
     /// Every rank of the group has the whole loss already (the head combines it).

@@ -47,19 +47,22 @@ impl MemoryPlan {
 /// training data when it is text (it is tokenized into memory; token files are mapped and read
 /// through the page cache, which the kernel can always reclaim).
 pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64) -> Result<MemoryPlan> {
-    let dp = run.plan.dp.max(1) as u64;
+    // The ranks holding the same parameters (ZeRO shards over them): dp × sp.
+    let dp = (run.plan.dp.max(1) * run.plan.sp.max(1)) as u64;
     let zero = if dp > 1 { run.plan.zero } else { 0 };
     // The same chunking the trainer uses (see `Trainer::with_comm`). ZeRO-3 keeps a block's
     // parameters gathered (about a layer's share of the model), the chunk prefetched and a
     // receive buffer; ZeRO-2/3 keep a tensor's gradients until it is final and two chunks of
     // them in flight (see `DataParallel`).
     // Under tensor parallelism, rank 0's part of the model (the largest, cuts being uneven by
-    // at most a row).
+    // at most a row); under sequence parallelism, its part of each sequence.
     let tp = crate::models::TpRank { rank: 0, size: run.plan.tp.max(1) };
-    let probe = Model::with_layout(config.clone(), crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp)?;
+    let sp = crate::models::SpRank { rank: 0, size: run.plan.sp.max(1) };
+    let whole = crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
+    let probe = Model::with_parallel(config.clone(), whole, tp, sp)?;
     let n = probe.table.len() as u64;
     let model = if dp > 1 {
-        Model::with_layout(config.clone(), crate::params::data_parallel_chunking(probe.table.len(), zero), tp)?
+        Model::with_parallel(config.clone(), crate::params::data_parallel_chunking(probe.table.len(), zero), tp, sp)?
     } else {
         probe
     };
@@ -69,7 +72,7 @@ pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64)
     let parameters = 4 * if zero >= 3 { (shard + block + 2 * chunk).min(n) } else { n };
     let gradients = 4 * if zero >= 2 { (shard + 3 * chunk).min(n) } else { n };
     let optimizer = 8 * if zero >= 1 { shard } else { n };
-    let activations = model.activation_bytes(run.optim.micro_batch, run.data.seq_len);
+    let activations = model.activation_bytes(run.optim.micro_batch, run.data.seq_len / sp.size);
     let on_gpu = run.on_gpu();
     // A GPU rank keeps a 16-bit working copy beside the f32 masters; a CPU rank 0 under DDP keeps
     // a host copy of the parameters and moments for the checkpoint writer.

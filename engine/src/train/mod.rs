@@ -2,12 +2,15 @@
 //! update (`update.rs`), its checkpoints (`checkpointing.rs`), and the run loop every rank of `gantry train` and every daemon worker runs (`run.rs`).
 
 pub(crate) mod bench;
+mod bench_tp;
 mod checkpointing;
 mod eval;
 mod gpu;
 mod memory;
 mod nonfinite;
 mod run;
+#[cfg(test)]
+mod sp_tests;
 pub mod step;
 #[cfg(test)]
 mod tests;
@@ -17,6 +20,7 @@ mod trainer;
 pub mod update;
 
 pub use bench::{bench, BenchResult};
+pub use bench_tp::{bench_tensor_parallel, TensorParallelBench};
 pub use checkpointing::CheckpointOutcome;
 pub use eval::{evaluate, EvalResult};
 pub use memory::{estimate_memory, human_bytes, MemoryPlan};

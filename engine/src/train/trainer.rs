@@ -5,12 +5,12 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::checkpoint::{has_weights, load_weights, LossScaleState};
-use crate::comm::{AsyncComm, Comm};
+use crate::comm::{AsyncComm, Axis, Comm};
 use crate::config::{Devices, GpuComm, ModelInit, Precision, SpMode, TpMode, TrainConfig};
 use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
-use crate::models::{Activations, Model, ModelConfig, TpRank};
+use crate::models::{Activations, Model, ModelConfig, SpRank, TpRank};
 use crate::optim::{AdamW, LrSchedule};
-use crate::parallel::{DataParallel, TensorParallel};
+use crate::parallel::{DataParallel, SequenceParallel, TensorParallel};
 use crate::params::{Chunking, ParamBuffers};
 use crate::{Error, Result};
 
@@ -112,11 +112,31 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
     if p.pp != 1 {
         return unsupported("parallel.pp", "pipeline parallelism is not built yet: parallel.pp must be 1".into());
     }
-    if p.sp_mode != SpMode::None || p.sp != 1 {
-        return unsupported(
-            "parallel.sp_mode",
-            format!("sequence parallelism (\"{}\") is not built yet: use sp_mode = \"none\" and sp = 1", p.sp_mode.name()),
-        );
+    match p.sp_mode {
+        SpMode::None if p.sp == 1 => {}
+        SpMode::AllToAll if p.sp > 1 => {
+            if on_gpu {
+                return unsupported("parallel.sp_mode", "sequence parallelism on GPUs is not built yet: use CPU ranks".into());
+            }
+            if p.tp > 1 {
+                return unsupported(
+                    "parallel.sp",
+                    "all_to_all with tensor parallelism is not built yet: use parallel.tp = 1 with parallel.sp > 1".into(),
+                );
+            }
+            if !config.data.seq_len.is_multiple_of(p.sp) {
+                return unsupported(
+                    "data.seq_len",
+                    format!("{} tokens do not split into {} equal parts (parallel.sp)", config.data.seq_len, p.sp),
+                );
+            }
+        }
+        mode => {
+            return unsupported(
+                "parallel.sp_mode",
+                format!("sequence parallelism \"{}\" is not built yet: use \"all_to_all\" (with sp > 1) or \"none\"", mode.name()),
+            )
+        }
     }
     if p.tp_mode == TpMode::TwoD {
         return unsupported("parallel.tp_mode", "the 2d tensor-parallel layout is not built yet: use tp_mode = \"1d\"".into());
@@ -149,8 +169,11 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
             ),
         );
     }
-    if p.dp == 1 && p.zero != 0 {
-        return unsupported("parallel.zero", "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1".into());
+    if p.dp * p.sp == 1 && p.zero != 0 {
+        return unsupported(
+            "parallel.zero",
+            "ZeRO shards across data-parallel ranks: it needs parallel.dp > 1 (or parallel.sp > 1)".into(),
+        );
     }
     Ok(())
 }
@@ -167,10 +190,11 @@ pub(super) fn tp_group<'a>(dp: &'a mut Option<DataParallel>, tp: &'a mut Option<
 /// vocabulary and MLP over the tp ranks), naming `parallel.tp` if not: `gantry train` and the
 /// daemon call it before starting ranks.
 pub fn check_model_layout(config: &TrainConfig, model: &ModelConfig) -> Result<()> {
-    let tp = config.plan.tp;
-    if tp > 1 {
+    let (tp, sp) = (config.plan.tp, config.plan.sp);
+    if tp > 1 || sp > 1 {
         // Every rank's part is checked alike: rank 0's stands for them all.
-        Model::with_layout(model.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), TpRank { rank: 0, size: tp })?;
+        let whole = Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
+        Model::with_parallel(model.clone(), whole, TpRank { rank: 0, size: tp }, SpRank { rank: 0, size: sp })?;
     }
     Ok(())
 }
@@ -188,6 +212,9 @@ pub struct Trainer {
     pub(super) schedule: LrSchedule,
     pub(super) optim: AdamW,
     pub(super) tokenizer: Option<PathBuf>,
+    /// This rank's position on the mesh's dp axis and its size: which slice of each global batch
+    /// it trains on.
+    data_rank: (usize, usize),
     /// This step's micro-batches (see `take_micro_batches`).
     batches: Vec<Vec<u32>>,
     /// The dp group and ZeRO, when the job has more than one dp rank (with the tp group inside
@@ -236,10 +263,14 @@ impl Trainer {
         };
         let p = config.plan;
         if p.world() != Some(world) {
-            return unsupported("parallel", format!("parallel.dp × parallel.tp = {} × {} but the job runs on {world} ranks", p.dp, p.tp));
+            return unsupported(
+                "parallel",
+                format!("parallel.dp × parallel.tp × parallel.sp = {} × {} × {} but the job runs on {world} ranks", p.dp, p.tp, p.sp),
+            );
         }
         let mesh = p.mesh(world)?;
-        let tp_rank = TpRank { rank: mesh.coords(rank)[3], size: p.tp };
+        let coords = mesh.coords(rank);
+        let (tp_rank, sp_rank) = (TpRank { rank: coords[3], size: p.tp }, SpRank { rank: coords[2], size: p.sp });
         let mut gpu = match gpu_ordinal {
             Some(ordinal) => Some(open_gpu(ordinal)?),
             None => None,
@@ -259,18 +290,27 @@ impl Trainer {
             (model, params) = (part, mine);
         }
         let comm = comm.map(|c| AsyncComm::new(c).map(std::sync::Arc::new)).transpose()?;
-        if p.dp > 1 {
-            // Chunks are the unit of communication and sharding (see the function); they do not
-            // move any parameter.
-            let chunking = crate::params::data_parallel_chunking(model.table.len(), p.zero);
-            model = Model::with_layout(model.config.clone(), chunking, tp_rank)?;
-        }
+        // The ranks holding the same parameters: dp × sp (sequence-parallel ranks train on parts
+        // of the same sequences, and their gradients are summed as data parallelism's are).
+        let replicas = mesh.group_over(&[Axis::Dp, Axis::Sp], rank);
+        // Chunks are the unit of communication and sharding (see the function); they do not move
+        // any parameter.
+        let chunking = if replicas.size() > 1 {
+            crate::params::data_parallel_chunking(model.table.len(), p.zero)
+        } else {
+            Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS)
+        };
+        model = Model::with_parallel(model.config.clone(), chunking, tp_rank, sp_rank)?;
         let mut tp = match &comm {
             Some(c) if p.tp > 1 => Some(TensorParallel::new(c.clone(), &mesh, &model)?),
             _ => None,
         };
+        let sp = match &comm {
+            Some(c) if p.sp > 1 => Some(SequenceParallel::new(c.clone(), mesh.group(Axis::Sp, rank))),
+            _ => None,
+        };
         let dp = match &comm {
-            Some(c) if p.dp > 1 => Some(DataParallel::new(c.clone(), &mesh, p.zero, &model.table, tp.take())?),
+            Some(c) if replicas.size() > 1 => Some(DataParallel::new(c.clone(), replicas, p.zero, &model.table, tp.take(), sp)?),
             _ => None,
         };
         let data_path = config.data.train.clone();
@@ -290,7 +330,8 @@ impl Trainer {
             path: data_path.clone(),
             message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
         })?;
-        let acts = model.activations(config.optim.micro_batch, seq)?;
+        // A sequence-parallel rank runs its part of each sequence.
+        let acts = model.activations(config.optim.micro_batch, seq / sp_rank.size)?;
         let pieces = dp.as_ref().map_or_else(|| std::iter::once(0..model.table.len()).collect(), |d| d.pieces());
         let mut buffers = ParamBuffers::sharded(&model.table, pieces);
         buffers.params = params;
@@ -317,6 +358,7 @@ impl Trainer {
             optim,
             tokenizer,
             batches: Vec::new(),
+            data_rank: (coords[0], p.dp),
             dp,
             tp,
             pending: None,
@@ -361,12 +403,21 @@ impl Trainer {
     /// batch, the same windows whatever the layout. (Give them back with `self.batches = …`.)
     fn take_micro_batches(&mut self) -> Vec<Vec<u32>> {
         let (global, micro) = (self.config.optim.global_batch, self.config.optim.micro_batch);
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+        let (rank, ranks) = self.data_rank;
+        let sp = self.model.sp;
         let mut batches = std::mem::take(&mut self.batches);
         batches.resize_with(self.config.accumulation_steps(), Vec::new);
         for (k, b) in batches.iter_mut().enumerate() {
             let first = rank * (global / ranks) + k * micro;
             self.sampler.fill(&self.tokens, self.step, global, first..first + micro, b);
+            if !sp.is_whole() {
+                // A sequence-parallel rank keeps its consecutive part of each window (and the
+                // token after it, its last target).
+                let seq = self.config.data.seq_len;
+                let part = seq / sp.size;
+                let windows: Vec<u32> = b.chunks(seq + 1).flat_map(|w| w[sp.rank * part..sp.rank * part + part + 1].to_vec()).collect();
+                *b = windows;
+            }
         }
         batches
     }
@@ -427,12 +478,11 @@ impl Trainer {
             }
             None => (b.bytes(), Default::default()),
         };
-        // The tp group's collectives run inside the layers: all of their time is waited for.
-        if let Some(tp) = self.tensor_parallel() {
-            let t = tp.take_comm_time();
-            comm[0] += t;
-            comm[1] += t;
-        }
+        // The tp and sp groups' collectives run inside the layers: all of their time is waited for.
+        let mut inside = self.tensor_parallel().map(|tp| tp.take_comm_time()).unwrap_or_default();
+        inside += self.dp.as_mut().and_then(DataParallel::sequence_parallel).map(|sp| sp.take_comm_time()).unwrap_or_default();
+        comm[0] += inside;
+        comm[1] += inside;
         let grad_norm = outcome.grad_norm;
         let skipped = !grad_norm.is_finite();
         let lead = self.is_lead();
