@@ -232,6 +232,29 @@ fn bench_reports_throughput_and_flops() {
     }
 }
 
+/// `--tp 2`: the model cut across two ranks reports the step's share in the tp group's
+/// collectives, the bytes they sent, and each rank's memory; its first loss is one device's.
+#[test]
+fn bench_tp_reports_the_communication_share_and_each_rank_memory() {
+    let args = ["bench", "--model", "gpt2-tiny", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"];
+    let one = last_json(&ok(gantry().args(args).output().unwrap()));
+    let r = last_json(&ok(gantry().args(args).args(["--tp", "2"]).output().unwrap()));
+    assert_eq!(r["tp"].as_u64(), Some(2));
+    let (share, comm_ms, step_ms) = (r["comm_share"].as_f64().unwrap(), r["comm_ms"].as_f64().unwrap(), r["step_ms"].as_f64().unwrap());
+    assert!(share > 0.0 && share < 1.0 && (share - comm_ms / step_ms).abs() < 1e-9, "{r}");
+    // Per step at least: 4 blocks × 4 all-reduces of [64 tokens, 256] (two forward, two
+    // backward), the embedding's and the head's input gradient, each 64 KiB on two ranks.
+    assert!(r["comm_bytes_per_step"].as_u64().unwrap() >= 18 * 64 * 1024, "{r}");
+    let ratio = r["mem_bytes"].as_f64().unwrap() / r["whole_mem_bytes"].as_f64().unwrap();
+    assert!((0.5..0.55).contains(&ratio), "a rank holds {ratio}× of one device's model state");
+    assert_eq!(r["whole_mem_bytes"].as_u64(), one["mem_bytes"].as_u64());
+    let (a, b) = (one["loss_first"].as_f64().unwrap(), r["loss_first"].as_f64().unwrap());
+    assert!((a - b).abs() / a < 1e-5, "the first step's loss: {b} cut, {a} whole");
+    let out = gantry().args(args).args(["--sp", "2", "--sp-mode", "all_to_all"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not built yet"), "{err}");
+}
+
 fn losses(run: &Path) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
