@@ -250,9 +250,14 @@ fn bench_tp_reports_the_communication_share_and_each_rank_memory() {
     assert_eq!(r["whole_mem_bytes"].as_u64(), one["mem_bytes"].as_u64());
     let (a, b) = (one["loss_first"].as_f64().unwrap(), r["loss_first"].as_f64().unwrap());
     assert!((a - b).abs() / a < 1e-5, "the first step's loss: {b} cut, {a} whole");
-    let out = gantry().args(args).args(["--sp", "2", "--sp-mode", "all_to_all"]).output().unwrap();
+    // split_gather: the same first loss, and less of the activations on each rank.
+    let sg = last_json(&ok(gantry().args(args).args(["--tp", "2", "--sp-mode", "split_gather"]).output().unwrap()));
+    assert_eq!(sg["sp_mode"], "split_gather");
+    assert!((sg["loss_first"].as_f64().unwrap() - a).abs() / a < 1e-5, "{sg}");
+    assert!(sg["activation_bytes"].as_u64() < r["activation_bytes"].as_u64(), "{sg} against {r}");
+    let out = gantry().args(args).args(["--sp", "2", "--sp-mode", "split_gather"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not built yet"), "{err}");
+    assert!(!out.status.success() && err.contains("needs --tp > 1"), "{err}");
 }
 
 fn losses(run: &Path) -> Vec<f64> {

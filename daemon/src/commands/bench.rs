@@ -34,8 +34,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     match a.sp_mode.as_str() {
         "none" if a.sp == 1 => {}
-        "none" | "split_gather" | "all_to_all" | "ring_attn" => {
-            anyhow::bail!("--sp {} --sp-mode {}: sequence parallelism is not built yet", a.sp, a.sp_mode)
+        "split_gather" if a.sp == 1 && a.tp > 1 => {}
+        "split_gather" => anyhow::bail!("--sp-mode split_gather splits the sequence inside the tp group: it needs --tp > 1 and --sp 1"),
+        "none" | "all_to_all" | "ring_attn" => {
+            anyhow::bail!("--sp {} --sp-mode {}: this sequence parallelism is not in gantry bench yet", a.sp, a.sp_mode)
         }
         m => anyhow::bail!("--sp-mode {m:?}: expected none, split_gather, all_to_all or ring_attn"),
     }
@@ -105,19 +107,25 @@ fn bench_tensor_parallel(
     seq_len: usize,
     threads: usize,
 ) -> anyhow::Result<()> {
-    eprintln!("bench {name}: tp = {}, batch {batch} × seq {seq_len}, {threads} threads shared by the ranks", a.tp);
+    let split_seq = a.sp_mode == "split_gather";
+    eprintln!("bench {name}: tp = {} (sp_mode {}), batch {batch} × seq {seq_len}, {threads} threads shared by the ranks", a.tp, a.sp_mode);
+    if split_seq && !seq_len.is_multiple_of(a.tp) {
+        anyhow::bail!("--sp-mode split_gather cuts each sequence over the tp ranks: --seq-len {seq_len} does not divide by --tp {}", a.tp);
+    }
     let warmup = a.warmup;
-    let r = super::on_pool(|| {
-        gantry_engine::train::bench_tensor_parallel(&config, a.tp, batch, seq_len, a.warmup, a.steps, a.seed, move |i, ms| {
+    // Not on the pool: the ranks are threads of their own that share it (a pool thread waiting
+    // for them would leave a one-thread pool with none to run their kernels).
+    let r =
+        gantry_engine::train::bench_tensor_parallel(&config, a.tp, split_seq, batch, seq_len, a.warmup, a.steps, a.seed, move |i, ms| {
             let tag = if i < warmup { " (warmup)" } else { "" };
             eprintln!("step {:>3}: {ms:>9.1} ms{tag}", i + 1);
-        })
-    })?;
+        })?;
     eprintln!(
-        "tp = {}: {:.1}% of the step in the tp group's collectives; a rank holds {:.3}× of one device's model state",
+        "tp = {}: {:.1}% of the step in the tp group's collectives; a rank holds {:.3}× of one device's model state and {:.3}× of its activations",
         r.tp,
         100.0 * r.comm_share,
-        r.mem_bytes as f64 / r.whole_mem_bytes as f64
+        r.mem_bytes as f64 / r.whole_mem_bytes as f64,
+        r.activation_bytes as f64 / r.whole_activation_bytes as f64
     );
     let mut out = serde_json::to_value(&r)?;
     out["model"] = json!(name);

@@ -4,12 +4,12 @@
 
 use gantry_kernels::cpu::attention::AttnShape;
 
-use super::hooks::{seq_group_of, span, tp_sum, Params};
+use super::hooks::{gather_seq, group_of, scatter_seq, seq_group_of, span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
 use super::sp::{HeadGroups, SpRank};
 use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
-use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
+use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut};
 use crate::nn::{LayerNorm, Linear, LmHead, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder};
 use crate::Result;
@@ -77,6 +77,11 @@ pub struct Acts<B: Backend> {
     att_full: B::ActBuf,
     datt_full: B::ActBuf,
     dqkv_full: B::ActBuf,
+    /// Split_gather: a column-parallel layer's input gathered over whole sequences (or the
+    /// residual gradient, for a row-parallel layer's backward), and an input gradient summed
+    /// onto this rank's part of the sequence (empty otherwise).
+    gathered: B::ActBuf,
+    dlocal: B::ActBuf,
     losses: B::Losses,
 }
 
@@ -107,6 +112,8 @@ impl Acts<Cpu> {
             &self.att_full,
             &self.datt_full,
             &self.dqkv_full,
+            &self.gathered,
+            &self.dlocal,
         ]
         .iter()
         .map(|v| v.len())
@@ -162,6 +169,7 @@ impl Gpt2 {
             d_out,
             layout: WeightLayout::InOut,
             partial: row_parallel && !tp.lead(),
+            lead_bias_grad: row_parallel && tp.splits_seq(),
         };
         let ln = |w: usize, bias: usize| LayerNorm { weight: t.at(w), bias: t.at(bias), eps: cfg.norm_eps };
         let (aw, mw) = (attn.len(), mlp.len());
@@ -206,33 +214,38 @@ impl Gpt2 {
     /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
     /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
     /// known before anything is allocated).
-    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 23] {
+    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 25] {
         let (n, c, l, inner, a) = (batch * seq, self.c, self.blocks.len(), self.inner, self.attn());
         let sp = usize::from(!self.sp.is_whole());
+        // Split_gather: the residual stream and the norms hold this rank's part of each
+        // sequence.
+        let (sg, nl) = (usize::from(self.tp.splits_seq()), n / self.tp.seq_parts());
         [
-            (l + 1) * n * c,      // res
-            l * n * c,            // mid
-            l * n * c,            // ln1
-            l * n,                // ln1 mean
-            l * n,                // ln1 rstd
+            (l + 1) * nl * c,     // res
+            l * nl * c,           // mid
+            l * nl * c,           // ln1
+            l * nl,               // ln1 mean
+            l * nl,               // ln1 rstd
             l * n * 3 * a,        // qkv
             l * n * a,            // att
             l * n * self.heads,   // lse
-            l * n * c,            // ln2
-            l * n,                // ln2 mean
-            l * n,                // ln2 rstd
+            l * nl * c,           // ln2
+            l * nl,               // ln2 mean
+            l * nl,               // ln2 rstd
             l * n * inner,        // fc
             n * inner,            // gelu
-            n * c,                // lnf
-            n,                    // lnf mean
-            n,                    // lnf rstd
-            n * c,                // dres
+            nl * c,               // lnf
+            nl,                   // lnf mean
+            nl,                   // lnf rstd
+            nl * c,               // dres
             n * c.max(a),         // dc
             n * inner.max(3 * a), // dbig
             head_scratch_len(&self.head, &self.head_slices, n, block_floats),
             sp * l * n * a, // att_full
             sp * n * a,     // datt_full
             sp * n * 3 * a, // dqkv_full
+            sg * n * c,     // gathered
+            sg * nl * c,    // dlocal
         ]
     }
 
@@ -268,6 +281,8 @@ impl Gpt2 {
             att_full: t(20)?,
             datt_full: t(21)?,
             dqkv_full: t(22)?,
+            gathered: t(23)?,
+            dlocal: t(24)?,
             losses: be.losses(batch * seq)?,
         })
     }
@@ -289,12 +304,23 @@ impl Gpt2 {
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
         let (tp, first, pos0) = (self.tp, self.vocab_first, self.sp.rank * x.seq);
-        let wpe = Some((self.wpe, pos0));
-        embed(be, pa, tp, &self.wte_slices, self.wte, first, wpe, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
+        let (wpe, c) = (Some((self.wpe, pos0)), self.c);
+        if tp.splits_seq() {
+            // Every row's partial embedding (the positions on the lead), reduce-scattered onto
+            // this rank's part of each sequence.
+            let full = B::act_mut(&mut a.gathered);
+            embed(be, pa, tp, &self.wte_slices, self.wte, first, wpe, &mut *full, x.inputs, x.seq, c)?;
+            let (rows, b) = (x.rows(), x.b);
+            let local = SpanMut::at(B::act_mut(&mut a.res), 0, rows / tp.size * c);
+            return group_of(pa, tp)?.scatter_seq(Span::at(&*full, 0, rows * c), b, local, Overwrite);
+        }
+        embed(be, pa, tp, &self.wte_slices, self.wte, first, wpe, B::act_mut(&mut a.res), x.inputs, x.seq, c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
     /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
+    /// Under split_gather the residual stream and the norms hold this rank's part of each
+    /// sequence (`nl` rows), the projections, attention and the MLP every row (`n`).
     pub fn blocks_forward<B: Backend>(
         &self,
         be: &B,
@@ -304,17 +330,18 @@ impl Gpt2 {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let (c, n, cap, tp) = (self.c, x.rows(), a.n, self.tp);
-        let (nc, inner, aw) = (n * c, self.inner, self.attn());
+        let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
+        let (nlc, inner, aw) = (nl * c, self.inner, self.attn());
         let ulysses = !self.sp.is_whole();
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
+            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln1_stats.0), l, capl, nl), at_mut(B::f32s_mut(&mut a.ln1_stats.1), l, capl, nl));
+            let (res, ln1) = (at(B::act(&a.res), l, capl * c, nlc), at_mut(B::act_mut(&mut a.ln1), l, capl * c, nlc));
+            blk.ln1.forward(be, pa.get(), res, ln1, mean, rstd)?;
+            let ln1 = gather_seq(pa, tp, x.b, at(B::act(&a.ln1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let ln1 = Mat::new(ln1.buf, ln1.range.start, n, c);
             let p = pa.get();
-            let lc = l * cap * c;
-            let res = B::act(&a.res);
-            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln1_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln1_stats.1), l, cap, n));
-            blk.ln1.forward(be, p, at(res, l, cap * c, nc), at_mut(B::act_mut(&mut a.ln1), l, cap * c, nc), mean, rstd)?;
-            let ln1 = Mat::new(B::act(&a.ln1), lc, n, c);
             if ulysses {
                 // This rank's tokens with every head into scratch; the all-to-all fills the
                 // layer's QKV with whole sequences for this rank's heads.
@@ -335,39 +362,37 @@ impl Gpt2 {
                 let (groups, full) = (self.head_groups().1, at(B::act(&a.att_full), l, cap * aw, n * aw));
                 seq_group_of(pa)?.heads_to_seq(full, x.b, &groups, MatMut::new(B::act_mut(&mut a.att), l * cap * aw, n, aw))?;
             }
-            let p = pa.get();
-            // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
-            residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
             let att = Mat::new(B::act(&a.att), l * cap * aw, n, aw);
-            blk.c_proj.forward(be, p, att, MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
-            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc))?;
-            let p = pa.get();
-            let mid = at(B::act(&a.mid), l, cap * c, nc);
-            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln2_stats.0), l, cap, n), at_mut(B::f32s_mut(&mut a.ln2_stats.1), l, cap, n));
-            blk.ln2.forward(be, p, mid.clone(), at_mut(B::act_mut(&mut a.ln2), l, cap * c, nc), mean, rstd)?;
-            let ln2 = Mat::new(B::act(&a.ln2), lc, n, c);
-            blk.fc.forward(be, p, ln2, MatMut::new(B::act_mut(&mut a.fc), l * cap * inner, n, inner), Overwrite)?;
+            let (mid, res) = (at_mut(B::act_mut(&mut a.mid), l, capl * c, nlc), at(B::act(&a.res), l, capl * c, nlc));
+            row_parallel_out(be, pa, tp, x.b, c, mid, res, B::act_mut(&mut a.dc), |p, y, acc| blk.c_proj.forward(be, p, att, y, acc))?;
+            let (mean, rstd) = (at_mut(B::f32s_mut(&mut a.ln2_stats.0), l, capl, nl), at_mut(B::f32s_mut(&mut a.ln2_stats.1), l, capl, nl));
+            let (mid, ln2) = (at(B::act(&a.mid), l, capl * c, nlc), at_mut(B::act_mut(&mut a.ln2), l, capl * c, nlc));
+            blk.ln2.forward(be, pa.get(), mid, ln2, mean, rstd)?;
+            let ln2 = gather_seq(pa, tp, x.b, at(B::act(&a.ln2), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let ln2 = Mat::new(ln2.buf, ln2.range.start, n, c);
+            blk.fc.forward(be, pa.get(), ln2, MatMut::new(B::act_mut(&mut a.fc), l * cap * inner, n, inner), Overwrite)?;
             be.gelu_forward(SpanMut::at(B::act_mut(&mut a.gelu), 0, n * inner), at(B::act(&a.fc), l, cap * inner, n * inner))?;
-            let res = B::act_mut(&mut a.res);
-            residual(be, tp, at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
-            blk.fc_proj.forward(be, p, Mat::new(B::act(&a.gelu), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
-            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.res), l + 1, cap * c, nc))?;
+            let gelu = Mat::new(B::act(&a.gelu), 0, n, inner);
+            let (out, mid) = (at_mut(B::act_mut(&mut a.res), l + 1, capl * c, nlc), at(B::act(&a.mid), l, capl * c, nlc));
+            row_parallel_out(be, pa, tp, x.b, c, out, mid, B::act_mut(&mut a.dc), |p, y, acc| blk.fc_proj.forward(be, p, gelu, y, acc))?;
         }
         Ok(())
     }
 
     /// The final norm after the last block: the head's input.
     pub fn final_norm<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        let (c, n, cap) = (self.c, x.rows(), a.n);
-        let nc = n * c;
+        let (c, nl, capl) = (self.c, x.rows() / self.tp.seq_parts(), a.n / self.tp.seq_parts());
+        let nlc = nl * c;
         let l = self.blocks.len();
         need_final_norm(pa, &self.head, &self.head_slices, self.ln_f.range())?;
-        let (mean, rstd) = (SpanMut::at(B::f32s_mut(&mut a.lnf_stats.0), 0, n), SpanMut::at(B::f32s_mut(&mut a.lnf_stats.1), 0, n));
-        self.ln_f.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, nc), SpanMut::at(B::act_mut(&mut a.lnf), 0, nc), mean, rstd)
+        let (mean, rstd) = (SpanMut::at(B::f32s_mut(&mut a.lnf_stats.0), 0, nl), SpanMut::at(B::f32s_mut(&mut a.lnf_stats.1), 0, nl));
+        self.ln_f.forward(be, pa.get(), at(B::act(&a.res), l, capl * c, nlc), SpanMut::at(B::act_mut(&mut a.lnf), 0, nlc), mean, rstd)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
-    /// and the loss's gradient at the residual stream after the last block (in `a`).
+    /// and the loss's gradient at the residual stream after the last block (in `a`). Under
+    /// split_gather the head runs on every row (the final norm's output gathered), and its
+    /// input gradient is reduce-scattered back onto this rank's part.
     pub fn head_backward<B: Backend>(
         &self,
         be: &B,
@@ -377,25 +402,30 @@ impl Gpt2 {
         x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        let (c, n, cap) = (self.c, x.rows(), a.n);
-        let nc = n * c;
+        let (c, n, tp) = (self.c, x.rows(), self.tp);
+        let (nl, capl) = (n / tp.seq_parts(), a.n / tp.seq_parts());
+        let nlc = nl * c;
         let untied = self.head.weight != self.wte;
-        let (h, dh, logits) = (B::act(&a.lnf), B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
+        let h = gather_seq(pa, tp, x.b, Span::at(B::act(&a.lnf), 0, nlc), B::act_mut(&mut a.gathered))?;
+        let (dh, logits) = (B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
         let (head, slices) = (&self.head, &self.head_slices);
-        head_loss(be, pa, self.tp, head, slices, untied, h, x.targets, logits, &mut a.losses, g, dh, scale, self.ln_f.range())?;
+        head_loss(be, pa, tp, head, slices, untied, h.buf, x.targets, logits, &mut a.losses, g, dh, scale, self.ln_f.range())?;
         let loss = be.loss_sum(&mut a.losses, n)?;
-        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nc))?;
+        let dout = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, n * c), B::act_mut(&mut a.dlocal))?;
+        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nlc))?;
         let l_all = self.blocks.len();
-        let (dout, xs) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l_all, cap * c, nc));
-        let (mean, rstd) = (at(B::f32s(&a.lnf_stats.0), 0, n, n), at(B::f32s(&a.lnf_stats.1), 0, n, n));
-        self.ln_f.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dout, xs, mean, rstd)?;
+        let xs = at(B::act(&a.res), l_all, capl * c, nlc);
+        let (mean, rstd) = (at(B::f32s(&a.lnf_stats.0), 0, nl, nl), at(B::f32s(&a.lnf_stats.1), 0, nl, nl));
+        self.ln_f.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dout, xs, mean, rstd)?;
         pa.grads_ready(g, self.ln_f.range())?;
         Ok(loss)
     }
 
     /// Blocks `range` backward, the last first: from the gradient at the residual stream after
     /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
-    /// saved.
+    /// saved. Under split_gather the residual gradient is gathered before each row-parallel
+    /// layer's backward, a norm's saved output before each column-parallel one's, and the
+    /// column-parallel layers' input gradient reduce-scattered.
     pub fn blocks_backward<B: Backend>(
         &self,
         be: &B,
@@ -406,30 +436,33 @@ impl Gpt2 {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let (c, n, cap, inner, tp) = (self.c, x.rows(), a.n, self.inner, self.tp);
-        let (nc, ni, aw) = (n * c, n * inner, self.attn());
+        let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
+        let (nc, nlc, ni, aw) = (n * c, nl * c, n * inner, self.attn());
         let ulysses = !self.sp.is_whole();
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
-            let lc = l * cap * c;
             // MLP: the GELU output is recomputed rather than stored per layer. Each weight's
             // gradient is announced final as soon as it is (ZeRO-2/3 send it off at once).
             let fc = at(B::act(&a.fc), l, cap * inner, ni);
             be.gelu_forward(SpanMut::at(B::act_mut(&mut a.gelu), 0, ni), fc.clone())?;
-            let (gelu, dres) = (Mat::new(B::act(&a.gelu), 0, n, inner), Mat::new(B::act(&a.dres), 0, n, c));
+            let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nlc), B::act_mut(&mut a.gathered))?;
+            let (gelu, dres) = (Mat::new(B::act(&a.gelu), 0, n, inner), Mat::new(dres.buf, dres.range.start, n, c));
             blk.fc_proj.backward(be, pa.get(), g, gelu, dres, Some((MatMut::new(B::act_mut(&mut a.dbig), 0, n, inner), Overwrite)))?;
             pa.grads_ready(g, blk.fc_proj.range())?;
             be.gelu_backward_inplace(SpanMut::at(B::act_mut(&mut a.dbig), 0, ni), fc)?;
-            let (ln2, dbig) = (Mat::new(B::act(&a.ln2), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, inner));
+            let ln2 = gather_seq(pa, tp, x.b, at(B::act(&a.ln2), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let (ln2, dbig) = (Mat::new(ln2.buf, ln2.range.start, n, c), Mat::new(B::act(&a.dbig), 0, n, inner));
             blk.fc.backward(be, pa.get(), g, ln2, dbig, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.fc.range())?;
-            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
-            let (dc, mid) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc));
-            let (mean, rstd) = (at(B::f32s(&a.ln2_stats.0), l, cap, n), at(B::f32s(&a.ln2_stats.1), l, cap, n));
-            blk.ln2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, mean, rstd)?;
+            let dc = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, nc), B::act_mut(&mut a.dlocal))?;
+            let mid = at(B::act(&a.mid), l, capl * c, nlc);
+            let (mean, rstd) = (at(B::f32s(&a.ln2_stats.0), l, capl, nl), at(B::f32s(&a.ln2_stats.1), l, capl, nl));
+            blk.ln2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dc, mid, mean, rstd)?;
             pa.grads_ready(g, blk.ln2.range())?;
             // Attention.
-            let (att, dres) = (Mat::new(B::act(&a.att), l * cap * aw, n, aw), Mat::new(B::act(&a.dres), 0, n, c));
+            let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nlc), B::act_mut(&mut a.gathered))?;
+            let (att, dres) = (Mat::new(B::act(&a.att), l * cap * aw, n, aw), Mat::new(dres.buf, dres.range.start, n, c));
             blk.c_proj.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, aw), Overwrite)))?;
             pa.grads_ready(g, blk.c_proj.range())?;
             let qkv = at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw);
@@ -457,19 +490,22 @@ impl Gpt2 {
                 let (att, dc) = (at(B::act(&a.att), l, cap * aw, n * aw), at(B::act(&a.dc), 0, n * aw, n * aw));
                 be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw))?;
             }
-            let (ln1, dqkv) = (Mat::new(B::act(&a.ln1), lc, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
+            let ln1 = gather_seq(pa, tp, x.b, at(B::act(&a.ln1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let (ln1, dqkv) = (Mat::new(ln1.buf, ln1.range.start, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
             blk.c_attn.backward(be, pa.get(), g, ln1, dqkv, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.c_attn.range())?;
-            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
-            let (dc, xs) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc));
-            let (mean, rstd) = (at(B::f32s(&a.ln1_stats.0), l, cap, n), at(B::f32s(&a.ln1_stats.1), l, cap, n));
-            blk.ln1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, mean, rstd)?;
+            let dc = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, nc), B::act_mut(&mut a.dlocal))?;
+            let xs = at(B::act(&a.res), l, capl * c, nlc);
+            let (mean, rstd) = (at(B::f32s(&a.ln1_stats.0), l, capl, nl), at(B::f32s(&a.ln1_stats.1), l, capl, nl));
+            blk.ln1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dc, xs, mean, rstd)?;
             pa.grads_ready(g, blk.ln1.range())?;
         }
         Ok(())
     }
 
     /// The token and position embeddings' gradients, from the residual stream's before block 0.
+    /// Under split_gather it is gathered over whole sequences first, and the lead alone (which
+    /// added the positions) takes the positions' gradient.
     pub fn embed_backward<B: Backend>(
         &self,
         be: &B,
@@ -478,11 +514,13 @@ impl Gpt2 {
         a: &mut Acts<B>,
         x: &Batch<'_, B>,
     ) -> Result<()> {
-        let nc = x.rows() * self.c;
-        let (wte, first, dres) = (self.wte.range(), self.vocab_first, at(B::act(&a.dres), 0, nc, nc));
+        let (nc, tp) = (x.rows() * self.c, self.tp);
+        let (wte, first) = (self.wte.range(), self.vocab_first);
+        let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nc / tp.seq_parts()), B::act_mut(&mut a.gathered))?;
         // This rank's positions of the table (its part of each sequence).
         let wpe = self.wpe.offset + self.sp.rank * x.seq * self.c..self.wpe.offset + self.wpe.len;
-        be.embedding_backward(g, wte, first, Some(wpe), dres, x.inputs, x.seq, self.c)?;
+        let wpe = (!tp.splits_seq() || tp.lead()).then_some(wpe);
+        be.embedding_backward(g, wte, first, wpe, dres, x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wpe.range())?;
         pa.grads_ready(g, self.wte.range())
     }
@@ -494,10 +532,41 @@ impl Gpt2 {
     }
 }
 
+/// A row-parallel layer's output (`layer` writes or adds it into the rows it is given) added to
+/// the residual stream `x` into `out` (the rows this rank holds, `c` wide, of `b` sequences).
+/// Whole or plain tensor-parallel: `out` starts as the residual (on the lead rank; zeros on the
+/// others, so the group's sum holds it once), the layer adds its partial sum, the group sums
+/// it in place. Under split_gather the layer writes every row's partial sum into `scratch` and
+/// the group reduce-scatters it onto the residual, each rank keeping its part of the sequence.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn row_parallel_out<B: Backend>(
+    be: &B,
+    pa: &mut dyn Params<B>,
+    tp: TpRank,
+    b: usize,
+    c: usize,
+    out: SpanMut<'_, B::Act>,
+    x: crate::backend::Span<'_, B::Act>,
+    scratch: &mut B::Act,
+    layer: impl FnOnce(crate::backend::Weights<'_, B>, MatMut<'_, B::Act>, crate::backend::Accumulate) -> Result<()>,
+) -> Result<()> {
+    let rows = out.len() / c;
+    if tp.splits_seq() {
+        let full = rows * tp.size;
+        be.copy(SpanMut::new(&mut *out.buf, out.range.clone()), x)?;
+        layer(pa.get(), MatMut::new(&mut *scratch, 0, full, c), Overwrite)?;
+        return group_of(pa, tp)?.scatter_seq(crate::backend::Span::at(&*scratch, 0, full * c), b, out, Add);
+    }
+    let at0 = out.range.start;
+    residual(be, tp, SpanMut::new(&mut *out.buf, out.range.clone()), x)?;
+    layer(pa.get(), MatMut::new(&mut *out.buf, at0, rows, c), Add)?;
+    tp_sum(pa, tp, out)
+}
+
 /// The residual stream `x` into `out`, where a row-parallel layer adds its output next: on the
 /// lead rank of a tensor-parallel group (or a whole model), zeros on the others, so that the
 /// group's sum holds it once.
-pub(super) fn residual<B: Backend>(be: &B, tp: TpRank, out: SpanMut<'_, B::Act>, x: crate::backend::Span<'_, B::Act>) -> Result<()> {
+fn residual<B: Backend>(be: &B, tp: TpRank, out: SpanMut<'_, B::Act>, x: crate::backend::Span<'_, B::Act>) -> Result<()> {
     if tp.lead() {
         be.copy(out, x)
     } else {

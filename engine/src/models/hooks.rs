@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::sp::HeadGroups;
 use super::TpRank;
-use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut, Weights};
+use crate::backend::{Accumulate, Backend, Cpu, Mat, MatMut, Span, SpanMut, Weights};
 use crate::{Error, Result};
 
 /// Called by a model during forward and backward. Ranges are of the flat buffer and cover whole
@@ -75,6 +75,14 @@ pub trait TensorGroup<B: Backend> {
     /// get the whole vocabulary's (`kernels::cpu::loss::xent_combine` of every rank's, in rank
     /// order).
     fn combine_xent(&mut self, stats: &mut B::F32, rows: usize) -> Result<()>;
+    /// Sequence parallelism (split_gather): `local` holds this rank's part of each of `b`
+    /// sequences (`[b·t, c]`, its `t` consecutive tokens of each); `full` (`[b·t·size, c]`)
+    /// gets every rank's, the whole sequences in order.
+    fn gather_seq(&mut self, local: Span<'_, B::Act>, b: usize, full: SpanMut<'_, B::Act>) -> Result<()>;
+    /// The reverse of `gather_seq`, summing: `local` gets this rank's part of each sequence of
+    /// the group's sum of every rank's `full` (a row-parallel layer's partial outputs).
+    /// `acc`: write `local`, or add to it (the residual stream a row-parallel layer adds to).
+    fn scatter_seq(&mut self, full: Span<'_, B::Act>, b: usize, local: SpanMut<'_, B::Act>, acc: Accumulate) -> Result<()>;
 }
 
 /// `inner`'s parameters, read by a rank of a tensor- or sequence-parallel group (or both).
@@ -135,6 +143,49 @@ pub fn tp_sum<B: Backend>(pa: &mut dyn Params<B>, tp: TpRank, x: SpanMut<'_, B::
         return Ok(());
     }
     group_of(pa, tp)?.all_reduce(x)
+}
+
+/// The input of a column-parallel layer from the rows this rank holds (`local`, `[rows, c]`):
+/// under split_gather every rank's part of each of the `b` sequences, gathered into `scratch`
+/// (`[rows·size, c]`); otherwise `local` itself (every rank holds every row).
+pub fn gather_seq<'a, B: Backend>(
+    pa: &mut dyn Params<B>,
+    tp: TpRank,
+    b: usize,
+    local: Span<'a, B::Act>,
+    scratch: &'a mut B::Act,
+) -> Result<Span<'a, B::Act>> {
+    if !tp.splits_seq() {
+        return Ok(local);
+    }
+    let len = local.len() * tp.size;
+    group_of(pa, tp)?.gather_seq(local, b, SpanMut::at(&mut *scratch, 0, len))?;
+    Ok(Span::at(&*scratch, 0, len))
+}
+
+/// The output of a row-parallel layer (each rank's partial sum over all rows, `full`) summed
+/// over the group into the rows this rank holds: under split_gather its part of each of the `b`
+/// sequences, written into `scratch` (`[rows / size, c]`); otherwise every row, summed in place.
+pub fn scatter_seq<'a, B: Backend>(
+    pa: &mut dyn Params<B>,
+    tp: TpRank,
+    b: usize,
+    full: SpanMut<'a, B::Act>,
+    scratch: &'a mut B::Act,
+) -> Result<Span<'a, B::Act>> {
+    if !tp.splits_seq() {
+        let range = full.range.clone();
+        tp_sum(pa, tp, SpanMut::new(&mut *full.buf, range.clone()))?;
+        return Ok(Span::new(&*full.buf, range));
+    }
+    let len = full.len() / tp.size;
+    group_of(pa, tp)?.scatter_seq(
+        Span::new(&*full.buf, full.range.clone()),
+        b,
+        SpanMut::at(&mut *scratch, 0, len),
+        Accumulate::Overwrite,
+    )?;
+    Ok(Span::at(&*scratch, 0, len))
 }
 
 /// Parameters that are all present, with no one to tell.

@@ -5,13 +5,13 @@
 use gantry_kernels::cpu::attention::AttnShape;
 use gantry_kernels::cpu::rope::RopeTable;
 
-use super::gpt2::residual;
-use super::hooks::{seq_group_of, span, tp_sum, Params};
+use super::gpt2::row_parallel_out;
+use super::hooks::{gather_seq, group_of, scatter_seq, seq_group_of, span, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
 use super::sp::{HeadGroups, SpRank};
 use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
-use crate::backend::{Backend, Cpu, Mat, MatMut, SpanMut};
+use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
 use crate::params::{Chunking, Init, ParamRef, ParamTable, ParamTableBuilder, Shard};
 use crate::Result;
@@ -94,6 +94,11 @@ pub struct Acts<B: Backend> {
     att_full: B::ActBuf,
     datt_full: B::ActBuf,
     dqkv_full: B::ActBuf,
+    /// Split_gather: a column-parallel layer's input gathered over whole sequences (or the
+    /// residual gradient, for a row-parallel layer's backward), and an input gradient summed
+    /// onto this rank's part of the sequence (empty otherwise).
+    gathered: B::ActBuf,
+    dlocal: B::ActBuf,
     losses: B::Losses,
     rope: B::Rope,
 }
@@ -126,6 +131,8 @@ impl Acts<Cpu> {
             &self.att_full,
             &self.datt_full,
             &self.dqkv_full,
+            &self.gathered,
+            &self.dlocal,
         ]
         .iter()
         .map(|v| v.len())
@@ -184,6 +191,7 @@ impl Llama {
             d_out,
             layout: WeightLayout::OutIn,
             partial: row_parallel && !tp.lead(),
+            lead_bias_grad: row_parallel && tp.splits_seq(),
         };
         let rms = |i: usize| RmsNorm { weight: t.at(i), eps: cfg.norm_eps };
         let blocks = idx
@@ -228,26 +236,29 @@ impl Llama {
     /// The length of each activation buffer for `batch` sequences of `seq` tokens (the head's
     /// logits in blocks of `block_floats`), in the order `acts` allocates them (so memory is
     /// known before anything is allocated).
-    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 24] {
+    fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 26] {
         let (n, c, l) = (batch * seq, self.c, self.blocks.len());
         let (w, hd, inner) = (self.qkv_width(), self.heads * self.head_dim, self.inner);
         let sp = usize::from(!self.sp.is_whole());
+        // Split_gather: the residual stream and the norms hold this rank's part of each
+        // sequence.
+        let (sg, nl) = (usize::from(self.tp.splits_seq()), n / self.tp.seq_parts());
         [
-            (l + 1) * n * c,    // res
-            l * n * c,          // mid
-            l * n * c,          // n1
-            l * n,              // n1_rstd
+            (l + 1) * nl * c,   // res
+            l * nl * c,         // mid
+            l * nl * c,         // n1
+            l * nl,             // n1_rstd
             l * n * w,          // qkv
             l * n * hd,         // att
             l * n * self.heads, // lse
-            l * n * c,          // n2
-            l * n,              // n2_rstd
+            l * nl * c,         // n2
+            l * nl,             // n2_rstd
             l * n * inner,      // gate
             l * n * inner,      // up
             n * inner,          // act
-            n * c,              // nf
-            n,                  // nf_rstd
-            n * c,              // dres
+            nl * c,             // nf
+            nl,                 // nf_rstd
+            nl * c,             // dres
             n * c,              // dc
             n * hd,             // datt
             n * w,              // dqkv
@@ -257,6 +268,8 @@ impl Llama {
             sp * l * n * hd, // att_full
             sp * n * hd,     // datt_full
             sp * n * w,      // dqkv_full
+            sg * n * c,      // gathered
+            sg * nl * c,     // dlocal
         ]
     }
 
@@ -296,6 +309,8 @@ impl Llama {
             att_full: t(21)?,
             datt_full: t(22)?,
             dqkv_full: t(23)?,
+            gathered: t(24)?,
+            dlocal: t(25)?,
             losses: be.losses(batch * seq)?,
             rope: be.upload_rope(&self.rope)?,
         })
@@ -320,12 +335,23 @@ impl Llama {
 
     /// The batch's token embedding: the residual stream before block 0.
     pub fn embed<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        let (tp, first) = (self.tp, self.vocab_first);
-        embed(be, pa, tp, &self.wte_slices, self.wte, first, None, B::act_mut(&mut a.res), x.inputs, x.seq, self.c)
+        let (tp, first, c) = (self.tp, self.vocab_first, self.c);
+        if tp.splits_seq() {
+            // Every row's partial embedding, reduce-scattered onto this rank's part of each
+            // sequence.
+            let full = B::act_mut(&mut a.gathered);
+            embed(be, pa, tp, &self.wte_slices, self.wte, first, None, &mut *full, x.inputs, x.seq, c)?;
+            let (rows, b) = (x.rows(), x.b);
+            let local = SpanMut::at(B::act_mut(&mut a.res), 0, rows / tp.size * c);
+            return group_of(pa, tp)?.scatter_seq(Span::at(&*full, 0, rows * c), b, local, Overwrite);
+        }
+        embed(be, pa, tp, &self.wte_slices, self.wte, first, None, B::act_mut(&mut a.res), x.inputs, x.seq, c)
     }
 
     /// Blocks `range` forward, from the residual stream before `range.start` (the embedding's or
     /// the earlier blocks') to the one after `range.end - 1`; their saved activations stay in `a`.
+    /// Under split_gather the residual stream and the norms hold this rank's part of each
+    /// sequence (`nl` rows), the projections, attention and the MLP every row (`n`).
     pub fn blocks_forward<B: Backend>(
         &self,
         be: &B,
@@ -335,23 +361,24 @@ impl Llama {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let (c, n, cap, seq, tp) = (self.c, x.rows(), a.n, x.seq, self.tp);
-        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
+        let (nlc, w, hd, inner) = (nl * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         let ulysses = !self.sp.is_whole();
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
-            let p = pa.get();
-            let (lc, lw, lhd, li) = (l * cap * c, l * cap * w, l * cap * hd, l * cap * inner);
-            let res = B::act(&a.res);
+            let (lw, lhd, li) = (l * cap * w, l * cap * hd, l * cap * inner);
             blk.norm1.forward(
                 be,
-                p,
-                at(res, l, cap * c, nc),
-                at_mut(B::act_mut(&mut a.n1), l, cap * c, nc),
-                at_mut(B::f32s_mut(&mut a.n1_rstd), l, cap, n),
+                pa.get(),
+                at(B::act(&a.res), l, capl * c, nlc),
+                at_mut(B::act_mut(&mut a.n1), l, capl * c, nlc),
+                at_mut(B::f32s_mut(&mut a.n1_rstd), l, capl, nl),
             )?;
-            let n1 = Mat::new(B::act(&a.n1), lc, n, c);
+            let n1 = gather_seq(pa, tp, x.b, at(B::act(&a.n1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let n1 = Mat::new(n1.buf, n1.range.start, n, c);
+            let p = pa.get();
             // The projections write this rank's tokens with every head; under sequence
             // parallelism into scratch, from which the all-to-all fills the layer's QKV with
             // whole sequences for this rank's heads.
@@ -383,44 +410,43 @@ impl Llama {
                 let full = at(B::act(&a.att_full), l, cap * hd, n * hd);
                 seq_group_of(pa)?.heads_to_seq(full, x.b, groups, MatMut::new(B::act_mut(&mut a.att), lhd, n, hd))?;
             }
-            let p = pa.get();
-            // The residual stream, once: a row-parallel layer's ranks each add a partial sum.
-            residual(be, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc), at(res, l, cap * c, nc))?;
-            blk.o.forward(be, p, Mat::new(B::act(&a.att), lhd, n, hd), MatMut::new(B::act_mut(&mut a.mid), lc, n, c), Add)?;
-            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.mid), l, cap * c, nc))?;
-            let p = pa.get();
-            let mid = at(B::act(&a.mid), l, cap * c, nc);
+            let att = Mat::new(B::act(&a.att), lhd, n, hd);
+            let (mid, res) = (at_mut(B::act_mut(&mut a.mid), l, capl * c, nlc), at(B::act(&a.res), l, capl * c, nlc));
+            row_parallel_out(be, pa, tp, x.b, c, mid, res, B::act_mut(&mut a.dc), |p, y, acc| blk.o.forward(be, p, att, y, acc))?;
             blk.norm2.forward(
                 be,
-                p,
-                mid.clone(),
-                at_mut(B::act_mut(&mut a.n2), l, cap * c, nc),
-                at_mut(B::f32s_mut(&mut a.n2_rstd), l, cap, n),
+                pa.get(),
+                at(B::act(&a.mid), l, capl * c, nlc),
+                at_mut(B::act_mut(&mut a.n2), l, capl * c, nlc),
+                at_mut(B::f32s_mut(&mut a.n2_rstd), l, capl, nl),
             )?;
-            let n2 = Mat::new(B::act(&a.n2), lc, n, c);
+            let n2 = gather_seq(pa, tp, x.b, at(B::act(&a.n2), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let n2 = Mat::new(n2.buf, n2.range.start, n, c);
+            let p = pa.get();
             blk.gate.forward(be, p, n2, MatMut::new(B::act_mut(&mut a.gate), li, n, inner), Overwrite)?;
             blk.up.forward(be, p, n2, MatMut::new(B::act_mut(&mut a.up), li, n, inner), Overwrite)?;
             let (gate, up) = (at(B::act(&a.gate), l, cap * inner, n * inner), at(B::act(&a.up), l, cap * inner, n * inner));
             be.swiglu_forward(SpanMut::at(B::act_mut(&mut a.act), 0, n * inner), gate, up)?;
-            let res = B::act_mut(&mut a.res);
-            residual(be, tp, at_mut(&mut *res, l + 1, cap * c, nc), mid)?;
-            blk.down.forward(be, p, Mat::new(B::act(&a.act), 0, n, inner), MatMut::new(res, (l + 1) * cap * c, n, c), Add)?;
-            tp_sum(pa, tp, at_mut(B::act_mut(&mut a.res), l + 1, cap * c, nc))?;
+            let act = Mat::new(B::act(&a.act), 0, n, inner);
+            let (out, mid) = (at_mut(B::act_mut(&mut a.res), l + 1, capl * c, nlc), at(B::act(&a.mid), l, capl * c, nlc));
+            row_parallel_out(be, pa, tp, x.b, c, out, mid, B::act_mut(&mut a.dc), |p, y, acc| blk.down.forward(be, p, act, y, acc))?;
         }
         Ok(())
     }
 
     /// The final norm after the last block: the head's input.
     pub fn final_norm<B: Backend>(&self, be: &B, pa: &mut dyn Params<B>, a: &mut Acts<B>, x: &Batch<'_, B>) -> Result<()> {
-        let (c, n, cap) = (self.c, x.rows(), a.n);
+        let (c, nl, capl) = (self.c, x.rows() / self.tp.seq_parts(), a.n / self.tp.seq_parts());
         let l = self.blocks.len();
         need_final_norm(pa, &self.head, &self.head_slices, self.norm.weight.range())?;
-        let (out, rstd) = (SpanMut::at(B::act_mut(&mut a.nf), 0, n * c), SpanMut::at(B::f32s_mut(&mut a.nf_rstd), 0, n));
-        self.norm.forward(be, pa.get(), at(B::act(&a.res), l, cap * c, n * c), out, rstd)
+        let (out, rstd) = (SpanMut::at(B::act_mut(&mut a.nf), 0, nl * c), SpanMut::at(B::f32s_mut(&mut a.nf_rstd), 0, nl));
+        self.norm.forward(be, pa.get(), at(B::act(&a.res), l, capl * c, nl * c), out, rstd)
     }
 
     /// The head after `final_norm`: the summed loss, the head's and the final norm's gradients,
-    /// and the loss's gradient at the residual stream after the last block (in `a`).
+    /// and the loss's gradient at the residual stream after the last block (in `a`). Under
+    /// split_gather the head runs on every row (the final norm's output gathered), and its
+    /// input gradient is reduce-scattered back onto this rank's part.
     pub fn head_backward<B: Backend>(
         &self,
         be: &B,
@@ -430,38 +456,29 @@ impl Llama {
         x: &Batch<'_, B>,
         scale: f32,
     ) -> Result<f64> {
-        let (c, n, cap) = (self.c, x.rows(), a.n);
-        let nc = n * c;
+        let (c, n, tp) = (self.c, x.rows(), self.tp);
+        let (nl, capl) = (n / tp.seq_parts(), a.n / tp.seq_parts());
+        let nlc = nl * c;
         let untied = self.head.weight != self.wte;
-        let (h, dh, logits) = (B::act(&a.nf), B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
-        head_loss(
-            be,
-            pa,
-            self.tp,
-            &self.head,
-            &self.head_slices,
-            untied,
-            h,
-            x.targets,
-            logits,
-            &mut a.losses,
-            g,
-            dh,
-            scale,
-            self.norm.weight.range(),
-        )?;
+        let h = gather_seq(pa, tp, x.b, Span::at(B::act(&a.nf), 0, nlc), B::act_mut(&mut a.gathered))?;
+        let (dh, logits) = (B::act_mut(&mut a.dc), B::act_mut(&mut a.logits));
+        let (head, slices, norm) = (&self.head, &self.head_slices, self.norm.weight.range());
+        head_loss(be, pa, tp, head, slices, untied, h.buf, x.targets, logits, &mut a.losses, g, dh, scale, norm)?;
         let loss = be.loss_sum(&mut a.losses, n)?;
-        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nc))?;
+        let dout = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, n * c), B::act_mut(&mut a.dlocal))?;
+        be.zero(SpanMut::at(B::act_mut(&mut a.dres), 0, nlc))?;
         let l_all = self.blocks.len();
-        let (dout, xs, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l_all, cap * c, nc), at(B::f32s(&a.nf_rstd), 0, n, n));
-        self.norm.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dout, xs, rstd)?;
+        let (xs, rstd) = (at(B::act(&a.res), l_all, capl * c, nlc), at(B::f32s(&a.nf_rstd), 0, nl, nl));
+        self.norm.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dout, xs, rstd)?;
         pa.grads_ready(g, self.norm.weight.range())?;
         Ok(loss)
     }
 
     /// Blocks `range` backward, the last first: from the gradient at the residual stream after
     /// `range.end - 1` to the one before `range.start`, with the activations `blocks_forward`
-    /// saved.
+    /// saved. Under split_gather the residual gradient is gathered before each row-parallel
+    /// layer's backward, a norm's saved output before each column-parallel one's, and the
+    /// column-parallel layers' input gradient reduce-scattered.
     pub fn blocks_backward<B: Backend>(
         &self,
         be: &B,
@@ -472,37 +489,40 @@ impl Llama {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let (c, n, cap, seq, tp) = (self.c, x.rows(), a.n, x.seq, self.tp);
-        let (nc, w, hd, inner) = (n * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
+        let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
+        let (nc, nlc, w, hd, inner) = (n * c, nl * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         let ni = n * inner;
         let ulysses = !self.sp.is_whole();
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
-            let lc = l * cap * c;
             // MLP: silu(gate)·up is recomputed rather than stored per layer.
             let (gate, up) = (at(B::act(&a.gate), l, cap * inner, ni), at(B::act(&a.up), l, cap * inner, ni));
             be.swiglu_forward(SpanMut::at(B::act_mut(&mut a.act), 0, ni), gate.clone(), up.clone())?;
-            let dres = Mat::new(B::act(&a.dres), 0, n, c);
+            let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nlc), B::act_mut(&mut a.gathered))?;
+            let dres = Mat::new(dres.buf, dres.range.start, n, c);
             // Each weight's gradient is announced final as soon as it is, so that under ZeRO-2/3
             // it leaves this rank while the rest of the block is still running backward.
             let act = Mat::new(B::act(&a.act), 0, n, inner);
             blk.down.backward(be, pa.get(), g, act, dres, Some((MatMut::new(B::act_mut(&mut a.da), 0, n, inner), Overwrite)))?;
             pa.grads_ready(g, blk.down.range())?;
             be.swiglu_backward(SpanMut::at(B::act_mut(&mut a.da), 0, ni), SpanMut::at(B::act_mut(&mut a.db), 0, ni), gate, up)?;
-            let n2 = Mat::new(B::act(&a.n2), lc, n, c);
+            let n2 = gather_seq(pa, tp, x.b, at(B::act(&a.n2), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let n2 = Mat::new(n2.buf, n2.range.start, n, c);
             let (da, db) = (Mat::new(B::act(&a.da), 0, n, inner), Mat::new(B::act(&a.db), 0, n, inner));
             blk.gate.backward(be, pa.get(), g, n2, da, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Overwrite)))?;
             pa.grads_ready(g, blk.gate.range())?;
             blk.up.backward(be, pa.get(), g, n2, db, Some((MatMut::new(B::act_mut(&mut a.dc), 0, n, c), Add)))?;
             pa.grads_ready(g, blk.up.range())?;
-            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
-            let (dc, mid, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.mid), l, cap * c, nc), at(B::f32s(&a.n2_rstd), l, cap, n));
-            blk.norm2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, mid, rstd)?;
+            let dc = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, nc), B::act_mut(&mut a.dlocal))?;
+            let (mid, rstd) = (at(B::act(&a.mid), l, capl * c, nlc), at(B::f32s(&a.n2_rstd), l, capl, nl));
+            blk.norm2.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dc, mid, rstd)?;
             pa.grads_ready(g, blk.norm2.weight.range())?;
             // Attention.
             let att = Mat::new(B::act(&a.att), l * cap * hd, n, hd);
-            let dres = Mat::new(B::act(&a.dres), 0, n, c);
+            let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nlc), B::act_mut(&mut a.gathered))?;
+            let dres = Mat::new(dres.buf, dres.range.start, n, c);
             blk.o.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.datt), 0, n, hd), Overwrite)))?;
             pa.grads_ready(g, blk.o.range())?;
             let s = self.shape(x.b, seq);
@@ -525,7 +545,8 @@ impl Llama {
                 be.attention_backward(s, qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w))?;
                 be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), sw, sheads, s.seq, &self.rope, &a.rope, true)?;
             }
-            let n1 = Mat::new(B::act(&a.n1), lc, n, c);
+            let n1 = gather_seq(pa, tp, x.b, at(B::act(&a.n1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
+            let n1 = Mat::new(n1.buf, n1.range.start, n, c);
             let dqkv = B::act(&a.dqkv);
             let dc = B::act_mut(&mut a.dc);
             blk.q.backward(be, pa.get(), g, n1, Mat::strided(dqkv, 0, n, hd, w), Some((MatMut::new(&mut *dc, 0, n, c), Overwrite)))?;
@@ -539,15 +560,16 @@ impl Llama {
             )?;
             blk.v.backward(be, pa.get(), g, n1, Mat::strided(dqkv, v_off, n, w - v_off, w), Some((MatMut::new(&mut *dc, 0, n, c), Add)))?;
             pa.grads_ready(g, span([blk.q.range(), blk.k.range(), blk.v.range()]))?;
-            tp_sum(pa, tp, SpanMut::at(B::act_mut(&mut a.dc), 0, nc))?;
-            let (dc, xs, rstd) = (at(B::act(&a.dc), 0, nc, nc), at(B::act(&a.res), l, cap * c, nc), at(B::f32s(&a.n1_rstd), l, cap, n));
-            blk.norm1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nc), dc, xs, rstd)?;
+            let dc = scatter_seq(pa, tp, x.b, SpanMut::at(B::act_mut(&mut a.dc), 0, nc), B::act_mut(&mut a.dlocal))?;
+            let (xs, rstd) = (at(B::act(&a.res), l, capl * c, nlc), at(B::f32s(&a.n1_rstd), l, capl, nl));
+            blk.norm1.backward(be, pa.get(), g, SpanMut::at(B::act_mut(&mut a.dres), 0, nlc), dc, xs, rstd)?;
             pa.grads_ready(g, blk.norm1.weight.range())?;
         }
         Ok(())
     }
 
-    /// The token embedding's gradient, from the residual stream's before block 0.
+    /// The token embedding's gradient, from the residual stream's before block 0 (gathered over
+    /// whole sequences under split_gather).
     pub fn embed_backward<B: Backend>(
         &self,
         be: &B,
@@ -556,8 +578,9 @@ impl Llama {
         a: &mut Acts<B>,
         x: &Batch<'_, B>,
     ) -> Result<()> {
-        let nc = x.rows() * self.c;
-        be.embedding_backward(g, self.wte.range(), self.vocab_first, None, at(B::act(&a.dres), 0, nc, nc), x.inputs, x.seq, self.c)?;
+        let (nc, tp) = (x.rows() * self.c, self.tp);
+        let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nc / tp.seq_parts()), B::act_mut(&mut a.gathered))?;
+        be.embedding_backward(g, self.wte.range(), self.vocab_first, None, dres, x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wte.range())
     }
 

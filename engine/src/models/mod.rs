@@ -256,6 +256,12 @@ impl Model {
                 message: format!("{seq} exceeds the model's {} positions", self.config.max_positions),
             });
         }
+        if !seq.is_multiple_of(self.tp.seq_parts()) {
+            return Err(Error::Unsupported {
+                field: "data.seq_len".into(),
+                message: format!("split_gather cuts each sequence over {} tp ranks: {seq} tokens do not split evenly", self.tp.size),
+            });
+        }
         let kind = match &self.kind {
             Kind::Gpt2(m) => ActsKind::Gpt2(m.acts(be, batch, seq)?),
             Kind::Llama(m) => ActsKind::Llama(m.acts(be, batch, seq)?),

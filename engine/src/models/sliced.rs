@@ -22,8 +22,9 @@ use crate::Result;
 /// kernel writes them (each a copy, the positions added after). On a rank of a
 /// vocabulary-parallel model (`tp`), `wte` holds vocabulary rows `first..`: each rank writes the
 /// rows of its tokens into zeros and the group sums them (adding zeros: the same bits as the
-/// whole table's). `wpe` comes with the first position of the rows (a sequence-parallel rank's
-/// part of each sequence starts past 0).
+/// whole table's); under split_gather (`TpRank::splits_seq`) the caller reduce-scatters them
+/// instead, and the lead adds the positions. `wpe` comes with the first position of the rows (a
+/// sequence-parallel rank's part of each sequence starts past 0).
 #[allow(clippy::too_many_arguments)]
 pub fn embed<B: Backend>(
     be: &B,
@@ -49,6 +50,13 @@ pub fn embed<B: Backend>(
         pa.need(&want)?;
         be.zero(SpanMut::new(&mut *out, 0..nc))?;
         be.embedding_rows(SpanMut::new(&mut *out, 0..nc), tokens, Span::new(pa.get().master, wte.range()), first, c)?;
+        if tp.splits_seq() {
+            // Split_gather: the caller reduce-scatters the rows; the positions go in once.
+            if let Some(positions) = positions.filter(|_| tp.lead()) {
+                be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, positions), seq, c)?;
+            }
+            return Ok(());
+        }
         tp_sum(pa, tp, SpanMut::new(&mut *out, 0..nc))?;
         if let Some(positions) = positions {
             be.add_positions(SpanMut::new(out, 0..nc), Span::new(pa.get().master, positions), seq, c)?;
@@ -99,7 +107,8 @@ pub fn need_final_norm<B: Backend>(pa: &mut dyn Params<B>, head: &LmHead, slices
 /// hidden states' gradient into `dh`. The head's gradient is announced final unless it is tied
 /// to the embedding (`untied` false: the embedding adds to it later), and `norm` is asked for
 /// again, for the final norm's backward. A vocabulary-parallel head (on a rank of `tp`) runs
-/// `LmHead::loss_vocab_parallel`.
+/// `LmHead::loss_vocab_parallel`, leaving in `dh` this rank's partial sum, which the caller sums
+/// over the group (`hooks::scatter_seq`).
 #[allow(clippy::too_many_arguments)]
 pub fn head_loss<B: Backend>(
     be: &B,

@@ -20,6 +20,10 @@ use crate::{Error, Result};
 pub struct TpRank {
     pub rank: usize,
     pub size: usize,
+    /// Megatron's sequence parallelism (`parallel.sp_mode = "split_gather"`): between the
+    /// tensor-parallel regions (norms, residuals, the embedding's output) each rank holds only
+    /// its `1/size` of every sequence's tokens (see `models::hooks::gather_seq`).
+    pub split_seq: bool,
 }
 
 impl Default for TpRank {
@@ -29,7 +33,28 @@ impl Default for TpRank {
 }
 
 impl TpRank {
-    pub const WHOLE: TpRank = TpRank { rank: 0, size: 1 };
+    pub const WHOLE: TpRank = TpRank { rank: 0, size: 1, split_seq: false };
+
+    /// Rank `rank` of `size`, without sequence parallelism.
+    pub fn new(rank: usize, size: usize) -> TpRank {
+        TpRank { rank, size, split_seq: false }
+    }
+
+    /// Whether the sequence is split between the tensor-parallel regions (split_gather on a
+    /// group of more than one rank).
+    pub fn splits_seq(&self) -> bool {
+        self.split_seq && self.size > 1
+    }
+
+    /// The parts each sequence is cut into between the tensor-parallel regions: `size` under
+    /// split_gather, else 1.
+    pub fn seq_parts(&self) -> usize {
+        if self.splits_seq() {
+            self.size
+        } else {
+            1
+        }
+    }
 
     pub fn is_whole(&self) -> bool {
         self.size == 1
@@ -98,7 +123,7 @@ mod tests {
 
     #[test]
     fn kv_heads_are_split_when_they_divide_and_shared_when_fewer() {
-        let r = |rank| TpRank { rank, size: 4 };
+        let r = |rank| TpRank::new(rank, 4);
         // 8 query heads, 4 KV heads over 4 ranks: one each.
         assert_eq!((0..4).map(|i| r(i).kv_heads(8, 4).unwrap()).collect::<Vec<_>>(), vec![0..1, 1..2, 2..3, 3..4]);
         // 8 query heads, 2 KV heads over 4 ranks: ranks 0 and 1 read KV head 0, 2 and 3 head 1.

@@ -119,9 +119,10 @@ impl LmHead {
     /// As `loss`, for one rank's part of a vocabulary-parallel head (rows `first..first + vocab`
     /// of the vocabulary, on each of `tp.size` ranks). A block's logits exist only for this
     /// rank's rows: the softmax's max and sum over the whole vocabulary are combined from every
-    /// rank's (`TensorGroup::combine_xent`: a few floats per row), and the hidden states' gradient,
-    /// each rank's partial sum, is summed over the group at the end. No rank ever holds the
-    /// whole vocabulary's logits; every rank gets the same loss.
+    /// rank's (`TensorGroup::combine_xent`: a few floats per row). The hidden states' gradient
+    /// `dh` is this rank's partial sum, which the caller sums over the group (all-reduced, or
+    /// reduce-scattered under split_gather). No rank ever holds the whole vocabulary's logits;
+    /// every rank gets the same loss.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_vocab_parallel<B: Backend>(
         &self,
@@ -163,9 +164,6 @@ impl LmHead {
                 be.matmul_grad(MatMut::new(&mut **g, self.weight.offset, v, c), dl.t(), hb)?;
             }
             r0 += r;
-        }
-        if let Some((_, dh, _)) = backward {
-            group_of(pa, tp)?.all_reduce(SpanMut::new(dh, 0..rows * c))?;
         }
         Ok(())
     }

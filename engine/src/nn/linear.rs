@@ -26,6 +26,10 @@ pub struct Linear {
     /// partial sum the group adds up, so the bias, which the lead adds, is left out of its
     /// forward (its gradient is still every rank's, the output gradient being the same on each).
     pub partial: bool,
+    /// Under split_gather, a row-parallel layer's bias gradient is the lead rank's alone: every
+    /// rank sees the whole output gradient, and the group sums whole parameters' gradients
+    /// (norms see only a rank's part of each sequence), so the others leave it at zero.
+    pub lead_bias_grad: bool,
 }
 
 impl Linear {
@@ -80,7 +84,7 @@ impl Linear {
             WeightLayout::OutIn => be.matmul_grad(MatMut::new(&mut *g, off, self.d_out, self.d_in), dy.t(), x)?,
             WeightLayout::InOut => be.matmul_grad(MatMut::new(&mut *g, off, self.d_in, self.d_out), x.t(), dy)?,
         }
-        if let Some(b) = self.bias {
+        if let Some(b) = self.bias.filter(|_| !(self.lead_bias_grad && self.partial)) {
             be.bias_grad(SpanMut::new(g, b.range()), dy)?;
         }
         if let Some((dx, acc)) = dx {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use gantry_kernels::cpu::loss::{xent_combine, XENT_STATS};
 
-use crate::backend::{Cpu, SpanMut};
+use crate::backend::{Accumulate, Cpu, Span, SpanMut};
 use crate::comm::{AsyncComm, Axis, DeviceMesh, Group, ReduceOp};
 use crate::models::hooks::{TensorGroup, WithGroup};
 use crate::models::{Activations, Model};
@@ -66,6 +66,11 @@ impl TensorParallel {
                 if tp.lead() {
                     norm.push(e.at.range());
                 }
+                // Under split_gather each rank's gradient of a whole parameter is its part of
+                // each sequence's.
+                if tp.splits_seq() {
+                    shared.push((e.at.range(), group.clone()));
+                }
                 continue;
             };
             let holders: Vec<usize> =
@@ -78,7 +83,7 @@ impl TensorParallel {
                 shared.push((e.at.range(), Group { ranks: holders.iter().map(|&r| group.ranks[r]).collect(), me }));
             }
         }
-        Ok(TensorParallel { comm, group, whole, tables, shared, norm: merge(norm), busy: Duration::ZERO })
+        Ok(TensorParallel { comm, group, whole, tables, shared: merge_shared(shared), norm: merge(norm), busy: Duration::ZERO })
     }
 
     pub fn rank(&self) -> usize {
@@ -178,6 +183,22 @@ fn merge(ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
     out
 }
 
+/// Adjacent ranges summed over the same group merged (one collective each).
+fn merge_shared(ranges: Vec<(Range<usize>, Group)>) -> Vec<(Range<usize>, Group)> {
+    let mut out: Vec<(Range<usize>, Group)> = Vec::with_capacity(ranges.len());
+    for (r, g) in ranges {
+        match out.last_mut() {
+            Some((last, lg)) if last.end == r.start && lg.ranks == g.ranks => last.end = r.end,
+            _ => out.push((r, g)),
+        }
+    }
+    out
+}
+
+fn seq_shape_error(what: String) -> crate::Error {
+    crate::Error::Unsupported { field: "parallel.sp_mode".into(), message: what }
+}
+
 impl TensorGroup<Cpu> for TensorParallel {
     fn all_reduce(&mut self, x: SpanMut<'_, [f32]>) -> Result<()> {
         let range = x.range.clone();
@@ -202,6 +223,56 @@ impl TensorGroup<Cpu> for TensorParallel {
         })?;
         let parts: Vec<&[f32]> = all.chunks(k).collect();
         xent_combine(&parts, &mut stats[k..2 * k]);
+        Ok(())
+    }
+
+    fn gather_seq(&mut self, local: Span<'_, [f32]>, b: usize, full: SpanMut<'_, [f32]>) -> Result<()> {
+        let (n, k) = (self.size(), local.len());
+        if b == 0 || !k.is_multiple_of(b) || full.len() != n * k {
+            return Err(seq_shape_error(format!("{k} elements of {b} sequences into {} over {n} ranks", full.len())));
+        }
+        let mut all = vec![0.0f32; k * n];
+        all[self.rank() * k..][..k].copy_from_slice(&local.buf[local.range]);
+        let all = self.run(move |c, g| {
+            let mut all = all;
+            c.all_gather(g, &mut all)?;
+            Ok(all)
+        })?;
+        // Rank i's block holds its part (`k / b` elements) of each sequence: part i of it.
+        let part = k / b;
+        let out = &mut full.buf[full.range];
+        for i in 0..n {
+            for s in 0..b {
+                out[(s * n + i) * part..][..part].copy_from_slice(&all[i * k + s * part..][..part]);
+            }
+        }
+        Ok(())
+    }
+
+    fn scatter_seq(&mut self, full: Span<'_, [f32]>, b: usize, local: SpanMut<'_, [f32]>, acc: Accumulate) -> Result<()> {
+        let (n, k) = (self.size(), local.len());
+        if b == 0 || !k.is_multiple_of(b) || full.len() != n * k {
+            return Err(seq_shape_error(format!("{} elements over {n} ranks into {k} of {b} sequences", full.len())));
+        }
+        // Rank-major: block i is rank i's part of each sequence, which the reduce-scatter sums
+        // and leaves with rank i.
+        let (part, src) = (k / b, &full.buf[full.range]);
+        let mut send = vec![0.0f32; k * n];
+        for i in 0..n {
+            for s in 0..b {
+                send[i * k + s * part..][..part].copy_from_slice(&src[(s * n + i) * part..][..part]);
+            }
+        }
+        let (send, mine) = self.run(move |c, g| {
+            let mut send = send;
+            let mine = c.reduce_scatter(g, &mut send)?;
+            Ok((send, mine))
+        })?;
+        let out = &mut local.buf[local.range];
+        match acc {
+            Accumulate::Overwrite => out.copy_from_slice(&send[mine]),
+            Accumulate::Add => out.iter_mut().zip(&send[mine]).for_each(|(o, x)| *o += x),
+        }
         Ok(())
     }
 }

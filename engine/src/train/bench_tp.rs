@@ -24,6 +24,8 @@ pub struct TensorParallelBench {
     /// The whole model's parameters.
     pub params: usize,
     pub tp: usize,
+    /// `none`, or `split_gather` (Megatron's sequence parallelism inside the tp group).
+    pub sp_mode: &'static str,
     pub batch: usize,
     pub seq_len: usize,
     /// Tokens per second of the median step (of the job: every rank trains on the same tokens).
@@ -39,8 +41,9 @@ pub struct TensorParallelBench {
     /// The most parameters, gradients and optimizer state one rank holds, and its activations.
     pub mem_bytes: u64,
     pub activation_bytes: u64,
-    /// One device's model state, for the ratio.
+    /// One device's model state and activations, for the ratios.
     pub whole_mem_bytes: u64,
+    pub whole_activation_bytes: u64,
     pub loss_first: f64,
     pub loss_last: f64,
 }
@@ -56,12 +59,14 @@ struct RankRun {
     losses: (f64, f64),
 }
 
-/// Times `steps` steps after `warmup` untimed ones of `config` cut across `tp` ranks on batches
-/// of `batch` random sequences of `seq` tokens; `on_step(i, ms)` sees rank 0's steps.
+/// Times `steps` steps after `warmup` untimed ones of `config` cut across `tp` ranks (with
+/// split_gather when `split_seq`) on batches of `batch` random sequences of `seq` tokens;
+/// `on_step(i, ms)` sees rank 0's steps.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_tensor_parallel(
     config: &ModelConfig,
     tp: usize,
+    split_seq: bool,
     batch: usize,
     seq: usize,
     warmup: usize,
@@ -80,7 +85,7 @@ pub fn bench_tensor_parallel(
             let (config, addr, on_step) = (config.clone(), addr.clone(), on_step.clone());
             std::thread::spawn(move || -> Result<RankRun> {
                 let comm = Comm::connect(rank, tp, &addr, Duration::from_secs(120))?;
-                let model = Model::with_layout(config, Chunking::whole(DEFAULT_CHUNK_ELEMS), TpRank { rank, size: tp })?;
+                let model = Model::with_layout(config, Chunking::whole(DEFAULT_CHUNK_ELEMS), TpRank { rank, size: tp, split_seq })?;
                 let mut group = TensorParallel::new(Arc::new(AsyncComm::new(comm)?), &DeviceMesh::new(tp, 1, 1, 1, tp)?, &model)?;
                 run_rank(&model, &mut group, batch, seq, warmup, steps, seed, |i, ms| {
                     if rank == 0 {
@@ -101,6 +106,7 @@ pub fn bench_tensor_parallel(
     Ok(TensorParallelBench {
         params: whole.table.len(),
         tp,
+        sp_mode: if split_seq { "split_gather" } else { "none" },
         batch,
         seq_len: seq,
         tokens_per_s: tokens / (step_ms / 1e3),
@@ -111,6 +117,7 @@ pub fn bench_tensor_parallel(
         mem_bytes: runs.iter().map(|r| r.mem_bytes).max().unwrap_or(0),
         activation_bytes: runs.iter().map(|r| r.activation_bytes).max().unwrap_or(0),
         whole_mem_bytes: 16 * whole.table.len() as u64,
+        whole_activation_bytes: whole.activation_bytes(batch, seq),
         loss_first: r0.losses.0,
         loss_last: r0.losses.1,
     })

@@ -56,7 +56,7 @@ pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64)
     // them in flight (see `DataParallel`).
     // Under tensor parallelism, rank 0's part of the model (the largest, cuts being uneven by
     // at most a row); under sequence parallelism, its part of each sequence.
-    let tp = crate::models::TpRank { rank: 0, size: run.plan.tp.max(1) };
+    let tp = crate::models::TpRank { rank: 0, size: run.plan.tp.max(1), split_seq: run.plan.sp_mode == crate::config::SpMode::SplitGather };
     let sp = crate::models::SpRank { rank: 0, size: run.plan.sp.max(1) };
     let whole = crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
     let probe = Model::with_parallel(config.clone(), whole, tp, sp)?;
@@ -136,9 +136,15 @@ mod tests {
             r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 80, "hidden_size": 32, "intermediate_size": 48,
                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
         ] {
-            let model = Model::new(ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()).unwrap();
-            for (b, t) in [(1, 1), (2, 16), (3, 64)] {
-                assert_eq!(model.activation_bytes(b, t), model.activations(b, t).unwrap().bytes(), "batch {b} seq {t}");
+            let config = ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
+            let whole = crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
+            // One device, and a rank of tp = 2 with split_gather (its own buffer lengths).
+            let split = crate::models::TpRank { rank: 1, size: 2, split_seq: true };
+            let sg = Model::with_parallel(config.clone(), whole, split, crate::models::SpRank::WHOLE).unwrap();
+            for model in [Model::new(config).unwrap(), sg] {
+                for (b, t) in [(1, 2), (2, 16), (3, 64)] {
+                    assert_eq!(model.activation_bytes(b, t), model.activations(b, t).unwrap().bytes(), "batch {b} seq {t}");
+                }
             }
         }
     }

@@ -87,22 +87,46 @@ fn all_to_all_gives_the_losses_of_one_device() {
     }
 }
 
-/// The activation buffers a rank allocates (`Model::activation_bytes`: the lengths `activations`
-/// allocates, which `acts_elems_tells_the_truth` checks against the buffers) for a micro-batch of
-/// 2 sequences of 2048 tokens on the 34M-parameter LLaMA, at sp = 2 against one device.
-#[test]
-fn all_to_all_at_sp_2_holds_at_most_0_6_of_the_activations() {
-    let config = ModelConfig::from_json(
+/// The 34M-parameter LLaMA of the memory figures (hidden 512, 6 layers, GQA 8/2, vocabulary
+/// 16384).
+fn llama_34m() -> ModelConfig {
+    ModelConfig::from_json(
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16384,"hidden_size":512,"intermediate_size":1376,
             "num_hidden_layers":6,"num_attention_heads":8,"num_key_value_heads":2,"max_position_embeddings":2048,
             "tie_word_embeddings":false}"#,
         Path::new("llama-34m/config.json"),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The activation buffers a rank allocates (`Model::activation_bytes`: the lengths `activations`
+/// allocates, which `acts_elems_tells_the_truth` checks against the buffers) for a micro-batch of
+/// 2 sequences of 2048 tokens on the 34M-parameter LLaMA, at sp = 2 against one device.
+#[test]
+fn all_to_all_at_sp_2_holds_at_most_0_6_of_the_activations() {
+    let config = llama_34m();
     let one = Model::new(config.clone()).unwrap().activation_bytes(2, 2048);
     let whole = Chunking::whole(DEFAULT_CHUNK_ELEMS);
     let half = Model::with_parallel(config, whole, TpRank::WHOLE, SpRank { rank: 1, size: 2 }).unwrap().activation_bytes(2, 1024);
     let ratio = half as f64 / one as f64;
     eprintln!("all_to_all, sp = 2, T = 2048: {half} of {one} bytes of activations ({ratio:.3}×)");
     assert!(ratio <= 0.6, "{ratio:.3}× of one device's activations");
+}
+
+/// Megatron's sequence parallelism on the same model and batch: tp = 2 alone cuts the
+/// projections', attention's and the MLP's activations but leaves the residual stream and the
+/// norms whole on each rank; split_gather cuts those too, so a rank holds about half of one
+/// device's activations.
+#[test]
+fn split_gather_at_tp_2_holds_half_of_the_activations() {
+    let config = llama_34m();
+    let one = Model::new(config.clone()).unwrap().activation_bytes(2, 2048);
+    let at = |split_seq| {
+        let whole = Chunking::whole(DEFAULT_CHUNK_ELEMS);
+        let tp = TpRank { rank: 1, size: 2, split_seq };
+        Model::with_parallel(config.clone(), whole, tp, SpRank::WHOLE).unwrap().activation_bytes(2, 2048) as f64 / one as f64
+    };
+    let (tp_only, split) = (at(false), at(true));
+    eprintln!("T = 2048: tp = 2 holds {tp_only:.3}× of one device's activations, with split_gather {split:.3}×");
+    assert!(split <= 0.55 && split < tp_only - 0.1, "tp = 2: {tp_only:.3}×, with split_gather {split:.3}×");
 }

@@ -1,14 +1,15 @@
 //! Tensor parallelism on CPU ranks (threads of this process, over sockets): every layout trains
 //! with the per-step losses of one device, on GPT-2 (tied embedding, biases) and LLaMA (GQA with
 //! fewer key/value heads than ranks, SwiGLU, RoPE), with uneven MLP and vocabulary cuts; and the
-//! whole model is put back together from the ranks' parts.
+//! whole model is put back together from the ranks' parts. Megatron's sequence parallelism
+//! (split_gather) runs inside the same groups.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::comm::Comm;
-use crate::config::{Devices, ParallelPlan, TrainConfig};
+use crate::config::{Devices, ParallelPlan, SpMode, TrainConfig};
 
 use super::Trainer;
 
@@ -79,6 +80,8 @@ fn on_ranks<R: Send + 'static>(config: TrainConfig, f: impl Fn(&mut Trainer) -> 
 /// Every rank's per-step losses and first-step `mem_bytes`.
 fn losses(config: TrainConfig) -> Vec<(Vec<f64>, u64)> {
     on_ranks(config, |t| {
+        let p = t.config.plan;
+        assert_eq!(t.model.tp.splits_seq(), p.tp > 1 && p.sp_mode == SpMode::SplitGather, "the rank runs the layout asked for");
         let steps: Vec<_> = (0..t.config.optim.steps).map(|_| t.train_step().unwrap()).collect();
         (steps.iter().map(|s| s.loss).collect(), steps[0].mem_bytes)
     })
@@ -100,9 +103,18 @@ fn every_tensor_parallel_layout_gives_the_losses_of_one_device() {
     for model in [fixture("gpt2"), fixture("llama_gqa"), uneven] {
         let one = losses(config(&model, &data, 1, 1, 0)).remove(0);
         assert!(one.0[11] < one.0[0], "{} learns: {:?}", model.display(), one.0);
-        for (dp, tp, zero) in [(1, 2, 0), (1, 4, 0), (2, 2, 1)] {
-            let ranks = losses(config(&model, &data, dp, tp, zero));
-            let what = format!("{} dp={dp} tp={tp} zero={zero}", model.display());
+        for (dp, tp, zero, sp_mode) in [
+            (1, 2, 0, SpMode::None),
+            (1, 4, 0, SpMode::None),
+            (2, 2, 1, SpMode::None),
+            (1, 2, 0, SpMode::SplitGather),
+            (1, 4, 0, SpMode::SplitGather),
+            (2, 2, 1, SpMode::SplitGather),
+        ] {
+            let mut c = config(&model, &data, dp, tp, zero);
+            c.plan.sp_mode = sp_mode;
+            let ranks = losses(c);
+            let what = format!("{} dp={dp} tp={tp} zero={zero} sp_mode={}", model.display(), sp_mode.name());
             for (rank, (got, mem)) in ranks.iter().enumerate() {
                 assert_same(&format!("{what} rank {rank}"), &one.0, got);
                 // Each rank holds about 1/tp of the model's state (more under dp without ZeRO).
@@ -143,7 +155,7 @@ fn the_ranks_parts_make_the_whole_model() {
 /// What a layout cannot do is refused before anything runs, naming the field to change.
 #[test]
 fn layouts_that_cannot_run_are_refused_by_field() {
-    use crate::config::{SpMode, TpMode};
+    use crate::config::TpMode;
     use crate::models::ModelConfig;
     let dir = tempfile::tempdir().unwrap();
     let data = write_tokens(dir.path());
@@ -168,5 +180,10 @@ fn layouts_that_cannot_run_are_refused_by_field() {
     assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "parallel.tp_mode");
     c.plan.tp_mode = TpMode::OneD;
     c.plan.sp_mode = SpMode::SplitGather;
+    super::check_layout(&c).unwrap();
+    c.data.seq_len = 15;
+    assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "data.seq_len");
+    c.data.seq_len = 16;
+    c.plan.sp_mode = SpMode::RingAttn;
     assert_eq!(field(super::check_layout(&c).unwrap_err()).0, "parallel.sp_mode");
 }

@@ -131,10 +131,30 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
                 );
             }
         }
+        SpMode::SplitGather if p.tp > 1 && p.sp == 1 => {
+            if on_gpu {
+                return unsupported("parallel.sp_mode", "sequence parallelism on GPUs is not built yet: use CPU ranks".into());
+            }
+            if !config.data.seq_len.is_multiple_of(p.tp) {
+                return unsupported(
+                    "data.seq_len",
+                    format!("split_gather cuts each sequence over the tp group: {} tokens do not split into {} equal parts (parallel.tp)", config.data.seq_len, p.tp),
+                );
+            }
+        }
+        SpMode::SplitGather => {
+            return unsupported(
+                "parallel.sp_mode",
+                "\"split_gather\" splits the sequence inside the tp group: it needs parallel.tp > 1 and parallel.sp = 1".into(),
+            )
+        }
         mode => {
             return unsupported(
                 "parallel.sp_mode",
-                format!("sequence parallelism \"{}\" is not built yet: use \"all_to_all\" (with sp > 1) or \"none\"", mode.name()),
+                format!(
+                    "sequence parallelism \"{}\" is not built yet: use \"all_to_all\" (with sp > 1), \"split_gather\" (with tp > 1) or \"none\"",
+                    mode.name()
+                ),
             )
         }
     }
@@ -194,7 +214,7 @@ pub fn check_model_layout(config: &TrainConfig, model: &ModelConfig) -> Result<(
     if tp > 1 || sp > 1 {
         // Every rank's part is checked alike: rank 0's stands for them all.
         let whole = Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
-        Model::with_parallel(model.clone(), whole, TpRank { rank: 0, size: tp }, SpRank { rank: 0, size: sp })?;
+        Model::with_parallel(model.clone(), whole, TpRank::new(0, tp), SpRank { rank: 0, size: sp })?;
     }
     Ok(())
 }
@@ -270,7 +290,8 @@ impl Trainer {
         }
         let mesh = p.mesh(world)?;
         let coords = mesh.coords(rank);
-        let (tp_rank, sp_rank) = (TpRank { rank: coords[3], size: p.tp }, SpRank { rank: coords[2], size: p.sp });
+        let split_seq = p.sp_mode == SpMode::SplitGather;
+        let (tp_rank, sp_rank) = (TpRank { rank: coords[3], size: p.tp, split_seq }, SpRank { rank: coords[2], size: p.sp });
         let mut gpu = match gpu_ordinal {
             Some(ordinal) => Some(open_gpu(ordinal)?),
             None => None,
