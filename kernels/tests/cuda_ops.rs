@@ -225,14 +225,14 @@ fn rope_matches_cpu_and_inverts() {
     let x = seeded(2 * seq * stride, 10, 1.0);
     let table = RopeTable::new(64, dim, 10000.0);
     let mut want = x.clone();
-    rope_apply(&mut want, stride, heads, seq, &table, false);
+    rope_apply(&mut want, stride, heads, seq, 0, &table, false);
     let gt = ops::GpuRopeTable::upload(&g, &table).unwrap();
     let mut xd = up::<f32>(&g, &x);
-    ops::rope_apply(&g, &mut xd, stride, heads, seq, &gt, false).unwrap();
+    ops::rope_apply(&g, &mut xd, stride, heads, seq, 0, &gt, false).unwrap();
     assert_close(&down(&g, &xd), &want, 1e-5);
-    ops::rope_apply(&g, &mut xd, stride, heads, seq, &gt, true).unwrap();
+    ops::rope_apply(&g, &mut xd, stride, heads, seq, 0, &gt, true).unwrap();
     assert_close(&down(&g, &xd), &x, 1e-5);
-    let err = ops::rope_apply(&g, &mut xd, stride, heads, 65, &gt, false).unwrap_err();
+    let err = ops::rope_apply(&g, &mut xd, stride, heads, 65, 0, &gt, false).unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err}");
 }
 

@@ -198,11 +198,12 @@ impl Backend for Cpu {
         stride: usize,
         heads: usize,
         seq: usize,
+        pos0: usize,
         host: &RopeTable,
         _: &(),
         inverse: bool,
     ) -> Result<()> {
-        rope::rope_apply(w(x), stride, heads, seq, host, inverse);
+        rope::rope_apply(w(x), stride, heads, seq, pos0, host, inverse);
         Ok(())
     }
 

@@ -296,11 +296,12 @@ mod imp {
             stride: usize,
             heads: usize,
             seq: usize,
+            pos0: usize,
             _: &RopeTable,
             table: &GpuRopeTable,
             inverse: bool,
         ) -> Result<()> {
-            ops::rope_apply(&self.gpu, &mut w(x), stride, heads, seq, table, inverse)?;
+            ops::rope_apply(&self.gpu, &mut w(x), stride, heads, seq, pos0, table, inverse)?;
             Ok(())
         }
 

@@ -199,7 +199,7 @@ pub trait Backend: Sized {
         dqkv: SpanMut<'_, Self::Act>,
     ) -> Result<()>;
     /// Rotates heads `0..heads` at the start of every `stride`-wide row (row r at position
-    /// r % seq); `inverse` is the backward pass.
+    /// `pos0 + r % seq`); `inverse` is the backward pass.
     #[allow(clippy::too_many_arguments)]
     fn rope_apply(
         &self,
@@ -207,6 +207,7 @@ pub trait Backend: Sized {
         stride: usize,
         heads: usize,
         seq: usize,
+        pos0: usize,
         host: &RopeTable,
         dev: &Self::Rope,
         inverse: bool,

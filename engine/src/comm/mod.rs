@@ -83,6 +83,7 @@ enum Op {
     SendRecv = 5,
     AllToAll = 6,
     Barrier = 7,
+    Shift = 8,
 }
 
 /// One rank's endpoint.
@@ -409,6 +410,26 @@ impl Comm {
                 return Err(peer_error(peer, format!("sent {} bytes (op {}) where {} were expected", got[1], got[0] as u32, data.len())));
             }
             c.links.exchange(None, Some(Incoming { peer, buf: data, progress: None }))
+        })
+    }
+
+    /// One step around the ring: `send` goes to the next member while `recv` (the same length)
+    /// fills from the previous one (ring attention's key/value blocks).
+    pub fn shift(&mut self, g: &Group, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::Comm { rank: None, message: format!("shift: {} elements sent, {} received", send.len(), recv.len()) });
+        }
+        self.guarded(|c| {
+            if g.size() == 1 {
+                recv.copy_from_slice(send);
+                return Ok(());
+            }
+            let (to, from) = (g.next(), g.prev());
+            c.header(Op::Shift, send.len(), to, from)?;
+            c.links.exchange(
+                Some(Outgoing { peer: to, bufs: vec![bytemuck::cast_slice(send)] }),
+                Some(Incoming { peer: from, buf: bytemuck::cast_slice_mut(recv), progress: None }),
+            )
         })
     }
 

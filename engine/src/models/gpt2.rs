@@ -216,7 +216,7 @@ impl Gpt2 {
     /// known before anything is allocated).
     fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 25] {
         let (n, c, l, inner, a) = (batch * seq, self.c, self.blocks.len(), self.inner, self.attn());
-        let sp = usize::from(!self.sp.is_whole());
+        let sp = usize::from(self.sp.is_ulysses());
         // Split_gather: the residual stream and the norms hold this rank's part of each
         // sequence.
         let (sg, nl) = (usize::from(self.tp.splits_seq()), n / self.tp.seq_parts());
@@ -290,7 +290,12 @@ impl Gpt2 {
     /// Attention's shape for `b` sequences of `seq` tokens (this rank's part of each): whole
     /// sequences, for this rank's heads.
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        let (n, h) = (self.sp.size, self.heads / self.sp.size);
+        if self.sp.is_ring() {
+            // Two local sequences (zigzag chunks) of each whole one, every head.
+            return AttnShape { batch: b / 2, seq, heads: self.heads, kv_heads: self.heads, dim: self.head_dim };
+        }
+        let n = if self.sp.is_ulysses() { self.sp.size } else { 1 };
+        let h = self.heads / n;
         AttnShape { batch: b, seq: seq * n, heads: h, kv_heads: h, dim: self.head_dim }
     }
 
@@ -298,6 +303,7 @@ impl Gpt2 {
     /// attention output row.
     fn head_groups(&self) -> (HeadGroups, HeadGroups) {
         let (a, n) = (self.attn(), self.sp.size);
+        debug_assert!(self.sp.is_ulysses());
         (HeadGroups { parts: vec![(0, a / n), (a, a / n), (2 * a, a / n)] }, HeadGroups { parts: vec![(0, a / n)] })
     }
 
@@ -313,6 +319,18 @@ impl Gpt2 {
             let (rows, b) = (x.rows(), x.b);
             let local = SpanMut::at(B::act_mut(&mut a.res), 0, rows / tp.size * c);
             return group_of(pa, tp)?.scatter_seq(Span::at(&*full, 0, rows * c), b, local, Overwrite);
+        }
+        if self.sp.is_ring() {
+            // Each local sequence is a zigzag chunk: its positions start at the chunk's place.
+            embed(be, pa, tp, &self.wte_slices, self.wte, first, None, B::act_mut(&mut a.res), x.inputs, x.seq, c)?;
+            pa.need(&[self.wpe.range()])?;
+            let part = x.seq * c;
+            for i in 0..x.b {
+                let from = self.wpe.offset + self.sp.first_position(i, x.seq) * c;
+                let positions = Span::new(pa.get().master, from..self.wpe.offset + self.wpe.len);
+                be.add_positions(SpanMut::at(B::act_mut(&mut a.res), i * part, part), positions, x.seq, c)?;
+            }
+            return Ok(());
         }
         embed(be, pa, tp, &self.wte_slices, self.wte, first, wpe, B::act_mut(&mut a.res), x.inputs, x.seq, c)
     }
@@ -332,7 +350,7 @@ impl Gpt2 {
         let (c, n, cap, tp) = (self.c, x.rows(), a.n, self.tp);
         let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
         let (nlc, inner, aw) = (nl * c, self.inner, self.attn());
-        let ulysses = !self.sp.is_whole();
+        let (ulysses, ring) = (self.sp.is_ulysses(), self.sp.is_ring());
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -357,7 +375,12 @@ impl Gpt2 {
             } else {
                 at_mut(B::act_mut(&mut a.att), l, cap * aw, n * aw)
             };
-            be.attention_forward(self.shape(x.b, x.seq), at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw), att, lse)?;
+            let qkv = at(B::act(&a.qkv), l, cap * 3 * aw, n * 3 * aw);
+            if ring {
+                seq_group_of(pa)?.ring_attention_forward(self.shape(x.b, x.seq), qkv, att, lse)?;
+            } else {
+                be.attention_forward(self.shape(x.b, x.seq), qkv, att, lse)?;
+            }
             if ulysses {
                 let (groups, full) = (self.head_groups().1, at(B::act(&a.att_full), l, cap * aw, n * aw));
                 seq_group_of(pa)?.heads_to_seq(full, x.b, &groups, MatMut::new(B::act_mut(&mut a.att), l * cap * aw, n, aw))?;
@@ -438,7 +461,7 @@ impl Gpt2 {
         let (c, n, cap, inner, tp) = (self.c, x.rows(), a.n, self.inner, self.tp);
         let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
         let (nc, nlc, ni, aw) = (n * c, nl * c, n * inner, self.attn());
-        let ulysses = !self.sp.is_whole();
+        let (ulysses, ring) = (self.sp.is_ulysses(), self.sp.is_ring());
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[self.block_ranges[l].clone()])?;
@@ -488,7 +511,12 @@ impl Gpt2 {
                 seq_group_of(pa)?.heads_to_seq(full, x.b, &groups.0, MatMut::new(B::act_mut(&mut a.dbig), 0, n, 3 * aw))?;
             } else {
                 let (att, dc) = (at(B::act(&a.att), l, cap * aw, n * aw), at(B::act(&a.dc), 0, n * aw, n * aw));
-                be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw))?;
+                let dqkv = SpanMut::at(B::act_mut(&mut a.dbig), 0, n * 3 * aw);
+                if ring {
+                    seq_group_of(pa)?.ring_attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, dqkv)?;
+                } else {
+                    be.attention_backward(self.shape(x.b, x.seq), qkv, att, lse, dc, dqkv)?;
+                }
             }
             let ln1 = gather_seq(pa, tp, x.b, at(B::act(&a.ln1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
             let (ln1, dqkv) = (Mat::new(ln1.buf, ln1.range.start, n, c), Mat::new(B::act(&a.dbig), 0, n, 3 * aw));
@@ -517,8 +545,19 @@ impl Gpt2 {
         let (nc, tp) = (x.rows() * self.c, self.tp);
         let (wte, first) = (self.wte.range(), self.vocab_first);
         let dres = gather_seq(pa, tp, x.b, Span::at(B::act(&a.dres), 0, nc / tp.seq_parts()), B::act_mut(&mut a.gathered))?;
+        if self.sp.is_ring() {
+            // A local sequence at a time: each starts at its chunk's place.
+            let (c, part) = (self.c, x.seq * self.c);
+            for i in 0..x.b {
+                let wpe = self.wpe.offset + self.sp.first_position(i, x.seq) * c..self.wpe.offset + self.wpe.len;
+                let (dres, inputs) = (Span::at(B::act(&a.dres), i * part, part), x.inputs.rows(i * x.seq..(i + 1) * x.seq));
+                be.embedding_backward(g, wte.clone(), first, Some(wpe), dres, inputs, x.seq, c)?;
+            }
+            pa.grads_ready(g, self.wpe.range())?;
+            return pa.grads_ready(g, self.wte.range());
+        }
         // This rank's positions of the table (its part of each sequence).
-        let wpe = self.wpe.offset + self.sp.rank * x.seq * self.c..self.wpe.offset + self.wpe.len;
+        let wpe = self.wpe.offset + self.sp.first_position(0, x.seq) * self.c..self.wpe.offset + self.wpe.len;
         let wpe = (!tp.splits_seq() || tp.lead()).then_some(wpe);
         be.embedding_backward(g, wte, first, wpe, dres, x.inputs, x.seq, self.c)?;
         pa.grads_ready(g, self.wpe.range())?;

@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use gantry_kernels::cpu::attention::AttnShape;
+
 use super::sp::HeadGroups;
 use super::TpRank;
 use crate::backend::{Accumulate, Backend, Cpu, Mat, MatMut, Span, SpanMut, Weights};
@@ -61,6 +63,27 @@ pub trait SequenceGroup<B: Backend> {
     /// The reverse: `full` (this rank's head group, whole sequences) back into the columns of
     /// every head group of this rank's tokens in `local`.
     fn heads_to_seq(&mut self, full: Span<'_, B::Act>, b: usize, groups: &HeadGroups, local: MatMut<'_, B::Act>) -> Result<()>;
+    /// Ring attention: causal attention of this rank's queries in `qkv` (`[2b·C, s.qkv_width()]`,
+    /// its two zigzag chunks of each of `s.batch` sequences, `s.seq` = C) over every rank's keys
+    /// and values, passed around the ring; `out` and `lse` as `attention_forward` writes them.
+    fn ring_attention_forward(
+        &mut self,
+        s: AttnShape,
+        qkv: Span<'_, B::Act>,
+        out: SpanMut<'_, B::Act>,
+        lse: SpanMut<'_, B::F32>,
+    ) -> Result<()>;
+    /// Its backward: `dqkv` (this rank's rows) from the output's gradient `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn ring_attention_backward(
+        &mut self,
+        s: AttnShape,
+        qkv: Span<'_, B::Act>,
+        out: Span<'_, B::Act>,
+        lse: Span<'_, B::F32>,
+        dout: Span<'_, B::Act>,
+        dqkv: SpanMut<'_, B::Act>,
+    ) -> Result<()>;
 }
 
 /// The collectives a model cut across tensor-parallel ranks runs inside its layers: the model

@@ -239,7 +239,7 @@ impl Llama {
     fn acts_lens(&self, batch: usize, seq: usize, block_floats: usize) -> [usize; 26] {
         let (n, c, l) = (batch * seq, self.c, self.blocks.len());
         let (w, hd, inner) = (self.qkv_width(), self.heads * self.head_dim, self.inner);
-        let sp = usize::from(!self.sp.is_whole());
+        let sp = usize::from(self.sp.is_ulysses());
         // Split_gather: the residual stream and the norms hold this rank's part of each
         // sequence.
         let (sg, nl) = (usize::from(self.tp.splits_seq()), n / self.tp.seq_parts());
@@ -320,14 +320,52 @@ impl Llama {
     /// sequences, for this rank's heads (all of them, its tensor-parallel part, or under
     /// sequence parallelism its share).
     fn shape(&self, b: usize, seq: usize) -> AttnShape {
-        let n = self.sp.size;
+        if self.sp.is_ring() {
+            // Two local sequences (zigzag chunks) of each whole one, every head.
+            return AttnShape { batch: b / 2, seq, heads: self.heads, kv_heads: self.kv_heads, dim: self.head_dim };
+        }
+        let n = self.head_split();
         AttnShape { batch: b, seq: seq * n, heads: self.heads / n, kv_heads: self.kv_heads / n, dim: self.head_dim }
+    }
+
+    /// The groups Ulysses' all-to-alls split the heads into (1 otherwise).
+    fn head_split(&self) -> usize {
+        if self.sp.is_ulysses() {
+            self.sp.size
+        } else {
+            1
+        }
+    }
+
+    /// RoPE on the first `heads` heads of every `stride`-wide row of `x`, rows being sequences
+    /// of `seq` tokens from position 0; under ring attention each is a zigzag chunk, rotated at
+    /// its place in the whole sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_apply<B: Backend>(
+        &self,
+        be: &B,
+        x: SpanMut<'_, B::Act>,
+        stride: usize,
+        heads: usize,
+        seq: usize,
+        dev: &B::Rope,
+        inverse: bool,
+    ) -> Result<()> {
+        if !self.sp.is_ring() {
+            return be.rope_apply(x, stride, heads, seq, 0, &self.rope, dev, inverse);
+        }
+        let (at0, part) = (x.range.start, seq * stride);
+        for i in 0..x.len() / part {
+            let pos0 = self.sp.first_position(i, seq);
+            be.rope_apply(SpanMut::at(&mut *x.buf, at0 + i * part, part), stride, heads, seq, pos0, &self.rope, dev, inverse)?;
+        }
+        Ok(())
     }
 
     /// Sequence parallelism: the columns of each rank's head group in a fused QKV row, and in an
     /// attention output row.
     fn head_groups(&self) -> (HeadGroups, HeadGroups) {
-        let (n, d) = (self.sp.size, self.head_dim);
+        let (n, d) = (self.head_split(), self.head_dim);
         let (hq, hkv) = (self.heads * d, self.kv_heads * d);
         let qkv = HeadGroups { parts: vec![(0, hq / n), (hq, hkv / n), (hq + hkv, hkv / n)] };
         (qkv, HeadGroups { parts: vec![(0, hq / n)] })
@@ -364,7 +402,7 @@ impl Llama {
         let (nl, capl) = (n / tp.seq_parts(), cap / tp.seq_parts());
         let (nlc, w, hd, inner) = (nl * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
-        let ulysses = !self.sp.is_whole();
+        let (ulysses, ring) = (self.sp.is_ulysses(), self.sp.is_ring());
         for l in range {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
@@ -396,15 +434,20 @@ impl Llama {
                 )?;
             }
             let s = self.shape(x.b, seq);
-            let (sw, sheads) = (w / self.sp.size, s.heads + s.kv_heads);
-            be.rope_apply(SpanMut::at(B::act_mut(&mut a.qkv), lw, n * w), sw, sheads, s.seq, &self.rope, &a.rope, false)?;
+            let (sw, sheads) = (w / self.head_split(), s.heads + s.kv_heads);
+            self.rope_apply(be, SpanMut::at(B::act_mut(&mut a.qkv), lw, n * w), sw, sheads, seq * self.head_split(), &a.rope, false)?;
             let lse = at_mut(B::f32s_mut(&mut a.lse), l, cap * self.heads, n * self.heads);
             let att = if ulysses {
                 at_mut(B::act_mut(&mut a.att_full), l, cap * hd, n * hd)
             } else {
                 at_mut(B::act_mut(&mut a.att), l, cap * hd, n * hd)
             };
-            be.attention_forward(s, at(B::act(&a.qkv), l, cap * w, n * w), att, lse)?;
+            let qkv = at(B::act(&a.qkv), l, cap * w, n * w);
+            if ring {
+                seq_group_of(pa)?.ring_attention_forward(s, qkv, att, lse)?;
+            } else {
+                be.attention_forward(s, qkv, att, lse)?;
+            }
             if ulysses {
                 let groups = &self.head_groups().1;
                 let full = at(B::act(&a.att_full), l, cap * hd, n * hd);
@@ -493,7 +536,7 @@ impl Llama {
         let (nc, nlc, w, hd, inner) = (n * c, nl * c, self.qkv_width(), self.heads * self.head_dim, self.inner);
         let (q_off, v_off) = (hd, hd + self.kv_heads * self.head_dim);
         let ni = n * inner;
-        let ulysses = !self.sp.is_whole();
+        let (ulysses, ring) = (self.sp.is_ulysses(), self.sp.is_ring());
         for l in range.rev() {
             let blk = &self.blocks[l];
             pa.need(&[blk.range()])?;
@@ -526,7 +569,7 @@ impl Llama {
             blk.o.backward(be, pa.get(), g, att, dres, Some((MatMut::new(B::act_mut(&mut a.datt), 0, n, hd), Overwrite)))?;
             pa.grads_ready(g, blk.o.range())?;
             let s = self.shape(x.b, seq);
-            let (sw, sheads) = (w / self.sp.size, s.heads + s.kv_heads);
+            let (sw, sheads) = (w / self.head_split(), s.heads + s.kv_heads);
             if ulysses {
                 // The output's gradient to whole sequences for this rank's heads, attention's
                 // backward there, and the QKV gradient back to this rank's tokens.
@@ -536,14 +579,19 @@ impl Llama {
                 let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
                 let (att, datt) = (at(B::act(&a.att_full), l, cap * hd, n * hd), at(B::act(&a.datt_full), 0, n * hd, n * hd));
                 be.attention_backward(s, qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * w))?;
-                be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * w), sw, sheads, s.seq, &self.rope, &a.rope, true)?;
+                self.rope_apply(be, SpanMut::at(B::act_mut(&mut a.dqkv_full), 0, n * w), sw, sheads, s.seq, &a.rope, true)?;
                 let full = at(B::act(&a.dqkv_full), 0, n * w, n * w);
                 seq_group_of(pa)?.heads_to_seq(full, x.b, &groups.0, MatMut::new(B::act_mut(&mut a.dqkv), 0, n, w))?;
             } else {
                 let (qkv, lse) = (at(B::act(&a.qkv), l, cap * w, n * w), at(B::f32s(&a.lse), l, cap * self.heads, n * self.heads));
                 let (att, datt) = (at(B::act(&a.att), l, cap * hd, n * hd), at(B::act(&a.datt), 0, n * hd, n * hd));
-                be.attention_backward(s, qkv, att, lse, datt, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w))?;
-                be.rope_apply(SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), sw, sheads, s.seq, &self.rope, &a.rope, true)?;
+                let dqkv = SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w);
+                if ring {
+                    seq_group_of(pa)?.ring_attention_backward(s, qkv, att, lse, datt, dqkv)?;
+                } else {
+                    be.attention_backward(s, qkv, att, lse, datt, dqkv)?;
+                }
+                self.rope_apply(be, SpanMut::at(B::act_mut(&mut a.dqkv), 0, n * w), sw, sheads, seq, &a.rope, true)?;
             }
             let n1 = gather_seq(pa, tp, x.b, at(B::act(&a.n1), l, capl * c, nlc), B::act_mut(&mut a.gathered))?;
             let n1 = Mat::new(n1.buf, n1.range.start, n, c);

@@ -11,6 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gantry_kernels::cpu::attention::AttnShape;
+use gantry_kernels::cpu::ring_attention::{
+    pack_kv, ring_backward_step, ring_delta, ring_forward_init, ring_forward_step, zigzag_chunks, RingStep,
+};
+
 use crate::backend::{Cpu, Mat, MatMut, Span, SpanMut};
 use crate::comm::{AsyncComm, Group};
 use crate::models::hooks::SequenceGroup;
@@ -46,6 +51,30 @@ impl SequenceParallel {
     /// Time spent in the group's collectives since last taken.
     pub fn take_comm_time(&mut self) -> Duration {
         std::mem::take(&mut self.busy)
+    }
+
+    /// Starts passing `block` to the next rank of the ring (and receiving the previous one's).
+    fn start_shift(&self, block: Arc<Vec<f32>>) -> crate::comm::Pending<Vec<f32>> {
+        let g = self.group.clone();
+        self.comm.submit(move |c| {
+            let mut recv = vec![0.0f32; block.len()];
+            c.shift(&g, &block, &mut recv)?;
+            Ok(recv)
+        })
+    }
+
+    /// Waits for a shift, counting the time it kept this rank waiting.
+    fn finish_shift(&mut self, p: crate::comm::Pending<Vec<f32>>) -> Result<Vec<f32>> {
+        let start = Instant::now();
+        let r = p.wait().map(|(v, _)| v);
+        self.busy += start.elapsed();
+        r
+    }
+
+    /// The step's shape and chunks for the block that came from `src`.
+    fn step<'a>(&self, s: AttnShape, qkv: &'a [f32], kv: &'a [f32], src: usize) -> RingStep<'a> {
+        let n = self.size();
+        RingStep { s, qkv, q_chunks: zigzag_chunks(self.rank(), n), kv, k_chunks: zigzag_chunks(src, n) }
     }
 
     fn all_to_all(&mut self, send: Vec<f32>) -> Result<Vec<f32>> {
@@ -122,6 +151,65 @@ impl SequenceGroup<Cpu> for SequenceParallel {
                     at += cols.len();
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The rank's own block first, then each predecessor's as it arrives; the next block is
+    /// already travelling while this one is computed.
+    fn ring_attention_forward(
+        &mut self,
+        s: AttnShape,
+        qkv: Span<'_, [f32]>,
+        out: SpanMut<'_, [f32]>,
+        lse: SpanMut<'_, [f32]>,
+    ) -> Result<()> {
+        let (n, me) = (self.size(), self.rank());
+        let (qkv, out, lse) = (&qkv.buf[qkv.range], &mut out.buf[out.range], &mut lse.buf[lse.range]);
+        ring_forward_init(out, lse);
+        let mut kv = Arc::new(pack_kv(s, qkv));
+        for j in 0..n {
+            let next = (j + 1 < n).then(|| self.start_shift(kv.clone()));
+            ring_forward_step(self.step(s, qkv, &kv, (me + n - j) % n), out, lse);
+            if let Some(p) = next {
+                kv = Arc::new(self.finish_shift(p)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocks come round again in the same order; each carries the key/value gradient the
+    /// ranks before added to it, and after `n` steps every block's gradient is back with its
+    /// owner.
+    fn ring_attention_backward(
+        &mut self,
+        s: AttnShape,
+        qkv: Span<'_, [f32]>,
+        out: Span<'_, [f32]>,
+        lse: Span<'_, [f32]>,
+        dout: Span<'_, [f32]>,
+        dqkv: SpanMut<'_, [f32]>,
+    ) -> Result<()> {
+        let (n, me) = (self.size(), self.rank());
+        let (qkv, out, lse, dout) = (&qkv.buf[qkv.range], &out.buf[out.range], &lse.buf[lse.range], &dout.buf[dout.range]);
+        let delta = ring_delta(s, out, dout);
+        let mut dq = vec![0.0f32; out.len()];
+        let mut kv = Arc::new(pack_kv(s, qkv));
+        let mut dkv = vec![0.0f32; kv.len()];
+        for j in 0..n {
+            let next = (j + 1 < n).then(|| self.start_shift(kv.clone()));
+            ring_backward_step(self.step(s, qkv, &kv, (me + n - j) % n), lse, &delta, dout, &mut dq, &mut dkv);
+            let p = self.start_shift(Arc::new(dkv));
+            dkv = self.finish_shift(p)?;
+            if let Some(p) = next {
+                kv = Arc::new(self.finish_shift(p)?);
+            }
+        }
+        let (w, hd) = (s.qkv_width(), s.out_width());
+        let dqkv = &mut dqkv.buf[dqkv.range];
+        for ((row, q), kv) in dqkv.chunks_exact_mut(w).zip(dq.chunks_exact(hd)).zip(dkv.chunks_exact(w - hd)) {
+            row[..hd].copy_from_slice(q);
+            row[hd..].copy_from_slice(kv);
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64)
     // Under tensor parallelism, rank 0's part of the model (the largest, cuts being uneven by
     // at most a row); under sequence parallelism, its part of each sequence.
     let tp = crate::models::TpRank { rank: 0, size: run.plan.tp.max(1), split_seq: run.plan.sp_mode == crate::config::SpMode::SplitGather };
-    let sp = crate::models::SpRank { rank: 0, size: run.plan.sp.max(1) };
+    let sp = crate::models::SpRank { rank: 0, size: run.plan.sp.max(1), ring: run.plan.sp_mode == crate::config::SpMode::RingAttn };
     let whole = crate::params::Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
     let probe = Model::with_parallel(config.clone(), whole, tp, sp)?;
     let n = probe.table.len() as u64;
@@ -72,7 +72,8 @@ pub fn estimate_memory(run: &TrainConfig, config: &ModelConfig, text_bytes: u64)
     let parameters = 4 * if zero >= 3 { (shard + block + 2 * chunk).min(n) } else { n };
     let gradients = 4 * if zero >= 2 { (shard + 3 * chunk).min(n) } else { n };
     let optimizer = 8 * if zero >= 1 { shard } else { n };
-    let activations = model.activation_bytes(run.optim.micro_batch, run.data.seq_len / sp.size);
+    let (batch, seq) = sp.local_batch(run.optim.micro_batch, run.data.seq_len);
+    let activations = model.activation_bytes(batch, seq);
     let on_gpu = run.on_gpu();
     // A GPU rank keeps a 16-bit working copy beside the f32 masters; a CPU rank 0 under DDP keeps
     // a host copy of the parameters and moments for the checkpoint writer.

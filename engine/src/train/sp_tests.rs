@@ -56,12 +56,35 @@ fn losses(config: TrainConfig) -> Vec<Vec<f64>> {
             std::thread::spawn(move || {
                 let comm = Comm::connect(rank, world, &addr, Duration::from_secs(60)).unwrap();
                 let mut t = Trainer::with_comm((*config).clone(), Some(comm)).unwrap();
-                assert_eq!(t.acts.seq(), config.data.seq_len / config.plan.sp, "each rank runs its part of each sequence");
+                let (seq, sp) = (config.data.seq_len, config.plan.sp);
+                let want = if config.plan.sp_mode == SpMode::RingAttn { seq / (2 * sp) } else { seq / sp };
+                assert_eq!(t.acts.seq(), want, "each rank runs its part of each sequence");
                 (0..steps).map(|_| t.train_step().unwrap().loss).collect::<Vec<f64>>()
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().expect("a rank failed")).collect()
+}
+
+/// Ring attention: sp = 2 and sp = 4 (zigzag chunks of 4 and 2 tokens), and sp = 2 × dp = 2
+/// with ZeRO-1.
+#[test]
+fn ring_attn_gives_the_losses_of_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_tokens(dir.path());
+    for model in [fixture("gpt2"), fixture("llama_gqa")] {
+        let one = losses(config(&model, &data, 1, 1, 0)).remove(0);
+        for (dp, sp, zero) in [(1, 2, 0), (1, 4, 0), (2, 2, 1)] {
+            let mut c = config(&model, &data, dp, sp, zero);
+            c.plan.sp_mode = SpMode::RingAttn;
+            for (rank, got) in losses(c).iter().enumerate() {
+                for (i, (a, b)) in one.iter().zip(got).enumerate() {
+                    let rel = (a - b).abs() / a;
+                    assert!(rel <= 1e-4, "{} ring dp={dp} sp={sp} rank {rank} step {}: {b} vs {a} ({rel:e})", model.display(), i + 1);
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -107,9 +130,25 @@ fn all_to_all_at_sp_2_holds_at_most_0_6_of_the_activations() {
     let config = llama_34m();
     let one = Model::new(config.clone()).unwrap().activation_bytes(2, 2048);
     let whole = Chunking::whole(DEFAULT_CHUNK_ELEMS);
-    let half = Model::with_parallel(config, whole, TpRank::WHOLE, SpRank { rank: 1, size: 2 }).unwrap().activation_bytes(2, 1024);
+    let half = Model::with_parallel(config, whole, TpRank::WHOLE, SpRank::ulysses(1, 2)).unwrap().activation_bytes(2, 1024);
     let ratio = half as f64 / one as f64;
     eprintln!("all_to_all, sp = 2, T = 2048: {half} of {one} bytes of activations ({ratio:.3}×)");
+    assert!(ratio <= 0.6, "{ratio:.3}× of one device's activations");
+}
+
+/// Ring attention on the same model and batch: a rank runs two chunks of 512 tokens of each
+/// sequence; attention's own buffers hold those rows only (the key/value blocks in flight are
+/// two `[1024, 256]` blocks per layer call, freed after it).
+#[test]
+fn ring_attn_at_sp_2_holds_at_most_0_6_of_the_activations() {
+    let config = llama_34m();
+    let one = Model::new(config.clone()).unwrap().activation_bytes(2, 2048);
+    let whole = Chunking::whole(DEFAULT_CHUNK_ELEMS);
+    let sp = SpRank { rank: 1, size: 2, ring: true };
+    let (b, t) = sp.local_batch(2, 2048);
+    let half = Model::with_parallel(config, whole, TpRank::WHOLE, sp).unwrap().activation_bytes(b, t);
+    let ratio = half as f64 / one as f64;
+    eprintln!("ring_attn, sp = 2, T = 2048: {half} of {one} bytes of activations ({ratio:.3}×)");
     assert!(ratio <= 0.6, "{ratio:.3}× of one device's activations");
 }
 

@@ -148,11 +148,32 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
                 "\"split_gather\" splits the sequence inside the tp group: it needs parallel.tp > 1 and parallel.sp = 1".into(),
             )
         }
+        SpMode::RingAttn if p.sp > 1 => {
+            if on_gpu {
+                return unsupported("parallel.sp_mode", "sequence parallelism on GPUs is not built yet: use CPU ranks".into());
+            }
+            if p.tp > 1 {
+                return unsupported(
+                    "parallel.sp",
+                    "ring_attn with tensor parallelism is not built yet: use parallel.tp = 1 with parallel.sp > 1".into(),
+                );
+            }
+            if !config.data.seq_len.is_multiple_of(2 * p.sp) {
+                return unsupported(
+                    "data.seq_len",
+                    format!(
+                        "ring_attn cuts each sequence into 2 × parallel.sp = {} equal chunks: {} tokens do not divide",
+                        2 * p.sp,
+                        config.data.seq_len
+                    ),
+                );
+            }
+        }
         mode => {
             return unsupported(
                 "parallel.sp_mode",
                 format!(
-                    "sequence parallelism \"{}\" is not built yet: use \"all_to_all\" (with sp > 1), \"split_gather\" (with tp > 1) or \"none\"",
+                    "sequence parallelism \"{}\" needs its axis: \"all_to_all\" and \"ring_attn\" with parallel.sp > 1, \"split_gather\" with parallel.tp > 1, else \"none\"",
                     mode.name()
                 ),
             )
@@ -214,7 +235,8 @@ pub fn check_model_layout(config: &TrainConfig, model: &ModelConfig) -> Result<(
     if tp > 1 || sp > 1 {
         // Every rank's part is checked alike: rank 0's stands for them all.
         let whole = Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS);
-        Model::with_parallel(model.clone(), whole, TpRank::new(0, tp), SpRank { rank: 0, size: sp })?;
+        let ring = config.plan.sp_mode == SpMode::RingAttn;
+        Model::with_parallel(model.clone(), whole, TpRank::new(0, tp), SpRank { rank: 0, size: sp, ring })?;
     }
     Ok(())
 }
@@ -291,7 +313,10 @@ impl Trainer {
         let mesh = p.mesh(world)?;
         let coords = mesh.coords(rank);
         let split_seq = p.sp_mode == SpMode::SplitGather;
-        let (tp_rank, sp_rank) = (TpRank { rank: coords[3], size: p.tp, split_seq }, SpRank { rank: coords[2], size: p.sp });
+        let (tp_rank, sp_rank) = (
+            TpRank { rank: coords[3], size: p.tp, split_seq },
+            SpRank { rank: coords[2], size: p.sp, ring: p.sp_mode == SpMode::RingAttn },
+        );
         let mut gpu = match gpu_ordinal {
             Some(ordinal) => Some(open_gpu(ordinal)?),
             None => None,
@@ -352,7 +377,8 @@ impl Trainer {
             message: format!("{} tokens hold no window of data.seq_len + 1 = {}", tokens.len(), seq + 1),
         })?;
         // A sequence-parallel rank runs its part of each sequence.
-        let acts = model.activations(config.optim.micro_batch, seq / sp_rank.size)?;
+        let (local_batch, local_seq) = sp_rank.local_batch(config.optim.micro_batch, seq);
+        let acts = model.activations(local_batch, local_seq)?;
         let pieces = dp.as_ref().map_or_else(|| std::iter::once(0..model.table.len()).collect(), |d| d.pieces());
         let mut buffers = ParamBuffers::sharded(&model.table, pieces);
         buffers.params = params;
@@ -431,7 +457,17 @@ impl Trainer {
         for (k, b) in batches.iter_mut().enumerate() {
             let first = rank * (global / ranks) + k * micro;
             self.sampler.fill(&self.tokens, self.step, global, first..first + micro, b);
-            if !sp.is_whole() {
+            if sp.is_ring() {
+                // Ring attention: its two zigzag chunks of each window, each a window of its own
+                // (with the token after it, its last target).
+                let seq = self.config.data.seq_len;
+                let part = seq / (2 * sp.size);
+                let windows: Vec<u32> = b
+                    .chunks(seq + 1)
+                    .flat_map(|w| (0..2).flat_map(move |i| w[sp.first_position(i, part)..][..part + 1].to_vec()))
+                    .collect();
+                *b = windows;
+            } else if !sp.is_whole() {
                 // A sequence-parallel rank keeps its consecutive part of each window (and the
                 // token after it, its last target).
                 let seq = self.config.data.seq_len;

@@ -14,6 +14,7 @@ pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod reference;
+pub mod ring_attention;
 pub mod rope;
 pub mod vec;
 

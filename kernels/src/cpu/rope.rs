@@ -45,15 +45,16 @@ impl RopeTable {
 }
 
 /// Rotates heads `0..heads` (each `2*half` wide) at the start of every row of `x`, a
-/// `[rows, row_stride]` buffer whose row `r` holds position `r % seq`. `inverse` rotates by
-/// the negative angle, which is the backward pass (the rotation is orthogonal).
-pub fn rope_apply(x: &mut [f32], row_stride: usize, heads: usize, seq: usize, table: &RopeTable, inverse: bool) {
+/// `[rows, row_stride]` buffer whose row `r` holds position `pos0 + r % seq` (`pos0`: where a
+/// part of a sequence starts, under sequence parallelism). `inverse` rotates by the negative
+/// angle, which is the backward pass (the rotation is orthogonal).
+pub fn rope_apply(x: &mut [f32], row_stride: usize, heads: usize, seq: usize, pos0: usize, table: &RopeTable, inverse: bool) {
     let half = table.half;
     let dim = 2 * half;
-    assert!(heads * dim <= row_stride && seq <= table.positions(), "rope: shape exceeds its table");
+    assert!(heads * dim <= row_stride && pos0 + seq <= table.positions(), "rope: shape exceeds its table");
     let sign = if inverse { -1.0f32 } else { 1.0 };
     x.par_chunks_mut(row_stride).enumerate().for_each(|(r, row)| {
-        let pos = r % seq;
+        let pos = pos0 + r % seq;
         let cos = &table.cos[pos * half..][..half];
         let sin = &table.sin[pos * half..][..half];
         for h in row[..heads * dim].chunks_exact_mut(dim) {
@@ -74,13 +75,27 @@ mod tests {
     use crate::cpu::reference;
     use crate::cpu::test_util::{assert_close, seeded};
 
+    /// A part of a sequence starting at `pos0` is rotated as those rows of the whole sequence.
+    #[test]
+    fn an_offset_part_matches_the_whole_sequence() {
+        let (seq, heads, dim) = (12, 2, 8);
+        let x = seeded(seq * heads * dim, 3, 1.0);
+        let table = RopeTable::new(16, dim, 10000.0);
+        let mut whole = x.clone();
+        rope_apply(&mut whole, heads * dim, heads, seq, 0, &table, false);
+        let (pos0, part) = (5, 4);
+        let mut got = x[pos0 * heads * dim..(pos0 + part) * heads * dim].to_vec();
+        rope_apply(&mut got, heads * dim, heads, part, pos0, &table, false);
+        assert_eq!(&got[..], &whole[pos0 * heads * dim..(pos0 + part) * heads * dim]);
+    }
+
     #[test]
     fn matches_oracle_and_inverts() {
         let (seq, heads, dim, stride) = (7, 3, 8, 3 * 8 + 5);
         let x = seeded(2 * seq * stride, 1, 1.0);
         let table = RopeTable::new(16, dim, 10000.0);
         let mut got = x.clone();
-        rope_apply(&mut got, stride, heads, seq, &table, false);
+        rope_apply(&mut got, stride, heads, seq, 0, &table, false);
         // the oracle works on a packed [rows, heads*dim] copy
         let mut packed: Vec<f32> = x.chunks(stride).flat_map(|r| r[..heads * dim].to_vec()).collect();
         reference::rope(&mut packed, seq, heads, dim, 10000.0);
@@ -89,7 +104,7 @@ mod tests {
         for (g, o) in got.chunks(stride).zip(x.chunks(stride)) {
             assert_eq!(&g[heads * dim..], &o[heads * dim..], "columns past the heads are untouched");
         }
-        rope_apply(&mut got, stride, heads, seq, &table, true);
+        rope_apply(&mut got, stride, heads, seq, 0, &table, true);
         assert_close(&got, &x, 1e-5);
     }
 }

@@ -25,20 +25,23 @@ impl GpuRopeTable {
 
 /// Rotates heads `0..heads` at the start of every `row_stride`-wide row of `x` (row r at
 /// position r % seq); `inverse` is the backward pass.
+#[allow(clippy::too_many_arguments)]
 pub fn rope_apply<T: Storage>(
     gpu: &Gpu,
     x: &mut impl Out<T>,
     row_stride: usize,
     heads: usize,
     seq: usize,
+    pos0: usize,
     table: &GpuRopeTable,
     inverse: bool,
 ) -> Result<()> {
     let mut x = x.view_mut();
-    if heads * 2 * table.half > row_stride || seq > table.positions {
+    if heads * 2 * table.half > row_stride || pos0 + seq > table.positions {
         return Err(Error::Shape(format!(
-            "rope: {heads} heads of {} at {seq} positions exceed a row of {row_stride} or the table's {} positions",
+            "rope: {heads} heads of {} at positions {pos0}..{} exceed a row of {row_stride} or the table's {} positions",
             2 * table.half,
+            pos0 + seq,
             table.positions
         )));
     }
@@ -47,8 +50,9 @@ pub fn rope_apply<T: Storage>(
     let f = gpu.function("rope", &name)?;
     let (rows32, stride32, heads32, seq32, half32, inv) =
         (u32_of("rows", rows)?, row_stride as u32, heads as u32, seq as u32, table.half as u32, inverse as i32);
+    let pos32 = u32_of("pos0", pos0)?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut x).arg(&table.cos).arg(&table.sin).arg(&rows32).arg(&stride32).arg(&heads32).arg(&seq32).arg(&half32).arg(&inv);
+    b.arg(&mut x).arg(&table.cos).arg(&table.sin).arg(&rows32).arg(&stride32).arg(&heads32).arg(&seq32).arg(&pos32).arg(&half32).arg(&inv);
     // SAFETY: touches rows*heads*2*half elements inside rows of row_stride; table covers seq.
     launched(&name, unsafe { b.launch(elementwise(rows * heads * table.half)) }.map(|_| ()))
 }
