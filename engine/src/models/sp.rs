@@ -81,7 +81,7 @@ impl SpRank {
             return Err(Error::Unsupported {
                 field: "parallel.sp".into(),
                 message: format!(
-                    "all_to_all gives each of {} ranks a share of the heads: the model's {heads} query and {kv_heads} key/value heads must divide by it",
+                    "all_to_all gives each of {} ranks a share of the heads: the model's {heads} query and {kv_heads} key/value heads (on each tensor-parallel rank) must divide by it",
                     self.size
                 ),
             });

@@ -87,6 +87,30 @@ fn ring_attn_gives_the_losses_of_one_device() {
     }
 }
 
+/// The mesh multiplies the axes: tp = 2 inside sp = 2 (Ulysses splits each tp rank's heads
+/// further; the ring passes each tp rank's key/value heads), with one device's losses.
+#[test]
+fn sequence_parallelism_composes_with_tensor_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_tokens(dir.path());
+    // LLaMA GQA at tp = 2 leaves each rank one key/value head, which Ulysses cannot split again.
+    for (model, modes) in [(fixture("gpt2"), &[SpMode::AllToAll, SpMode::RingAttn][..]), (fixture("llama_gqa"), &[SpMode::RingAttn][..])] {
+        let one = losses(config(&model, &data, 1, 1, 0)).remove(0);
+        for &mode in modes {
+            let mut c = config(&model, &data, 1, 2, 0);
+            c.plan.sp_mode = mode;
+            c.plan.tp = 2;
+            c.devices = Devices::Cpu(4);
+            for (rank, got) in losses(c).iter().enumerate() {
+                for (i, (a, b)) in one.iter().zip(got).enumerate() {
+                    let rel = (a - b).abs() / a;
+                    assert!(rel <= 1e-4, "{} {} tp=2 sp=2 rank {rank} step {}: {b} vs {a} ({rel:e})", model.display(), mode.name(), i + 1);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn all_to_all_gives_the_losses_of_one_device() {
     let dir = tempfile::tempdir().unwrap();

@@ -118,12 +118,6 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
             if on_gpu {
                 return unsupported("parallel.sp_mode", "sequence parallelism on GPUs is not built yet: use CPU ranks".into());
             }
-            if p.tp > 1 {
-                return unsupported(
-                    "parallel.sp",
-                    "all_to_all with tensor parallelism is not built yet: use parallel.tp = 1 with parallel.sp > 1".into(),
-                );
-            }
             if !config.data.seq_len.is_multiple_of(p.sp) {
                 return unsupported(
                     "data.seq_len",
@@ -151,12 +145,6 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
         SpMode::RingAttn if p.sp > 1 => {
             if on_gpu {
                 return unsupported("parallel.sp_mode", "sequence parallelism on GPUs is not built yet: use CPU ranks".into());
-            }
-            if p.tp > 1 {
-                return unsupported(
-                    "parallel.sp",
-                    "ring_attn with tensor parallelism is not built yet: use parallel.tp = 1 with parallel.sp > 1".into(),
-                );
             }
             if !config.data.seq_len.is_multiple_of(2 * p.sp) {
                 return unsupported(
