@@ -333,11 +333,11 @@ pub struct BenchArgs {
     /// over loopback sockets), and report the step's communication share and each rank's memory.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
-    /// Sequence-parallel ranks of their own axis (all_to_all, ring_attn: not in bench yet).
+    /// Sequence-parallel ranks of their own axis (with --sp-mode all_to_all or ring_attn).
     #[arg(long, default_value_t = 1)]
     pub sp: usize,
-    /// How the sequence is split: none, or split_gather (inside the --tp group); all_to_all and
-    /// ring_attn are not in bench yet.
+    /// How the sequence is split: none, split_gather (inside the --tp group), all_to_all or
+    /// ring_attn (over --sp ranks).
     #[arg(long, default_value = "none")]
     pub sp_mode: String,
 }

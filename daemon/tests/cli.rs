@@ -258,6 +258,16 @@ fn bench_tp_reports_the_communication_share_and_each_rank_memory() {
     let out = gantry().args(args).args(["--sp", "2", "--sp-mode", "split_gather"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("needs --tp > 1"), "{err}");
+    // The sequence split over its own axis: each rank holds the whole model and about half of
+    // the activations, with one device's first loss.
+    for mode in ["all_to_all", "ring_attn"] {
+        let r = last_json(&ok(gantry().args(args).args(["--sp", "2", "--sp-mode", mode]).output().unwrap()));
+        assert_eq!((r["sp"].as_u64(), r["sp_mode"].as_str()), (Some(2), Some(mode)));
+        assert!((r["loss_first"].as_f64().unwrap() - a).abs() / a < 1e-5, "{r}");
+        let acts = r["activation_bytes"].as_f64().unwrap() / r["whole_activation_bytes"].as_f64().unwrap();
+        assert!(acts < 0.6 && r["comm_share"].as_f64().unwrap() > 0.0, "{mode}: {r}");
+        assert_eq!(r["mem_bytes"].as_u64(), one["mem_bytes"].as_u64());
+    }
 }
 
 fn losses(run: &Path) -> Vec<f64> {

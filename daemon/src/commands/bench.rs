@@ -2,7 +2,8 @@ use gantry_engine::models::{presets::config_for, Model};
 use gantry_engine::train::bench;
 use serde_json::json;
 
-use gantry_engine::config::Precision;
+use gantry_engine::config::{Precision, SpMode};
+use gantry_engine::train::BenchLayout;
 
 use crate::cli::{BenchArgs, BenchWhat};
 
@@ -32,25 +33,26 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if gpu.is_none() && precision != Precision::Fp32 {
         anyhow::bail!("--precision {}: the CPU trains in fp32 (use --device cuda:N)", a.precision);
     }
-    match a.sp_mode.as_str() {
-        "none" if a.sp == 1 => {}
-        "split_gather" if a.sp == 1 && a.tp > 1 => {}
+    let sp_mode = match a.sp_mode.as_str() {
+        "none" if a.sp == 1 => SpMode::None,
+        "split_gather" if a.sp == 1 && a.tp > 1 => SpMode::SplitGather,
         "split_gather" => anyhow::bail!("--sp-mode split_gather splits the sequence inside the tp group: it needs --tp > 1 and --sp 1"),
-        "none" | "all_to_all" | "ring_attn" => {
-            anyhow::bail!("--sp {} --sp-mode {}: this sequence parallelism is not in gantry bench yet", a.sp, a.sp_mode)
-        }
+        "all_to_all" if a.sp > 1 => SpMode::AllToAll,
+        "ring_attn" if a.sp > 1 => SpMode::RingAttn,
+        "none" => anyhow::bail!("--sp {} needs a way to split the sequence: --sp-mode all_to_all or ring_attn", a.sp),
+        "all_to_all" | "ring_attn" => anyhow::bail!("--sp-mode {} splits the sequence over --sp ranks: it needs --sp > 1", a.sp_mode),
         m => anyhow::bail!("--sp-mode {m:?}: expected none, split_gather, all_to_all or ring_attn"),
-    }
-    if a.tp == 0 {
-        anyhow::bail!("--tp must be at least 1");
+    };
+    if a.tp == 0 || a.sp == 0 {
+        anyhow::bail!("--tp and --sp must be at least 1");
     }
     let threads = super::set_threads(a.threads)?;
     let config = config_for(&name)?;
-    if a.tp > 1 {
+    if a.tp > 1 || a.sp > 1 {
         if gpu.is_some() {
-            anyhow::bail!("--tp {}: tensor parallelism on GPUs is not built yet (use --device cpu)", a.tp);
+            anyhow::bail!("--tp {} --sp {}: tensor and sequence parallelism on GPUs are not built yet (use --device cpu)", a.tp, a.sp);
         }
-        return bench_tensor_parallel(config, &name, &a, batch, seq_len, threads);
+        return bench_tensor_parallel(config, &name, &a, sp_mode, batch, seq_len, threads);
     }
     let model = Model::new(config)?;
     if let Some(ordinal) = gpu {
@@ -103,26 +105,35 @@ fn bench_tensor_parallel(
     config: gantry_engine::models::ModelConfig,
     name: &str,
     a: &BenchArgs,
+    sp_mode: SpMode,
     batch: usize,
     seq_len: usize,
     threads: usize,
 ) -> anyhow::Result<()> {
-    let split_seq = a.sp_mode == "split_gather";
-    eprintln!("bench {name}: tp = {} (sp_mode {}), batch {batch} × seq {seq_len}, {threads} threads shared by the ranks", a.tp, a.sp_mode);
-    if split_seq && !seq_len.is_multiple_of(a.tp) {
-        anyhow::bail!("--sp-mode split_gather cuts each sequence over the tp ranks: --seq-len {seq_len} does not divide by --tp {}", a.tp);
+    eprintln!(
+        "bench {name}: tp = {}, sp = {} (sp_mode {}), batch {batch} × seq {seq_len}, {threads} threads shared by the ranks",
+        a.tp, a.sp, a.sp_mode
+    );
+    let parts = match sp_mode {
+        SpMode::SplitGather => a.tp,
+        SpMode::RingAttn => 2 * a.sp,
+        _ => a.sp,
+    };
+    if !seq_len.is_multiple_of(parts) {
+        anyhow::bail!("--sp-mode {} cuts each sequence into {parts} equal parts: --seq-len {seq_len} does not divide", a.sp_mode);
     }
+    let layout = BenchLayout { tp: a.tp, sp: a.sp, sp_mode };
     let warmup = a.warmup;
     // Not on the pool: the ranks are threads of their own that share it (a pool thread waiting
     // for them would leave a one-thread pool with none to run their kernels).
-    let r =
-        gantry_engine::train::bench_tensor_parallel(&config, a.tp, split_seq, batch, seq_len, a.warmup, a.steps, a.seed, move |i, ms| {
-            let tag = if i < warmup { " (warmup)" } else { "" };
-            eprintln!("step {:>3}: {ms:>9.1} ms{tag}", i + 1);
-        })?;
+    let r = gantry_engine::train::bench_tensor_parallel(&config, layout, batch, seq_len, a.warmup, a.steps, a.seed, move |i, ms| {
+        let tag = if i < warmup { " (warmup)" } else { "" };
+        eprintln!("step {:>3}: {ms:>9.1} ms{tag}", i + 1);
+    })?;
     eprintln!(
-        "tp = {}: {:.1}% of the step in the tp group's collectives; a rank holds {:.3}× of one device's model state and {:.3}× of its activations",
+        "tp = {}, sp = {}: {:.1}% of the step in the groups' collectives; a rank holds {:.3}× of one device's model state and {:.3}× of its activations",
         r.tp,
+        r.sp,
         100.0 * r.comm_share,
         r.mem_bytes as f64 / r.whole_mem_bytes as f64,
         r.activation_bytes as f64 / r.whole_activation_bytes as f64

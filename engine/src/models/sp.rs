@@ -64,6 +64,20 @@ impl SpRank {
         }
     }
 
+    /// This rank's part of `windows` (`[b, seq+1]` tokens): its consecutive part of each window
+    /// (Ulysses) or its two zigzag chunks as windows of their own (ring), each with the token
+    /// after it (its last target). Whole windows on a rank of no sequence-parallel group.
+    pub fn windows(&self, windows: &[u32], seq: usize) -> Vec<u32> {
+        if self.is_whole() {
+            return windows.to_vec();
+        }
+        let (b, part) = self.local_batch(1, seq);
+        windows
+            .chunks(seq + 1)
+            .flat_map(|w| (0..b).flat_map(move |i| w[self.first_position(i, part)..][..part + 1].iter().copied()))
+            .collect()
+    }
+
     /// The first position of local sequence `i` (of `len` tokens) in its whole sequence: under
     /// ring attention its chunk's place, otherwise this rank's consecutive part.
     pub fn first_position(&self, i: usize, len: usize) -> usize {

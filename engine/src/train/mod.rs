@@ -20,7 +20,7 @@ mod trainer;
 pub mod update;
 
 pub use bench::{bench, BenchResult};
-pub use bench_tp::{bench_tensor_parallel, TensorParallelBench};
+pub use bench_tp::{bench_tensor_parallel, BenchLayout, TensorParallelBench};
 pub use checkpointing::CheckpointOutcome;
 pub use eval::{evaluate, EvalResult};
 pub use memory::{estimate_memory, human_bytes, MemoryPlan};

@@ -445,23 +445,9 @@ impl Trainer {
         for (k, b) in batches.iter_mut().enumerate() {
             let first = rank * (global / ranks) + k * micro;
             self.sampler.fill(&self.tokens, self.step, global, first..first + micro, b);
-            if sp.is_ring() {
-                // Ring attention: its two zigzag chunks of each window, each a window of its own
-                // (with the token after it, its last target).
-                let seq = self.config.data.seq_len;
-                let part = seq / (2 * sp.size);
-                let windows: Vec<u32> = b
-                    .chunks(seq + 1)
-                    .flat_map(|w| (0..2).flat_map(move |i| w[sp.first_position(i, part)..][..part + 1].to_vec()))
-                    .collect();
-                *b = windows;
-            } else if !sp.is_whole() {
-                // A sequence-parallel rank keeps its consecutive part of each window (and the
-                // token after it, its last target).
-                let seq = self.config.data.seq_len;
-                let part = seq / sp.size;
-                let windows: Vec<u32> = b.chunks(seq + 1).flat_map(|w| w[sp.rank * part..sp.rank * part + part + 1].to_vec()).collect();
-                *b = windows;
+            if !sp.is_whole() {
+                // A sequence-parallel rank keeps its part of each window.
+                *b = sp.windows(b, self.config.data.seq_len);
             }
         }
         batches
