@@ -85,6 +85,41 @@ fn train_layout(spec: &Path, run_dir: &Path, dp: usize, tp: usize, zero: u8) -> 
         .collect()
 }
 
+/// Every tensor- and sequence-parallel mode through `gantry train` (one process per rank), set by
+/// the spec keys users write, with one rank's losses (lr 1e-3: see `engine/src/train/tp_tests.rs`).
+#[test]
+fn each_sequence_parallel_mode_set_by_its_spec_keys_gives_the_losses_of_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "llama_gqa", 8);
+    let run = |name: &str, ranks: usize, sets: &[&str]| -> Vec<f64> {
+        let run_dir = dir.path().join(name);
+        let mut cmd = Command::new(gantry());
+        cmd.arg("train").arg(&spec).arg("--run-dir").arg(&run_dir).arg("--no-progress");
+        cmd.args(["--set", &format!("resources.devices=\"cpu:{ranks}\""), "--set", "train.lr=1e-3"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    };
+    let one = run("one", 1, &[]);
+    assert_eq!(one.len(), 8);
+    for (name, ranks, sets) in [
+        ("split_gather", 2, &["parallel.tp=2", "parallel.sp_mode=\"split_gather\""][..]),
+        ("all_to_all", 2, &["parallel.sp=2", "parallel.sp_mode=\"all_to_all\""][..]),
+        ("ring_attn", 4, &["parallel.sp=4", "parallel.sp_mode=\"ring_attn\""][..]),
+    ] {
+        let got = run(name, ranks, sets);
+        assert_eq!(got.len(), 8, "{name}");
+        for (i, (a, b)) in one.iter().zip(&got).enumerate() {
+            let rel = (a - b).abs() / a;
+            assert!(rel <= 1e-4, "{name} step {}: {b} vs {a} ({rel:e})", i + 1);
+        }
+    }
+}
+
 #[test]
 fn dp_2_and_4_with_every_zero_stage_give_the_losses_of_one_rank() {
     let dir = tempfile::tempdir().unwrap();
