@@ -284,6 +284,55 @@ fn xent<T: Host>(g: &Gpu) {
     assert_close(&down(g, &ld), &want, tol::<T>().max(1e-4));
 }
 
+/// The vocabulary-parallel halves on two ranks' parts of the vocabulary (one holding no target of
+/// some rows): statistics, combined on the host, then the losses and each part of the gradient,
+/// against the CPU's, and together against the whole vocabulary's softmax cross-entropy.
+fn xent_vocab_parallel<T: Host>(g: &Gpu) {
+    let (rows, vocab, split) = (9, 3001, 1500);
+    let logits = rounded::<T>(&seeded(rows * vocab, 15, 8.0));
+    let targets: Vec<u32> = (0..rows).map(|r| (r * 331 % vocab) as u32).collect();
+    let scale = 1.0 / rows as f32;
+    let mut whole = logits.clone();
+    let whole_loss = loss::softmax_xent(&mut whole, &targets, vocab, Some(scale));
+    let td = g.stream().clone_htod(&targets).unwrap();
+    let parts = [(0, split), (split, vocab - split)];
+    let (mut host_stats, mut dev_parts) = (Vec::new(), Vec::new());
+    for &(first, n) in &parts {
+        let mine: Vec<f32> = logits.chunks(vocab).flat_map(|row| row[first..first + n].to_vec()).collect();
+        let (mut want, mut want_stats) = (mine.clone(), vec![0.0f32; rows * loss::XENT_STATS]);
+        loss::xent_stats(&mut want, &targets, n, first, &mut want_stats);
+        let (mut ld, mut sd) = (up::<T>(g, &mine), g.stream().alloc_zeros::<f32>(rows * 3).unwrap());
+        ops::xent_stats(g, &mut ld, &td, &mut sd, n, first).unwrap();
+        let got_stats = g.stream().clone_dtoh(&sd).unwrap();
+        assert_close(&got_stats, &want_stats, 1e-4);
+        assert_close(&down(g, &ld), &want, tol::<T>().max(1e-5));
+        host_stats.push(got_stats);
+        dev_parts.push((ld, sd, want, want_stats));
+    }
+    let mut global = vec![0.0f32; rows * loss::XENT_STATS];
+    loss::xent_combine(&host_stats.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut global);
+    let gd = g.stream().clone_htod(&global).unwrap();
+    for (&(first, n), (ld, sd, want, want_stats)) in parts.iter().zip(&mut dev_parts) {
+        let want_loss = loss::xent_finish(want, &targets, n, first, want_stats, &global, Some(scale));
+        let mut losses = g.stream().alloc_zeros::<f32>(rows).unwrap();
+        ops::xent_finish(g, ld, &td, &*sd, &gd, &mut losses, n, first, Some(scale)).unwrap();
+        let got_loss: f64 = g.stream().clone_dtoh(&losses).unwrap().iter().map(|&l| l as f64).sum();
+        assert!((got_loss - want_loss).abs() < 1e-4 * want_loss.abs(), "loss {got_loss} vs {want_loss}");
+        assert!((got_loss - whole_loss).abs() < 1e-4 * whole_loss.abs(), "loss {got_loss} vs the whole vocabulary's {whole_loss}");
+        let got = down(g, ld);
+        assert_close(&got, want, tol::<T>().max(1e-4));
+        let whole_part: Vec<f32> = whole.chunks(vocab).flat_map(|row| row[first..first + n].to_vec()).collect();
+        assert_close(&got, &whole_part, tol::<T>().max(1e-4));
+    }
+}
+
+#[test]
+fn vocabulary_parallel_cross_entropy_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    xent_vocab_parallel::<f32>(&g);
+    xent_vocab_parallel::<half::bf16>(&g);
+}
+
 #[test]
 fn softmax_cross_entropy_matches_cpu() {
     let Some(g) = gpu() else { return };

@@ -58,7 +58,9 @@ fn launched() -> Vec<(&'static str, String)> {
         for k in ["embedding_fwd", "embedding_rows", "add_positions", "embedding_bwd_wte", "embedding_bwd_wpe"] {
             names.push(("embedding", format!("{k}_{t}")));
         }
-        names.push(("cross_entropy", format!("softmax_xent_{t}")));
+        for k in ["softmax_xent", "xent_stats", "xent_finish"] {
+            names.push(("cross_entropy", format!("{k}_{t}")));
+        }
         for k in ["attention_fwd", "attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkv"] {
             names.push(("attention", format!("{k}_{t}")));
         }

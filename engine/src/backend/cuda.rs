@@ -75,12 +75,6 @@ mod imp {
     }
 
     /// Runs `f` on two disjoint ranges of `g` at once.
-    /// The vocabulary-parallel head on GPUs: `train::check_layout` refuses tensor parallelism on
-    /// GPU ranks before anything runs, so reaching this is a bug.
-    fn tensor_parallel_not_built() -> Error {
-        Error::Unsupported { field: "parallel.tp".into(), message: "tensor parallelism on GPUs is not built yet".into() }
-    }
-
     fn with_two<R>(
         g: &mut CudaSlice<f32>,
         a: Range<usize>,
@@ -394,21 +388,43 @@ mod imp {
             }
         }
 
-        fn xent_stats(&self, _: MatMut<'_, CudaSlice<T>>, _: Ids<'_, Self>, _: usize, _: SpanMut<'_, CudaSlice<f32>>) -> Result<()> {
-            Err(tensor_parallel_not_built())
+        fn xent_stats(
+            &self,
+            logits: MatMut<'_, CudaSlice<T>>,
+            targets: Ids<'_, Self>,
+            first: usize,
+            stats: SpanMut<'_, CudaSlice<f32>>,
+        ) -> Result<()> {
+            let (vocab, ext) = (logits.cols, logits.extent());
+            let rows = targets.at..targets.at + targets.host.len();
+            ops::xent_stats(&self.gpu, &mut logits.buf.slice_mut(ext), &targets.dev.slice(rows), &mut w(stats), vocab, first)?;
+            Ok(())
         }
 
         fn xent_finish(
             &self,
-            _: MatMut<'_, CudaSlice<T>>,
-            _: Ids<'_, Self>,
-            _: usize,
-            _: Span<'_, CudaSlice<f32>>,
-            _: Span<'_, CudaSlice<f32>>,
-            _: Option<f32>,
-            _: &mut CudaSlice<f32>,
+            logits: MatMut<'_, CudaSlice<T>>,
+            targets: Ids<'_, Self>,
+            first: usize,
+            local: Span<'_, CudaSlice<f32>>,
+            global: Span<'_, CudaSlice<f32>>,
+            grad_scale: Option<f32>,
+            losses: &mut CudaSlice<f32>,
         ) -> Result<()> {
-            Err(tensor_parallel_not_built())
+            let (vocab, ext) = (logits.cols, logits.extent());
+            let rows = targets.at..targets.at + targets.host.len();
+            ops::xent_finish(
+                &self.gpu,
+                &mut logits.buf.slice_mut(ext),
+                &targets.dev.slice(rows.clone()),
+                &r(&local),
+                &r(&global),
+                &mut losses.slice_mut(rows),
+                vocab,
+                first,
+                grad_scale,
+            )?;
+            Ok(())
         }
 
         fn softmax_xent(
