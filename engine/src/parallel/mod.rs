@@ -5,12 +5,14 @@
 //! optimizer state (1), the gradients (2) and the parameters (3) by chunk. Tensor parallelism
 //! cuts the model itself (`models::TpRank` says which part a rank holds); its collectives inside
 //! the layers run over the tp group here (`tensor.rs`). Sequence parallelism gives each rank a
-//! part of every sequence; the all-to-alls around attention run here too (`sequence.rs`).
+//! part of every sequence; the all-to-alls around attention run here too (`sequence.rs`). The
+//! 2D layout's grid layer (SUMMA) is in `summa.rs`.
 
 mod dp;
 mod final_grads;
 pub mod pages;
 mod sequence;
+pub mod summa;
 mod tensor;
 
 pub use dp::DataParallel;
