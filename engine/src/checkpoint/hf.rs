@@ -145,14 +145,22 @@ pub fn load_weights(dir: &Path, config: &ModelConfig, table: &ParamTable, params
                 continue;
             };
             let e = &table.entries()[i];
-            if view.shape() != e.shape.as_slice() {
+            if view.shape() != e.global_shape.as_slice() {
                 return Err(Error::Weights {
                     path: path.clone(),
-                    message: format!("tensor `{name}` has shape {:?}, the model expects {:?}", view.shape(), e.shape),
+                    message: format!("tensor `{name}` has shape {:?}, the model expects {:?}", view.shape(), e.global_shape),
                 });
             }
-            convert_into(&view, e.at.get_mut(params))
-                .map_err(|m| Error::Weights { path: path.clone(), message: format!("tensor `{name}`: {m}") })?;
+            let bad = |m: String| Error::Weights { path: path.clone(), message: format!("tensor `{name}`: {m}") };
+            match &e.shard {
+                // A tensor-parallel rank's part: one tensor whole at a time, then its slice.
+                Some(shard) => {
+                    let mut whole = vec![0.0f32; e.global_shape.iter().product()];
+                    convert_into(&view, &mut whole).map_err(bad)?;
+                    shard.take(&e.global_shape, &whole, e.at.get_mut(params));
+                }
+                None => convert_into(&view, e.at.get_mut(params)).map_err(bad)?,
+            }
             found[i] = true;
         }
     }

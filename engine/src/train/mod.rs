@@ -26,4 +26,4 @@ pub use eval::{evaluate, EvalResult};
 pub use memory::{estimate_memory, human_bytes, MemoryPlan};
 pub use nonfinite::MAX_NONFINITE_STEPS_IN_A_ROW;
 pub use run::{on_pool, run_to_end, KeptCheckpoints, RunEvents};
-pub use trainer::{check_layout, check_model_layout, load_model, StepReport, Trainer};
+pub use trainer::{check_layout, check_model_layout, load_model, load_model_part, StepReport, Trainer};

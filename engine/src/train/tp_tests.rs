@@ -124,6 +124,23 @@ fn every_tensor_parallel_layout_gives_the_losses_of_one_device() {
     }
 }
 
+/// A rank loads its part a tensor at a time (Hugging Face weights sliced, random ones drawn whole
+/// and cut): the same values as the whole model's, cut.
+#[test]
+fn a_rank_loads_its_part_of_the_whole_model() {
+    use crate::config::ModelInit;
+    use crate::models::TpRank;
+    for (name, init) in [("gpt2", ModelInit::Pretrained), ("llama_gqa", ModelInit::Pretrained), ("llama_gqa", ModelInit::Random)] {
+        let (whole, params) = super::load_model(&fixture(name), init, 7).unwrap();
+        for rank in 0..4 {
+            let (part, got) = super::load_model_part(&fixture(name), init, 7, TpRank::new(rank, 4)).unwrap();
+            let mut want = vec![0.0; part.table.len()];
+            part.table.take_shards(&whole.table, &params, &mut want);
+            assert!(got == want, "{name} {init:?} rank {rank} of 4");
+        }
+    }
+}
+
 /// The final model a tp = 4 run writes is the whole model, equal to a one-device run's.
 #[test]
 fn the_ranks_parts_make_the_whole_model() {

@@ -59,8 +59,15 @@ fn mfu(flops_per_token: f64, tokens_per_s: f64, peak_flops: Option<f64>) -> Opti
 
 /// Builds the model of `dir` and its initial parameters as `init` asks.
 pub fn load_model(dir: &Path, init: ModelInit, seed: u64) -> Result<(Model, Vec<f32>)> {
+    load_model_part(dir, init, seed, TpRank::WHOLE)
+}
+
+/// As `load_model`, rank `tp.rank`'s part of the model cut across `tp.size` tensor-parallel
+/// ranks: weights are read (or drawn) a tensor at a time and sliced, so no rank ever holds the
+/// whole model, and the part equals those rows of the whole one.
+pub fn load_model_part(dir: &Path, init: ModelInit, seed: u64, tp: TpRank) -> Result<(Model, Vec<f32>)> {
     let config = ModelConfig::from_dir(dir)?;
-    let model = Model::new(config)?;
+    let model = Model::with_layout(config, Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp)?;
     let mut params = vec![0.0f32; model.table.len()];
     let pretrained = match init {
         ModelInit::Random => false,
@@ -315,14 +322,8 @@ impl Trainer {
             g.connect_nccl(c, timeout)?;
         }
         let model_dir = config.model.path.clone();
-        let (mut model, mut params) = load_model(&model_dir, config.model.init, config.seed)?;
-        if !tp_rank.is_whole() {
-            // This rank's part of the whole model just loaded.
-            let part = Model::with_layout(model.config.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp_rank)?;
-            let mut mine = vec![0.0; part.table.len()];
-            part.table.take_shards(&model.table, &params, &mut mine);
-            (model, params) = (part, mine);
-        }
+        // This rank's part of the model (all of it without tensor parallelism).
+        let (mut model, params) = load_model_part(&model_dir, config.model.init, config.seed, tp_rank)?;
         let comm = comm.map(|c| AsyncComm::new(c).map(std::sync::Arc::new)).transpose()?;
         // The ranks holding the same parameters: dp × sp (sequence-parallel ranks train on parts
         // of the same sequences, and their gradients are summed as data parallelism's are).
