@@ -234,6 +234,14 @@ fn rope_matches_cpu_and_inverts() {
     assert_close(&down(&g, &xd), &x, 1e-5);
     let err = ops::rope_apply(&g, &mut xd, stride, heads, 65, 0, &gt, false).unwrap_err();
     assert!(matches!(err, Error::Shape(_)), "{err}");
+    // A part of a sequence (ring attention's chunk) rotated at its place: positions 20..57.
+    let mut want = x.clone();
+    rope_apply(&mut want, stride, heads, seq, 20, &table, false);
+    let mut xd = up::<f32>(&g, &x);
+    ops::rope_apply(&g, &mut xd, stride, heads, seq, 20, &gt, false).unwrap();
+    assert_close(&down(&g, &xd), &want, 1e-5);
+    let err = ops::rope_apply(&g, &mut xd, stride, heads, seq, 28, &gt, false).unwrap_err();
+    assert!(err.to_string().contains("28..65"), "{err}");
 }
 
 #[test]
