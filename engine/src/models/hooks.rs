@@ -98,6 +98,12 @@ pub trait TensorGroup<B: Backend> {
     /// get the whole vocabulary's (`kernels::cpu::loss::xent_combine` of every rank's, in rank
     /// order).
     fn combine_xent(&mut self, stats: &mut B::F32, rows: usize) -> Result<()>;
+    /// The gradients in `range` are final (before the parameter hooks hear it): the layout sums
+    /// the parts several ranks hold over those ranks here, when it does so as backward goes.
+    fn grads_final(&mut self, grads: &mut B::F32, range: Range<usize>) -> Result<()> {
+        let _ = (grads, range);
+        Ok(())
+    }
     /// Sequence parallelism (split_gather): `local` holds this rank's part of each of `b`
     /// sequences (`[b·t, c]`, its `t` consecutive tokens of each); `full` (`[b·t·size, c]`)
     /// gets every rank's, the whole sequences in order.
@@ -125,6 +131,9 @@ impl<B: Backend> Params<B> for WithGroup<'_, B> {
     }
 
     fn grads_ready(&mut self, grads: &mut B::F32, range: Range<usize>) -> Result<()> {
+        if let Some(tp) = &mut self.tp {
+            tp.grads_final(grads, range.clone())?;
+        }
         self.inner.grads_ready(grads, range)
     }
 

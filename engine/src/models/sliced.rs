@@ -92,10 +92,11 @@ pub fn head_scratch_len(head: &LmHead, slices: &[Range<usize>], rows: usize, blo
     }
 }
 
-/// Asks for the final norm `norm` before it runs, with the head when the head is whole (it is
-/// read next, without asking again); a sliced head asks for its slices itself.
+/// Asks for the final norm `norm` before it runs, with the head when the head is whole or a
+/// tensor-parallel rank's part (it is read next, without asking again); a sliced head asks for its
+/// slices itself.
 pub fn need_final_norm<B: Backend>(pa: &mut dyn Params<B>, head: &LmHead, slices: &[Range<usize>], norm: Range<usize>) -> Result<()> {
-    if slices.len() > 1 {
+    if slices.len() > 1 && !head.is_vocab_parallel() {
         pa.need(&[norm])
     } else {
         pa.need(&[norm, head.weight.range()])

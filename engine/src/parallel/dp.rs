@@ -617,6 +617,21 @@ impl ParamHooks for DataParallel {
     }
 }
 
+/// `spans` (ranges of the flat buffer) where they fall in `pieces` (this rank's piece of each
+/// chunk, in order), as offsets into the pieces concatenated (`piece_at`: where each starts).
+fn within_pieces(spans: &[Range<usize>], pieces: &[Range<usize>], piece_at: &[usize]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    for (p, &at) in pieces.iter().zip(piece_at) {
+        for s in spans {
+            let (lo, hi) = (s.start.max(p.start), s.end.min(p.end));
+            if lo < hi {
+                out.push(at + lo - p.start..at + hi - p.start);
+            }
+        }
+    }
+    out
+}
+
 /// Data parallelism and ZeRO as a step's layout on CPU ranks (see `train::step`).
 impl Layout<Cpu> for DataParallel {
     fn grads_start_zero(&self) -> bool {
@@ -638,6 +653,13 @@ impl Layout<Cpu> for DataParallel {
         self.begin_micro_batch(k + 1 == n);
         // The tp and sp groups are lent to the model beside the hooks (all are this wrapper's).
         let (mut tp, mut sp) = (self.tp.take(), self.sp.take());
+        // Parts several tp ranks hold alike get their partial gradients summed over those ranks
+        // as they become final (`TensorGroup::grads_final`, before these hooks shard or sum
+        // them over the dp group), in each backward whose gradients are communicated: the sum
+        // is linear, so once per step at ZeRO-0/1 and per micro-batch at ZeRO-2/3.
+        if let Some(tp) = &mut tp {
+            tp.sum_shared_when_final(self.communicate);
+        }
         let mut hooked = Hooked { params: st.params, hooks: self };
         let loss = if tp.is_some() || sp.is_some() {
             let tp = tp.as_mut().map(|g| g as &mut dyn TensorGroup<Cpu>);
@@ -665,12 +687,24 @@ impl Layout<Cpu> for DataParallel {
         let mut shard = std::mem::take(&mut self.grad_shard);
         let outcome = if self.zero >= 2 {
             let len = shard.len();
-            let mut sum = |x: f64| DataParallel::sum(self, x);
-            let summed = Summed::Pieces { grads: &mut shard[..], len };
+            // Under tp, the parts of the pieces this rank counts in the norm (its own shards, and
+            // whole tensors on the lead alone), as offsets into the concatenated pieces.
+            let norm = match &self.tp {
+                Some(tp) => within_pieces(tp.norm_spans(), &self.pieces, &self.piece_at),
+                None => std::iter::once(0..len).collect(),
+            };
+            let mut sum = |x: f64| {
+                let x = DataParallel::sum(self, x)?;
+                match &mut self.tp {
+                    Some(tp) => tp.sum(x),
+                    None => Ok(x),
+                }
+            };
+            let summed = Summed::Pieces { grads: &mut shard[..], norm: &norm };
             update::apply(be, u, st.params, None, summed, st.m, st.v, Some(&mut sum), scaler)
         } else if let Some(tp) = &mut self.tp {
-            // Every dp rank holds the same sums; the tp group adds its ranks' squares.
-            tp.reduce_shared(st.grads)?;
+            // Every dp rank holds the same sums (their shared parts summed over the tp group as
+            // they became final); the tp group adds its ranks' squares.
             let norm = tp.norm_spans().to_vec();
             let summed = Summed::Full { grads: &mut *st.grads, norm: &norm };
             let mut sum = |x: f64| tp.sum(x);

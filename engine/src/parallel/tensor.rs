@@ -12,7 +12,10 @@
 //!   agree without communication; the lead rank alone counts them in the gradient norm.
 //! - **Sharded parameters** are each rank's own. A part held by several ranks (LLaMA's key/value
 //!   heads when there are fewer than ranks) gets a partial gradient on each, summed over those
-//!   ranks before the update (`reduce_shared`); the first of them counts it in the norm.
+//!   ranks before the update (`reduce_shared`), or inside a dp wrapper as its gradient becomes
+//!   final (`TensorGroup::grads_final`, so that ZeRO shards complete sums); the first of them
+//!   counts it in the norm.
+//! - Under split_gather the whole parameters see only a rank's tokens, and are summed alike.
 //!
 //! So the group's sum of the ranks' squares is the whole model's, and every rank clips alike.
 
@@ -44,6 +47,9 @@ pub struct TensorParallel {
     norm: Vec<Range<usize>>,
     /// Time spent in the group's collectives since last taken.
     busy: Duration,
+    /// Whether shared parts are summed as their gradients become final (inside a dp wrapper)
+    /// rather than before the update (`reduce_shared`).
+    sum_when_final: bool,
 }
 
 impl std::fmt::Debug for TensorParallel {
@@ -83,7 +89,16 @@ impl TensorParallel {
                 shared.push((e.at.range(), Group { ranks: holders.iter().map(|&r| group.ranks[r]).collect(), me }));
             }
         }
-        Ok(TensorParallel { comm, group, whole, tables, shared: merge_shared(shared), norm: merge(norm), busy: Duration::ZERO })
+        Ok(TensorParallel {
+            comm,
+            group,
+            whole,
+            tables,
+            shared: merge_shared(shared),
+            norm: merge(norm),
+            busy: Duration::ZERO,
+            sum_when_final: false,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -144,6 +159,30 @@ impl TensorParallel {
             })?;
             self.busy += start.elapsed();
             grads[range].copy_from_slice(&buf);
+        }
+        Ok(())
+    }
+
+    /// Whether this backward sums shared parts as their gradients become final
+    /// (`TensorGroup::grads_final`): a dp wrapper turns it on for the backward passes whose
+    /// gradients it communicates.
+    pub fn sum_shared_when_final(&mut self, on: bool) {
+        self.sum_when_final = on;
+    }
+
+    /// As `reduce_shared`, for the shared parts inside `range` only.
+    fn reduce_shared_in(&mut self, grads: &mut [f32], range: &Range<usize>) -> Result<()> {
+        let inside: Vec<_> = self.shared.iter().filter(|(r, _)| range.start <= r.start && r.end <= range.end).cloned().collect();
+        for (r, g) in inside {
+            let buf = grads[r.clone()].to_vec();
+            let start = Instant::now();
+            let buf = self.comm.run(move |c| {
+                let mut buf = buf;
+                c.all_reduce(&g, &mut buf, ReduceOp::Sum)?;
+                Ok(buf)
+            })?;
+            self.busy += start.elapsed();
+            grads[r].copy_from_slice(&buf);
         }
         Ok(())
     }
@@ -223,6 +262,13 @@ impl TensorGroup<Cpu> for TensorParallel {
         })?;
         let parts: Vec<&[f32]> = all.chunks(k).collect();
         xent_combine(&parts, &mut stats[k..2 * k]);
+        Ok(())
+    }
+
+    fn grads_final(&mut self, grads: &mut [f32], range: Range<usize>) -> Result<()> {
+        if self.sum_when_final {
+            self.reduce_shared_in(grads, &range)?;
+        }
         Ok(())
     }
 

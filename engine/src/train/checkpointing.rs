@@ -403,21 +403,31 @@ impl Trainer {
     /// parameters); rank 0 writes and gets `true`.
     pub fn save_final(&mut self, dir: &Path) -> Result<bool> {
         self.sync_host()?;
+        // ZeRO-3: rank 0 of the dp group gathers the model into its own parameter buffer (the
+        // others take part a chunk at a time) and gives it back once written, so no rank holds a
+        // second copy.
+        let zero3 = self.dp.as_ref().is_some_and(|d| d.zero() >= 3);
         if !self.model.tp.is_whole() {
-            // The tp group of dp rank 0 puts the whole model together on its lead.
-            if self.dp_rank() != 0 {
+            // Each tp rank's part gathered on dp rank 0 (ZeRO-3), whose tp group puts the whole
+            // model together on its lead.
+            let first = self.dp_rank() == 0;
+            if let (true, Some(dp)) = (zero3, &mut self.dp) {
+                dp.gather_params(&mut self.buffers.params, first)?;
+            }
+            if !first {
                 return Ok(false);
             }
             let tp = super::trainer::tp_group(&mut self.dp, &mut self.tp).expect("a model cut across ranks has its tp group");
             let (lead, table) = (tp.rank() == 0, tp.whole_table().clone());
-            let Some(params) = tp.assemble(&self.buffers.params, lead)? else { return Ok(false) };
+            let assembled = tp.assemble(&self.buffers.params, lead);
+            if let (true, Some(dp)) = (zero3, &mut self.dp) {
+                dp.release_gathered(&mut self.buffers.params)?;
+            }
+            let Some(params) = assembled? else { return Ok(false) };
             self.write_final(dir, &table, &params)?;
             return Ok(true);
         }
         let lead = self.is_lead();
-        // ZeRO-3: rank 0 gathers the model into its own parameter buffer (the others take part a
-        // chunk at a time) and gives it back once written, so no rank holds a second copy.
-        let zero3 = self.dp.as_ref().is_some_and(|d| d.zero() >= 3);
         if let (true, Some(dp)) = (zero3, &mut self.dp) {
             dp.gather_params(&mut self.buffers.params, lead)?;
         }

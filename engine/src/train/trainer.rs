@@ -180,12 +180,6 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
     if p.tp > 1 && on_gpu {
         return unsupported("parallel.tp", "tensor parallelism on GPUs is not built yet: use CPU ranks, or parallel.tp = 1".into());
     }
-    if p.tp > 1 && p.zero >= 2 {
-        return unsupported(
-            "parallel.zero",
-            format!("ZeRO-{} with tensor parallelism is not built yet: use parallel.zero = 0 or 1 with parallel.tp > 1", p.zero),
-        );
-    }
     if p.tp > 1 && p.zero >= 1 && config.checkpoint_every > 0 {
         return unsupported(
             "checkpoint.every",

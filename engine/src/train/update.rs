@@ -78,8 +78,9 @@ pub enum Summed<'a, B: Backend> {
     /// In the flat buffer's layout; `norm` are the ranges this rank's norm covers (the whole
     /// buffer when every rank holds the same sums, its pieces when the group adds the squares).
     Full { grads: &'a mut B::F32, norm: &'a [Range<usize>] },
-    /// This rank's pieces only, concatenated like the moments (ZeRO-2 and 3), `len` of them.
-    Pieces { grads: &'a mut B::F32, len: usize },
+    /// This rank's pieces only, concatenated like the moments (ZeRO-2 and 3); `norm` are the
+    /// ranges of them this rank's norm covers (all of them, unless a tp group shares the count).
+    Pieces { grads: &'a mut B::F32, norm: &'a [Range<usize>] },
 }
 
 /// What became of the step.
@@ -112,7 +113,7 @@ pub fn apply<B: Backend>(
 ) -> Result<Outcome> {
     let (buf, norm_spans, full) = match grads {
         Summed::Full { grads, norm } => (grads, norm.to_vec(), true),
-        Summed::Pieces { grads, len } => (grads, std::iter::once(0..len).collect(), false),
+        Summed::Pieces { grads, norm } => (grads, norm.to_vec(), false),
     };
     if let Some(scaler) = scaler {
         // The parts this rank's norm covers: between them, the group's ranks check every sum.
@@ -175,8 +176,9 @@ mod tests {
         let u = Update { optim: &OPTIM, table: &t, pieces, lr: 1e-2, step: 1, max_norm };
         let mut full = g.to_vec();
         let mut parts: Vec<f32> = pieces.iter().flat_map(|r| g[r.clone()].iter().copied()).collect();
+        let whole = [0..shard];
         let summed = if as_pieces {
-            Summed::Pieces { grads: &mut parts[..], len: shard }
+            Summed::Pieces { grads: &mut parts[..], norm: &whole }
         } else {
             Summed::Full { grads: &mut full[..], norm: pieces }
         };
