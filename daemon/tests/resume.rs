@@ -270,10 +270,20 @@ fn a_tensor_parallel_checkpoint_resumes_under_another_layout() {
             .collect()
     };
     let want_final = tensors(&whole.join("final/model.safetensors"));
-    for (from, to) in [((1usize, 2usize), (1usize, 1usize)), ((1, 2), (1, 4)), ((1, 2), (2, 1)), ((2, 1), (1, 2))] {
+    // (dp, tp, ZeRO stage) before and after: under ZeRO the tp checkpoint is gathered over dp
+    // and then put together over tp.
+    for (from, to) in [
+        ((1usize, 2usize, 0u8), (1usize, 1usize, 0u8)),
+        ((1, 2, 0), (1, 4, 0)),
+        ((1, 2, 0), (2, 1, 0)),
+        ((2, 1, 0), (1, 2, 0)),
+        ((2, 2, 3), (1, 1, 0)),
+        ((1, 1, 0), (2, 2, 1)),
+    ] {
         let run = dir.path().join(format!("{from:?}-{to:?}"));
         let mut args: Vec<String> = vec![spec.to_string_lossy().into(), "--run-dir".into(), run.to_string_lossy().into()];
         args.extend(set_layout(from.0, from.1));
+        args.extend(["--set".into(), format!("parallel.zero={}", from.2)]);
         train(&args.iter().map(String::as_str).collect::<Vec<_>>());
         // The checkpoint and the final model hold whole tensors, as the one-device run's.
         let ck = tensors(&run.join("checkpoints/step_00000010/model.safetensors"));
@@ -287,6 +297,7 @@ fn a_tensor_parallel_checkpoint_resumes_under_another_layout() {
         std::fs::remove_dir_all(run.join("checkpoints/step_00000020")).unwrap();
         let mut args: Vec<String> = vec!["--resume".into(), run.to_string_lossy().into()];
         args.extend(set_layout(to.0, to.1));
+        args.extend(["--set".into(), format!("parallel.zero={}", to.2)]);
         train(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let got = losses(&run);
         assert_eq!(got.len(), 30);

@@ -432,6 +432,24 @@ impl DataParallel {
         Ok(())
     }
 
+    /// A buffer held as this rank's pieces (`shard`: the moments under ZeRO-1/2/3, concatenated)
+    /// gathered whole, in the flat buffer's layout, with `keep`; every rank takes part, a chunk
+    /// at a time.
+    pub fn gather_pieces(&mut self, shard: &[f32], keep: bool) -> Result<Option<Vec<f32>>> {
+        let len = self.chunks.last().map_or(0, |c| c.end);
+        let mut full = keep.then(|| vec![0.0f32; len]);
+        for c in 0..self.chunks.len() {
+            let (chunk, piece) = (self.chunks[c].clone(), self.pieces[c].clone());
+            let mut local = vec![0.0f32; chunk.len()];
+            local[piece.start - chunk.start..piece.end - chunk.start].copy_from_slice(&shard[self.piece_at[c]..][..piece.len()]);
+            let whole = self.gather_chunk(&local)?;
+            if let Some(f) = &mut full {
+                f[chunk].copy_from_slice(&whole);
+            }
+        }
+        Ok(full)
+    }
+
     /// Chunk `c` with only this rank's piece filled in (the released rest is not read: reading it
     /// would map zero pages that count as resident).
     fn own_part(&self, params: &[f32], c: usize) -> Vec<f32> {

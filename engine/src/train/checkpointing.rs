@@ -16,6 +16,9 @@ use crate::{Error, Result};
 use super::gpu::HostState;
 use super::Trainer;
 
+/// The whole model's parameters, first and second moments, and its table.
+type WholeState = (Vec<f32>, Vec<f32>, Vec<f32>, crate::params::ParamTable);
+
 /// How a checkpoint written in the background ended.
 #[derive(Debug)]
 pub struct CheckpointOutcome {
@@ -156,23 +159,20 @@ impl Trainer {
             (self.model.config.clone(), self.model.table.clone(), self.tokenizer.clone(), self.step, dir.to_path_buf());
         let zero = self.dp.as_ref().map_or(0, DataParallel::zero);
         let loss_scale = self.gpu.as_ref().and_then(|g| g.loss_scale()).or(self.resumed_loss_scale);
-        if zero == 0 {
-            if self.dp_rank() != 0 {
-                return Ok(previous);
-            }
-            // Under tensor parallelism the tp group puts the whole state together on its lead,
-            // laid out as the whole model's (so it resumes under any layout).
-            let whole = match super::trainer::tp_group(&mut self.dp, &mut self.tp) {
-                Some(tp) => {
-                    let (b, lead) = (&self.buffers, tp.rank() == 0);
-                    let (params, m, v) = (tp.assemble(&b.params, lead)?, tp.assemble(&b.m, lead)?, tp.assemble(&b.v, lead)?);
-                    let table = tp.whole_table().clone();
-                    match (params, m, v) {
-                        (Some(params), Some(m), Some(v)) => Some((params, m, v, table)),
-                        _ => return Ok(previous),
-                    }
+        if !self.sharded_checkpoints() {
+            // Under tensor parallelism the whole state is put together, laid out as the whole
+            // model's (so it resumes under any layout): under ZeRO over the dp group on its rank
+            // 0 first, then by that rank's tp group on its lead.
+            let whole = if self.model.tp.is_whole() {
+                if self.dp_rank() != 0 {
+                    return Ok(previous);
                 }
-                None => None,
+                None
+            } else {
+                match self.assemble_state()? {
+                    Some(state) => Some(state),
+                    None => return Ok(previous),
+                }
             };
             let mut snapshot = self.snapshot.take().unwrap_or_else(|| Snapshot::new(0, 0));
             // On a GPU the state is copied by a stream of its own while the next step computes,
@@ -286,11 +286,48 @@ impl Trainer {
         Ok(previous)
     }
 
+    /// Whether checkpoints are written as one shard per rank (ZeRO without tensor parallelism);
+    /// otherwise rank 0 writes the whole state.
+    fn sharded_checkpoints(&self) -> bool {
+        self.dp.as_ref().is_some_and(|d| d.zero() >= 1) && self.model.tp.is_whole()
+    }
+
+    /// A model cut across a tp group: the whole model's parameters and moments (and its table)
+    /// on the tp lead of dp rank 0, gathered over dp under ZeRO, then put together over tp;
+    /// `None` on every other rank. Every rank calls it.
+    fn assemble_state(&mut self) -> Result<Option<WholeState>> {
+        let first = self.dp_rank() == 0;
+        let zero = self.dp.as_ref().map_or(0, DataParallel::zero);
+        let (mut m, mut v) = (None, None);
+        if let (true, Some(dp)) = (zero >= 1, &mut self.dp) {
+            // This rank's pieces of the moments, whole on dp rank 0; under ZeRO-3 the parameters too.
+            (m, v) = (dp.gather_pieces(&self.buffers.m, first)?, dp.gather_pieces(&self.buffers.v, first)?);
+            if zero >= 3 {
+                dp.gather_params(&mut self.buffers.params, first)?;
+            }
+        }
+        if !first {
+            return Ok(None);
+        }
+        let tp = super::trainer::tp_group(&mut self.dp, &mut self.tp).expect("a model cut across ranks has its tp group");
+        let (b, lead) = (&self.buffers, tp.rank() == 0);
+        let (m, v) = (m.as_deref().unwrap_or(&b.m), v.as_deref().unwrap_or(&b.v));
+        let assembled = (|| Ok::<_, Error>((tp.assemble(&b.params, lead)?, tp.assemble(m, lead)?, tp.assemble(v, lead)?)))();
+        let table = tp.whole_table().clone();
+        if let (true, Some(dp)) = (zero >= 3, &mut self.dp) {
+            dp.release_gathered(&mut self.buffers.params)?;
+        }
+        Ok(match assembled? {
+            (Some(params), Some(m), Some(v)) => Some((params, m, v, table)),
+            _ => None,
+        })
+    }
+
     /// The outcome of the checkpoint being written, once it is committed (on rank 0; other ranks
     /// get `None`). Every rank calls it after each step: under ZeRO the ranks agree, with a small
     /// all-reduce, on when every shard is written, and rank 0 then commits the checkpoint.
     pub fn poll_checkpoint(&mut self) -> Result<Option<CheckpointOutcome>> {
-        let sharded = self.dp.as_ref().is_some_and(|d| d.zero() >= 1);
+        let sharded = self.sharded_checkpoints();
         if !sharded {
             if self.pending.as_ref().is_some_and(|p| p.thread.is_finished()) {
                 return Ok(self.pending.take().map(|p| self.reclaim(p)));
@@ -309,8 +346,9 @@ impl Trainer {
     fn checkpoint_in_flight(&mut self, give_up: bool) -> Result<Option<InFlight>> {
         let Some(p) = &self.pending else { return Ok(None) };
         let (step, done) = (p.step, p.thread.is_finished());
+        let sharded = self.sharded_checkpoints();
         match &mut self.dp {
-            Some(dp) if dp.zero() >= 1 => {
+            Some(dp) if sharded => {
                 // One sum says both: n when every rank is done; above n once any rank gives up.
                 let n = dp.size() as f64;
                 let total = dp.sum(if give_up { n + 1.0 } else { f64::from(u8::from(done)) })?;
@@ -325,7 +363,7 @@ impl Trainer {
     /// shard is written first must not sit in a collective for longer than the timeout while rank
     /// 0 (which also writes the model) is still writing.
     pub fn finish_checkpoint(&mut self) -> Result<Option<CheckpointOutcome>> {
-        let sharded = self.dp.as_ref().is_some_and(|d| d.zero() >= 1);
+        let sharded = self.sharded_checkpoints();
         if !sharded {
             return Ok(self.pending.take().map(|p| self.reclaim(p)));
         }
@@ -393,7 +431,7 @@ impl Trainer {
         if let (Some(g), Some(hs)) = (&mut self.gpu, snapshot.as_mut().and_then(|s| s.gpu.take())) {
             g.recycle(hs);
         }
-        if self.dp.as_ref().is_none_or(|d| d.zero() == 0) {
+        if !self.sharded_checkpoints() {
             self.snapshot = snapshot;
         }
         outcome

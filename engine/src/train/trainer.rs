@@ -180,13 +180,6 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
     if p.tp > 1 && on_gpu {
         return unsupported("parallel.tp", "tensor parallelism on GPUs is not built yet: use CPU ranks, or parallel.tp = 1".into());
     }
-    if p.tp > 1 && p.zero >= 1 && config.checkpoint_every > 0 {
-        return unsupported(
-            "checkpoint.every",
-            "checkpoints of ZeRO with tensor parallelism are not built yet: use parallel.zero = 0 with parallel.tp > 1, or checkpoint.every = 0"
-                .into(),
-        );
-    }
     if p.zero > 3 {
         return unsupported("parallel.zero", format!("ZeRO stage {} does not exist: use 0, 1, 2 or 3", p.zero));
     }
