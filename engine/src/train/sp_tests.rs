@@ -66,15 +66,15 @@ fn losses(config: TrainConfig) -> Vec<Vec<f64>> {
     handles.into_iter().map(|h| h.join().expect("a rank failed")).collect()
 }
 
-/// Ring attention: sp = 2 and sp = 4 (zigzag chunks of 4 and 2 tokens), and sp = 2 × dp = 2
-/// with ZeRO-1.
+/// Ring attention: sp = 2 and sp = 4 (zigzag chunks of 4 and 2 tokens), sp = 2 × dp = 2 with
+/// ZeRO-1, and sp = 2 with ZeRO-3.
 #[test]
 fn ring_attn_gives_the_losses_of_one_device() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_tokens(dir.path());
     for model in [fixture("gpt2"), fixture("llama_gqa")] {
         let one = losses(config(&model, &data, 1, 1, 0)).remove(0);
-        for (dp, sp, zero) in [(1, 2, 0), (1, 4, 0), (2, 2, 1)] {
+        for (dp, sp, zero) in [(1, 2, 0), (1, 4, 0), (2, 2, 1), (1, 2, 3)] {
             let mut c = config(&model, &data, dp, sp, zero);
             c.plan.sp_mode = SpMode::RingAttn;
             for (rank, got) in losses(c).iter().enumerate() {
