@@ -22,6 +22,7 @@ pub mod nn;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod pipeline;
 pub mod rng;
 pub mod run_dir;
 pub mod train;

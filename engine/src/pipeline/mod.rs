@@ -1,0 +1,7 @@
+//! Pipeline parallelism (`parallel.pp`): the model's blocks cut into stages on different ranks,
+//! with micro-batches flowing through them. `schedule.rs` holds the schedules as data, checked
+//! and simulated before anything runs.
+
+pub mod schedule;
+
+pub use schedule::{Action, Costs, Pass, Schedule, ScheduleKind, Timeline};
