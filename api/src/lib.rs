@@ -12,8 +12,8 @@ pub use job::{
 };
 pub use responses::{DeviceList, JobEvents, JobLogs, JobMetrics};
 pub use spec::{
-    CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, Precision, ResourcesSpec, RestartSpec,
-    Schedule, SpMode, SpecError, TpMode, TrainSpec,
+    CheckpointSpec, DataSpec, Devices, GpuComm, JobSpec, ModelInit, ModelSpec, ParallelSpec, PpSchedule, Precision, ResourcesSpec,
+    RestartSpec, Schedule, SpMode, SpecError, TpMode, TrainSpec,
 };
 pub use step::StepMetrics;
 

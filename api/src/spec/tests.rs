@@ -77,7 +77,16 @@ fn parallel_layouts_are_checked_by_field() {
     let ok = with(&["resources.devices=cpu:8", "parallel.tp=2", "parallel.dp=2", "parallel.sp=2", "parallel.sp_mode=all_to_all"]).unwrap();
     assert_eq!((ok.parallel.tp, ok.parallel.sp, ok.parallel.sp_mode), (2, 2, SpMode::AllToAll));
     assert_eq!(with(&["resources.devices=cpu:4", "parallel.tp=4", "parallel.tp_mode=\"2d\""]).unwrap().parallel.tp_mode, TpMode::TwoD);
-    let cases: [(&[&str], &str, &str); 7] = [
+    let pp = with(&[
+        "resources.devices=cpu:2",
+        "parallel.pp=2",
+        "parallel.pp_schedule=\"zbv\"",
+        "parallel.pp_layers=[2, 4]",
+        "train.micro_batch_size=2",
+    ])
+    .unwrap();
+    assert_eq!((pp.parallel.pp_schedule, pp.parallel.pp_chunks, pp.parallel.pp_layers), (PpSchedule::Zbv, None, Some(vec![2, 4])));
+    let cases: [(&[&str], &str, &str); 12] = [
         (&["resources.devices=cpu:2", "parallel.tp=2", "parallel.tp_mode=\"2d\""], "parallel.tp_mode", "not 2"),
         (&["resources.devices=cpu:2", "parallel.dp=2", "parallel.sp_mode=split_gather"], "parallel.sp_mode", "tp > 1"),
         (&["resources.devices=cpu:2", "parallel.sp=2"], "parallel.sp_mode", "all_to_all"),
@@ -85,6 +94,15 @@ fn parallel_layouts_are_checked_by_field() {
         (&["resources.devices=cpu:2", "parallel.tp=2", "parallel.sp=2", "parallel.sp_mode=ring_attn"], "parallel", "dp × tp × pp × sp = 4"),
         (&["parallel.sp=0"], "parallel.sp", "at least 1"),
         (&["parallel.tp_mode=\"3d\""], "parallel.tp_mode", ""),
+        (&["parallel.pp_schedule=\"zbv\"", "parallel.pp_chunks=3"], "parallel.pp_chunks", "exactly 2"),
+        (&["parallel.pp_schedule=\"interleaved\"", "parallel.pp_chunks=1"], "parallel.pp_chunks", "2 or more"),
+        (&["resources.devices=cpu:2", "parallel.pp=2", "parallel.pp_layers=[3, 3, 2]"], "parallel.pp_layers", "2 stages"),
+        (
+            &["resources.devices=cpu:8", "parallel.pp=8", "train.micro_batch_size=2"],
+            "train.global_batch_size",
+            "4 micro-batches for 8 stages",
+        ),
+        (&["parallel.pp_schedule=\"pipedream\""], "parallel.pp_schedule", ""),
     ];
     for (sets, field, says) in cases {
         let err = with(sets).unwrap_err();

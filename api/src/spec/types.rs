@@ -235,6 +235,18 @@ pub struct ParallelSpec {
     #[serde(default = "one")]
     #[schema(default = one, minimum = 1)]
     pub pp: usize,
+    /// How micro-batches flow through the stages: `1f1b` (default), `gpipe`, `interleaved` or
+    /// `zbv` (see docs/parallel.md).
+    #[serde(default, skip_serializing_if = "PpSchedule::is_default")]
+    pub pp_schedule: PpSchedule,
+    /// Chunks (virtual stages) per pipeline rank: 1 for `gpipe` and `1f1b`, 2 or more for
+    /// `interleaved`, exactly 2 for `zbv` (the default for those two: 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub pp_chunks: Option<usize>,
+    /// Blocks per stage, in order (default: cut to balance the stages' estimated cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp_layers: Option<Vec<usize>>,
     /// ZeRO stage, 0-3.
     #[serde(default)]
     #[schema(default = 0, maximum = 3)]
@@ -289,6 +301,50 @@ impl TpMode {
         match self {
             TpMode::OneD => "1d",
             TpMode::TwoD => "2d",
+        }
+    }
+}
+
+/// How micro-batches flow through the pipeline stages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(default = PpSchedule::default)]
+pub enum PpSchedule {
+    /// All forwards, then all backwards.
+    #[serde(rename = "gpipe")]
+    GPipe,
+    /// Warm-up, one forward and one backward at a time, cool-down: at most `pp` micro-batches'
+    /// activations on a stage.
+    #[default]
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    /// Each rank holds `pp_chunks` non-adjacent block ranges; the bubble shrinks by that factor.
+    #[serde(rename = "interleaved")]
+    Interleaved,
+    /// Zero-bubble V: two chunks per rank in a V, the backward split into input and weight
+    /// gradients, the weight gradients deferred into the bubbles.
+    #[serde(rename = "zbv")]
+    Zbv,
+}
+
+impl PpSchedule {
+    fn is_default(&self) -> bool {
+        *self == PpSchedule::default()
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            PpSchedule::GPipe => "gpipe",
+            PpSchedule::OneFOneB => "1f1b",
+            PpSchedule::Interleaved => "interleaved",
+            PpSchedule::Zbv => "zbv",
+        }
+    }
+
+    /// Chunks per rank when `parallel.pp_chunks` is not given.
+    pub fn default_chunks(&self) -> usize {
+        match self {
+            PpSchedule::GPipe | PpSchedule::OneFOneB => 1,
+            PpSchedule::Interleaved | PpSchedule::Zbv => 2,
         }
     }
 }
@@ -481,7 +537,19 @@ impl Default for TrainSpec {
 
 impl Default for ParallelSpec {
     fn default() -> Self {
-        ParallelSpec { dp: 1, tp: 1, tp_mode: TpMode::OneD, sp: 1, sp_mode: SpMode::None, pp: 1, zero: 0, gpu_comm: GpuComm::Nccl }
+        ParallelSpec {
+            dp: 1,
+            tp: 1,
+            tp_mode: TpMode::OneD,
+            sp: 1,
+            sp_mode: SpMode::None,
+            pp: 1,
+            pp_schedule: PpSchedule::OneFOneB,
+            pp_chunks: None,
+            pp_layers: None,
+            zero: 0,
+            gpu_comm: GpuComm::Nccl,
+        }
     }
 }
 
@@ -643,6 +711,45 @@ impl JobSpec {
                     p.dp
                 ),
             );
+        }
+        let chunks = p.pp_chunks.unwrap_or(p.pp_schedule.default_chunks());
+        let schedule = p.pp_schedule.name();
+        match p.pp_schedule {
+            _ if chunks == 0 => return e("parallel.pp_chunks", "must be at least 1".into()),
+            PpSchedule::GPipe | PpSchedule::OneFOneB if chunks != 1 => {
+                return e("parallel.pp_chunks", format!("{schedule} runs one chunk per rank, not {chunks}"))
+            }
+            PpSchedule::Interleaved if chunks < 2 => {
+                return e("parallel.pp_chunks", format!("interleaved needs 2 or more chunks per rank, not {chunks}"))
+            }
+            PpSchedule::Zbv if chunks != 2 => {
+                return e("parallel.pp_chunks", format!("zbv runs exactly 2 chunks per rank (a V), not {chunks}"))
+            }
+            _ => {}
+        }
+        if let Some(layers) = &p.pp_layers {
+            if layers.len() != p.pp || layers.contains(&0) {
+                return e(
+                    "parallel.pp_layers",
+                    format!("{layers:?} must give each of the {} stages (parallel.pp) its count of blocks, at least 1", p.pp),
+                );
+            }
+        }
+        if p.pp > 1 {
+            // Micro-batches per step flow through the stages.
+            let m = t.global_batch_size / per_step;
+            if p.pp_schedule == PpSchedule::OneFOneB && m < p.pp {
+                return e(
+                    "train.global_batch_size",
+                    format!("1f1b needs at least as many micro-batches per step as stages: {m} micro-batches for {} stages", p.pp),
+                );
+            }
+            if p.pp_schedule == PpSchedule::Interleaved && !m.is_multiple_of(p.pp) {
+                return e(
+                    "train.global_batch_size",
+                    format!("interleaved runs the micro-batches in groups of parallel.pp: {m} micro-batches do not divide by {}", p.pp),
+                );
+            }
         }
         // Integers must fit TOML's i64 (the run directory stores the spec as TOML).
         for (name, v) in [

@@ -1,7 +1,9 @@
 //! Pipeline parallelism (`parallel.pp`): the model's blocks cut into stages on different ranks,
-//! with micro-batches flowing through them. `schedule.rs` holds the schedules as data, checked
-//! and simulated before anything runs.
+//! with micro-batches flowing through them. `stages.rs` cuts the blocks into stages by cost;
+//! `schedule.rs` holds the schedules as data, checked and simulated before anything runs.
 
 pub mod schedule;
+pub mod stages;
 
 pub use schedule::{Action, Costs, Pass, Schedule, ScheduleKind, Timeline};
+pub use stages::split_stages;
