@@ -439,6 +439,22 @@ impl Model {
         with_arch!(&self.kind, kind, |m, a| m.embed_backward(be, pa, grads, a, &x))
     }
 
+    /// Forward-only passes (`loss`, `logits`) run a whole model over whole sequences: a rank's
+    /// part of one would need its group, which they are not given.
+    fn check_whole(&self, what: &str) -> Result<()> {
+        let field = if !self.tp.is_whole() {
+            "parallel.tp"
+        } else if !self.sp.is_whole() {
+            "parallel.sp"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Unsupported {
+            field: field.into(),
+            message: format!("{what} of a model cut across ranks is not built: use the whole model"),
+        })
+    }
+
     /// Checks that `acts` holds a micro-batch and `range` names blocks.
     fn check_loaded<B: Backend>(&self, acts: &Activations<B>, range: &Range<usize>) -> Result<()> {
         if acts.loaded == 0 {
@@ -463,6 +479,7 @@ impl Model {
 
     /// `loss` on backend `be`.
     pub fn loss_on<B: Backend>(&self, be: &B, p: Weights<'_, B>, acts: &mut Activations<B>, windows: &[u32]) -> Result<f64> {
+        self.check_whole("the loss alone")?;
         acts.load(be, windows, self.config.vocab)?;
         let (x, kind) = acts.split();
         let rows = x.rows();
@@ -475,6 +492,7 @@ impl Model {
     /// Logits `[b, seq, vocab]` for `windows` (`[b, seq+1]` tokens; the last token of each window
     /// is not read).
     pub fn logits(&self, params: &[f32], acts: &mut Activations, windows: &[u32]) -> Result<Vec<f32>> {
+        self.check_whole("logits")?;
         acts.load(&Cpu, windows, self.config.vocab)?;
         let (x, kind) = acts.split();
         let rows = x.rows();

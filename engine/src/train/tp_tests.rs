@@ -171,6 +171,10 @@ fn a_rank_loads_its_part_of_the_whole_model() {
         let (whole, params) = super::load_model(&fixture(name), init, 7).unwrap();
         for rank in 0..4 {
             let (part, got) = super::load_model_part(&fixture(name), init, 7, TpRank::new(rank, 4)).unwrap();
+            // A part alone cannot evaluate the model: that is refused, not answered wrongly.
+            let mut acts = part.activations(1, 4).unwrap();
+            let err = part.loss(&got, &mut acts, &[1, 2, 3, 4, 5]).unwrap_err();
+            assert!(err.to_string().contains("cut across ranks"), "{err}");
             let mut want = vec![0.0; part.table.len()];
             part.table.take_shards(&whole.table, &params, &mut want);
             assert!(got == want, "{name} {init:?} rank {rank} of 4");
