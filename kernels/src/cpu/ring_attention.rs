@@ -94,46 +94,45 @@ pub fn ring_forward_step(st: RingStep<'_>, out: &mut [f32], lse: &mut [f32]) {
     let (c, d, w, kw, ow) = (s.seq, s.dim, s.qkv_width(), st.kv_width(), s.out_width());
     st.check(&[(out.len(), ow), (lse.len(), s.heads)]);
     let scale = 1.0 / (d as f32).sqrt();
-    let per_seq = 2 * c;
-    out.par_chunks_mut(per_seq * ow).zip(lse.par_chunks_mut(per_seq * s.heads)).enumerate().for_each(|(b, (out_b, lse_b))| {
+    // One task per local sequence (a chunk's queries own their output rows), so even one whole
+    // sequence keeps two cores busy.
+    out.par_chunks_mut(c * ow).zip(lse.par_chunks_mut(c * s.heads)).enumerate().for_each(|(local, (out_q, lse_q))| {
+        let (b, qi) = (local / 2, local % 2);
+        let q_rows = local * c;
         let (mut scores, mut block) = (vec![0.0f32; c * c], vec![0.0f32; c * d]);
-        for qi in 0..2 {
-            let q_rows = (2 * b + qi) * c;
-            for ki in 0..2 {
-                let vis = st.visible(qi, ki);
-                if vis == Visible::None {
-                    continue;
+        for ki in 0..2 {
+            let vis = st.visible(qi, ki);
+            if vis == Visible::None {
+                continue;
+            }
+            let k_rows = (2 * b + ki) * c;
+            for h in 0..s.heads {
+                let (kc, vc) = st.kv_cols(h);
+                let q = MatRef::strided(&st.qkv[q_rows * w + h * d..], c, d, w, 1);
+                let k = MatRef::strided(&st.kv[k_rows * kw + kc..], c, d, kw, 1);
+                let v = MatRef::strided(&st.kv[k_rows * kw + vc..], c, d, kw, 1);
+                matmul(MatMut::new(&mut scores, c, c), q, k.t(), Accumulate::Overwrite, Threads::Single);
+                let mut lses = Vec::with_capacity(c);
+                for (i, row) in scores.chunks_exact_mut(c).enumerate() {
+                    let seen = if vis == Visible::Causal { i + 1 } else { c };
+                    let m = max(&row[..seen]) * scale;
+                    let z = exp_shifted_sum(&mut row[..seen], scale, m);
+                    let inv = 1.0 / z;
+                    row[..seen].iter_mut().for_each(|x| *x *= inv);
+                    row[seen..].fill(0.0);
+                    lses.push(m + z.ln());
                 }
-                let k_rows = (2 * b + ki) * c;
-                for h in 0..s.heads {
-                    let (kc, vc) = st.kv_cols(h);
-                    let q = MatRef::strided(&st.qkv[q_rows * w + h * d..], c, d, w, 1);
-                    let k = MatRef::strided(&st.kv[k_rows * kw + kc..], c, d, kw, 1);
-                    let v = MatRef::strided(&st.kv[k_rows * kw + vc..], c, d, kw, 1);
-                    matmul(MatMut::new(&mut scores, c, c), q, k.t(), Accumulate::Overwrite, Threads::Single);
-                    let mut lses = Vec::with_capacity(c);
-                    for (i, row) in scores.chunks_exact_mut(c).enumerate() {
-                        let seen = if vis == Visible::Causal { i + 1 } else { c };
-                        let m = max(&row[..seen]) * scale;
-                        let z = exp_shifted_sum(&mut row[..seen], scale, m);
-                        let inv = 1.0 / z;
-                        row[..seen].iter_mut().for_each(|x| *x *= inv);
-                        row[seen..].fill(0.0);
-                        lses.push(m + z.ln());
+                matmul(MatMut::new(&mut block, c, d), MatRef::new(&scores, c, c), v, Accumulate::Overwrite, Threads::Single);
+                // Online softmax: out ← out·e^(lse−new) + block·e^(lse_b−new).
+                for (i, &lb) in lses.iter().enumerate() {
+                    let old = lse_q[i * s.heads + h];
+                    let new = if old == f32::NEG_INFINITY { lb } else { old.max(lb) + (-(old - lb).abs()).exp().ln_1p() };
+                    let (a, bw) = (exp(old - new), exp(lb - new));
+                    let o = &mut out_q[i * ow + h * d..][..d];
+                    for (x, y) in o.iter_mut().zip(&block[i * d..][..d]) {
+                        *x = *x * a + y * bw;
                     }
-                    matmul(MatMut::new(&mut block, c, d), MatRef::new(&scores, c, c), v, Accumulate::Overwrite, Threads::Single);
-                    // Online softmax: out ← out·e^(lse−new) + block·e^(lse_b−new).
-                    for (i, &lb) in lses.iter().enumerate() {
-                        let r = qi * c + i;
-                        let old = lse_b[r * s.heads + h];
-                        let new = if old == f32::NEG_INFINITY { lb } else { old.max(lb) + (-(old - lb).abs()).exp().ln_1p() };
-                        let (a, bw) = (exp(old - new), exp(lb - new));
-                        let o = &mut out_b[r * ow + h * d..][..d];
-                        for (x, y) in o.iter_mut().zip(&block[i * d..][..d]) {
-                            *x = *x * a + y * bw;
-                        }
-                        lse_b[r * s.heads + h] = new;
-                    }
+                    lse_q[i * s.heads + h] = new;
                 }
             }
         }
