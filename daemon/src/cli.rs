@@ -340,6 +340,19 @@ pub struct BenchArgs {
     /// ring_attn (over --sp ranks).
     #[arg(long, default_value = "none")]
     pub sp_mode: String,
+    /// Cut the model's blocks into this many pipeline stages (CPU ranks: threads of this
+    /// process, each with its share of --threads) and report the measured bubble.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// gpipe, 1f1b, interleaved or zbv (with --pp > 1).
+    #[arg(long, default_value = "1f1b")]
+    pub pp_schedule: String,
+    /// Block ranges per rank (2 or more for interleaved, 2 for zbv).
+    #[arg(long)]
+    pub pp_chunks: Option<usize>,
+    /// Micro-batches of --batch sequences per step (with --pp > 1; default 2 × --pp).
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
 }
 
 #[derive(Debug, Args)]

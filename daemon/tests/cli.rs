@@ -442,3 +442,31 @@ fn a_daemon_told_to_schedule_gpus_it_does_not_have_refuses_to_start() {
     assert!(!out.status.success(), "the daemon started on a GPU this machine lacks");
     assert!(stderr.contains(&format!("--devices cuda:{have}")), "the error names the setting: {stderr}");
 }
+
+#[test]
+fn bench_pp_reports_the_measured_bubble_beside_the_theory() {
+    let args = ["bench", "--model", "llama-tiny", "--seq-len", "16", "--batch", "1", "--steps", "2", "--warmup", "1", "--threads", "2"];
+    let run = |schedule: &str| {
+        let r =
+            last_json(&ok(gantry().args(args).args(["--pp", "2", "--pp-schedule", schedule, "--micro-batches", "4"]).output().unwrap()));
+        assert_eq!((r["pp"].as_u64(), r["pp_schedule"].as_str(), r["micro_batches"].as_u64()), (Some(2), Some(schedule), Some(4)), "{r}");
+        let bubble = r["bubble_fraction"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&bubble), "{r}");
+        r
+    };
+    let (gpipe, one_f_one_b, zbv) = (run("gpipe"), run("1f1b"), run("zbv"));
+    // (p − 1)/(m + p − 1) at p = 2, m = 4.
+    assert!((one_f_one_b["bubble_theory"].as_f64().unwrap() - 0.2).abs() < 1e-12, "{one_f_one_b}");
+    // The same weights and data under every schedule: the same loss.
+    let loss = gpipe["loss_first"].as_f64().unwrap();
+    for r in [&one_f_one_b, &zbv] {
+        assert!((r["loss_first"].as_f64().unwrap() - loss).abs() < 1e-6 * loss, "{r} against {gpipe}");
+    }
+    // GPipe keeps every micro-batch's activations on the first stage; 1F1B at most pp.
+    assert_eq!(gpipe["peak_in_flight"][0].as_u64(), Some(4));
+    assert!(one_f_one_b["peak_in_flight"][0].as_u64().unwrap() <= 2, "{one_f_one_b}");
+    assert_eq!(zbv["stages"][0].as_array().unwrap().len(), 2, "zbv holds two chunks per rank: {zbv}");
+    let out = gantry().args(args).args(["--pp", "2", "--pp-schedule", "zbv", "--pp-chunks", "3"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pp_chunks"), "{err}");
+}

@@ -48,6 +48,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let threads = super::set_threads(a.threads)?;
     let config = config_for(&name)?;
+    if a.pp > 1 {
+        if gpu.is_some() || a.tp > 1 || a.sp > 1 {
+            anyhow::bail!("--pp {}: the pipeline bench runs CPU stages alone (no --device cuda:N, --tp or --sp yet)", a.pp);
+        }
+        return bench_pipeline(config, &name, &a, batch, seq_len, threads);
+    }
     if a.tp > 1 || a.sp > 1 {
         if gpu.is_some() {
             anyhow::bail!("--tp {} --sp {}: tensor and sequence parallelism on GPUs are not built yet (use --device cpu)", a.tp, a.sp);
@@ -137,6 +143,51 @@ fn bench_tensor_parallel(
         100.0 * r.comm_share,
         r.mem_bytes as f64 / r.whole_mem_bytes as f64,
         r.activation_bytes as f64 / r.whole_activation_bytes as f64
+    );
+    let mut out = serde_json::to_value(&r)?;
+    out["model"] = json!(name);
+    out["peak_rss_bytes"] = json!(super::peak_rss_bytes());
+    println!("{out}");
+    Ok(())
+}
+
+/// `--pp N`: the model's blocks cut into N stages run by the pipeline runner, with the measured
+/// bubble beside the schedule's ideal.
+fn bench_pipeline(
+    config: gantry_engine::models::ModelConfig,
+    name: &str,
+    a: &BenchArgs,
+    batch: usize,
+    seq_len: usize,
+    threads: usize,
+) -> anyhow::Result<()> {
+    use gantry_engine::pipeline::{bench_pipeline, PipelineBenchSpec, ScheduleKind};
+    let kind = ScheduleKind::parse(&a.pp_schedule)?;
+    let chunks = a.pp_chunks.unwrap_or(match kind {
+        ScheduleKind::Interleaved | ScheduleKind::Zbv => 2,
+        _ => 1,
+    });
+    let micro_batches = a.micro_batches.unwrap_or(2 * a.pp);
+    eprintln!(
+        "bench {name}: pp = {} ({}, {chunks} chunk(s) per rank), {micro_batches} micro-batches of {batch} × seq {seq_len}, {threads} threads shared by the stages",
+        a.pp, a.pp_schedule
+    );
+    let spec = PipelineBenchSpec {
+        pp: a.pp,
+        kind,
+        chunks,
+        micro_batches,
+        batch,
+        seq: seq_len,
+        threads,
+        warmup: a.warmup,
+        steps: a.steps,
+        seed: a.seed,
+    };
+    let r = bench_pipeline(&config, spec)?;
+    eprintln!(
+        "{} at pp = {}, m = {micro_batches}: bubble {:.3} measured, {:.3} in theory; stages idle {:?}",
+        r.pp_schedule, r.pp, r.bubble_fraction, r.bubble_theory, r.stage_idle
     );
     let mut out = serde_json::to_value(&r)?;
     out["model"] = json!(name);

@@ -7,7 +7,7 @@ use gantry_kernels::cpu::attention::AttnShape;
 use super::hooks::{gather_seq, group_of, scatter_seq, seq_group_of, span, tp_sum, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
 use super::sp::{HeadGroups, SpRank};
-use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
+use super::{at, at_mut, Batch, Hidden, ModelConfig, PpStage, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut};
 use crate::nn::{LayerNorm, Linear, LmHead, WeightLayout};
@@ -86,6 +86,16 @@ pub struct Acts<B: Backend> {
 }
 
 impl Acts<Cpu> {
+    /// The residual stream's stack (`layers + 1` of them).
+    pub(super) fn residual_mut(&mut self) -> &mut [f32] {
+        &mut self.res
+    }
+
+    /// The gradient at the residual stream.
+    pub(super) fn residual_grad_mut(&mut self) -> &mut [f32] {
+        &mut self.dres
+    }
+
     /// Floats held (for the test that `acts_elems` tells the truth).
     pub fn elems(&self) -> usize {
         [
@@ -124,7 +134,7 @@ impl Acts<Cpu> {
 impl Gpt2 {
     /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
     /// their global names and shapes, with the part this rank holds.
-    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<(ParamTable, Gpt2)> {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank, stage: &PpStage) -> Result<(ParamTable, Gpt2)> {
         let (c, l, v, inner) = (cfg.hidden, cfg.layers, cfg.vocab, cfg.intermediate);
         let std = cfg.initializer_range;
         // GPT-2 scales the init of the projections into the residual stream by 1/sqrt(2L).
@@ -136,14 +146,18 @@ impl Gpt2 {
         let attn = heads.start * d..heads.end * d;
         let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
+        // A pipeline stage holds its blocks, the embedding on the first, the head on the last.
+        b.hold(stage.first() || (stage.last() && cfg.tie_embeddings));
         let wte = b.add_sharded("transformer.wte.weight", &[v, c], tp.rows(0, v), Init::Normal { std });
+        b.hold(stage.first());
         let wpe = b.add("transformer.wpe.weight", &[cfg.max_positions, c], Init::Normal { std });
         let mut idx = Vec::new();
         for i in 0..l {
+            b.hold(stage.holds(i));
             let p = format!("transformer.h.{i}.");
             // Conv1D weights are `[in, out]`: column-parallel layers cut dimension 1, row-parallel
             // ones dimension 0.
-            idx.push([
+            let block = [
                 b.add(format!("{p}ln_1.weight"), &[c], Init::Ones),
                 b.add(format!("{p}ln_1.bias"), &[c], Init::Zeros),
                 b.add_sharded(format!("{p}attn.c_attn.weight"), &[c, 3 * c], tp.blocks(1, 3, attn.clone()), Init::Normal { std }),
@@ -156,11 +170,16 @@ impl Gpt2 {
                 b.add_sharded(format!("{p}mlp.c_fc.bias"), &[inner], tp.rows(0, inner), Init::Zeros),
                 b.add_sharded(format!("{p}mlp.c_proj.weight"), &[inner, c], tp.rows(0, inner), Init::Normal { std: proj_std }),
                 b.add(format!("{p}mlp.c_proj.bias"), &[c], Init::Zeros),
-            ]);
+            ];
+            if stage.holds(i) {
+                idx.push(block);
+            }
         }
+        b.hold(stage.last());
         let lnf_w = b.add("transformer.ln_f.weight", &[c], Init::Ones);
         let lnf_b = b.add("transformer.ln_f.bias", &[c], Init::Zeros);
         let head = (!cfg.tie_embeddings).then(|| b.add_sharded("lm_head.weight", &[v, c], tp.rows(0, v), Init::Normal { std }));
+        b.hold(true);
         let t = b.build(chunking);
         let lin = |w: usize, bias: usize, d_in: usize, d_out: usize, row_parallel: bool| Linear {
             weight: t.at(w),

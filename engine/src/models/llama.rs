@@ -9,7 +9,7 @@ use super::gpt2::row_parallel_out;
 use super::hooks::{gather_seq, group_of, scatter_seq, seq_group_of, span, Params};
 use super::sliced::{embed, head_loss, head_scratch_len, need_final_norm};
 use super::sp::{HeadGroups, SpRank};
-use super::{at, at_mut, Batch, Hidden, ModelConfig, TpRank};
+use super::{at, at_mut, Batch, Hidden, ModelConfig, PpStage, TpRank};
 use crate::backend::Accumulate::{Add, Overwrite};
 use crate::backend::{Backend, Cpu, Mat, MatMut, Span, SpanMut};
 use crate::nn::{Linear, LmHead, RmsNorm, WeightLayout};
@@ -104,6 +104,16 @@ pub struct Acts<B: Backend> {
 }
 
 impl Acts<Cpu> {
+    /// The residual stream's stack (`layers + 1` of them).
+    pub(super) fn residual_mut(&mut self) -> &mut [f32] {
+        &mut self.res
+    }
+
+    /// The gradient at the residual stream.
+    pub(super) fn residual_grad_mut(&mut self) -> &mut [f32] {
+        &mut self.dres
+    }
+
     /// Floats held (for the test that `acts_elems` tells the truth).
     pub fn elems(&self) -> usize {
         [
@@ -143,7 +153,7 @@ impl Acts<Cpu> {
 impl Llama {
     /// The model, or rank `tp.rank`'s part of it (see `models::tp`): the table's entries keep
     /// their global names and shapes, with the part this rank holds.
-    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<(ParamTable, Llama)> {
+    pub fn new(cfg: &ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank, stage: &PpStage) -> Result<(ParamTable, Llama)> {
         let (c, v, inner) = (cfg.hidden, cfg.vocab, cfg.intermediate);
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let std = cfg.initializer_range;
@@ -154,6 +164,8 @@ impl Llama {
         let (q_feat, kv_feat) = (heads.start * d..heads.end * d, kv.start * d..kv.end * d);
         let (mlp, vocab) = (tp.part(inner), tp.part(v));
         let mut b = ParamTableBuilder::new();
+        // A pipeline stage holds its blocks, the embedding on the first, the head on the last.
+        b.hold(stage.first() || (stage.last() && cfg.tie_embeddings));
         let wte = b.add_sharded("model.embed_tokens.weight", &[v, c], tp.rows(0, v), w);
         let mut idx = Vec::new();
         // `torch.nn.Linear` weights are `[out, in]`: column-parallel layers cut dimension 0 (and
@@ -161,6 +173,7 @@ impl Llama {
         let col = |r: &std::ops::Range<usize>| (!tp.is_whole()).then(|| Shard::rows(0, r.clone()));
         let row = |r: &std::ops::Range<usize>| (!tp.is_whole()).then(|| Shard::rows(1, r.clone()));
         for i in 0..cfg.layers {
+            b.hold(stage.holds(i));
             let p = format!("model.layers.{i}.");
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool, shard: Option<Shard>, local: (usize, usize)| {
                 let wi = b.add_sharded(format!("{p}{name}.weight"), &[out, inp], shard.clone(), w);
@@ -179,10 +192,14 @@ impl Llama {
             let down = lin("mlp.down_proj", c, inner, mb, row(&mlp), (c, mlp.len()));
             let n1 = b.add(format!("{p}input_layernorm.weight"), &[c], Init::Ones);
             let n2 = b.add(format!("{p}post_attention_layernorm.weight"), &[c], Init::Ones);
-            idx.push((n1, q, k, vv, o, n2, gate, up, down));
+            if stage.holds(i) {
+                idx.push((n1, q, k, vv, o, n2, gate, up, down));
+            }
         }
+        b.hold(stage.last());
         let norm = b.add("model.norm.weight", &[c], Init::Ones);
         let head = (!cfg.tie_embeddings).then(|| b.add_sharded("lm_head.weight", &[v, c], tp.rows(0, v), w));
+        b.hold(true);
         let t = b.build(chunking);
         let lin = |(wi, bi, d_in, d_out, row_parallel): (usize, Option<usize>, usize, usize, bool)| Linear {
             weight: t.at(wi),

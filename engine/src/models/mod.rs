@@ -13,10 +13,12 @@ mod llama;
 pub mod presets;
 mod sliced;
 mod sp;
+mod stage;
 mod tp;
 
 pub use config::{Arch, ModelConfig};
 pub use sp::{HeadGroups, SpRank};
+pub use stage::PpStage;
 pub use tp::TpRank;
 
 use std::ops::Range;
@@ -34,6 +36,8 @@ pub struct Model {
     pub tp: TpRank,
     /// The part of each sequence this rank runs (`SpRank::WHOLE`: all of it).
     pub sp: SpRank,
+    /// The blocks this rank holds (`PpStage::whole`: all of them; see `models::stage`).
+    pub stage: PpStage,
     kind: Kind,
 }
 
@@ -164,6 +168,18 @@ impl Model {
     /// As `with_layout`, on rank `sp.rank` of a sequence-parallel group of `sp.size` (each rank
     /// runs `1/sp.size` of every sequence: see `models::sp`).
     pub fn with_parallel(config: ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank) -> Result<Model> {
+        let stage = PpStage::whole(config.layers);
+        Self::with_stage(config, chunking, tp, sp, stage)
+    }
+
+    /// As `with_parallel`, holding only `stage`'s blocks (a pipeline rank: see `models::stage`).
+    pub fn with_stage(config: ModelConfig, chunking: Chunking, tp: TpRank, sp: SpRank, stage: PpStage) -> Result<Model> {
+        if stage.layers != config.layers {
+            return Err(Error::Unsupported {
+                field: "parallel.pp_layers".into(),
+                message: format!("a stage of a model of {} blocks for one of {}", stage.layers, config.layers),
+            });
+        }
         if sp.size == 0 || sp.rank >= sp.size {
             return Err(Error::Unsupported {
                 field: "parallel.sp".into(),
@@ -187,21 +203,21 @@ impl Model {
         }
         let (table, kind) = match config.arch {
             Arch::Gpt2 => {
-                let (t, m) = gpt2::Gpt2::new(&config, chunking, tp, sp)?;
+                let (t, m) = gpt2::Gpt2::new(&config, chunking, tp, sp, &stage)?;
                 (t, Kind::Gpt2(m))
             }
             Arch::Llama => {
-                let (t, m) = llama::Llama::new(&config, chunking, tp, sp)?;
+                let (t, m) = llama::Llama::new(&config, chunking, tp, sp, &stage)?;
                 (t, Kind::Llama(m))
             }
         };
-        Ok(Model { config, table, tp, sp, kind })
+        Ok(Model { config, table, tp, sp, stage, kind })
     }
 
     /// The parameter table of the whole model (this one's, if it is whole): the layout
     /// checkpoints and exports hold the parameters in.
     pub fn whole_table(&self) -> Result<ParamTable> {
-        if self.tp.is_whole() {
+        if self.tp.is_whole() && self.stage.is_whole() {
             return Ok(self.table.clone());
         }
         Ok(Self::with_chunks(self.config.clone(), Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS))?.table)
@@ -318,6 +334,7 @@ impl Model {
         windows: &[u32],
         grad_scale: f32,
     ) -> Result<f64> {
+        self.check_whole_stage()?;
         acts.load(be, windows, self.config.vocab)?;
         let (x, kind) = acts.split();
         let all = 0..self.config.layers;
@@ -439,9 +456,53 @@ impl Model {
         with_arch!(&self.kind, kind, |m, a| m.embed_backward(be, pa, grads, a, &x))
     }
 
+    /// A whole pass needs every block: a pipeline stage runs its part through the runner.
+    fn check_whole_stage(&self) -> Result<()> {
+        if self.stage.is_whole() {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            field: "parallel.pp".into(),
+            message: format!("a pass over the whole model on a stage holding blocks {:?}", self.stage.chunks),
+        })
+    }
+
+    /// Loads a micro-batch into `acts` without embedding it: a pipeline stage after the first
+    /// receives its input instead, and needs the batch's shape (and the last, its targets).
+    pub fn load(&self, acts: &mut Activations, windows: &[u32]) -> Result<()> {
+        acts.load(&Cpu, windows, self.config.vocab).map(|_| ())
+    }
+
+    /// The residual stream before local block `l` (`l` = the blocks held: after the last) of
+    /// the loaded micro-batch: what a stage sends on, or receives into.
+    pub fn residual<'a>(&self, acts: &'a mut Activations, l: usize) -> Result<&'a mut [f32]> {
+        self.check_loaded(acts, &(l..l))?;
+        let (rows, c) = (acts.loaded * acts.seq / self.tp.seq_parts(), self.config.hidden);
+        let stride = acts.batch * acts.seq / self.tp.seq_parts() * c;
+        let res = match &mut acts.kind {
+            ActsKind::Gpt2(a) => a.residual_mut(),
+            ActsKind::Llama(a) => a.residual_mut(),
+        };
+        Ok(&mut res[l * stride..l * stride + rows * c])
+    }
+
+    /// The loss's gradient at the residual stream where the backward pass stands: after a
+    /// stage's `head_backward` or `backward_blocks`, what it sends back; before them (on a
+    /// stage that does not hold the head), where it receives.
+    pub fn residual_grad<'a>(&self, acts: &'a mut Activations) -> Result<&'a mut [f32]> {
+        self.check_loaded(acts, &(0..0))?;
+        let n = acts.loaded * acts.seq / self.tp.seq_parts() * self.config.hidden;
+        let d = match &mut acts.kind {
+            ActsKind::Gpt2(a) => a.residual_grad_mut(),
+            ActsKind::Llama(a) => a.residual_grad_mut(),
+        };
+        Ok(&mut d[..n])
+    }
+
     /// Forward-only passes (`loss`, `logits`) run a whole model over whole sequences: a rank's
     /// part of one would need its group, which they are not given.
     fn check_whole(&self, what: &str) -> Result<()> {
+        self.check_whole_stage()?;
         let field = if !self.tp.is_whole() {
             "parallel.tp"
         } else if !self.sp.is_whole() {
@@ -463,10 +524,10 @@ impl Model {
                 message: "no micro-batch was embedded into these activations".into(),
             });
         }
-        if range.start > range.end || range.end > self.config.layers {
+        if range.start > range.end || range.end > self.stage.blocks() {
             return Err(Error::Unsupported {
                 field: "blocks".into(),
-                message: format!("blocks {range:?} of a model of {} blocks", self.config.layers),
+                message: format!("blocks {range:?} of a model (or stage) of {} blocks", self.stage.blocks()),
             });
         }
         Ok(())

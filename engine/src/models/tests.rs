@@ -189,7 +189,7 @@ fn block_ranges_with_two_micro_batches_in_flight_give_the_whole_models_loss_and_
         assert!(model.forward_blocks(&params, &mut acts, 0..1).is_err(), "nothing embedded yet");
         model.embed(&params, &mut acts, &windows[0]).unwrap();
         let err = model.forward_blocks(&params, &mut acts, 0..layers + 1).unwrap_err().to_string();
-        assert!(err.contains("of a model of 3 blocks"), "{err}");
+        assert!(err.contains("of a model (or stage) of 3 blocks"), "{err}");
     }
 }
 

@@ -51,6 +51,9 @@ pub struct ParamEntry {
     pub decay: bool,
     /// The chunks holding it: one, or several for a tensor larger than a chunk.
     pub chunks: Range<usize>,
+    /// Its place in the whole model's declaration order: the random stream its initial values
+    /// come from, so a pipeline stage holding part of the model draws what the whole draws.
+    pub stream: u64,
 }
 
 /// A contiguous range of the flat buffers: whole parameters, or whole rows of one parameter
@@ -68,6 +71,8 @@ pub struct ParamTable {
     entries: Vec<ParamEntry>,
     chunks: Vec<Chunk>,
     len: usize,
+    /// Declaration index to entry index (`None`: declared, not held by this rank).
+    slots: Vec<Option<usize>>,
 }
 
 /// Chunks hold at least this many elements (64 MiB of f32), or one whole tensor if larger, so
@@ -111,10 +116,16 @@ pub fn data_parallel_chunking(elems: usize, zero: u8) -> Chunking {
     }
 }
 
+/// A declared parameter: its name, global shape, this rank's shard, init, and whether held.
+type Pending = (String, Vec<usize>, Option<Shard>, Init, bool);
+
 /// Collects parameters in the order a model declares them.
 #[derive(Clone, Debug, Default)]
 pub struct ParamTableBuilder {
-    pending: Vec<(String, Vec<usize>, Option<Shard>, Init)>,
+    /// Declared parameters, with whether this rank holds them.
+    pending: Vec<Pending>,
+    /// Whether the parameters declared next are held (see `hold`).
+    skipping: bool,
 }
 
 impl ParamTableBuilder {
@@ -131,8 +142,15 @@ impl ParamTableBuilder {
     /// Declares a parameter of global shape `shape` of which this rank holds `shard` (all of it
     /// when `None`).
     pub fn add_sharded(&mut self, name: impl Into<String>, shape: &[usize], shard: Option<Shard>, init: Init) -> usize {
-        self.pending.push((name.into(), shape.to_vec(), shard, init));
+        self.pending.push((name.into(), shape.to_vec(), shard, init, !self.skipping));
         self.pending.len() - 1
+    }
+
+    /// Whether the parameters declared from now on are held by this rank (a pipeline stage holds
+    /// its blocks' only). One not held keeps its place in the declaration order (its random
+    /// stream) but takes no space: its [`ParamRef`] is empty.
+    pub fn hold(&mut self, held: bool) {
+        self.skipping = !held;
     }
 
     /// Lays the parameters out in declaration order and groups them into chunks of at most
@@ -148,7 +166,14 @@ impl ParamTableBuilder {
         // Whether the last chunk takes more tensors (not after the pieces of a split one).
         let mut open = false;
         let mut offset = 0;
-        for (i, (name, global_shape, shard, init)) in self.pending.into_iter().enumerate() {
+        let mut slots = Vec::with_capacity(self.pending.len());
+        for (stream, (name, global_shape, shard, init, held)) in self.pending.into_iter().enumerate() {
+            if !held {
+                slots.push(None);
+                continue;
+            }
+            let i = entries.len();
+            slots.push(Some(i));
             let shape = shard.as_ref().map_or_else(|| global_shape.clone(), |s| s.local_shape(&global_shape));
             let len: usize = shape.iter().product();
             let first = chunks.len();
@@ -176,10 +201,11 @@ impl ParamTableBuilder {
             }
             let decay = shape.len() >= 2;
             let held = first.min(chunks.len() - 1)..chunks.len();
-            entries.push(ParamEntry { name, shape, global_shape, shard, at: ParamRef { offset, len }, init, decay, chunks: held });
+            let stream = stream as u64;
+            entries.push(ParamEntry { name, shape, global_shape, shard, at: ParamRef { offset, len }, init, decay, chunks: held, stream });
             offset += len;
         }
-        ParamTable { entries, chunks, len: offset }
+        ParamTable { entries, chunks, len: offset, slots }
     }
 }
 
@@ -203,7 +229,11 @@ impl ParamTable {
 
     /// The parameter declared `index`-th (as returned by [`ParamTableBuilder::add`]).
     pub fn at(&self, index: usize) -> ParamRef {
-        self.entries[index].at
+        match self.slots.get(index) {
+            Some(Some(i)) => self.entries[*i].at,
+            Some(None) => ParamRef { offset: 0, len: 0 },
+            None => self.entries[index].at,
+        }
     }
 
     /// `at`'s range cut at chunk boundaries: one range for a tensor inside a chunk, one per chunk
@@ -236,11 +266,11 @@ impl ParamTable {
             slices.push((e, head));
             rest = tail;
         }
-        slices.into_par_iter().enumerate().for_each(|(i, (e, out))| match e.init {
+        slices.into_par_iter().for_each(|(e, out)| match e.init {
             Init::Ones => out.fill(1.0),
             Init::Zeros => out.fill(0.0),
             Init::Normal { std } => {
-                let mut rng = Rng::new(seed, i as u64);
+                let mut rng = Rng::new(seed, e.stream);
                 let mut draw = |out: &mut [f32]| out.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
                 match &e.shard {
                     Some(s) => {

@@ -195,7 +195,7 @@ impl Schedule {
         }
     }
 
-    fn last_stage(&self) -> usize {
+    pub fn last_stage(&self) -> usize {
         self.stages * self.chunks - 1
     }
 

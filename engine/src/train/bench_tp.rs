@@ -74,14 +74,14 @@ struct RankRun {
 /// A rank's groups: the tp group alone, or the gradient sum over sp with the tp and sp groups
 /// inside.
 enum RankGroups {
-    Tp(TensorParallel),
+    Tp(Box<TensorParallel>),
     Dp(Box<DataParallel>),
 }
 
 impl RankGroups {
     fn layout(&mut self) -> &mut dyn Layout<Cpu> {
         match self {
-            RankGroups::Tp(tp) => tp,
+            RankGroups::Tp(tp) => &mut **tp,
             RankGroups::Dp(dp) => &mut **dp,
         }
     }
@@ -142,7 +142,7 @@ pub fn bench_tensor_parallel(
                     (model, RankGroups::Dp(Box::new(dp)))
                 } else {
                     let tpg = TensorParallel::new(comm.clone(), &mesh, &probe)?;
-                    (probe, RankGroups::Tp(tpg))
+                    (probe, RankGroups::Tp(Box::new(tpg)))
                 };
                 run_rank(&model, groups, &comm, batch, seq, warmup, steps, seed, |i, ms| {
                     if rank == 0 {

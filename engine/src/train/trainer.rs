@@ -117,7 +117,11 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
     }
     let p = &config.plan;
     if p.pp != 1 {
-        return unsupported("parallel.pp", "pipeline parallelism is not built yet: parallel.pp must be 1".into());
+        return unsupported(
+            "parallel.pp",
+            "training jobs do not run pipeline stages yet (the stages and schedules run in `gantry bench --pp`): parallel.pp must be 1"
+                .into(),
+        );
     }
     match p.sp_mode {
         SpMode::None if p.sp == 1 => {}
