@@ -77,6 +77,11 @@ pub struct StepMetrics {
     #[serde(default)]
     #[schema(required = true, nullable)]
     pub mfu: Option<f64>,
+    /// Under pipeline parallelism, each stage's share of the step spent idle waiting for its
+    /// neighbours (the pipeline's bubble), in stage order; empty (and left out of JSON)
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_idle: Vec<f64>,
 }
 
 /// A loss or norm a line leaves out: not known.
@@ -106,6 +111,7 @@ impl From<&StepMetrics> for proto::StepMetrics {
             grad_comm_ms: m.grad_comm_ms,
             grad_comm_waited_ms: m.grad_comm_waited_ms,
             mfu: m.mfu,
+            stage_idle: m.stage_idle.clone(),
         }
     }
 }
@@ -127,6 +133,7 @@ impl From<proto::StepMetrics> for StepMetrics {
             grad_comm_ms: m.grad_comm_ms,
             grad_comm_waited_ms: m.grad_comm_waited_ms,
             mfu: m.mfu,
+            stage_idle: m.stage_idle,
         }
     }
 }
@@ -151,6 +158,7 @@ mod tests {
             grad_comm_ms: 7.0,
             grad_comm_waited_ms: 2.0,
             mfu: Some(0.37),
+            stage_idle: vec![0.25, 0.125],
         }
     }
 

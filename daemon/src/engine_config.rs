@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use gantry_api as api;
 use gantry_engine::config::{
-    DataConfig, Devices, GpuComm, ModelInit, ModelSource, OptimConfig, ParallelPlan, Precision, Schedule, SpMode, TpMode, TrainConfig,
+    DataConfig, Devices, GpuComm, ModelInit, ModelSource, OptimConfig, ParallelPlan, Precision, Schedule, ScheduleKind, SpMode, TpMode,
+    TrainConfig,
 };
 
 /// The run `spec` describes. Paths are taken as the spec holds them: the callers have made them
@@ -71,6 +72,14 @@ pub fn plan(p: &api::ParallelSpec) -> ParallelPlan {
             api::TpMode::TwoD => TpMode::TwoD,
         },
         pp: p.pp,
+        pp_schedule: match p.pp_schedule {
+            api::PpSchedule::GPipe => ScheduleKind::GPipe,
+            api::PpSchedule::OneFOneB => ScheduleKind::OneFOneB,
+            api::PpSchedule::Interleaved => ScheduleKind::Interleaved,
+            api::PpSchedule::Zbv => ScheduleKind::Zbv,
+        },
+        pp_chunks: p.pp_chunks.unwrap_or(p.pp_schedule.default_chunks()),
+        pp_layers: p.pp_layers.clone(),
         sp: p.sp,
         sp_mode: match p.sp_mode {
             api::SpMode::None => SpMode::None,

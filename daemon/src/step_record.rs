@@ -21,6 +21,7 @@ pub fn step_metrics(rank: u32, r: &StepReport) -> StepMetrics {
         grad_comm_ms: r.grad_comm_ms,
         grad_comm_waited_ms: r.grad_comm_waited_ms,
         mfu: r.mfu,
+        stage_idle: r.stage_idle.clone(),
     }
 }
 
@@ -57,6 +58,7 @@ mod tests {
             grad_comm_waited_ms: 10.0,
             tokens: 11,
             mfu: Some(0.12),
+            stage_idle: vec![0.5, 0.25],
         };
         let m = step_metrics(2, &r);
         assert_eq!(
@@ -76,6 +78,7 @@ mod tests {
                 grad_comm_ms: 9.0,
                 grad_comm_waited_ms: 10.0,
                 mfu: Some(0.12),
+                stage_idle: vec![0.5, 0.25],
             }
         );
     }

@@ -81,12 +81,12 @@ fn parallel_layouts_are_checked_by_field() {
         "resources.devices=cpu:2",
         "parallel.pp=2",
         "parallel.pp_schedule=\"zbv\"",
-        "parallel.pp_layers=[2, 4]",
+        "parallel.pp_layers=[1, 2, 2, 1]",
         "train.micro_batch_size=2",
     ])
     .unwrap();
-    assert_eq!((pp.parallel.pp_schedule, pp.parallel.pp_chunks, pp.parallel.pp_layers), (PpSchedule::Zbv, None, Some(vec![2, 4])));
-    let cases: [(&[&str], &str, &str); 12] = [
+    assert_eq!((pp.parallel.pp_schedule, pp.parallel.pp_chunks, pp.parallel.pp_layers), (PpSchedule::Zbv, None, Some(vec![1, 2, 2, 1])));
+    let cases: [(&[&str], &str, &str); 13] = [
         (&["resources.devices=cpu:2", "parallel.tp=2", "parallel.tp_mode=\"2d\""], "parallel.tp_mode", "not 2"),
         (&["resources.devices=cpu:2", "parallel.dp=2", "parallel.sp_mode=split_gather"], "parallel.sp_mode", "tp > 1"),
         (&["resources.devices=cpu:2", "parallel.sp=2"], "parallel.sp_mode", "all_to_all"),
@@ -97,6 +97,11 @@ fn parallel_layouts_are_checked_by_field() {
         (&["parallel.pp_schedule=\"zbv\"", "parallel.pp_chunks=3"], "parallel.pp_chunks", "exactly 2"),
         (&["parallel.pp_schedule=\"interleaved\"", "parallel.pp_chunks=1"], "parallel.pp_chunks", "2 or more"),
         (&["resources.devices=cpu:2", "parallel.pp=2", "parallel.pp_layers=[3, 3, 2]"], "parallel.pp_layers", "2 stages"),
+        (
+            &["resources.devices=cpu:2", "parallel.pp=2", "parallel.pp_schedule=\"zbv\"", "parallel.pp_layers=[2, 4]"],
+            "parallel.pp_layers",
+            "4 virtual stages",
+        ),
         (
             &["resources.devices=cpu:8", "parallel.pp=8", "train.micro_batch_size=2"],
             "train.global_batch_size",

@@ -244,7 +244,10 @@ pub struct ParallelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub pp_chunks: Option<usize>,
-    /// Blocks per stage, in order (default: cut to balance the stages' estimated cost).
+    /// Blocks per stage, in order (default: cut to balance the stages' estimated cost). With
+    /// several chunks a rank, one count per virtual stage (`pp × pp_chunks`, in order: rank 0's
+    /// first chunk, rank 1's first, …, then each rank's second; zbv's second chunks run back
+    /// from the last rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pp_layers: Option<Vec<usize>>,
     /// ZeRO stage, 0-3.
@@ -728,11 +731,15 @@ impl JobSpec {
             _ => {}
         }
         if let Some(layers) = &p.pp_layers {
-            if layers.len() != p.pp || layers.contains(&0) {
-                return e(
-                    "parallel.pp_layers",
-                    format!("{layers:?} must give each of the {} stages (parallel.pp) its count of blocks, at least 1", p.pp),
-                );
+            // One count per virtual stage: pp of them, or pp × pp_chunks with several chunks a rank.
+            let stages = p.pp * chunks;
+            if layers.len() != stages || layers.contains(&0) {
+                let each = if chunks == 1 {
+                    format!("each of the {} stages (parallel.pp)", p.pp)
+                } else {
+                    format!("each of the {stages} virtual stages (parallel.pp × parallel.pp_chunks, in order)")
+                };
+                return e("parallel.pp_layers", format!("{layers:?} must give {each} its count of blocks, at least 1"));
             }
         }
         if p.pp > 1 {

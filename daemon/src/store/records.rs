@@ -32,8 +32,8 @@ impl Store {
         for s in steps {
             new += sqlx::query(
                 "INSERT INTO step_metrics (job_id, rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms, \
-                 skipped, tokens, grad_comm_ms, grad_comm_waited_ms, mfu) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (job_id, rank, step) DO NOTHING",
+                 skipped, tokens, grad_comm_ms, grad_comm_waited_ms, mfu, stage_idle) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (job_id, rank, step) DO NOTHING",
             )
             .bind(job_id)
             .bind(i64::from(s.rank))
@@ -51,6 +51,7 @@ impl Store {
             .bind(s.grad_comm_waited_ms)
             // The Any driver cannot bind a typed NULL: an unknown MFU travels as NaN (NULL in SQLite).
             .bind(s.mfu.unwrap_or(f64::NAN))
+            .bind(serde_json::to_string(&s.stage_idle).expect("a list of numbers serialises"))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -105,7 +106,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<StepMetrics>> {
         let cols = "rank, step, loss, lr, grad_norm, tokens_per_s, mem_bytes, step_ms, comm_ms, skipped, tokens, grad_comm_ms, \
-                    grad_comm_waited_ms, mfu";
+                    grad_comm_waited_ms, mfu, stage_idle";
         let one_rank =
             format!("SELECT {cols} FROM step_metrics WHERE job_id = $1 AND rank = $2 AND step > $3 AND step <= $4 ORDER BY step LIMIT $5");
         let all_ranks =
@@ -134,6 +135,8 @@ impl Store {
                     grad_comm_ms: real("grad_comm_ms")?,
                     grad_comm_waited_ms: real("grad_comm_waited_ms")?,
                     mfu: Some(real("mfu")?).filter(|m| m.is_finite()),
+                    // (JSON has no NaN: an idle share is a finite fraction.)
+                    stage_idle: serde_json::from_str(&r.try_get::<String, _>("stage_idle")?).unwrap_or_default(),
                 })
             })
             .collect()

@@ -136,6 +136,7 @@ fn step(rank: u32, step: i64) -> StepMetrics {
         grad_comm_ms: 1.25,
         grad_comm_waited_ms: 0.25,
         mfu: (step % 2 == 1).then_some(0.4 + step as f64 * 1e-3),
+        stage_idle: if step % 2 == 0 { vec![0.125, 0.25 + step as f64 * 1e-3] } else { Vec::new() },
     }
 }
 

@@ -133,7 +133,7 @@ pub fn load_weights(dir: &Path, config: &ModelConfig, table: &ParamTable, params
             let canonical = canonical_name(&name, config);
             let Some(i) = table.entries().iter().position(|e| e.name == canonical) else {
                 let tied_head = canonical == "lm_head.weight" && config.tie_embeddings;
-                if !tied_head && !is_known_buffer(&name) {
+                if !tied_head && !is_known_buffer(&name) && !table.held_elsewhere(&canonical) {
                     // Named only when it looks like a tensor's name (see `config::kind_of`).
                     let shown = if name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._".contains(c)) {
                         name.to_string()

@@ -14,6 +14,7 @@ pub use plan::{GpuComm, ParallelPlan, SpMode, TpMode};
 
 pub use crate::device::Devices;
 pub use crate::optim::Schedule;
+pub use crate::pipeline::ScheduleKind;
 
 /// Where a run's initial weights come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,11 +1,12 @@
 //! The parallel plan: the sizes of the mesh's axes, the ZeRO stage, and how GPU ranks talk.
 
 use crate::comm::DeviceMesh;
+use crate::pipeline::ScheduleKind;
 use crate::Result;
 
 /// How the ranks of a job divide the work. `dp × pp × sp × tp` ranks make the world; the mesh
 /// lays them out with tp innermost (see [`DeviceMesh`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParallelPlan {
     /// Data-parallel replicas (or, under ZeRO, shards of the model state).
     pub dp: usize,
@@ -15,6 +16,14 @@ pub struct ParallelPlan {
     pub tp_mode: TpMode,
     /// Pipeline stages.
     pub pp: usize,
+    /// How micro-batches flow through the stages.
+    pub pp_schedule: ScheduleKind,
+    /// Block ranges (virtual stages) per pipeline rank: 1 for gpipe and 1f1b, 2 or more for
+    /// interleaved, 2 for zbv.
+    pub pp_chunks: usize,
+    /// The blocks of each virtual stage in order, when the spec states the cut
+    /// (`parallel.pp_layers`); else the cut balances their estimated cost.
+    pub pp_layers: Option<Vec<usize>>,
     /// Sequence-parallel ranks.
     pub sp: usize,
     /// How the sequence is split.
@@ -27,7 +36,19 @@ pub struct ParallelPlan {
 
 impl Default for ParallelPlan {
     fn default() -> Self {
-        ParallelPlan { dp: 1, tp: 1, tp_mode: TpMode::OneD, pp: 1, sp: 1, sp_mode: SpMode::None, zero: 0, gpu_comm: GpuComm::Nccl }
+        ParallelPlan {
+            dp: 1,
+            tp: 1,
+            tp_mode: TpMode::OneD,
+            pp: 1,
+            pp_schedule: ScheduleKind::OneFOneB,
+            pp_chunks: 1,
+            pp_layers: None,
+            sp: 1,
+            sp_mode: SpMode::None,
+            zero: 0,
+            gpu_comm: GpuComm::Nccl,
+        }
     }
 }
 

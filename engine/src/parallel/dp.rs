@@ -218,6 +218,16 @@ impl DataParallel {
         self.finals.check_all_final()
     }
 
+    /// The gradients of a step whose backward passes ran without the hooks (a pipeline stage's,
+    /// whose micro-batches' backward passes interleave with forward ones): all of them
+    /// communicated at once, as the hooks would have after the last micro-batch (ZeRO-0 and 1).
+    pub fn reduce_all(&mut self, grads: &mut [f32]) -> Result<()> {
+        self.begin_micro_batch(true);
+        let len = grads.len();
+        ParamHooks::grads_ready(self, grads, 0..len)?;
+        self.end_micro_batch(grads)
+    }
+
     /// Applies finished gradient collectives in order: all of them (`block`), or those already
     /// done. Applying early frees their buffers while backward goes on.
     fn collect(&mut self, grads: &mut [f32], block: bool) -> Result<()> {

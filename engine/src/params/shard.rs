@@ -71,8 +71,11 @@ impl ParamTable {
     /// This rank's parameters from the whole model's (`global`, laid out by `whole`, the
     /// unsharded table of the same model): each sharded entry's part, the others whole.
     pub fn take_shards(&self, whole: &ParamTable, global: &[f32], out: &mut [f32]) {
-        for (e, w) in self.entries().iter().zip(whole.entries()) {
-            debug_assert_eq!(e.name, w.name);
+        // By name: a tensor-parallel rank's table lists every tensor, a pipeline stage's only
+        // those of its blocks.
+        let by_name: std::collections::HashMap<&str, &super::ParamEntry> = whole.entries().iter().map(|w| (w.name.as_str(), w)).collect();
+        for e in self.entries() {
+            let w = by_name[e.name.as_str()];
             let src = w.at.get(global);
             let dst = e.at.get_mut(out);
             match &e.shard {

@@ -73,6 +73,8 @@ pub struct ParamTable {
     len: usize,
     /// Declaration index to entry index (`None`: declared, not held by this rank).
     slots: Vec<Option<usize>>,
+    /// The names of the parameters declared but held by other ranks (other pipeline stages).
+    elsewhere: Vec<String>,
 }
 
 /// Chunks hold at least this many elements (64 MiB of f32), or one whole tensor if larger, so
@@ -167,9 +169,11 @@ impl ParamTableBuilder {
         let mut open = false;
         let mut offset = 0;
         let mut slots = Vec::with_capacity(self.pending.len());
+        let mut elsewhere = Vec::new();
         for (stream, (name, global_shape, shard, init, held)) in self.pending.into_iter().enumerate() {
             if !held {
                 slots.push(None);
+                elsewhere.push(name);
                 continue;
             }
             let i = entries.len();
@@ -205,7 +209,7 @@ impl ParamTableBuilder {
             entries.push(ParamEntry { name, shape, global_shape, shard, at: ParamRef { offset, len }, init, decay, chunks: held, stream });
             offset += len;
         }
-        ParamTable { entries, chunks, len: offset, slots }
+        ParamTable { entries, chunks, len: offset, slots, elsewhere }
     }
 }
 
@@ -248,6 +252,12 @@ impl ParamTable {
             .map(|c| c.range.start.max(r.start)..c.range.end.min(r.end))
             .filter(|s| !s.is_empty())
             .collect()
+    }
+
+    /// Whether `name` is a parameter of the model that another rank holds (a tensor of another
+    /// pipeline stage, which a stage reading a checkpoint passes over).
+    pub fn held_elsewhere(&self, name: &str) -> bool {
+        self.elsewhere.iter().any(|n| n == name)
     }
 
     pub fn find(&self, name: &str) -> Option<&ParamEntry> {

@@ -7,11 +7,13 @@ pub mod bench;
 pub mod runner;
 pub mod schedule;
 pub mod stages;
+pub mod training;
 
 pub use bench::{bench_pipeline, PipelineBench, PipelineBenchSpec};
 pub use runner::{PipelineRank, Run};
 pub use schedule::{Action, Costs, Pass, Schedule, ScheduleKind, Timeline};
 pub use stages::split_stages;
+pub use training::{plan_stages, PipelineTraining};
 
 #[cfg(test)]
 mod tests;

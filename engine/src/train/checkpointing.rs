@@ -114,6 +114,12 @@ impl Trainer {
     /// its own, not into the host buffers). Refused under ZeRO-3, where the host buffer holds only
     /// this rank's pieces: `save_final` gathers them.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        if self.pp.is_some() {
+            return Err(Error::Unsupported {
+                field: "parallel.pp".into(),
+                message: "a pipeline stage holds only its blocks: write the model with save_final".into(),
+            });
+        }
         if !self.model.tp.is_whole() {
             return Err(Error::Unsupported {
                 field: "parallel.tp".into(),
@@ -163,7 +169,7 @@ impl Trainer {
             // Under tensor parallelism the whole state is put together, laid out as the whole
             // model's (so it resumes under any layout): under ZeRO over the dp group on its rank
             // 0 first, then by that rank's tp group on its lead.
-            let whole = if self.model.tp.is_whole() {
+            let whole = if !self.holds_part() {
                 if self.dp_rank() != 0 {
                     return Ok(previous);
                 }
@@ -289,7 +295,7 @@ impl Trainer {
     /// Whether checkpoints are written as one shard per rank (ZeRO without tensor parallelism);
     /// otherwise rank 0 writes the whole state.
     fn sharded_checkpoints(&self) -> bool {
-        self.dp.as_ref().is_some_and(|d| d.zero() >= 1) && self.model.tp.is_whole()
+        self.dp.as_ref().is_some_and(|d| d.zero() >= 1) && !self.holds_part()
     }
 
     /// A model cut across a tp group: the whole model's parameters and moments (and its table)
@@ -308,6 +314,16 @@ impl Trainer {
         }
         if !first {
             return Ok(None);
+        }
+        if let Some(pp) = &mut self.pp {
+            // Every stage's part, put together on the first stage's rank (dp rank 0's pp group).
+            let (b, lead) = (&self.buffers, pp.rank() == 0);
+            let (m, v) = (m.as_deref().unwrap_or(&b.m), v.as_deref().unwrap_or(&b.v));
+            let assembled = (pp.assemble(&b.params, lead)?, pp.assemble(m, lead)?, pp.assemble(v, lead)?);
+            return Ok(match assembled {
+                (Some(params), Some(m), Some(v)) => Some((params, m, v, pp.whole_table().clone())),
+                _ => None,
+            });
         }
         let tp = super::trainer::tp_group(&mut self.dp, &mut self.tp).expect("a model cut across ranks has its tp group");
         let (b, lead) = (&self.buffers, tp.rank() == 0);
@@ -380,10 +396,16 @@ impl Trainer {
     /// load): they must all be at the same step, or they would train on different parameters,
     /// data and schedules without noticing. Every rank calls it.
     pub fn check_ranks_resumed_alike(&mut self) -> Result<()> {
-        let Some(dp) = &mut self.dp else { return Ok(()) };
-        let (n, s) = (dp.size() as f64, self.step as f64);
-        // Equal sums of the step and of its square on every rank mean no rank differs.
-        let (sum, squares) = (dp.sum(s)?, dp.sum(s * s)?);
+        let s = self.step as f64;
+        // Equal sums of the step and of its square on every rank mean no rank differs: over the
+        // dp group, then over the pp group of those sums.
+        let (mut n, mut sum, mut squares) = (1.0, s, s * s);
+        if let Some(dp) = &mut self.dp {
+            (n, sum, squares) = (dp.size() as f64, dp.sum(sum)?, dp.sum(squares)?);
+        }
+        if let Some(pp) = &mut self.pp {
+            (n, sum, squares) = (n * pp.size() as f64, pp.sum(sum)?, pp.sum(squares)?);
+        }
         if sum != n * s || squares != n * s * s {
             return Err(Error::Comm {
                 rank: None,
@@ -445,6 +467,18 @@ impl Trainer {
         // others take part a chunk at a time) and gives it back once written, so no rank holds a
         // second copy.
         let zero3 = self.dp.as_ref().is_some_and(|d| d.zero() >= 3);
+        if let Some(pp) = &mut self.pp {
+            // Every stage's blocks put together on the first stage of dp rank 0 (ZeRO-3 does not
+            // run with pipeline stages).
+            if self.dp.as_ref().is_some_and(|d| d.rank() != 0) {
+                return Ok(false);
+            }
+            let lead = pp.rank() == 0;
+            let Some(params) = pp.assemble(&self.buffers.params, lead)? else { return Ok(false) };
+            let table = pp.whole_table().clone();
+            self.write_final(dir, &table, &params)?;
+            return Ok(true);
+        }
         if !self.model.tp.is_whole() {
             // Each tp rank's part gathered on dp rank 0 (ZeRO-3), whose tp group puts the whole
             // model together on its lead.
@@ -498,7 +532,7 @@ impl Trainer {
     /// Continues from a training checkpoint: the following steps are those the run that wrote it
     /// would have taken (the data order depends only on the seed and the step).
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
-        self.step = if self.model.tp.is_whole() {
+        self.step = if !self.holds_part() {
             load_training_checkpoint(dir, &self.model.config, &self.model.table, &mut self.buffers)?
         } else {
             // Checkpoints hold the whole model's state: this rank takes its part of it.

@@ -8,6 +8,8 @@ mod eval;
 mod gpu;
 mod memory;
 mod nonfinite;
+#[cfg(test)]
+mod pp_tests;
 mod run;
 #[cfg(test)]
 mod sp_tests;

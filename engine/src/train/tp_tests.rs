@@ -13,12 +13,12 @@ use crate::config::{Devices, ParallelPlan, SpMode, TrainConfig};
 
 use super::Trainer;
 
-fn fixture(name: &str) -> PathBuf {
+pub(super) fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).join("model")
 }
 
 /// 4096 tokens below 96: a motif with noise, so the loss moves.
-fn write_tokens(dir: &Path) -> PathBuf {
+pub(super) fn write_tokens(dir: &Path) -> PathBuf {
     let path = dir.join("tokens.bin");
     let tokens: Vec<u8> =
         (0..4096u32).flat_map(|i| (if i % 5 == 4 { (i * 7919) % 96 } else { (i % 23) * 4 } as u16).to_le_bytes()).collect();
@@ -51,13 +51,13 @@ fn config(model: &Path, data: &Path, dp: usize, tp: usize, zero: u8) -> TrainCon
     c.with_plan(plan, Devices::Cpu(dp * tp), Some(2))
 }
 
-fn free_addr() -> String {
+pub(super) fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }
 
 /// Runs `f` on every rank of `config`'s job (threads of this process); results in rank order.
-fn on_ranks<R: Send + 'static>(config: TrainConfig, f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static) -> Vec<R> {
+pub(super) fn on_ranks<R: Send + 'static>(config: TrainConfig, f: impl Fn(&mut Trainer) -> R + Send + Sync + 'static) -> Vec<R> {
     let world = config.plan.world().unwrap();
     if world == 1 {
         return vec![f(&mut Trainer::new(config).unwrap())];
@@ -80,14 +80,14 @@ fn on_ranks<R: Send + 'static>(config: TrainConfig, f: impl Fn(&mut Trainer) -> 
 /// Every rank's per-step losses and first-step `mem_bytes`.
 fn losses(config: TrainConfig) -> Vec<(Vec<f64>, u64)> {
     on_ranks(config, |t| {
-        let p = t.config.plan;
+        let p = t.config.plan.clone();
         assert_eq!(t.model.tp.splits_seq(), p.tp > 1 && p.sp_mode == SpMode::SplitGather, "the rank runs the layout asked for");
         let steps: Vec<_> = (0..t.config.optim.steps).map(|_| t.train_step().unwrap()).collect();
         (steps.iter().map(|s| s.loss).collect(), steps[0].mem_bytes)
     })
 }
 
-fn assert_same(what: &str, want: &[f64], got: &[f64]) {
+pub(super) fn assert_same(what: &str, want: &[f64], got: &[f64]) {
     assert_eq!(want.len(), got.len());
     for (i, (a, b)) in want.iter().zip(got).enumerate() {
         let rel = (a - b).abs() / a;

@@ -8,17 +8,18 @@ use crate::checkpoint::{has_weights, load_weights, LossScaleState};
 use crate::comm::{AsyncComm, Axis, Comm};
 use crate::config::{Devices, GpuComm, ModelInit, Precision, SpMode, TpMode, TrainConfig};
 use crate::data::{check_vocab, load_tokens, Sampler, Tokens};
-use crate::models::{Activations, Model, ModelConfig, SpRank, TpRank};
+use crate::models::{Activations, Model, ModelConfig, PpStage, SpRank, TpRank};
 use crate::optim::{AdamW, LrSchedule};
 use crate::parallel::{DataParallel, SequenceParallel, TensorParallel};
 use crate::params::{Chunking, ParamBuffers};
+use crate::pipeline::{plan_stages, PipelineTraining};
 use crate::{Error, Result};
 
 use super::checkpointing::{PendingCheckpoint, Snapshot};
 use super::gpu::OnGpu;
 use super::nonfinite::{NonFiniteSteps, StepOutcome};
 use super::step::{self, Alone, Layout, State};
-use super::update::Update;
+use super::update::{self, Summed, Update};
 
 /// What one optimizer step reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -50,6 +51,9 @@ pub struct StepReport {
     /// attention, forward and backward) over the peak of the job's devices, when their peak is
     /// known (the GPUs Gantry has a data sheet for; not CPUs).
     pub mfu: Option<f64>,
+    /// Under pipeline parallelism, each stage's share of the step spent idle (waiting for its
+    /// neighbours: the bubble), in stage order; empty otherwise.
+    pub stage_idle: Vec<f64>,
 }
 
 /// Model FLOPs per second over the devices' peak, at `tokens_per_s` with `flops_per_token`.
@@ -67,7 +71,15 @@ pub fn load_model(dir: &Path, init: ModelInit, seed: u64) -> Result<(Model, Vec<
 /// whole model, and the part equals those rows of the whole one.
 pub fn load_model_part(dir: &Path, init: ModelInit, seed: u64, tp: TpRank) -> Result<(Model, Vec<f32>)> {
     let config = ModelConfig::from_dir(dir)?;
-    let model = Model::with_layout(config, Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp)?;
+    let stage = PpStage::whole(config.layers);
+    load_model_stage(config, dir, init, seed, tp, stage)
+}
+
+/// As `load_model_part`, the blocks of pipeline stage `stage` only (with the embedding on the
+/// first stage, the head on the last): the stage reads (or draws) exactly the whole model's
+/// values of what it holds.
+fn load_model_stage(config: ModelConfig, dir: &Path, init: ModelInit, seed: u64, tp: TpRank, stage: PpStage) -> Result<(Model, Vec<f32>)> {
+    let model = Model::with_stage(config, Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS), tp, SpRank::WHOLE, stage)?;
     let mut params = vec![0.0f32; model.table.len()];
     let pretrained = match init {
         ModelInit::Random => false,
@@ -116,12 +128,26 @@ pub fn check_layout(config: &TrainConfig) -> Result<()> {
         );
     }
     let p = &config.plan;
-    if p.pp != 1 {
-        return unsupported(
-            "parallel.pp",
-            "training jobs do not run pipeline stages yet (the stages and schedules run in `gantry bench --pp`): parallel.pp must be 1"
-                .into(),
-        );
+    if p.pp == 0 {
+        return unsupported("parallel.pp", "a job needs at least one pipeline stage".into());
+    }
+    if p.pp > 1 {
+        let not_yet = |what: &str| format!("pipeline stages with {what} are not built yet");
+        if on_gpu {
+            return unsupported("parallel.pp", format!("{}: use CPU ranks, or parallel.pp = 1", not_yet("GPU ranks")));
+        }
+        if p.tp > 1 {
+            return unsupported("parallel.tp", format!("{}: use parallel.tp = 1 with parallel.pp > 1", not_yet("tensor parallelism")));
+        }
+        if p.sp > 1 || p.sp_mode != SpMode::None {
+            return unsupported("parallel.sp", format!("{}: use parallel.sp = 1 with parallel.pp > 1", not_yet("sequence parallelism")));
+        }
+        if p.zero > 1 {
+            return unsupported(
+                "parallel.zero",
+                format!("ZeRO-{} shards gradients and parameters as backward goes, which pipeline stages do not allow: use parallel.zero = 0 or 1 with parallel.pp > 1", p.zero),
+            );
+        }
     }
     match p.sp_mode {
         SpMode::None if p.sp == 1 => {}
@@ -217,6 +243,10 @@ pub(super) fn tp_group<'a>(dp: &'a mut Option<DataParallel>, tp: &'a mut Option<
 /// vocabulary and MLP over the tp ranks), naming `parallel.tp` if not: `gantry train` and the
 /// daemon call it before starting ranks.
 pub fn check_model_layout(config: &TrainConfig, model: &ModelConfig) -> Result<()> {
+    if config.plan.pp > 1 {
+        // The schedule for the step's micro-batches, and the cut of the blocks into stages.
+        plan_stages(model, &config.plan, config.data.seq_len, config.accumulation_steps())?;
+    }
     let (tp, sp) = (config.plan.tp, config.plan.sp);
     if tp > 1 || sp > 1 {
         // Every rank's part is checked alike: rank 0's stands for them all.
@@ -250,6 +280,8 @@ pub struct Trainer {
     pub(super) dp: Option<DataParallel>,
     /// The tp group of a job with tensor parallelism and no dp group.
     pub(super) tp: Option<TensorParallel>,
+    /// The pp group of a job cut into pipeline stages.
+    pub(super) pp: Option<PipelineTraining>,
     /// Rank 0's checkpoint being written in the background, if any, and the host copy for the
     /// next one.
     pub(super) pending: Option<PendingCheckpoint>,
@@ -289,11 +321,14 @@ impl Trainer {
             }
             Devices::Cpu(_) => None,
         };
-        let p = config.plan;
+        let p = config.plan.clone();
         if p.world() != Some(world) {
             return unsupported(
                 "parallel",
-                format!("parallel.dp × parallel.tp × parallel.sp = {} × {} × {} but the job runs on {world} ranks", p.dp, p.tp, p.sp),
+                format!(
+                    "parallel.dp × parallel.pp × parallel.sp × parallel.tp = {} × {} × {} × {} but the job runs on {world} ranks",
+                    p.dp, p.pp, p.sp, p.tp
+                ),
             );
         }
         let mesh = p.mesh(world)?;
@@ -313,8 +348,14 @@ impl Trainer {
             g.connect_nccl(c, timeout)?;
         }
         let model_dir = config.model.path.clone();
-        // This rank's part of the model (all of it without tensor parallelism).
-        let (mut model, params) = load_model_part(&model_dir, config.model.init, config.seed, tp_rank)?;
+        let model_config = ModelConfig::from_dir(&model_dir)?;
+        // The pipeline's schedule and every stage's blocks (one stage holding every block
+        // without pipeline parallelism).
+        let pipeline =
+            if p.pp > 1 { Some(plan_stages(&model_config, &p, config.data.seq_len, config.accumulation_steps())?) } else { None };
+        let stage = pipeline.as_ref().map_or_else(|| PpStage::whole(model_config.layers), |(_, stages)| stages[coords[1]].clone());
+        // This rank's part of the model (all of it without tensor or pipeline parallelism).
+        let (mut model, params) = load_model_stage(model_config, &model_dir, config.model.init, config.seed, tp_rank, stage.clone())?;
         let comm = comm.map(|c| AsyncComm::new(c).map(std::sync::Arc::new)).transpose()?;
         // The ranks holding the same parameters: dp × sp (sequence-parallel ranks train on parts
         // of the same sequences, and their gradients are summed as data parallelism's are).
@@ -326,7 +367,13 @@ impl Trainer {
         } else {
             Chunking::whole(crate::params::DEFAULT_CHUNK_ELEMS)
         };
-        model = Model::with_parallel(model.config.clone(), chunking, tp_rank, sp_rank)?;
+        model = Model::with_stage(model.config.clone(), chunking, tp_rank, sp_rank, stage)?;
+        let pp = match (&comm, pipeline) {
+            (Some(c), Some((schedule, stages))) => {
+                Some(PipelineTraining::new(c.clone(), mesh.group(Axis::Pp, rank), schedule, stages, &model)?)
+            }
+            _ => None,
+        };
         let mut tp = match &comm {
             Some(c) if p.tp > 1 => Some(TensorParallel::new(c.clone(), &mesh, &model)?),
             _ => None,
@@ -368,7 +415,7 @@ impl Trainer {
         }
         // Rank 0 of a job that saves checkpoints keeps a host copy for the asynchronous writer
         // (ZeRO, and tensor parallelism, gather into fresh buffers instead).
-        let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0) && tp_rank.is_whole();
+        let lead = dp.as_ref().is_none_or(|d| d.rank() == 0 && d.zero() == 0) && tp_rank.is_whole() && pp.is_none();
         // (A GPU job copies into page-locked memory instead.)
         let snapshot = (config.checkpoint_every > 0 && lead && gpu.is_none()).then(|| Snapshot::new(buffers.params.len(), buffers.m.len()));
         let t = &config.optim;
@@ -388,6 +435,7 @@ impl Trainer {
             data_rank: (coords[0], p.dp),
             dp,
             tp,
+            pp,
             pending: None,
             snapshot,
             gpu,
@@ -422,7 +470,18 @@ impl Trainer {
     /// Whether this rank writes the run's files (metrics, checkpoints, the final model): rank 0
     /// of the dp group and of the tp group.
     pub fn is_lead(&self) -> bool {
-        self.dp_rank() == 0 && self.model.tp.lead()
+        self.dp_rank() == 0 && self.model.tp.lead() && self.pp_rank() == 0
+    }
+
+    /// This rank's position in the pp group (0 without pipeline parallelism).
+    pub fn pp_rank(&self) -> usize {
+        self.pp.as_ref().map_or(0, PipelineTraining::rank)
+    }
+
+    /// Whether this rank holds only a part of the model (tensor or pipeline parallelism): its
+    /// checkpoints and final model are put together with the other parts'.
+    pub fn holds_part(&self) -> bool {
+        !self.model.tp.is_whole() || self.pp.is_some()
     }
 
     /// Puts this rank's micro-batches of the current step into `self.batches` (their buffers
@@ -449,6 +508,9 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepReport> {
         if self.gpu.is_some() {
             return self.train_step_gpu();
+        }
+        if self.pp.is_some() {
+            return self.train_step_pipeline();
         }
         let start = Instant::now();
         let (global, seq) = (self.config.optim.global_batch, self.config.data.seq_len);
@@ -527,6 +589,84 @@ impl Trainer {
             grad_comm_waited_ms: ms(comm[3]),
             tokens,
             mfu: mfu(self.model.flops_per_token(seq), tokens as f64 / secs, self.peak_flops()),
+            stage_idle: Vec::new(),
+        })
+    }
+
+    /// One optimizer step of a pipeline stage: the schedule's passes over the step's
+    /// micro-batches (the tied embedding's gradient summed between the ends), the gradients
+    /// summed over the dp group, the loss and the gradient norm over the pp group, then the
+    /// update of what this stage holds.
+    fn train_step_pipeline(&mut self) -> Result<StepReport> {
+        let start = Instant::now();
+        let (global, micro, seq) = (self.config.optim.global_batch, self.config.optim.micro_batch, self.config.data.seq_len);
+        let scale = 1.0 / (global * seq) as f32;
+        let batches = self.take_micro_batches();
+        let refs: Vec<&[u32]> = batches.iter().map(Vec::as_slice).collect();
+        // (The step number is taken once the step has run, as in `train_step`.)
+        let number = self.step + 1;
+        let lr = self.schedule.at(number);
+        let b = &mut self.buffers;
+        let pp = self.pp.as_mut().expect("called for pipeline jobs only");
+        b.grads.iter_mut().for_each(|g| *g = 0.0);
+        let loss = pp.run(&self.model, &b.params, &mut b.grads, &refs, (micro, seq), scale)?;
+        let mut loss = pp.sum(loss)?;
+        if let Some(dp) = &mut self.dp {
+            dp.reduce_all(&mut b.grads)?;
+            loss = dp.sum(loss)?;
+        }
+        let u = Update {
+            optim: &self.optim,
+            table: &self.model.table,
+            pieces: &b.pieces,
+            lr: lr as f32,
+            step: number as u32,
+            max_norm: self.config.optim.grad_clip,
+        };
+        // Every dp rank holds the same summed gradients; the stages add their squares.
+        let norm = pp.norm_spans().to_vec();
+        let summed = Summed::Full { grads: &mut b.grads[..], norm: &norm };
+        let mut sum = |x: f64| pp.sum(x);
+        let outcome = update::apply(&Cpu, &u, &mut b.params[..], None, summed, &mut b.m[..], &mut b.v[..], Some(&mut sum), None)?;
+        if let Some(dp) = &mut self.dp {
+            if outcome.skipped {
+                dp.skip_step(&mut b.params)?;
+            } else {
+                dp.bring_back_params(&mut b.params)?;
+            }
+        }
+        self.batches = batches;
+        self.step = number;
+        let stage_idle = pp.stage_idle()?;
+        let pp_wait = pp.take_comm_time();
+        let (mem_bytes, mut comm) = match &mut self.dp {
+            Some(dp) => (dp.take_peak(&b.params, &b.grads) + 4 * (b.m.len() + b.v.len()) as u64, dp.take_comm_time()),
+            None => (b.bytes(), Default::default()),
+        };
+        comm[0] += pp_wait;
+        comm[1] += pp_wait;
+        let grad_norm = outcome.grad_norm;
+        let skipped = !grad_norm.is_finite();
+        let lead = self.is_lead();
+        self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
+        let secs = start.elapsed().as_secs_f64();
+        let tokens = (global * seq) as u64;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        Ok(StepReport {
+            step: self.step,
+            loss: loss / tokens as f64,
+            lr,
+            grad_norm,
+            skipped,
+            tokens_per_s: tokens as f64 / secs,
+            mem_bytes,
+            step_ms: secs * 1e3,
+            comm_ms: ms(comm[0]),
+            grad_comm_ms: ms(comm[2]),
+            grad_comm_waited_ms: ms(comm[3]),
+            tokens,
+            mfu: None,
+            stage_idle,
         })
     }
 
@@ -583,6 +723,7 @@ impl Trainer {
             grad_comm_waited_ms: ms(comm[3]),
             tokens,
             mfu: mfu(self.model.flops_per_token(seq), tokens as f64 / secs, self.peak_flops()),
+            stage_idle: Vec::new(),
         })
     }
 
