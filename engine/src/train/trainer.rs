@@ -568,12 +568,28 @@ impl Trainer {
         inside += self.dp.as_mut().and_then(DataParallel::sequence_parallel).map(|sp| sp.take_comm_time()).unwrap_or_default();
         comm[0] += inside;
         comm[1] += inside;
-        let grad_norm = outcome.grad_norm;
+        self.cpu_report(start, lr, loss_sum, outcome.grad_norm, mem_bytes, comm, Vec::new())
+    }
+
+    /// A CPU step's report, once the step has run (`self.step` is its number): records whether
+    /// its update was applied (too many non-finite steps in a row stop the run).
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_report(
+        &mut self,
+        start: Instant,
+        lr: f64,
+        loss_sum: f64,
+        grad_norm: f64,
+        mem_bytes: u64,
+        comm: [std::time::Duration; 4],
+        stage_idle: Vec<f64>,
+    ) -> Result<StepReport> {
         let skipped = !grad_norm.is_finite();
         let lead = self.is_lead();
         self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
         let secs = start.elapsed().as_secs_f64();
-        let tokens = (global * seq) as u64;
+        let seq = self.config.data.seq_len;
+        let tokens = (self.config.optim.global_batch * seq) as u64;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         Ok(StepReport {
             step: self.step,
@@ -589,7 +605,7 @@ impl Trainer {
             grad_comm_waited_ms: ms(comm[3]),
             tokens,
             mfu: mfu(self.model.flops_per_token(seq), tokens as f64 / secs, self.peak_flops()),
-            stage_idle: Vec::new(),
+            stage_idle,
         })
     }
 
@@ -645,29 +661,7 @@ impl Trainer {
         };
         comm[0] += pp_wait;
         comm[1] += pp_wait;
-        let grad_norm = outcome.grad_norm;
-        let skipped = !grad_norm.is_finite();
-        let lead = self.is_lead();
-        self.nonfinite.record(self.step, if skipped { StepOutcome::NonFinite } else { StepOutcome::Applied }, lead)?;
-        let secs = start.elapsed().as_secs_f64();
-        let tokens = (global * seq) as u64;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        Ok(StepReport {
-            step: self.step,
-            loss: loss / tokens as f64,
-            lr,
-            grad_norm,
-            skipped,
-            tokens_per_s: tokens as f64 / secs,
-            mem_bytes,
-            step_ms: secs * 1e3,
-            comm_ms: ms(comm[0]),
-            grad_comm_ms: ms(comm[2]),
-            grad_comm_waited_ms: ms(comm[3]),
-            tokens,
-            mfu: None,
-            stage_idle,
-        })
+        self.cpu_report(start, lr, loss, outcome.grad_norm, mem_bytes, comm, stage_idle)
     }
 
     /// One optimizer step on the GPU: the same data, schedule and clipping as on CPU.
